@@ -1,0 +1,38 @@
+"""The beat schedule, built from the settings: one entry per (target, tier), a table rather than code paths.
+
+Each entry sends `tasks.backup` with JSON args `[target, tier]` (plus `scheduled=True`, which makes the
+worker claim the slot, so a duplicated or redelivered message makes no second backup) and `expires`
+just short of the next run, so a backlog never stacks duplicates.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from celery.schedules import crontab
+
+from pgbeat.schedule import expiry_seconds
+from pgbeat.settings import Settings
+
+
+def cron_schedule(expr: str) -> crontab:
+    minute, hour, day_of_month, month_of_year, day_of_week = expr.split()
+    return crontab(minute=minute, hour=hour, day_of_month=day_of_month, month_of_year=month_of_year,
+                   day_of_week=day_of_week)
+
+
+def build_beat_schedule(settings: Settings, now: datetime | None = None) -> dict[str, dict[str, Any]]:
+    now = now or datetime.now(UTC)
+    schedule = {}
+    for target in settings.targets.values():
+        for tier in target.enabled_tiers():
+            expr = target.tiers[tier].schedule
+            schedule[f"backup {target.name} {tier}"] = {
+                "task": "tasks.backup",
+                "schedule": cron_schedule(expr),
+                "args": (target.name, tier),
+                "kwargs": {"scheduled": True},
+                "options": {"expires": expiry_seconds(expr, now, settings.tz)},
+            }
+    return schedule

@@ -1,0 +1,327 @@
+"""The `pgbeat` command.
+
+Exit codes: 0 success; 1 a backup or step failed; 2 invalid configuration or usage; 3 verification
+failed; 4 the target is locked by another run; 5 a target or the broker is unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pgbeat import errors
+from pgbeat.catalog import list_backups
+from pgbeat.errors import PgbeatError
+from pgbeat.run import Run
+from pgbeat.runlog import human_size
+from pgbeat.settings import TIERS, Settings, get_settings
+
+# Rich wraps at 80 columns when not on a terminal; logs and pipes read better unwrapped.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+
+
+def settings_or_exit() -> Settings:
+    try:
+        return get_settings()
+    except PgbeatError as exc:
+        fail(exc)
+
+
+def fail(exc: PgbeatError) -> None:
+    err.print(exc.render(), markup=False)
+    sys.exit(exc.exit_code)
+
+
+def selected_targets(settings: Settings, target: str | None) -> list[str]:
+    if target:
+        settings.target(target)  # raises UnknownTargetError with the list of known targets
+        return [target]
+    if not settings.targets:
+        fail(errors.ConfigError(["no target configured: set DB_NAME (and DB_HOST, ...) in .env, or list targets "
+                                 "in the file named by PGBEAT_CONFIG"]))
+    return sorted(settings.targets)
+
+
+def parse_now(value: str | None) -> datetime:
+    if not value:
+        return datetime.now(UTC)
+    when = datetime.fromisoformat(value)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.version_option(package_name="pgbeat")
+def main(verbose: int) -> None:
+    """Scheduled, verified PostgreSQL backups (embedded, or as Celery chains with a broker)."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- backup ------------------------------------------------------------------------------------------
+
+
+def print_event(run: Run, step: str, state: str) -> None:
+    info = run.step(step)
+    if state == "started":
+        return
+    if state == "failed":
+        failure = run.failure or {}
+        out.print(f"  [red]✗ {step}[/red] {failure.get('message')}", markup=True)
+        for line in failure.get("details", []):
+            out.print(f"      {line}", markup=False)
+        if failure.get("hint"):
+            out.print(f"      HINT: {failure['hint']}", markup=False)
+        return
+    extra = ""
+    if step in ("dump", "compress", "verify") and info.get("size") is not None:
+        extra = f"{human_size(info['size'])}"
+    if step == "upload":
+        extra = run.final_path or ""
+    if step == "rotate":
+        extra = f"removed {len(info.get('removed', []))}, kept {info.get('kept')}"
+    out.print(f"  [green]✓ {step}[/green] {info.get('duration_s', 0):.2f}s {extra}", markup=True)
+
+
+@main.command()
+@click.argument("tier", type=click.Choice(TIERS))
+@click.option("--target", "target_name", help="Back up only this target (default: all targets).")
+@click.option("--no-wait", is_flag=True, help="With a broker: enqueue and return at once.")
+@click.option("--timeout", type=float, default=6 * 3600, show_default=True,
+              help="With a broker: seconds to wait for the chain to finish.")
+def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float) -> None:
+    """Back up TIER (daily, weekly or monthly) now.
+
+    With no broker configured the chain runs in this process; with one, it is sent to the workers and
+    this command follows its steps.
+    """
+    settings = settings_or_exit()
+    try:
+        names = selected_targets(settings, target_name)
+        if settings.embedded:
+            ok = backup_inprocess(settings, names, tier)
+        else:
+            ok = backup_through_broker(settings, names, tier, no_wait, timeout)
+    except PgbeatError as exc:
+        fail(exc)
+    sys.exit(0 if ok else errors.EXIT_FAILED)
+
+
+def backup_inprocess(settings: Settings, names: list[str], tier: str) -> bool:
+    from pgbeat.pipeline import run_inprocess
+
+    ok = True
+    for name in names:
+        target = settings.target(name)
+        if not target.tiers[tier].enabled:
+            out.print(f"{name}: tier {tier} is disabled, skipped")
+            continue
+        out.print(f"[bold]{name}[/bold] {tier} backup of {target.describe()}", markup=True)
+        run = run_inprocess(settings, name, tier, on_event=print_event)
+        if run.status == "succeeded":
+            out.print(f"  backup: {run.final_path}", markup=False)
+        else:
+            ok = False
+    return ok
+
+
+def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wait: bool, timeout: float) -> bool:
+    from pgbeat.coordination import RunState
+    from workers.app import app
+    from workers.chain import redis_client
+
+    runs = {}
+    for name in names:
+        run_id = uuid.uuid4().hex
+        app.send_task("tasks.backup", args=[name, tier], task_id=run_id)
+        runs[run_id] = name
+        out.print(f"{name}: {tier} backup queued as run {run_id}")
+    if no_wait:
+        return True
+    state = RunState(redis_client(settings))
+    deadline = time.monotonic() + timeout
+    seen: dict[str, tuple[str, str]] = {}
+    finished: dict[str, str] = {}
+    while len(finished) < len(runs) and time.monotonic() < deadline:
+        for run_id, name in runs.items():
+            if run_id in finished:
+                continue
+            fields = state.get(run_id)
+            status, step = fields.get("status", "pending"), fields.get("step", "")
+            if seen.get(run_id) != (status, step):
+                seen[run_id] = (status, step)
+                out.print(f"  {name}: {status} {step}".rstrip())
+            if status in ("succeeded", "failed", "skipped"):
+                finished[run_id] = status
+                if status == "failed" and fields.get("failure"):
+                    failure = json.loads(fields["failure"])
+                    out.print(f"  [red]✗ {failure.get('step')}[/red]: {failure.get('message')}", markup=True)
+                    for line in failure.get("details", []):
+                        out.print(f"      {line}", markup=False)
+                if status == "succeeded":
+                    out.print(f"  backup: {fields.get('final_path')}", markup=False)
+        time.sleep(0.2)
+    if len(finished) < len(runs):
+        err.print(f"timed out after {timeout:.0f}s waiting for {len(runs) - len(finished)} run(s); they go on")
+        return False
+    return all(status == "succeeded" for status in finished.values())
+
+
+# --- list, verify, rotate ----------------------------------------------------------------------------
+
+
+@main.command("list")
+@click.option("--target", "target_name", help="Only this target.")
+@click.option("--tier", type=click.Choice(TIERS), help="Only this tier.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per backup).")
+def list_cmd(target_name: str | None, tier: str | None, as_json: bool) -> None:
+    """List the backups on the local shelf, newest last, from their manifests."""
+    settings = settings_or_exit()
+    entries = list_backups(settings.backup_root, target_name, tier)
+    if as_json:
+        out.print_json(json.dumps([{"path": str(e.path), **e.manifest.model_dump(mode="json")} for e in entries]))
+        return
+    table = Table(title=f"Backups in {settings.backup_root}")
+    for column in ("target", "tier", "taken at", "size", "format", "status", "sha256", "file"):
+        table.add_column(column)
+    for e in entries:
+        m = e.manifest
+        table.add_row(m.target, m.tier, m.started_at.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S"),
+                      human_size(m.size), f"{m.format}/{m.codec}", m.status, (m.sha256 or "")[:12], e.path.name)
+    out.print(table)
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+def verify(file: Path) -> None:
+    """Verify FILE: decompression test, completeness, checksums against its manifest and .sha256."""
+    from pgbeat.verify import verify_backup
+
+    settings = settings_or_exit()
+    try:
+        manifest, result = verify_backup(file, settings)
+    except PgbeatError as exc:
+        fail(exc)
+    out.print(f"OK {file}: {human_size(result['size'])}, complete dump, checksums match the manifest", markup=False)
+    if manifest.sha256:
+        out.print(f"  MD5     {result['md5']}\n  SHA-256 {result['sha256']}", markup=False)
+
+
+@main.command()
+@click.option("--target", "target_name", help="Only this target.")
+@click.option("--tier", type=click.Choice(TIERS), help="Only this tier.")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
+@click.option("--now", "now_text", hidden=True, help="Pretend it is this ISO time (tests, previews).")
+def rotate(target_name: str | None, tier: str | None, dry_run: bool, now_text: str | None) -> None:
+    """Apply each tier's retention to the local shelf (never below a tier's min_keep)."""
+    from pgbeat.rotate import rotate_target
+
+    settings = settings_or_exit()
+    now = parse_now(now_text)
+    try:
+        names = selected_targets(settings, target_name)
+    except PgbeatError as exc:
+        fail(exc)
+    verb = "would remove" if dry_run else "removed"
+    for name in names:
+        for t in [tier] if tier else settings.target(name).enabled_tiers():
+            plan = rotate_target(settings, name, t, now, dry_run=dry_run)
+            for entry in plan.remove:
+                out.print(f"{name} {t}: {verb} {entry.path.name}", markup=False)
+            for entry in plan.protected:
+                out.print(f"{name} {t}: kept {entry.path.name} (expired, but among the newest "
+                          f"{settings.target(name).tiers[t].min_keep} verified)", markup=False)
+            out.print(f"{name} {t}: {len(plan.remove)} {verb}, {len(plan.keep) + len(plan.protected)} kept",
+                      markup=False)
+
+
+# --- config ------------------------------------------------------------------------------------------
+
+
+@main.group()
+def config() -> None:
+    """Inspect the configuration."""
+
+
+@config.command("check")
+@click.option("--no-connect", is_flag=True, help="Validate only; do not connect to the targets.")
+def config_check(no_connect: bool) -> None:
+    """Validate the configuration, test each target's connection, show targets and their next runs."""
+    from pgbeat.schedule import next_runs
+
+    settings = settings_or_exit()
+    now = datetime.now(UTC)
+    out.print(f"Configuration OK ({len(settings.targets)} target(s)); BACKUP_ROOT {settings.backup_root}; "
+              f"time zone {settings.timezone}; "
+              f"{'embedded (no broker)' if settings.embedded else 'Celery with a broker'}", markup=False)
+    table = Table()
+    for column in ("target", "database", "format", "tier", "schedule", "keep", "next run"):
+        table.add_column(column)
+    for target in settings.targets.values():
+        for tier in target.enabled_tiers():
+            policy = target.tiers[tier]
+            upcoming = next_runs(policy.schedule, now, settings.tz)[0]
+            table.add_row(target.name, target.describe(), f"{target.format}/{target.compression.codec}", tier,
+                          policy.schedule, f"{policy.keep_days}d (min {policy.min_keep})",
+                          upcoming.strftime("%Y-%m-%d %H:%M %Z"))
+    out.print(table)
+    if no_connect:
+        return
+    unreachable = 0
+    for target in settings.targets.values():
+        problem, version = check_connection(target)
+        if problem:
+            unreachable += 1
+            out.print(f"  [red]✗[/red] {target.name}: {problem}", markup=True)
+        else:
+            out.print(f"  [green]✓[/green] {target.name}: connected, PostgreSQL {version}", markup=True)
+    if not settings.embedded:
+        problem = check_broker(settings)
+        if problem:
+            unreachable += 1
+            out.print(f"  [red]✗[/red] broker: {problem}", markup=True)
+        else:
+            out.print("  [green]✓[/green] broker: Redis answers", markup=True)
+    sys.exit(errors.EXIT_UNREACHABLE if unreachable else 0)
+
+
+def check_connection(target) -> tuple[str | None, str | None]:
+    """Connect to `target`; return (problem, server version). The password never leaves libpq."""
+    import psycopg
+
+    kwargs = {}
+    if target.password is not None:
+        kwargs["password"] = target.password.get_secret_value()
+    elif target.passfile is not None:
+        kwargs["passfile"] = str(target.passfile.expanduser())
+    try:
+        with psycopg.connect(target.conninfo(), **kwargs) as conn:
+            return None, conn.execute("SHOW server_version").fetchone()[0]
+    except psycopg.Error as exc:
+        return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__, None
+
+
+def check_broker(settings: Settings) -> str | None:
+    import redis
+
+    from workers.chain import redis_client
+
+    try:
+        redis_client(settings).ping()
+    except redis.RedisError as exc:
+        return f"cannot reach Redis: {type(exc).__name__}"
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Coordination between runs: target locks that renew themselves, and run state in Redis.
+
+- `RedisLease`: a redis-py lock with a TTL, renewed by a thread while the work runs. If the key expires
+  or is deleted (renewal finds another token), `on_lost` fires so the dump is aborted rather than run
+  twice. A lease whose holder died expires after its TTL; a holder on this node whose process is gone is
+  recognised at once and taken over.
+- `FileLock`: the embedded default's target lock (flock), released by the kernel when a process dies.
+- `RunState`: per-run fields in a Redis hash (status, step, attempts, done steps), the idempotency key
+  per (target, tier, scheduled slot), and once-only flags. Nothing secret and no file contents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.exceptions import LockError, LockNotOwnedError, RedisError
+
+from pgbeat.errors import LockHeldError
+from pgbeat.fsutil import FILE_MODE, private_dir
+
+log = logging.getLogger(__name__)
+
+PREFIX = "pgbeat"
+RUN_TTL = 14 * 86400
+
+# Replace the lock's token only if it is still the stale one we looked at (compare-and-set).
+_TAKE_OVER = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('set', KEYS[1], ARGV[2], 'px', ARGV[3])
+end
+return false
+"""
+
+
+def make_token(node: str, run_id: str) -> str:
+    return f"{node}|{os.getpid()}|{run_id}|{uuid.uuid4().hex[:12]}"
+
+
+def parse_token(token: str | bytes | None) -> dict[str, str] | None:
+    if token is None:
+        return None
+    text = token.decode() if isinstance(token, bytes) else token
+    parts = text.split("|")
+    if len(parts) != 4:
+        return None
+    return {"node": parts[0], "pid": parts[1], "run_id": parts[2], "token": text}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RedisLease:
+    """A self-renewing lock on `key`. Use as a context manager after a successful `acquire()`."""
+
+    def __init__(self, client: redis.Redis, key: str, ttl: int, node: str, run_id: str,
+                 on_lost: Callable[[str], None] | None = None) -> None:
+        self.client, self.key, self.ttl, self.node, self.run_id = client, key, ttl, node, run_id
+        self.token = make_token(node, run_id)
+        self.on_lost = on_lost
+        self.lost: str | None = None
+        self._lock = client.lock(key, timeout=ttl, blocking=False, thread_local=False)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def holder(self) -> dict[str, str] | None:
+        return parse_token(self.client.get(self.key))
+
+    def acquire(self, take_over: Callable[[dict[str, str]], bool] | None = None) -> bool:
+        """Take the lock if free, or if `take_over(holder)` says the holder is gone; start renewing."""
+        if not self._lock.acquire(token=self.token):
+            holder = self.holder()
+            if holder is None or take_over is None or not take_over(holder):
+                return False
+            script = self.client.register_script(_TAKE_OVER)
+            if not script(keys=[self.key], args=[holder["token"], self.token, self.ttl * 1000]):
+                return False
+            self._lock.local.token = self.token.encode()
+            log.warning("took over lock %s from %s (holder gone)", self.key, holder["token"])
+        self._thread = threading.Thread(target=self._renew, name=f"lease:{self.key}", daemon=True)
+        self._thread.start()
+        return True
+
+    def _renew(self) -> None:
+        last_ok = time.monotonic()
+        while not self._stop.wait(max(self.ttl / 3, 0.5)):
+            try:
+                self._lock.reacquire()
+                last_ok = time.monotonic()
+            except (LockNotOwnedError, LockError):
+                self._lose("the lock was removed or taken by another process")
+                return
+            except RedisError as exc:
+                if time.monotonic() - last_ok > self.ttl:
+                    self._lose(f"Redis unreachable for longer than the lock's TTL ({exc})")
+                    return
+
+    def _lose(self, reason: str) -> None:
+        self.lost = reason
+        log.error("lost lock %s: %s", self.key, reason)
+        if self.on_lost:
+            self.on_lost(reason)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        # Expired, taken, or Redis is gone: then there is nothing of ours to release.
+        with contextlib.suppress(LockError, RedisError):
+            self._lock.release()
+
+    def __enter__(self) -> RedisLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def holder_gone(node: str) -> Callable[[dict[str, str]], bool]:
+    """Return a take-over test: the holder ran on this node and its process no longer exists."""
+
+    def test(holder: dict[str, str]) -> bool:
+        return holder["node"] == node and holder["pid"].isdigit() and not pid_alive(int(holder["pid"]))
+
+    return test
+
+
+class FileLock:
+    """An exclusive flock on `BACKUP_ROOT/.locks/<name>.lock`, for the embedded default."""
+
+    def __init__(self, backup_root: Path, name: str) -> None:
+        self.path = backup_root / ".locks" / f"{name}.lock"
+        self._fd: int | None = None
+
+    def acquire(self, wait: float = 0.0) -> bool:
+        private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._fd = fd
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def hold_file_lock(backup_root: Path, target: str, wait: float) -> FileLock:
+    lock = FileLock(backup_root, f"target-{target}")
+    if not lock.acquire(wait):
+        raise LockHeldError(f"Another backup of {target} is running on this host (lock {lock.path})",
+                            hint="wait for it to finish; pgbeat never runs two dumps of one target at once")
+    return lock
+
+
+class RunState:
+    """Run bookkeeping in Redis, shared by every worker, beat and the CLI."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    @staticmethod
+    def key(run_id: str) -> str:
+        return f"{PREFIX}:run:{run_id}"
+
+    def update(self, run_id: str, **fields: Any) -> None:
+        values = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+        values["updated_at"] = str(time.time())
+        pipe = self.client.pipeline()
+        pipe.hset(self.key(run_id), mapping=values)
+        pipe.expire(self.key(run_id), RUN_TTL)
+        pipe.execute()
+
+    def get(self, run_id: str) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.client.hgetall(self.key(run_id)).items()}
+
+    def claim_slot(self, target: str, tier: str, slot: str, run_id: str, ttl: int) -> str | None:
+        """Claim (target, tier, slot) for `run_id`; return None if claimed now, else the owner's run id."""
+        key = f"{PREFIX}:slot:{target}:{tier}:{slot}"
+        if self.client.set(key, run_id, nx=True, ex=ttl):
+            return None
+        owner = self.client.get(key)
+        return owner.decode() if owner else None
+
+    def step_result(self, run_id: str, step: str) -> dict[str, Any] | None:
+        raw = self.client.hget(self.key(run_id), f"done:{step}")
+        return json.loads(raw) if raw else None
+
+    def step_done(self, run_id: str, step: str, record: dict[str, Any]) -> None:
+        self.update(run_id, **{f"done:{step}": record})
+
+    def attempt(self, run_id: str, step: str) -> int:
+        value = self.client.hincrby(self.key(run_id), f"attempts:{step}", 1)
+        self.client.expire(self.key(run_id), RUN_TTL)
+        return int(value)
+
+    def once(self, run_id: str, what: str) -> bool:
+        """Return True the first time it is called for (run_id, what), False ever after."""
+        return bool(self.client.set(f"{PREFIX}:once:{run_id}:{what}", "1", nx=True, ex=RUN_TTL))
+
+
+def target_lock_key(target: str) -> str:
+    return f"{PREFIX}:lock:target:{target}"
+
+
+def step_lease_key(run_id: str, step: str) -> str:
+    return f"{PREFIX}:lease:{run_id}:{step}"

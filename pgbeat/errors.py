@@ -1,0 +1,99 @@
+"""Typed errors: a short message, an optional hint, whether retrying can help, and an exit code.
+
+The command line prints `message` (and `HINT: hint`) and exits with `exit_code`; Celery tasks retry
+`transient` errors with backoff and fail the chain on the others. No error text ever carries a secret.
+"""
+
+from __future__ import annotations
+
+# Documented exit codes of the `pgbeat` command (README, "Exit codes").
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_VERIFY = 3
+EXIT_LOCKED = 4
+EXIT_UNREACHABLE = 5
+
+
+class PgbeatError(Exception):
+    """Base of every error pgbeat raises on purpose."""
+
+    exit_code = EXIT_FAILED
+    transient = False
+
+    def __init__(self, message: str, *, hint: str | None = None, step: str | None = None,
+                 details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.step = step
+        # Extra lines for the reader (for a dump: the last lines of pg_dump's stderr).
+        self.details = details or []
+
+    def __str__(self) -> str:
+        return self.message
+
+    def render(self) -> str:
+        """Return the message, its details and hint as the lines a user reads."""
+        lines = [self.message, *(f"  {line}" for line in self.details)]
+        if self.hint:
+            lines.append(f"HINT: {self.hint}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"error": type(self).__name__, "message": self.message, "hint": self.hint,
+                "step": self.step, "details": self.details, "transient": self.transient}
+
+
+class ConfigError(PgbeatError):
+    """The configuration is invalid; `errors` holds one line per problem, each naming its key and file."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, errors: list[str], hint: str | None = None) -> None:
+        noun = "error" if len(errors) == 1 else "errors"
+        super().__init__(f"Configuration is invalid ({len(errors)} {noun}):", hint=hint, details=errors)
+        self.errors = errors
+
+
+class UnknownTargetError(PgbeatError):
+    exit_code = EXIT_CONFIG
+
+
+class DumpError(PgbeatError):
+    """pg_dump failed; `details` holds the last lines of its stderr."""
+
+
+class TransientDumpError(DumpError):
+    """pg_dump could not reach the server: worth retrying with backoff."""
+
+    transient = True
+
+
+class VerifyError(PgbeatError):
+    """A backup failed verification: truncated, corrupt, checksum mismatch or incomplete dump."""
+
+    exit_code = EXIT_VERIFY
+
+
+class StorageError(PgbeatError):
+    """A destination could not store, read or delete a backup."""
+
+
+class DiskFullError(PgbeatError):
+    """No space left where the backup is written."""
+
+
+class LockHeldError(PgbeatError):
+    """Another backup of the same target holds its lock."""
+
+    exit_code = EXIT_LOCKED
+    transient = True
+
+
+class LockLostError(PgbeatError):
+    """The lock of a running backup expired or was removed: the run aborts rather than risk a twin."""
+
+
+class CancelledError(PgbeatError):
+    """The step was cancelled (time limit, lost lock, shutdown) and cleaned up."""

@@ -1,0 +1,84 @@
+"""The rotate step: age-based retention per target and tier, with a floor that cannot be crossed.
+
+Rules (see notes/peers.md, complaint 2: retention that deletes the last good backups):
+- a backup older than the tier's `keep_days` is removed together with its manifest and `.sha256`;
+- the newest `min_keep` verified backups of the target/tier are never removed, however old, so a run
+  of failed backups can never empty the shelf;
+- only files with a pgbeat manifest of that target and tier are considered: anything else is left alone;
+- a clock moved backwards makes backups look younger, never older: nothing extra is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from pgbeat.catalog import Entry, checksum_path, iter_manifests, list_backups, manifest_path
+from pgbeat.fsutil import remove_path
+from pgbeat.run import Run, StepContext
+from pgbeat.settings import Settings, TierPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RotationPlan:
+    target: str
+    tier: str
+    keep: list[Entry] = field(default_factory=list)
+    remove: list[Entry] = field(default_factory=list)
+    protected: list[Entry] = field(default_factory=list, metadata={"doc": "expired but kept by min_keep"})
+    orphans: list[Entry] = field(default_factory=list, metadata={"doc": "sidecars whose data file is gone"})
+
+
+def plan_rotation(entries: list[Entry], policy: TierPolicy, now: datetime, target: str, tier: str) -> RotationPlan:
+    """Given one target/tier's backups, decide which to keep and which to remove at time `now`."""
+    plan = RotationPlan(target=target, tier=tier)
+    present = sorted((e for e in entries if e.exists), key=lambda e: e.manifest.started_at)
+    verified = [e for e in present if e.verified]
+    floor = {e.path for e in verified[-policy.min_keep:]} if policy.min_keep else set()
+    cutoff = now - timedelta(days=policy.keep_days)
+    for entry in present:
+        expired = entry.manifest.started_at < cutoff
+        if not expired:
+            plan.keep.append(entry)
+        elif entry.path in floor:
+            plan.protected.append(entry)
+        else:
+            plan.remove.append(entry)
+    plan.orphans = [e for e in entries if not e.exists and e.manifest.started_at < cutoff]
+    return plan
+
+
+def remove_backup(entry: Entry) -> None:
+    """Remove a backup: data first, manifest last (the manifest is what marks the rest as pgbeat's)."""
+    remove_path(entry.path)
+    remove_path(checksum_path(entry.path))
+    remove_path(manifest_path(entry.path))
+
+
+def rotate_target(settings: Settings, target: str, tier: str, now: datetime, dry_run: bool = False) -> RotationPlan:
+    policy = settings.target(target).tiers[tier]
+    entries = [e for e in iter_manifests(settings.backup_root, (tier,)) if e.manifest.target == target]
+    plan = plan_rotation(entries, policy, now, target, tier)
+    if not dry_run:
+        for entry in [*plan.remove, *plan.orphans]:
+            remove_backup(entry)
+            log.info("removed %s", entry.path)
+    return plan
+
+
+def rotate_step(ctx: StepContext, run: Run) -> Run:
+    t0 = time.monotonic()
+    plan = rotate_target(ctx.settings, run.target, run.tier, ctx.now())
+    run.steps["rotate"] = {
+        "removed": [e.path.name for e in plan.remove], "kept": len(plan.keep) + len(plan.protected),
+        "protected": [e.path.name for e in plan.protected], "duration_s": round(time.monotonic() - t0, 3),
+    }
+    return run
+
+
+def shelf(settings: Settings, target: str, tier: str) -> list[Entry]:
+    return list_backups(settings.backup_root, target, tier)

@@ -1,0 +1,72 @@
+"""The seed's log: `BACKUP_ROOT/logs/<target>_<tier>_<YYYYMMDD>.log`, lines `[YYYY-MM-DD HH:MM:SS] message`.
+
+The messages keep the seed's Portuguese wording ("Iniciando backup do banco de dados...",
+"SUCCESS: Backup SQL criado", "Removidos N backup(s) antigo(s)") so existing greps and habits still work.
+Lines are appended with O_APPEND, so steps of one run on different pool processes interleave safely.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+
+from pgbeat.fsutil import FILE_MODE, private_dir
+from pgbeat.run import Run
+from pgbeat.settings import Settings
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "?"
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def log_path(settings: Settings, run: Run) -> Path:
+    """Return the log file of `run`: one per target, tier and day (the day the run started)."""
+    day = run.started_at.astimezone(settings.tz).strftime("%Y%m%d")
+    return settings.backup_root / "logs" / f"{run.target}_{run.tier}_{day}.log"
+
+
+def write(settings: Settings, run: Run, when: datetime, *messages: str) -> Path:
+    """Append `messages` to the run's log file, each with the seed's timestamp prefix; return the path."""
+    path = log_path(settings, run)
+    private_dir(path.parent)
+    stamp = when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S")
+    data = "".join(f"[{stamp}] {m}\n" for m in messages).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return path
+
+
+def step_lines(run: Run, step: str) -> list[str]:
+    """Return the seed's lines for a finished step."""
+    info = run.step(step)
+    if step == "dump":
+        return ["SUCCESS: Backup SQL criado", f"Tamanho do dump: {human_size(info.get('size'))} "
+                f"em {info.get('duration_s')}s (servidor {info.get('server_version') or '?'})"]
+    if step == "compress":
+        if info.get("passthrough"):
+            return ["Compressão: formato já comprimido pelo pg_dump"]
+        return [f"Compressão {info.get('codec')}: {human_size(info.get('size'))} (razão {info.get('ratio')}) "
+                f"em {info.get('duration_s')}s"]
+    if step == "verify":
+        return ["SUCCESS: Backup verificado com sucesso", f"MD5: {info.get('md5')}", f"SHA-256: {info.get('sha256')}"]
+    if step == "upload":
+        return [f"Arquivo final: {run.final_path}", f"Tamanho: {human_size(run.step('verify').get('size'))}"]
+    if step == "rotate":
+        return [f"Removidos {len(info.get('removed', []))} backup(s) antigo(s)"]
+    return []
+
+
+def start_lines(run: Run, describe: str) -> list[str]:
+    return ["=" * 60, "Iniciando backup do banco de dados...", f"Tipo: {run.tier}", f"Banco: {describe}",
+            f"Formato: {run.format}, compressão: {run.codec}", f"Arquivo: {run.name}", f"Run: {run.run_id}"]

@@ -1,0 +1,518 @@
+"""Configuration: the single source of truth, validated by pydantic.
+
+Two sources, merged into one `Settings`:
+- the environment and `.env` in the working directory (pydantic-settings): the seed's `DB_HOST DB_PORT
+  DB_NAME DB_USER DB_PASSWORD BACKUP_ROOT` define one target named `TARGET_NAME` (default: `DB_NAME`),
+  plus the global `PGBEAT_CONFIG`, `CELERY_BROKER_URL`, `CELERY_RESULT_BACKEND`, `PGBEAT_TIMEZONE`,
+  `PGBEAT_NODE`;
+- a targets file (YAML or TOML, path in `PGBEAT_CONFIG`) with many targets, shared `defaults`, and the
+  global settings. The environment wins over the file for the global settings.
+
+Every problem in either source is collected and raised together as one `ConfigError`, each line naming
+the key and the file it came from. Secrets are `SecretStr` and never appear in those lines.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from datetime import datetime
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from cronsim import CronSim, CronSimError
+from dotenv import dotenv_values
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pgbeat.errors import ConfigError, UnknownTargetError
+
+TIERS = ("daily", "weekly", "monthly")
+Tier = Literal["daily", "weekly", "monthly"]
+DumpFormat = Literal["plain", "custom", "directory"]
+Codec = Literal["gzip", "zstd", "none"]
+
+# The seed's schedule: daily 02:00 keep 7 days, weekly Sunday 03:00 keep 30, monthly day 1 04:00 keep 365.
+DEFAULT_TIERS: dict[str, dict[str, Any]] = {
+    "daily": {"schedule": "0 2 * * *", "keep_days": 7},
+    "weekly": {"schedule": "0 3 * * 0", "keep_days": 30},
+    "monthly": {"schedule": "0 4 1 * *", "keep_days": 365},
+}
+DEFAULT_LEVELS = {"gzip": 6, "zstd": 3, "none": 0}
+LEVEL_RANGES = {"gzip": (0, 9), "zstd": (1, 19), "none": (0, 0)}
+STEPS = ("dump", "compress", "verify", "upload", "rotate", "notify")
+
+# Target names end up in file names, Redis keys and log lines: a conservative alphabet.
+TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# pg_dump options that pgbeat sets itself; allowing them in config would break the chain's assumptions.
+RESERVED_DUMP_OPTIONS = ("-f", "--file", "-F", "--format", "-d", "--dbname", "-h", "--host", "-p", "--port",
+                         "-U", "--username", "-W", "--password", "-w", "--no-password", "-j", "--jobs",
+                         "-Z", "--compress")
+SECRET_KEY_HINTS = ("password", "secret", "token", "broker", "backend", "url", "key")
+
+
+def validate_target_name(name: str) -> str:
+    """Given a target name, return it; raise ValueError if it is unsafe in a file name."""
+    if not TARGET_NAME_RE.match(name) or ".." in name:
+        raise ValueError(
+            "must be 1-63 characters of letters, digits, '.', '_' or '-', start with a letter or digit, "
+            "and contain no '..' (it becomes part of file names)"
+        )
+    return name
+
+
+def validate_cron(expr: str) -> str:
+    """Given a 5-field cron expression, return it normalised; raise ValueError if cronsim rejects it."""
+    expr = " ".join(expr.split())
+    if len(expr.split()) != 5:
+        raise ValueError("must be a cron expression with 5 fields: minute hour day-of-month month day-of-week")
+    try:
+        CronSim(expr, datetime(2000, 1, 1))
+    except CronSimError as exc:
+        raise ValueError(f"is not a valid cron expression: {exc}") from None
+    return expr
+
+
+def validate_timezone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (use an IANA name such as 'America/Sao_Paulo')") from None
+    return name
+
+
+def host_timezone() -> str:
+    """Return the host's IANA time zone name, or UTC when it cannot be told."""
+    try:
+        import tzlocal
+
+        return tzlocal.get_localzone_name() or "UTC"
+    except Exception:  # tzlocal raises several kinds when /etc/localtime is odd
+        return "UTC"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TierSpec(Strict):
+    """One tier's overrides; unset fields inherit from `defaults` and then the built-in values."""
+
+    enabled: bool | None = None
+    schedule: str | None = Field(None, description="cron expression in the configured time zone")
+    keep_days: int | None = Field(None, ge=0, description="remove backups older than this many days")
+    min_keep: int | None = Field(None, ge=1, description="never remove the newest N verified backups")
+
+    _cron = field_validator("schedule")(lambda v: None if v is None else validate_cron(v))
+
+
+class CompressionSpec(Strict):
+    codec: Codec | None = None
+    level: int | None = None
+    threads: int | None = Field(None, ge=0, le=64, description="0 = one per CPU")
+
+
+class TargetOptions(Strict):
+    """Everything a target can set; also the shape of the file's `defaults` section."""
+
+    host: str | None = Field(None, description="host name, IP or socket directory; unset = libpq default")
+    port: int | None = Field(None, ge=1, le=65535)
+    user: str | None = None
+    password: SecretStr | None = Field(None, description="unset = ~/.pgpass, PGPASSFILE or `passfile`")
+    passfile: Path | None = None
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
+    connect_timeout: int | None = Field(None, ge=1, le=600)
+    format: DumpFormat | None = None
+    jobs: int | None = Field(None, ge=1, le=64, description="parallel pg_dump jobs (directory format)")
+    compression: CompressionSpec | None = None
+    pg_dump_options: list[str] | None = None
+    tiers: dict[Tier, TierSpec] | None = None
+
+    @field_validator("pg_dump_options")
+    @classmethod
+    def _no_reserved_options(cls, options: list[str] | None) -> list[str] | None:
+        for option in options or []:
+            name = option.split("=", 1)[0]
+            if name in RESERVED_DUMP_OPTIONS or any(
+                    name.startswith(short) and len(name) > 2 and not name.startswith("--")
+                    for short in ("-f", "-F", "-d", "-h", "-p", "-U", "-j", "-Z")):
+                raise ValueError(f"{option!r} is set by pgbeat itself and cannot be passed to pg_dump")
+        return options
+
+
+class TargetSpec(TargetOptions):
+    name: str
+    dbname: str = Field(min_length=1)
+
+    _name = field_validator("name")(lambda v: validate_target_name(v))
+
+
+class Reliability(Strict):
+    """Timing knobs of the Celery chain; see ../shared/notes/celery.md for why each matters."""
+
+    lock_ttl: int = Field(60, ge=2, description="seconds a target lock lives without renewal")
+    lock_wait: int = Field(6 * 3600, ge=0, description="how long a backup waits for a busy target")
+    visibility_timeout: int = Field(6 * 3600, ge=5, description="Redis redelivery timeout (all consumers)")
+    max_attempts: int = Field(3, ge=1, description="deliveries of one step before it is declared failed")
+    retries: int = Field(3, ge=0, description="retries of a transient failure (server unreachable)")
+    retry_backoff: int = Field(30, ge=0, description="first retry delay in seconds, doubled each time")
+    retry_backoff_max: int = Field(600, ge=0)
+    time_limits: dict[str, int] = Field(
+        default_factory=lambda: {"dump": 5 * 3600, "compress": 2 * 3600, "verify": 2 * 3600,
+                                 "upload": 5 * 3600, "rotate": 900, "notify": 300},
+        description="soft time limit per step in seconds; the hard limit is 60 s later",
+    )
+    result_expires: int = Field(86400, ge=60)
+
+    @field_validator("time_limits")
+    @classmethod
+    def _known_steps(cls, limits: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(limits) - set(STEPS))
+        if unknown:
+            raise ValueError(f"unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
+        if any(v < 1 for v in limits.values()):
+            raise ValueError("every time limit must be at least 1 second")
+        return limits
+
+    @model_validator(mode="after")
+    def _visibility_covers_limits(self) -> Reliability:
+        # A message that is not acknowledged within visibility_timeout is delivered again: every
+        # acks_late step and every retry countdown must fit inside it, or it runs twice.
+        longest = max(self.limits().values()) + 60
+        if self.visibility_timeout <= longest:
+            raise ValueError(f"visibility_timeout ({self.visibility_timeout}) must exceed the longest hard time "
+                             f"limit ({longest} s), or a long step would be delivered twice")
+        if self.visibility_timeout <= self.retry_backoff_max:
+            raise ValueError("visibility_timeout must exceed retry_backoff_max")
+        return self
+
+    def limits(self) -> dict[str, int]:
+        defaults = Reliability.model_fields["time_limits"].default_factory()
+        return {**defaults, **self.time_limits}
+
+
+class FileConfig(Strict):
+    """The targets file."""
+
+    backup_root: Path | None = None
+    timezone: str | None = None
+    broker_url: SecretStr | None = None
+    result_backend: SecretStr | None = None
+    node: str | None = None
+    pg_bin_dir: Path | None = None
+    defaults: TargetOptions = TargetOptions()
+    reliability: Reliability = Reliability()
+    targets: list[TargetSpec] = []
+
+    _tz = field_validator("timezone")(lambda v: None if v is None else validate_timezone(v))
+
+
+class EnvSettings(BaseSettings):
+    """The environment and `.env`: the seed's variables plus pgbeat's globals."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      case_sensitive=False, env_ignore_empty=True)
+
+    db_host: str | None = None
+    db_port: int | None = Field(None, ge=1, le=65535)
+    db_name: str | None = None
+    db_user: str | None = None
+    db_password: SecretStr | None = None
+    target_name: str | None = None
+    backup_root: Path | None = None
+    pgbeat_config: Path | None = None
+    pgbeat_timezone: str | None = None
+    pgbeat_node: str | None = None
+    pgbeat_pg_bin_dir: Path | None = None
+    celery_broker_url: SecretStr | None = None
+    celery_result_backend: SecretStr | None = None
+
+    _tz = field_validator("pgbeat_timezone")(lambda v: None if v is None else validate_timezone(v))
+
+
+class TierPolicy(Strict):
+    enabled: bool
+    schedule: str
+    keep_days: int
+    min_keep: int
+
+
+class Compression(Strict):
+    codec: Codec
+    level: int
+    threads: int
+
+
+class Target(Strict):
+    """A fully resolved target: every field has its final value."""
+
+    name: str
+    dbname: str
+    host: str | None
+    port: int
+    user: str | None
+    password: SecretStr | None
+    passfile: Path | None
+    sslmode: str | None
+    connect_timeout: int
+    format: DumpFormat
+    jobs: int
+    compression: Compression
+    pg_dump_options: list[str]
+    tiers: dict[str, TierPolicy]
+    source: str = Field(description="where the target was defined, for messages")
+
+    def conninfo(self) -> str:
+        """Return a libpq connection string without the password (it travels through a passfile)."""
+        fields = {"dbname": self.dbname, "host": self.host, "port": str(self.port), "user": self.user,
+                  "sslmode": self.sslmode, "connect_timeout": str(self.connect_timeout),
+                  "application_name": "pgbeat"}
+        return " ".join(f"{key}={quote_conninfo(value)}" for key, value in fields.items() if value)
+
+    def describe(self) -> str:
+        return f"{self.user + '@' if self.user else ''}{self.host or 'local socket'}:{self.port}/{self.dbname}"
+
+    def enabled_tiers(self) -> list[str]:
+        return [tier for tier in TIERS if self.tiers[tier].enabled]
+
+
+def quote_conninfo(value: str) -> str:
+    """Quote a value for a libpq connection string (single quotes, backslash escapes)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class Settings(BaseModel):
+    """Everything pgbeat needs, resolved from both sources."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    backup_root: Path
+    timezone: str
+    broker_url: SecretStr | None
+    result_backend: SecretStr | None
+    node: str
+    pg_bin_dir: Path | None
+    reliability: Reliability
+    targets: dict[str, Target]
+    config_file: Path | None = None
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: every chain runs in-process."""
+        return self.broker_url is None
+
+    @cached_property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def target(self, name: str) -> Target:
+        try:
+            return self.targets[name]
+        except KeyError:
+            known = ", ".join(sorted(self.targets)) or "none"
+            raise UnknownTargetError(f"Unknown target {name!r}", hint=f"configured targets: {known}") from None
+
+
+# --- loading ----------------------------------------------------------------------------------------
+
+
+def format_loc(loc: tuple[Any, ...]) -> str:
+    """Given a pydantic error location, return it as `targets[2].tiers.daily.keep_days`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _safe_input(error: Mapping[str, Any]) -> str:
+    """Return ` (got X)` for an error whose input can be shown, else '' (never echo a secret)."""
+    loc = " ".join(str(p) for p in error.get("loc", ())).lower()
+    value = error.get("input")
+    if error.get("type") == "extra_forbidden" or any(hint in loc for hint in SECRET_KEY_HINTS):
+        return ""
+    if isinstance(value, bool | int | float) or (isinstance(value, str) and len(value) <= 80):
+        return f" (got {value!r})"
+    return ""
+
+
+def _error_lines(exc: ValidationError, where: str, env_names: Mapping[str, str] | None = None) -> list[str]:
+    lines = []
+    for error in exc.errors(include_url=False):
+        msg = error["msg"].removeprefix("Value error, ")
+        if env_names is not None:
+            field = str(error["loc"][0]) if error["loc"] else ""
+            lines.append(f"{field.upper()} in {env_names.get(field.upper(), where)}: {msg}{_safe_input(error)}")
+        else:
+            lines.append(f"{where}: At '{format_loc(error['loc'])}': {msg}{_safe_input(error)}")
+    return lines
+
+
+def read_config_file(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """Given a YAML or TOML file, return its mapping and a list of errors (with the file's name)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        return None, [f"{path}: cannot read the targets file: {exc.strerror}"]
+    try:
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
+    except tomllib.TOMLDecodeError as exc:
+        return None, [f"{path}: not valid TOML: {exc}"]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        return None, [f"{path}: not valid YAML{where}: {problem}"]
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return None, [f"{path}: the top level must be a mapping of settings, not {type(data).__name__}"]
+    return data, []
+
+
+def _merge_spec(*layers: BaseModel | None) -> dict[str, Any]:
+    """Merge option layers (later wins) into one dict, field by field, tiers and compression deeply."""
+    merged: dict[str, Any] = {"tiers": {tier: dict(values) for tier, values in DEFAULT_TIERS.items()},
+                              "compression": {}}
+    for layer in layers:
+        if layer is None:
+            continue
+        for key, value in layer.model_dump(exclude_none=True, exclude_unset=False).items():
+            if key == "tiers":
+                for tier, tier_values in value.items():
+                    merged["tiers"][tier].update(tier_values)
+            elif key == "compression":
+                merged["compression"].update(value)
+            else:
+                merged[key] = getattr(layer, key)  # keep SecretStr as it is
+    return merged
+
+
+def resolve_target(spec: TargetSpec, defaults: TargetOptions, source: str) -> Target:
+    merged = _merge_spec(defaults, spec)
+    codec = merged["compression"].get("codec", "gzip")
+    compression = Compression(codec=codec, level=merged["compression"].get("level", DEFAULT_LEVELS[codec]),
+                              threads=merged["compression"].get("threads", 0))
+    tiers = {tier: TierPolicy(enabled=values.get("enabled", True), schedule=values["schedule"],
+                              keep_days=values["keep_days"], min_keep=values.get("min_keep", 1))
+             for tier, values in merged["tiers"].items()}
+    return Target(
+        name=spec.name, dbname=spec.dbname, host=merged.get("host"), port=merged.get("port", 5432),
+        user=merged.get("user"), password=merged.get("password"), passfile=merged.get("passfile"),
+        sslmode=merged.get("sslmode"), connect_timeout=merged.get("connect_timeout", 10),
+        format=merged.get("format", "plain"), jobs=merged.get("jobs", 1), compression=compression,
+        pg_dump_options=merged.get("pg_dump_options", []), tiers=tiers, source=source,
+    )
+
+
+def _target_problems(target: Target) -> list[tuple[str, str]]:
+    """Cross-field checks that pydantic cannot do on one field: (key path, message) pairs."""
+    problems = []
+    low, high = LEVEL_RANGES[target.compression.codec]
+    if not low <= target.compression.level <= high:
+        problems.append(("compression.level", f"{target.compression.codec} levels are {low}-{high} "
+                                              f"(got {target.compression.level})"))
+    if target.jobs > 1 and target.format != "directory":
+        problems.append(("jobs", f"parallel dumps (jobs > 1) need format 'directory' (got {target.format!r})"))
+    return problems
+
+
+def load_settings(env_file: str | Path | None = ".env") -> Settings:
+    """Read the environment, `.env` and the targets file; return Settings or raise ConfigError listing all."""
+    env_path = Path(env_file) if env_file else None
+    dotenv = {k.upper() for k in dotenv_values(env_path)} if env_path and env_path.is_file() else set()
+    env_label = str(env_path) if env_path else ".env"
+    in_environ = {k.upper() for k, v in os.environ.items() if v != ""}
+    names = {key: ("the environment" if key in in_environ else env_label) for key in dotenv | in_environ}
+    errors: list[str] = []
+    try:
+        env = EnvSettings(_env_file=env_path)
+    except ValidationError as exc:
+        errors.extend(_error_lines(exc, "the environment", names))
+        env = None
+
+    file_cfg: FileConfig | None = None
+    config_path = None
+    if env is not None and env.pgbeat_config:
+        config_path = env.pgbeat_config.expanduser().resolve()
+        data, file_errors = read_config_file(config_path)
+        errors.extend(file_errors)
+        if data is not None:
+            try:
+                file_cfg = FileConfig.model_validate(data)
+            except ValidationError as exc:
+                errors.extend(_error_lines(exc, str(config_path)))
+
+    if errors:
+        raise ConfigError(errors)
+    assert env is not None
+    file_cfg = file_cfg or FileConfig()
+
+    targets: dict[str, Target] = {}
+    for index, spec in enumerate(file_cfg.targets):
+        target = resolve_target(spec, file_cfg.defaults, f"{config_path} targets[{index}]")
+        errors.extend(f"{config_path}: At 'targets[{index}].{field}': {msg}"
+                      for field, msg in _target_problems(target))
+        if spec.name in targets:
+            errors.append(f"{config_path}: At 'targets[{index}].name': duplicate target name {spec.name!r}")
+        targets[spec.name] = target
+
+    if env.db_name:
+        name = env.target_name or env.db_name
+        key = "TARGET_NAME" if env.target_name else "DB_NAME"
+        try:
+            validate_target_name(name)
+        except ValueError as exc:
+            hint = "" if env.target_name else " (the target is named after DB_NAME; set TARGET_NAME)"
+            errors.append(f"{key} in {names.get(key, 'the environment')}: {exc}{hint}")
+        else:
+            spec = TargetSpec(name=name, dbname=env.db_name, host=env.db_host, port=env.db_port,
+                              user=env.db_user, password=env.db_password)
+            target = resolve_target(spec, file_cfg.defaults, f"DB_* in {env_label}")
+            errors.extend(f"{env_label}: the .env target's {field}: {msg}" for field, msg in _target_problems(target))
+            if name in targets:
+                errors.append(f"{key} in {names.get(key, 'the environment')}: target {name!r} is also defined "
+                              f"in {config_path}")
+            targets[name] = target
+    elif any(getattr(env, f) for f in ("db_host", "db_port", "db_user", "db_password", "target_name")):
+        errors.append(f"DB_NAME in {env_label}: missing; DB_HOST/DB_PORT/DB_USER/DB_PASSWORD define a target "
+                      "only together with DB_NAME")
+
+    if errors:
+        raise ConfigError(errors)
+
+    backup_root = env.backup_root or file_cfg.backup_root or Path("./backups")
+    node = env.pgbeat_node or file_cfg.node or socket.gethostname()
+    return Settings(
+        backup_root=backup_root.expanduser().resolve(),
+        timezone=env.pgbeat_timezone or file_cfg.timezone or host_timezone(),
+        broker_url=env.celery_broker_url or file_cfg.broker_url,
+        result_backend=env.celery_result_backend or file_cfg.result_backend,
+        node=node,
+        pg_bin_dir=env.pgbeat_pg_bin_dir or file_cfg.pg_bin_dir,
+        reliability=file_cfg.reliability,
+        targets=targets,
+        config_file=config_path,
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return this process's settings, loaded once (workers, beat and the CLI each load their own)."""
+    return load_settings()

@@ -1,0 +1,6 @@
+"""Where backups are kept: one small interface (`base.Storage`) and one module per kind of destination."""
+
+from pgbeat.storage.base import ObjectInfo, Storage
+from pgbeat.storage.local import LocalStorage
+
+__all__ = ["LocalStorage", "ObjectInfo", "Storage"]

@@ -1,0 +1,220 @@
+"""The verify step: prove a backup is whole before it gets a final name, and write its manifest.
+
+For a plain dump: decompress the whole file (what `gzip -t` checks, with ISA-L checking each CRC-32),
+compare the decompressed size and CRC-32 with what pg_dump wrote (so compression lost nothing), check
+pg_dump's closing line is there, and compute MD5 (as the seed logs) and SHA-256 of the stored file.
+For custom and directory archives: `pg_restore -f -` reads and decompresses every entry, and its
+output passes through the same scanner (rows per table, closing line). The same checks back
+`pgbeat verify FILE`, which also compares against the manifest and the `.sha256` file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zstandard
+from isal import isal_zlib
+
+from pgbeat.catalog import (
+    FileDigest,
+    Manifest,
+    checksum_path,
+    find_backup,
+    manifest_path,
+    write_manifest,
+)
+from pgbeat.compress import CHUNK, codec_for_name, decompressing_reader
+from pgbeat.errors import VerifyError
+from pgbeat.fsutil import write_atomic
+from pgbeat.process import Supervised, find_pg_binary
+from pgbeat.run import Run, StepContext
+from pgbeat.settings import Settings
+from pgbeat.sqlscan import COMPLETE_MARKER, DumpScanner
+
+log = logging.getLogger(__name__)
+
+
+def file_digests(path: Path) -> dict[str, Any]:
+    """Return size, MD5 and SHA-256 of a file in one read."""
+    md5, sha256, size = hashlib.md5(usedforsecurity=False), hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            md5.update(chunk)
+            sha256.update(chunk)
+            size += len(chunk)
+    return {"size": size, "md5": md5.hexdigest(), "sha256": sha256.hexdigest()}
+
+
+def _in_thread(fn, *args):
+    """Start fn(*args) in a thread; return a function that joins it and returns its result or raises."""
+    box: dict[str, Any] = {}
+
+    def runner():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as exc:  # handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=runner, daemon=True)
+    thread.start()
+
+    def join():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    return join
+
+
+def check_plain(path: Path, codec: str) -> dict[str, Any]:
+    """Decompress a plain dump fully; return its digests, decompressed size, CRC-32 and completeness."""
+    digests = _in_thread(file_digests, path)  # the other core hashes while this one decompresses
+    crc, raw_size, tail = 0, 0, b""
+    try:
+        with decompressing_reader(path, codec) as f:
+            while chunk := f.read(CHUNK):
+                crc = isal_zlib.crc32(chunk, crc)
+                raw_size += len(chunk)
+                tail = (tail + chunk[-8192:])[-8192:]
+    except (OSError, EOFError, ValueError, isal_zlib.error, zstandard.ZstdError) as exc:
+        digests()
+        raise VerifyError(f"{path.name} does not decompress: {exc}", step="verify",
+                          hint="the file is truncated or corrupt; do not restore from it") from None
+    return {**digests(), "raw_size": raw_size, "raw_crc32": f"{crc:08x}", "complete": COMPLETE_MARKER in tail}
+
+
+def check_archive(path: Path, settings: Settings) -> dict[str, Any]:
+    """Read a custom or directory archive through `pg_restore -f -`; return what the scan saw."""
+    scanner = DumpScanner()
+    proc = Supervised([find_pg_binary("pg_restore", settings.pg_bin_dir), "--file", "-", str(path)],
+                      name="pg_restore")
+    try:
+        while chunk := proc.stdout.read(CHUNK):
+            scanner.feed(chunk)
+        rc = proc.wait()
+    finally:
+        proc.stop()
+    scanner.finish()
+    if rc != 0:
+        raise VerifyError(f"pg_restore cannot read {path.name} (exit code {rc})", step="verify",
+                          details=proc.stderr_text()[-6:], hint="the archive is truncated or corrupt")
+    result: dict[str, Any] = {"complete": scanner.complete, "tables": scanner.tables,
+                              "server_version": scanner.server_version}
+    if path.is_dir():
+        files = [FileDigest(name=p.relative_to(path).as_posix(), **file_digests(p)).model_dump()
+                 for p in sorted(path.rglob("*")) if p.is_file()]
+        result.update(files=files, size=sum(f["size"] for f in files))
+    else:
+        result.update(file_digests(path))
+    return result
+
+
+def check_backup(path: Path, dump_format: str, codec: str, settings: Settings) -> dict[str, Any]:
+    if dump_format == "plain":
+        return check_plain(path, codec)
+    return check_archive(path, settings)
+
+
+def verify_step(ctx: StepContext, run: Run) -> Run:
+    """Verify the compressed artifact against what dump and compress recorded; write manifest + .sha256."""
+    t0 = time.monotonic()
+    path = run.artifact
+    dump, compress = run.step("dump"), run.step("compress")
+    result = check_backup(path, run.format, run.codec, ctx.settings)
+    problems = []
+    if not result["complete"]:
+        problems.append("the dump lacks pg_dump's closing 'dump complete' line (truncated)")
+    if run.format == "plain":
+        if result["raw_size"] != dump.get("raw_size") or result["raw_crc32"] != dump.get("raw_crc32"):
+            problems.append(f"decompressed data differs from what pg_dump wrote ({result['raw_size']} bytes, "
+                            f"crc {result['raw_crc32']}; expected {dump.get('raw_size')} bytes, "
+                            f"crc {dump.get('raw_crc32')})")
+        if compress.get("sha256") and compress["sha256"] != result["sha256"]:
+            problems.append("the file on disk differs from what the compress step wrote (SHA-256 mismatch)")
+    if problems:
+        raise VerifyError(f"Backup {run.name} failed verification", step="verify", details=problems)
+
+    target = ctx.target(run)
+    finished = ctx.now()
+    manifest = Manifest(
+        run_id=run.run_id, target=run.target, tier=run.tier, file=run.name, format=run.format, codec=run.codec,
+        level=run.level, size=result["size"], md5=result.get("md5"), sha256=result.get("sha256"),
+        files=result.get("files", []), raw_size=dump.get("raw_size"), raw_crc32=dump.get("raw_crc32"),
+        complete=True, server_version=dump.get("server_version") or result.get("server_version"),
+        pg_dump_version=dump.get("pg_dump_version"),
+        database={"dbname": target.dbname, "host": target.host, "port": target.port},
+        tables=dump.get("tables") or result.get("tables") or {},
+        started_at=run.started_at, finished_at=finished,
+        duration_s=round((finished - run.started_at).total_seconds(), 3),
+        steps={name: {k: v for k, v in info.items() if k in ("duration_s", "size", "ratio", "passthrough")}
+               for name, info in run.steps.items()},
+        node=run.node, slot=run.slot,
+    )
+    manifest.steps["verify"] = {"duration_s": round(time.monotonic() - t0, 3)}
+    write_manifest(manifest_path(path), manifest)
+    write_atomic(checksum_path(path), manifest.checksum_lines().encode())
+    run.steps["verify"] = {"path": str(path), "size": result["size"], "md5": result.get("md5"),
+                           "sha256": result.get("sha256"), "duration_s": manifest.steps["verify"]["duration_s"]}
+    log.info("verified %s (sha256 %s)", run.name, result.get("sha256"))
+    return run
+
+
+def read_checksum_file(path: Path) -> dict[str, str]:
+    """Parse a `sha256sum` file into {name: hex digest}."""
+    sums = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            digest, _, name = line.partition("  ")
+            sums[name.strip().lstrip("*")] = digest.strip()
+    return sums
+
+
+def verify_backup(path: Path, settings: Settings) -> tuple[Manifest, dict[str, Any]]:
+    """Verify a backup on disk against its manifest and `.sha256`; raise VerifyError naming what is wrong."""
+    path = path.expanduser()
+    if not path.exists():
+        raise VerifyError(f"{path}: no such file", hint="give the path of a backup, e.g. from `pgbeat list`")
+    entry = find_backup(path.resolve())
+    if entry is None:
+        raise VerifyError(f"{path} is not a pgbeat backup: no manifest {manifest_path(path).name} next to it",
+                          hint="pgbeat verifies backups it made; for a bare .sql.gz use `gzip -t`")
+    manifest = entry.manifest
+    codec = manifest.codec if manifest.format == "plain" else codec_for_name(path.name)
+    result = check_backup(entry.path, manifest.format, codec, settings)
+    problems = []
+    if not result["complete"]:
+        problems.append("the dump lacks pg_dump's closing 'dump complete' line (truncated)")
+    if manifest.files:
+        expected = {f.name: f.sha256 for f in manifest.files}
+        actual = {f["name"]: f["sha256"] for f in result.get("files", [])}
+        if expected != actual:
+            changed = sorted(n for n in expected.keys() | actual.keys() if expected.get(n) != actual.get(n))
+            problems.append(f"files differ from the manifest: {', '.join(changed[:5])}")
+    else:
+        if result["sha256"] != manifest.sha256:
+            problems.append(f"SHA-256 {result['sha256']} does not match the manifest's {manifest.sha256}")
+        if manifest.md5 and result["md5"] != manifest.md5:
+            problems.append(f"MD5 {result['md5']} does not match the manifest's {manifest.md5}")
+        if result["size"] != manifest.size:
+            problems.append(f"size {result['size']} does not match the manifest's {manifest.size}")
+        if manifest.raw_crc32 and result.get("raw_crc32") != manifest.raw_crc32:
+            problems.append("decompressed content does not match what pg_dump wrote (CRC-32)")
+    sums_file = checksum_path(entry.path)
+    if sums_file.exists():
+        sums = read_checksum_file(sums_file)
+        listed = {f"{manifest.file}/{f['name']}": f["sha256"] for f in result.get("files", [])} or \
+            {manifest.file: result.get("sha256")}
+        if any(sums.get(name) != digest for name, digest in listed.items()):
+            problems.append(f"{sums_file.name} does not match the file's SHA-256")
+    else:
+        problems.append(f"{sums_file.name} is missing")
+    if problems:
+        raise VerifyError(f"{path.name} failed verification", step="verify", details=problems,
+                          hint="do not restore from this file; use an older backup or a remote copy")
+    return manifest, result

@@ -1,0 +1,12 @@
+"""`tasks.backup`: what beat sends (args `[target, tier]`) and what `celery call` runs ad hoc."""
+
+from celery import shared_task
+
+from pgbeat.settings import get_settings
+from workers.chain import start_backup
+
+
+@shared_task(name="tasks.backup", bind=True, acks_late=True, reject_on_worker_lost=True)
+def backup(self, target: str, tier: str, scheduled: bool = False) -> dict:
+    """Dispatch the chain of one backup of `target`'s `tier` to this worker's host (see workers.chain)."""
+    return start_backup(self.app, get_settings(), self.request.id, target, tier, scheduled)

@@ -1,0 +1,46 @@
+"""`tasks.notify` (the chain's last step) and `tasks.chain_failed` (the errback of every step)."""
+
+import logging
+
+from celery import shared_task
+
+from pgbeat.coordination import RunState
+from pgbeat.pipeline import execute_step, fail_run
+from pgbeat.run import Run, StepContext
+from pgbeat.settings import get_settings
+from workers.chain import redis_client
+from workers.config import host_queue
+from workers.guard import StepTask, run_step
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name="tasks.notify", bind=True, base=StepTask)
+def notify(self, record: dict) -> dict:
+    """Record and send the run's outcome, success or failure (pgbeat.notify)."""
+    return run_step(self, "notify", record)
+
+
+@shared_task(name="tasks.chain_failed")
+def chain_failed(request, exc, traceback, record: dict) -> None:
+    """Errback: a step failed for good. Clean its files and send `tasks.notify` with the failure, once.
+
+    Celery calls it inline in the process that saw the failure (on the run's host), with the failing
+    task's request; it may be called more than once, so it acts only the first time.
+    """
+    settings = get_settings()
+    args = getattr(request, "args", None) or [record]
+    run = Run.model_validate(args[0])
+    state = RunState(redis_client(settings))
+    if not state.once(run.run_id, "failed"):
+        return
+    step = (getattr(request, "task", None) or "tasks.unknown").rsplit(".", 1)[-1]
+    ctx = StepContext(settings)
+    run = fail_run(ctx, run, step, exc)
+    state.update(run.run_id, status="failed", step=step, failure=run.failure)
+    try:
+        notify.apply_async(args=(run.as_json(),), queue=host_queue(run.node))
+    except Exception as send_error:  # the broker is gone: tell what we can from here
+        log.error("cannot send tasks.notify (%s); notifying inline", send_error)
+        execute_step(ctx, run, "notify")
+        state.update(run.run_id, status="failed")

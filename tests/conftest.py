@@ -1,0 +1,74 @@
+"""Shared fixtures: throwaway clusters and Redis for the whole session, fresh databases per test."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support import PgCluster, RedisServer, make_tempdir
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def session_dir():
+    path = make_tempdir("pgbeat-tests-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg(session_dir):
+    cluster = PgCluster(session_dir, "pg1")
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg2(session_dir):
+    cluster = PgCluster(session_dir, "pg2")
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def redis_server(session_dir):
+    server = RedisServer(session_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    tmp_path.chmod(0o755)
+    return tmp_path
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def make_db(pg):
+    """Create databases on a cluster (default: pg) with an optional SQL file; drop them afterwards."""
+    created = []
+
+    def make(prefix: str = "db", sql: Path | None = None, cluster: PgCluster | None = None) -> str:
+        cluster = cluster or pg
+        name = cluster.createdb(unique(prefix))
+        created.append((cluster, name))
+        if sql is not None:
+            cluster.psql_file(sql, name)
+        return name
+
+    yield make
+    for cluster, name in created:
+        cluster.dropdb(name)
+
+
+@pytest.fixture
+def rich_db(make_db):
+    return make_db("rich", DATA / "rich.sql")

@@ -1,0 +1,165 @@
+"""The embedded default: `pgbeat` with a `.env` and no broker, against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+
+from tests.support import SECRET_PASSWORD, Service, free_port
+
+pytestmark = pytest.mark.integration
+
+
+def write_env(service: Service, **values) -> None:
+    (service.cwd / ".env").write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+
+
+def env_service(workdir, pg, db, **extra) -> Service:
+    service = Service(workdir, None, [])
+    service.config_path.unlink()
+    write_env(service, DB_HOST=pg.host, DB_PORT=pg.port, DB_NAME=db, DB_USER="postgres",
+              BACKUP_ROOT=service.backup_root, **extra)
+    return service
+
+
+def no_config(service: Service) -> dict:
+    return {"PGBEAT_CONFIG": ""}
+
+
+def test_env_backup_round_trip(workdir, pg, rich_db, make_db):
+    """The README's main command: a daily backup of the .env database restores identically."""
+    service = env_service(workdir, pg, rich_db, TARGET_NAME="erp_db")
+    result = service.pgbeat("backup", "daily", **no_config(service))
+    assert result.returncode == 0, result.stdout + result.stderr
+    [backup] = service.backups()
+    assert backup.name.startswith("erp_db_backup_daily_") and backup.name.endswith(".sql.gz")
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert stat.S_IMODE((service.backup_root / "daily").stat().st_mode) == 0o700
+    assert stat.S_IMODE(service.backup_root.stat().st_mode) == 0o700
+
+    restored = make_db("restored")
+    pg.restore_plain_gz(backup, restored)
+    assert pg.dump_text(restored) == pg.dump_text(rich_db)
+
+    manifest = json.loads(backup.with_name(backup.name + ".manifest.json").read_text())
+    assert manifest["sha256"] == hashlib.sha256(backup.read_bytes()).hexdigest()
+    assert manifest["md5"] == hashlib.md5(backup.read_bytes()).hexdigest()
+    assert manifest["tables"]["erp.customers"] == 300
+    assert manifest["tables"]["erp.invoices"] == 1200
+    assert manifest["tables"]['"Ação Fiscal"."Notas ""Fiscais"" (2025)"'] == 3
+    assert manifest["status"] == "verified" and manifest["complete"] is True
+    assert manifest["server_version"].startswith("15")
+    sums = subprocess.run(["sha256sum", "-c", backup.name + ".sha256"], cwd=backup.parent, capture_output=True,
+                          text=True)
+    assert sums.returncode == 0 and ": OK" in sums.stdout
+
+    log_lines = (service.backup_root / "logs").glob("erp_db_daily_*.log")
+    text = "".join(p.read_text() for p in log_lines)
+    for expected in ("] Iniciando backup do banco de dados...", "] SUCCESS: Backup SQL criado",
+                     "] SUCCESS: Backup verificado com sucesso", "] Removidos 0 backup(s) antigo(s)"):
+        assert expected in text
+    assert not list((service.backup_root / ".work").iterdir())
+
+    verify = service.pgbeat("verify", str(backup), **no_config(service))
+    assert verify.returncode == 0, verify.stderr
+    listing = service.pgbeat("list", "--json", **no_config(service))
+    assert [b["file"] for b in json.loads(listing.stdout)] == [backup.name]
+
+
+def test_custom_and_directory_formats_restore_with_pg_restore(workdir, pg, rich_db, make_db):
+    service = Service(workdir, None, [pg.target("erp_custom", rich_db, format="custom"),
+                                      pg.target("erp_dir", rich_db, format="directory", jobs=2)])
+    for name, suffix in (("erp_custom", ".dump"), ("erp_dir", ".dir")):
+        result = service.pgbeat("backup", "weekly", "--target", name)
+        assert result.returncode == 0, result.stdout + result.stderr
+        [backup] = service.backups("weekly", suffix)
+        manifest = json.loads(backup.with_name(backup.name + ".manifest.json").read_text())
+        assert manifest["tables"]["erp.invoices"] == 1200
+        restored = make_db("restored")
+        subprocess.run([str(pg_restore()), "-j", "2", "-h", pg.host, "-p", str(pg.port), "-U", "postgres", "-d",
+                        restored, str(backup)], check=True, capture_output=True)
+        assert pg.dump_text(restored) == pg.dump_text(rich_db)
+        assert service.pgbeat("verify", str(backup)).returncode == 0
+        if backup.is_dir():
+            assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in backup.iterdir())
+
+
+def pg_restore():
+    from tests.support import PG_BIN
+
+    return PG_BIN / "pg_restore"
+
+
+def snapshot(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("failure", ["wrong password", "unreachable host"])
+def test_failing_dump_leaves_older_backups_and_no_final_file(workdir, pg, make_db, failure):
+    db = make_db("small")
+    pg.sql("CREATE TABLE t AS SELECT generate_series(1, 10) AS i", db)
+    service = Service(workdir, None, [pg.target("erp", db, user="backup", password=SECRET_PASSWORD)],
+                      reliability={"retries": 1, "retry_backoff": 1})
+    assert service.pgbeat("backup", "daily").returncode == 0
+    before = snapshot(service.backup_root / "daily")
+    assert len(before) == 3  # backup, manifest, .sha256
+
+    if failure == "wrong password":
+        service.config["targets"][0]["password"] = "not-the-password"
+    else:
+        service.config["targets"][0]["port"] = free_port()
+    service.write_config()
+    result = service.pgbeat("backup", "daily")
+    assert result.returncode == 1
+    assert snapshot(service.backup_root / "daily") == before
+    assert not list((service.backup_root / ".work").iterdir())
+    events = service.events()
+    assert [e["kind"] for e in events] == ["success", "failure"]
+    failed = events[-1]
+    assert failed["step"] == "dump"
+    details = "\n".join(failed["details"])
+    if failure == "wrong password":
+        assert "password authentication failed" in details
+        assert "WARNING" not in "".join(p.read_text() for p in (service.backup_root / "logs").glob("*.log"))
+    else:
+        assert "Connection refused" in details or "could not connect" in details
+        log_text = "".join(p.read_text() for p in (service.backup_root / "logs").glob("erp_daily_*.log"))
+        assert "nova tentativa em 1s" in log_text  # one retry with backoff before giving up
+    everything = result.stdout + result.stderr + json.dumps(events)
+    everything += "".join(p.read_text() for p in (service.backup_root / "logs").glob("*"))
+    assert SECRET_PASSWORD not in everything and "not-the-password" not in everything
+
+
+def test_password_never_on_command_line(workdir, pg, make_db):
+    """pg_dump gets the password through a 0600 passfile; `ps` never shows it."""
+    db = make_db("locked")
+    pg.sql("CREATE TABLE big AS SELECT generate_series(1, 1000) AS i", db)
+    service = Service(workdir, None, [pg.target("erp", db, user="backup", password=SECRET_PASSWORD)])
+    # Hold a lock so pg_dump waits while we look at the process table.
+    locker = subprocess.Popen([str(pg_restore().parent / "psql"), "-h", pg.host, "-p", str(pg.port), "-U", "postgres",
+                               "-d", db, "-c", "BEGIN; LOCK TABLE big IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3);"],
+                              stdout=subprocess.DEVNULL)
+    try:
+        import time
+
+        time.sleep(0.5)
+        proc = subprocess.Popen([str(service.env()["PATH"].split(":")[0] + "/pgbeat"), "backup", "daily"],
+                                cwd=service.cwd, env=service.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        from tests.support import pg_dump_processes, wait_for
+
+        [dump] = wait_for(lambda: pg_dump_processes(db), 20, what="pg_dump running")
+        cmdline = " ".join(dump.cmdline())
+        assert SECRET_PASSWORD not in cmdline
+        assert "PGPASSWORD" not in dump.environ()
+        passfile = dump.environ()["PGPASSFILE"]
+        assert stat.S_IMODE(os.stat(passfile).st_mode) == 0o600
+        out, errs = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out + errs
+        assert not os.path.exists(passfile)
+    finally:
+        locker.wait(30)

@@ -1,0 +1,77 @@
+"""Building and dispatching a backup's chain: every step a task of its own, all pinned to one host.
+
+`tasks.backup` (beat's task, or `celery call`) runs on any worker. It claims the scheduled slot, so a
+duplicated or redelivered beat message makes no second backup, then sends the chain
+dump -> compress -> verify -> upload -> rotate -> notify to its own host's queue (the files are local),
+with `tasks.chain_failed` as the errback of every step.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from celery import Celery, chain
+
+from pgbeat.coordination import RunState
+from pgbeat.run import Run, new_run
+from pgbeat.schedule import min_interval, slot_id
+from pgbeat.settings import STEPS, Settings
+from workers.config import host_queue
+
+log = logging.getLogger(__name__)
+_clients: dict[str, redis.Redis] = {}
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """The coordination client (locks, run state): the broker's Redis, one pool per process."""
+    assert settings.broker_url is not None
+    url = settings.broker_url.get_secret_value()
+    if url not in _clients:
+        _clients[url] = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
+                                             health_check_interval=30)
+    return _clients[url]
+
+
+def build_chain(app: Celery, settings: Settings, run: Run):
+    """Return the chain signature of `run`, every step routed to the run's host with its time limits."""
+    queue = host_queue(run.node)
+    limits = settings.reliability.limits()
+    steps = [app.signature(f"tasks.{name}", queue=queue, soft_time_limit=limits[name],
+                           time_limit=limits[name] + 60) for name in STEPS]
+    steps[0] = steps[0].clone(args=(run.as_json(),))
+    errback = app.signature("tasks.chain_failed", args=(run.as_json(),), queue=queue)
+    return chain(*steps).on_error(errback)
+
+
+def start_backup(app: Celery, settings: Settings, task_id: str, target_name: str, tier: str,
+                 scheduled: bool, now: datetime | None = None) -> dict[str, Any]:
+    """Claim the run (and, for beat runs, its slot), then dispatch its chain; return a small summary."""
+    target = settings.target(target_name)
+    if tier not in target.tiers:
+        raise ValueError(f"unknown tier {tier!r}; tiers are daily, weekly, monthly")
+    now = now or datetime.now(UTC)
+    state = RunState(redis_client(settings))
+    seen = state.get(task_id)
+    if seen.get("status") not in (None, "claimed"):
+        # This very message was delivered before and its chain is on its way.
+        return {"run_id": task_id, "skipped": "already dispatched", "status": seen.get("status")}
+    slot = None
+    if scheduled:
+        schedule = target.tiers[tier].schedule
+        slot = slot_id(schedule, now, settings.tz)
+        ttl = int(min_interval(schedule, now, settings.tz).total_seconds() * 2)
+        owner = state.claim_slot(target.name, tier, slot, task_id, ttl)
+        if owner is not None and owner != task_id:
+            log.warning("slot %s of %s/%s already served by run %s: skipping", slot, target.name, tier, owner)
+            state.update(task_id, status="skipped", target=target.name, tier=tier, duplicate_of=owner)
+            return {"run_id": task_id, "skipped": f"slot {slot} already served by run {owner}"}
+    run = new_run(settings, target, tier, run_id=task_id, slot=slot, now=now)
+    state.update(task_id, status="claimed", target=target.name, tier=tier, node=run.node, name=run.name,
+                 slot=slot or "")
+    build_chain(app, settings, run).apply_async()
+    state.update(task_id, status="queued")
+    log.info("dispatched %s/%s as run %s on %s", target.name, tier, task_id, run.node)
+    return {"run_id": task_id, "node": run.node, "name": run.name, "slot": slot}

@@ -1,0 +1,46 @@
+"""Celery settings derived from pgbeat's Settings. Why each value: ../shared/notes/celery.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from beat_schedule import build_beat_schedule
+from pgbeat.settings import Settings
+
+DEFAULT_QUEUE = "pgbeat"
+
+
+def host_queue(node: str) -> str:
+    """The queue of one host: every step of a chain goes there, because the files are local to it."""
+    return f"pgbeat.host.{node}"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    r = settings.reliability
+    broker = settings.broker_url.get_secret_value() if settings.broker_url else None
+    backend = settings.result_backend.get_secret_value() if settings.result_backend else broker
+    transport = {"visibility_timeout": r.visibility_timeout}
+    return {
+        "broker_url": broker,
+        "result_backend": backend,
+        # JSON only: pickle from a shared broker is remote code execution.
+        "task_serializer": "json", "result_serializer": "json",
+        "accept_content": ["json"], "result_accept_content": ["json"],
+        "timezone": settings.timezone, "enable_utc": True,
+        # Every consumer (workers, beat, Flower) must use the same value; see Reliability.
+        "broker_transport_options": transport, "result_backend_transport_options": transport,
+        # Each pool process reserves only the task it runs, and nothing waits in a prefetch buffer
+        # behind a long dump where the visibility timeout would redeliver it.
+        "worker_prefetch_multiplier": 1, "worker_disable_prefetch": True,
+        # Steps acknowledge when done; a killed pool process gets its step retried (bounded by max_retries).
+        "task_acks_late": True, "task_reject_on_worker_lost": True, "task_retry_on_worker_lost": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_track_started": True, "result_expires": r.result_expires, "result_extended": True,
+        "worker_send_task_events": True, "task_send_sent_event": True,
+        "task_default_queue": DEFAULT_QUEUE,
+        "broker_connection_retry_on_startup": True,
+        "worker_soft_shutdown_timeout": 60.0, "worker_enable_soft_shutdown_on_idle": True,
+        "beat_schedule": build_beat_schedule(settings),
+        "beat_schedule_filename": str(settings.backup_root / ".state" / "celerybeat-schedule"),
+        "beat_max_loop_interval": 30,
+    }

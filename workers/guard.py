@@ -1,0 +1,122 @@
+"""Running one chain step under Celery's delivery rules: at most one copy at a time, done at least once.
+
+Steps acknowledge late, so a step whose pool process died is delivered again (Celery retries it, or
+Redis restores it after the visibility timeout). Around the core step this guard:
+- returns the stored result if the step already finished (a redelivery after success must not redo
+  work, but must still pass the record on, in case the first delivery died before sending it);
+- takes a per-(run, step) lease, so a twin delivered while the step runs is dropped (`Ignore`) instead of
+  running in parallel; a lease left by a dead process on this host is taken over at once;
+- counts deliveries, so a step that keeps killing its worker fails after `max_attempts`;
+- for the dump, holds the target lock (renewed while pg_dump runs); a busy target makes the step wait
+  with short retries (never a countdown longer than the visibility timeout); a lost lock aborts pg_dump;
+- maps transient failures to retries with backoff, everything else to a chain failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Ignore
+
+from pgbeat.coordination import RedisLease, RunState, holder_gone, step_lease_key, target_lock_key
+from pgbeat.errors import LockHeldError, PgbeatError
+from pgbeat.pipeline import backoff_delays, execute_step
+from pgbeat.process import CancelEvent
+from pgbeat.run import Run, StepContext
+from pgbeat.settings import Settings, get_settings
+from workers.chain import redis_client
+
+log = logging.getLogger(__name__)
+
+
+class StepTask(Task):
+    """Base of the chain's step tasks."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    retry_on_worker_lost = True
+    default_retry_delay = 5  # after a lost pool process: retry soon, the step is idempotent
+    max_retries = 5
+    track_started = True
+
+
+def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Run step `name` of the run in `record` as described above; return the updated record."""
+    settings = get_settings()
+    run = Run.model_validate(record)
+    client = redis_client(settings)
+    state = RunState(client)
+    done = state.step_result(run.run_id, name)
+    if done is not None:
+        log.warning("%s of run %s already done: passing its result on", name, run.run_id)
+        return done
+    ctx = StepContext(settings, cancel=CancelEvent())
+    lease = RedisLease(client, step_lease_key(run.run_id, name), settings.reliability.lock_ttl, settings.node,
+                       run.run_id, on_lost=lambda reason: ctx.cancel.cancel(f"lost the step lease: {reason}"))
+    if not lease.acquire(take_over=holder_gone(settings.node)):
+        log.warning("%s of run %s is running elsewhere (%s): dropping this copy", name, run.run_id, lease.holder())
+        raise Ignore()
+
+    def begin() -> None:
+        """Count this delivery right before the real work starts (waiting for a lock is not an attempt)."""
+        attempt = state.attempt(run.run_id, f"{name}:{task.request.retries}")
+        if attempt > settings.reliability.max_attempts:
+            raise PgbeatError(f"The {name} step of run {run.run_id} was delivered {attempt} times without "
+                              "finishing (its worker keeps dying); giving up", step=name,
+                              hint="look for OOM kills or crashes in the worker's log")
+        state.update(run.run_id, status="running", step=name)
+
+    try:
+        if name == "dump":
+            run = _dump_with_target_lock(task, settings, state, ctx, run, begin)
+        else:
+            begin()
+            run = execute_step(ctx, run, name)
+        result = run.as_json()
+        state.step_done(run.run_id, name, result)
+        if name == "notify":
+            state.update(run.run_id, status=run.status, final_path=run.final_path or "")
+        return result
+    except PgbeatError as exc:
+        if exc.transient and task.request.retries < settings.reliability.retries:
+            delay = backoff_delays(settings)[task.request.retries]
+            state.update(run.run_id, step=name, status="retrying", last_error=exc.message)
+            raise task.retry(exc=exc, countdown=delay, max_retries=settings.reliability.retries) from None
+        raise
+    finally:
+        lease.release()
+
+
+def _dump_with_target_lock(task: Task, settings: Settings, state: RunState, ctx: StepContext, run: Run,
+                           begin: Callable[[], None]) -> Run:
+    """Hold the target's lock around the dump; wait (by short retries) while another run holds it."""
+    client = redis_client(settings)
+    lock = RedisLease(client, target_lock_key(run.target), settings.reliability.lock_ttl, settings.node,
+                      run.run_id, on_lost=lambda reason: ctx.cancel.cancel(f"lost the target lock: {reason}"))
+
+    def stale(holder: dict[str, str]) -> bool:
+        # We hold this run's dump lease, so a lock of this same run is an earlier, dead attempt's.
+        return holder["run_id"] == run.run_id or holder_gone(settings.node)(holder)
+
+    if not lock.acquire(take_over=stale):
+        holder = lock.holder() or {}
+        waited_since = float(state.get(run.run_id).get("lock_wait_since") or time.time())
+        if time.time() - waited_since > settings.reliability.lock_wait:
+            raise LockHeldError(f"Target {run.target} stayed locked by run {holder.get('run_id')} for longer "
+                                f"than lock_wait ({settings.reliability.lock_wait} s)", step="dump")
+        state.update(run.run_id, status="waiting", step="dump", lock_wait_since=str(waited_since),
+                     waiting_for=holder.get("run_id", "?"))
+        # Send this step again after a short countdown, well inside the visibility timeout, with the same
+        # retry count: waiting for a busy target is not a failure and must not use up the retries.
+        countdown = min(30, settings.reliability.visibility_timeout // 4, settings.reliability.lock_ttl)
+        task.signature_from_request(countdown=countdown).apply_async()
+        log.info("target %s is locked by run %s: dump of run %s waits %d s", run.target, holder.get("run_id"),
+                 run.run_id, countdown)
+        raise Ignore()
+    with lock:
+        begin()
+        return execute_step(ctx, run, "dump")
