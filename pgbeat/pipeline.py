@@ -117,7 +117,6 @@ def run_inprocess(settings: Settings, target_name: str, tier: str, *,
                 raise  # KeyboardInterrupt / SystemExit: cleaned up and notified, now stop
             return run
         emit(run, name, "done")
-    run.status = "succeeded"
     emit(run, "notify", "started")
     run = execute_step(ctx, run, "notify")
     emit(run, "notify", "done")

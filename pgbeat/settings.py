@@ -216,7 +216,6 @@ class FileConfig(Strict):
     pg_bin_dir: Path | None = None
     defaults: TargetOptions = TargetOptions()
     reliability: Reliability = Reliability()
-    targets: list[TargetSpec] = []
 
     _tz = field_validator("timezone")(lambda v: None if v is None else validate_timezone(v))
 
@@ -352,9 +351,11 @@ def _safe_input(error: Mapping[str, Any]) -> str:
     return ""
 
 
-def _error_lines(exc: ValidationError, where: str, env_names: Mapping[str, str] | None = None) -> list[str]:
+def _error_lines(exc: ValidationError, where: str, env_names: Mapping[str, str] | None = None,
+                 prefix: tuple[Any, ...] = ()) -> list[str]:
     lines = []
     for error in exc.errors(include_url=False):
+        error = {**error, "loc": (*prefix, *error["loc"])}
         msg = error["msg"].removeprefix("Value error, ")
         if env_names is not None:
             field = str(error["loc"][0]) if error["loc"] else ""
@@ -449,30 +450,45 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
 
     file_cfg: FileConfig | None = None
     config_path = None
-    if env is not None and env.pgbeat_config:
-        config_path = env.pgbeat_config.expanduser().resolve()
+    raw_targets: list[Any] = []
+    seen_names: set[str] = set()
+    # Read the targets file even when the environment has errors, so that all errors are listed at once.
+    raw_config = env.pgbeat_config if env is not None else (
+        os.environ.get("PGBEAT_CONFIG") or (dotenv_values(env_path).get("PGBEAT_CONFIG") if dotenv else None))
+    if raw_config:
+        config_path = Path(raw_config).expanduser().resolve()
         data, file_errors = read_config_file(config_path)
         errors.extend(file_errors)
         if data is not None:
+            raw_targets = data.pop("targets", None) or []
+            if not isinstance(raw_targets, list):
+                errors.append(f"{config_path}: At 'targets': must be a list of targets")
+                raw_targets = []
             try:
                 file_cfg = FileConfig.model_validate(data)
             except ValidationError as exc:
                 errors.extend(_error_lines(exc, str(config_path)))
-
-    if errors:
-        raise ConfigError(errors)
-    assert env is not None
+    file_ok = file_cfg is not None or config_path is None
     file_cfg = file_cfg or FileConfig()
 
     targets: dict[str, Target] = {}
-    for index, spec in enumerate(file_cfg.targets):
-        target = resolve_target(spec, file_cfg.defaults, f"{config_path} targets[{index}]")
-        errors.extend(f"{config_path}: At 'targets[{index}].{field}': {msg}"
-                      for field, msg in _target_problems(target))
-        if spec.name in targets:
+    for index, raw in enumerate(raw_targets):
+        try:
+            spec = TargetSpec.model_validate(raw)
+        except ValidationError as exc:
+            errors.extend(_error_lines(exc, str(config_path), prefix=("targets", index)))
+            continue
+        if file_ok:
+            target = resolve_target(spec, file_cfg.defaults, f"{config_path} targets[{index}]")
+            errors.extend(f"{config_path}: At 'targets[{index}].{field}': {msg}"
+                          for field, msg in _target_problems(target))
+            targets[spec.name] = target
+        if spec.name in seen_names:
             errors.append(f"{config_path}: At 'targets[{index}].name': duplicate target name {spec.name!r}")
-        targets[spec.name] = target
+        seen_names.add(spec.name)
 
+    if env is None:
+        raise ConfigError(errors)
     if env.db_name:
         name = env.target_name or env.db_name
         key = "TARGET_NAME" if env.target_name else "DB_NAME"

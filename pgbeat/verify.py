@@ -152,7 +152,8 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
         tables=dump.get("tables") or result.get("tables") or {},
         started_at=run.started_at, finished_at=finished,
         duration_s=round((finished - run.started_at).total_seconds(), 3),
-        steps={name: {k: v for k, v in info.items() if k in ("duration_s", "size", "ratio", "passthrough")}
+        steps={name: {k: v for k, v in info.items()
+                      if k in ("started_at", "duration_s", "size", "ratio", "passthrough")}
                for name, info in run.steps.items()},
         node=run.node, slot=run.slot,
     )

@@ -28,6 +28,8 @@ def notifiers(settings: Settings, target: str) -> list[Notifier]:
 def notify_step(ctx: StepContext, run: Run) -> Run:
     """Record the run's outcome in its log and send it to every channel; return the record."""
     t0 = time.monotonic()
+    if run.status == "running":  # every earlier step succeeded: a failure sets "failed" before notify
+        run.status = "succeeded"
     event = event_from_run(ctx.settings, run, ctx.now())
     if event.kind == "success":
         runlog.write(ctx.settings, run, ctx.now(), f"Backup concluído com sucesso em {event.duration_s}s")

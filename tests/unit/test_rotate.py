@@ -1,0 +1,128 @@
+"""Retention with a controlled clock: age per tier, the min-keep floor, and foreign files left alone."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from pgbeat.catalog import Manifest, backup_name, checksum_path, manifest_path, write_manifest
+from pgbeat.rotate import rotate_target
+from pgbeat.settings import load_settings
+
+NOW = datetime(2025, 11, 19, 2, 0, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    for key in ("PGBEAT_CONFIG", "DB_NAME", "CELERY_BROKER_URL"):
+        monkeypatch.delenv(key, raising=False)
+    config = tmp_path / "pgbeat.yaml"
+    config.write_text(f"""
+backup_root: {tmp_path / 'backups'}
+timezone: UTC
+targets:
+  - {{name: erp, dbname: erp}}
+  - {{name: crm, dbname: crm, tiers: {{daily: {{keep_days: 2, min_keep: 3}}}}}}
+""")
+    monkeypatch.setenv("PGBEAT_CONFIG", str(config))
+    return load_settings(env_file=None)
+
+
+def make_backup(settings, target: str, tier: str, when: datetime, status: str = "verified") -> Path:
+    name = backup_name(target, tier, when.strftime("%Y%m%d_%H%M%S"), ".sql.gz")
+    path = settings.backup_root / tier / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not really gzip")
+    manifest = Manifest(run_id="r", target=target, tier=tier, file=name, format="plain", codec="gzip", size=15,
+                        sha256="0" * 64, complete=status == "verified", status=status, started_at=when)
+    write_manifest(manifest_path(path), manifest)
+    checksum_path(path).write_text(manifest.checksum_lines())
+    return path
+
+
+def daily_series(settings, target: str, days: int) -> list[Path]:
+    return [make_backup(settings, target, "daily", NOW - timedelta(days=d, seconds=20)) for d in range(days)]
+
+
+def names(paths) -> list[str]:
+    return sorted(p.name for p in paths)
+
+
+def test_keeps_seven_days_of_daily_backups(settings):
+    paths = daily_series(settings, "erp", 10)
+    plan = rotate_target(settings, "erp", "daily", NOW)
+    assert names(e.path for e in plan.remove) == names(paths[7:])
+    assert all(p.exists() for p in paths[:7])
+    for p in paths[7:]:
+        assert not p.exists() and not manifest_path(p).exists() and not checksum_path(p).exists()
+
+
+def test_run_twice_is_idempotent(settings):
+    daily_series(settings, "erp", 10)
+    rotate_target(settings, "erp", "daily", NOW)
+    again = rotate_target(settings, "erp", "daily", NOW)
+    assert again.remove == [] and len(again.keep) == 7
+
+
+def test_dry_run_removes_nothing(settings):
+    paths = daily_series(settings, "erp", 10)
+    plan = rotate_target(settings, "erp", "daily", NOW, dry_run=True)
+    assert len(plan.remove) == 3 and all(p.exists() for p in paths)
+
+
+def test_min_keep_protects_the_newest_verified_even_when_all_expired(settings):
+    """Backups failed for weeks: age-based retention must not empty the shelf."""
+    old = [make_backup(settings, "crm", "daily", NOW - timedelta(days=30 + d)) for d in range(5)]
+    failed = make_backup(settings, "crm", "daily", NOW - timedelta(days=20), status="failed")
+    plan = rotate_target(settings, "crm", "daily", NOW)
+    assert names(e.path for e in plan.protected) == names(old[:3])
+    assert names(e.path for e in plan.remove) == names([*old[3:], failed])
+    assert all(p.exists() for p in old[:3])
+
+
+def test_unverified_backups_do_not_count_towards_min_keep(settings):
+    verified = make_backup(settings, "erp", "daily", NOW - timedelta(days=40))
+    make_backup(settings, "erp", "daily", NOW - timedelta(days=10), status="failed")
+    plan = rotate_target(settings, "erp", "daily", NOW)
+    assert [e.path for e in plan.protected] == [verified]
+
+
+def test_clock_moved_backwards_removes_nothing_extra(settings):
+    paths = daily_series(settings, "erp", 10)
+    plan = rotate_target(settings, "erp", "daily", NOW - timedelta(days=365))
+    assert plan.remove == [] and all(p.exists() for p in paths)
+
+
+def test_clock_jump_forward_still_keeps_the_floor(settings):
+    paths = daily_series(settings, "erp", 5)
+    plan = rotate_target(settings, "erp", "daily", NOW + timedelta(days=3650))
+    assert [e.path for e in plan.protected] == [paths[0]]
+    assert paths[0].exists() and not any(p.exists() for p in paths[1:])
+
+
+def test_foreign_files_and_other_targets_are_left_alone(settings):
+    daily_series(settings, "erp", 10)
+    crm = daily_series(settings, "crm", 10)
+    folder = settings.backup_root / "daily"
+    foreign = [folder / "erp_backup_daily_20200101_020000.sql.gz",  # our name pattern but no manifest
+               folder / "notes.txt", folder / "erp_backup_daily_20200101_020000.sql.gz.sha256"]
+    for path in foreign:
+        path.write_text("mine, not pgbeat's")
+    lying = folder / "crm_backup_daily_20200101_020000.sql.gz"  # a manifest of another tier does not count
+    lying.write_text("x")
+    monthly = make_backup(settings, "erp", "monthly", NOW - timedelta(days=100))
+    manifest_path(monthly).rename(manifest_path(lying))
+
+    rotate_target(settings, "erp", "daily", NOW)
+    assert all(p.exists() for p in foreign) and lying.exists() and manifest_path(lying).exists()
+    assert all(p.exists() for p in crm)
+
+
+def test_orphan_sidecars_of_expired_backups_are_cleaned(settings):
+    path = make_backup(settings, "erp", "daily", NOW - timedelta(days=30))
+    make_backup(settings, "erp", "daily", NOW)
+    path.unlink()  # a crash between publishing the sidecars and the data file
+    rotate_target(settings, "erp", "daily", NOW)
+    assert not manifest_path(path).exists() and not checksum_path(path).exists()

@@ -1,0 +1,58 @@
+"""Cron arithmetic and the beat schedule built from settings."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from beat_schedule import build_beat_schedule
+from pgbeat.schedule import expiry_seconds, next_runs, slot_id
+from pgbeat.settings import load_settings
+
+SP = ZoneInfo("America/Sao_Paulo")
+
+
+def test_slot_is_the_latest_fire_time_not_after_now():
+    at_two = datetime(2025, 11, 19, 5, 0, 0, tzinfo=UTC)  # 02:00 in São Paulo
+    assert slot_id("0 2 * * *", at_two, SP) == "20251119T0200-0300"
+    assert slot_id("0 2 * * *", at_two.replace(second=40), SP) == "20251119T0200-0300"
+    assert slot_id("0 2 * * *", at_two.replace(hour=4, minute=59), SP) == "20251118T0200-0300"
+
+
+def test_next_runs_of_the_seed_tiers():
+    now = datetime(2025, 11, 19, 12, 0, tzinfo=UTC)  # a Wednesday
+    assert next_runs("0 3 * * 0", now, SP)[0].strftime("%a %Y-%m-%d %H:%M") == "Sun 2025-11-23 03:00"
+    assert next_runs("0 4 1 * *", now, SP)[0].strftime("%Y-%m-%d %H:%M") == "2025-12-01 04:00"
+
+
+@pytest.mark.parametrize(("expr", "low", "high"), [
+    ("0 2 * * *", 80000, 86400), ("0 3 * * 0", 7 * 86400 * 0.9, 7 * 86400),
+    ("0 4 1 * *", 26 * 86400, 28 * 86400), ("* * * * *", 59, 61)])
+def test_expiry_is_just_short_of_the_next_run(expr, low, high):
+    assert low <= expiry_seconds(expr, datetime(2025, 11, 19, tzinfo=UTC), SP) < high
+
+
+def test_beat_schedule_has_one_entry_per_enabled_target_tier(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("""
+timezone: America/Sao_Paulo
+targets:
+  - {name: erp, dbname: erp}
+  - {name: crm, dbname: crm, tiers: {monthly: {enabled: false}, daily: {schedule: "30 1 * * 1-5"}}}
+""")
+    for key in ("DB_NAME", "CELERY_BROKER_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PGBEAT_CONFIG", str(config))
+    schedule = build_beat_schedule(load_settings(env_file=None), datetime(2025, 11, 19, tzinfo=UTC))
+    assert sorted(schedule) == ["backup crm daily", "backup crm weekly", "backup erp daily", "backup erp monthly",
+                                "backup erp weekly"]
+    entry = schedule["backup crm daily"]
+    assert entry["task"] == "tasks.backup" and entry["args"] == ("crm", "daily")
+    assert entry["kwargs"] == {"scheduled": True}
+    cron = entry["schedule"]
+    assert (cron.minute, cron.hour, cron.day_of_week) == ({30}, {1}, {1, 2, 3, 4, 5})
+    assert 0 < entry["options"]["expires"] < 86400
+    weekly = schedule["backup erp weekly"]["schedule"]
+    assert weekly.day_of_week == {0} and weekly.hour == {3}
