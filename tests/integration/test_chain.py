@@ -106,6 +106,21 @@ def test_celery_call_round_trip(service, worker, pg, dbs, redis_server, make_db)
     steps = [m for m in ours if m["name"] != "tasks.backup"]
     assert {m["queue"] for m in steps} == {f"pgbeat.host.{service.config['node']}"}
     assert max(len(json.dumps(m)) for m in ours) < 8000
+    ttls = [redis_server.client.ttl(k) for k in redis_server.client.keys("celery-task-meta-*")]
+    assert all(0 < ttl <= 86400 for ttl in ttls)  # results expire
+
+
+def test_only_json_messages_are_accepted(service, worker, redis_server):
+    """A pickled message is refused: pickle from a shared broker would be remote code execution."""
+    from celery import Celery
+
+    app = Celery(broker=service.redis_url)
+    task_id = uuid.uuid4().hex
+    app.send_task("tasks.backup", args=["erp_small", "daily"], task_id=task_id, queue="pgbeat",
+                  serializer="pickle")
+    wait_for(lambda: "ContentDisallowed" in worker.log_text() or "Refusing to deserialize" in worker.log_text(),
+             30, what="the refusal in the worker log")
+    assert run_state(redis_server.client, task_id) == {}
 
 
 def test_cli_with_broker_follows_the_chain(service, worker):

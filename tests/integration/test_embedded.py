@@ -163,3 +163,55 @@ def test_password_never_on_command_line(workdir, pg, make_db):
         assert not os.path.exists(passfile)
     finally:
         locker.wait(30)
+
+
+def test_zstd_codec_round_trip_and_standard_tools(workdir, pg, rich_db, make_db):
+    service = Service(workdir, None, [pg.target("erp", rich_db, compression={"codec": "zstd", "level": 5})])
+    assert service.pgbeat("backup", "daily").returncode == 0
+    [backup] = service.backups("daily", ".sql.zst")
+    assert subprocess.run(["zstd", "-qt", str(backup)]).returncode == 0
+    restored = make_db("restored")
+    cmd = f"zstd -qdc {backup} | psql -X -q -v ON_ERROR_STOP=1 -h {pg.host} -p {pg.port} -U postgres -d {restored}"
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, capture_output=True)
+    assert pg.dump_text(restored) == pg.dump_text(rich_db)
+
+
+def test_gzip_output_passes_gzip_t(workdir, pg, rich_db):
+    service = Service(workdir, None, [pg.target("erp", rich_db, compression={"level": 1})])
+    assert service.pgbeat("backup", "daily").returncode == 0
+    [backup] = service.backups()
+    assert subprocess.run(["gzip", "-t", str(backup)]).returncode == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip a byte", "append garbage", "edit the manifest", "no sha256"])
+def test_verify_refuses_a_damaged_backup(workdir, pg, rich_db, damage):
+    service = Service(workdir, None, [pg.target("erp", rich_db)])
+    assert service.pgbeat("backup", "daily").returncode == 0
+    [backup] = service.backups()
+    data = backup.read_bytes()
+    manifest_file = backup.with_name(backup.name + ".manifest.json")
+    if damage == "truncate":
+        backup.write_bytes(data[: len(data) // 2])
+    elif damage == "flip a byte":
+        backup.write_bytes(data[:500] + bytes([data[500] ^ 0x40]) + data[501:])
+    elif damage == "append garbage":
+        backup.write_bytes(data + b"garbage")
+    elif damage == "edit the manifest":
+        manifest = json.loads(manifest_file.read_text())
+        manifest["sha256"] = "0" * 64
+        manifest_file.write_text(json.dumps(manifest))
+    else:
+        backup.with_name(backup.name + ".sha256").unlink()
+    result = service.pgbeat("verify", str(backup))
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "failed verification" in result.stderr or "does not decompress" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_verify_refuses_files_that_are_not_pgbeat_backups(workdir, pg, rich_db):
+    service = Service(workdir, None, [pg.target("erp", rich_db)])
+    stray = workdir / "stray.sql.gz"
+    stray.write_bytes(b"\x1f\x8b not really")
+    for path in (stray, workdir / "missing.sql.gz"):
+        result = service.pgbeat("verify", str(path))
+        assert result.returncode == 3 and str(path) in result.stderr and "Traceback" not in result.stderr
