@@ -1,4 +1,4 @@
-"""The beat schedule, built from the settings: one entry per (target, tier), a table rather than code paths.
+"""The beat schedule, built from the settings: one entry per (target, tier) and one restore drill per target.
 
 Each entry sends `tasks.backup` with JSON args `[target, tier]` (plus `scheduled=True`, which makes the
 worker claim the slot, so a duplicated or redelivered message makes no second backup) and `expires`
@@ -34,5 +34,12 @@ def build_beat_schedule(settings: Settings, now: datetime | None = None) -> dict
                 "args": (target.name, tier),
                 "kwargs": {"scheduled": True},
                 "options": {"expires": expiry_seconds(expr, now, settings.tz)},
+            }
+        if target.drill.enabled:
+            schedule[f"drill {target.name}"] = {
+                "task": "tasks.drill",
+                "schedule": cron_schedule(target.drill.schedule),
+                "args": (target.name,),
+                "options": {"expires": expiry_seconds(target.drill.schedule, now, settings.tz)},
             }
     return schedule

@@ -7,10 +7,11 @@ The manifest is what makes a file pgbeat's: rotation and listing ignore anything
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,25 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
     write_atomic(path, manifest.model_dump_json(indent=2).encode() + b"\n")
 
 
+def manifest_lock_path(manifest: Path) -> Path:
+    return manifest.with_name(f".{manifest.name}.lock")
+
+
+def update_manifest(path: Path, change: Callable[[Manifest], None]) -> Manifest:
+    """Apply `change` to the manifest at `path` under an exclusive lock and write it back atomically."""
+    fd = os.open(manifest_lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        manifest = read_manifest(path)
+        if manifest is None:
+            raise FileNotFoundError(f"no pgbeat manifest at {path}")
+        change(manifest)
+        write_manifest(path, manifest)
+        return manifest
+    finally:
+        os.close(fd)
+
+
 def read_manifest(path: Path) -> Manifest | None:
     """Return the manifest at `path`, or None if it is missing, unreadable or not pgbeat's."""
     try:
@@ -155,12 +175,26 @@ def iter_manifests(backup_root: Path, tiers: tuple[str, ...] = ("daily", "weekly
             yield Entry(path=folder / data_name, manifest=manifest)
 
 
-def list_backups(backup_root: Path, target: str | None = None, tier: str | None = None) -> list[Entry]:
+def iter_pre_restore(backup_root: Path) -> Iterator[Entry]:
+    """Yield the safety backups a restore took (`BACKUP_ROOT/pre_restore_*`); rotation never touches them."""
+    try:
+        names = sorted(os.listdir(backup_root))
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith("pre_restore_") and name.endswith(MANIFEST_SUFFIX):
+            manifest = read_manifest(backup_root / name)
+            if manifest is not None and manifest.file == name.removesuffix(MANIFEST_SUFFIX):
+                yield Entry(path=backup_root / manifest.file, manifest=manifest)
+
+
+def list_backups(backup_root: Path, target: str | None = None, tier: str | None = None,
+                 include_pre_restore: bool = False) -> list[Entry]:
     """Return the backups on the shelf (data file present), oldest first."""
-    entries = [
-        e for e in iter_manifests(backup_root, (tier,) if tier else ("daily", "weekly", "monthly"))
-        if e.exists and (target is None or e.manifest.target == target)
-    ]
+    found = list(iter_manifests(backup_root, (tier,) if tier else ("daily", "weekly", "monthly")))
+    if include_pre_restore and tier is None:
+        found += iter_pre_restore(backup_root)
+    entries = [e for e in found if e.exists and (target is None or e.manifest.target == target)]
     return sorted(entries, key=lambda e: (e.manifest.started_at, e.path.name))
 
 

@@ -135,6 +135,21 @@ def backup_inprocess(settings: Settings, names: list[str], tier: str) -> bool:
     return ok
 
 
+def report_end(name: str, fields: dict[str, str]) -> None:
+    status = fields["status"]
+    if status == "failed" and fields.get("failure"):
+        failure = json.loads(fields["failure"])
+        out.print(f"  [red]✗ {name} failed at {failure.get('step')}[/red]: {failure.get('message')}", markup=True)
+        for line in failure.get("details", []):
+            out.print(f"      {line}", markup=False)
+        if failure.get("hint"):
+            out.print(f"      HINT: {failure['hint']}", markup=False)
+    elif status == "succeeded":
+        out.print(f"  {name}: succeeded: {fields.get('final_path')}", markup=False)
+    else:
+        out.print(f"  {name}: {status} ({fields.get('duplicate_of', '')})", markup=False)
+
+
 def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wait: bool, timeout: float) -> bool:
     from pgbeat.coordination import RunState
     from workers.app import app
@@ -150,26 +165,21 @@ def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wa
         return True
     state = RunState(redis_client(settings))
     deadline = time.monotonic() + timeout
-    seen: dict[str, tuple[str, str]] = {}
+    printed = dict.fromkeys(runs, 0)
     finished: dict[str, str] = {}
     while len(finished) < len(runs) and time.monotonic() < deadline:
         for run_id, name in runs.items():
             if run_id in finished:
                 continue
-            fields = state.get(run_id)
-            status, step = fields.get("status", "pending"), fields.get("step", "")
-            if seen.get(run_id) != (status, step):
-                seen[run_id] = (status, step)
-                out.print(f"  {name}: {status} {step}".rstrip())
+            fields = state.get(run_id)  # read before the progress lines, so none is missed at the end
+            lines = state.progress_since(run_id, printed[run_id])
+            printed[run_id] += len(lines)
+            for line in lines:
+                out.print(f"  {name}: {line}", markup=False)
+            status = fields.get("status", "pending")
             if status in ("succeeded", "failed", "skipped"):
                 finished[run_id] = status
-                if status == "failed" and fields.get("failure"):
-                    failure = json.loads(fields["failure"])
-                    out.print(f"  [red]✗ {failure.get('step')}[/red]: {failure.get('message')}", markup=True)
-                    for line in failure.get("details", []):
-                        out.print(f"      {line}", markup=False)
-                if status == "succeeded":
-                    out.print(f"  backup: {fields.get('final_path')}", markup=False)
+                report_end(name, fields)
         time.sleep(0.2)
     if len(finished) < len(runs):
         err.print(f"timed out after {timeout:.0f}s waiting for {len(runs) - len(finished)} run(s); they go on")
@@ -187,18 +197,32 @@ def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wa
 def list_cmd(target_name: str | None, tier: str | None, as_json: bool) -> None:
     """List the backups on the local shelf, newest last, from their manifests."""
     settings = settings_or_exit()
-    entries = list_backups(settings.backup_root, target_name, tier)
+    entries = list_backups(settings.backup_root, target_name, tier, include_pre_restore=True)
     if as_json:
         out.print_json(json.dumps([{"path": str(e.path), **e.manifest.model_dump(mode="json")} for e in entries]))
         return
     table = Table(title=f"Backups in {settings.backup_root}")
-    for column in ("target", "tier", "taken at", "size", "format", "status", "sha256", "file"):
+    for column in ("target", "tier", "taken at", "size", "format", "status", "drill", "sha256", "file"):
         table.add_column(column)
     for e in entries:
         m = e.manifest
-        table.add_row(m.target, m.tier, m.started_at.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S"),
-                      human_size(m.size), f"{m.format}/{m.codec}", m.status, (m.sha256 or "")[:12], e.path.name)
+        table.add_row(m.target, m.tier, local_time(settings, m.started_at), human_size(m.size),
+                      f"{m.format}/{m.codec}", m.status, drill_summary(settings, m.drills), (m.sha256 or "")[:12],
+                      e.path.name)
     out.print(table)
+
+
+def local_time(settings: Settings, when: datetime | str) -> str:
+    when = datetime.fromisoformat(when) if isinstance(when, str) else when
+    return when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def drill_summary(settings: Settings, drills: list[dict]) -> str:
+    """'passed 2025-11-23 05:00:12' for the latest drill of a backup, '-' if it was never drilled."""
+    if not drills:
+        return "-"
+    last = drills[-1]
+    return f"{last['status']} {local_time(settings, last['at'])}"
 
 
 @main.command()
@@ -243,6 +267,158 @@ def rotate(target_name: str | None, tier: str | None, dry_run: bool, now_text: s
                           f"{settings.target(name).tiers[t].min_keep} verified)", markup=False)
             out.print(f"{name} {t}: {len(plan.remove)} {verb}, {len(plan.keep) + len(plan.protected)} kept",
                       markup=False)
+
+
+# --- restore and drills ------------------------------------------------------------------------------
+
+
+def confirm_restore(yes: bool):
+    """Return the confirmation callback: typed `SIM` on a terminal, `--yes` in scripts, else refuse."""
+    from pgbeat.restore import RestoreRefused
+
+    def confirm(info) -> bool:
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise RestoreRefused("Refusing to restore without confirmation: there is no terminal to ask on",
+                                 hint="type SIM at the prompt in a terminal, or pass --yes in scripts")
+        out.print(f"[bold red]ATENÇÃO / WARNING[/bold red]: restoring [bold]{info.backup.name}[/bold] "
+                  f"({human_size(info.size)}, taken {local_time(settings_or_exit(), info.taken_at)})", markup=True)
+        out.print(f"into database [bold]{info.database}[/bold] on {info.server}.", markup=True)
+        out.print("This OVERWRITES ALL DATA in that database. A safety backup of its current state is taken first.")
+        answer = click.prompt("Digite SIM para confirmar / type SIM to confirm", default="", show_default=False)
+        return answer.strip() == "SIM"
+
+    return confirm
+
+
+def print_manifest(settings: Settings, entry) -> None:
+    m = entry.manifest
+    out.print(f"{entry.path}\n  target {m.target}, tier {m.tier}, taken {local_time(settings, m.started_at)}, "
+              f"{human_size(m.size)}, {m.format}/{m.codec}, PostgreSQL {m.server_version}, status {m.status}, "
+              f"drill {drill_summary(settings, m.drills)}", markup=False)
+    table = Table(title=f"{len(m.tables)} table(s)")
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for name, rows in sorted(m.tables.items()):
+        table.add_row(name, f"{rows:,}")
+    out.print(table)
+
+
+@main.command()
+@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.option("--latest", is_flag=True, help="Restore the newest verified backup (of --target, --tier).")
+@click.option("--target", "target_name", help="The target to restore into (default: the backup's own).")
+@click.option("--tier", type=click.Choice(TIERS), help="With --latest: only this tier.")
+@click.option("--into", help="Restore into this database instead (created if missing); the source is untouched.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
+@click.option("--jobs", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="pg_restore -j for custom/directory backups.")
+@click.option("--list", "list_only", is_flag=True, help="Show what the backup holds; restore nothing.")
+@click.option("--on-worker", is_flag=True, help="Run the restore as tasks.restore on a worker (needs a broker).")
+@click.option("--node", help="With --on-worker: the host whose worker restores (default: this host).")
+def restore(file: Path | None, latest: bool, target_name: str | None, tier: str | None, into: str | None, yes: bool,
+            jobs: int, list_only: bool, on_worker: bool, node: str | None) -> None:
+    """Restore FILE (or --latest) with an integrity check, a typed confirmation and a safety backup.
+
+    The backup is restored into a temporary database, checked against its manifest, and swapped in:
+    a failure at any point leaves the existing database as it was. Emergency revert:
+    `pgbeat restore BACKUP_ROOT/pre_restore_<target>_<stamp>.sql.gz`.
+    """
+    from pgbeat import restore as restoring
+
+    settings = settings_or_exit()
+    try:
+        if bool(file) == latest:
+            raise errors.PgbeatError("Give either a backup FILE or --latest", hint="see pgbeat restore --help")
+        entry = restoring.open_backup(file) if file else restoring.latest_backup(settings, target_name, tier)
+        if list_only:
+            print_manifest(settings, entry)
+            return
+        target = restoring.restore_target(settings, entry, target_name)
+        if on_worker:
+            sys.exit(restore_on_worker(settings, entry, target.name, into, jobs, yes, node))
+
+        def on_step(step: str, state: str) -> None:
+            if state == "done":
+                out.print(f"  [green]✓ {step}[/green]", markup=True)
+            elif state != "started":
+                out.print(f"  {step}: {state}", markup=False)
+
+        out.print(f"Restoring {entry.path} into {into or target.dbname} on {target.describe()}", markup=False)
+        result = restoring.restore(settings, entry, target, into=into, jobs=jobs, confirm=confirm_restore(yes),
+                                   on_step=on_step)
+    except PgbeatError as exc:
+        fail(exc)
+    if result.safety_backup:
+        out.print(f"  safety backup: {result.safety_backup}", markup=False)
+    out.print(f"Restored {result.database} in {result.duration_s:.1f}s (load {result.restore_s:.1f}s); "
+              f"{result.tables_checked} table(s) match the manifest's row counts", markup=False)
+
+
+def restore_on_worker(settings: Settings, entry, target: str, into: str | None, jobs: int, yes: bool,
+                      node: str | None) -> int:
+    """Send tasks.restore to a worker after confirming here; follow its progress; return the exit code."""
+    from pgbeat.coordination import RunState
+    from pgbeat.restore import RestoreInfo
+    from workers.app import app
+    from workers.chain import redis_client
+    from workers.config import host_queue
+
+    if settings.embedded:
+        raise errors.PgbeatError("--on-worker needs a broker (CELERY_BROKER_URL)")
+    info = RestoreInfo(backup=entry.path, target=target, database=into or settings.target(target).dbname,
+                       server=settings.target(target).describe(), taken_at=entry.manifest.started_at,
+                       size=entry.manifest.size, exists=True)
+    if not confirm_restore(yes)(info):
+        raise errors.PgbeatError("Restore cancelled: not confirmed", hint="type SIM to confirm, or pass --yes")
+    task_id = uuid.uuid4().hex
+    app.send_task("tasks.restore", args=[str(entry.path), target, into, jobs], task_id=task_id,
+                  queue=host_queue(node or settings.node))
+    state = RunState(redis_client(settings))
+    printed = 0
+    while True:
+        fields = state.get(task_id)
+        lines = state.progress_since(task_id, printed)
+        printed += len(lines)
+        for line in lines:
+            out.print(f"  {line}", markup=False)
+        if fields.get("status") in ("succeeded", "failed"):
+            if fields["status"] == "failed":
+                failure = json.loads(fields.get("failure") or "{}")
+                err.print(failure.get("message", "restore failed"), markup=False)
+                for line in failure.get("details", []):
+                    err.print(f"  {line}", markup=False)
+                return failure.get("exit_code", errors.EXIT_FAILED)
+            out.print(f"succeeded: {fields.get('database')} restored in {fields.get('duration_s')}s; "
+                      f"safety backup {fields.get('safety_backup') or '-'}", markup=False)
+            return 0
+        time.sleep(0.3)
+
+
+@main.command()
+@click.option("--target", "target_name", help="Drill only this target (default: every target).")
+def drill(target_name: str | None) -> None:
+    """Restore the latest backup of each target into a scratch database now and check it."""
+    from pgbeat.drill import run_drill
+
+    settings = settings_or_exit()
+    try:
+        names = selected_targets(settings, target_name)
+    except PgbeatError as exc:
+        fail(exc)
+    failed = 0
+    for name in names:
+        result = run_drill(settings, name)
+        mark = "[green]passed[/green]" if result.passed else "[red]FAILED[/red]"
+        out.print(f"{name}: drill {mark} on {result.backup or '-'} in {result.duration_s:.1f}s "
+                  f"(restore {result.restore_s or 0:.1f}s)", markup=True)
+        for line in result.checks:
+            out.print(f"  ✓ {line}", markup=False)
+        for line in result.problems:
+            out.print(f"  ✗ {line}", markup=False)
+        failed += not result.passed
+    sys.exit(errors.EXIT_FAILED if failed else 0)
 
 
 # --- config ------------------------------------------------------------------------------------------
@@ -297,18 +473,13 @@ def config_check(no_connect: bool) -> None:
 
 def check_connection(target) -> tuple[str | None, str | None]:
     """Connect to `target`; return (problem, server version). The password never leaves libpq."""
-    import psycopg
+    from pgbeat.pgclient import connect
 
-    kwargs = {}
-    if target.password is not None:
-        kwargs["password"] = target.password.get_secret_value()
-    elif target.passfile is not None:
-        kwargs["passfile"] = str(target.passfile.expanduser())
     try:
-        with psycopg.connect(target.conninfo(), **kwargs) as conn:
+        with connect(target) as conn:
             return None, conn.execute("SHOW server_version").fetchone()[0]
-    except psycopg.Error as exc:
-        return str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__, None
+    except PgbeatError as exc:
+        return exc.message, None
 
 
 def check_broker(settings: Settings) -> str | None:

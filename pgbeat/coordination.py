@@ -205,6 +205,17 @@ class RunState:
         pipe.expire(self.key(run_id), RUN_TTL)
         pipe.execute()
 
+    def progress(self, run_id: str, line: str) -> None:
+        """Append a line to the run's progress log (what `pgbeat backup|restore` prints while it waits)."""
+        key = f"{self.key(run_id)}:progress"
+        pipe = self.client.pipeline()
+        pipe.rpush(key, line)
+        pipe.expire(key, RUN_TTL)
+        pipe.execute()
+
+    def progress_since(self, run_id: str, start: int) -> list[str]:
+        return [line.decode() for line in self.client.lrange(f"{self.key(run_id)}:progress", start, -1)]
+
     def get(self, run_id: str) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.client.hgetall(self.key(run_id)).items()}
 
@@ -227,6 +238,14 @@ class RunState:
         value = self.client.hincrby(self.key(run_id), f"attempts:{step}", 1)
         self.client.expire(self.key(run_id), RUN_TTL)
         return int(value)
+
+    def set_latest(self, target: str, node: str) -> None:
+        """Record which host holds `target`'s newest backup (drills run there)."""
+        self.client.set(f"{PREFIX}:latest:{target}", node)
+
+    def latest_node(self, target: str) -> str | None:
+        value = self.client.get(f"{PREFIX}:latest:{target}")
+        return value.decode() if value else None
 
     def once(self, run_id: str, what: str) -> bool:
         """Return True the first time it is called for (run_id, what), False ever after."""

@@ -9,7 +9,6 @@ counts rows per table, computes the CRC-32 that verify later checks end to end, 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import subprocess
 import time
@@ -19,6 +18,7 @@ from isal import isal_zlib
 
 from pgbeat.errors import CancelledError, DumpError, PgbeatError, TransientDumpError
 from pgbeat.fsutil import disk_error, open_private, private_dir, remove_path, tree_size
+from pgbeat.pgclient import client_env
 from pgbeat.process import Supervised, find_pg_binary
 from pgbeat.run import Run, StepContext
 from pgbeat.settings import Settings, Target
@@ -42,23 +42,6 @@ def pg_dump_version(settings: Settings) -> str:
                          text=True, timeout=30)
     match = re.search(r"(\d+(?:\.\d+)+)", out.stdout)
     return match.group(1) if match else out.stdout.strip()
-
-
-def client_env(target: Target, folder: Path) -> dict[str, str]:
-    """Return the environment for a libpq client of `target`: a private passfile when a password is set.
-
-    With no password configured, libpq finds ~/.pgpass, PGPASSFILE or the target's `passfile` itself.
-    """
-    env = {k: v for k, v in os.environ.items() if k not in ("PGPASSWORD", "PGSERVICE")}
-    if target.password is not None:
-        secret = target.password.get_secret_value().replace("\\", "\\\\").replace(":", "\\:")
-        passfile = private_dir(folder) / ".pgpass"
-        with open_private(passfile, "w") as f:
-            f.write(f"*:*:*:*:{secret}\n")
-        env["PGPASSFILE"] = str(passfile)
-    elif target.passfile is not None:
-        env["PGPASSFILE"] = str(target.passfile.expanduser())
-    return env
 
 
 def dump_argv(settings: Settings, target: Target, output: Path | None) -> list[str]:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from pgbeat.catalog import Entry, checksum_path, iter_manifests, list_backups, manifest_path
+from pgbeat.catalog import Entry, checksum_path, iter_manifests, list_backups, manifest_lock_path, manifest_path
 from pgbeat.fsutil import remove_path
 from pgbeat.run import Run, StepContext
 from pgbeat.settings import Settings, TierPolicy
@@ -57,6 +57,7 @@ def remove_backup(entry: Entry) -> None:
     remove_path(entry.path)
     remove_path(checksum_path(entry.path))
     remove_path(manifest_path(entry.path))
+    remove_path(manifest_lock_path(manifest_path(entry.path)))
 
 
 def rotate_target(settings: Settings, target: str, tier: str, now: datetime, dry_run: bool = False) -> RotationPlan:

@@ -71,9 +71,11 @@ class StepContext:
     settings: Settings
     cancel: CancelEvent = field(default_factory=CancelEvent)
     now: Callable[[], datetime] = clock
+    # The connection to dump when it is not the run's configured target (a restore's safety backup).
+    target_override: Target | None = None
 
     def target(self, run: Run) -> Target:
-        return self.settings.target(run.target)
+        return self.target_override or self.settings.target(run.target)
 
 
 def new_run(settings: Settings, target: Target, tier: str, *, run_id: str | None = None,

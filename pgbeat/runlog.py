@@ -35,7 +35,11 @@ def log_path(settings: Settings, run: Run) -> Path:
 
 def write(settings: Settings, run: Run, when: datetime, *messages: str) -> Path:
     """Append `messages` to the run's log file, each with the seed's timestamp prefix; return the path."""
-    path = log_path(settings, run)
+    return append(settings, log_path(settings, run), when, *messages)
+
+
+def append(settings: Settings, path: Path, when: datetime, *messages: str) -> Path:
+    """Append `messages` to the log file `path` with the seed's `[YYYY-MM-DD HH:MM:SS]` prefix."""
     private_dir(path.parent)
     stamp = when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S")
     data = "".join(f"[{stamp}] {m}\n" for m in messages).encode()

@@ -52,6 +52,7 @@ DEFAULT_TIERS: dict[str, dict[str, Any]] = {
     "weekly": {"schedule": "0 3 * * 0", "keep_days": 30},
     "monthly": {"schedule": "0 4 1 * *", "keep_days": 365},
 }
+DEFAULT_DRILL_SCHEDULE = "0 5 * * 0"  # weekly, Sunday 05:00: after the weekly backup of 03:00
 DEFAULT_LEVELS = {"gzip": 6, "zstd": 3, "none": 0}
 LEVEL_RANGES = {"gzip": (0, 9), "zstd": (1, 19), "none": (0, 0)}
 STEPS = ("dump", "compress", "verify", "upload", "rotate", "notify")
@@ -120,6 +121,25 @@ class TierSpec(Strict):
     _cron = field_validator("schedule")(lambda v: None if v is None else validate_cron(v))
 
 
+class DrillSpec(Strict):
+    """Restore drills: a scheduled restore of the latest backup into a scratch database, with checks."""
+
+    enabled: bool | None = None
+    schedule: str | None = Field(None, description="cron expression; default weekly, Sunday 05:00")
+    tier: Tier | None = Field(None, description="drill the latest backup of this tier; default: any tier")
+    host: str | None = Field(None, description="the drill server; default: the target's own server")
+    port: int | None = Field(None, ge=1, le=65535)
+    user: str | None = None
+    password: SecretStr | None = None
+    passfile: Path | None = None
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
+    assertions: list[str] | None = Field(None, description="SQL returning one boolean, e.g. "
+                                                           "'SELECT count(*) > 0 FROM invoices'")
+    statement_timeout: int | None = Field(None, ge=1, description="seconds per check query")
+
+    _cron = field_validator("schedule")(lambda v: None if v is None else validate_cron(v))
+
+
 class CompressionSpec(Strict):
     codec: Codec | None = None
     level: int | None = None
@@ -141,6 +161,7 @@ class TargetOptions(Strict):
     compression: CompressionSpec | None = None
     pg_dump_options: list[str] | None = None
     tiers: dict[Tier, TierSpec] | None = None
+    drill: DrillSpec | None = None
 
     @field_validator("pg_dump_options")
     @classmethod
@@ -256,6 +277,15 @@ class Compression(Strict):
     threads: int
 
 
+class DrillPolicy(Strict):
+    enabled: bool
+    schedule: str
+    tier: str | None
+    server: dict[str, Any] = Field(description="connection fields that differ from the target's")
+    assertions: list[str]
+    statement_timeout: int
+
+
 class Target(Strict):
     """A fully resolved target: every field has its final value."""
 
@@ -273,6 +303,7 @@ class Target(Strict):
     compression: Compression
     pg_dump_options: list[str]
     tiers: dict[str, TierPolicy]
+    drill: DrillPolicy
     source: str = Field(description="where the target was defined, for messages")
 
     def conninfo(self) -> str:
@@ -287,6 +318,10 @@ class Target(Strict):
 
     def enabled_tiers(self) -> list[str]:
         return [tier for tier in TIERS if self.tiers[tier].enabled]
+
+    def drill_server(self) -> Target:
+        """The connection drills restore into: this target with the drill's server overrides."""
+        return self.model_copy(update=self.drill.server)
 
 
 def quote_conninfo(value: str) -> str:
@@ -390,7 +425,7 @@ def read_config_file(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
 def _merge_spec(*layers: BaseModel | None) -> dict[str, Any]:
     """Merge option layers (later wins) into one dict, field by field, tiers and compression deeply."""
     merged: dict[str, Any] = {"tiers": {tier: dict(values) for tier, values in DEFAULT_TIERS.items()},
-                              "compression": {}}
+                              "compression": {}, "drill": {}}
     for layer in layers:
         if layer is None:
             continue
@@ -398,8 +433,9 @@ def _merge_spec(*layers: BaseModel | None) -> dict[str, Any]:
             if key == "tiers":
                 for tier, tier_values in value.items():
                     merged["tiers"][tier].update(tier_values)
-            elif key == "compression":
-                merged["compression"].update(value)
+            elif key in ("compression", "drill"):
+                nested = getattr(layer, key)
+                merged[key].update({k: getattr(nested, k) for k in value})  # keeps SecretStr
             else:
                 merged[key] = getattr(layer, key)  # keep SecretStr as it is
     return merged
@@ -413,8 +449,15 @@ def resolve_target(spec: TargetSpec, defaults: TargetOptions, source: str) -> Ta
     tiers = {tier: TierPolicy(enabled=values.get("enabled", True), schedule=values["schedule"],
                               keep_days=values["keep_days"], min_keep=values.get("min_keep", 1))
              for tier, values in merged["tiers"].items()}
+    drill = merged["drill"]
+    server_keys = ("host", "port", "user", "password", "passfile", "sslmode")
+    drill_policy = DrillPolicy(
+        enabled=drill.get("enabled", True), schedule=drill.get("schedule", DEFAULT_DRILL_SCHEDULE),
+        tier=drill.get("tier"), server={k: drill[k] for k in server_keys if drill.get(k) is not None},
+        assertions=drill.get("assertions", []), statement_timeout=drill.get("statement_timeout", 300),
+    )
     return Target(
-        name=spec.name, dbname=spec.dbname, host=merged.get("host"), port=merged.get("port", 5432),
+        name=spec.name, dbname=spec.dbname, drill=drill_policy, host=merged.get("host"), port=merged.get("port", 5432),
         user=merged.get("user"), password=merged.get("password"), passfile=merged.get("passfile"),
         sslmode=merged.get("sslmode"), connect_timeout=merged.get("connect_timeout", 10),
         format=merged.get("format", "plain"), jobs=merged.get("jobs", 1), compression=compression,

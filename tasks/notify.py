@@ -38,6 +38,7 @@ def chain_failed(request, exc, traceback, record: dict) -> None:
     ctx = StepContext(settings)
     run = fail_run(ctx, run, step, exc)
     state.update(run.run_id, status="failed", step=step, failure=run.failure)
+    state.progress(run.run_id, f"{step} failed: {run.failure['message']}")
     try:
         notify.apply_async(args=(run.as_json(),), queue=host_queue(run.node))
     except Exception as send_error:  # the broker is gone: tell what we can from here

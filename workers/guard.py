@@ -69,6 +69,7 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
                               "finishing (its worker keeps dying); giving up", step=name,
                               hint="look for OOM kills or crashes in the worker's log")
         state.update(run.run_id, status="running", step=name)
+        state.progress(run.run_id, f"{name} started on {settings.node}")
 
     try:
         if name == "dump":
@@ -78,13 +79,17 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
             run = execute_step(ctx, run, name)
         result = run.as_json()
         state.step_done(run.run_id, name, result)
+        state.progress(run.run_id, f"{name} done in {run.step(name).get('duration_s', 0):.2f}s")
         if name == "notify":
             state.update(run.run_id, status=run.status, final_path=run.final_path or "")
+            if run.status == "succeeded":
+                state.set_latest(run.target, run.node)
         return result
     except PgbeatError as exc:
         if exc.transient and task.request.retries < settings.reliability.retries:
             delay = backoff_delays(settings)[task.request.retries]
             state.update(run.run_id, step=name, status="retrying", last_error=exc.message)
+            state.progress(run.run_id, f"{name} will be retried in {delay}s: {exc.message}")
             raise task.retry(exc=exc, countdown=delay, max_retries=settings.reliability.retries) from None
         raise
     finally:
@@ -110,6 +115,7 @@ def _dump_with_target_lock(task: Task, settings: Settings, state: RunState, ctx:
                                 f"than lock_wait ({settings.reliability.lock_wait} s)", step="dump")
         state.update(run.run_id, status="waiting", step="dump", lock_wait_since=str(waited_since),
                      waiting_for=holder.get("run_id", "?"))
+        state.progress(run.run_id, f"dump waits: {run.target} is being dumped by run {holder.get('run_id')}")
         # Send this step again after a short countdown, well inside the visibility timeout, with the same
         # retry count: waiting for a busy target is not a failure and must not use up the retries.
         countdown = min(30, settings.reliability.visibility_timeout // 4, settings.reliability.lock_ttl)

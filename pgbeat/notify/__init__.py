@@ -18,11 +18,24 @@ from pgbeat.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Event", "EventLogNotifier", "Notifier", "event_from_run", "notifiers", "notify_step"]
+__all__ = ["Event", "EventLogNotifier", "Notifier", "event_from_run", "notifiers", "notify_step", "send_event"]
 
 
 def notifiers(settings: Settings, target: str) -> list[Notifier]:
     return [EventLogNotifier(settings.backup_root)]
+
+
+def send_event(settings: Settings, event: Event) -> tuple[list[str], list[str]]:
+    """Send `event` through every channel of its target; return the channels that took it and those that failed."""
+    sent, failed = [], []
+    for channel in notifiers(settings, event.target):
+        try:
+            channel.send(event)
+            sent.append(channel.name)
+        except Exception as exc:  # a channel must never fail the backup
+            log.warning("notification through %s failed: %s", channel.name, exc)
+            failed.append(channel.name)
+    return sent, failed
 
 
 def notify_step(ctx: StepContext, run: Run) -> Run:
@@ -36,14 +49,7 @@ def notify_step(ctx: StepContext, run: Run) -> Run:
     else:
         runlog.write(ctx.settings, run, ctx.now(), f"ERROR: backup falhou na etapa {event.step}: {event.reason}",
                      *(f"  {line}" for line in event.details), *( [f"HINT: {event.hint}"] if event.hint else []))
-    sent, failed = [], []
-    for channel in notifiers(ctx.settings, run.target):
-        try:
-            channel.send(event)
-            sent.append(channel.name)
-        except Exception as exc:  # a channel must never fail the backup
-            log.warning("notification through %s failed: %s", channel.name, exc)
-            failed.append(channel.name)
+    sent, failed = send_event(ctx.settings, event)
     run.steps["notify"] = {"event": event.kind, "sent": sent, "failed": failed,
                            "duration_s": round(time.monotonic() - t0, 3)}
     return run

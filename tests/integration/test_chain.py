@@ -229,3 +229,21 @@ def test_target_lock_serialises_dumps_of_one_database(service, worker, pg, dbs, 
                     + timedelta(seconds=m["steps"]["dump"]["duration_s"])) for m in manifests)
     assert spans[0][1] <= spans[1][0], f"dumps overlapped: {spans}"
     assert len({m["file"] for m in manifests}) == 2
+
+
+def test_restore_and_drill_as_tasks(service, worker, pg, dbs, redis_server):
+    """tasks.restore (with the CLI following it) and tasks.drill, run by the worker on its host."""
+    result = service.pgbeat("backup", "daily", "--target", "erp_small")
+    assert result.returncode == 0, result.stdout
+    backup = max((p for p in service.backups() if p.name.startswith("erp_small")), key=lambda p: p.name)
+    pg.sql("CREATE TABLE teste_restore (id INT)", dbs["small"])
+    restored = service.pgbeat("restore", str(backup), "--yes", "--on-worker")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert "succeeded" in restored.stdout and "swap" in restored.stdout
+    assert pg.sql("SELECT to_regclass('public.teste_restore') IS NULL", dbs["small"]) == "t"
+
+    manifest = backup.with_name(backup.name + ".manifest.json")
+    celery_result = service.celery("call", "tasks.drill", '--args=["erp_small"]')
+    assert celery_result.returncode == 0
+    record = wait_for(lambda: json.loads(manifest.read_text())["drills"], 60, 0.3, what="the drill's record")
+    assert record[-1]["status"] == "passed"

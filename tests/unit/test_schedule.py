@@ -47,7 +47,10 @@ targets:
     monkeypatch.setenv("PGBEAT_CONFIG", str(config))
     schedule = build_beat_schedule(load_settings(env_file=None), datetime(2025, 11, 19, tzinfo=UTC))
     assert sorted(schedule) == ["backup crm daily", "backup crm weekly", "backup erp daily", "backup erp monthly",
-                                "backup erp weekly"]
+                                "backup erp weekly", "drill crm", "drill erp"]
+    drill = schedule["drill erp"]
+    assert drill["task"] == "tasks.drill" and drill["args"] == ("erp",)
+    assert (drill["schedule"].hour, drill["schedule"].day_of_week) == ({5}, {0})  # weekly by default
     entry = schedule["backup crm daily"]
     assert entry["task"] == "tasks.backup" and entry["args"] == ("crm", "daily")
     assert entry["kwargs"] == {"scheduled": True}

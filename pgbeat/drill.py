@@ -1,0 +1,127 @@
+"""Restore drills: routine proof that the backups restore (what no peer tool does, notes/peers.md (d) 4).
+
+A drill takes the latest verified backup of a target, restores it into a scratch database on the drill
+server (by default the target's own server; set `drill.host` to keep the load off production), checks
+every table's row count against the manifest and runs the configured SQL assertions read-only, measures
+the restore time (the RTO), records the result in the backup's manifest, drops the scratch database,
+and notifies. A failed drill is a failure notification like a failed backup.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import psycopg
+from psycopg import sql
+
+from pgbeat.catalog import Entry, manifest_path, update_manifest
+from pgbeat.errors import PgbeatError
+from pgbeat.fsutil import private_dir, remove_path
+from pgbeat.notify import Event, send_event
+from pgbeat.pgclient import MAINTENANCE_DB, connect, database_exists, ident
+from pgbeat.restore import count_rows, latest_backup, load_archive, load_plain
+from pgbeat.run import WORK_DIR
+from pgbeat.settings import Settings
+from pgbeat.verify import verify_backup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DrillResult:
+    target: str
+    backup: str
+    status: str  # "passed" or "failed"
+    at: str
+    duration_s: float
+    restore_s: float | None = None
+    server: str = ""
+    checks: list[str] = field(default_factory=list)  # what was checked and how it went
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+
+def run_assertions(conn: psycopg.Connection, assertions: list[str], timeout_s: int) -> tuple[list[str], list[str]]:
+    """Run each assertion read-only; it passes when it returns one row whose first value is true."""
+    checks, problems = [], []
+    conn.execute("SET default_transaction_read_only = on")
+    conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(f"{timeout_s}s")))
+    for assertion in assertions:
+        try:
+            row = conn.execute(assertion).fetchone()
+        except psycopg.Error as exc:
+            problems.append(f"assertion failed to run: {assertion}: {str(exc).strip().splitlines()[0]}")
+            continue
+        if row and row[0] is True:
+            checks.append(f"assertion holds: {assertion}")
+        else:
+            problems.append(f"assertion does not hold: {assertion} (returned {row[0] if row else 'no row'})")
+    return checks, problems
+
+
+def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
+              now=lambda: datetime.now(UTC)) -> DrillResult:
+    """Drill the latest backup of `target_name` (or `entry`); record and notify the result; return it."""
+    target = settings.target(target_name)
+    policy = target.drill
+    server = target.drill_server()
+    started, t0 = now(), time.monotonic()
+    result = DrillResult(target=target.name, backup="", status="failed", at=started.isoformat(), duration_s=0.0,
+                         server=server.describe().rsplit("/", 1)[0])
+    scratch = f"pgbeat_drill_{uuid.uuid4().hex[:12]}"
+    work = settings.backup_root / WORK_DIR / f"drill-{uuid.uuid4().hex[:12]}"
+    try:
+        entry = entry or latest_backup(settings, target.name, policy.tier)
+        result.backup = entry.path.name
+        verify_backup(entry.path, settings)
+        result.checks.append("integrity: checksums, decompression and completeness")
+        private_dir(work)
+        with connect(server, MAINTENANCE_DB) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(ident(scratch)))
+        t_restore = time.monotonic()
+        if entry.manifest.format == "plain":
+            load_plain(settings, server, scratch, entry, work)
+        else:
+            load_archive(settings, server, scratch, entry, 2, work)
+        result.restore_s = round(time.monotonic() - t_restore, 3)
+        with connect(server, scratch) as conn:
+            problems = count_rows(conn, entry.manifest.tables)
+            result.checks.append(f"row counts of {len(entry.manifest.tables)} table(s) against the manifest")
+            checks, failed = run_assertions(conn, policy.assertions, policy.statement_timeout)
+        result.checks += checks
+        result.problems = problems + failed
+        result.status = "passed" if not result.problems else "failed"
+    except PgbeatError as exc:
+        result.problems.append(exc.message)
+        result.problems += exc.details[-5:]
+    finally:
+        remove_path(work)
+        try:
+            with connect(server, MAINTENANCE_DB) as admin:
+                if database_exists(admin, scratch):
+                    admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(ident(scratch)))
+        except PgbeatError as exc:
+            log.warning("could not drop drill database %s: %s", scratch, exc.message)
+    result.duration_s = round(time.monotonic() - t0, 3)
+    record = {k: v for k, v in result.as_json().items() if k not in ("target", "backup")}
+    if entry is not None:
+        update_manifest(manifest_path(entry.path), lambda m: m.drills.append(record))
+    send_event(settings, Event(
+        kind="drill_passed" if result.passed else "drill_failed", target=target.name,
+        tier=entry.manifest.tier if entry else "-", run_id=entry.manifest.run_id if entry else "-",
+        node=settings.node, at=now().isoformat(), file=str(entry.path) if entry else None,
+        duration_s=result.duration_s, step=None if result.passed else "drill",
+        reason=None if result.passed else "restore drill failed", details=result.problems[:10]))
+    log.log(logging.INFO if result.passed else logging.ERROR, "drill of %s %s in %.1fs", target.name,
+            result.status, result.duration_s)
+    return result

@@ -1,0 +1,21 @@
+"""`tasks.drill`: a scheduled restore drill, run on the host that holds the target's latest backup."""
+
+from celery import shared_task
+
+from pgbeat.coordination import RunState
+from pgbeat.drill import run_drill
+from pgbeat.settings import get_settings
+from workers.chain import redis_client
+from workers.config import host_queue
+
+
+@shared_task(name="tasks.drill", bind=True)
+def drill(self, target: str, node: str | None = None) -> dict:
+    """Drill `target`'s latest backup (pgbeat.drill); beat's message is first routed to the right host."""
+    settings = get_settings()
+    if node is None:
+        holder = RunState(redis_client(settings)).latest_node(target) or settings.node
+        if holder != settings.node:
+            drill.apply_async(args=[target], kwargs={"node": holder}, queue=host_queue(holder))
+            return {"routed_to": holder}
+    return run_drill(settings, target).as_json()
