@@ -95,6 +95,7 @@ class Manifest(BaseModel):
     slot: str | None = Field(None, description="the scheduled slot this backup served (beat runs)")
     copies: dict[str, dict[str, Any]] = Field(default_factory=dict)
     drills: list[dict[str, Any]] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
 
     def checksum_lines(self) -> str:
         """Return the `.sha256` file's text: `sha256sum -c` checks it from the backup's folder."""
@@ -138,6 +139,31 @@ def read_manifest(path: Path) -> Manifest | None:
         return Manifest.model_validate(data)
     except ValueError:
         return None
+
+
+ATTEMPTS_FILE = Path(".state") / "attempts.json"
+
+
+def record_attempt(backup_root: Path, target: str, tier: str, attempt: dict[str, Any]) -> None:
+    """Remember the last attempt per target and tier (success or failure) for status and metrics."""
+    path = backup_root / ATTEMPTS_FILE
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path.with_name(".attempts.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        attempts = read_attempts(backup_root)
+        attempts[f"{target}/{tier}"] = attempt
+        write_atomic(path, json.dumps(attempts, indent=1, sort_keys=True).encode())
+    finally:
+        os.close(fd)
+
+
+def read_attempts(backup_root: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads((backup_root / ATTEMPTS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 class Entry(BaseModel):

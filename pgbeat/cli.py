@@ -421,6 +421,123 @@ def drill(target_name: str | None) -> None:
     sys.exit(errors.EXIT_FAILED if failed else 0)
 
 
+# --- status, metrics, cron ---------------------------------------------------------------------------
+
+
+def age_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status(as_json: bool) -> None:
+    """Per target and tier: last success (red when overdue), size, duration, copies, next run; disk use."""
+    from pgbeat.status import build_status
+
+    settings = settings_or_exit()
+    report = build_status(settings, datetime.now(UTC))
+    if not settings.embedded:
+        report.runs = run_overview(settings)
+    if as_json:
+        out.print_json(json.dumps(report.as_json()))
+        return
+    table = Table(title=f"pgbeat status ({settings.backup_root})")
+    for column in ("target", "tier", "last success", "size", "duration", "copies (kept)", "last attempt", "next run"):
+        table.add_column(column)
+    for t in report.tiers:
+        color = "red" if t.overdue else "green"
+        attempt = t.last_attempt or {}
+        attempt_text = attempt.get("status", "-")
+        if attempt.get("status") == "failure":
+            attempt_text = f"[red]failed at {attempt.get('step')}[/red]"
+        warning = " [yellow]⚠ size[/yellow]" if t.size_anomaly else ""
+        table.add_row(t.target, t.tier, f"[{color}]{age_text(t.age_s)}[/{color}]{warning}", human_size(t.size),
+                      f"{t.duration_s:.1f}s" if t.duration_s else "-",
+                      ", ".join(f"{d} ({n})" for d, n in sorted(t.kept.items())) or "-", attempt_text,
+                      local_time(settings, t.next_run))
+    out.print(table)
+    for d in report.drills:
+        color = "green" if d.status == "passed" else "red"
+        out.print(f"drill {d.target}: [{color}]{d.status}[/{color}] {local_time(settings, d.at)} on {d.backup} "
+                  f"({d.duration_s:.1f}s)", markup=True)
+    out.print(f"BACKUP_ROOT uses {human_size(report.used)}; {human_size(report.disk_free)} free of "
+              f"{human_size(report.disk_total)} ({100 * report.disk_free / max(report.disk_total, 1):.0f}%)",
+              markup=False)
+    for kind in ("queued", "running", "stuck"):
+        if report.runs.get(kind):
+            out.print(f"{kind}: " + ", ".join(f"{r['target']}/{r['tier']} ({r['run_id'][:8]})"
+                                               for r in report.runs[kind]), markup=False)
+
+
+def run_overview(settings: Settings) -> dict:
+    """Queued, running and stuck runs from Redis (empty when the broker cannot be reached)."""
+    from pgbeat.coordination import RunState
+    from workers.chain import redis_client
+
+    try:
+        return RunState(redis_client(settings)).overview(settings.reliability.lock_ttl)
+    except Exception as exc:  # status must still show the shelf when Redis is down
+        err.print(f"cannot read run states from the broker: {type(exc).__name__}")
+        return {}
+
+
+@main.command()
+@click.option("--listen", help="host:port (default: monitoring.metrics_listen, 127.0.0.1:9810).")
+def metrics(listen: str | None) -> None:
+    """Serve Prometheus metrics computed from the catalog on /metrics."""
+    from pgbeat.metrics import serve
+
+    settings = settings_or_exit()
+    runs = None if settings.embedded else (lambda: run_overview(settings))
+    serve(settings, listen or settings.monitoring.metrics_listen, runs)
+
+
+@main.group()
+def cron() -> None:
+    """Schedule backups with cron on a single machine without Redis (the seed's setup_cron.sh)."""
+
+
+@cron.command("install")
+@click.option("--file", "file", type=click.Path(path_type=Path), help="Edit this crontab file (e.g. /etc/cron.d/"
+              "pgbeat) instead of the user's crontab.")
+@click.option("--user", help="With --file in /etc/cron.d: the user the jobs run as.")
+def cron_install(file: Path | None, user: str | None) -> None:
+    """Write one crontab line per tier (daily 02:00, weekly Sunday 03:00, monthly day 1 04:00 by default)."""
+    import os
+
+    from pgbeat import cron as crontab
+
+    settings = settings_or_exit()
+    env = {k: os.environ[k] for k in ("PGBEAT_CONFIG", "BACKUP_ROOT") if os.environ.get(k)}
+    try:
+        lines = crontab.install(settings, file, Path.cwd(), env, user)
+    except PgbeatError as exc:
+        fail(exc)
+    where = file or "the crontab"
+    out.print(f"Installed {len(lines)} line(s) in {where} (times in the system's time zone; pgbeat's is "
+              f"{settings.timezone}):", markup=False)
+    for line in lines:
+        out.print(f"  {line}", markup=False)
+
+
+@cron.command("remove")
+@click.option("--file", "file", type=click.Path(path_type=Path), help="The crontab file given to install.")
+def cron_remove(file: Path | None) -> None:
+    """Remove the lines `pgbeat cron install` wrote; leave everything else."""
+    from pgbeat import cron as crontab
+
+    try:
+        crontab.remove(file)
+    except PgbeatError as exc:
+        fail(exc)
+    out.print(f"Removed pgbeat's lines from {file or 'the crontab'}", markup=False)
+
+
 # --- config ------------------------------------------------------------------------------------------
 
 

@@ -71,10 +71,11 @@ class RedisLease:
     """A self-renewing lock on `key`. Use as a context manager after a successful `acquire()`."""
 
     def __init__(self, client: redis.Redis, key: str, ttl: int, node: str, run_id: str,
-                 on_lost: Callable[[str], None] | None = None) -> None:
+                 on_lost: Callable[[str], None] | None = None, on_renew: Callable[[], None] | None = None) -> None:
         self.client, self.key, self.ttl, self.node, self.run_id = client, key, ttl, node, run_id
         self.token = make_token(node, run_id)
         self.on_lost = on_lost
+        self.on_renew = on_renew  # a heartbeat for whoever watches the run
         self.lost: str | None = None
         self._lock = client.lock(key, timeout=ttl, blocking=False, thread_local=False)
         self._stop = threading.Event()
@@ -104,6 +105,8 @@ class RedisLease:
             try:
                 self._lock.reacquire()
                 last_ok = time.monotonic()
+                if self.on_renew:
+                    self.on_renew()
             except (LockNotOwnedError, LockError):
                 self._lose("the lock was removed or taken by another process")
                 return
@@ -238,6 +241,25 @@ class RunState:
         value = self.client.hincrby(self.key(run_id), f"attempts:{step}", 1)
         self.client.expire(self.key(run_id), RUN_TTL)
         return int(value)
+
+    def overview(self, heartbeat_ttl: int) -> dict[str, list[dict[str, str]]]:
+        """Runs that are queued, running, or stuck (running, but silent for longer than 3 heartbeats)."""
+        groups: dict[str, list[dict[str, str]]] = {"queued": [], "running": [], "stuck": []}
+        now = time.time()
+        for key in self.client.scan_iter(f"{PREFIX}:run:*", count=500):
+            name = key.decode()
+            if name.count(":") != 2:
+                continue  # a run's progress list
+            fields = self.get(name.split(":", 2)[2])
+            status = fields.get("status")
+            info = {"run_id": name.split(":", 2)[2], "target": fields.get("target", "?"),
+                    "tier": fields.get("tier", "?"), "step": fields.get("step", ""), "status": status or "?"}
+            if status in ("claimed", "queued"):
+                groups["queued"].append(info)
+            elif status in ("running", "waiting", "retrying"):
+                silent = now - float(fields.get("updated_at", now))
+                groups["stuck" if silent > 3 * max(heartbeat_ttl, 60) else "running"].append(info)
+        return groups
 
     def set_latest(self, target: str, node: str) -> None:
         """Record which host holds `target`'s newest backup (drills run there)."""

@@ -18,7 +18,7 @@ from pgbeat.coordination import hold_file_lock
 from pgbeat.dump import dump_step
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import remove_path
-from pgbeat.notify import notify_step
+from pgbeat.notify import healthchecks, notify_step
 from pgbeat.rotate import rotate_step
 from pgbeat.run import Run, StepContext, new_run
 from pgbeat.settings import STEPS, Settings
@@ -100,6 +100,7 @@ def run_inprocess(settings: Settings, target_name: str, tier: str, *,
     target = settings.target(target_name)
     ctx = ctx or StepContext(settings)
     run = new_run(settings, target, tier, now=ctx.now())
+    healthchecks.ping(target, "start")
     emit = on_event or (lambda *_: None)
     for name in STEPS[:-1]:
         emit(run, name, "started")

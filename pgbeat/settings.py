@@ -140,6 +140,37 @@ class DrillSpec(Strict):
     _cron = field_validator("schedule")(lambda v: None if v is None else validate_cron(v))
 
 
+EventCategory = Literal["failure", "success", "warning", "drill", "restore"]
+
+
+class ChannelSpec(Strict):
+    """A notification channel: an Apprise URL (mailto://, slack://, tgram://, json://, ntfys://, ...)."""
+
+    url: SecretStr = Field(description="Apprise URL; it usually holds a token, so it is a secret")
+    events: list[EventCategory] = Field(default_factory=lambda: ["failure"],
+                                        description="failure is always sent; add success, warning, drill, restore")
+    name: str | None = Field(None, description="a label for logs (default: the URL's scheme)")
+
+    def label(self) -> str:
+        return self.name or self.url.get_secret_value().split("://", 1)[0]
+
+    def wants(self, category: str) -> bool:
+        return category == "failure" or category in self.events
+
+
+class MonitoringSpec(Strict):
+    """Warnings that are not failures, and the metrics endpoint."""
+
+    size_drop_ratio: float = Field(0.5, gt=0, lt=1, description="warn when a dump is smaller than this share "
+                                                                "of the median of the previous ones")
+    duration_growth_ratio: float = Field(3.0, gt=1, description="warn when a run takes this many times the median")
+    min_duration_s: float = Field(60.0, ge=0, description="ignore duration growth below this many seconds")
+    history: int = Field(5, ge=2, le=50, description="how many previous backups the comparisons use")
+    min_free_percent: float = Field(10.0, ge=0, le=100, description="warn when BACKUP_ROOT has less free space")
+    min_free_bytes: int = Field(0, ge=0)
+    metrics_listen: str = Field("127.0.0.1:9810", description="host:port of `pgbeat metrics`")
+
+
 class CompressionSpec(Strict):
     codec: Codec | None = None
     level: int | None = None
@@ -162,6 +193,8 @@ class TargetOptions(Strict):
     pg_dump_options: list[str] | None = None
     tiers: dict[Tier, TierSpec] | None = None
     drill: DrillSpec | None = None
+    notify: list[ChannelSpec] | None = Field(None, description="channels for this target, besides the global ones")
+    healthcheck_url: SecretStr | None = Field(None, description="healthchecks-style ping URL: /start, success, /fail")
 
     @field_validator("pg_dump_options")
     @classmethod
@@ -237,6 +270,8 @@ class FileConfig(Strict):
     pg_bin_dir: Path | None = None
     defaults: TargetOptions = TargetOptions()
     reliability: Reliability = Reliability()
+    notify: list[ChannelSpec] = Field(default_factory=list, description="channels for every target")
+    monitoring: MonitoringSpec = MonitoringSpec()
 
     _tz = field_validator("timezone")(lambda v: None if v is None else validate_timezone(v))
 
@@ -260,6 +295,8 @@ class EnvSettings(BaseSettings):
     pgbeat_pg_bin_dir: Path | None = None
     celery_broker_url: SecretStr | None = None
     celery_result_backend: SecretStr | None = None
+    pgbeat_notify_urls: SecretStr | None = Field(None, description="Apprise URLs separated by spaces or commas")
+    db_healthcheck_url: SecretStr | None = None
 
     _tz = field_validator("pgbeat_timezone")(lambda v: None if v is None else validate_timezone(v))
 
@@ -304,6 +341,8 @@ class Target(Strict):
     pg_dump_options: list[str]
     tiers: dict[str, TierPolicy]
     drill: DrillPolicy
+    notify: list[ChannelSpec] = Field(default_factory=list)
+    healthcheck_url: SecretStr | None = None
     source: str = Field(description="where the target was defined, for messages")
 
     def conninfo(self) -> str:
@@ -342,7 +381,14 @@ class Settings(BaseModel):
     pg_bin_dir: Path | None
     reliability: Reliability
     targets: dict[str, Target]
+    notify: list[ChannelSpec] = Field(default_factory=list)
+    monitoring: MonitoringSpec = MonitoringSpec()
     config_file: Path | None = None
+
+    def channels(self, target: str) -> list[ChannelSpec]:
+        """The notification channels of `target`: the global ones, then the target's own."""
+        own = self.targets[target].notify if target in self.targets else []
+        return [*self.notify, *own]
 
     @property
     def embedded(self) -> bool:
@@ -462,6 +508,7 @@ def resolve_target(spec: TargetSpec, defaults: TargetOptions, source: str) -> Ta
         sslmode=merged.get("sslmode"), connect_timeout=merged.get("connect_timeout", 10),
         format=merged.get("format", "plain"), jobs=merged.get("jobs", 1), compression=compression,
         pg_dump_options=merged.get("pg_dump_options", []), tiers=tiers, source=source,
+        notify=merged.get("notify", []), healthcheck_url=merged.get("healthcheck_url"),
     )
 
 
@@ -542,7 +589,7 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
             errors.append(f"{key} in {names.get(key, 'the environment')}: {exc}{hint}")
         else:
             spec = TargetSpec(name=name, dbname=env.db_name, host=env.db_host, port=env.db_port,
-                              user=env.db_user, password=env.db_password)
+                              user=env.db_user, password=env.db_password, healthcheck_url=env.db_healthcheck_url)
             target = resolve_target(spec, file_cfg.defaults, f"DB_* in {env_label}")
             errors.extend(f"{env_label}: the .env target's {field}: {msg}" for field, msg in _target_problems(target))
             if name in targets:
@@ -556,6 +603,10 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
     if errors:
         raise ConfigError(errors)
 
+    notify = list(file_cfg.notify)
+    if env.pgbeat_notify_urls:
+        notify += [ChannelSpec(url=SecretStr(url), events=["failure", "warning"])
+                   for url in re.split(r"[\s,]+", env.pgbeat_notify_urls.get_secret_value()) if url]
     backup_root = env.backup_root or file_cfg.backup_root or Path("./backups")
     node = env.pgbeat_node or file_cfg.node or socket.gethostname()
     return Settings(
@@ -567,6 +618,8 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
         pg_bin_dir=env.pgbeat_pg_bin_dir or file_cfg.pg_bin_dir,
         reliability=file_cfg.reliability,
         targets=targets,
+        notify=notify,
+        monitoring=file_cfg.monitoring,
         config_file=config_path,
     )
 

@@ -16,6 +16,7 @@ import redis
 from celery import Celery, chain
 
 from pgbeat.coordination import RunState
+from pgbeat.notify import healthchecks
 from pgbeat.run import Run, new_run
 from pgbeat.schedule import min_interval, slot_id
 from pgbeat.settings import STEPS, Settings
@@ -71,6 +72,7 @@ def start_backup(app: Celery, settings: Settings, task_id: str, target_name: str
     run = new_run(settings, target, tier, run_id=task_id, slot=slot, now=now)
     state.update(task_id, status="claimed", target=target.name, tier=tier, node=run.node, name=run.name,
                  slot=slot or "")
+    healthchecks.ping(target, "start")
     build_chain(app, settings, run).apply_async()
     state.update(task_id, status="queued")
     log.info("dispatched %s/%s as run %s on %s", target.name, tier, task_id, run.node)

@@ -56,7 +56,8 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
         return done
     ctx = StepContext(settings, cancel=CancelEvent())
     lease = RedisLease(client, step_lease_key(run.run_id, name), settings.reliability.lock_ttl, settings.node,
-                       run.run_id, on_lost=lambda reason: ctx.cancel.cancel(f"lost the step lease: {reason}"))
+                       run.run_id, on_lost=lambda reason: ctx.cancel.cancel(f"lost the step lease: {reason}"),
+                       on_renew=lambda: state.update(run.run_id, heartbeat=str(time.time())))
     if not lease.acquire(take_over=holder_gone(settings.node)):
         log.warning("%s of run %s is running elsewhere (%s): dropping this copy", name, run.run_id, lease.holder())
         raise Ignore()

@@ -30,13 +30,50 @@ class Event:
     hint: str | None = None
     log_file: str | None = None
 
+    warnings: list[str] = field(default_factory=list)
+
+    # What kind of news an event is, for a channel's `events` filter; every failure is a "failure".
+    CATEGORIES = {"success": "success", "failure": "failure", "warning": "warning", "drill_passed": "drill",
+                  "drill_failed": "failure", "restore_succeeded": "restore", "restore_failed": "failure"}
+
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def category(self) -> str:
+        return self.CATEGORIES.get(self.kind, "failure")
+
+    @property
+    def failed(self) -> bool:
+        return self.category == "failure"
+
     def title(self) -> str:
-        if self.kind == "success":
-            return f"pgbeat: {self.target} {self.tier} backup OK"
-        return f"pgbeat: {self.target} {self.tier} backup FAILED at {self.step}"
+        what = {"success": "backup OK", "failure": f"backup FAILED at {self.step}", "warning": "backup WARNING",
+                "drill_passed": "restore drill passed", "drill_failed": "restore drill FAILED",
+                "restore_succeeded": "restore done", "restore_failed": "restore FAILED"}.get(self.kind, self.kind)
+        return f"pgbeat: {self.target} {self.tier} {what}"
+
+    def body(self) -> str:
+        """The message text: everything a DBA needs to act, nothing secret."""
+        lines = [self.title(), f"Target: {self.target}", f"Tier: {self.tier}"]
+        if self.step:
+            lines.append(f"Step: {self.step}")
+        if self.reason:
+            lines.append(f"Reason: {self.reason}")
+        lines += [f"  {line}" for line in self.details]
+        if self.hint:
+            lines.append(f"Hint: {self.hint}")
+        lines += [f"Warning: {w}" for w in self.warnings]
+        if self.duration_s is not None:
+            lines.append(f"Duration: {self.duration_s:.1f} s")
+        if self.size is not None:
+            lines.append(f"Size: {runlog.human_size(self.size)}")
+        if self.file:
+            lines.append(f"File: {self.file}")
+        if self.log_file:
+            lines.append(f"Log: {self.log_file}")
+        lines += [f"Host: {self.node}", f"Run: {self.run_id}", f"At: {self.at}"]
+        return "\n".join(lines)
 
 
 class Notifier(Protocol):

@@ -1,0 +1,126 @@
+"""Prometheus metrics, computed from the catalog at every scrape (`pgbeat metrics`, path /metrics).
+
+Names (all gauges):
+  pgbeat_backup_last_success_timestamp_seconds{target,tier}
+  pgbeat_backup_last_attempt_timestamp_seconds{target,tier}
+  pgbeat_backup_last_status{target,tier}                 1 = last attempt succeeded, 0 = failed
+  pgbeat_backup_last_duration_seconds{target,tier}       of the newest verified backup
+  pgbeat_backup_last_size_bytes{target,tier}
+  pgbeat_backup_expected_interval_seconds{target,tier}   the tier's schedule period
+  pgbeat_backup_size_anomaly{target,tier}                1 when the newest backup is suspiciously small
+  pgbeat_backups_kept{target,tier,destination}
+  pgbeat_drill_last_timestamp_seconds{target}
+  pgbeat_drill_last_status{target}                       1 = passed, 0 = failed
+  pgbeat_drill_last_duration_seconds{target}
+  pgbeat_backup_root_free_bytes, pgbeat_backup_root_used_bytes
+  pgbeat_runs_stuck, pgbeat_queue_oldest_age_seconds{queue}  (with a broker)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import GaugeMetricFamily
+
+from pgbeat.settings import Settings
+from pgbeat.status import StatusReport, build_status
+
+log = logging.getLogger(__name__)
+
+
+def timestamp(iso: str | None) -> float | None:
+    return datetime.fromisoformat(iso).timestamp() if iso else None
+
+
+class CatalogCollector:
+    """A custom collector: every scrape reads the manifests afresh, so nothing is lost on restart."""
+
+    def __init__(self, settings: Settings, runs: Callable[[], dict] | None = None) -> None:
+        self.settings = settings
+        self.runs = runs
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        report = build_status(self.settings, datetime.now(UTC))
+        if self.runs is not None:
+            try:
+                report.runs = self.runs()
+            except Exception as exc:  # the broker being down must not hide the backup metrics
+                log.warning("cannot read run states: %s", exc)
+        yield from families(report)
+
+
+def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+def families(report: StatusReport) -> Iterator[GaugeMetricFamily]:
+    tl = ["target", "tier"]
+    success = gauge("pgbeat_backup_last_success_timestamp_seconds", "End of the newest verified backup.", tl)
+    attempt = gauge("pgbeat_backup_last_attempt_timestamp_seconds", "End of the last attempt.", tl)
+    status = gauge("pgbeat_backup_last_status", "1 if the last attempt succeeded, 0 if it failed.", tl)
+    duration = gauge("pgbeat_backup_last_duration_seconds", "Duration of the newest verified backup.", tl)
+    size = gauge("pgbeat_backup_last_size_bytes", "Size of the newest verified backup.", tl)
+    interval = gauge("pgbeat_backup_expected_interval_seconds", "Period of the tier's schedule.", tl)
+    anomaly = gauge("pgbeat_backup_size_anomaly", "1 if the newest backup is much smaller than usual.", tl)
+    kept = gauge("pgbeat_backups_kept", "Verified backups kept.", [*tl, "destination"])
+    for t in report.tiers:
+        labels = [t.target, t.tier]
+        interval.add_metric(labels, t.interval_s)
+        anomaly.add_metric(labels, 1.0 if t.size_anomaly else 0.0)
+        if t.last_success_at:
+            success.add_metric(labels, timestamp(t.last_success_at))
+            duration.add_metric(labels, t.duration_s or 0.0)
+            size.add_metric(labels, float(t.size or 0))
+        if t.last_attempt:
+            attempt.add_metric(labels, timestamp(t.last_attempt["at"]))
+            status.add_metric(labels, 1.0 if t.last_attempt["status"] == "success" else 0.0)
+        for destination, count in t.kept.items():
+            kept.add_metric([*labels, destination], float(count))
+    yield from (success, attempt, status, duration, size, interval, anomaly, kept)
+
+    drill_at = gauge("pgbeat_drill_last_timestamp_seconds", "Time of the last restore drill.", ["target"])
+    drill_status = gauge("pgbeat_drill_last_status", "1 if the last restore drill passed, 0 if not.", ["target"])
+    drill_duration = gauge("pgbeat_drill_last_duration_seconds", "Duration of the last restore drill.", ["target"])
+    for d in report.drills:
+        drill_at.add_metric([d.target], timestamp(d.at))
+        drill_status.add_metric([d.target], 1.0 if d.status == "passed" else 0.0)
+        drill_duration.add_metric([d.target], d.duration_s)
+    yield from (drill_at, drill_status, drill_duration)
+
+    free = gauge("pgbeat_backup_root_free_bytes", "Free space on BACKUP_ROOT's file system.", [])
+    free.add_metric([], float(report.disk_free))
+    used = gauge("pgbeat_backup_root_used_bytes", "Bytes under BACKUP_ROOT.", [])
+    used.add_metric([], float(report.used))
+    yield from (free, used)
+
+    if report.runs:
+        stuck = gauge("pgbeat_runs_stuck", "Runs whose heartbeat stopped before they finished.", [])
+        stuck.add_metric([], float(len(report.runs.get("stuck", []))))
+        oldest = gauge("pgbeat_queue_oldest_age_seconds", "Age of the oldest message waiting in a queue.", ["queue"])
+        for queue, age in report.runs.get("queue_ages", {}).items():
+            oldest.add_metric([queue], age)
+        yield from (stuck, oldest)
+
+
+def registry_for(settings: Settings, runs: Callable[[], dict] | None = None) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(CatalogCollector(settings, runs))
+    return registry
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:
+        log.debug("metrics: " + format, *args)
+
+
+def serve(settings: Settings, listen: str, runs: Callable[[], dict] | None = None) -> None:
+    """Serve /metrics on `listen` (host:port) until interrupted."""
+    host, _, port = listen.rpartition(":")
+    app = make_wsgi_app(registry_for(settings, runs))
+    with make_server(host or "127.0.0.1", int(port), app, handler_class=QuietHandler) as server:
+        log.warning("serving metrics on http://%s:%s/metrics", host or "127.0.0.1", port)
+        server.serve_forever()

@@ -1,0 +1,40 @@
+"""Chat, mail and webhook channels through Apprise: one URL per channel (mailto://, slack://, tgram://,
+discord://, msteams://, ntfys://, json://, ...). Delivery is retried with backoff; a channel that still
+fails raises, and the caller logs it without failing the backup."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import apprise
+
+from pgbeat.notify.base import Event
+from pgbeat.settings import ChannelSpec
+
+log = logging.getLogger(__name__)
+
+NOTIFY_TYPES = {"success": apprise.NotifyType.SUCCESS, "failure": apprise.NotifyType.FAILURE,
+                "warning": apprise.NotifyType.WARNING}
+
+
+class AppriseNotifier:
+    def __init__(self, channel: ChannelSpec, attempts: int = 3, backoff: float = 1.0, sleep=time.sleep) -> None:
+        self.channel = channel
+        self.name = channel.label()
+        self.attempts, self.backoff, self.sleep = attempts, backoff, sleep
+
+    def send(self, event: Event) -> None:
+        service = apprise.Apprise()
+        if not service.add(self.channel.url.get_secret_value()):
+            # Never echo the URL: it usually carries a token or a password.
+            raise ValueError(f"channel {self.name}: not a valid Apprise URL")
+        notify_type = NOTIFY_TYPES.get(event.category, apprise.NotifyType.INFO)
+        for attempt in range(self.attempts):
+            if service.notify(title=event.title(), body=event.body(), notify_type=notify_type):
+                return
+            if attempt + 1 < self.attempts:
+                delay = self.backoff * 2 ** attempt
+                log.warning("channel %s: delivery failed, retrying in %.0fs", self.name, delay)
+                self.sleep(delay)
+        raise RuntimeError(f"channel {self.name}: delivery failed after {self.attempts} attempts")

@@ -1,0 +1,30 @@
+"""Dead-man's switch: healthchecks-style pings (`<url>/start`, `<url>`, `<url>/fail`) per target, so that
+"no backup ran at all" is noticed by something outside pgbeat. A ping that fails is logged, never fatal."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import requests
+
+from pgbeat.settings import Target
+
+log = logging.getLogger(__name__)
+SUFFIXES = {"start": "/start", "success": "", "fail": "/fail"}
+
+
+def ping(target: Target, what: str, body: str = "", attempts: int = 3) -> bool:
+    """Ping `target`'s healthcheck URL for `what` (start, success, fail); return whether it got through."""
+    if target.healthcheck_url is None:
+        return False
+    url = target.healthcheck_url.get_secret_value().rstrip("/") + SUFFIXES[what]
+    for attempt in range(attempts):
+        try:
+            response = requests.post(url, data=body.encode()[:10000], timeout=10)
+            if response.status_code < 500:
+                return response.ok
+        except requests.RequestException as exc:
+            log.warning("healthcheck ping (%s) of %s failed: %s", what, target.name, type(exc).__name__)
+        time.sleep(0.5 * 2 ** attempt)
+    return False

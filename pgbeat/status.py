@@ -1,0 +1,125 @@
+"""What `pgbeat status` and `/metrics` report, computed from the manifests and the attempts record.
+
+Everything comes from files under BACKUP_ROOT, so the figures are right whichever worker ran a backup
+and survive restarts of any process: the seed's `ls -lt`, `du -sh` and `df -h` in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pgbeat.catalog import Entry, list_backups, read_attempts
+from pgbeat.schedule import min_interval, next_runs
+from pgbeat.settings import Settings
+
+OVERDUE_FACTOR = 1.5
+
+
+@dataclass
+class TierStatus:
+    target: str
+    tier: str
+    schedule: str
+    interval_s: float
+    next_run: str
+    last_success_at: str | None = None
+    last_success_file: str | None = None
+    size: int | None = None
+    duration_s: float | None = None
+    age_s: float | None = None
+    overdue: bool = True
+    kept: dict[str, int] = field(default_factory=dict)  # backups kept per destination
+    copies: list[str] = field(default_factory=list)  # destinations holding the newest backup
+    last_attempt: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)  # of the newest backup
+
+    @property
+    def size_anomaly(self) -> bool:
+        return any("was data lost" in w or "are missing" in w for w in self.warnings)
+
+
+@dataclass
+class DrillStatus:
+    target: str
+    backup: str
+    at: str
+    status: str
+    duration_s: float
+    restore_s: float | None
+
+
+@dataclass
+class StatusReport:
+    generated_at: str
+    backup_root: str
+    disk_total: int
+    disk_free: int
+    used: int
+    tiers: list[TierStatus]
+    drills: list[DrillStatus]
+    runs: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for tier, raw in zip(self.tiers, data["tiers"], strict=True):
+            raw["size_anomaly"] = tier.size_anomaly
+        return data
+
+
+def folder_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def tier_status(settings: Settings, target: str, tier: str, entries: list[Entry], now: datetime,
+                attempts: dict[str, dict[str, Any]]) -> TierStatus:
+    policy = settings.target(target).tiers[tier]
+    status = TierStatus(target=target, tier=tier, schedule=policy.schedule,
+                        interval_s=min_interval(policy.schedule, now, settings.tz).total_seconds(),
+                        next_run=next_runs(policy.schedule, now, settings.tz)[0].isoformat(),
+                        last_attempt=attempts.get(f"{target}/{tier}"))
+    verified = [e for e in entries if e.verified]
+    for entry in verified:
+        for destination in entry.manifest.copies or {"local": {}}:
+            status.kept[destination] = status.kept.get(destination, 0) + 1
+    if verified:
+        newest = verified[-1].manifest
+        finished = newest.finished_at or newest.started_at
+        status.last_success_at = finished.isoformat()
+        status.last_success_file = verified[-1].path.name
+        status.size, status.duration_s, status.warnings = newest.size, newest.duration_s, list(newest.warnings)
+        status.copies = sorted(newest.copies or {"local": {}})
+        status.age_s = max(0.0, (now - finished).total_seconds())
+        status.overdue = status.age_s > OVERDUE_FACTOR * status.interval_s
+    return status
+
+
+def build_status(settings: Settings, now: datetime) -> StatusReport:
+    attempts = read_attempts(settings.backup_root)
+    tiers, drills = [], []
+    for name in sorted(settings.targets):
+        target = settings.target(name)
+        entries = list_backups(settings.backup_root, name)
+        for tier in target.enabled_tiers():
+            tiers.append(tier_status(settings, name, tier, [e for e in entries if e.manifest.tier == tier], now,
+                                     attempts))
+        drilled = [(d, e) for e in entries for d in e.manifest.drills]
+        if drilled:
+            last, entry = max(drilled, key=lambda pair: pair[0]["at"])
+            drills.append(DrillStatus(target=name, backup=entry.path.name, at=last["at"], status=last["status"],
+                                      duration_s=last["duration_s"], restore_s=last.get("restore_s")))
+    root = settings.backup_root
+    usage = shutil.disk_usage(root) if root.exists() else shutil.disk_usage(root.parent)
+    return StatusReport(generated_at=now.isoformat(), backup_root=str(root), disk_total=usage.total,
+                        disk_free=usage.free, used=folder_size(root) if root.exists() else 0, tiers=tiers,
+                        drills=drills)
