@@ -270,9 +270,11 @@ def test_worker_stops_warm_and_waits_for_the_longest_step():
         assert all(path == env["BACKUP_ROOT"] + "/.state" for path in paths), other
 
 
-def test_flower_admits_loopback_only():
+def test_flower_admits_loopback_only_and_needs_credentials():
     service = parse_unit(UNITS["pgbeat-flower"])["Service"]
     assert service["IPAddressDeny"] == ["any"] and service["IPAddressAllow"] == ["localhost"]
+    [check] = service["ExecStartPre"]
+    assert 'test -n "$$FLOWER_BASIC_AUTH"' in check, "Flower must refuse to start without credentials"
 
 
 @pytest.fixture(scope="module")
