@@ -6,6 +6,7 @@ set -euo pipefail
 declare -A package_of=(
   [pg_config]=postgresql [initdb]=postgresql [pg_dump]=postgresql [psql]=postgresql
   [redis-server]=redis-server [gzip]=gzip [sha256sum]=coreutils [runuser]=util-linux
+  [promtool]=prometheus
 )
 want=("$@")
 [ ${#want[@]} -gt 0 ] || want=(pg_config pg_dump psql gzip sha256sum)
