@@ -12,7 +12,9 @@ Names (all gauges):
   pgbeat_drill_last_timestamp_seconds{target}
   pgbeat_drill_last_status{target}                       1 = passed, 0 = failed
   pgbeat_drill_last_duration_seconds{target}
-  pgbeat_backup_root_free_bytes, pgbeat_backup_root_used_bytes
+  pgbeat_drill_expected_interval_seconds{target}         the period of the target's drill schedule
+  pgbeat_backup_root_free_bytes, pgbeat_backup_root_total_bytes  (BACKUP_ROOT's file system)
+  pgbeat_backup_root_used_bytes                          bytes under BACKUP_ROOT
   pgbeat_runs_stuck, pgbeat_queue_oldest_age_seconds{queue}  (with a broker)
 """
 
@@ -85,17 +87,23 @@ def families(report: StatusReport) -> Iterator[GaugeMetricFamily]:
     drill_at = gauge("pgbeat_drill_last_timestamp_seconds", "Time of the last restore drill.", ["target"])
     drill_status = gauge("pgbeat_drill_last_status", "1 if the last restore drill passed, 0 if not.", ["target"])
     drill_duration = gauge("pgbeat_drill_last_duration_seconds", "Duration of the last restore drill.", ["target"])
+    drill_interval = gauge("pgbeat_drill_expected_interval_seconds", "Period of the target's drill schedule.",
+                           ["target"])
+    for target, seconds in report.drill_intervals.items():
+        drill_interval.add_metric([target], seconds)
     for d in report.drills:
         drill_at.add_metric([d.target], timestamp(d.at))
         drill_status.add_metric([d.target], 1.0 if d.status == "passed" else 0.0)
         drill_duration.add_metric([d.target], d.duration_s)
-    yield from (drill_at, drill_status, drill_duration)
+    yield from (drill_at, drill_status, drill_duration, drill_interval)
 
     free = gauge("pgbeat_backup_root_free_bytes", "Free space on BACKUP_ROOT's file system.", [])
     free.add_metric([], float(report.disk_free))
+    total = gauge("pgbeat_backup_root_total_bytes", "Size of BACKUP_ROOT's file system.", [])
+    total.add_metric([], float(report.disk_total))
     used = gauge("pgbeat_backup_root_used_bytes", "Bytes under BACKUP_ROOT.", [])
     used.add_metric([], float(report.used))
-    yield from (free, used)
+    yield from (free, total, used)
 
     if report.runs:
         stuck = gauge("pgbeat_runs_stuck", "Runs whose heartbeat stopped before they finished.", [])

@@ -63,6 +63,7 @@ class StatusReport:
     used: int
     tiers: list[TierStatus]
     drills: list[DrillStatus]
+    drill_intervals: dict[str, float] = field(default_factory=dict)  # per target with drills enabled
     runs: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -106,9 +107,11 @@ def tier_status(settings: Settings, target: str, tier: str, entries: list[Entry]
 
 def build_status(settings: Settings, now: datetime) -> StatusReport:
     attempts = read_attempts(settings.backup_root)
-    tiers, drills = [], []
+    tiers, drills, drill_intervals = [], [], {}
     for name in sorted(settings.targets):
         target = settings.target(name)
+        if target.drill.enabled:
+            drill_intervals[name] = min_interval(target.drill.schedule, now, settings.tz).total_seconds()
         entries = list_backups(settings.backup_root, name)
         for tier in target.enabled_tiers():
             tiers.append(tier_status(settings, name, tier, [e for e in entries if e.manifest.tier == tier], now,
@@ -122,4 +125,4 @@ def build_status(settings: Settings, now: datetime) -> StatusReport:
     usage = shutil.disk_usage(root) if root.exists() else shutil.disk_usage(root.parent)
     return StatusReport(generated_at=now.isoformat(), backup_root=str(root), disk_total=usage.total,
                         disk_free=usage.free, used=folder_size(root) if root.exists() else 0, tiers=tiers,
-                        drills=drills)
+                        drills=drills, drill_intervals=drill_intervals)

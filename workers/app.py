@@ -11,7 +11,6 @@ import sys
 from celery import Celery
 
 from pgbeat.errors import EXIT_CONFIG, ConfigError
-from pgbeat.fsutil import private_dir
 from pgbeat.settings import Settings, get_settings
 from workers.config import celery_config
 
@@ -33,7 +32,6 @@ def load_or_exit() -> Settings:
 
 
 settings = load_or_exit()
-private_dir(settings.backup_root / ".state")  # beat keeps its schedule state there (opened before any signal)
 app = Celery("pgbeat", include=TASK_MODULES)
 app.conf.update(celery_config(settings))
 

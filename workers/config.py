@@ -41,6 +41,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "worker_soft_shutdown_timeout": 60.0, "worker_enable_soft_shutdown_on_idle": True,
         "beat_schedule": build_beat_schedule(settings),
+        "beat_scheduler": "workers.beat:Scheduler",
         "beat_schedule_filename": str(settings.backup_root / ".state" / "celerybeat-schedule"),
         "beat_max_loop_interval": 30,
     }

@@ -45,6 +45,8 @@ PGBEAT_METRICS = frozenset({
     "pgbeat_drill_last_duration_seconds",
     "pgbeat_backup_root_free_bytes",
     "pgbeat_backup_root_used_bytes",
+    "pgbeat_backup_root_total_bytes",
+    "pgbeat_drill_expected_interval_seconds",
     "pgbeat_runs_stuck",
     "pgbeat_queue_oldest_age_seconds",
 })
@@ -60,7 +62,7 @@ METRIC_NAME = re.compile(r"\b(?:pgbeat|flower)_[a-z0-9_]+")
 COMMANDS = {
     "pgbeat-worker": "celery -A workers.app worker -l INFO -n worker@%%h",
     "pgbeat-beat": "celery -A workers.app beat -l INFO",
-    "pgbeat-flower": "celery -A workers.app flower --port=5555 --basic-auth=${FLOWER_BASIC_AUTH} "
+    "pgbeat-flower": "celery -A workers.app flower --port=5555 "
                      "--task-runtime-metric-buckets=1,10,60,300,1800,3600,7200,14400,28800,inf",
     "pgbeat-metrics": "pgbeat metrics --listen 127.0.0.1:9810",
 }
@@ -347,7 +349,9 @@ def test_docker_compose_config_resolves(docker_compose, tmp_path):
     assert worker["command"] == COMMANDS["pgbeat-worker"].replace("%%", "%").split()
     assert seconds(worker["stop_grace_period"]) >= Reliability().visibility_timeout
     assert services["beat"]["command"] == COMMANDS["pgbeat-beat"].split()
-    assert f"--basic-auth={COMPOSE_ENV['FLOWER_BASIC_AUTH']}" in services["flower"]["command"]
+    # Flower reads FLOWER_BASIC_AUTH from its environment: never on its command line (ps shows that).
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == COMPOSE_ENV["FLOWER_BASIC_AUTH"]
+    assert not any("basic-auth" in arg for arg in services["flower"]["command"])
     published = {name: [port["host_ip"] for port in service.get("ports", [])] for name, service in services.items()}
     assert published == {"redis": [], "worker": [], "beat": [], "metrics": [],
                          "flower": ["127.0.0.1"], "prometheus": ["127.0.0.1"], "grafana": ["127.0.0.1"]}

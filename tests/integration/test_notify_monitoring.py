@@ -193,9 +193,11 @@ def test_flower_requires_auth_and_shows_each_step(workdir, pg, small_db, redis_s
     service = Service(workdir, redis_server.url, [pg.target("erp", small_db)], node=f"fl-{uuid.uuid4().hex[:6]}")
     worker = Worker(service)
     port = free_port()
+    # The documented way: the password comes from FLOWER_BASIC_AUTH, never from the command line.
     flower = subprocess.Popen([str(VENV_BIN / "celery"), "-A", "workers.app", "flower", f"--port={port}",
-                               "--address=127.0.0.1", "--basic-auth=admin:s3cret"], cwd=service.cwd,
-                              env=service.env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                               "--address=127.0.0.1"], cwd=service.cwd,
+                              env=service.env(FLOWER_BASIC_AUTH="admin:s3cret"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: _status(f"http://127.0.0.1:{port}/api/tasks") is not None, 30, what="flower")
         assert _status(f"http://127.0.0.1:{port}/api/tasks") == 401
