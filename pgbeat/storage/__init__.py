@@ -2,5 +2,6 @@
 
 from pgbeat.storage.base import ObjectInfo, Storage
 from pgbeat.storage.local import LocalStorage
+from pgbeat.storage.wrappers import RetryingStorage, ThrottledStorage
 
-__all__ = ["LocalStorage", "ObjectInfo", "Storage"]
+__all__ = ["LocalStorage", "ObjectInfo", "RetryingStorage", "Storage", "ThrottledStorage"]
