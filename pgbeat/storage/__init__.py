@@ -1,7 +1,14 @@
-"""Where backups are kept: one small interface (`base.Storage`) and one module per kind of destination."""
+"""Where backups are kept: one small interface (`base.Storage`) and one module per kind of destination.
+
+The SDKs (boto3, google-cloud-storage) are imported when a backend first talks to its destination, so
+importing this package stays cheap.
+"""
 
 from pgbeat.storage.base import ObjectInfo, Storage
+from pgbeat.storage.gcs import GCSStorage
 from pgbeat.storage.local import LocalStorage
+from pgbeat.storage.s3 import S3Storage
 from pgbeat.storage.wrappers import RetryingStorage, ThrottledStorage
 
-__all__ = ["LocalStorage", "ObjectInfo", "RetryingStorage", "Storage", "ThrottledStorage"]
+__all__ = ["GCSStorage", "LocalStorage", "ObjectInfo", "RetryingStorage", "S3Storage", "Storage",
+           "ThrottledStorage"]
