@@ -77,7 +77,13 @@ class VerifyError(PgbeatError):
 
 
 class StorageError(PgbeatError):
-    """A destination could not store, read or delete a backup."""
+    """A destination could not store, read or delete a backup, or its copy does not match (permanent)."""
+
+
+class TransientStorageError(StorageError):
+    """A destination failed in a way worth retrying: connection lost or refused, timeout, 5xx, throttling."""
+
+    transient = True
 
 
 class DiskFullError(PgbeatError):

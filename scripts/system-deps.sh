@@ -7,6 +7,7 @@ declare -A package_of=(
   [pg_config]=postgresql [initdb]=postgresql [pg_dump]=postgresql [psql]=postgresql
   [redis-server]=redis-server [gzip]=gzip [sha256sum]=coreutils [runuser]=util-linux
   [promtool]=prometheus
+  [sshd]=openssh-server [ssh]=openssh-client [ssh-keygen]=openssh-client
 )
 want=("$@")
 [ ${#want[@]} -gt 0 ] || want=(pg_config pg_dump psql gzip sha256sum)
@@ -14,6 +15,7 @@ want=("$@")
 have() {
   case "$1" in
     initdb|pg_dump|psql) command -v pg_config >/dev/null && [ -x "$(pg_config --bindir)/$1" ] ;;
+    sshd) [ -x /usr/sbin/sshd ] || command -v sshd >/dev/null ;;
     *) command -v "$1" >/dev/null ;;
   esac
 }

@@ -1,33 +1,72 @@
-"""The storage contract every destination implements.
+"""The storage contract every destination implements, and the streaming helpers the backends share.
 
 Keys are relative, `/`-separated paths such as `daily/erp_backup_daily_20251119_020000.sql.gz`.
 Contract (what callers may rely on):
 - `put` stores a local file, or a folder (directory-format dumps), under `key` so that the key appears
-  whole or not at all, and never replaces an existing key. It streams: nothing is read whole into memory.
-- `get` writes the object to a local path; `stat` returns None for a missing key; `list` returns the
-  objects under a prefix; `delete` of a missing key is not an error (deleting twice is idempotent).
-- Failures raise `pgbeat.errors.StorageError` with a message naming the destination and the key.
+  whole or not at all, and never replaces an existing key (it raises `StorageError` instead). It streams:
+  nothing is read whole into memory; object stores upload in bounded parts. A folder is stored as one
+  object per file under `key/<relative path>`; `get` of the key restores the folder, `stat` gives its total
+  size and `delete` removes all of it. `put` returns what was stored, with the SHA-256 of a file (a
+  folder's is None). A caller that already knows the file's SHA-256 passes it, so the backend need not
+  read the file twice; if the bytes read while uploading do not hash to it, nothing is published.
+  `put` may consume its source: LocalStorage moves a file on the same file system instead of copying it.
+- `get` writes the object to a local path (a folder for a folder key) through a temporary name, and checks
+  what it read against the size and SHA-256 recorded at upload where the backend has them.
+- `stat` returns None for a missing key; `list(prefix)` returns the objects directly under `prefix`
+  (one level, sorted by key, a stored folder counting as one object; checksums only where the listing
+  carries them, `stat` has the rest); `delete` of a missing key is not an error (deleting twice is fine).
+  Object stores list only stored objects and folders; LocalStorage and SSH also list plain sub-folders.
+- `verify(key, size, sha256, deep=False)` raises `StorageError` when the stored copy is missing or its
+  size or checksum differs from what is expected. Shallow checks use metadata the destination keeps
+  (object size and checksums, or a hash computed on the remote host); `deep=True` reads the copy back
+  and hashes it (a scrub). For a folder pass `sha256=None`: its files are checked against the hashes
+  recorded when it was stored, where the backend records them.
+
+Errors and retries (restic style): every failure raises `pgbeat.errors.StorageError` naming the
+destination and the key, never a secret. `TransientStorageError` (connection refused or lost, timeouts,
+5xx, throttling) may succeed if the same call is made again; any other `StorageError` (authentication,
+permissions, missing key, refusing to overwrite, checksum mismatch) will not. Backends do not retry on
+their own beyond their SDK's per-request retries; `wrappers.RetryingStorage` adds retries. Every method
+is safe to call again after a transient failure: `get`, `stat`, `list` and `verify` only read, `delete`
+is idempotent, and a `put` that failed left no object under its key (RetryingStorage also recognises a
+put whose response was lost but whose object landed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, BinaryIO, Protocol
+
+from pgbeat.errors import StorageError
+
+CHUNK = 1024 * 1024  # bytes read or written at a time while streaming
 
 
 @dataclass(frozen=True)
 class ObjectInfo:
+    """A stored object: its key, size in bytes, and the checksums the destination knows cheaply (hex)."""
+
     key: str
     size: int
     modified: datetime | None = None
+    sha256: str | None = None
+    md5: str | None = None
+    crc32c: str | None = None
 
 
 class Storage(Protocol):
     name: str
 
-    def put(self, source: Path, key: str) -> ObjectInfo: ...
+    def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo: ...
 
     def get(self, key: str, dest: Path) -> None: ...
 
@@ -37,6 +76,193 @@ class Storage(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def verify(self, key: str, size: int, sha256: str | None, deep: bool = False) -> None: ...
+
     def describe(self, key: str) -> str:
         """Return where `key` lives, for messages and manifests (a path or a URL, without secrets)."""
         ...
+
+
+def check_key(storage: str, key: str, *, allow_empty: bool = False) -> str:
+    """Given a key, return it without surrounding slashes. Raise StorageError if it is not a plain relative path."""
+    clean = key.strip("/")
+    if not clean:
+        if allow_empty:
+            return ""
+        raise StorageError(f"{storage}: empty key")
+    parts = clean.split("/")
+    if "\\" in clean or any(ord(c) < 32 for c in clean) or any(part in ("", ".", "..") for part in parts):
+        raise StorageError(f"{storage}: invalid key {key!r} "
+                           "(use a relative path without '.', '..', '//' or control characters)")
+    return clean
+
+
+def mismatch(where: str, problems: list[str]) -> StorageError:
+    return StorageError(f"{where}: stored copy does not match: {'; '.join(problems)}",
+                        hint="the copy is damaged or was replaced: store the backup again or restore from another copy")
+
+
+def compare(size: int | None, sha256: str | None, expected_size: int | None, expected_sha256: str | None) -> list[str]:
+    """Return the differences between what was found and what was expected, as phrases for a message."""
+    problems = []
+    if expected_size is not None and size is not None and size != expected_size:
+        problems.append(f"size {size} bytes, expected {expected_size}")
+    if expected_sha256 and sha256 and sha256.lower() != expected_sha256.lower():
+        problems.append(f"SHA-256 {sha256[:16]}…, expected {expected_sha256[:16]}…")
+    return problems
+
+
+# --- folders ---------------------------------------------------------------------------------------------
+
+
+def folder_files(folder: Path) -> list[tuple[str, Path]]:
+    """Given a local folder, return its regular files as (relative `/` path, path), sorted by relative path."""
+    files = []
+    for path in folder.rglob("*"):
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise StorageError(f"{folder}: {path.relative_to(folder)} is not a regular file or folder")
+        if path.is_file():
+            files.append((path.relative_to(folder).as_posix(), path))
+    return sorted(files)
+
+
+# --- bandwidth ---------------------------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """A token bucket shared by every transfer of one destination: `consume(n)` sleeps to keep the average
+    rate at `bytes_per_second`, letting at most `burst` bytes through without waiting after an idle spell."""
+
+    def __init__(self, bytes_per_second: float, burst: float | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], Any] = time.sleep) -> None:
+        if bytes_per_second <= 0:
+            raise ValueError("bytes_per_second must be positive")
+        self.rate = float(bytes_per_second)
+        self.burst = float(burst if burst is not None else bytes_per_second / 4)
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = 0.0
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def consume(self, n: int) -> None:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate) - n
+            self._last = now
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+
+
+_LIMITERS: ContextVar[tuple[RateLimiter, ...]] = ContextVar("pgbeat_storage_limiters", default=())
+
+
+@contextlib.contextmanager
+def bandwidth_limit(limiter: RateLimiter) -> Iterator[None]:
+    """Within this block, every byte a backend sends or receives in this thread is paced by `limiter`."""
+    token = _LIMITERS.set((*_LIMITERS.get(), limiter))
+    try:
+        yield
+    finally:
+        _LIMITERS.reset(token)
+
+
+def throttle(n: int) -> None:
+    """Account for `n` bytes moved over the network: wait as long as the active bandwidth limits ask."""
+    for limiter in _LIMITERS.get():
+        limiter.consume(n)
+
+
+# --- hashing streams -------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    """Return the SHA-256 (hex) of a local file, read in chunks (not throttled: it is a local read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class HashingReader:
+    """A read-only file wrapper that hashes every byte once and counts it against the bandwidth limit.
+
+    Clients that rewind to resend a chunk (resumable uploads) may seek back: bytes already hashed are
+    not hashed again, so the digests stay those of the file. Seeking forward past unread bytes makes the
+    digests unusable (`complete` turns False).
+    """
+
+    def __init__(self, raw: BinaryIO, hashers: dict[str, Any] | None = None) -> None:
+        self.raw = raw
+        self.hashers = hashers if hashers is not None else {"sha256": hashlib.sha256()}
+        self.pos = raw.tell()
+        self.hashed = self.pos
+        self.complete = self.pos == 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        if data:
+            start, end = self.pos, self.pos + len(data)
+            if start > self.hashed:
+                self.complete = False
+            elif end > self.hashed:
+                new = data if start == self.hashed else data[self.hashed - start:]
+                for hasher in self.hashers.values():
+                    hasher.update(new)
+                self.hashed = end
+            self.pos = end
+            throttle(len(data))
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self.pos = self.raw.seek(offset, whence)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def hexdigest(self, name: str = "sha256") -> str:
+        if not self.complete:
+            raise StorageError("internal error: the upload stream skipped bytes, its checksum is unknown")
+        return self.hashers[name].hexdigest()
+
+    def digest(self, name: str) -> bytes:
+        if not self.complete:
+            raise StorageError("internal error: the upload stream skipped bytes, its checksum is unknown")
+        return self.hashers[name].digest()
+
+
+class HashingWriter:
+    """A write-only file wrapper that hashes and counts what is written (downloads)."""
+
+    def __init__(self, raw: BinaryIO, hashers: dict[str, Any] | None = None) -> None:
+        self.raw = raw
+        self.hashers = hashers if hashers is not None else {"sha256": hashlib.sha256()}
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        for hasher in self.hashers.values():
+            hasher.update(data)
+        self.raw.write(data)
+        self.size += len(data)
+        throttle(len(data))
+        return len(data)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def hexdigest(self, name: str = "sha256") -> str:
+        return self.hashers[name].hexdigest()
+
+
+def partial_name(final: Path) -> Path:
+    """The hidden sibling a download is written to before it gets its final name."""
+    return final.with_name(f".{final.name}.partial")

@@ -1,4 +1,9 @@
-"""The local destination: `BACKUP_ROOT/<tier>/<name>`, files 0600 and folders 0700."""
+"""The local destination: `BACKUP_ROOT/<tier>/<name>`, files 0600 and folders 0700.
+
+`put` from the same file system moves the source into place (no copy, so nothing is re-read); from
+another file system it copies under a hidden `.partial` name, hashing what it copies, then publishes.
+`verify` re-hashes the file: there is no cheaper metadata to trust on a plain file system.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pgbeat.errors import StorageError
-from pgbeat.fsutil import DIR_MODE, FILE_MODE, disk_error, private_dir, publish, remove_path, tree_size
-from pgbeat.storage.base import ObjectInfo
+from pgbeat.fsutil import (
+    DIR_MODE,
+    FILE_MODE,
+    disk_error,
+    open_private,
+    private_dir,
+    publish,
+    remove_path,
+    tree_size,
+)
+from pgbeat.storage.base import CHUNK, HashingReader, ObjectInfo, check_key, compare, mismatch, sha256_file
 
 
 class LocalStorage:
@@ -20,7 +34,7 @@ class LocalStorage:
         self.name = name
 
     def path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
+        path = (self.root / check_key(self.name, key)).resolve()
         if self.root.resolve() not in path.parents:
             raise StorageError(f"{self.name}: key {key!r} points outside {self.root}")
         return path
@@ -28,26 +42,37 @@ class LocalStorage:
     def describe(self, key: str) -> str:
         return str(self.path(key))
 
-    def put(self, source: Path, key: str) -> ObjectInfo:
+    def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo:
         final = self.path(key)
         private_dir(final.parent)
         if final.exists():
             raise StorageError(f"{self.name}: refusing to overwrite existing {final}")
+        source = Path(source)
+        is_dir = source.is_dir()
         try:
             if os.stat(source).st_dev == os.stat(final.parent).st_dev:
                 staged = source
+                if not is_dir and sha256 is None:
+                    sha256 = sha256_file(source)
             else:  # another file system: copy under a hidden name first, then publish it
                 staged = final.with_name(f".{final.name}.partial")
                 remove_path(staged)
-                if source.is_dir():
+                if is_dir:
                     shutil.copytree(source, staged)
                 else:
-                    shutil.copyfile(source, staged)
+                    copied = _copy_hashing(source, staged)
+                    if sha256 is not None and copied != sha256.lower():
+                        remove_path(staged)
+                        raise StorageError(f"{self.name}: {source} changed while it was copied to {final} "
+                                           "(its SHA-256 is not the one given); nothing was stored")
+                    sha256 = copied
             _tighten(staged)
             publish(staged, final)
         except OSError as exc:
             raise disk_error(exc, final) from None
-        return self.stat(key)  # type: ignore[return-value]
+        info = self.stat(key)
+        assert info is not None
+        return ObjectInfo(key=info.key, size=info.size, modified=info.modified, sha256=None if is_dir else sha256)
 
     def get(self, key: str, dest: Path) -> None:
         source = self.path(key)
@@ -57,6 +82,25 @@ class LocalStorage:
             shutil.copytree(source, dest)
         else:
             shutil.copyfile(source, dest)
+
+    def verify(self, key: str, size: int, sha256: str | None, deep: bool = False) -> None:
+        """Check the stored file's size and, when `sha256` is given, re-hash it (shallow and deep alike).
+        For a folder, check its total size; `deep` also reads every file."""
+        path = self.path(key)
+        if not path.exists():
+            raise StorageError(f"{self.name}: {path} does not exist")
+        try:
+            actual = tree_size(path)
+            found = sha256_file(path) if path.is_file() and (sha256 or deep) else None
+            if path.is_dir() and deep:
+                for child in sorted(path.rglob("*")):
+                    if child.is_file():
+                        sha256_file(child)
+        except OSError as exc:
+            raise StorageError(f"{self.name}: cannot read {path}: {exc.strerror or exc}") from None
+        problems = compare(actual, found, size, sha256)
+        if problems:
+            raise mismatch(str(path), problems)
 
     def stat(self, key: str) -> ObjectInfo | None:
         path = self.path(key)
@@ -72,6 +116,8 @@ class LocalStorage:
             return []
         infos = []
         for entry in sorted(folder.iterdir()):
+            if entry.name.startswith(".") and entry.name.endswith(".partial"):
+                continue  # an interrupted copy, not a backup
             info = self.stat(entry.relative_to(self.root).as_posix())
             if info is not None:
                 infos.append(info)
@@ -79,6 +125,15 @@ class LocalStorage:
 
     def delete(self, key: str) -> None:
         remove_path(self.path(key))
+
+
+def _copy_hashing(source: Path, dest: Path) -> str:
+    """Copy a file to a new 0600 file, returning the SHA-256 of the bytes copied."""
+    with open(source, "rb") as raw, open_private(dest) as out:
+        reader = HashingReader(raw)
+        while chunk := reader.read(CHUNK):
+            out.write(chunk)
+        return reader.hexdigest()
 
 
 def _tighten(path: Path) -> None:
