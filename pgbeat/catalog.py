@@ -96,6 +96,7 @@ class Manifest(BaseModel):
     copies: dict[str, dict[str, Any]] = Field(default_factory=dict)
     drills: list[dict[str, Any]] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+    encryption: dict[str, Any] | None = Field(None, description="age recipients and the plaintext's checksums")
 
     def checksum_lines(self) -> str:
         """Return the `.sha256` file's text: `sha256sum -c` checks it from the backup's folder."""

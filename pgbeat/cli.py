@@ -193,23 +193,48 @@ def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wa
 @main.command("list")
 @click.option("--target", "target_name", help="Only this target.")
 @click.option("--tier", type=click.Choice(TIERS), help="Only this tier.")
+@click.option("--destination", help="List what this destination holds (from its manifests) instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per backup).")
-def list_cmd(target_name: str | None, tier: str | None, as_json: bool) -> None:
-    """List the backups on the local shelf, newest last, from their manifests."""
+def list_cmd(target_name: str | None, tier: str | None, destination: str | None, as_json: bool) -> None:
+    """List the backups on the local shelf (or at a destination), newest last, from their manifests."""
     settings = settings_or_exit()
-    entries = list_backups(settings.backup_root, target_name, tier, include_pre_restore=True)
+    if destination:
+        try:
+            entries = destination_entries(settings, destination, target_name, tier)
+        except PgbeatError as exc:
+            fail(exc)
+    else:
+        entries = list_backups(settings.backup_root, target_name, tier, include_pre_restore=True)
     if as_json:
         out.print_json(json.dumps([{"path": str(e.path), **e.manifest.model_dump(mode="json")} for e in entries]))
         return
-    table = Table(title=f"Backups in {settings.backup_root}")
+    title = f"Backups at {destination}" if destination else f"Backups in {settings.backup_root}"
+    table = Table(title=title)
     for column in ("target", "tier", "taken at", "size", "format", "status", "drill", "sha256", "file"):
         table.add_column(column)
     for e in entries:
         m = e.manifest
         table.add_row(m.target, m.tier, local_time(settings, m.started_at), human_size(m.size),
-                      f"{m.format}/{m.codec}", m.status, drill_summary(settings, m.drills), (m.sha256 or "")[:12],
-                      e.path.name)
+                      f"{m.format}/{m.codec}{'+age' if m.encryption else ''}", m.status,
+                      drill_summary(settings, m.drills), (m.sha256 or "")[:12], Path(e.path).name)
     out.print(table)
+
+
+def destination_entries(settings: Settings, destination: str, target_name: str | None, tier: str | None) -> list:
+    """The backups a destination holds, from the manifests stored there, for each target that uses it."""
+    from pgbeat.destinations import open_storage, remote_entries
+
+    entries = []
+    users = [t for t in settings.targets.values() if any(d.name == destination for d in t.destinations)]
+    if not users:
+        raise errors.UnknownTargetError(f"No target has a destination named {destination!r}")
+    for target in users:
+        if target_name and target.name != target_name:
+            continue
+        storage = open_storage(target.destination(destination))
+        for t in [tier] if tier else TIERS:
+            entries += [e for e in remote_entries(settings, storage, destination, target.name, t) if e.exists]
+    return sorted(entries, key=lambda e: e.manifest.started_at)
 
 
 def local_time(settings: Settings, when: datetime | str) -> str:
@@ -226,19 +251,51 @@ def drill_summary(settings: Settings, drills: list[dict]) -> str:
 
 
 @main.command()
-@click.argument("file", type=click.Path(path_type=Path))
-def verify(file: Path) -> None:
-    """Verify FILE: decompression test, completeness, checksums against its manifest and .sha256."""
+@click.argument("file", required=False)
+@click.option("--identity", type=click.Path(path_type=Path), help="Also decrypt and check an encrypted backup.")
+@click.option("--destination", help="Check every copy at this destination against its manifest (a scrub).")
+@click.option("--deep", is_flag=True, help="With --destination: read each copy back and hash it.")
+def verify(file: str | None, identity: Path | None, destination: str | None, deep: bool) -> None:
+    """Verify FILE (decompression test, completeness, checksums against its manifest and .sha256), or
+    every copy at a destination."""
+    from pgbeat.crypt import load_identities
     from pgbeat.verify import verify_backup
 
     settings = settings_or_exit()
+    if destination:
+        sys.exit(scrub(settings, destination, deep))
+    if not file:
+        fail(errors.PgbeatError("Give a backup FILE or --destination NAME"))
     try:
-        manifest, result = verify_backup(file, settings)
+        manifest, result = verify_backup(Path(file), settings, load_identities(identity) if identity else None)
     except PgbeatError as exc:
         fail(exc)
-    out.print(f"OK {file}: {human_size(result['size'])}, complete dump, checksums match the manifest", markup=False)
+    what = "complete dump" if result.get("complete") else "stored copy (encrypted; pass --identity to open it)"
+    out.print(f"OK {file}: {human_size(result['size'])}, {what}, checksums match the manifest", markup=False)
     if manifest.sha256:
         out.print(f"  MD5     {result['md5']}\n  SHA-256 {result['sha256']}", markup=False)
+
+
+def scrub(settings: Settings, destination: str, deep: bool) -> int:
+    """Check each copy at `destination` (size and checksum, or read back with `deep`); return the exit code."""
+    from pgbeat.destinations import open_storage
+
+    try:
+        entries = destination_entries(settings, destination, None, None)
+    except PgbeatError as exc:
+        fail(exc)
+    bad = 0
+    for entry in entries:
+        storage = open_storage(settings.target(entry.manifest.target).destination(destination))
+        try:
+            storage.verify(entry.path, entry.manifest.size, None if entry.manifest.files else entry.manifest.sha256,
+                           deep=deep)
+            out.print(f"  ✓ {entry.path}", markup=False)
+        except PgbeatError as exc:
+            bad += 1
+            out.print(f"  ✗ {entry.path}: {exc.message}", markup=False)
+    out.print(f"{len(entries) - bad} of {len(entries)} copies at {destination} match their manifests", markup=False)
+    return errors.EXIT_VERIFY if bad else 0
 
 
 @main.command()
@@ -256,9 +313,19 @@ def rotate(target_name: str | None, tier: str | None, dry_run: bool, now_text: s
         names = selected_targets(settings, target_name)
     except PgbeatError as exc:
         fail(exc)
+    from pgbeat.rotate import rotate_destination
+
     verb = "would remove" if dry_run else "removed"
     for name in names:
         for t in [tier] if tier else settings.target(name).enabled_tiers():
+            for spec in settings.target(name).destinations:
+                try:
+                    remote = rotate_destination(settings, name, t, spec.name, now, dry_run=dry_run)
+                except PgbeatError as exc:
+                    err.print(f"{name} {t} at {spec.name}: {exc.message}", markup=False)
+                    continue
+                for entry in remote.remove:
+                    out.print(f"{name} {t}: {verb} {entry.path} at {spec.name}", markup=False)
             plan = rotate_target(settings, name, t, now, dry_run=dry_run)
             for entry in plan.remove:
                 out.print(f"{name} {t}: {verb} {entry.path.name}", markup=False)
@@ -306,7 +373,7 @@ def print_manifest(settings: Settings, entry) -> None:
 
 
 @main.command()
-@click.argument("file", required=False, type=click.Path(path_type=Path))
+@click.argument("file", required=False)
 @click.option("--latest", is_flag=True, help="Restore the newest verified backup (of --target, --tier).")
 @click.option("--target", "target_name", help="The target to restore into (default: the backup's own).")
 @click.option("--tier", type=click.Choice(TIERS), help="With --latest: only this tier.")
@@ -317,21 +384,29 @@ def print_manifest(settings: Settings, entry) -> None:
 @click.option("--list", "list_only", is_flag=True, help="Show what the backup holds; restore nothing.")
 @click.option("--on-worker", is_flag=True, help="Run the restore as tasks.restore on a worker (needs a broker).")
 @click.option("--node", help="With --on-worker: the host whose worker restores (default: this host).")
-def restore(file: Path | None, latest: bool, target_name: str | None, tier: str | None, into: str | None, yes: bool,
-            jobs: int, list_only: bool, on_worker: bool, node: str | None) -> None:
-    """Restore FILE (or --latest) with an integrity check, a typed confirmation and a safety backup.
+@click.option("--identity", type=click.Path(path_type=Path), help="age identity file for encrypted backups.")
+def restore(file: str | None, latest: bool, target_name: str | None, tier: str | None, into: str | None, yes: bool,
+            jobs: int, list_only: bool, on_worker: bool, node: str | None, identity: Path | None) -> None:
+    """Restore FILE, a copy at a destination (s3://, gs://, ssh://), or --latest: integrity check, typed
+    confirmation, safety backup.
 
     The backup is restored into a temporary database, checked against its manifest, and swapped in:
     a failure at any point leaves the existing database as it was. Emergency revert:
     `pgbeat restore BACKUP_ROOT/pre_restore_<target>_<stamp>.sql.gz`.
     """
     from pgbeat import restore as restoring
+    from pgbeat.fsutil import remove_path
 
     settings = settings_or_exit()
+    fetched = None
     try:
         if bool(file) == latest:
             raise errors.PgbeatError("Give either a backup FILE or --latest", hint="see pgbeat restore --help")
-        entry = restoring.open_backup(file) if file else restoring.latest_backup(settings, target_name, tier)
+        if file and "://" in file:
+            fetched = settings.backup_root / ".work" / f"fetch-{uuid.uuid4().hex[:12]}"
+            entry = fetch_and_check(settings, file, fetched)
+        else:
+            entry = restoring.open_backup(Path(file)) if file else restoring.latest_backup(settings, target_name, tier)
         if list_only:
             print_manifest(settings, entry)
             return
@@ -345,11 +420,14 @@ def restore(file: Path | None, latest: bool, target_name: str | None, tier: str 
             elif state != "started":
                 out.print(f"  {step}: {state}", markup=False)
 
-        out.print(f"Restoring {entry.path} into {into or target.dbname} on {target.describe()}", markup=False)
+        out.print(f"Restoring {file or entry.path} into {into or target.dbname} on {target.describe()}", markup=False)
         result = restoring.restore(settings, entry, target, into=into, jobs=jobs, confirm=confirm_restore(yes),
-                                   on_step=on_step)
+                                   on_step=on_step, identities=restoring.identities_for(target, identity))
     except PgbeatError as exc:
         fail(exc)
+    finally:
+        if fetched is not None:
+            remove_path(fetched)
     if result.safety_backup:
         out.print(f"  safety backup: {result.safety_backup}", markup=False)
     out.print(f"Restored {result.database} in {result.duration_s:.1f}s (load {result.restore_s:.1f}s); "
@@ -394,6 +472,61 @@ def restore_on_worker(settings: Settings, entry, target: str, into: str | None, 
                       f"safety backup {fields.get('safety_backup') or '-'}", markup=False)
             return 0
         time.sleep(0.3)
+
+
+def fetch_and_check(settings: Settings, url: str, folder: Path):
+    """Download a copy with its sidecars into `folder` and verify it as stored; return its Entry."""
+    from pgbeat.destinations import fetch
+    from pgbeat.verify import verify_backup
+
+    entry = fetch(settings, url, folder)
+    verify_backup(entry.path, settings)
+    return entry
+
+
+@main.command("fetch")
+@click.argument("url")
+@click.option("--to", "folder", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Where to put the backup and its manifest and .sha256.")
+@click.option("--identity", type=click.Path(path_type=Path), help="Also decrypt-check an encrypted backup.")
+def fetch_cmd(url: str, folder: Path, identity: Path | None) -> None:
+    """Download a backup from a destination and verify it, without restoring it."""
+    from pgbeat.crypt import load_identities
+    from pgbeat.verify import verify_backup
+
+    settings = settings_or_exit()
+    try:
+        entry = fetch_and_check(settings, url, folder)
+        if identity and entry.manifest.encryption:
+            verify_backup(entry.path, settings, load_identities(identity))
+    except PgbeatError as exc:
+        fail(exc)
+    out.print(f"Fetched and verified {entry.path} ({human_size(entry.manifest.size)})", markup=False)
+
+
+@main.command()
+@click.option("--retry", is_flag=True, required=True, help="Complete the off-site copies that are missing or failed.")
+@click.option("--target", "target_name", help="Only this target.")
+@click.option("--destination", help="Only this destination.")
+def upload(retry: bool, target_name: str | None, destination: str | None) -> None:
+    """Copy local backups to the destinations where their copy is missing or failed (no new dump)."""
+    from pgbeat.destinations import replicate_missing
+
+    settings = settings_or_exit()
+    failures = []
+    try:
+        for name in selected_targets(settings, target_name):
+            target = settings.target(name)
+            if destination:
+                target.destination(destination)
+            failures += replicate_missing(settings, target, destination)
+    except PgbeatError as exc:
+        fail(exc)
+    for line in failures:
+        err.print(f"✗ {line}", markup=False)
+    out.print("All copies are complete." if not failures else f"{len(failures)} copy(ies) still failing.",
+              markup=False)
+    sys.exit(errors.EXIT_FAILED if failures else 0)
 
 
 @main.command()

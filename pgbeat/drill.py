@@ -23,7 +23,7 @@ from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import private_dir, remove_path
 from pgbeat.notify import Event, send_event
 from pgbeat.pgclient import MAINTENANCE_DB, connect, database_exists, ident
-from pgbeat.restore import count_rows, latest_backup, load_archive, load_plain
+from pgbeat.restore import count_rows, identities_for, latest_backup, load_archive, load_plain, plaintext_of
 from pgbeat.run import WORK_DIR
 from pgbeat.settings import Settings
 from pgbeat.verify import verify_backup
@@ -84,19 +84,21 @@ def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
         entry = entry or latest_backup(settings, target.name, policy.tier)
         result.backup = entry.path.name
         verify_backup(entry.path, settings)
-        result.checks.append("integrity: checksums, decompression and completeness")
         private_dir(work)
+        plain = plaintext_of(settings, entry, identities_for(target, None), work)
+        result.checks.append("integrity: checksums, decompression and completeness"
+                             + (" (after decryption)" if plain is not entry else ""))
         with connect(server, MAINTENANCE_DB) as admin:
             admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(ident(scratch)))
         t_restore = time.monotonic()
-        if entry.manifest.format == "plain":
-            load_plain(settings, server, scratch, entry, work)
+        if plain.manifest.format == "plain":
+            load_plain(settings, server, scratch, plain, work)
         else:
-            load_archive(settings, server, scratch, entry, 2, work)
+            load_archive(settings, server, scratch, plain, 2, work)
         result.restore_s = round(time.monotonic() - t_restore, 3)
         with connect(server, scratch) as conn:
-            problems = count_rows(conn, entry.manifest.tables)
-            result.checks.append(f"row counts of {len(entry.manifest.tables)} table(s) against the manifest")
+            problems = count_rows(conn, plain.manifest.tables)
+            result.checks.append(f"row counts of {len(plain.manifest.tables)} table(s) against the manifest")
             checks, failed = run_assertions(conn, policy.assertions, policy.statement_timeout)
         result.checks += checks
         result.problems = problems + failed

@@ -127,6 +127,38 @@ def restore_target(settings: Settings, entry: Entry, target_name: str | None) ->
     return settings.target(target_name or entry.manifest.target)
 
 
+def identities_for(target: Target, identity_file: Path | None) -> list | None:
+    """The age identities to decrypt with: `--identity`, else the target's `encryption.identity_file`."""
+    from pgbeat import crypt
+
+    path = identity_file or (target.encryption.identity_file if target.encryption else None)
+    return crypt.load_identities(path) if path else None
+
+
+def plaintext_of(settings: Settings, entry: Entry, identities: list | None, work: Path) -> Entry:
+    """Return `entry` itself, or for an encrypted backup its checked plaintext decrypted into `work`."""
+    from pgbeat import crypt
+    from pgbeat.verify import check_backup, plaintext_problems
+
+    if not entry.manifest.encryption:
+        return entry
+    if identities is None:
+        crypt.load_identities(None)  # raises the error that says what to pass
+    plain = entry.manifest.encryption["plaintext"]
+    path = private_dir(work) / plain["file"]
+    digests = crypt.decrypt_file(entry.path, path, identities)
+    if digests["sha256"] != plain["sha256"] or digests["size"] != plain["size"]:
+        raise VerifyError(f"{entry.path.name}: the decrypted content does not match the manifest's plaintext",
+                          hint="the file is damaged; use another copy")
+    manifest = entry.manifest.model_copy(update={"file": plain["file"], "size": plain["size"],
+                                                 "sha256": plain["sha256"], "md5": plain["md5"], "encryption": None})
+    codec = manifest.codec if manifest.format == "plain" else codec_for_name(path.name)
+    problems = plaintext_problems(check_backup(path, manifest.format, codec, settings), manifest)
+    if problems:
+        raise VerifyError(f"{plain['file']} (decrypted) failed verification", details=problems)
+    return Entry(path=path, manifest=manifest)
+
+
 # --- the safety backup -------------------------------------------------------------------------------
 
 
@@ -282,7 +314,8 @@ def swap_in(conn: psycopg.Connection, new: str, old: str, retired: str, on_note:
 
 def restore(settings: Settings, entry: Entry, target: Target, *, into: str | None = None, jobs: int = 1,
             confirm: Callable[[RestoreInfo], bool], on_step: Callable[[str, str], None] | None = None,
-            safety: bool = True, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> RestoreResult:
+            safety: bool = True, identities: list | None = None,
+            now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> RestoreResult:
     """Restore `entry` into `into` (default: the target's database) on `target`'s server, as described above.
 
     Raise VerifyError if the backup is damaged, RestoreRefused if `confirm` says no, RestoreError if the
@@ -306,8 +339,12 @@ def restore(settings: Settings, entry: Entry, target: Target, *, into: str | Non
         return value
 
     logline("=" * 60, f"Iniciando restauração de {entry.path}", f"Destino: {database} em {target.describe()}")
+    work = settings.backup_root / WORK_DIR / f"restore-{uuid.uuid4().hex[:12]}"
+    stored = entry  # the backup as stored; `entry` becomes its plaintext when it is encrypted
     try:
-        timed("verify", lambda: verify_backup(entry.path, settings))
+        timed("verify", lambda: verify_backup(stored.path, settings))
+        if stored.manifest.encryption:
+            entry = timed("decrypt", lambda: plaintext_of(settings, stored, identities, work))
         logline("SUCCESS: Backup íntegro (checksums, descompressão, dump completo)")
         with connect(target, MAINTENANCE_DB) as admin:
             exists = database_exists(admin, database)
@@ -319,7 +356,7 @@ def restore(settings: Settings, entry: Entry, target: Target, *, into: str | Non
         if exists and safety:
             safety_path = timed("safety_backup", lambda: safety_backup(settings, target, database, now()))
             logline(f"SUCCESS: Backup de segurança criado: {safety_path}")
-        work = private_dir(settings.backup_root / WORK_DIR / f"restore-{uuid.uuid4().hex[:12]}")
+        private_dir(work)
         temporary = f"pgbeat_restore_{uuid.uuid4().hex[:12]}"
         try:
             with connect(target, MAINTENANCE_DB) as admin:
@@ -344,7 +381,6 @@ def restore(settings: Settings, entry: Entry, target: Target, *, into: str | Non
                     admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(temporary),
                                                                                    ident(database)))
         finally:
-            remove_path(work)
             with connect(target, MAINTENANCE_DB) as admin:
                 if database_exists(admin, temporary):
                     admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(ident(temporary)))
@@ -358,15 +394,17 @@ def restore(settings: Settings, entry: Entry, target: Target, *, into: str | Non
         logline(f"ERROR: {exc.message}", *(f"  {d}" for d in exc.details))
         send_event(settings, Event(kind="restore_failed", target=target.name, tier=entry.manifest.tier,
                                    run_id=entry.manifest.run_id, node=settings.node, at=now().isoformat(),
-                                   file=str(entry.path), reason=exc.message, details=exc.details, hint=exc.hint,
+                                   file=str(stored.path), reason=exc.message, details=exc.details, hint=exc.hint,
                                    log_file=str(log_file), step="restore"))
         raise
+    finally:
+        remove_path(work)  # scratch files, e.g. a decrypted copy
     duration = round(time.monotonic() - t0, 3)
     logline(f"SUCCESS: Restauração concluída em {duration}s ({len(entry.manifest.tables)} tabelas conferidas)")
     send_event(settings, Event(kind="restore_succeeded", target=target.name, tier=entry.manifest.tier,
                                run_id=entry.manifest.run_id, node=settings.node, at=now().isoformat(),
-                               file=str(entry.path), duration_s=duration, size=entry.manifest.size,
+                               file=str(stored.path), duration_s=duration, size=stored.manifest.size,
                                log_file=str(log_file)))
-    return RestoreResult(backup=entry.path, database=database, server=target.describe(), created=not exists,
+    return RestoreResult(backup=stored.path, database=database, server=target.describe(), created=not exists,
                          safety_backup=safety_path, tables_checked=len(entry.manifest.tables), restore_s=restore_s,
                          duration_s=duration, steps=timings)

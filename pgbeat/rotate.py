@@ -14,8 +14,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 
-from pgbeat.catalog import Entry, checksum_path, iter_manifests, list_backups, manifest_lock_path, manifest_path
+from pgbeat.catalog import Entry, checksum_path, iter_manifests, manifest_lock_path, manifest_path
+from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import remove_path
 from pgbeat.run import Run, StepContext
 from pgbeat.settings import Settings, TierPolicy
@@ -33,8 +35,8 @@ class RotationPlan:
     orphans: list[Entry] = field(default_factory=list, metadata={"doc": "sidecars whose data file is gone"})
 
 
-def plan_rotation(entries: list[Entry], policy: TierPolicy, now: datetime, target: str, tier: str) -> RotationPlan:
-    """Given one target/tier's backups, decide which to keep and which to remove at time `now`."""
+def plan_rotation(entries: list, policy: TierPolicy, now: datetime, target: str, tier: str) -> RotationPlan:
+    """Given one target/tier's backups (local Entries or RemoteEntries), decide what to keep at time `now`."""
     plan = RotationPlan(target=target, tier=tier)
     present = sorted((e for e in entries if e.exists), key=lambda e: e.manifest.started_at)
     verified = [e for e in present if e.verified]
@@ -71,15 +73,38 @@ def rotate_target(settings: Settings, target: str, tier: str, now: datetime, dry
     return plan
 
 
+def rotate_destination(settings: Settings, target: str, tier: str, destination: str, now: datetime,
+                       dry_run: bool = False) -> RotationPlan:
+    """Apply the destination's own retention (same floor rule) to what pgbeat stored there."""
+    from pgbeat.destinations import open_storage, remote_entries, remove_remote, retention
+
+    config = settings.target(target)
+    spec = config.destination(destination)
+    storage = open_storage(spec)
+    plan = plan_rotation(remote_entries(settings, storage, spec.name, target, tier), retention(config, spec, tier),
+                         now, target, tier)
+    if not dry_run:
+        for entry in plan.remove:
+            remove_remote(storage, entry)
+            log.info("removed %s from %s", entry.path, destination)
+    return plan
+
+
 def rotate_step(ctx: StepContext, run: Run) -> Run:
+    """Rotate the run's target/tier on the local shelf and on every destination, each by its own rules."""
     t0 = time.monotonic()
     plan = rotate_target(ctx.settings, run.target, run.tier, ctx.now())
+    removed = {"local": [e.path.name for e in plan.remove]}
+    errors = []
+    for spec in ctx.target(run).destinations:
+        try:
+            remote = rotate_destination(ctx.settings, run.target, run.tier, spec.name, ctx.now())
+            removed[spec.name] = [Path(e.path).name for e in remote.remove]
+        except PgbeatError as exc:  # a destination that is down: rotate it next time, say so now
+            errors.append(f"rotation of {spec.name} failed: {exc.message}")
     run.steps["rotate"] = {
-        "removed": [e.path.name for e in plan.remove], "kept": len(plan.keep) + len(plan.protected),
-        "protected": [e.path.name for e in plan.protected], "duration_s": round(time.monotonic() - t0, 3),
+        "removed": removed["local"], "removed_by_destination": removed, "errors": errors,
+        "kept": len(plan.keep) + len(plan.protected), "protected": [e.path.name for e in plan.protected],
+        "duration_s": round(time.monotonic() - t0, 3),
     }
     return run
-
-
-def shelf(settings: Settings, target: str, tier: str) -> list[Entry]:
-    return list_backups(settings.backup_root, target, tier)

@@ -171,6 +171,73 @@ class MonitoringSpec(Strict):
     metrics_listen: str = Field("127.0.0.1:9810", description="host:port of `pgbeat metrics`")
 
 
+class RetentionSpec(Strict):
+    keep_days: int | None = Field(None, ge=0)
+    min_keep: int | None = Field(None, ge=1)
+
+
+class DestinationSpec(Strict):
+    """An off-site copy: S3 (or compatible), GCS, or a folder over SSH. The local shelf is always kept."""
+
+    name: str
+    kind: Literal["s3", "gcs", "ssh"]
+    enabled: bool = True
+    prefix: str = Field("", description="s3/gcs: key prefix inside the bucket")
+    bucket: str | None = Field(None, description="s3, gcs")
+    endpoint_url: str | None = Field(None, description="s3: an S3-compatible service (MinIO, Wasabi, GCS interop)")
+    region: str | None = None
+    storage_class: str | None = Field(None, description="s3: e.g. STANDARD_IA, GLACIER_IR")
+    sse: Literal["AES256", "aws:kms"] | None = Field(None, description="s3 server-side encryption")
+    sse_kms_key_id: str | None = None
+    access_key_id: SecretStr | None = Field(None, description="s3; default: AWS env vars, profiles, roles")
+    secret_access_key: SecretStr | None = None
+    profile: str | None = None
+    part_size: int | None = Field(None, ge=5 * 1024 * 1024, description="s3 multipart part size in bytes")
+    project: str | None = Field(None, description="gcs")
+    credentials_file: Path | None = Field(None, description="gcs; default: GOOGLE_APPLICATION_CREDENTIALS")
+    endpoint: str | None = Field(None, description="gcs: an emulator's URL")
+    host: str | None = Field(None, description="ssh")
+    port: int | None = Field(None, ge=1, le=65535, description="ssh (default 22)")
+    user: str | None = Field(None, description="ssh")
+    path: str | None = Field(None, description="ssh: the remote folder")
+    key_file: Path | None = Field(None, description="ssh; default: the agent or ~/.ssh keys")
+    known_hosts: Path | None = Field(None, description="ssh; host keys are always checked")
+    retention: dict[Tier, RetentionSpec] | None = Field(None, description="this destination's own retention")
+    bandwidth_limit: int | None = Field(None, ge=1024, description="bytes per second")
+    retries: int = Field(5, ge=1, le=20, description="attempts per operation, with exponential backoff")
+
+    _name = field_validator("name")(lambda v: validate_target_name(v))
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> DestinationSpec:
+        needed = {"s3": ("bucket",), "gcs": ("bucket",), "ssh": ("host", "user", "path")}[self.kind]
+        missing = [f for f in needed if not getattr(self, f)]
+        if missing:
+            raise ValueError(f"a {self.kind} destination needs {', '.join(missing)}")
+        if self.name == "local":
+            raise ValueError("'local' is the name of the local shelf; choose another name")
+        return self
+
+
+class EncryptionSpec(Strict):
+    """Client-side encryption with age: workers hold only the public recipients."""
+
+    recipients: list[str] = Field(min_length=1, description="age X25519 public keys (age1...)")
+    identity_file: Path | None = Field(None, description="the private identity, needed only to restore")
+
+    @field_validator("recipients")
+    @classmethod
+    def _valid_recipients(cls, recipients: list[str]) -> list[str]:
+        import pyrage
+
+        for recipient in recipients:
+            try:
+                pyrage.x25519.Recipient.from_str(recipient)
+            except Exception:
+                raise ValueError(f"{recipient[:12]}... is not an age X25519 recipient (age1...)") from None
+        return recipients
+
+
 class CompressionSpec(Strict):
     codec: Codec | None = None
     level: int | None = None
@@ -195,6 +262,8 @@ class TargetOptions(Strict):
     drill: DrillSpec | None = None
     notify: list[ChannelSpec] | None = Field(None, description="channels for this target, besides the global ones")
     healthcheck_url: SecretStr | None = Field(None, description="healthchecks-style ping URL: /start, success, /fail")
+    destinations: list[DestinationSpec] | None = Field(None, description="off-site copies besides the local shelf")
+    encryption: EncryptionSpec | None = None
 
     @field_validator("pg_dump_options")
     @classmethod
@@ -343,6 +412,8 @@ class Target(Strict):
     drill: DrillPolicy
     notify: list[ChannelSpec] = Field(default_factory=list)
     healthcheck_url: SecretStr | None = None
+    destinations: list[DestinationSpec] = Field(default_factory=list)
+    encryption: EncryptionSpec | None = None
     source: str = Field(description="where the target was defined, for messages")
 
     def conninfo(self) -> str:
@@ -357,6 +428,13 @@ class Target(Strict):
 
     def enabled_tiers(self) -> list[str]:
         return [tier for tier in TIERS if self.tiers[tier].enabled]
+
+    def destination(self, name: str) -> DestinationSpec:
+        for spec in self.destinations:
+            if spec.name == name:
+                return spec
+        known = ", ".join(["local", *(d.name for d in self.destinations)])
+        raise UnknownTargetError(f"Target {self.name} has no destination {name!r}", hint=f"destinations: {known}")
 
     def drill_server(self) -> Target:
         """The connection drills restore into: this target with the drill's server overrides."""
@@ -509,6 +587,7 @@ def resolve_target(spec: TargetSpec, defaults: TargetOptions, source: str) -> Ta
         format=merged.get("format", "plain"), jobs=merged.get("jobs", 1), compression=compression,
         pg_dump_options=merged.get("pg_dump_options", []), tiers=tiers, source=source,
         notify=merged.get("notify", []), healthcheck_url=merged.get("healthcheck_url"),
+        destinations=[d for d in merged.get("destinations", []) if d.enabled], encryption=merged.get("encryption"),
     )
 
 
@@ -521,6 +600,11 @@ def _target_problems(target: Target) -> list[tuple[str, str]]:
                                               f"(got {target.compression.level})"))
     if target.jobs > 1 and target.format != "directory":
         problems.append(("jobs", f"parallel dumps (jobs > 1) need format 'directory' (got {target.format!r})"))
+    if target.encryption is not None and target.format == "directory":
+        problems.append(("encryption", "encryption needs format 'plain' or 'custom' (a directory is many files)"))
+    names = [d.name for d in target.destinations]
+    for name in {n for n in names if names.count(n) > 1}:
+        problems.append(("destinations", f"two destinations are named {name!r}"))
     return problems
 
 

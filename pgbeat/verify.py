@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -176,8 +177,40 @@ def read_checksum_file(path: Path) -> dict[str, str]:
     return sums
 
 
-def verify_backup(path: Path, settings: Settings) -> tuple[Manifest, dict[str, Any]]:
-    """Verify a backup on disk against its manifest and `.sha256`; raise VerifyError naming what is wrong."""
+def stored_problems(result: dict[str, Any], manifest: Manifest) -> list[str]:
+    """Compare what is on disk (a file's digests, or a folder's per-file digests) with the manifest."""
+    problems = []
+    if manifest.files:
+        expected = {f.name: f.sha256 for f in manifest.files}
+        actual = {f["name"]: f["sha256"] for f in result.get("files", [])}
+        if expected != actual:
+            changed = sorted(n for n in expected.keys() | actual.keys() if expected.get(n) != actual.get(n))
+            problems.append(f"files differ from the manifest: {', '.join(changed[:5])}")
+        return problems
+    if result["sha256"] != manifest.sha256:
+        problems.append(f"SHA-256 {result['sha256']} does not match the manifest's {manifest.sha256}")
+    if manifest.md5 and result.get("md5") != manifest.md5:
+        problems.append(f"MD5 {result.get('md5')} does not match the manifest's {manifest.md5}")
+    if result["size"] != manifest.size:
+        problems.append(f"size {result['size']} does not match the manifest's {manifest.size}")
+    return problems
+
+
+def plaintext_problems(result: dict[str, Any], manifest: Manifest) -> list[str]:
+    problems = []
+    if not result["complete"]:
+        problems.append("the dump lacks pg_dump's closing 'dump complete' line (truncated)")
+    if manifest.raw_crc32 and result.get("raw_crc32") != manifest.raw_crc32:
+        problems.append("decompressed content does not match what pg_dump wrote (CRC-32)")
+    return problems
+
+
+def verify_backup(path: Path, settings: Settings, identities: list | None = None) -> tuple[Manifest, dict[str, Any]]:
+    """Verify a backup on disk against its manifest and `.sha256`; raise VerifyError naming what is wrong.
+
+    An encrypted backup is checked as stored (size, checksums); with `identities` it is also decrypted,
+    and the plaintext is checked like any backup (checksums, full decompression, completeness).
+    """
     path = path.expanduser()
     if not path.exists():
         raise VerifyError(f"{path}: no such file", hint="give the path of a backup, e.g. from `pgbeat list`")
@@ -187,25 +220,15 @@ def verify_backup(path: Path, settings: Settings) -> tuple[Manifest, dict[str, A
                           hint="pgbeat verifies backups it made; for a bare .sql.gz use `gzip -t`")
     manifest = entry.manifest
     codec = manifest.codec if manifest.format == "plain" else codec_for_name(path.name)
-    result = check_backup(entry.path, manifest.format, codec, settings)
-    problems = []
-    if not result["complete"]:
-        problems.append("the dump lacks pg_dump's closing 'dump complete' line (truncated)")
-    if manifest.files:
-        expected = {f.name: f.sha256 for f in manifest.files}
-        actual = {f["name"]: f["sha256"] for f in result.get("files", [])}
-        if expected != actual:
-            changed = sorted(n for n in expected.keys() | actual.keys() if expected.get(n) != actual.get(n))
-            problems.append(f"files differ from the manifest: {', '.join(changed[:5])}")
+    if manifest.encryption:
+        result = file_digests(entry.path)
+        problems = stored_problems(result, manifest)
+        result["complete"] = None
+        if identities is not None and not problems:
+            problems += decrypted_problems(entry, settings, identities, codec, result)
     else:
-        if result["sha256"] != manifest.sha256:
-            problems.append(f"SHA-256 {result['sha256']} does not match the manifest's {manifest.sha256}")
-        if manifest.md5 and result["md5"] != manifest.md5:
-            problems.append(f"MD5 {result['md5']} does not match the manifest's {manifest.md5}")
-        if result["size"] != manifest.size:
-            problems.append(f"size {result['size']} does not match the manifest's {manifest.size}")
-        if manifest.raw_crc32 and result.get("raw_crc32") != manifest.raw_crc32:
-            problems.append("decompressed content does not match what pg_dump wrote (CRC-32)")
+        result = check_backup(entry.path, manifest.format, codec, settings)
+        problems = stored_problems(result, manifest) + plaintext_problems(result, manifest)
     sums_file = checksum_path(entry.path)
     if sums_file.exists():
         sums = read_checksum_file(sums_file)
@@ -219,3 +242,21 @@ def verify_backup(path: Path, settings: Settings) -> tuple[Manifest, dict[str, A
         raise VerifyError(f"{path.name} failed verification", step="verify", details=problems,
                           hint="do not restore from this file; use an older backup or a remote copy")
     return manifest, result
+
+
+def decrypted_problems(entry, settings: Settings, identities: list, codec: str, result: dict) -> list[str]:
+    """Decrypt an encrypted backup into a scratch file and check the plaintext; fill `result` in."""
+    from pgbeat import crypt
+    from pgbeat.fsutil import private_dir, remove_path
+
+    plaintext = entry.manifest.encryption["plaintext"]
+    scratch = private_dir(settings.backup_root / ".work") / f"verify-{os.getpid()}-{plaintext['file']}"
+    try:
+        digests = crypt.decrypt_file(entry.path, scratch, identities)
+        if digests["sha256"] != plaintext["sha256"]:
+            return ["the decrypted content does not match the plaintext SHA-256 in the manifest"]
+        checked = check_backup(scratch, entry.manifest.format, codec, settings)
+        result.update(complete=checked["complete"], plaintext_sha256=digests["sha256"])
+        return plaintext_problems(checked, entry.manifest)
+    finally:
+        remove_path(scratch)

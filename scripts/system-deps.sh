@@ -6,7 +6,7 @@ set -euo pipefail
 declare -A package_of=(
   [pg_config]=postgresql [initdb]=postgresql [pg_dump]=postgresql [psql]=postgresql
   [redis-server]=redis-server [gzip]=gzip [sha256sum]=coreutils [runuser]=util-linux
-  [promtool]=prometheus
+  [promtool]=prometheus [age]=age [age-keygen]=age
   [sshd]=openssh-server [ssh]=openssh-client [ssh-keygen]=openssh-client
 )
 want=("$@")

@@ -56,11 +56,11 @@ def notify_step(ctx: StepContext, run: Run) -> Run:
     event = event_from_run(settings, run, ctx.now())
     entry = find_backup(Path(run.final_path)) if run.final_path else None
     if event.kind == "success" and entry is not None:
-        event.warnings = backup_warnings(settings, entry)
+        event.warnings += backup_warnings(settings, entry)
         if event.warnings:
             update_manifest(manifest_path(entry.path), lambda m: setattr(m, "warnings", event.warnings))
     elif event.kind == "failure":
-        event.warnings = disk_warnings(settings.backup_root, settings.monitoring)
+        event.warnings += disk_warnings(settings.backup_root, settings.monitoring)
     record_attempt(settings.backup_root, run.target, run.tier, {
         "status": event.kind, "at": event.at, "run_id": run.run_id, "duration_s": event.duration_s,
         "size": event.size, "step": event.step, "reason": event.reason, "file": event.file})

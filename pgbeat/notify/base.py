@@ -93,4 +93,5 @@ def event_from_run(settings: Settings, run: Run, now: datetime) -> Event:
         duration_s=round((now - run.started_at).total_seconds(), 3),
         step=failure.get("step"), reason=failure.get("message"), details=failure.get("details", []),
         hint=failure.get("hint"), log_file=str(runlog.log_path(settings, run)),
+        warnings=list(run.step("rotate").get("errors", [])),
     )

@@ -86,6 +86,12 @@ def hold_lock(pg, db: str, seconds: float) -> subprocess.Popen:
     return proc
 
 
+def release_lock(pg, db: str) -> None:
+    """End the session that holds the table lock (so the test need not wait for its sleep)."""
+    pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+           "AND query LIKE 'BEGIN; LOCK TABLE big%'", db)
+
+
 def test_celery_call_round_trip(service, worker, pg, dbs, redis_server, make_db):
     """`celery call tasks.backup` on a running worker gives a verified backup that restores identically."""
     run_id = celery_call(service, "erp_rich")
@@ -185,7 +191,7 @@ def test_redelivered_message_does_not_dispatch_twice(service, worker, redis_serv
 
 
 def test_worker_killed_mid_dump_redoes_the_backup_once(service, worker, pg, dbs, redis_server):
-    locker = hold_lock(pg, dbs["locked"], 4)
+    locker = hold_lock(pg, dbs["locked"], 60)
     try:
         run_id = celery_call(service, "erp_locked")
         [dump] = wait_for(lambda: pg_dump_processes(dbs["locked"]), 20, what="pg_dump")
@@ -194,6 +200,7 @@ def test_worker_killed_mid_dump_redoes_the_backup_once(service, worker, pg, dbs,
         pool_child.send_signal(signal.SIGKILL)
         wait_for(lambda: not dump.is_running() or dump.status() == "zombie", 10, what="orphaned pg_dump to die")
     finally:
+        release_lock(pg, dbs["locked"])
         locker.wait(30)
     state = wait_run(redis_server.client, run_id, 90)
     assert state["status"] == "succeeded", state
@@ -206,7 +213,7 @@ def test_worker_killed_mid_dump_redoes_the_backup_once(service, worker, pg, dbs,
 
 
 def test_target_lock_serialises_dumps_of_one_database(service, worker, pg, dbs, redis_server):
-    locker = hold_lock(pg, dbs["locked"], 3)
+    locker = hold_lock(pg, dbs["locked"], 60)
     try:
         first = celery_call(service, "erp_locked", "weekly")
         second = celery_call(service, "erp_locked", "weekly")
@@ -219,6 +226,7 @@ def test_target_lock_serialises_dumps_of_one_database(service, worker, pg, dbs, 
         waiting = [run_state(redis_server.client, r).get("status") for r in (first, second)]
         assert "waiting" in waiting
     finally:
+        release_lock(pg, dbs["locked"])
         locker.wait(30)
     states = [wait_run(redis_server.client, r, 120) for r in (first, second)]
     assert [s["status"] for s in states] == ["succeeded", "succeeded"]

@@ -142,7 +142,7 @@ def test_password_never_on_command_line(workdir, pg, make_db):
     service = Service(workdir, None, [pg.target("erp", db, user="backup", password=SECRET_PASSWORD)])
     # Hold a lock so pg_dump waits while we look at the process table.
     locker = subprocess.Popen([str(pg_restore().parent / "psql"), "-h", pg.host, "-p", str(pg.port), "-U", "postgres",
-                               "-d", db, "-c", "BEGIN; LOCK TABLE big IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(3);"],
+                               "-d", db, "-c", "BEGIN; LOCK TABLE big IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60);"],
                               stdout=subprocess.DEVNULL)
     try:
         import time
@@ -158,6 +158,7 @@ def test_password_never_on_command_line(workdir, pg, make_db):
         assert "PGPASSWORD" not in dump.environ()
         passfile = dump.environ()["PGPASSFILE"]
         assert stat.S_IMODE(os.stat(passfile).st_mode) == 0o600
+        pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'BEGIN; LOCK TABLE big%'")
         out, errs = proc.communicate(timeout=60)
         assert proc.returncode == 0, out + errs
         assert not os.path.exists(passfile)
