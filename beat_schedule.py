@@ -15,6 +15,10 @@ from celery.schedules import crontab
 from pgbeat.schedule import expiry_seconds
 from pgbeat.settings import Settings
 
+# Redis priorities: lower is served sooner. A manual backup or restore (0) is not stuck behind a night
+# of scheduled dumps (6); every step of a chain keeps its run's priority.
+MANUAL_PRIORITY, SCHEDULED_PRIORITY = 0, 6
+
 
 def cron_schedule(expr: str) -> crontab:
     minute, hour, day_of_month, month_of_year, day_of_week = expr.split()
@@ -33,7 +37,7 @@ def build_beat_schedule(settings: Settings, now: datetime | None = None) -> dict
                 "schedule": cron_schedule(expr),
                 "args": (target.name, tier),
                 "kwargs": {"scheduled": True},
-                "options": {"expires": expiry_seconds(expr, now, settings.tz)},
+                "options": {"expires": expiry_seconds(expr, now, settings.tz), "priority": SCHEDULED_PRIORITY},
             }
         if target.drill.enabled:
             schedule[f"drill {target.name}"] = {
@@ -42,4 +46,7 @@ def build_beat_schedule(settings: Settings, now: datetime | None = None) -> dict
                 "args": (target.name,),
                 "options": {"expires": expiry_seconds(target.drill.schedule, now, settings.tz)},
             }
+    if settings.targets:
+        # Every minute: runs stranded on a host without a live worker are re-dispatched (workers.reconcile).
+        schedule["reconcile runs"] = {"task": "tasks.reconcile", "schedule": crontab(), "options": {"expires": 50}}
     return schedule

@@ -158,7 +158,7 @@ def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wa
     runs = {}
     for name in names:
         run_id = uuid.uuid4().hex
-        app.send_task("tasks.backup", args=[name, tier], task_id=run_id)
+        app.send_task("tasks.backup", args=[name, tier], task_id=run_id, priority=0)  # manual: ahead of beat's
         runs[run_id] = name
         out.print(f"{name}: {tier} backup queued as run {run_id}")
     if no_wait:
@@ -452,7 +452,7 @@ def restore_on_worker(settings: Settings, entry, target: str, into: str | None, 
         raise errors.PgbeatError("Restore cancelled: not confirmed", hint="type SIM to confirm, or pass --yes")
     task_id = uuid.uuid4().hex
     app.send_task("tasks.restore", args=[str(entry.path), target, into, jobs], task_id=task_id,
-                  queue=host_queue(node or settings.node))
+                  queue=host_queue(node or settings.node), priority=0)
     state = RunState(redis_client(settings))
     printed = 0
     while True:
@@ -609,11 +609,12 @@ def status(as_json: bool) -> None:
 
 def run_overview(settings: Settings) -> dict:
     """Queued, running and stuck runs from Redis (empty when the broker cannot be reached)."""
-    from pgbeat.coordination import RunState
+    from pgbeat.coordination import NodeRegistry, RunState
     from workers.chain import redis_client
 
     try:
-        return RunState(redis_client(settings)).overview(settings.reliability.lock_ttl)
+        client = redis_client(settings)
+        return RunState(client).overview(settings.reliability.lock_ttl, NodeRegistry(client).alive_nodes())
     except Exception as exc:  # status must still show the shelf when Redis is down
         err.print(f"cannot read run states from the broker: {type(exc).__name__}")
         return {}

@@ -67,8 +67,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-class RedisLease:
-    """A self-renewing lock on `key`. Use as a context manager after a successful `acquire()`."""
+class Renewing:
+    """A claim in Redis with a TTL, kept alive by a thread while the work runs.
+
+    Subclasses implement `_renew_once()` (raise LockError when the claim is gone) and `_release()`.
+    When renewal finds the claim gone, or Redis unreachable for longer than the TTL, `on_lost` fires so
+    the work is aborted rather than risk a twin.
+    """
 
     def __init__(self, client: redis.Redis, key: str, ttl: int, node: str, run_id: str,
                  on_lost: Callable[[str], None] | None = None, on_renew: Callable[[], None] | None = None) -> None:
@@ -77,9 +82,63 @@ class RedisLease:
         self.on_lost = on_lost
         self.on_renew = on_renew  # a heartbeat for whoever watches the run
         self.lost: str | None = None
-        self._lock = client.lock(key, timeout=ttl, blocking=False, thread_local=False)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._renew, name=f"lease:{self.key}", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        last_ok = time.monotonic()
+        while not self._stop.wait(max(self.ttl / 3, 0.5)):
+            try:
+                self._renew_once()
+                last_ok = time.monotonic()
+                if self.on_renew:
+                    self.on_renew()
+            except (LockNotOwnedError, LockError):
+                self._lose("the lock was removed or taken by another process")
+                return
+            except RedisError as exc:
+                if time.monotonic() - last_ok > self.ttl:
+                    self._lose(f"Redis unreachable for longer than the lock's TTL ({exc})")
+                    return
+
+    def _lose(self, reason: str) -> None:
+        self.lost = reason
+        log.error("lost %s: %s", self.key, reason)
+        if self.on_lost:
+            self.on_lost(reason)
+
+    def _renew_once(self) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        # Expired, taken, or Redis is gone: then there is nothing of ours to release.
+        with contextlib.suppress(LockError, RedisError):
+            self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class RedisLease(Renewing):
+    """A self-renewing lock on `key` (redis-py's Lock, with our token naming the holder)."""
+
+    def __init__(self, client: redis.Redis, key: str, ttl: int, node: str, run_id: str,
+                 on_lost: Callable[[str], None] | None = None, on_renew: Callable[[], None] | None = None) -> None:
+        super().__init__(client, key, ttl, node, run_id, on_lost, on_renew)
+        self._lock = client.lock(key, timeout=ttl, blocking=False, thread_local=False)
 
     def holder(self) -> dict[str, str] | None:
         return parse_token(self.client.get(self.key))
@@ -95,45 +154,83 @@ class RedisLease:
                 return False
             self._lock.local.token = self.token.encode()
             log.warning("took over lock %s from %s (holder gone)", self.key, holder["token"])
-        self._thread = threading.Thread(target=self._renew, name=f"lease:{self.key}", daemon=True)
-        self._thread.start()
+        self._start()
         return True
 
-    def _renew(self) -> None:
-        last_ok = time.monotonic()
-        while not self._stop.wait(max(self.ttl / 3, 0.5)):
-            try:
-                self._lock.reacquire()
-                last_ok = time.monotonic()
-                if self.on_renew:
-                    self.on_renew()
-            except (LockNotOwnedError, LockError):
-                self._lose("the lock was removed or taken by another process")
-                return
-            except RedisError as exc:
-                if time.monotonic() - last_ok > self.ttl:
-                    self._lose(f"Redis unreachable for longer than the lock's TTL ({exc})")
-                    return
+    def _renew_once(self) -> None:
+        self._lock.reacquire()
 
-    def _lose(self, reason: str) -> None:
-        self.lost = reason
-        log.error("lost lock %s: %s", self.key, reason)
-        if self.on_lost:
-            self.on_lost(reason)
+    def _release(self) -> None:
+        self._lock.release()
 
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-        # Expired, taken, or Redis is gone: then there is nothing of ours to release.
-        with contextlib.suppress(LockError, RedisError):
-            self._lock.release()
 
-    def __enter__(self) -> RedisLease:
-        return self
+# A counting semaphore as a sorted set of holders scored by expiry (Redis server time, so the clocks of
+# the worker hosts do not matter); expired holders (a dead worker) drop out on the next acquire.
+_SEM_ACQUIRE = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
+redis.call('zremrangebyscore', KEYS[1], '-inf', t)
+if redis.call('zscore', KEYS[1], ARGV[2]) or redis.call('zcard', KEYS[1]) < tonumber(ARGV[1]) then
+    redis.call('zadd', KEYS[1], t + tonumber(ARGV[3]), ARGV[2])
+    redis.call('expire', KEYS[1], math.ceil(tonumber(ARGV[3])) + 60)
+    return 1
+end
+return 0
+"""
+_SEM_RENEW = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1e6
+if not redis.call('zscore', KEYS[1], ARGV[1]) then return 0 end
+redis.call('zadd', KEYS[1], t + tonumber(ARGV[2]), ARGV[1])
+redis.call('expire', KEYS[1], math.ceil(tonumber(ARGV[2])) + 60)
+return 1
+"""
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+
+class RedisSemaphore(Renewing):
+    """At most `limit` holders of `key` at once, across every worker host (a per-host or global cap)."""
+
+    def __init__(self, client: redis.Redis, key: str, limit: int, ttl: int, node: str, run_id: str,
+                 on_lost: Callable[[str], None] | None = None) -> None:
+        super().__init__(client, key, ttl, node, run_id, on_lost)
+        self.limit = limit
+
+    def acquire(self) -> bool:
+        if not self.client.register_script(_SEM_ACQUIRE)(keys=[self.key], args=[self.limit, self.token, self.ttl]):
+            return False
+        self._start()
+        return True
+
+    def holders(self) -> list[str]:
+        return [t.decode() for t in self.client.zrange(self.key, 0, -1)]
+
+    def _renew_once(self) -> None:
+        if not self.client.register_script(_SEM_RENEW)(keys=[self.key], args=[self.token, self.ttl]):
+            raise LockError("semaphore slot expired or removed")
+
+    def _release(self) -> None:
+        self.client.zrem(self.key, self.token)
+
+
+class NodeRegistry:
+    """Which worker hosts are alive: each worker refreshes its entry every few seconds."""
+
+    KEY = f"{PREFIX}:workers"
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def beat(self, node: str, worker: str, ttl: float) -> None:
+        pipe = self.client.pipeline()
+        pipe.zadd(self.KEY, {f"{node}|{worker}": time.time() + ttl})
+        pipe.zremrangebyscore(self.KEY, "-inf", time.time() - 86400)
+        pipe.execute()
+
+    def leave(self, node: str, worker: str) -> None:
+        self.client.zrem(self.KEY, f"{node}|{worker}")
+
+    def alive_nodes(self) -> set[str]:
+        return {m.decode().split("|", 1)[0] for m in self.client.zrangebyscore(self.KEY, time.time(), "+inf")}
 
 
 def holder_gone(node: str) -> Callable[[dict[str, str]], bool]:
@@ -230,6 +327,10 @@ class RunState:
         owner = self.client.get(key)
         return owner.decode() if owner else None
 
+    def take_slot(self, target: str, tier: str, slot: str, run_id: str, ttl: int) -> None:
+        """Give (target, tier, slot) to `run_id` (it replaces an abandoned run)."""
+        self.client.set(f"{PREFIX}:slot:{target}:{tier}:{slot}", run_id, ex=ttl)
+
     def step_result(self, run_id: str, step: str) -> dict[str, Any] | None:
         raw = self.client.hget(self.key(run_id), f"done:{step}")
         return json.loads(raw) if raw else None
@@ -242,23 +343,36 @@ class RunState:
         self.client.expire(self.key(run_id), RUN_TTL)
         return int(value)
 
-    def overview(self, heartbeat_ttl: int) -> dict[str, list[dict[str, str]]]:
-        """Runs that are queued, running, or stuck (running, but silent for longer than 3 heartbeats)."""
-        groups: dict[str, list[dict[str, str]]] = {"queued": [], "running": [], "stuck": []}
-        now = time.time()
+    ACTIVE = ("claimed", "queued", "running", "waiting", "retrying")
+
+    def active_runs(self) -> list[dict[str, str]]:
+        """Every run not finished yet, with its fields (run_id, target, tier, node, status, step, updated_at)."""
+        runs = []
         for key in self.client.scan_iter(f"{PREFIX}:run:*", count=500):
             name = key.decode()
             if name.count(":") != 2:
                 continue  # a run's progress list
             fields = self.get(name.split(":", 2)[2])
-            status = fields.get("status")
-            info = {"run_id": name.split(":", 2)[2], "target": fields.get("target", "?"),
-                    "tier": fields.get("tier", "?"), "step": fields.get("step", ""), "status": status or "?"}
-            if status in ("claimed", "queued"):
-                groups["queued"].append(info)
-            elif status in ("running", "waiting", "retrying"):
-                silent = now - float(fields.get("updated_at", now))
-                groups["stuck" if silent > 3 * max(heartbeat_ttl, 60) else "running"].append(info)
+            if fields.get("status") in self.ACTIVE:
+                runs.append({"run_id": name.split(":", 2)[2], **fields})
+        return runs
+
+    def overview(self, heartbeat_ttl: int, alive_nodes: set[str] | None = None) -> dict[str, Any]:
+        """Runs that are queued, running, or stuck (silent for longer than 3 heartbeats, or on a dead host),
+        and per host queue the age of its oldest queued run."""
+        groups: dict[str, Any] = {"queued": [], "running": [], "stuck": [], "queue_ages": {}}
+        now = time.time()
+        for fields in self.active_runs():
+            info = {k: fields.get(k, "?") for k in ("run_id", "target", "tier", "node", "step", "status")}
+            silent = now - float(fields.get("updated_at", now))
+            dead_host = alive_nodes is not None and fields.get("node") not in alive_nodes
+            if fields["status"] in ("claimed", "queued"):
+                groups["stuck" if dead_host else "queued"].append(info)
+                queue = f"pgbeat.host.{fields.get('node', '?')}"
+                groups["queue_ages"][queue] = max(groups["queue_ages"].get(queue, 0.0), silent)
+            else:
+                stuck = dead_host or silent > 3 * max(heartbeat_ttl, 60)
+                groups["stuck" if stuck else "running"].append(info)
         return groups
 
     def set_latest(self, target: str, node: str) -> None:
@@ -276,6 +390,13 @@ class RunState:
 
 def target_lock_key(target: str) -> str:
     return f"{PREFIX}:lock:target:{target}"
+
+
+def host_slots_key(host: str) -> str:
+    return f"{PREFIX}:slots:host:{host}"
+
+
+GLOBAL_SLOTS_KEY = f"{PREFIX}:slots:global"
 
 
 def step_lease_key(run_id: str, step: str) -> str:

@@ -300,6 +300,13 @@ class Reliability(Strict):
         description="soft time limit per step in seconds; the hard limit is 60 s later",
     )
     result_expires: int = Field(86400, ge=60)
+    per_host_dumps: int = Field(1, ge=0, description="dumps at once against one database server (0 = no cap)")
+    max_dumps: int = Field(0, ge=0, description="dumps at once across the fleet (0 = no cap)")
+    node_timeout: int = Field(180, ge=10, description="seconds without a live worker on a host before its runs "
+                                                      "are re-dispatched elsewhere")
+    catch_up_window: float = Field(0.5, gt=0, le=1, description="a scheduled run starting later than this share "
+                                                                "of its tier's period after its slot is skipped")
+    beat_lock_timeout: int = Field(150, ge=10, description="RedBeat leader lock: a standby beat takes over after it")
 
     @field_validator("time_limits")
     @classmethod

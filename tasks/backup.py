@@ -7,6 +7,8 @@ from workers.chain import start_backup
 
 
 @shared_task(name="tasks.backup", bind=True, acks_late=True, reject_on_worker_lost=True)
-def backup(self, target: str, tier: str, scheduled: bool = False) -> dict:
+def backup(self, target: str, tier: str, scheduled: bool = False, replaces: str | None = None) -> dict:
     """Dispatch the chain of one backup of `target`'s `tier` to this worker's host (see workers.chain)."""
-    return start_backup(self.app, get_settings(), self.request.id, target, tier, scheduled)
+    priority = (self.request.delivery_info or {}).get("priority")
+    return start_backup(self.app, get_settings(), self.request.id, target, tier, scheduled, replaces=replaces,
+                        priority=priority)

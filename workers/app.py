@@ -15,7 +15,7 @@ from pgbeat.settings import Settings, get_settings
 from workers.config import celery_config
 
 TASK_MODULES = ["tasks.backup", "tasks.dump", "tasks.compress", "tasks.verify", "tasks.upload", "tasks.rotate",
-                "tasks.notify", "tasks.restore", "tasks.drill"]
+                "tasks.notify", "tasks.restore", "tasks.drill", "tasks.reconcile"]
 
 
 def load_or_exit() -> Settings:

@@ -15,10 +15,11 @@ from typing import Any
 import redis
 from celery import Celery, chain
 
+from beat_schedule import MANUAL_PRIORITY, SCHEDULED_PRIORITY
 from pgbeat.coordination import RunState
-from pgbeat.notify import healthchecks
+from pgbeat.notify import Event, healthchecks, send_event
 from pgbeat.run import Run, new_run
-from pgbeat.schedule import min_interval, slot_id
+from pgbeat.schedule import min_interval, slot_id, slot_of
 from pgbeat.settings import STEPS, Settings
 from workers.config import host_queue
 
@@ -36,20 +37,24 @@ def redis_client(settings: Settings) -> redis.Redis:
     return _clients[url]
 
 
-def build_chain(app: Celery, settings: Settings, run: Run):
+def build_chain(app: Celery, settings: Settings, run: Run, priority: int = MANUAL_PRIORITY):
     """Return the chain signature of `run`, every step routed to the run's host with its time limits."""
     queue = host_queue(run.node)
     limits = settings.reliability.limits()
     steps = [app.signature(f"tasks.{name}", queue=queue, soft_time_limit=limits[name],
-                           time_limit=limits[name] + 60) for name in STEPS]
+                           time_limit=limits[name] + 60, priority=priority) for name in STEPS]
     steps[0] = steps[0].clone(args=(run.as_json(),))
     errback = app.signature("tasks.chain_failed", args=(run.as_json(),), queue=queue)
     return chain(*steps).on_error(errback)
 
 
 def start_backup(app: Celery, settings: Settings, task_id: str, target_name: str, tier: str,
-                 scheduled: bool, now: datetime | None = None) -> dict[str, Any]:
-    """Claim the run (and, for beat runs, its slot), then dispatch its chain; return a small summary."""
+                 scheduled: bool, now: datetime | None = None, replaces: str | None = None,
+                 priority: int | None = None) -> dict[str, Any]:
+    """Claim the run (and, for beat runs, its slot), then dispatch its chain; return a small summary.
+
+    `replaces` names an abandoned run this one stands in for: it takes over that run's slot.
+    """
     target = settings.target(target_name)
     if tier not in target.tiers:
         raise ValueError(f"unknown tier {tier!r}; tiers are daily, weekly, monthly")
@@ -63,17 +68,29 @@ def start_backup(app: Celery, settings: Settings, task_id: str, target_name: str
     if scheduled:
         schedule = target.tiers[tier].schedule
         slot = slot_id(schedule, now, settings.tz)
-        ttl = int(min_interval(schedule, now, settings.tz).total_seconds() * 2)
-        owner = state.claim_slot(target.name, tier, slot, task_id, ttl)
-        if owner is not None and owner != task_id:
+        interval = min_interval(schedule, now, settings.tz).total_seconds()
+        late = (now - slot_of(schedule, now, settings.tz)).total_seconds()
+        if late > settings.reliability.catch_up_window * interval and not replaces:
+            # After a long beat outage: the next slot is nearer than this one; say so instead of running.
+            reason = f"slot {slot} is {late / 3600:.1f} h old (catch_up_window): skipped, the next run is near"
+            state.update(task_id, status="skipped", target=target.name, tier=tier, reason=reason)
+            send_event(settings, Event(kind="warning", target=target.name, tier=tier, run_id=task_id,
+                                       node=settings.node, at=now.isoformat(), warnings=[reason]))
+            return {"run_id": task_id, "skipped": reason}
+        owner = state.claim_slot(target.name, tier, slot, task_id, int(interval * 2))
+        if owner is not None and owner == replaces:
+            state.take_slot(target.name, tier, slot, task_id, int(interval * 2))
+        elif owner is not None and owner != task_id:
             log.warning("slot %s of %s/%s already served by run %s: skipping", slot, target.name, tier, owner)
             state.update(task_id, status="skipped", target=target.name, tier=tier, duplicate_of=owner)
             return {"run_id": task_id, "skipped": f"slot {slot} already served by run {owner}"}
     run = new_run(settings, target, tier, run_id=task_id, slot=slot, now=now)
+    if priority is None:
+        priority = SCHEDULED_PRIORITY if scheduled else MANUAL_PRIORITY
     state.update(task_id, status="claimed", target=target.name, tier=tier, node=run.node, name=run.name,
-                 slot=slot or "")
+                 slot=slot or "", priority=str(priority), replaces=replaces or "")
     healthchecks.ping(target, "start")
-    build_chain(app, settings, run).apply_async()
+    build_chain(app, settings, run, priority).apply_async()
     state.update(task_id, status="queued")
     log.info("dispatched %s/%s as run %s on %s", target.name, tier, task_id, run.node)
     return {"run_id": task_id, "node": run.node, "name": run.name, "slot": slot}

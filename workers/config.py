@@ -19,7 +19,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     r = settings.reliability
     broker = settings.broker_url.get_secret_value() if settings.broker_url else None
     backend = settings.result_backend.get_secret_value() if settings.result_backend else broker
-    transport = {"visibility_timeout": r.visibility_timeout}
+    # Priorities on Redis: one list per step, lower is served first (manual 0, scheduled 6).
+    transport = {"visibility_timeout": r.visibility_timeout, "priority_steps": list(range(10)), "sep": ":",
+                 "queue_order_strategy": "priority"}
     return {
         "broker_url": broker,
         "result_backend": backend,
@@ -41,7 +43,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "worker_soft_shutdown_timeout": 60.0, "worker_enable_soft_shutdown_on_idle": True,
         "beat_schedule": build_beat_schedule(settings),
-        "beat_scheduler": "workers.beat:Scheduler",
-        "beat_schedule_filename": str(settings.backup_root / ".state" / "celerybeat-schedule"),
+        # RedBeat: the schedule and its last runs live in Redis, and a leader lock lets a standby beat
+        # take over (after beat_lock_timeout) without two beats ever sending the same slot.
+        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "redbeat_redis_url": broker,
+        "redbeat_key_prefix": "pgbeat:redbeat:",
+        "redbeat_lock_timeout": r.beat_lock_timeout,
         "beat_max_loop_interval": 30,
     }

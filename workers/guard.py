@@ -15,6 +15,7 @@ Redis restores it after the visibility timeout). Around the core step this guard
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,16 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Ignore
 
-from pgbeat.coordination import RedisLease, RunState, holder_gone, step_lease_key, target_lock_key
+from pgbeat.coordination import (
+    GLOBAL_SLOTS_KEY,
+    RedisLease,
+    RedisSemaphore,
+    RunState,
+    holder_gone,
+    host_slots_key,
+    step_lease_key,
+    target_lock_key,
+)
 from pgbeat.errors import LockHeldError, PgbeatError
 from pgbeat.pipeline import backoff_delays, execute_step
 from pgbeat.process import CancelEvent
@@ -50,6 +60,10 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
     run = Run.model_validate(record)
     client = redis_client(settings)
     state = RunState(client)
+    if state.get(run.run_id).get("status") == "abandoned":
+        # The reconciler gave this run up (its host was gone) and dispatched a new one: drop this copy.
+        log.warning("%s of run %s: the run was abandoned and re-dispatched; dropping this message", name, run.run_id)
+        raise Ignore()
     done = state.step_result(run.run_id, name)
     if done is not None:
         log.warning("%s of run %s already done: passing its result on", name, run.run_id)
@@ -97,33 +111,61 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
         lease.release()
 
 
+def _wait(task: Task, settings: Settings, state: RunState, run: Run, reason: str, countdown: float,
+          holder: str = "?") -> None:
+    """Send this dump again after `countdown` seconds, unless the run has waited longer than lock_wait.
+
+    Waiting for a busy target or a free slot is not a failure: the retry count stays as it is, and the
+    countdown stays well inside the visibility timeout, so a waiting message is never delivered twice.
+    """
+    waited_since = float(state.get(run.run_id).get("lock_wait_since") or time.time())
+    if time.time() - waited_since > settings.reliability.lock_wait:
+        raise LockHeldError(f"The dump of {run.target} waited longer than lock_wait "
+                            f"({settings.reliability.lock_wait} s): {reason}", step="dump")
+    state.update(run.run_id, status="waiting", step="dump", lock_wait_since=str(waited_since), waiting_for=holder)
+    state.progress(run.run_id, f"dump waits: {reason}")
+    countdown = min(countdown, settings.reliability.visibility_timeout / 4)
+    task.signature_from_request(countdown=countdown).apply_async()
+    log.info("dump of run %s waits %.1f s: %s", run.run_id, countdown, reason)
+    raise Ignore()
+
+
 def _dump_with_target_lock(task: Task, settings: Settings, state: RunState, ctx: StepContext, run: Run,
                            begin: Callable[[], None]) -> Run:
-    """Hold the target's lock around the dump; wait (by short retries) while another run holds it."""
+    """Hold the target's lock, a slot of its database server and a fleet slot around the dump.
+
+    The target lock keeps two dumps of one database apart; the slots cap dumps per database server
+    (`per_host_dumps`) and across the fleet (`max_dumps`), for every worker host at once.
+    """
     client = redis_client(settings)
-    lock = RedisLease(client, target_lock_key(run.target), settings.reliability.lock_ttl, settings.node,
-                      run.run_id, on_lost=lambda reason: ctx.cancel.cancel(f"lost the target lock: {reason}"))
+    r = settings.reliability
+    cancel = ctx.cancel.cancel
+    lock = RedisLease(client, target_lock_key(run.target), r.lock_ttl, settings.node, run.run_id,
+                      on_lost=lambda reason: cancel(f"lost the target lock: {reason}"))
 
     def stale(holder: dict[str, str]) -> bool:
         # We hold this run's dump lease, so a lock of this same run is an earlier, dead attempt's.
         return holder["run_id"] == run.run_id or holder_gone(settings.node)(holder)
 
     if not lock.acquire(take_over=stale):
-        holder = lock.holder() or {}
-        waited_since = float(state.get(run.run_id).get("lock_wait_since") or time.time())
-        if time.time() - waited_since > settings.reliability.lock_wait:
-            raise LockHeldError(f"Target {run.target} stayed locked by run {holder.get('run_id')} for longer "
-                                f"than lock_wait ({settings.reliability.lock_wait} s)", step="dump")
-        state.update(run.run_id, status="waiting", step="dump", lock_wait_since=str(waited_since),
-                     waiting_for=holder.get("run_id", "?"))
-        state.progress(run.run_id, f"dump waits: {run.target} is being dumped by run {holder.get('run_id')}")
-        # Send this step again after a short countdown, well inside the visibility timeout, with the same
-        # retry count: waiting for a busy target is not a failure and must not use up the retries.
-        countdown = min(30, settings.reliability.visibility_timeout // 4, settings.reliability.lock_ttl)
-        task.signature_from_request(countdown=countdown).apply_async()
-        log.info("target %s is locked by run %s: dump of run %s waits %d s", run.target, holder.get("run_id"),
-                 run.run_id, countdown)
-        raise Ignore()
-    with lock:
+        holder = (lock.holder() or {}).get("run_id", "?")
+        _wait(task, settings, state, run, f"{run.target} is being dumped by run {holder}", r.lock_ttl, holder)
+    claims: list = [lock]
+    try:
+        target = ctx.target(run)
+        caps = [(host_slots_key(f"{target.host or 'local'}:{target.port}"), r.per_host_dumps,
+                 f"database server {target.host or 'local'}:{target.port}"), (GLOBAL_SLOTS_KEY, r.max_dumps, "fleet")]
+        for key, limit, what in caps:
+            if not limit:
+                continue
+            slot = RedisSemaphore(client, key, limit, r.lock_ttl, settings.node, run.run_id,
+                                  on_lost=lambda reason: cancel(f"lost its dump slot: {reason}"))
+            if not slot.acquire():
+                _wait(task, settings, state, run, f"all {limit} dump slot(s) of the {what} are taken",
+                      2 + random.random() * 3)
+            claims.append(slot)
         begin()
         return execute_step(ctx, run, "dump")
+    finally:
+        for claim in reversed(claims):
+            claim.release()

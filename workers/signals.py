@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 
-from celery.signals import celeryd_after_setup, worker_ready
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
+from redis.exceptions import RedisError
 
+from pgbeat.coordination import NodeRegistry, RunState
 from pgbeat.fsutil import remove_path
 from pgbeat.run import WORK_DIR
 from pgbeat.settings import get_settings
+from workers.chain import redis_client
 from workers.config import host_queue
 
 log = logging.getLogger(__name__)
+HEARTBEAT_EVERY = 10.0
+_stop_heartbeat = threading.Event()
 
 
 @celeryd_after_setup.connect
@@ -22,17 +29,40 @@ def consume_host_queue(sender, instance, **kwargs):
 
 
 @worker_ready.connect
-def remove_abandoned_work(sender, **kwargs):
-    """Remove work folders of runs that cannot still be running (older than the visibility timeout)."""
+def announce_and_clean(sender, **kwargs):
+    """Start this worker's heartbeat, then remove work folders no run can still need: runs abandoned to
+    another host, and anything older than the visibility timeout."""
     settings = get_settings()
+    worker = sender.hostname
+    threading.Thread(target=_heartbeat, args=(settings.node, worker), name="pgbeat-heartbeat", daemon=True).start()
     work = settings.backup_root / WORK_DIR
-    horizon = time.time() - settings.reliability.visibility_timeout
     if not work.is_dir():
         return
+    state = RunState(redis_client(settings))
+    horizon = time.time() - settings.reliability.visibility_timeout
     for folder in work.iterdir():
         try:
-            if folder.stat().st_mtime < horizon:
+            abandoned = state.get(folder.name).get("status") == "abandoned"
+            if abandoned or folder.stat().st_mtime < horizon:
                 remove_path(folder)
-                log.warning("removed abandoned work folder %s", folder)
-        except FileNotFoundError:
+                log.warning("removed %s work folder %s", "abandoned" if abandoned else "old", folder)
+        except (FileNotFoundError, RedisError):
             pass
+
+
+def _heartbeat(node: str, worker: str) -> None:
+    """Tell the reconciler this host has a live worker (a host without one has its runs re-dispatched)."""
+    registry = NodeRegistry(redis_client(get_settings()))
+    while not _stop_heartbeat.is_set():
+        try:
+            registry.beat(node, worker, ttl=3 * HEARTBEAT_EVERY)
+        except RedisError as exc:
+            log.warning("heartbeat to Redis failed: %s", exc)
+        _stop_heartbeat.wait(HEARTBEAT_EVERY)
+
+
+@worker_shutdown.connect
+def leave(sender, **kwargs):
+    _stop_heartbeat.set()
+    with contextlib.suppress(RedisError, AttributeError):
+        NodeRegistry(redis_client(get_settings())).leave(get_settings().node, sender.hostname)

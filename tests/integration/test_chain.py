@@ -55,7 +55,7 @@ def service(tmp_path_factory, pg, pg2, redis_server, dbs):
         pg.target("erp_locked", dbs["locked"]),
     ]
     svc = Service(base, redis_server.url, targets, node=f"chain-{uuid.uuid4().hex[:6]}",
-                  reliability={"lock_ttl": 3, "retries": 1, "retry_backoff": 1})
+                  reliability={"lock_ttl": 3, "retries": 1, "retry_backoff": 1, "catch_up_window": 1.0})
     yield svc
 
 

@@ -47,13 +47,15 @@ targets:
     monkeypatch.setenv("PGBEAT_CONFIG", str(config))
     schedule = build_beat_schedule(load_settings(env_file=None), datetime(2025, 11, 19, tzinfo=UTC))
     assert sorted(schedule) == ["backup crm daily", "backup crm weekly", "backup erp daily", "backup erp monthly",
-                                "backup erp weekly", "drill crm", "drill erp"]
+                                "backup erp weekly", "drill crm", "drill erp", "reconcile runs"]
+    assert schedule["reconcile runs"]["task"] == "tasks.reconcile"
     drill = schedule["drill erp"]
     assert drill["task"] == "tasks.drill" and drill["args"] == ("erp",)
     assert (drill["schedule"].hour, drill["schedule"].day_of_week) == ({5}, {0})  # weekly by default
     entry = schedule["backup crm daily"]
     assert entry["task"] == "tasks.backup" and entry["args"] == ("crm", "daily")
     assert entry["kwargs"] == {"scheduled": True}
+    assert entry["options"]["priority"] == 6  # behind manual runs (0) on Redis
     cron = entry["schedule"]
     assert (cron.minute, cron.hour, cron.day_of_week) == ({30}, {1}, {1, 2, 3, 4, 5})
     assert 0 < entry["options"]["expires"] < 86400
