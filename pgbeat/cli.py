@@ -702,6 +702,9 @@ def config_check(no_connect: bool) -> None:
                           policy.schedule, f"{policy.keep_days}d (min {policy.min_keep})",
                           upcoming.strftime("%Y-%m-%d %H:%M %Z"))
     out.print(table)
+    warning = settings.reliability.redelivery_warning()
+    if warning:
+        out.print(f"[yellow]warning[/yellow]: {warning}", markup=True)
     if no_connect:
         return
     unreachable = 0

@@ -7,6 +7,7 @@ Lines are appended with O_APPEND, so steps of one run on different pool processe
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 from pgbeat.fsutil import FILE_MODE, private_dir
 from pgbeat.run import Run
 from pgbeat.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def human_size(size: int | None) -> str:
@@ -40,14 +43,17 @@ def write(settings: Settings, run: Run, when: datetime, *messages: str) -> Path:
 
 def append(settings: Settings, path: Path, when: datetime, *messages: str) -> Path:
     """Append `messages` to the log file `path` with the seed's `[YYYY-MM-DD HH:MM:SS]` prefix."""
-    private_dir(path.parent)
     stamp = when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S")
     data = "".join(f"[{stamp}] {m}\n" for m in messages).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+        private_dir(path.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # a full disk must not hide the failure being reported
+        log.warning("cannot write %s (%s): %s", path, exc.strerror, " | ".join(messages))
     return path
 
 

@@ -290,6 +290,7 @@ class Reliability(Strict):
     lock_ttl: int = Field(60, ge=2, description="seconds a target lock lives without renewal")
     lock_wait: int = Field(6 * 3600, ge=0, description="how long a backup waits for a busy target")
     visibility_timeout: int = Field(6 * 3600, ge=5, description="Redis redelivery timeout (all consumers)")
+    restore_interval: int = Field(10, ge=1, description="how often workers look for messages to redeliver")
     max_attempts: int = Field(3, ge=1, description="deliveries of one step before it is declared failed")
     retries: int = Field(3, ge=0, description="retries of a transient failure (server unreachable)")
     retry_backoff: int = Field(30, ge=0, description="first retry delay in seconds, doubled each time")
@@ -297,8 +298,9 @@ class Reliability(Strict):
     time_limits: dict[str, int] = Field(
         default_factory=lambda: {"dump": 5 * 3600, "compress": 2 * 3600, "verify": 2 * 3600,
                                  "upload": 5 * 3600, "rotate": 900, "notify": 300},
-        description="soft time limit per step in seconds; the hard limit is 60 s later",
+        description="soft time limit per step in seconds; the hard limit is hard_limit_grace later",
     )
+    hard_limit_grace: int = Field(60, ge=1, description="seconds between a step's soft and hard time limit")
     result_expires: int = Field(86400, ge=60)
     per_host_dumps: int = Field(1, ge=0, description="dumps at once against one database server (0 = no cap)")
     max_dumps: int = Field(0, ge=0, description="dumps at once across the fleet (0 = no cap)")
@@ -319,16 +321,22 @@ class Reliability(Strict):
         return limits
 
     @model_validator(mode="after")
-    def _visibility_covers_limits(self) -> Reliability:
-        # A message that is not acknowledged within visibility_timeout is delivered again: every
-        # acks_late step and every retry countdown must fit inside it, or it runs twice.
-        longest = max(self.limits().values()) + 60
-        if self.visibility_timeout <= longest:
-            raise ValueError(f"visibility_timeout ({self.visibility_timeout}) must exceed the longest hard time "
-                             f"limit ({longest} s), or a long step would be delivered twice")
-        if self.visibility_timeout <= self.retry_backoff_max:
-            raise ValueError("visibility_timeout must exceed retry_backoff_max")
+    def _countdowns_fit(self) -> Reliability:
+        # A message held with a countdown longer than visibility_timeout is delivered again and again:
+        # every retry countdown and re-check (lock_ttl) must fit inside it.
+        if self.visibility_timeout <= max(self.retry_backoff_max, 2 * self.lock_ttl):
+            raise ValueError(f"visibility_timeout ({self.visibility_timeout}) must exceed retry_backoff_max and "
+                             "twice lock_ttl (countdowns longer than it are delivered twice)")
         return self
+
+    def redelivery_warning(self) -> str | None:
+        """Steps that outlive the visibility timeout are delivered again; the step guard makes the copy
+        wait and never run in parallel, but it costs messages: say so in `pgbeat config check`."""
+        longest = max(self.limits().values()) + self.hard_limit_grace
+        if self.visibility_timeout <= longest:
+            return (f"visibility_timeout ({self.visibility_timeout} s) is shorter than the longest step may run "
+                    f"({longest} s): such steps are delivered again (harmless, the copy waits) - raise it")
+        return None
 
     def limits(self) -> dict[str, int]:
         defaults = Reliability.model_fields["time_limits"].default_factory()

@@ -136,10 +136,13 @@ def shlex_quote(value) -> str:
 
 
 class RedisServer:
-    def __init__(self, base: Path) -> None:
+    """A redis-server of the tests' own; `persistent` turns on AOF (what production should run)."""
+
+    def __init__(self, base: Path, persistent: bool = False) -> None:
         self.port = free_port()
         self.dir = base / f"redis-{self.port}"
         self.dir.mkdir(parents=True)
+        self.persistent = persistent
         self.start()
 
     @property
@@ -148,7 +151,8 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.dir)],
+                                      "--appendonly", "yes" if self.persistent else "no",
+                                      "--appendfsync", "always", "--dir", str(self.dir)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
@@ -164,6 +168,11 @@ class RedisServer:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+    def restart(self, down_for: float = 2.0) -> None:
+        self.stop()
+        time.sleep(down_for)
+        self.start()
 
 
 class Service:

@@ -41,8 +41,9 @@ def build_chain(app: Celery, settings: Settings, run: Run, priority: int = MANUA
     """Return the chain signature of `run`, every step routed to the run's host with its time limits."""
     queue = host_queue(run.node)
     limits = settings.reliability.limits()
+    grace = settings.reliability.hard_limit_grace
     steps = [app.signature(f"tasks.{name}", queue=queue, soft_time_limit=limits[name],
-                           time_limit=limits[name] + 60, priority=priority) for name in STEPS]
+                           time_limit=limits[name] + grace, priority=priority) for name in STEPS]
     steps[0] = steps[0].clone(args=(run.as_json(),))
     errback = app.signature("tasks.chain_failed", args=(run.as_json(),), queue=queue)
     return chain(*steps).on_error(errback)

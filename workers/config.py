@@ -20,8 +20,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     broker = settings.broker_url.get_secret_value() if settings.broker_url else None
     backend = settings.result_backend.get_secret_value() if settings.result_backend else broker
     # Priorities on Redis: one list per step, lower is served first (manual 0, scheduled 6).
+    # Unacknowledged messages of a dead worker come back after visibility_timeout, looked for every
+    # restore_interval seconds (kombu's default throttle would make that every 100 s).
     transport = {"visibility_timeout": r.visibility_timeout, "priority_steps": list(range(10)), "sep": ":",
-                 "queue_order_strategy": "priority"}
+                 "queue_order_strategy": "priority", "unacked_restore_interval": r.restore_interval,
+                 "unacked_restore_throttle": 1}
     return {
         "broker_url": broker,
         "result_backend": backend,

@@ -18,10 +18,12 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
+from redis.exceptions import RedisError
 
 from pgbeat.coordination import (
     GLOBAL_SLOTS_KEY,
@@ -34,10 +36,11 @@ from pgbeat.coordination import (
     target_lock_key,
 )
 from pgbeat.errors import LockHeldError, PgbeatError
+from pgbeat.notify import Event, send_event
 from pgbeat.pipeline import backoff_delays, execute_step
 from pgbeat.process import CancelEvent
 from pgbeat.run import Run, StepContext
-from pgbeat.settings import Settings, get_settings
+from pgbeat.settings import STEPS, Settings, get_settings
 from workers.chain import redis_client
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,10 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
         raise Ignore()
     done = state.step_result(run.run_id, name)
     if done is not None:
+        if STEPS.index(state.get(run.run_id).get("step") or name) > STEPS.index(name):
+            log.warning("%s of run %s: a copy of a finished step, the chain went on; dropping it", name, run.run_id)
+            raise Ignore()
+        # The first delivery finished but may have died before sending the next step: send it now.
         log.warning("%s of run %s already done: passing its result on", name, run.run_id)
         return done
     ctx = StepContext(settings, cancel=CancelEvent())
@@ -73,7 +80,11 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
                        run.run_id, on_lost=lambda reason: ctx.cancel.cancel(f"lost the step lease: {reason}"),
                        on_renew=lambda: state.update(run.run_id, heartbeat=str(time.time())))
     if not lease.acquire(take_over=holder_gone(settings.node)):
-        log.warning("%s of run %s is running elsewhere (%s): dropping this copy", name, run.run_id, lease.holder())
+        # A twin of a step that runs right now (a redelivery: the step outlived the visibility timeout).
+        # Look again later rather than drop it: if the running copy dies, this one must take over.
+        log.warning("%s of run %s is running elsewhere (%s): checking again in %d s", name, run.run_id,
+                    (lease.holder() or {}).get("token"), settings.reliability.lock_ttl)
+        task.signature_from_request(countdown=settings.reliability.lock_ttl).apply_async()
         raise Ignore()
 
     def begin() -> None:
@@ -83,8 +94,11 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
             raise PgbeatError(f"The {name} step of run {run.run_id} was delivered {attempt} times without "
                               "finishing (its worker keeps dying); giving up", step=name,
                               hint="look for OOM kills or crashes in the worker's log")
+        if attempt > 1:
+            note_redelivery(settings, run, name, attempt)
         state.update(run.run_id, status="running", step=name)
-        state.progress(run.run_id, f"{name} started on {settings.node}")
+        state.progress(run.run_id, f"{name} started on {settings.node}" + (f" (attempt {attempt})"
+                                                                           if attempt > 1 else ""))
 
     try:
         if name == "dump":
@@ -100,7 +114,16 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
             if run.status == "succeeded":
                 state.set_latest(run.target, run.node)
         return result
+    except RedisError as exc:
+        # The broker itself is unreachable: nothing is known to have failed but our bookkeeping. Give the
+        # message back (or leave it unacknowledged, if Redis is still down) so the step runs again.
+        log.warning("%s of run %s: Redis unreachable (%s); the step will be delivered again", name, run.run_id, exc)
+        raise Reject(f"Redis unreachable: {exc}", requeue=True) from None
     except PgbeatError as exc:
+        if ctx.cancel.is_set() and "Redis unreachable" in (ctx.cancel.reason or ""):
+            log.warning("%s of run %s stopped while Redis was unreachable; it will be delivered again", name,
+                        run.run_id)
+            raise Reject(ctx.cancel.reason, requeue=True) from None
         if exc.transient and task.request.retries < settings.reliability.retries:
             delay = backoff_delays(settings)[task.request.retries]
             state.update(run.run_id, step=name, status="retrying", last_error=exc.message)
@@ -109,6 +132,14 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         lease.release()
+
+
+def note_redelivery(settings: Settings, run: Run, step: str, attempt: int) -> None:
+    """A step delivered again after its worker was lost: say so once per attempt (a warning, not a failure)."""
+    message = f"the {step} step of run {run.run_id} was delivered again (attempt {attempt}) after its worker was lost"
+    log.warning(message)
+    send_event(settings, Event(kind="warning", target=run.target, tier=run.tier, run_id=run.run_id, node=run.node,
+                               at=datetime.now(UTC).isoformat(), step=step, warnings=[message]))
 
 
 def _wait(task: Task, settings: Settings, state: RunState, run: Run, reason: str, countdown: float,

@@ -15,6 +15,7 @@ from pathlib import Path
 from pgbeat import runlog
 from pgbeat.anomaly import backup_warnings, disk_warnings
 from pgbeat.catalog import find_backup, manifest_path, record_attempt, update_manifest
+from pgbeat.errors import PgbeatError
 from pgbeat.notify import healthchecks
 from pgbeat.notify.apprise_channel import AppriseNotifier
 from pgbeat.notify.base import Event, Notifier, event_from_run
@@ -61,9 +62,12 @@ def notify_step(ctx: StepContext, run: Run) -> Run:
             update_manifest(manifest_path(entry.path), lambda m: setattr(m, "warnings", event.warnings))
     elif event.kind == "failure":
         event.warnings += disk_warnings(settings.backup_root, settings.monitoring)
-    record_attempt(settings.backup_root, run.target, run.tier, {
-        "status": event.kind, "at": event.at, "run_id": run.run_id, "duration_s": event.duration_s,
-        "size": event.size, "step": event.step, "reason": event.reason, "file": event.file})
+    try:
+        record_attempt(settings.backup_root, run.target, run.tier, {
+            "status": event.kind, "at": event.at, "run_id": run.run_id, "duration_s": event.duration_s,
+            "size": event.size, "step": event.step, "reason": event.reason, "file": event.file})
+    except PgbeatError as exc:  # a full disk: the notification matters more than the record
+        log.warning("cannot record the attempt: %s", exc.message)
     if event.kind == "success":
         runlog.write(ctx.settings, run, ctx.now(), f"Backup concluído com sucesso em {event.duration_s}s",
                      *(f"WARNING: {w}" for w in event.warnings))

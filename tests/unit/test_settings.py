@@ -163,11 +163,14 @@ def test_invalid_yaml_names_the_line(clean_env, monkeypatch):
     assert "line" in errors_of(exc)[0] and "targets.yaml" in errors_of(exc)[0]
 
 
-def test_visibility_timeout_must_cover_time_limits(clean_env, monkeypatch):
+def test_visibility_timeout_must_cover_countdowns_and_warns_about_long_steps(clean_env, monkeypatch):
     with pytest.raises(ConfigError) as exc:
-        load(clean_env, file_text="reliability: {visibility_timeout: 3600, time_limits: {dump: 7200}}\n",
-             monkeypatch=monkeypatch)
+        load(clean_env, file_text="reliability: {visibility_timeout: 100, lock_ttl: 60}\n", monkeypatch=monkeypatch)
     assert "At 'reliability'" in errors_of(exc)[0] and "visibility_timeout" in errors_of(exc)[0]
+    s = load(clean_env, file_text="reliability: {visibility_timeout: 3600, time_limits: {dump: 7200}}\n",
+             monkeypatch=monkeypatch)
+    assert "delivered again" in s.reliability.redelivery_warning()
+    assert load(clean_env, file_text="", monkeypatch=monkeypatch).reliability.redelivery_warning() is None
 
 
 def test_shipped_example_config_is_valid(clean_env, monkeypatch):
