@@ -11,7 +11,7 @@ backup: $(VENV)/.deps .env
 	$(BIN)/pgbeat backup daily
 
 test: $(VENV)/.test-deps
-	bash scripts/system-deps.sh pg_config initdb pg_dump psql redis-server gzip sha256sum runuser
+	bash scripts/system-deps.sh pg_config initdb pg_dump psql redis-server gzip sha256sum runuser pigz zstd
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

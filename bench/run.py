@@ -227,8 +227,11 @@ class Cluster:
         if os.geteuid() == 0:
             pw = pwd.getpwnam("postgres")
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-        subprocess.run([*as_postgres(), "initdb", "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
-                        "--locale=C.UTF-8", "-A", "trust"], check=True, capture_output=True)
+        out = subprocess.run([*as_postgres(), "initdb", "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
+                              "--locale=C.UTF-8", "-A", "trust"], capture_output=True, text=True)
+        if out.returncode != 0:
+            hint = " (as root, every folder above it must be reachable by the postgres user)" if as_postgres() else ""
+            raise SystemExit(f"initdb failed{hint}: {out.stderr.strip()}")
         lines = ["listen_addresses = '127.0.0.1'", f"unix_socket_directories = '{self.dir}'",
                  *(f"{key} = {value}" for key, value in settings.items())]
         with open(self.data / "postgresql.conf", "a") as f:
@@ -241,8 +244,12 @@ class Cluster:
             f.write(f"port = {port}\n")
 
     def start(self) -> None:
-        subprocess.run([*as_postgres(), "pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"),
-                        "-w", "-t", "120", "start"], check=True, capture_output=True)
+        out = subprocess.run([*as_postgres(), "pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"),
+                              "-w", "-t", "120", "start"], capture_output=True, text=True)
+        if out.returncode != 0:
+            server_log = self.dir / "server.log"
+            log = server_log.read_text(errors="replace")[-2000:] if server_log.exists() else ""
+            raise SystemExit(f"pg_ctl start failed: {out.stderr.strip()} {out.stdout.strip()}\n{log}")
 
     def stop(self) -> None:
         subprocess.run([*as_postgres(), "pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop"],
@@ -415,7 +422,7 @@ def shell_dump(script: str, output: str | None) -> Callable[[Bench, Path], Invoc
 
 
 def needs_program(name: str) -> Callable[[Bench], str | None]:
-    return lambda bench: None if shutil.which(name, path=bench.server.env["PATH"]) else f"{name} is not installed"
+    return lambda bench: None if shutil.which(name, path=bench.server.env["PATH"]) else f"n/a ({name} is not installed)"
 
 
 def pgbeat_backup(target: str) -> Callable[[Bench, Path], Invocation]:
