@@ -659,7 +659,9 @@ def pgbeat_steps(data: Path, stdout: str) -> dict[str, float]:
 def select_pipelines(only: str | None) -> list[Pipeline]:
     if not only:
         return list(PIPELINES)
-    patterns = [p.strip() for p in only.split(",") if p.strip()]
+    patterns = [p.strip() for p in only.split(",") if p.strip() and p.strip() != "celery"]
+    if not patterns:
+        return []
     unknown = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in BY_NAME)]
     if unknown:
         raise SystemExit(f"--only: no pipeline matches {', '.join(unknown)} (see --list)")
@@ -672,7 +674,6 @@ def run_pipelines(bench: Bench, pipelines: list[Pipeline], runs: int, warmup: in
     ceiling = BY_NAME["ceiling"]
     results: dict[str, dict[str, Any]] = {p.name: {"name": p.name, "kind": p.kind, "command": p.command,
                                                    "status": "ok", "samples": []} for p in pipelines}
-    results["ceiling"]["status"] = "ok"
     for index, pipeline in enumerate(pipelines, 1):
         row = results[pipeline.name]
         if pipeline.name == "ceiling":
@@ -789,6 +790,180 @@ def print_table(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> Non
                   f"{SEED_RESTORE}'s). Restore rows: output = restored database size.", markup=False)
 
 
+# --- optional: Celery orchestration (--celery) -------------------------------------------------------
+
+
+def wait_log(path: Path, needle: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {path.read_text(errors='replace')[-1500:]}")
+        if path.exists() and needle in path.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f} s: {path.read_text(errors='replace')[-1500:]}")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM a process we started in its own session, then SIGKILL whatever is left of that session."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+def celery_program(bench: Bench) -> Path:
+    return bench.pgbeat.parent / "celery"
+
+
+def start_celery(bench: Bench, config: Path, role: list[str], log: Path) -> subprocess.Popen:
+    env = {**bench.pgbeat_env(bench.workdir / "unused-backups"), "PGBEAT_CONFIG": str(config)}
+    env.pop("BACKUP_ROOT")
+    with open(log, "wb") as out:
+        return subprocess.Popen([str(celery_program(bench)), "-A", "workers.app", *role], cwd=bench.pgbeat_cwd,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def celery_config_file(bench: Bench, path: Path, broker: str, node: str, targets: list[dict[str, Any]]) -> Path:
+    config = {"backup_root": str(path.parent / f"{path.stem}-backups"), "timezone": "UTC", "node": node,
+              "broker_url": broker, "targets": targets}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+    return path
+
+
+def chain_overhead(bench: Bench, folder: Path, broker: str, runs: int, warmup: int = 2) -> dict[str, Any]:
+    """Back up an empty database `runs` times through one real worker; overhead = total - the steps' work."""
+    target = {**bench.target_entry("bench_default"), "name": "bench_empty", "dbname": "bench_empty"}
+    config = celery_config_file(bench, folder / "chain.yaml", broker, "bench", [target])
+    log = folder / "worker.log"
+    worker = start_celery(bench, config, ["worker", "-l", "INFO", "-c", "2", "-n", "bench@bench",
+                                          "--without-mingle", "--without-gossip", "-P", "prefork"], log)
+    try:
+        wait_log(log, " ready.", worker, 90, "the celery worker")
+        env = {**bench.pgbeat_env(folder), "PGBEAT_CONFIG": str(config)}
+        env.pop("BACKUP_ROOT")
+        python = bench.pgbeat.parent / "python"
+        probe = subprocess.run([str(python if python.exists() else sys.executable), str(BENCH_DIR / "celery_probe.py"),
+                                "bench_empty", str(runs + warmup), "120"], cwd=bench.pgbeat_cwd, env=env,
+                               capture_output=True, text=True, timeout=(runs + warmup) * 130)
+    finally:
+        stop_process(worker)
+    samples = [json.loads(line) for line in probe.stdout.splitlines() if line.startswith("{")]
+    bad = [s for s in samples if s["status"] != "succeeded"]
+    if probe.returncode != 0 or bad or len(samples) != runs + warmup:
+        raise RuntimeError(f"chain runs failed: {bad or probe.stderr.strip()[-1500:]}")
+    samples = samples[warmup:]
+    for sample in samples:
+        sample["steps_sum_s"] = sum(v or 0.0 for v in sample["steps_s"].values())
+        sample["overhead_s"] = sample["total_s"] - sample["steps_sum_s"]
+    overheads = [s["overhead_s"] for s in samples]
+    return {"runs": runs, "warmup_discarded": warmup, "samples": samples,
+            "total_s_median": statistics.median(s["total_s"] for s in samples),
+            "steps_sum_s_median": statistics.median(s["steps_sum_s"] for s in samples),
+            "overhead_s_median": statistics.median(overheads), "overhead_s_min": min(overheads),
+            "overhead_s_max": max(overheads)}
+
+
+def beat_emission(bench: Bench, folder: Path, broker: str, count: int) -> dict[str, Any]:
+    """Give beat `count` targets due every minute and time how long the next minute's messages take to be
+    in the queue (no worker consumes them)."""
+    import redis
+
+    base = bench.target_entry("bench_default")
+    targets = [{**base, "name": f"t{i:04d}", "dbname": "bench_empty",
+                "tiers": {"daily": {"schedule": "* * * * *"}, "weekly": {"enabled": False},
+                          "monthly": {"enabled": False}}} for i in range(count)]
+    config = celery_config_file(bench, folder / "beat.yaml", broker, "bench-beat", targets)
+    client = redis.Redis.from_url(broker)
+    client.flushdb()
+    log = folder / "beat.log"
+    started = time.time()
+    beat = start_celery(bench, config, ["beat", "-l", "INFO"], log)
+    first = last = None
+    seen = 0
+    try:
+        wait_log(log, "beat: Starting", beat, 90, "celery beat")
+        ready = time.time()
+        deadline = time.monotonic() + 135  # the next minute boundary, plus slack
+        while time.monotonic() < deadline:
+            seen = client.llen("pgbeat")
+            now = time.time()
+            if seen and first is None:
+                first = now
+            if seen >= count:
+                last = now
+                break
+            time.sleep(0.005)
+    finally:
+        stop_process(beat)
+    if first is None or last is None:
+        raise RuntimeError(f"beat queued {seen} of {count} messages in time; keys: {client.keys('*')[:10]}")
+    boundary = (first // 60) * 60
+    client.flushdb()
+    return {"targets": count, "beat_start_s": round(ready - started, 3),
+            "last_after_boundary_s": round(last - boundary, 3), "first_to_last_s": round(last - first, 3)}
+
+
+def celery_sections(bench: Bench, runs: int, beat_targets: int) -> dict[str, Any]:
+    """Start a loopback redis-server, measure the chain overhead and beat's emission; never raise."""
+    if not shutil.which("redis-server"):
+        return {"status": "n/a (redis-server is not installed)"}
+    if not celery_program(bench).exists():
+        return {"status": f"n/a (no celery beside {bench.pgbeat})"}
+    folder = bench.workdir / "celery"
+    folder.mkdir(exist_ok=True)
+    port = free_port()
+    redis_proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", str(folder)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+    result: dict[str, Any] = {"status": "ok", "redis": f"127.0.0.1:{port}"}
+    try:
+        time.sleep(0.5)
+        bench.server.dropdb("bench_empty")
+        bench.server.createdb("bench_empty")
+        for name, measure_section in (
+                ("chain", lambda: chain_overhead(bench, folder, f"redis://127.0.0.1:{port}/0", runs)),
+                ("beat", lambda: beat_emission(bench, folder, f"redis://127.0.0.1:{port}/1", beat_targets))):
+            note(f"celery: measuring the {name} ...")
+            try:
+                result[name] = measure_section()
+            except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+                result[name] = {"status": "failed", "error": str(exc)}
+                result["status"] = "failed"
+                note(f"celery {name} FAILED: {exc}")
+    finally:
+        stop_process(redis_proc)
+        with contextlib.suppress(RuntimeError):
+            bench.server.dropdb("bench_empty")
+    return result
+
+
+def print_celery(result: dict[str, Any]) -> None:
+    console.print("Celery orchestration (loopback Redis, one worker -c 2, an empty database):", markup=False)
+    if result.get("status", "").startswith("n/a"):
+        console.print(f"  {result['status']}", markup=False)
+        return
+    chain_result, beat = result.get("chain", {}), result.get("beat", {})
+    if "overhead_s_median" in chain_result:
+        c = chain_result
+        console.print(f"  six-step chain, {c['runs']} runs: total {c['total_s_median'] * 1000:.0f} ms median, "
+                      f"steps' own work {c['steps_sum_s_median'] * 1000:.0f} ms, overhead "
+                      f"{c['overhead_s_median'] * 1000:.0f} ms median ({c['overhead_s_min'] * 1000:.0f}-"
+                      f"{c['overhead_s_max'] * 1000:.0f}); issue's target: under 150 ms", markup=False)
+    else:
+        console.print(f"  chain: {chain_result.get('error')}", markup=False)
+    if "last_after_boundary_s" in beat:
+        console.print(f"  beat, {beat['targets']} targets due the same minute: all queued "
+                      f"{beat['last_after_boundary_s']:.2f} s after the minute began ({beat['first_to_last_s']:.2f} s "
+                      f"from first to last); issue's target: under 2 s", markup=False)
+    else:
+        console.print(f"  beat: {beat.get('error')}", markup=False)
+
+
 # --- setup and main ---------------------------------------------------------------------------------------
 
 
@@ -861,6 +1036,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                   "(default bench/results/<timestamp>.json)")
     parser.add_argument("--workdir", type=Path, help="parent folder for the cluster and outputs (default: $TMPDIR)")
     parser.add_argument("--pgbeat", help="the pgbeat program to measure (default: the one beside this Python)")
+    parser.add_argument("--celery", action="store_true",
+                        help="also measure the Celery orchestration: a six-step chain's overhead on an empty "
+                             "database, and beat emitting --beat-targets targets' tasks (starts redis-server, a "
+                             "worker and beat; the beat part waits for the next minute); --only celery runs "
+                             "only this")
+    parser.add_argument("--celery-runs", type=int, default=20, help="chains measured with --celery (default 20)")
+    parser.add_argument("--beat-targets", type=int, default=500, help="targets given to beat (default 500)")
     args = parser.parse_args(argv)
     if args.reuse and args.dsn:
         parser.error("--reuse and --dsn exclude each other")
@@ -876,6 +1058,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{p.name:26} {p.kind:8} {p.command}", markup=False)
         return 0
     pipelines = select_pipelines(args.only)
+    if args.only and "celery" in [p.strip() for p in args.only.split(",")]:
+        args.celery = True
     pgbeat = find_pgbeat(args.pgbeat)
     started = datetime.now(UTC)
     cluster: Cluster | None = None
@@ -945,12 +1129,19 @@ def main(argv: list[str] | None = None) -> int:
         results = run_pipelines(bench, pipelines, args.runs, args.warmup)
         meta["finished_at"] = datetime.now(UTC).isoformat()
         summarise(results, raw_bytes)
-        print_table(results, meta)
+        if results:
+            print_table(results, meta)
+        celery = celery_sections(bench, args.celery_runs, args.beat_targets) if args.celery else None
+        if celery is not None:
+            print_celery(celery)
         path = args.json or BENCH_DIR / "results" / f"{started.strftime('%Y%m%d_%H%M%S')}-{args.size}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"meta": meta, "pipelines": list(results.values())}, indent=2) + "\n")
+        document = {"meta": meta, "pipelines": list(results.values()), "celery": celery}
+        path.write_text(json.dumps(document, indent=2) + "\n")
         console.print(f"results: {path}", markup=False)
         failed = [row["name"] for row in results.values() if row["status"] == "failed"]
+        if celery is not None and celery["status"] == "failed":
+            failed.append("celery")
         if failed:
             note(f"failed: {', '.join(failed)}")
         return 1 if failed else 0
