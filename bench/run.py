@@ -345,6 +345,7 @@ class Invocation:
     env: dict[str, str]
     cwd: Path | None = None
     output: Path | None = None  # file or folder whose size is the output size
+    pgbeat_backup: bool = False  # output is a BACKUP_ROOT/daily folder holding one backup and its sidecars
 
 
 def measure(inv: Invocation, server: Server) -> dict[str, Any]:
@@ -430,7 +431,7 @@ def pgbeat_backup(target: str) -> Callable[[Bench, Path], Invocation]:
         backup_root = folder / "backups"
         text = f"{q(bench.pgbeat)} backup daily --target {q(target)}"
         return Invocation(text, folder, bench.pgbeat_env(backup_root), cwd=bench.pgbeat_cwd,
-                          output=backup_root / "daily")
+                          output=backup_root / "daily", pgbeat_backup=True)
     return build
 
 
@@ -627,7 +628,7 @@ class Bench:
             result["output_bytes"] = int(self.server.psql(f"SELECT pg_database_size('{self.restore_db}')",
                                                           db="postgres"))
             return result
-        if inv.output is not None and inv.output.name == "daily":  # a pgbeat backup
+        if inv.pgbeat_backup:
             data = pgbeat_data_file(inv.output)
             result["output_bytes"] = tree_size(data)
             result["steps"] = pgbeat_steps(data, sample.get("stdout", ""))
