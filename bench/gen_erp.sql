@@ -175,7 +175,7 @@ FROM (
   SELECT i,
          1 + (i * 2 / 5) % :orders AS oid,
          (1 + i % 5)::smallint AS line_no,
-         (i * 7919 + floor(random() * 50)::int) % 50000 AS sku,
+         (i::bigint * 7919 + floor(random() * 50)::int) % 50000 AS sku,
          1 + floor(random() * 20)::int AS qty,
          round((0.5 + random() * 300)::numeric, 2) AS price,
          (ARRAY[0, 0, 0, 2, 5, 10])[1 + floor(random() * 6)::int]::numeric AS discount,
