@@ -180,18 +180,14 @@ class Server:
         if self.postmaster_pid is None:
             return
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            busy = False
-            with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(self.postmaster_pid).children():
-                    with contextlib.suppress(psutil.Error):
-                        # An exited backend not yet reaped has not been counted either.
-                        if child.status() == psutil.STATUS_ZOMBIE or BACKEND_TITLE.match(" ".join(child.cmdline())):
-                            busy = True
-                            break
-            if not busy:
-                return
+        while time.monotonic() < deadline and any(backend_pending(child) for child in self.server_processes()):
             time.sleep(0.02)
+
+    def server_processes(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.postmaster_pid).children()
+        except psutil.Error:
+            return []
 
     def createdb(self, name: str) -> None:
         self.psql(f'CREATE DATABASE "{name}"', db="postgres")
@@ -212,6 +208,21 @@ class Server:
         query = " UNION ALL ".join(f"SELECT {i}, count(*) FROM {t}" for i, t in enumerate(tables))
         counts = dict(line.split("|") for line in self.psql(query, db).splitlines())
         return {t: int(counts[str(i)]) for i, t in enumerate(tables)}
+
+
+def backend_pending(child: psutil.Process) -> bool:
+    """Return True for a server process whose CPU time the postmaster has not counted yet: a client backend
+    or parallel worker, one that is exiting (its command line is empty then), or one that exited and is a
+    zombie until the postmaster reaps it."""
+    try:
+        if child.status() == psutil.STATUS_ZOMBIE:
+            return True
+        title = " ".join(child.cmdline()).strip()
+    except psutil.ZombieProcess:
+        return True
+    except psutil.Error:
+        return False  # gone: reaped, so counted
+    return not title or bool(BACKEND_TITLE.match(title))
 
 
 class Cluster:
@@ -742,6 +753,9 @@ def summarise(results: dict[str, dict[str, Any]], raw_bytes: int) -> None:
             names = {name for s in good for name in s.get("steps", {})}
             summary["steps_s_median"] = {name: statistics.median(s["steps"].get(name, 0.0) for s in good)
                                          for name in sorted(names)}
+            # Wall time outside the steps: interpreter start-up, imports, settings, the CLI itself.
+            summary["outside_steps_s_median"] = statistics.median(s["wall_s"] - sum(s.get("steps", {}).values())
+                                                                  for s in good)
         row["summary"] = summary
     for row in results.values():
         reference = results.get("seed" if row["kind"] == "dump" else SEED_RESTORE)
@@ -781,11 +795,12 @@ def print_table(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> Non
             f"{s['vs_seed']:.2f}" if "vs_seed" in s else "-",
         )
     console.print(table)
-    steps = [(row["name"], row["summary"]["steps_s_median"]) for row in results.values()
-             if row.get("summary", {}).get("steps_s_median")]
-    for name, medians in steps:
-        console.print(f"  {name} steps (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items()),
-                      markup=False)
+    for row in results.values():
+        medians = row.get("summary", {}).get("steps_s_median")
+        if medians:
+            console.print(f"  {row['name']} steps (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in medians.items())
+                          + f"; outside the steps (start-up, CLI) {row['summary']['outside_steps_s_median']:.2f}",
+                          markup=False)
     console.print("ratio: plain dump size / output size. x ceiling: median of the pairwise ratios against the "
                   "ceiling run just before. x seed: that median divided by the seed's (restores: by "
                   f"{SEED_RESTORE}'s). Restore rows: output = restored database size.", markup=False)
