@@ -18,7 +18,8 @@ test: $(VENV)/.test-deps
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 
-bench: $(VENV)/.deps
+bench: $(VENV)/.test-deps
+	bash scripts/system-deps.sh pg_config initdb pg_dump psql gzip runuser pigz zstd
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 .env:
