@@ -11,14 +11,15 @@ backup: $(VENV)/.deps .env
 	$(BIN)/pgbeat backup daily
 
 test: $(VENV)/.test-deps
-	bash scripts/system-deps.sh pg_config initdb pg_dump psql redis-server gzip sha256sum runuser promtool sshd ssh ssh-keygen age age-keygen
+	bash scripts/system-deps.sh pg_config initdb pg_dump psql redis-server gzip sha256sum runuser promtool sshd ssh ssh-keygen age age-keygen pigz zstd
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
 lint: $(VENV)/.test-deps
 	$(BIN)/ruff check .
 
-bench: $(VENV)/.deps
+bench: $(VENV)/.test-deps
+	bash scripts/system-deps.sh pg_config initdb pg_dump psql gzip runuser pigz zstd
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 .env:
