@@ -72,3 +72,10 @@ def make_db(pg):
 @pytest.fixture
 def rich_db(make_db):
     return make_db("rich", DATA / "rich.sql")
+
+
+@pytest.fixture(scope="session")
+def pg3(session_dir):
+    cluster = PgCluster(session_dir, "pg3")
+    yield cluster
+    cluster.destroy()
