@@ -1,24 +1,31 @@
 """The compress step and the codecs behind it.
 
-gzip (the default, so the result is the seed's `.sql.gz`, restorable with `gunzip -c | psql`) is written
-by ISA-L, multi-threaded: the output is ordinary gzip at several times the speed of gzip(1). gzip's
-levels 1-9 map onto ISA-L's four (0 -> 0, 1-3 -> 1, 4-6 -> 2, 7-9 -> 3). zstd is the option for the
-smallest files at the same speed. Custom and directory archives compress themselves and pass through.
+gzip is the default, so the result is the seed's `.sql.gz`, restorable with `gunzip -c | psql`; zstd is
+the option for the smallest files. Both are written in independent blocks of 4 MiB, compressed on a thread
+pool (ISA-L for gzip, zstandard for zstd; both release the GIL) and written in order: each block is a
+complete gzip member or zstd frame, and a file of concatenated members/frames is ordinary gzip or zstd to
+every tool (`gzip -t`, `gunzip -c`, `zstd -d`, psql pipes). The block sizes are kept beside the file in the
+work folder, so verify can decompress the blocks in parallel too. gzip's levels 1-9 map onto ISA-L's
+four (0 -> 0, 1-3 -> 1, 4-6 -> 2, 7-9 -> 3). Custom and directory archives compress themselves and pass
+through; a streaming dump arrives compressed already.
 """
 
 from __future__ import annotations
 
-import hashlib
+import collections
+import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
-from isal import igzip_threaded
+from isal import igzip, igzip_threaded
 
 from pgbeat.errors import VerifyError
 from pgbeat.fsutil import disk_error, open_private, remove_path
@@ -27,6 +34,8 @@ from pgbeat.run import Run, StepContext
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+BLOCK = 4 << 20  # raw bytes per gzip member / zstd frame
+BLOCKS_SUFFIX = ".blocks.json"  # the compressed size of each block, for a parallel verify
 
 
 def isal_level(gzip_level: int) -> int:
@@ -38,88 +47,135 @@ def thread_count(threads: int) -> int:
     return threads if threads > 0 else (os.cpu_count() or 1)
 
 
-class HashingWriter:
-    """A write-only file wrapper that hashes and counts what passes through it."""
+_zstd = threading.local()
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self.raw = raw
-        self.sha256 = hashlib.sha256()
+
+def compress_block(block: bytes, codec: str, level: int) -> bytes:
+    """Compress one block into a complete gzip member or zstd frame (with its checksum and size)."""
+    if codec == "gzip":
+        return igzip.compress(block, compresslevel=isal_level(level))
+    compressors = getattr(_zstd, "compressors", None)
+    if compressors is None:
+        compressors = _zstd.compressors = {}
+    if level not in compressors:  # a ZstdCompressor must not be shared between threads
+        compressors[level] = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return compressors[level].compress(block)
+
+
+class BlockWriter:
+    """A writable file object that compresses in independent blocks on a thread pool and writes them, in
+    order, to `out`; it counts what it writes and remembers each block's compressed size. (Checksums are
+    verify's job: it reads the file back.)"""
+
+    def __init__(self, out: BinaryIO, codec: str, level: int, threads: int) -> None:
+        self.out, self.codec, self.level = out, codec, level
+        self.threads = thread_count(threads)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix=f"{codec}-block")
+        self.pending: collections.deque[Future] = collections.deque()
+        self.buffer = bytearray()
+        self.sizes: list[int] = []
         self.size = 0
 
     def write(self, data) -> int:
-        self.sha256.update(data)
+        if not self.buffer and len(data) == BLOCK:
+            self._submit(bytes(data))  # a whole block: no copy through the buffer
+            return len(data)
+        self.buffer += data
+        while len(self.buffer) >= BLOCK:
+            self._submit(bytes(self.buffer[:BLOCK]))
+            del self.buffer[:BLOCK]
+        return len(data)
+
+    def _submit(self, block: bytes) -> None:
+        self.pending.append(self.pool.submit(compress_block, block, self.codec, self.level))
+        while len(self.pending) > self.threads:  # bounded memory: one block in flight per thread, one more
+            self._write_one()
+
+    def _write_one(self) -> None:
+        data = self.pending.popleft().result()
+        self.out.write(data)
+        self.sizes.append(len(data))
         self.size += len(data)
-        return self.raw.write(data)
 
-    def flush(self) -> None:
-        self.raw.flush()
+    def close(self) -> None:
+        try:
+            if self.buffer:
+                self._submit(bytes(self.buffer))
+                self.buffer.clear()
+            while self.pending:
+                self._write_one()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def close(self) -> None:  # the owner closes the real file
-        self.flush()
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
-    @property
-    def closed(self) -> bool:
-        return False
-
-    def writable(self) -> bool:
-        return True
+    def digest(self) -> dict:
+        return {"size": self.size, "blocks": len(self.sizes)}
 
 
-@contextmanager
-def compressing_writer(raw: BinaryIO, codec: str, level: int, threads: int) -> Iterator[BinaryIO]:
-    """Yield a file object that compresses into `raw` with `codec`; everything is flushed on exit."""
-    if codec == "gzip":
-        with igzip_threaded.open(raw, "wb", compresslevel=isal_level(level), threads=thread_count(threads)) as out:
-            yield out
-    elif codec == "zstd":
-        cctx = zstandard.ZstdCompressor(level=level, threads=thread_count(threads), write_checksum=True)
-        with cctx.stream_writer(raw, closefd=False) as out:
-            yield out
-    elif codec == "none":
-        yield raw
-    else:
-        raise ValueError(f"unknown codec {codec!r}")
+def write_block_index(path: Path, sizes: list[int]) -> None:
+    with open_private(path.with_name(path.name + BLOCKS_SUFFIX), "w") as f:
+        json.dump(sizes, f)
+
+
+def read_block_index(path: Path) -> list[int] | None:
+    try:
+        return json.loads(path.with_name(path.name + BLOCKS_SUFFIX).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @contextmanager
-def decompressing_reader(path: Path, codec: str) -> Iterator[BinaryIO]:
-    """Yield a file object reading `path` decompressed; corrupt or truncated input raises VerifyError."""
+def decompressing_reader(path: Path | BinaryIO, codec: str) -> Iterator[BinaryIO]:
+    """Yield a file object reading `path` decompressed (every member or frame); damage raises."""
     if codec == "gzip":
-        # A reader thread decompresses while the caller hashes; ISA-L checks each member's CRC-32 and size.
+        # A reader thread decompresses while the caller works; ISA-L checks each member's CRC-32 and size.
         with igzip_threaded.open(path, "rb", threads=1) as f:
             yield f
     elif codec == "zstd":
-        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as f:
+        with open(path, "rb") if isinstance(path, Path) else _nullcontext(path) as raw, \
+                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True) as f:
             yield f
     elif codec == "none":
-        with open(path, "rb") as f:
+        with open(path, "rb") if isinstance(path, Path) else _nullcontext(path) as f:
             yield f
     else:
         raise VerifyError(f"unknown codec {codec!r}")
 
 
+@contextmanager
+def _nullcontext(value):
+    yield value
+
+
 def codec_for_name(name: str) -> str:
     """Guess a backup's codec from its file name (for files without a manifest)."""
-    if name.endswith(".gz"):
+    if name.endswith((".gz", ".gz.age")):
         return "gzip"
-    if name.endswith(".zst"):
+    if name.endswith((".zst", ".zst.age")):
         return "zstd"
     return "none"
 
 
 def compress_file(source: Path, dest: Path, codec: str, level: int, threads: int) -> dict:
-    """Compress `source` into a new 0600 file `dest`; return its size and SHA-256 as written."""
+    """Compress `source` into a new 0600 file `dest`; return its size and block count as written."""
     with open(source, "rb") as src, open_private(dest) as raw:
-        hashing = HashingWriter(raw)
+        writer = BlockWriter(raw, codec, level, threads)
         try:
-            with compressing_writer(hashing, codec, level, threads) as out:
-                while chunk := src.read(CHUNK):
-                    out.write(chunk)
+            while block := src.read(BLOCK):
+                writer.write(block)
+            writer.close()
             raw.flush()
             os.fsync(raw.fileno())
         except OSError as exc:
+            writer.abort()
             raise disk_error(exc, dest) from None
-    return {"size": hashing.size, "sha256": hashing.sha256.hexdigest()}
+        except BaseException:
+            writer.abort()
+            raise
+    write_block_index(dest, writer.sizes)
+    return writer.digest()
 
 
 def compress_step(ctx: StepContext, run: Run) -> Run:
@@ -128,8 +184,8 @@ def compress_step(ctx: StepContext, run: Run) -> Run:
     dump = run.step("dump")
     if dump.get("compressed") or run.format != "plain":
         # A self-compressing archive or a streaming dump: nothing to do but say so.
-        run.steps["compress"] = {"path": dump["path"], "size": dump["size"], "passthrough": True,
-                                 "codec": run.codec, "duration_s": 0.0}
+        run.steps["compress"] = {"path": dump["path"], "size": dump["size"], "sha256": dump.get("sha256"),
+                                 "passthrough": True, "codec": run.codec, "duration_s": 0.0}
         return run
     source = Path(dump["path"])
     dest = run.work(run.name)

@@ -4,7 +4,6 @@
   or is deleted (renewal finds another token), `on_lost` fires so the dump is aborted rather than run
   twice. A lease whose holder died expires after its TTL; a holder on this node whose process is gone is
   recognised at once and taken over.
-- `FileLock`: the embedded default's target lock (flock), released by the kernel when a process dies.
 - `RunState`: per-run fields in a Redis hash (status, step, attempts, done steps), the idempotency key
   per (target, tier, scheduled slot), and once-only flags. Nothing secret and no file contents.
 """
@@ -12,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -20,14 +18,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import redis
 from redis.exceptions import LockError, LockNotOwnedError, RedisError
-
-from pgbeat.errors import LockHeldError
-from pgbeat.fsutil import FILE_MODE, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -240,51 +234,6 @@ def holder_gone(node: str) -> Callable[[dict[str, str]], bool]:
         return holder["node"] == node and holder["pid"].isdigit() and not pid_alive(int(holder["pid"]))
 
     return test
-
-
-class FileLock:
-    """An exclusive flock on `BACKUP_ROOT/.locks/<name>.lock`, for the embedded default."""
-
-    def __init__(self, backup_root: Path, name: str) -> None:
-        self.path = backup_root / ".locks" / f"{name}.lock"
-        self._fd: int | None = None
-
-    def acquire(self, wait: float = 0.0) -> bool:
-        private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._fd = fd
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-                return True
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    return False
-                time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> FileLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def hold_file_lock(backup_root: Path, target: str, wait: float) -> FileLock:
-    lock = FileLock(backup_root, f"target-{target}")
-    if not lock.acquire(wait):
-        raise LockHeldError(f"Another backup of {target} is running on this host (lock {lock.path})",
-                            hint="wait for it to finish; pgbeat never runs two dumps of one target at once")
-    return lock
 
 
 class RunState:

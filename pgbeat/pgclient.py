@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import psycopg
-from psycopg import sql
+from typing import TYPE_CHECKING
 
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import open_private, private_dir
 from pgbeat.settings import Target
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import sql
 
 MAINTENANCE_DB = "postgres"
 
@@ -35,6 +37,8 @@ def client_env(target: Target, folder: Path) -> dict[str, str]:
 
 def connect(target: Target, dbname: str | None = None, autocommit: bool = True) -> psycopg.Connection:
     """Connect to `target` (or another database on its server); raise PgbeatError with libpq's reason."""
+    import psycopg  # imported here: a backup without restore or checks never needs it
+
     kwargs: dict = {"autocommit": autocommit}
     if target.password is not None:
         kwargs["password"] = target.password.get_secret_value()
@@ -53,4 +57,6 @@ def database_exists(conn: psycopg.Connection, name: str) -> bool:
 
 
 def ident(name: str) -> sql.Identifier:
+    from psycopg import sql
+
     return sql.Identifier(name)

@@ -14,9 +14,9 @@ from typing import Any
 
 from pgbeat import runlog
 from pgbeat.compress import compress_step
-from pgbeat.coordination import hold_file_lock
 from pgbeat.dump import dump_step
 from pgbeat.errors import PgbeatError
+from pgbeat.filelock import hold_file_lock
 from pgbeat.fsutil import remove_path
 from pgbeat.notify import healthchecks, notify_step
 from pgbeat.rotate import rotate_step

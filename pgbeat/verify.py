@@ -10,11 +10,13 @@ output passes through the same scanner (rows per table, closing line). The same 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from pgbeat.catalog import (
     manifest_path,
     write_manifest,
 )
-from pgbeat.compress import CHUNK, codec_for_name, decompressing_reader
+from pgbeat.compress import CHUNK, codec_for_name, decompressing_reader, read_block_index
 from pgbeat.errors import VerifyError
 from pgbeat.fsutil import write_atomic
 from pgbeat.process import Supervised, find_pg_binary
@@ -74,7 +76,22 @@ def _in_thread(fn, *args):
 
 
 def check_plain(path: Path, codec: str) -> dict[str, Any]:
-    """Decompress a plain dump fully; return its digests, decompressed size, CRC-32 and completeness."""
+    """Decompress a plain dump fully; return its digests, decompressed size, CRC-32 and completeness.
+
+    With the block index the compress step left beside the file, the blocks are decompressed in parallel
+    while this thread hashes the file; otherwise one stream is decompressed while another thread hashes.
+    """
+    blocks = read_block_index(path) if codec in ("gzip", "zstd") else None
+    try:
+        if blocks:
+            return check_blocks(path, codec, blocks)
+        return check_stream(path, codec)
+    except (OSError, EOFError, ValueError, isal_zlib.error, zstandard.ZstdError) as exc:
+        raise VerifyError(f"{path.name} does not decompress: {exc}", step="verify",
+                          hint="the file is truncated or corrupt; do not restore from it") from None
+
+
+def check_stream(path: Path, codec: str) -> dict[str, Any]:
     digests = _in_thread(file_digests, path)  # the other core hashes while this one decompresses
     crc, raw_size, tail = 0, 0, b""
     try:
@@ -83,11 +100,66 @@ def check_plain(path: Path, codec: str) -> dict[str, Any]:
                 crc = isal_zlib.crc32(chunk, crc)
                 raw_size += len(chunk)
                 tail = (tail + chunk[-8192:])[-8192:]
-    except (OSError, EOFError, ValueError, isal_zlib.error, zstandard.ZstdError) as exc:
-        digests()
-        raise VerifyError(f"{path.name} does not decompress: {exc}", step="verify",
-                          hint="the file is truncated or corrupt; do not restore from it") from None
-    return {**digests(), "raw_size": raw_size, "raw_crc32": f"{crc:08x}", "complete": COMPLETE_MARKER in tail}
+    finally:
+        result = digests()
+    return {**result, "raw_size": raw_size, "raw_crc32": f"{crc:08x}", "complete": COMPLETE_MARKER in tail}
+
+
+def _decompress_block(data: bytes, codec: str) -> tuple[int, int, bytes]:
+    """Decompress one member/frame in 1 MiB pieces; return the CRC-32 and size of its content and its tail."""
+    if codec == "zstd":
+        raw = zstandard.ZstdDecompressor().decompress(data)  # the frame records its size: one allocation
+        return isal_zlib.crc32(raw), len(raw), raw[-8192:]
+    inflater = isal_zlib.decompressobj(wbits=31)  # one gzip member, whose CRC-32 and size ISA-L checks
+    crc, size, tail, rest = 0, 0, b"", data
+    while rest:
+        out = inflater.decompress(rest, CHUNK)
+        crc, size, tail = isal_zlib.crc32(out, crc), size + len(out), (tail + out[-8192:])[-8192:]
+        rest = inflater.unconsumed_tail
+    out = inflater.flush()
+    if not inflater.eof or inflater.unused_data:
+        raise ValueError("a compressed block does not end where its index says")
+    crc, size, tail = isal_zlib.crc32(out, crc), size + len(out), (tail + out[-8192:])[-8192:]
+    return crc, size, tail
+
+
+def check_blocks(path: Path, codec: str, blocks: list[int]) -> dict[str, Any]:
+    """Decompress each block on a thread pool (each member/frame checks its own checksum), combine the
+    CRC-32s in order, and hash the file in this thread as its blocks are read."""
+    md5, sha256, size = hashlib.md5(usedforsecurity=False), hashlib.sha256(), 0
+    crc, raw_size, tail = 0, 0, b""
+    threads = os.cpu_count() or 1
+    pending: collections.deque = collections.deque()
+
+    def finish_one() -> None:
+        nonlocal crc, raw_size, tail
+        block_crc, block_size, tail = pending.popleft().result()
+        crc = isal_zlib.crc32_combine(crc, block_crc, block_size)
+        raw_size += block_size
+
+    with open(path, "rb") as f, ThreadPoolExecutor(threads, thread_name_prefix="verify") as pool:
+        for length in blocks:
+            data = f.read(length)
+            if len(data) != length:
+                raise EOFError(f"the file ends inside block {len(pending) + 1} of {len(blocks)}")
+            md5.update(data)
+            sha256.update(data)
+            size += length
+            pending.append(pool.submit(_decompress_block, data, codec))
+            while len(pending) > threads:
+                finish_one()
+        while pending:
+            finish_one()
+        if f.read(1):
+            raise ValueError("data after the last block")
+    return {"size": size, "md5": md5.hexdigest(), "sha256": sha256.hexdigest(), "raw_size": raw_size,
+            "raw_crc32": f"{crc:08x}", "complete": COMPLETE_MARKER in tail}
+
+
+def folder_digests(path: Path) -> dict[str, Any]:
+    files = [FileDigest(name=p.relative_to(path).as_posix(), **file_digests(p)).model_dump()
+             for p in sorted(path.rglob("*")) if p.is_file()]
+    return {"files": files, "size": sum(f["size"] for f in files)}
 
 
 def check_archive(path: Path, settings: Settings) -> dict[str, Any]:
@@ -108,9 +180,7 @@ def check_archive(path: Path, settings: Settings) -> dict[str, Any]:
     result: dict[str, Any] = {"complete": scanner.complete, "tables": scanner.tables,
                               "server_version": scanner.server_version}
     if path.is_dir():
-        files = [FileDigest(name=p.relative_to(path).as_posix(), **file_digests(p)).model_dump()
-                 for p in sorted(path.rglob("*")) if p.is_file()]
-        result.update(files=files, size=sum(f["size"] for f in files))
+        result.update(folder_digests(path))
     else:
         result.update(file_digests(path))
     return result
@@ -205,11 +275,15 @@ def plaintext_problems(result: dict[str, Any], manifest: Manifest) -> list[str]:
     return problems
 
 
-def verify_backup(path: Path, settings: Settings, identities: list | None = None) -> tuple[Manifest, dict[str, Any]]:
+def verify_backup(path: Path, settings: Settings, identities: list | None = None,
+                  checksums_only: bool = False) -> tuple[Manifest, dict[str, Any]]:
     """Verify a backup on disk against its manifest and `.sha256`; raise VerifyError naming what is wrong.
 
     An encrypted backup is checked as stored (size, checksums); with `identities` it is also decrypted,
     and the plaintext is checked like any backup (checksums, full decompression, completeness).
+    `checksums_only` (restore's pre-check): the stored bytes must hash to what the manifest recorded when
+    the backup was fully verified, which proves them identical to that verified file; the restore that
+    follows decompresses everything again anyway.
     """
     path = path.expanduser()
     if not path.exists():
@@ -220,11 +294,11 @@ def verify_backup(path: Path, settings: Settings, identities: list | None = None
                           hint="pgbeat verifies backups it made; for a bare .sql.gz use `gzip -t`")
     manifest = entry.manifest
     codec = manifest.codec if manifest.format == "plain" else codec_for_name(path.name)
-    if manifest.encryption:
-        result = file_digests(entry.path)
+    if checksums_only or manifest.encryption:
+        result = folder_digests(entry.path) if manifest.files else file_digests(entry.path)
         problems = stored_problems(result, manifest)
-        result["complete"] = None
-        if identities is not None and not problems:
+        result["complete"] = None if manifest.encryption else manifest.complete and not problems
+        if manifest.encryption and identities is not None and not problems:
             problems += decrypted_problems(entry, settings, identities, codec, result)
     else:
         result = check_backup(entry.path, manifest.format, codec, settings)

@@ -7,15 +7,12 @@ from __future__ import annotations
 import logging
 import time
 
-import apprise
-
 from pgbeat.notify.base import Event
 from pgbeat.settings import ChannelSpec
 
 log = logging.getLogger(__name__)
 
-NOTIFY_TYPES = {"success": apprise.NotifyType.SUCCESS, "failure": apprise.NotifyType.FAILURE,
-                "warning": apprise.NotifyType.WARNING}
+NOTIFY_TYPES = {"success": "success", "failure": "failure", "warning": "warning"}  # apprise.NotifyType values
 
 
 class AppriseNotifier:
@@ -25,11 +22,13 @@ class AppriseNotifier:
         self.attempts, self.backoff, self.sleep = attempts, backoff, sleep
 
     def send(self, event: Event) -> None:
+        import apprise  # imported when there is something to send: it is slow to import
+
         service = apprise.Apprise()
         if not service.add(self.channel.url.get_secret_value()):
             # Never echo the URL: it usually carries a token or a password.
             raise ValueError(f"channel {self.name}: not a valid Apprise URL")
-        notify_type = NOTIFY_TYPES.get(event.category, apprise.NotifyType.INFO)
+        notify_type = apprise.NotifyType(NOTIFY_TYPES.get(event.category, "info"))
         for attempt in range(self.attempts):
             if service.notify(title=event.title(), body=event.body(), notify_type=notify_type):
                 return

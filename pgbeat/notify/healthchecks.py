@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import time
 
-import requests
-
 from pgbeat.settings import Target
 
 log = logging.getLogger(__name__)
@@ -18,6 +16,8 @@ def ping(target: Target, what: str, body: str = "", attempts: int = 3) -> bool:
     """Ping `target`'s healthcheck URL for `what` (start, success, fail); return whether it got through."""
     if target.healthcheck_url is None:
         return False
+    import requests  # only targets with a ping URL pay for the import
+
     url = target.healthcheck_url.get_secret_value().rstrip("/") + SUFFIXES[what]
     for attempt in range(attempts):
         try:

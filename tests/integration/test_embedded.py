@@ -216,3 +216,21 @@ def test_verify_refuses_files_that_are_not_pgbeat_backups(workdir, pg, rich_db):
     for path in (stray, workdir / "missing.sql.gz"):
         result = service.pgbeat("verify", str(path))
         assert result.returncode == 3 and str(path) in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("codec", "suffix", "tester"), [("gzip", ".sql.gz", "gzip"), ("zstd", ".sql.zst", "zstd")])
+def test_streaming_dump_compresses_in_one_pass(workdir, pg, rich_db, make_db, codec, suffix, tester):
+    service = Service(workdir, None, [pg.target("erp", rich_db, streaming=True, compression={"codec": codec})])
+    result = service.pgbeat("backup", "daily")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [backup] = service.backups("daily", suffix)
+    manifest = json.loads(backup.with_name(backup.name + ".manifest.json").read_text())
+    assert manifest["steps"]["compress"]["passthrough"] is True  # the dump arrived compressed
+    assert manifest["raw_size"] > manifest["size"] and manifest["tables"]["erp.invoices"] == 1200
+    assert subprocess.run([tester, "-t", str(backup)]).returncode == 0
+    restored = make_db("restored")
+    cmd = f"{tester} -dc {backup} | psql -X -q -v ON_ERROR_STOP=1 -h {pg.host} -p {pg.port} -U postgres -d {restored}"
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, capture_output=True)
+    assert pg.dump_text(restored) == pg.dump_text(rich_db)
+    assert service.pgbeat("verify", str(backup)).returncode == 0
+    assert not list((service.backup_root / "daily").glob("*.blocks.json"))  # the index stays in the work folder
