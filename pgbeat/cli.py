@@ -396,6 +396,7 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
     """
     from pgbeat import restore as restoring
     from pgbeat.fsutil import remove_path
+    from pgbeat.verify import open_backup
 
     settings = settings_or_exit()
     fetched = None
@@ -406,7 +407,7 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
             fetched = settings.backup_root / ".work" / f"fetch-{uuid.uuid4().hex[:12]}"
             entry = fetch_and_check(settings, file, fetched)
         else:
-            entry = restoring.open_backup(Path(file)) if file else restoring.latest_backup(settings, target_name, tier)
+            entry = open_backup(Path(file)) if file else restoring.latest_backup(settings, target_name, tier)
         if list_only:
             print_manifest(settings, entry)
             return
@@ -428,6 +429,7 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
     finally:
         if fetched is not None:
             remove_path(fetched)
+    out.print("  " + ", ".join(f"{step} {seconds:.1f}s" for step, seconds in result.steps.items()), markup=False)
     if result.safety_backup:
         out.print(f"  safety backup: {result.safety_backup}", markup=False)
     out.print(f"Restored {result.database} in {result.duration_s:.1f}s (load {result.restore_s:.1f}s); "

@@ -32,7 +32,6 @@ from pgbeat.catalog import (
     STAMP_FORMAT,
     Entry,
     checksum_path,
-    find_backup,
     list_backups,
     manifest_path,
 )
@@ -46,7 +45,7 @@ from pgbeat.pgclient import MAINTENANCE_DB, client_env, connect, database_exists
 from pgbeat.process import Supervised, find_pg_binary
 from pgbeat.run import WORK_DIR, Run, StepContext
 from pgbeat.settings import Settings, Target
-from pgbeat.storage import LocalStorage
+from pgbeat.upload import local_storage
 from pgbeat.verify import verify_backup
 from pgbeat.verify import verify_step as _verify
 
@@ -110,18 +109,6 @@ def latest_backup(settings: Settings, target: str | None = None, tier: str | Non
     return entries[-1]
 
 
-def open_backup(path: Path) -> Entry:
-    """Return the backup at `path` with its manifest, or raise VerifyError saying why it is not one."""
-    path = path.expanduser()
-    if not path.exists():
-        raise VerifyError(f"{path}: no such file", hint="give the path of a backup, e.g. from `pgbeat list`")
-    entry = find_backup(path.resolve())
-    if entry is None:
-        raise VerifyError(f"{path} is not a pgbeat backup: no manifest {manifest_path(path).name} next to it",
-                          hint="for a foreign dump use psql or pg_restore directly")
-    return entry
-
-
 def restore_target(settings: Settings, entry: Entry, target_name: str | None) -> Target:
     """The connection to restore into: `--target`, else the target recorded in the manifest."""
     return settings.target(target_name or entry.manifest.target)
@@ -167,7 +154,7 @@ def safety_backup(settings: Settings, target: Target, database: str, now: dateti
     source = target.model_copy(update={"dbname": database, "format": "plain", "jobs": 1,
                                        "compression": target.compression.model_copy(update={"codec": "gzip"})})
     stamp = now.astimezone(settings.tz).strftime(STAMP_FORMAT)
-    storage = LocalStorage(settings.backup_root, name="local")
+    storage = local_storage(settings)
     name = f"pre_restore_{target.name}_{stamp}.sql.gz"
     while storage.stat(name) is not None:  # two restores within one second
         name = name.replace(".sql.gz", "_1.sql.gz")
@@ -180,9 +167,9 @@ def safety_backup(settings: Settings, target: Target, database: str, now: dateti
         for step in (_dump, _compress, _verify):
             run = step(ctx, run)
         artifact = run.artifact
-        for path, key in ((manifest_path(artifact), manifest_path(Path(name)).name),
-                          (checksum_path(artifact), checksum_path(Path(name)).name), (artifact, name)):
-            storage.put(path, key)
+        storage.put(manifest_path(artifact), manifest_path(Path(name)).name)
+        storage.put(checksum_path(artifact), checksum_path(Path(name)).name)
+        storage.put(artifact, name, sha256=run.step("verify").get("sha256"))
     finally:
         remove_path(run.work())
     return settings.backup_root / name
@@ -264,12 +251,43 @@ def load_archive(settings: Settings, target: Target, database: str, entry: Entry
                            details=proc.stderr_text()[-8:], hint="the original database was not touched")
 
 
+def loaded_rows(conn: psycopg.Connection) -> dict[str, int]:
+    """Rows each table received, from the cumulative statistics of a database that saw only the restore.
+
+    Free, where `count(*)` would read every freshly loaded page and set its hint bits (seconds per GB).
+    Empty when statistics are off.
+    """
+    if conn.execute("SHOW track_counts").fetchone()[0] != "on":
+        return {}
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return dict(conn.execute("SELECT quote_ident(schemaname) || '.' || quote_ident(relname), "
+                             "n_tup_ins - n_tup_del FROM pg_stat_user_tables").fetchall())
+
+
+def settled_rows(conn: psycopg.Connection, tables: dict[str, int], wait: float = 3.0) -> dict[str, int]:
+    """`loaded_rows`, read again for up to `wait` seconds while it disagrees with `tables`: the loading
+    sessions flush their statistics as they exit, which may lag our connection by a moment."""
+    deadline = time.monotonic() + wait
+    while True:
+        loaded = loaded_rows(conn)
+        if not loaded or all(loaded.get(name) == rows for name, rows in tables.items()) \
+                or time.monotonic() > deadline:
+            return loaded
+        time.sleep(0.1)
+
+
 def count_rows(conn: psycopg.Connection, tables: dict[str, int]) -> list[str]:
-    """Compare row counts in `conn`'s database with the manifest's; return one line per difference."""
+    """Compare row counts in `conn`'s database with the manifest's; return one line per difference.
+
+    The statistics answer first; `count(*)` decides wherever they do not agree with the manifest.
+    """
     problems = []
+    loaded = settled_rows(conn, tables)
     for name, expected in sorted(tables.items()):
         if not TABLE_NAME_RE.fullmatch(name):
             problems.append(f"{name}: not a table name pgbeat can check")
+            continue
+        if loaded.get(name) == expected:
             continue
         try:
             actual = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.SQL(name))).fetchone()[0]

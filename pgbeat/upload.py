@@ -86,9 +86,9 @@ def upload_step(ctx: StepContext, run: Run) -> Run:
         artifact.rename(staged)
     write_manifest(manifest_path(staged), manifest)
     write_atomic(checksum_path(staged), manifest.checksum_lines().encode())
-    for source, suffix in ((manifest_path(staged), ".manifest.json"), (checksum_path(staged), ".sha256"),
-                           (staged, "")):
-        local.put(source, key + suffix)
+    local.put(manifest_path(staged), key + ".manifest.json")
+    local.put(checksum_path(staged), key + ".sha256")
+    local.put(staged, key, sha256=manifest.sha256)  # known already: no second read of the backup
     final = local.path(key)
     run.final_path, run.name = str(final), name
     remove_path(run.work())

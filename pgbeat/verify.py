@@ -24,6 +24,7 @@ import zstandard
 from isal import isal_zlib
 
 from pgbeat.catalog import (
+    Entry,
     FileDigest,
     Manifest,
     checksum_path,
@@ -275,6 +276,18 @@ def plaintext_problems(result: dict[str, Any], manifest: Manifest) -> list[str]:
     return problems
 
 
+def open_backup(path: Path) -> Entry:
+    """Return the backup at `path` with its manifest, or raise VerifyError saying why it is not one."""
+    path = path.expanduser()
+    if not path.exists():
+        raise VerifyError(f"{path}: no such file", hint="give the path of a backup, e.g. from `pgbeat list`")
+    entry = find_backup(path.resolve())
+    if entry is None:
+        raise VerifyError(f"{path} is not a pgbeat backup: no manifest {manifest_path(path).name} next to it",
+                          hint="pgbeat works with backups it made; for a foreign .sql.gz use gzip -t and psql")
+    return entry
+
+
 def verify_backup(path: Path, settings: Settings, identities: list | None = None,
                   checksums_only: bool = False) -> tuple[Manifest, dict[str, Any]]:
     """Verify a backup on disk against its manifest and `.sha256`; raise VerifyError naming what is wrong.
@@ -285,13 +298,7 @@ def verify_backup(path: Path, settings: Settings, identities: list | None = None
     the backup was fully verified, which proves them identical to that verified file; the restore that
     follows decompresses everything again anyway.
     """
-    path = path.expanduser()
-    if not path.exists():
-        raise VerifyError(f"{path}: no such file", hint="give the path of a backup, e.g. from `pgbeat list`")
-    entry = find_backup(path.resolve())
-    if entry is None:
-        raise VerifyError(f"{path} is not a pgbeat backup: no manifest {manifest_path(path).name} next to it",
-                          hint="pgbeat verifies backups it made; for a bare .sql.gz use `gzip -t`")
+    entry = open_backup(path)
     manifest = entry.manifest
     codec = manifest.codec if manifest.format == "plain" else codec_for_name(path.name)
     if checksums_only or manifest.encryption:

@@ -6,9 +6,9 @@ from celery import shared_task
 
 from pgbeat.coordination import RunState
 from pgbeat.errors import PgbeatError
-from pgbeat.restore import open_backup
 from pgbeat.restore import restore as restore_backup
 from pgbeat.settings import get_settings
+from pgbeat.verify import open_backup
 from workers.chain import redis_client
 
 
