@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
 import uuid
 from collections import defaultdict
 from datetime import datetime, timedelta
@@ -73,3 +75,81 @@ def test_sixty_targets_three_servers_caps_hold_and_everything_restores(workdir, 
             cluster.restore_plain_gz(backup, restored)
             query = "SELECT count(*) || ':' || md5(string_agg(h, ',' ORDER BY id)) FROM t"
             assert cluster.sql(query, restored) == cluster.sql(query, target["dbname"])
+
+
+def test_manual_backup_is_not_stuck_behind_scheduled_ones(workdir, pg, redis_server, make_db):
+    """Six scheduled-priority runs queued before one manual run, one worker slot: the manual one goes first."""
+    db = make_db("prio")
+    pg.sql("CREATE TABLE t AS SELECT generate_series(1, 20000) AS i", db)
+    targets = [pg.target(f"s{i}", db) for i in range(6)] + [pg.target("manual", db)]
+    service = Service(workdir, redis_server.url, targets, node=f"prio-{uuid.uuid4().hex[:6]}",
+                      reliability={"per_host_dumps": 0})
+    app = Celery(broker=service.redis_url)
+    # Every producer must name the priority lists as the workers do (workers.config); beat does.
+    app.conf.broker_transport_options = {"priority_steps": list(range(10)), "sep": ":",
+                                         "queue_order_strategy": "priority"}
+    runs = {}
+    for target in targets[:-1]:  # what beat sends at 02:00 (priority 6)
+        runs[target["name"]] = uuid.uuid4().hex
+        app.send_task("tasks.backup", args=[target["name"], "daily"], task_id=runs[target["name"]], queue="pgbeat",
+                      priority=6)
+    result = service.pgbeat("backup", "daily", "--target", "manual", "--no-wait")  # priority 0
+    runs["manual"] = result.stdout.split("queued as run ")[1].split()[0]
+    worker = Worker(service, concurrency=1)  # everything is queued before the only slot opens
+    try:
+        finished = {name: wait_run(redis_server.client, run_id, 180) for name, run_id in runs.items()}
+    finally:
+        worker.stop()
+    assert {s["status"] for s in finished.values()} == {"succeeded"}
+    order = sorted(finished, key=lambda name: float(finished[name]["updated_at"]))
+    assert order.index("manual") <= 1, order  # first, or second behind a chain that had already begun
+
+
+def test_runs_of_a_dead_host_are_redispatched(tmp_path_factory, pg, redis_server, make_db):
+    """Host A dies for good mid-dump: its run is seen as stuck, abandoned and done again on host B."""
+    from tests.integration.test_chain import hold_lock, release_lock
+
+    db = make_db("dead")
+    pg.sql("CREATE TABLE big AS SELECT generate_series(1, 1000) AS i", db)
+    config = {"reliability": {"node_timeout": 10, "lock_ttl": 2, "visibility_timeout": 8, "restore_interval": 2,
+                              "retry_backoff_max": 3}}
+    host_a = Service(tmp_path_factory.mktemp("host_a"), redis_server.url, [pg.target("erp", db)], node="host-a",
+                     **config)
+    host_b = Service(tmp_path_factory.mktemp("host_b"), redis_server.url, [pg.target("erp", db)], node="host-b",
+                     **config)
+    worker_a = Worker(host_a)
+    locker = hold_lock(pg, db, 60)
+    try:
+        run_id = uuid.uuid4().hex
+        Celery(broker=redis_server.url).send_task("tasks.backup", args=["erp", "daily"], task_id=run_id,
+                                                  queue="pgbeat")
+        from tests.support import pg_dump_processes, wait_for
+
+        wait_for(lambda: pg_dump_processes(db), 20, what="pg_dump on host A")
+        os.kill(worker_a.proc.pid, signal.SIGKILL)  # host A is gone and does not come back
+        worker_a.proc.wait(10)
+    finally:
+        release_lock(pg, db)
+        locker.wait(30)
+    worker_b = Worker(host_b)
+    try:
+        # Host A's last heartbeat expires (30 s), then status calls its run stuck.
+        stuck = wait_for(lambda: json.loads(host_b.pgbeat("status", "--json").stdout)["runs"].get("stuck"), 60, 2,
+                         what="the run to be reported stuck")
+        assert [r["run_id"] for r in stuck] == [run_id]
+        assert host_b.celery("call", "tasks.reconcile").returncode == 0
+        old = wait_for(lambda: (s := run_state_of(redis_server, run_id)).get("status") == "abandoned" and s, 30,
+                       what="the run to be abandoned")
+        state = wait_run(redis_server.client, old["replaced_by"], 90)
+    finally:
+        worker_b.stop()
+    assert state["status"] == "succeeded" and state["node"] == "host-b"
+    assert host_a.backups() == [] and len(host_b.backups()) == 1
+    [warning] = [e for e in host_b.events() if e["kind"] == "warning"]
+    assert "re-dispatched" in warning["warnings"][0] and run_id in warning["warnings"][0]
+
+
+def run_state_of(redis_server, run_id: str) -> dict:
+    from tests.support import run_state
+
+    return run_state(redis_server.client, run_id)
