@@ -2,14 +2,18 @@
 
 Steps acknowledge late, so a step whose pool process died is delivered again (Celery retries it, or
 Redis restores it after the visibility timeout). Around the core step this guard:
-- returns the stored result if the step already finished (a redelivery after success must not redo
-  work, but must still pass the record on, in case the first delivery died before sending it);
-- takes a per-(run, step) lease, so a twin delivered while the step runs is dropped (`Ignore`) instead of
-  running in parallel; a lease left by a dead process on this host is taken over at once;
+- drops every message of a run the reconciler abandoned (it was dispatched anew on a live host);
+- for a step that already finished: drops the copy if the chain went on, else passes the stored result
+  on (the first delivery may have died before sending the next step); the work is never redone;
+- takes a per-(run, step) lease, so a twin delivered while the step runs waits and looks again after
+  `lock_ttl` instead of running in parallel, and takes over only if the running copy dies; a lease left
+  by a dead process on this host is taken over at once;
 - counts deliveries, so a step that keeps killing its worker fails after `max_attempts`;
-- for the dump, holds the target lock (renewed while pg_dump runs); a busy target makes the step wait
-  with short retries (never a countdown longer than the visibility timeout); a lost lock aborts pg_dump;
-- maps transient failures to retries with backoff, everything else to a chain failure.
+- for the dump, holds the target lock and the per-server and fleet slots (renewed while pg_dump runs);
+  a busy target or a full server makes the step wait by short re-sends (never a countdown longer than
+  the visibility timeout, and not counted as a retry); a lost lock aborts pg_dump;
+- maps transient failures to retries with backoff, a Redis outage to a requeue, everything else to a
+  chain failure (the errback notifies).
 """
 
 from __future__ import annotations
