@@ -13,6 +13,7 @@ through; a streaming dump arrives compressed already.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import zstandard
-from isal import igzip, igzip_threaded
+from isal import igzip, igzip_threaded, isal_zlib
 
 from pgbeat.errors import VerifyError
 from pgbeat.fsutil import disk_error, open_private, remove_path
@@ -50,7 +51,7 @@ def thread_count(threads: int) -> int:
 _zstd = threading.local()
 
 
-def compress_block(block: bytes, codec: str, level: int) -> bytes:
+def compress_block(block, codec: str, level: int) -> bytes:
     """Compress one block into a complete gzip member or zstd frame (with its checksum and size)."""
     if codec == "gzip":
         return igzip.compress(block, compresslevel=isal_level(level))
@@ -62,15 +63,37 @@ def compress_block(block: bytes, codec: str, level: int) -> bytes:
     return compressors[level].compress(block)
 
 
+def compress_checked_block(block, codec: str, level: int) -> bytes:
+    """Compress one block, then decompress the result and compare it with the block byte for byte."""
+    data = compress_block(block, codec, level)
+    try:
+        if codec == "gzip":
+            back = igzip.decompress(data)  # ISA-L also checks the member's CRC-32 and size
+        else:
+            back = zstandard.ZstdDecompressor().decompress(data, max_output_size=len(block))
+    except (OSError, EOFError, ValueError, isal_zlib.error, zstandard.ZstdError):
+        back = None
+    if back != block:
+        raise VerifyError("a compressed block does not decompress to its input", step="dump",
+                          hint="the compressor or this machine's memory is faulty")
+    return data
+
+
 class BlockWriter:
     """A writable file object that compresses in independent blocks on a thread pool and writes them, in
-    order, to `out`; it counts what it writes and remembers each block's compressed size. (Checksums are
-    verify's job: it reads the file back.)"""
+    order, to `out`; it counts what it writes and remembers each block's compressed size.
 
-    def __init__(self, out: BinaryIO, codec: str, level: int, threads: int) -> None:
+    With `check`, each block is also decompressed on the pool and compared with its input, and the
+    SHA-256 of what is written is kept: a read-back of the file that finds that SHA-256 then proves the
+    stored file decompresses to the input without decompressing it again (the streaming dump's verify).
+    """
+
+    def __init__(self, out: BinaryIO, codec: str, level: int, threads: int, check: bool = False) -> None:
         self.out, self.codec, self.level = out, codec, level
         self.threads = thread_count(threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix=f"{codec}-block")
+        self.compress = compress_checked_block if check else compress_block
+        self.sha256 = hashlib.sha256() if check else None
         self.pending: collections.deque[Future] = collections.deque()
         self.buffer = bytearray()
         self.sizes: list[int] = []
@@ -86,14 +109,21 @@ class BlockWriter:
             del self.buffer[:BLOCK]
         return len(data)
 
-    def _submit(self, block: bytes) -> None:
-        self.pending.append(self.pool.submit(compress_block, block, self.codec, self.level))
+    def write_block(self, block) -> None:
+        """Take one whole block (or the last, shorter one) as it is; the caller must not reuse its buffer."""
+        assert not self.buffer
+        self._submit(block)
+
+    def _submit(self, block) -> None:
+        self.pending.append(self.pool.submit(self.compress, block, self.codec, self.level))
         while len(self.pending) > self.threads:  # bounded memory: one block in flight per thread, one more
             self._write_one()
 
     def _write_one(self) -> None:
         data = self.pending.popleft().result()
         self.out.write(data)
+        if self.sha256 is not None:
+            self.sha256.update(data)
         self.sizes.append(len(data))
         self.size += len(data)
 

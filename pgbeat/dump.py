@@ -19,7 +19,7 @@ from pathlib import Path
 
 from isal import isal_zlib
 
-from pgbeat.compress import BlockWriter, write_block_index
+from pgbeat.compress import BLOCK, BlockWriter, write_block_index
 from pgbeat.errors import CancelledError, DumpError, PgbeatError, TransientDumpError
 from pgbeat.fsutil import disk_error, open_private, private_dir, remove_path, tree_size
 from pgbeat.pgclient import client_env
@@ -83,6 +83,35 @@ def widen_pipe(pipe) -> None:
         fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, CHUNK)
 
 
+def _stream_file(pipe, out, scanner: DumpScanner) -> int:
+    """Copy the dump from `pipe` to `out`, scanning it; return its CRC-32."""
+    crc, buf = 0, bytearray(CHUNK)
+    view = memoryview(buf)
+    while n := pipe.readinto(buf):
+        chunk = view[:n]
+        out.write(chunk)
+        crc = isal_zlib.crc32(chunk, crc)
+        scanner.feed(chunk)
+    return crc
+
+
+def _stream_blocks(pipe, writer: BlockWriter, scanner: DumpScanner) -> int:
+    """Read the dump from `pipe` straight into fresh block buffers handed to `writer` (no copies: this
+    thread's time is the stream's limit), scanning it; return its CRC-32."""
+    crc = 0
+    while True:
+        block = bytearray(BLOCK)
+        view, filled = memoryview(block), 0
+        while filled < BLOCK and (n := pipe.readinto(view[filled:filled + CHUNK])):
+            crc = isal_zlib.crc32(view[filled:filled + n], crc)
+            scanner.feed(block, filled, filled + n)
+            filled += n
+        if filled:
+            writer.write_block(block if filled == BLOCK else view[:filled])
+        if filled < BLOCK:
+            return crc
+
+
 def dump_step(ctx: StepContext, run: Run) -> Run:
     """Dump the run's target into its work folder; return the record with `steps.dump` filled in.
 
@@ -107,22 +136,16 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
                           stdout=subprocess.PIPE if scanner else subprocess.DEVNULL)
         if scanner is not None:
             widen_pipe(proc.stdout)
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
             try:
                 with open_private(output) as out:
                     if streaming:
-                        writer = BlockWriter(out, run.codec, run.level, target.compression.threads)
-                    sink = writer or out
-                    while n := proc.stdout.readinto(buf):
-                        chunk = view[:n]
-                        sink.write(chunk)
-                        crc = isal_zlib.crc32(chunk, crc)
-                        scanner.feed(chunk)
-                    if writer is not None:
+                        writer = BlockWriter(out, run.codec, run.level, target.compression.threads, check=True)
+                        crc = _stream_blocks(proc.stdout, writer, scanner)
                         writer.close()
                         out.flush()
                         os.fsync(out.fileno())
+                    else:
+                        crc = _stream_file(proc.stdout, out, scanner)
             except OSError as exc:
                 raise disk_error(exc, output) from None
             scanner.finish()
@@ -155,7 +178,8 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
                     server_version=scanner.server_version)
     if writer is not None:
         write_block_index(output, writer.sizes)
-        info.update(compressed=True, codec=run.codec, blocks=len(writer.sizes))
+        info.update(compressed=True, codec=run.codec, blocks=len(writer.sizes), blocks_checked=True,
+                    sha256=writer.sha256.hexdigest())
     log.info("dump of %s done: %d bytes in %.1fs%s", target.name, size, info["duration_s"],
              " (compressed while streaming)" if writer is not None else "")
     run.steps["dump"] = info

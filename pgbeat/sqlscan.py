@@ -35,21 +35,22 @@ class DumpScanner:
         self._prev = b"\n"  # outside COPY data: the byte before `_carry` (does it start a line?)
         self._carry = b""  # outside COPY data: bytes not yet classified (a partial line)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
+    def feed(self, data: bytes | bytearray | memoryview, start: int = 0, end: int | None = None) -> None:
+        """Scan data[start:end] (bounds let a caller pass part of a big buffer without copying it)."""
         if isinstance(data, memoryview):
             data = data.obj if data.obj is not None and len(data) == len(data.obj) else bytes(data)
-        n = len(data)
-        self.size += n
+        end = len(data) if end is None else end
+        self.size += end - start
         if len(self.head) < EDGE:
-            self.head += bytes(data[: EDGE - len(self.head)])
-        self.tail = (self.tail + bytes(data[-EDGE:]))[-EDGE:]
-        pos = 0
-        while pos < n:
+            self.head += bytes(data[start:min(end, start + EDGE - len(self.head))])
+        self.tail = (self.tail + bytes(data[max(start, end - EDGE):end]))[-EDGE:]
+        pos = start
+        while pos < end:
             if self._table is not None:
-                pos = self._copy_data(data, pos, n)
+                pos = self._copy_data(data, pos, end)
             else:
                 # Statements are rare and short: scan them in a buffer with the carried partial line.
-                self._statements(self._prev + self._carry + bytes(data[pos:]))
+                self._statements(self._prev + self._carry + bytes(data[pos:end]))
                 return
 
     def _copy_data(self, data, pos: int, end: int) -> int:

@@ -234,3 +234,30 @@ def test_streaming_dump_compresses_in_one_pass(workdir, pg, rich_db, make_db, co
     assert pg.dump_text(restored) == pg.dump_text(rich_db)
     assert service.pgbeat("verify", str(backup)).returncode == 0
     assert not list((service.backup_root / "daily").glob("*.blocks.json"))  # the index stays in the work folder
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd"])
+def test_streaming_verify_catches_a_file_changed_after_it_was_written(workdir, pg, rich_db, monkeypatch, codec):
+    """The streaming dump checks each block as it writes it; verify must still read the file back and
+    refuse one whose bytes are not those checked (here one byte flipped between the two steps)."""
+    from pgbeat.compress import compress_step
+    from pgbeat.dump import dump_step
+    from pgbeat.errors import VerifyError
+    from pgbeat.run import StepContext, new_run
+    from pgbeat.settings import load_settings
+    from pgbeat.verify import verify_step
+
+    service = Service(workdir, None, [pg.target("erp", rich_db, streaming=True, compression={"codec": codec})])
+    monkeypatch.setenv("PGBEAT_CONFIG", str(service.config_path))
+    settings = load_settings(env_file=None)
+    ctx = StepContext(settings)
+    run = compress_step(ctx, dump_step(ctx, new_run(settings, settings.target("erp"), "daily")))
+    assert run.steps["dump"]["blocks_checked"] and run.steps["compress"]["passthrough"]
+    artifact = run.artifact
+    data = bytearray(artifact.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    artifact.write_bytes(data)
+    with pytest.raises(VerifyError) as failure:
+        verify_step(ctx, run)
+    assert any("SHA-256 mismatch" in line for line in failure.value.details)
+    assert not list(service.backup_root.glob("daily/*"))  # nothing reached a final name

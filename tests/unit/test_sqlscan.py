@@ -58,3 +58,16 @@ def test_a_truncated_dump_is_never_complete(cut):
 def test_byte_at_a_time():
     s = scan(DUMP[i:i + 1] for i in range(len(DUMP)))
     assert s.tables == EXPECTED and s.complete
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(DUMP)), max_size=40))
+def test_ranges_of_one_buffer_scan_like_slices(cuts):
+    """The dump step passes (buffer, start, end) to avoid copies: same counts, versions and size."""
+    points = sorted({c % (len(DUMP) + 1) for c in cuts})
+    scanner, buffer = DumpScanner(), bytearray(b"\xff" * 7 + DUMP + b"\xff" * 5)  # bytes outside the ranges
+    for a, b in zip([0, *points], [*points, len(DUMP)], strict=True):
+        scanner.feed(buffer, 7 + a, 7 + b)
+    scanner.finish()
+    assert scanner.tables == EXPECTED and scanner.complete
+    assert (scanner.server_version, scanner.size) == ("15.20", len(DUMP))
