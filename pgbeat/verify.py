@@ -43,17 +43,6 @@ from pgbeat.sqlscan import COMPLETE_MARKER, DumpScanner
 log = logging.getLogger(__name__)
 
 
-def file_digests(path: Path) -> dict[str, Any]:
-    """Return size, MD5 and SHA-256 of a file in one read."""
-    md5, sha256, size = hashlib.md5(usedforsecurity=False), hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            md5.update(chunk)
-            sha256.update(chunk)
-            size += len(chunk)
-    return {"size": size, "md5": md5.hexdigest(), "sha256": sha256.hexdigest()}
-
-
 def _hash_file(path: Path, algorithm: str) -> tuple[str, int]:
     digest, size = hashlib.new(algorithm, usedforsecurity=algorithm != "md5"), 0
     with open(path, "rb") as f:
@@ -63,7 +52,7 @@ def _hash_file(path: Path, algorithm: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def read_back_digests(path: Path) -> dict[str, Any]:
+def file_digests(path: Path) -> dict[str, Any]:
     """Size, MD5 and SHA-256 of a file, the two hashes computed side by side (each on a core)."""
     md5 = _in_thread(_hash_file, path, "md5")
     sha256, size = _hash_file(path, "sha256")
@@ -218,7 +207,7 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
         # A streaming dump decompressed each block as it wrote it and compared it with pg_dump's bytes,
         # and hashed what it wrote: reading the file back to that SHA-256 (below) proves the stored file
         # decompresses to exactly the dump, so decompressing it all again would prove nothing more.
-        result = {**read_back_digests(path), "raw_size": dump["raw_size"], "raw_crc32": dump["raw_crc32"],
+        result = {**file_digests(path), "raw_size": dump["raw_size"], "raw_crc32": dump["raw_crc32"],
                   "complete": dump["complete"]}
     else:
         result = check_backup(path, run.format, run.codec, ctx.settings)
