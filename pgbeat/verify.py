@@ -54,9 +54,12 @@ def _hash_file(path: Path, algorithm: str) -> tuple[str, int]:
 
 def file_digests(path: Path) -> dict[str, Any]:
     """Size, MD5 and SHA-256 of a file, the two hashes computed side by side (each on a core)."""
-    md5 = _in_thread(_hash_file, path, "md5")
-    sha256, size = _hash_file(path, "sha256")
-    return {"size": size, "md5": md5()[0], "sha256": sha256}
+    join_md5 = _in_thread(_hash_file, path, "md5")
+    try:
+        sha256, size = _hash_file(path, "sha256")
+    finally:
+        md5, _ = join_md5()  # joined even when this thread's read failed
+    return {"size": size, "md5": md5, "sha256": sha256}
 
 
 def _in_thread(fn, *args):
@@ -220,7 +223,7 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
                             f"crc {result['raw_crc32']}; expected {dump.get('raw_size')} bytes, "
                             f"crc {dump.get('raw_crc32')})")
         if compress.get("sha256") and compress["sha256"] != result["sha256"]:
-            problems.append("the file on disk differs from what the compress step wrote (SHA-256 mismatch)")
+            problems.append("the file on disk differs from what was written to it (SHA-256 mismatch)")
     if problems:
         raise VerifyError(f"Backup {run.name} failed verification", step="verify", details=problems)
 
