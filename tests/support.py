@@ -279,3 +279,31 @@ def make_tempdir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(path, 0o755)
     return path
+
+
+def hold_lock(pg, db: str, seconds: float) -> subprocess.Popen:
+    """Lock table `big` in `db` for `seconds`, so a pg_dump of `db` waits that long."""
+    proc = subprocess.Popen([str(PG_BIN / "psql"), "-X", "-h", pg.host, "-p", str(pg.port), "-U", "postgres", "-d", db,
+                             "-c", f"BEGIN; LOCK TABLE big IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({seconds});"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: pg.sql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                            "WHERE c.relname = 'big' AND l.mode = 'AccessExclusiveLock' AND l.granted", db) == "1",
+             10, what="table lock")
+    return proc
+
+
+def release_lock(pg, db: str) -> None:
+    """End the session that holds the table lock (so the test need not wait for its sleep)."""
+    pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+           "AND query LIKE 'BEGIN; LOCK TABLE big%'", db)
+
+
+@contextlib.contextmanager
+def table_locked(pg, db: str, seconds: float = 60):
+    """Hold table `big` of `db` locked inside the block, so a pg_dump of `db` stays mid-dump until it ends."""
+    locker = hold_lock(pg, db, seconds)
+    try:
+        yield locker
+    finally:
+        release_lock(pg, db)
+        locker.wait(30)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -13,12 +12,12 @@ import pytest
 
 from tests.conftest import DATA, unique
 from tests.support import (
-    PG_BIN,
     SECRET_PASSWORD,
     Service,
     Worker,
     pg_dump_processes,
     run_state,
+    table_locked,
     wait_for,
     wait_run,
 )
@@ -73,23 +72,6 @@ def celery_call(service: Service, target: str, tier: str = "daily", **kwargs) ->
     result = service.celery(*args)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
-
-
-def hold_lock(pg, db: str, seconds: float) -> subprocess.Popen:
-    """Lock table `big` in `db` for `seconds`, so a pg_dump of `db` waits that long."""
-    proc = subprocess.Popen([str(PG_BIN / "psql"), "-X", "-h", pg.host, "-p", str(pg.port), "-U", "postgres", "-d", db,
-                             "-c", f"BEGIN; LOCK TABLE big IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({seconds});"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: pg.sql("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
-                            "WHERE c.relname = 'big' AND l.mode = 'AccessExclusiveLock' AND l.granted", db) == "1",
-             10, what="table lock")
-    return proc
-
-
-def release_lock(pg, db: str) -> None:
-    """End the session that holds the table lock (so the test need not wait for its sleep)."""
-    pg.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-           "AND query LIKE 'BEGIN; LOCK TABLE big%'", db)
 
 
 def test_celery_call_round_trip(service, worker, pg, dbs, redis_server, make_db):
@@ -191,17 +173,13 @@ def test_redelivered_message_does_not_dispatch_twice(service, worker, redis_serv
 
 
 def test_worker_killed_mid_dump_redoes_the_backup_once(service, worker, pg, dbs, redis_server):
-    locker = hold_lock(pg, dbs["locked"], 60)
-    try:
+    with table_locked(pg, dbs["locked"]):
         run_id = celery_call(service, "erp_locked")
         [dump] = wait_for(lambda: pg_dump_processes(dbs["locked"]), 20, what="pg_dump")
         pool_child = dump.parent()
         assert pool_child.pid in [c.pid for c in worker.pool_children()]
         pool_child.send_signal(signal.SIGKILL)
         wait_for(lambda: not dump.is_running() or dump.status() == "zombie", 10, what="orphaned pg_dump to die")
-    finally:
-        release_lock(pg, dbs["locked"])
-        locker.wait(30)
     state = wait_run(redis_server.client, run_id, 90)
     assert state["status"] == "succeeded", state
     final_name = state["final_path"].rsplit("/")[-1]
@@ -213,8 +191,7 @@ def test_worker_killed_mid_dump_redoes_the_backup_once(service, worker, pg, dbs,
 
 
 def test_target_lock_serialises_dumps_of_one_database(service, worker, pg, dbs, redis_server):
-    locker = hold_lock(pg, dbs["locked"], 60)
-    try:
+    with table_locked(pg, dbs["locked"]):
         first = celery_call(service, "erp_locked", "weekly")
         second = celery_call(service, "erp_locked", "weekly")
         wait_for(lambda: pg_dump_processes(dbs["locked"]), 20, what="first pg_dump")
@@ -225,9 +202,6 @@ def test_target_lock_serialises_dumps_of_one_database(service, worker, pg, dbs, 
         assert max(seen) == 1
         waiting = [run_state(redis_server.client, r).get("status") for r in (first, second)]
         assert "waiting" in waiting
-    finally:
-        release_lock(pg, dbs["locked"])
-        locker.wait(30)
     states = [wait_run(redis_server.client, r, 120) for r in (first, second)]
     assert [s["status"] for s in states] == ["succeeded", "succeeded"]
     manifests = [json.loads((service.backup_root / "weekly" / (s["final_path"].rsplit("/")[-1] + ".manifest.json"))

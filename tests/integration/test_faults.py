@@ -18,7 +18,6 @@ import psutil
 import pytest
 
 from tests.conftest import unique
-from tests.integration.test_chain import hold_lock, release_lock
 from tests.support import (
     VENV_BIN,
     RedisServer,
@@ -27,6 +26,7 @@ from tests.support import (
     free_port,
     pg_dump_processes,
     run_state,
+    table_locked,
     wait_for,
     wait_run,
 )
@@ -64,18 +64,16 @@ def events_of(service: Service, run_id: str) -> list[str]:
 def test_1_sigkill_of_the_worker_mid_dump(workdir, pg, redis_server, locked_db):
     service = service_for(workdir, redis_server.url, pg, locked_db)
     worker = Worker(service)
-    locker = hold_lock(pg, locked_db, 60)
     try:
-        run_id = call(service)
-        [dump] = wait_for(lambda: pg_dump_processes(locked_db), 20, what="pg_dump")
-        os.kill(worker.proc.pid, signal.SIGKILL)  # the whole worker: main process first
-        wait_for(lambda: not dump.is_running() or dump.status() == psutil.STATUS_ZOMBIE, 10, what="pg_dump to die")
-        lock_key = "pgbeat:lock:target:erp"
-        assert redis_server.client.pttl(lock_key) <= FAST["lock_ttl"] * 1000  # it expires on its own
-        wait_for(lambda: not redis_server.client.exists(lock_key), 10, what="the lock to expire")
+        with table_locked(pg, locked_db):
+            run_id = call(service)
+            [dump] = wait_for(lambda: pg_dump_processes(locked_db), 20, what="pg_dump")
+            os.kill(worker.proc.pid, signal.SIGKILL)  # the whole worker: main process first
+            wait_for(lambda: not dump.is_running() or dump.status() == psutil.STATUS_ZOMBIE, 10, what="pg_dump to die")
+            lock_key = "pgbeat:lock:target:erp"
+            assert redis_server.client.pttl(lock_key) <= FAST["lock_ttl"] * 1000  # it expires on its own
+            wait_for(lambda: not redis_server.client.exists(lock_key), 10, what="the lock to expire")
     finally:
-        release_lock(pg, locked_db)
-        locker.wait(30)
         worker.stop()
     assert service.backups() == []  # nothing under a final name from the killed run
     successor = Worker(service, name="w2")  # Redis gives the unacknowledged dump back after the timeout
@@ -92,16 +90,12 @@ def test_1_sigkill_of_the_worker_mid_dump(workdir, pg, redis_server, locked_db):
 def test_2_sigterm_mid_dump_is_a_warm_shutdown(workdir, pg, redis_server, locked_db):
     service = service_for(workdir, redis_server.url, pg, locked_db)
     worker = Worker(service)
-    locker = hold_lock(pg, locked_db, 60)
-    try:
+    with table_locked(pg, locked_db):
         run_id = call(service)
         [dump] = wait_for(lambda: pg_dump_processes(locked_db), 20, what="pg_dump")
         worker.proc.send_signal(signal.SIGTERM)
         time.sleep(2)
         assert dump.is_running() and worker.proc.poll() is None  # the running dump is not cut short
-    finally:
-        release_lock(pg, locked_db)
-        locker.wait(30)
     worker.proc.wait(60)
     assert not pg_dump_processes(locked_db)  # no orphan
     assert run_state(redis_server.client, run_id)["status"] in ("running", "queued")  # done with the dump only
@@ -116,17 +110,13 @@ def test_2_sigterm_mid_dump_is_a_warm_shutdown(workdir, pg, redis_server, locked
 def test_3_dump_longer_than_the_visibility_timeout_runs_once(workdir, pg, redis_server, locked_db):
     service = service_for(workdir, redis_server.url, pg, locked_db, reliability={"visibility_timeout": 5})
     worker = Worker(service, concurrency=3)
-    locker = hold_lock(pg, locked_db, 60)
-    try:
+    with table_locked(pg, locked_db):
         run_id = call(service)
         wait_for(lambda: pg_dump_processes(locked_db), 20, what="pg_dump")
         wait_for(lambda: "is running elsewhere" in worker.log_text(), 40, what="a redelivered copy")
         assert len(pg_dump_processes(locked_db)) == 1
         time.sleep(6)  # another visibility timeout
         assert len(pg_dump_processes(locked_db)) == 1
-    finally:
-        release_lock(pg, locked_db)
-        locker.wait(30)
     try:
         assert wait_run(redis_server.client, run_id, 60)["status"] == "succeeded"
     finally:
@@ -193,15 +183,11 @@ def test_5_redis_restarted_mid_chain(workdir, pg, locked_db):
     redis = RedisServer(workdir, persistent=True)
     service = service_for(workdir, redis.url, pg, locked_db)
     supervisor = Supervisor(service)
-    locker = hold_lock(pg, locked_db, 60)
-    try:
+    with table_locked(pg, locked_db):
         run_id = call(service)
         wait_for(lambda: pg_dump_processes(locked_db), 20, what="pg_dump")
         redis.restart()
         wait_for(lambda: not pg_dump_processes(locked_db), 20, what="the cut-off dump to stop")  # no orphan
-    finally:
-        release_lock(pg, locked_db)
-        locker.wait(30)
     try:
         state = wait_run(redis.client, run_id, 120)
     finally:
@@ -300,16 +286,14 @@ def test_8_upload_failure_never_rotates_and_notifies_once(workdir, pg, redis_ser
 def test_10_lost_lock_aborts_the_dump(workdir, pg, redis_server, locked_db):
     service = service_for(workdir, redis_server.url, pg, locked_db)
     worker = Worker(service)
-    locker = hold_lock(pg, locked_db, 60)
     try:
-        run_id = call(service)
-        wait_for(lambda: pg_dump_processes(locked_db), 20, what="pg_dump")
-        redis_server.client.delete("pgbeat:lock:target:erp")
-        state = wait_run(redis_server.client, run_id, 30)
-        assert not pg_dump_processes(locked_db)
+        with table_locked(pg, locked_db):
+            run_id = call(service)
+            wait_for(lambda: pg_dump_processes(locked_db), 20, what="pg_dump")
+            redis_server.client.delete("pgbeat:lock:target:erp")
+            state = wait_run(redis_server.client, run_id, 30)
+            assert not pg_dump_processes(locked_db)
     finally:
-        release_lock(pg, locked_db)
-        locker.wait(30)
         worker.stop()
     assert state["status"] == "failed"
     failure = json.loads(state["failure"])

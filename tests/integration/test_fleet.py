@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 import pytest
 from celery import Celery
 
-from tests.support import Service, Worker, wait_run
+from tests.support import Service, Worker, pg_dump_processes, run_state, table_locked, wait_for, wait_run
 
 pytestmark = pytest.mark.integration
 
@@ -107,8 +107,6 @@ def test_manual_backup_is_not_stuck_behind_scheduled_ones(workdir, pg, redis_ser
 
 def test_runs_of_a_dead_host_are_redispatched(tmp_path_factory, pg, redis_server, make_db):
     """Host A dies for good mid-dump: its run is seen as stuck, abandoned and done again on host B."""
-    from tests.integration.test_chain import hold_lock, release_lock
-
     db = make_db("dead")
     pg.sql("CREATE TABLE big AS SELECT generate_series(1, 1000) AS i", db)
     config = {"reliability": {"node_timeout": 10, "lock_ttl": 2, "visibility_timeout": 8, "restore_interval": 2,
@@ -118,19 +116,13 @@ def test_runs_of_a_dead_host_are_redispatched(tmp_path_factory, pg, redis_server
     host_b = Service(tmp_path_factory.mktemp("host_b"), redis_server.url, [pg.target("erp", db)], node="host-b",
                      **config)
     worker_a = Worker(host_a)
-    locker = hold_lock(pg, db, 60)
-    try:
+    with table_locked(pg, db):
         run_id = uuid.uuid4().hex
         Celery(broker=redis_server.url).send_task("tasks.backup", args=["erp", "daily"], task_id=run_id,
                                                   queue="pgbeat")
-        from tests.support import pg_dump_processes, wait_for
-
         wait_for(lambda: pg_dump_processes(db), 20, what="pg_dump on host A")
         os.kill(worker_a.proc.pid, signal.SIGKILL)  # host A is gone and does not come back
         worker_a.proc.wait(10)
-    finally:
-        release_lock(pg, db)
-        locker.wait(30)
     worker_b = Worker(host_b)
     try:
         # Host A's last heartbeat expires (30 s), then status calls its run stuck.
@@ -150,6 +142,4 @@ def test_runs_of_a_dead_host_are_redispatched(tmp_path_factory, pg, redis_server
 
 
 def run_state_of(redis_server, run_id: str) -> dict:
-    from tests.support import run_state
-
     return run_state(redis_server.client, run_id)

@@ -16,8 +16,18 @@ from hypothesis import strategies as st
 from pgbeat.errors import ConfigError
 from pgbeat.settings import load_settings
 from tests.conftest import unique
-from tests.integration.test_chain import hold_lock, release_lock
-from tests.support import SECRET_PASSWORD, Service, Worker, free_port, pg_dump_processes, wait_for, wait_run
+from tests.support import (
+    SECRET_PASSWORD,
+    Service,
+    Worker,
+    free_port,
+    hold_lock,
+    pg_dump_processes,
+    release_lock,
+    table_locked,
+    wait_for,
+    wait_run,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -93,21 +103,21 @@ def decode_event(raw: bytes) -> str:
 
 def test_temporary_files_are_private_too(workdir, pg, locked_db):
     service = Service(workdir, None, [pg.target("erp", locked_db)])
-    locker = hold_lock(pg, locked_db, 60)
-    proc = subprocess.Popen([str(service.env()["PATH"].split(":")[0] + "/pgbeat"), "backup", "daily"],
-                            cwd=service.cwd, env=service.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        wait_for(lambda: pg_dump_processes(locked_db), 20, what="pg_dump")
-        work = service.backup_root / ".work"
-        [run_dir] = list(work.iterdir())
-        [partial] = [p for p in run_dir.iterdir() if p.name == "dump.sql"]
-        for folder in (service.backup_root, work, run_dir):
-            assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
-        assert stat.S_IMODE(partial.stat().st_mode) == 0o600
-    finally:
-        release_lock(pg, locked_db)
-        locker.wait(30)
-        proc.communicate(timeout=60)
+    with table_locked(pg, locked_db):
+        proc = subprocess.Popen([str(service.env()["PATH"].split(":")[0] + "/pgbeat"), "backup", "daily"],
+                                cwd=service.cwd, env=service.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: pg_dump_processes(locked_db), 20, what="pg_dump")
+            work = service.backup_root / ".work"
+            [run_dir] = list(work.iterdir())
+            [partial] = [p for p in run_dir.iterdir() if p.name == "dump.sql"]
+            for folder in (service.backup_root, work, run_dir):
+                assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+            assert stat.S_IMODE(partial.stat().st_mode) == 0o600
+        except BaseException:
+            proc.kill()  # the lock is released on the way out; do not wait for a backup nobody checks
+            raise
+    proc.communicate(timeout=60)
     assert proc.returncode == 0
     for path in service.backup_root.rglob("*"):
         expected = 0o700 if path.is_dir() else 0o600

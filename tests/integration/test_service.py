@@ -10,8 +10,7 @@ import uuid
 import pytest
 
 from tests.conftest import unique
-from tests.integration.test_chain import hold_lock
-from tests.support import VENV_BIN, Service, Worker, pg_dump_processes, wait_for
+from tests.support import VENV_BIN, Service, Worker, hold_lock, pg_dump_processes, wait_for
 
 pytestmark = pytest.mark.integration
 
