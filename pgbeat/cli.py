@@ -32,9 +32,13 @@ err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() el
 
 def settings_or_exit() -> Settings:
     try:
-        return get_settings()
+        settings = get_settings()
     except PgbeatError as exc:
         fail(exc)
+    from pgbeat.startup import recover_host
+
+    recover_host(settings, "cli")  # finish or undo what a killed run left on this host
+    return settings
 
 
 def fail(exc: PgbeatError) -> None:

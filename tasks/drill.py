@@ -5,6 +5,7 @@ from celery import shared_task
 from pgbeat.coordination import RunState
 from pgbeat.drill import run_drill
 from pgbeat.settings import get_settings
+from pgbeat.startup import recover_host
 from workers.chain import redis_client
 from workers.config import host_queue
 
@@ -13,6 +14,7 @@ from workers.config import host_queue
 def drill(self, target: str, node: str | None = None) -> dict:
     """Drill `target`'s latest backup (pgbeat.drill); beat's message is first routed to the right host."""
     settings = get_settings()
+    recover_host(settings, "drill")
     if node is None:
         holder = RunState(redis_client(settings)).latest_node(target) or settings.node
         if holder != settings.node:

@@ -14,6 +14,7 @@ from pgbeat.coordination import NodeRegistry, RunState
 from pgbeat.fsutil import remove_path
 from pgbeat.run import WORK_DIR
 from pgbeat.settings import get_settings
+from pgbeat.startup import recover_host
 from workers.chain import redis_client
 from workers.config import host_queue
 
@@ -33,6 +34,7 @@ def announce_and_clean(sender, **kwargs):
     """Start this worker's heartbeat, then remove work folders no run can still need: runs abandoned to
     another host, and anything older than the visibility timeout."""
     settings = get_settings()
+    recover_host(settings, "worker")
     worker = sender.hostname
     threading.Thread(target=_heartbeat, args=(settings.node, worker), name="pgbeat-heartbeat", daemon=True).start()
     work = settings.backup_root / WORK_DIR
