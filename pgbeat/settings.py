@@ -40,6 +40,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pgbeat.errors import ConfigError, UnknownTargetError
+from pgbeat.pgoptions import check_pg_dump_options
 
 TIERS = ("daily", "weekly", "monthly")
 Tier = Literal["daily", "weekly", "monthly"]
@@ -59,10 +60,6 @@ STEPS = ("dump", "compress", "verify", "upload", "rotate", "notify")
 
 # Target names end up in file names, Redis keys and log lines: a conservative alphabet.
 TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-# pg_dump options that pgbeat sets itself; allowing them in config would break the chain's assumptions.
-RESERVED_DUMP_OPTIONS = ("-f", "--file", "-F", "--format", "-d", "--dbname", "-h", "--host", "-p", "--port",
-                         "-U", "--username", "-W", "--password", "-w", "--no-password", "-j", "--jobs",
-                         "-Z", "--compress")
 SECRET_KEY_HINTS = ("password", "secret", "token", "broker", "backend", "url", "key")
 
 
@@ -259,7 +256,8 @@ class TargetOptions(Strict):
     compression: CompressionSpec | None = None
     streaming: bool | None = Field(None, description="plain format: compress while dumping, in one pass, "
                                                      "with no uncompressed copy on disk (see README)")
-    pg_dump_options: list[str] | None = None
+    pg_dump_options: list[str] | None = Field(None, description="extra pg_dump options from an allow-list "
+                                                                 "(pgbeat/pgoptions.py), passed spelled out")
     tiers: dict[Tier, TierSpec] | None = None
     drill: DrillSpec | None = None
     notify: list[ChannelSpec] | None = Field(None, description="channels for this target, besides the global ones")
@@ -269,14 +267,9 @@ class TargetOptions(Strict):
 
     @field_validator("pg_dump_options")
     @classmethod
-    def _no_reserved_options(cls, options: list[str] | None) -> list[str] | None:
-        for option in options or []:
-            name = option.split("=", 1)[0]
-            if name in RESERVED_DUMP_OPTIONS or any(
-                    name.startswith(short) and len(name) > 2 and not name.startswith("--")
-                    for short in ("-f", "-F", "-d", "-h", "-p", "-U", "-j", "-Z")):
-                raise ValueError(f"{option!r} is set by pgbeat itself and cannot be passed to pg_dump")
-        return options
+    def _allowed_dump_options(cls, options: list[str] | None) -> list[str] | None:
+        # Read the way pg_dump's getopt_long reads them, and handed on spelled out (see pgbeat/pgoptions.py).
+        return None if options is None else check_pg_dump_options(options)
 
 
 class TargetSpec(TargetOptions):
