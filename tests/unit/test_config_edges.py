@@ -1,11 +1,14 @@
 """The configuration at its edges: files that are not text, bombs and absurd nesting, blank names,
-numbers without a ceiling."""
+numbers without a ceiling; and a fuzz over the whole schema with extreme values: whatever passes the
+loader must work in rotation, status, metrics and the schedule."""
 
 from __future__ import annotations
 
 import os
 import types
 import typing
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import annotated_types
@@ -13,7 +16,11 @@ import pydantic
 import pyrage
 import pytest
 import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
+from pgbeat.clitypes import EARLIEST_TIME, LATEST_TIME
 from pgbeat.errors import ConfigError
 from pgbeat.settings import (
     MAX_CONFIG_BYTES,
@@ -255,3 +262,161 @@ def test_values_that_would_break_later_are_refused_now(folder, monkeypatch, text
     with pytest.raises(ConfigError) as exc:
         load_file(folder, monkeypatch, text)
     assert any(f"At '{key}'" in line for line in exc.value.errors), exc.value.errors
+
+
+# --- fuzz: the whole schema with extreme values -------------------------------------------------------
+
+EXTREME_INTS = [-(2**63), -1, 0, 1, 2, 5, 59, 60, 64, 65535, 65536, 36_500, 36_501, 86_400, 2_592_000, 2_592_001,
+                2**31, 2**63, 10**30]
+EXTREME_FLOATS = [float("nan"), float("inf"), -float("inf"), -1.0, 0.0, 1e-300, 0.5, 0.999, 1.0, 1.0001, 100.0,
+                  1e308]
+TEXTS = ["", "   ", "x" * 300, "a\nb", "\x1b[31m", "-x", "../../etc", "erp", "127.0.0.1", "ção", "erp", "db-1"]
+SPECIAL = {
+    "schedule": ["0 2 * * *", "*/1 * * * *", "0 0 29 2 *", "59 23 31 12 *", "0 0 * * 7", "0 0 L * *", "61 0 * * *"],
+    "timezone": ["UTC", "Pacific/Kiritimati", "America/Sao_Paulo", "Mars/Olympus"],
+    "metrics_listen": ["127.0.0.1:9810", "[::1]:1", "localhost:65535", ":9810", "0.0.0.0:0", "h:99999"],
+    "recipients": [[RECIPIENT], [], ["age1bad"]],
+    "name": ["erp", "crm", "a" * 63, "a" * 64, "../x"],
+    "dbname": ["erp", "d" * 63, "d" * 64, "x\x00y"],
+    "url": ["json://127.0.0.1:1/", ""],
+    "time_limits": [{"dump": 1}, {"dump": 2_592_000}, {"dump": 2_592_001}, {"bogus": 5}],
+    "pg_dump_options": [["-xO"], ["--clean"], ["--fil=x"], ["--lock-wait-timeout=1s", "-t", "a"]],
+    "events": [["failure", "success"], ["bogus"]],
+}
+SKIPPED = {"backup_root", "broker_url", "result_backend", "pg_bin_dir", "passfile", "credentials_file", "key_file",
+           "known_hosts", "identity_file", "password", "access_key_id", "secret_access_key", "healthcheck_url"}
+
+
+def bounds_of(metadata) -> tuple[float | None, float | None]:
+    low = high = None
+    for meta in metadata:
+        if isinstance(meta, annotated_types.Ge | annotated_types.Gt):
+            low = getattr(meta, "ge", None) if isinstance(meta, annotated_types.Ge) else meta.gt
+        if isinstance(meta, annotated_types.Le | annotated_types.Lt):
+            high = getattr(meta, "le", None) if isinstance(meta, annotated_types.Le) else meta.lt
+    return low, high
+
+
+def number_for(kind: type, metadata) -> st.SearchStrategy:
+    """Half the time a value at the field's own bounds (which must work), half an extreme one."""
+    low, high = bounds_of(metadata)
+    edges = [kind(v) for v in (low, high) if v is not None]
+    if kind is float:
+        edges = [*edges, *(kind(v) + d for v in (low, high) if v is not None for d in (1e-9, -1e-9))]
+    edges = [v for v in edges if (low is None or v >= low) and (high is None or v <= high)] or [kind(1)]
+    extremes = EXTREME_INTS if kind is int else EXTREME_FLOATS + EXTREME_INTS[:8]
+    beyond = [kind(v) + d for v in (low, high) if v is not None for d in (-1, 1)]
+    return st.one_of(st.sampled_from(edges), st.sampled_from(extremes + beyond))
+
+
+def value_for(field: str, annotation, metadata=(), depth: int = 0) -> st.SearchStrategy:
+    if field in SPECIAL:
+        return st.sampled_from(SPECIAL[field])
+    options = []
+    for member in unwrap(annotation):
+        base, extra = member, list(metadata)
+        if typing.get_origin(member) is typing.Annotated:
+            base, *more = typing.get_args(member)
+            extra += more
+        origin = typing.get_origin(base)
+        if base is bool:
+            options.append(st.booleans())
+        elif base in (int, float):
+            options.append(number_for(base, extra))
+        elif base in (str, Path):
+            options.append(st.sampled_from(TEXTS))
+        elif origin is typing.Literal:
+            options.append(st.sampled_from([*typing.get_args(base), "bogus"]))
+        elif origin is list and depth < 3:
+            options.append(st.lists(value_for(field, typing.get_args(base)[0], (), depth + 1), max_size=2))
+        elif origin is dict and depth < 3:
+            key_type, value_type = typing.get_args(base)
+            keys = list(typing.get_args(key_type)) if typing.get_origin(key_type) is typing.Literal else ["daily"]
+            options.append(st.dictionaries(st.sampled_from(keys), value_for(field, value_type, (), depth + 1),
+                                           max_size=2))
+        elif isinstance(base, type) and issubclass(base, pydantic.BaseModel) and depth < 3:
+            options.append(document_for(base, depth + 1))
+    return st.one_of(options) if options else st.none()
+
+
+def document_for(model, depth: int = 0) -> st.SearchStrategy:
+    fields = {name: value_for(name, info.annotation, info.metadata, depth) for name, info in model.model_fields.items()
+              if name not in SKIPPED and name != "targets"}
+    return st.dictionaries(st.sampled_from(sorted(fields)), st.none(), max_size=4).flatmap(
+        lambda chosen: st.fixed_dictionaries({name: fields[name] for name in chosen}))
+
+
+target_documents = st.tuples(document_for(TargetSpec), st.sampled_from(["erp", "crm"]),
+                             st.sampled_from(["erp", "d" * 63])).map(
+    lambda t: {**t[0], "name": t[0].get("name", t[1]), "dbname": t[0].get("dbname", t[2])})
+documents = st.tuples(document_for(FileConfig), st.lists(target_documents, min_size=1, max_size=2)).map(
+    lambda t: {**t[0], "targets": t[1]})
+
+
+@dataclass
+class FakeEntry:  # what plan_rotation reads of an Entry
+    path: Path
+    manifest: typing.Any
+    exists: bool = True
+    verified: bool = True
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(document=documents)
+def test_whatever_config_check_accepts_works_in_every_computation(tmp_path_factory, monkeypatch, document):
+    """Extreme values anywhere in the schema: `config check` refuses them (exit 2, no traceback), or
+    rotation, status, metrics, the beat schedule, Celery's settings and every countdown work with them."""
+    from beat_schedule import build_beat_schedule
+    from pgbeat import cli
+    from pgbeat.metrics import families
+    from pgbeat.pipeline import backoff_delays
+    from pgbeat.rotate import plan_rotation
+    from pgbeat.settings import get_settings
+    from pgbeat.status import build_status
+    from workers.config import celery_config
+
+    folder = tmp_path_factory.mktemp("fuzz")
+    document = {**document, "backup_root": str(folder / "backups")}
+    path = folder / "pgbeat.yaml"
+    path.write_text(yaml.safe_dump(document, allow_unicode=True))
+    for key in list(os.environ):
+        if key.startswith(("DB_", "PGBEAT_", "CELERY_", "TARGET_NAME", "BACKUP_ROOT")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PGBEAT_CONFIG", str(path))
+    monkeypatch.chdir(folder)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli.main, ["config", "check", "--no-connect"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code in (0, 2), (result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    try:
+        settings_ = load_settings(env_file=None)
+    except ConfigError as exc:
+        assert result.exit_code == 2 and "Configuration is invalid" in result.output
+        assert all("At '" in line or str(path) in line for line in exc.errors), exc.errors
+        event("refused")
+        return
+    event("accepted")
+    assert result.exit_code == 0, result.output
+    for now in (datetime.now(UTC), EARLIEST_TIME, LATEST_TIME - timedelta(seconds=1)):
+        for name, target in settings_.targets.items():
+            for tier, policy in target.tiers.items():
+                entries = [FakeEntry(Path(f"{name}_{n}"), types.SimpleNamespace(started_at=now - timedelta(days=d)))
+                           for n, d in enumerate((0, 1, 400, 36_000))]
+                plan = plan_rotation(entries, policy, now, name, tier)
+                assert len(plan.keep) + len(plan.remove) + len(plan.protected) == len(entries)
+        report = build_status(settings_, now)
+        assert list(families(report))
+    schedule = build_beat_schedule(settings_)
+    assert all(entry["options"]["expires"] > 0 for entry in schedule.values())
+    config = celery_config(settings_)
+    r = settings_.reliability
+    delays = backoff_delays(settings_)
+    for seconds in (*delays, r.lock_ttl, r.lock_wait, r.visibility_timeout, r.result_expires, r.node_timeout,
+                    r.beat_lock_timeout, *r.limits().values(), max(r.limits().values()) + r.hard_limit_grace,
+                    config["result_expires"]):
+        assert datetime.now(UTC) + timedelta(seconds=seconds) < datetime(9999, 1, 1, tzinfo=UTC)
