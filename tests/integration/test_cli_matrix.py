@@ -166,7 +166,8 @@ def world(tmp_path_factory, pg):
         "targets": [
             pg.target("erp", db, destinations=[{"name": "offsite", "kind": "s3", "bucket": "matrix",
                                                 "endpoint_url": f"http://127.0.0.1:{closed[2]}", "retries": 1,
-                                                "access_key_id": "x", "secret_access_key": "y"}]),
+                                                "access_key_id": "matrix-access-key",
+                                                "secret_access_key": "matrix-secret-key"}]),
             {"name": "down", "host": "127.0.0.1", "port": closed[0], "dbname": "down", "user": "postgres",
              "connect_timeout": 1},
         ],

@@ -4,6 +4,7 @@ loader must work in rotation, status, metrics and the schedule."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import types
 import typing
@@ -17,22 +18,27 @@ import pyrage
 import pytest
 import yaml
 from click.testing import CliRunner
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from pgbeat.clitypes import EARLIEST_TIME, LATEST_TIME
 from pgbeat.errors import ConfigError
 from pgbeat.settings import (
     MAX_CONFIG_BYTES,
+    TIERS,
     ChannelSpec,
+    CompressionSpec,
     DestinationSpec,
     DrillSpec,
     EncryptionSpec,
     EnvSettings,
     FileConfig,
     MonitoringSpec,
+    Reliability,
+    RetentionSpec,
     TargetOptions,
     TargetSpec,
+    TierSpec,
     _path_not_blank,
     _validate_listen,
     load_settings,
@@ -346,11 +352,54 @@ def document_for(model, depth: int = 0) -> st.SearchStrategy:
         lambda chosen: st.fixed_dictionaries({name: fields[name] for name in chosen}))
 
 
-target_documents = st.tuples(document_for(TargetSpec), st.sampled_from(["erp", "crm"]),
-                             st.sampled_from(["erp", "d" * 63])).map(
-    lambda t: {**t[0], "name": t[0].get("name", t[1]), "dbname": t[0].get("dbname", t[2])})
-documents = st.tuples(document_for(FileConfig), st.lists(target_documents, min_size=1, max_size=2)).map(
-    lambda t: {**t[0], "targets": t[1]})
+def parts_of(path: str) -> list:
+    """'targets[0].tiers.daily' as ['targets', 0, 'tiers', 'daily']."""
+    return [int(p) if p.isdigit() else p for p in path.replace("[", ".").replace("]", "").split(".") if p]
+
+
+# Every field of every model at its place in a document: the fuzz sets one to three of them at a time in
+# an otherwise valid document, so that each extreme value is tried on its own as well as together.
+LEAF_MODELS = [*models_with_paths(), *((TierSpec, f"targets[0].tiers.{tier}", {}) for tier in TIERS),
+               (CompressionSpec, "targets[0].compression", {}),
+               (RetentionSpec, "targets[0].destinations[0].retention.daily", {}), (Reliability, "reliability", {})]
+LEAVES = [([*parts_of(path), name], value_for(name, info.annotation, info.metadata, 1))
+          for model, path, _base in LEAF_MODELS for name, info in model.model_fields.items()
+          if name not in SKIPPED and name != "targets"]
+NEEDS = {("targets", 0, "destinations", 0): models_with_paths()[5][2], ("targets", 0, "encryption"): {
+    "recipients": [RECIPIENT]}, ("notify", 0): {"url": "json://127.0.0.1:1/"}}
+
+
+def set_in(document: dict, parts: list, value) -> None:
+    cursor: typing.Any = document
+    for part, following in itertools.pairwise(parts):
+        if isinstance(part, int):
+            while len(cursor) <= part:
+                cursor.append({})
+        container = cursor[part] if isinstance(part, int) else cursor.get(part)
+        if not isinstance(container, dict | list):
+            container = [] if isinstance(following, int) else {}
+            cursor[part] = container
+        cursor = container
+    if isinstance(parts[-1], int):
+        while len(cursor) <= parts[-1]:
+            cursor.append({})
+    cursor[parts[-1]] = value
+
+
+def build(assignments) -> dict:
+    document: dict = {"timezone": "UTC", "targets": [{"name": "erp", "dbname": "erp"}]}
+    for index, value in assignments:
+        parts = LEAVES[index][0]
+        for prefix, needed in NEEDS.items():
+            if tuple(parts[:len(prefix)]) == prefix and len(parts) > len(prefix):
+                for key, needed_value in needed.items():
+                    set_in(document, [*prefix, key], needed_value)
+        set_in(document, parts, value)
+    return document
+
+
+documents = st.lists(st.integers(0, len(LEAVES) - 1).flatmap(lambda i: st.tuples(st.just(i), LEAVES[i][1])),
+                     min_size=1, max_size=3).map(build)
 
 
 @dataclass
@@ -361,9 +410,12 @@ class FakeEntry:  # what plan_rotation reads of an Entry
     verified: bool = True
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(document=documents)
+@example(document={"targets": [{"name": "erp", "dbname": "erp", "tiers": {"daily": {"keep_days": 1_000_000}}}]})
+@example(document={"targets": [{"name": "erp", "dbname": "erp", "tiers": {"daily": {"schedule": "0 0 * * 7"}}}]})
+@example(document={"reliability": {"lock_wait": 10**12, "visibility_timeout": 10**13}, "targets": []})
 def test_whatever_config_check_accepts_works_in_every_computation(tmp_path_factory, monkeypatch, document):
     """Extreme values anywhere in the schema: `config check` refuses them (exit 2, no traceback), or
     rotation, status, metrics, the beat schedule, Celery's settings and every countdown work with them."""
