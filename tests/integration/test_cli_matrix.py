@@ -36,7 +36,7 @@ from pgbeat.cli import main
 from pgbeat.clitypes import CheckedText, Seconds, shown
 from pgbeat.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_UNREACHABLE
 from tests.conftest import unique
-from tests.support import VENV_BIN, RedisServer, Service, free_port, wait_for
+from tests.support import VENV_BIN, RedisServer, Service, free_port, pg_dump_processes, table_locked, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -496,6 +496,33 @@ def test_ctrl_c_while_following_a_run_is_one_line(workdir, pg, small):
         redis.stop()
     assert proc.returncode == EXIT_INTERRUPTED, (out, err)
     assert err.strip() == "pgbeat: interrupted", err
+
+
+def test_ctrl_c_during_a_backup_in_this_process_is_one_line_and_leaves_nothing(workdir, pg, small):
+    service = Service(workdir, None, [pg.target("erp", small)])
+    with table_locked(pg, small):
+        proc = subprocess.Popen([str(VENV_BIN / "pgbeat"), "backup", "daily"], cwd=service.cwd, env=service.env(),
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: pg_dump_processes(small), 30, what="pg_dump")
+        except BaseException:
+            proc.kill()
+            raise
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, (out, err)
+    assert err.strip().splitlines()[-1] == "pgbeat: interrupted" and "Traceback" not in err + out, (out, err)
+    assert "KeyboardInterrupt" not in err + out
+    wait_for(lambda: not pg_dump_processes(small), 10, what="pg_dump gone")
+    assert service.backups() == [] and not list((service.backup_root / ".work").glob("*"))
+
+
+@pytest.mark.parametrize("argv", [["restore", "--latest", "--jobs", "0"], ["backup", "daily", "--timeout", "-5"],
+                                  ["metrics", "--listen", "garbage"], ["rotate", "--now", "0001-01-01"],
+                                  ["restore", "--latest", "--into", "--yes"], ["backup", "daily", "--timeout", "inf"]])
+def test_the_issue_examples_are_usage_errors(world, argv, monkeypatch):
+    code, _out, err = invoke(world.cwd, world.env(), argv, monkeypatch)
+    assert code == EXIT_CONFIG and "Invalid value for" in err and "Traceback" not in err, err
 
 
 def test_metrics_on_a_port_in_use_is_one_line(workdir, pg, small, monkeypatch):
