@@ -1,13 +1,16 @@
 """The `pgbeat` command.
 
 Exit codes: 0 success; 1 a backup or step failed; 2 invalid configuration or usage; 3 verification
-failed; 4 the target is locked by another run; 5 a target or the broker is unreachable.
+failed; 4 the target is locked by another run; 5 a target or the broker is unreachable; 130 interrupted.
+Every option and argument has a type of pgbeat/clitypes.py, and every error ends in one message and one
+of these codes, never a traceback (`PgbeatGroup`; -vv logs the traceback of an unexpected one).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -20,6 +23,22 @@ from rich.table import Table
 
 from pgbeat import errors
 from pgbeat.catalog import list_backups
+from pgbeat.clitypes import (
+    BackupFile,
+    BackupLocation,
+    BackupURL,
+    CrontabFile,
+    DatabaseName,
+    DestinationName,
+    IdentityFile,
+    IsoTime,
+    Listen,
+    LocalPath,
+    NodeName,
+    Seconds,
+    TargetName,
+    UnixUser,
+)
 from pgbeat.errors import PgbeatError
 from pgbeat.run import Run
 from pgbeat.runlog import human_size
@@ -30,15 +49,29 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
 
 
-def settings_or_exit() -> Settings:
+log = logging.getLogger("pgbeat.cli")
+
+
+def settings_or_exit(writes: bool = False) -> Settings:
+    """Load the settings (or exit 2 with the configuration's errors), check that BACKUP_ROOT is a folder
+    (and, for a command that `writes` there, writable), then recover what a killed run left behind."""
     try:
         settings = get_settings()
     except PgbeatError as exc:
         fail(exc)
+    require_backup_root(settings, writes)
     from pgbeat.startup import recover_host
 
     recover_host(settings, "cli")  # finish or undo what a killed run left on this host
     return settings
+
+
+def require_backup_root(settings: Settings, writes: bool) -> None:
+    """Exit 2 naming BACKUP_ROOT if it is not a folder, or (`writes`) pgbeat cannot write there."""
+    problem = settings.backup_root_problem(writes)
+    if problem is not None:
+        fail(errors.ConfigError([problem], hint="set BACKUP_ROOT (or backup_root in the targets file) to a "
+                                                "folder pgbeat may write"))
 
 
 def fail(exc: PgbeatError) -> None:
@@ -56,14 +89,44 @@ def selected_targets(settings: Settings, target: str | None) -> list[str]:
     return sorted(settings.targets)
 
 
-def parse_now(value: str | None) -> datetime:
-    if not value:
-        return datetime.now(UTC)
-    when = datetime.fromisoformat(value)
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+def broker_error(exc: BaseException) -> bool:
+    """True for the errors of a broker (Redis) that cannot be reached or went away."""
+    redis = sys.modules.get("redis")
+    kombu_errors = sys.modules.get("kombu.exceptions")
+    return bool((redis is not None and isinstance(exc, redis.RedisError))
+                or (kombu_errors is not None and isinstance(exc, kombu_errors.OperationalError)))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def without_credentials(text: str) -> str:
+    return re.sub(r"://[^@/\s]*@", "://***@", text)
+
+
+class PgbeatGroup(click.Group):
+    """The command tree; every error a command lets through ends here in one line and a documented code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors (exit 2) and click's own exits
+        except PgbeatError as exc:
+            fail(exc)
+        except KeyboardInterrupt:
+            err.print("pgbeat: interrupted", markup=False)
+            sys.exit(errors.EXIT_INTERRUPTED)
+        except Exception as exc:
+            log.debug("unexpected error", exc_info=True)
+            if broker_error(exc):
+                err.print(without_credentials(f"The broker (Redis) cannot be reached: {type(exc).__name__}: {exc}")
+                          + "\nHINT: runs already queued go on on the workers; see `pgbeat status` once Redis "
+                          "is back", markup=False)
+                sys.exit(errors.EXIT_UNREACHABLE)
+            err.print(without_credentials(f"pgbeat failed unexpectedly: {type(exc).__name__}: {exc}")
+                      + "\nHINT: run it again with -vv for the details, and report it", markup=False)
+            sys.exit(errors.EXIT_FAILED)
+
+
+@click.group(cls=PgbeatGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
 @click.version_option(package_name="pgbeat")
 def main(verbose: int) -> None:
@@ -99,9 +162,9 @@ def print_event(run: Run, step: str, state: str) -> None:
 
 @main.command()
 @click.argument("tier", type=click.Choice(TIERS))
-@click.option("--target", "target_name", help="Back up only this target (default: all targets).")
+@click.option("--target", "target_name", type=TargetName(), help="Back up only this target (default: all targets).")
 @click.option("--no-wait", is_flag=True, help="With a broker: enqueue and return at once.")
-@click.option("--timeout", type=float, default=6 * 3600, show_default=True,
+@click.option("--timeout", type=Seconds(), default=6 * 3600, show_default=True,
               help="With a broker: seconds to wait for the chain to finish.")
 def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float) -> None:
     """Back up TIER (daily, weekly or monthly) now.
@@ -110,6 +173,7 @@ def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float) ->
     this command follows its steps.
     """
     settings = settings_or_exit()
+    require_backup_root(settings, writes=settings.embedded)  # with a broker, the workers write
     try:
         names = selected_targets(settings, target_name)
         if settings.embedded:
@@ -159,10 +223,13 @@ def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wa
     from workers.app import app
     from workers.chain import redis_client
 
+    require_broker(settings)
     runs = {}
     for name in names:
         run_id = uuid.uuid4().hex
-        app.send_task("tasks.backup", args=[name, tier], task_id=run_id, priority=0)  # manual: ahead of beat's
+        # Manual: priority 0, ahead of beat's. The CLI follows pgbeat's run state, never Celery's result,
+        # so no result subscription is opened (with Redis gone it would retry for 20 s, then raise).
+        app.send_task("tasks.backup", args=[name, tier], task_id=run_id, priority=0, ignore_result=True)
         runs[run_id] = name
         out.print(f"{name}: {tier} backup queued as run {run_id}")
     if no_wait:
@@ -195,13 +262,14 @@ def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wa
 
 
 @main.command("list")
-@click.option("--target", "target_name", help="Only this target.")
+@click.option("--target", "target_name", type=TargetName(), help="Only this target.")
 @click.option("--tier", type=click.Choice(TIERS), help="Only this tier.")
-@click.option("--destination", help="List what this destination holds (from its manifests) instead.")
+@click.option("--destination", type=DestinationName(),
+              help="List what this destination holds (from its manifests) instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per backup).")
 def list_cmd(target_name: str | None, tier: str | None, destination: str | None, as_json: bool) -> None:
     """List the backups on the local shelf (or at a destination), newest last, from their manifests."""
-    settings = settings_or_exit()
+    settings = settings_or_exit(writes=bool(destination))  # a destination's manifests are read via .work
     if destination:
         try:
             entries = destination_entries(settings, destination, target_name, tier)
@@ -255,9 +323,10 @@ def drill_summary(settings: Settings, drills: list[dict]) -> str:
 
 
 @main.command()
-@click.argument("file", required=False)
-@click.option("--identity", type=click.Path(path_type=Path), help="Also decrypt and check an encrypted backup.")
-@click.option("--destination", help="Check every copy at this destination against its manifest (a scrub).")
+@click.argument("file", type=BackupFile(), required=False)
+@click.option("--identity", type=IdentityFile(), help="Also decrypt and check an encrypted backup.")
+@click.option("--destination", type=DestinationName(),
+              help="Check every copy at this destination against its manifest (a scrub).")
 @click.option("--deep", is_flag=True, help="With --destination: read each copy back and hash it.")
 def verify(file: str | None, identity: Path | None, destination: str | None, deep: bool) -> None:
     """Verify FILE (decompression test, completeness, checksums against its manifest and .sha256), or
@@ -265,11 +334,11 @@ def verify(file: str | None, identity: Path | None, destination: str | None, dee
     from pgbeat.crypt import load_identities
     from pgbeat.verify import verify_backup
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(writes=bool(destination or identity))
     if destination:
         sys.exit(scrub(settings, destination, deep))
     if not file:
-        fail(errors.PgbeatError("Give a backup FILE or --destination NAME"))
+        fail(errors.UsageError("Give a backup FILE or --destination NAME", hint="see pgbeat verify --help"))
     try:
         manifest, result = verify_backup(Path(file), settings, load_identities(identity) if identity else None)
     except PgbeatError as exc:
@@ -303,16 +372,17 @@ def scrub(settings: Settings, destination: str, deep: bool) -> int:
 
 
 @main.command()
-@click.option("--target", "target_name", help="Only this target.")
+@click.option("--target", "target_name", type=TargetName(), help="Only this target.")
 @click.option("--tier", type=click.Choice(TIERS), help="Only this tier.")
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
-@click.option("--now", "now_text", hidden=True, help="Pretend it is this ISO time (tests, previews).")
-def rotate(target_name: str | None, tier: str | None, dry_run: bool, now_text: str | None) -> None:
+@click.option("--now", "pretend_now", type=IsoTime(), hidden=True,
+              help="Pretend it is this ISO time (tests, previews).")
+def rotate(target_name: str | None, tier: str | None, dry_run: bool, pretend_now: datetime | None) -> None:
     """Apply each tier's retention to the local shelf (never below a tier's min_keep)."""
     from pgbeat.rotate import rotate_target
 
-    settings = settings_or_exit()
-    now = parse_now(now_text)
+    settings = settings_or_exit(writes=not dry_run)
+    now = pretend_now or datetime.now(UTC)
     try:
         names = selected_targets(settings, target_name)
     except PgbeatError as exc:
@@ -377,18 +447,20 @@ def print_manifest(settings: Settings, entry) -> None:
 
 
 @main.command()
-@click.argument("file", required=False)
+@click.argument("file", type=BackupLocation(), required=False)
 @click.option("--latest", is_flag=True, help="Restore the newest verified backup (of --target, --tier).")
-@click.option("--target", "target_name", help="The target to restore into (default: the backup's own).")
+@click.option("--target", "target_name", type=TargetName(),
+              help="The target to restore into (default: the backup's own).")
 @click.option("--tier", type=click.Choice(TIERS), help="With --latest: only this tier.")
-@click.option("--into", help="Restore into this database instead (created if missing); the source is untouched.")
+@click.option("--into", type=DatabaseName(),
+              help="Restore into this database instead (created if missing); the source is untouched.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
 @click.option("--jobs", type=click.IntRange(1, 64), default=2, show_default=True,
               help="pg_restore -j for custom/directory backups.")
 @click.option("--list", "list_only", is_flag=True, help="Show what the backup holds; restore nothing.")
 @click.option("--on-worker", is_flag=True, help="Run the restore as tasks.restore on a worker (needs a broker).")
-@click.option("--node", help="With --on-worker: the host whose worker restores (default: this host).")
-@click.option("--identity", type=click.Path(path_type=Path), help="age identity file for encrypted backups.")
+@click.option("--node", type=NodeName(), help="With --on-worker: the host whose worker restores (default: this host).")
+@click.option("--identity", type=IdentityFile(), help="age identity file for encrypted backups.")
 def restore(file: str | None, latest: bool, target_name: str | None, tier: str | None, into: str | None, yes: bool,
             jobs: int, list_only: bool, on_worker: bool, node: str | None, identity: Path | None) -> None:
     """Restore FILE, a copy at a destination (s3://, gs://, ssh://), or --latest: integrity check, typed
@@ -402,11 +474,16 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
     from pgbeat.fsutil import remove_path
     from pgbeat.verify import open_backup
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(writes=not list_only or "://" in (file or ""))
     fetched = None
     try:
         if bool(file) == latest:
-            raise errors.PgbeatError("Give either a backup FILE or --latest", hint="see pgbeat restore --help")
+            raise errors.UsageError("Give either a backup FILE or --latest", hint="see pgbeat restore --help")
+        if node and not on_worker:
+            raise errors.UsageError("--node names the worker of --on-worker",
+                                    hint="add --on-worker, or leave out --node")
+        if on_worker and not settings.embedded:
+            require_broker(settings)
         if file and "://" in file:
             fetched = settings.backup_root / ".work" / f"fetch-{uuid.uuid4().hex[:12]}"
             entry = fetch_and_check(settings, file, fetched)
@@ -491,10 +568,10 @@ def fetch_and_check(settings: Settings, url: str, folder: Path):
 
 
 @main.command("fetch")
-@click.argument("url")
-@click.option("--to", "folder", type=click.Path(path_type=Path), default=Path("."), show_default=True,
-              help="Where to put the backup and its manifest and .sha256.")
-@click.option("--identity", type=click.Path(path_type=Path), help="Also decrypt-check an encrypted backup.")
+@click.argument("url", type=BackupURL())
+@click.option("--to", "folder", type=LocalPath(folder=True), default=".", show_default=True,
+              help="Where to put the backup and its manifest and .sha256 (a folder; created if missing).")
+@click.option("--identity", type=IdentityFile(), help="Also decrypt-check an encrypted backup.")
 def fetch_cmd(url: str, folder: Path, identity: Path | None) -> None:
     """Download a backup from a destination and verify it, without restoring it."""
     from pgbeat.crypt import load_identities
@@ -512,13 +589,13 @@ def fetch_cmd(url: str, folder: Path, identity: Path | None) -> None:
 
 @main.command()
 @click.option("--retry", is_flag=True, required=True, help="Complete the off-site copies that are missing or failed.")
-@click.option("--target", "target_name", help="Only this target.")
-@click.option("--destination", help="Only this destination.")
+@click.option("--target", "target_name", type=TargetName(), help="Only this target.")
+@click.option("--destination", type=DestinationName(), help="Only this destination.")
 def upload(retry: bool, target_name: str | None, destination: str | None) -> None:
     """Copy local backups to the destinations where their copy is missing or failed (no new dump)."""
     from pgbeat.destinations import replicate_missing
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(writes=True)
     failures = []
     try:
         for name in selected_targets(settings, target_name):
@@ -536,12 +613,12 @@ def upload(retry: bool, target_name: str | None, destination: str | None) -> Non
 
 
 @main.command()
-@click.option("--target", "target_name", help="Drill only this target (default: every target).")
+@click.option("--target", "target_name", type=TargetName(), help="Drill only this target (default: every target).")
 def drill(target_name: str | None) -> None:
     """Restore the latest backup of each target into a scratch database now and check it."""
     from pgbeat.drill import run_drill
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(writes=True)
     try:
         names = selected_targets(settings, target_name)
     except PgbeatError as exc:
@@ -618,16 +695,20 @@ def run_overview(settings: Settings) -> dict:
     from pgbeat.coordination import NodeRegistry, RunState
     from workers.chain import redis_client
 
+    problem = check_broker(settings)
+    if problem is not None:
+        err.print(f"cannot read run states from the broker: {problem}", markup=False)
+        return {}
     try:
         client = redis_client(settings)
         return RunState(client).overview(settings.reliability.lock_ttl, NodeRegistry(client).alive_nodes())
     except Exception as exc:  # status must still show the shelf when Redis is down
-        err.print(f"cannot read run states from the broker: {type(exc).__name__}")
+        err.print(f"cannot read run states from the broker: {type(exc).__name__}", markup=False)
         return {}
 
 
 @main.command()
-@click.option("--listen", help="host:port (default: monitoring.metrics_listen, 127.0.0.1:9810).")
+@click.option("--listen", type=Listen(), help="host:port (default: monitoring.metrics_listen, 127.0.0.1:9810).")
 def metrics(listen: str | None) -> None:
     """Serve Prometheus metrics computed from the catalog on /metrics."""
     from pgbeat.metrics import serve
@@ -643,9 +724,9 @@ def cron() -> None:
 
 
 @cron.command("install")
-@click.option("--file", "file", type=click.Path(path_type=Path), help="Edit this crontab file (e.g. /etc/cron.d/"
+@click.option("--file", "file", type=CrontabFile(), help="Edit this crontab file (e.g. /etc/cron.d/"
               "pgbeat) instead of the user's crontab.")
-@click.option("--user", help="With --file in /etc/cron.d: the user the jobs run as.")
+@click.option("--user", type=UnixUser(), help="With --file in /etc/cron.d: the user the jobs run as.")
 def cron_install(file: Path | None, user: str | None) -> None:
     """Write one crontab line per tier (daily 02:00, weekly Sunday 03:00, monthly day 1 04:00 by default)."""
     import os
@@ -666,7 +747,7 @@ def cron_install(file: Path | None, user: str | None) -> None:
 
 
 @cron.command("remove")
-@click.option("--file", "file", type=click.Path(path_type=Path), help="The crontab file given to install.")
+@click.option("--file", "file", type=CrontabFile(), help="The crontab file given to install.")
 def cron_remove(file: Path | None) -> None:
     """Remove the lines `pgbeat cron install` wrote; leave everything else."""
     from pgbeat import cron as crontab
@@ -692,7 +773,7 @@ def config_check(no_connect: bool) -> None:
     """Validate the configuration, test each target's connection, show targets and their next runs."""
     from pgbeat.schedule import next_runs
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(writes=True)  # reports a BACKUP_ROOT that backups could not be written to
     now = datetime.now(UTC)
     out.print(f"Configuration OK ({len(settings.targets)} target(s)); BACKUP_ROOT {settings.backup_root}; "
               f"time zone {settings.timezone}; "
@@ -743,15 +824,28 @@ def check_connection(target) -> tuple[str | None, str | None]:
 
 
 def check_broker(settings: Settings) -> str | None:
+    """Ping the broker once, without redis-py's retries, so that a broker that is down is said at once;
+    return the problem, or None."""
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
-    from workers.chain import redis_client
-
+    assert settings.broker_url is not None
     try:
-        redis_client(settings).ping()
+        with redis.Redis.from_url(settings.broker_url.get_secret_value(), socket_connect_timeout=5,
+                                  socket_timeout=5, retry=Retry(NoBackoff(), 0)) as client:
+            client.ping()
     except redis.RedisError as exc:
         return f"cannot reach Redis: {type(exc).__name__}"
     return None
+
+
+def require_broker(settings: Settings) -> None:
+    """Raise UnreachableError (exit 5) unless the broker answers, before anything is sent to it."""
+    problem = check_broker(settings)
+    if problem is not None:
+        raise errors.UnreachableError(f"The broker: {problem}",
+                                      hint="start Redis, or check CELERY_BROKER_URL / broker_url")
 
 
 if __name__ == "__main__":

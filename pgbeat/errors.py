@@ -13,6 +13,7 @@ EXIT_CONFIG = 2
 EXIT_VERIFY = 3
 EXIT_LOCKED = 4
 EXIT_UNREACHABLE = 5
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it
 
 
 class PgbeatError(Exception):
@@ -58,6 +59,18 @@ class ConfigError(PgbeatError):
 
 class UnknownTargetError(PgbeatError):
     exit_code = EXIT_CONFIG
+
+
+class UsageError(PgbeatError):
+    """The command line asks for something that cannot be done as given (a missing or conflicting argument)."""
+
+    exit_code = EXIT_CONFIG
+
+
+class UnreachableError(PgbeatError):
+    """A service the command needs (the broker) cannot be reached."""
+
+    exit_code = EXIT_UNREACHABLE
 
 
 class DumpError(PgbeatError):

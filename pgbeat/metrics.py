@@ -21,14 +21,16 @@ Names (all gauges):
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 
-from pgbeat.settings import Settings
+from pgbeat.errors import ConfigError, UsageError
+from pgbeat.settings import Settings, parse_listen
 from pgbeat.status import StatusReport, build_status
 
 log = logging.getLogger(__name__)
@@ -126,9 +128,26 @@ class QuietHandler(WSGIRequestHandler):
 
 
 def serve(settings: Settings, listen: str, runs: Callable[[], dict] | None = None) -> None:
-    """Serve /metrics on `listen` (host:port) until interrupted."""
-    host, _, port = listen.rpartition(":")
+    """Serve /metrics on `listen` (host:port, [v6]:port) until interrupted.
+
+    Raise ConfigError if `listen` is not host:port, UsageError if the address cannot be bound.
+    """
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise ConfigError([f"metrics listen address: {exc}"]) from None
     app = make_wsgi_app(registry_for(settings, runs))
-    with make_server(host or "127.0.0.1", int(port), app, handler_class=QuietHandler) as server:
-        log.warning("serving metrics on http://%s:%s/metrics", host or "127.0.0.1", port)
+    server_class = WSGIServer6 if ":" in host else WSGIServer
+    try:
+        server = make_server(host, port, app, server_class=server_class, handler_class=QuietHandler)
+    except OSError as exc:  # in use, not an address of this host, a name that does not resolve
+        raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}",
+                          hint="choose a free port on an address of this host (--listen or "
+                               "monitoring.metrics_listen)") from None
+    with server:
+        log.warning("serving metrics on http://%s/metrics", listen)
         server.serve_forever()
+
+
+class WSGIServer6(WSGIServer):
+    address_family = socket.AF_INET6

@@ -68,6 +68,8 @@ def failure_info(exc: BaseException, step: str, settings: Settings) -> dict[str,
         message = str(exc) or name
         if name in ("SoftTimeLimitExceeded", "TimeLimitExceeded"):
             message = f"the {step} step exceeded its time limit and was stopped"
+        elif isinstance(exc, KeyboardInterrupt):  # say what happened, not the exception's name
+            name = message = "Interrupted (Ctrl-C, SIGINT)"
         info = {"step": step, "message": f"{name}: {message}" if name not in message else message,
                 "details": [], "hint": None, "error": name}
     info["message"] = redact(info["message"], settings)

@@ -22,14 +22,16 @@ from collections.abc import Mapping
 from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from cronsim import CronSim, CronSimError
 from dotenv import dotenv_values
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -40,6 +42,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pgbeat.errors import ConfigError, UnknownTargetError
+from pgbeat.pgoptions import check_pg_dump_options
 
 TIERS = ("daily", "weekly", "monthly")
 Tier = Literal["daily", "weekly", "monthly"]
@@ -59,10 +62,22 @@ STEPS = ("dump", "compress", "verify", "upload", "rotate", "notify")
 
 # Target names end up in file names, Redis keys and log lines: a conservative alphabet.
 TARGET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-# pg_dump options that pgbeat sets itself; allowing them in config would break the chain's assumptions.
-RESERVED_DUMP_OPTIONS = ("-f", "--file", "-F", "--format", "-d", "--dbname", "-h", "--host", "-p", "--port",
-                         "-U", "--username", "-W", "--password", "-w", "--no-password", "-j", "--jobs",
-                         "-Z", "--compress")
+# Node names end up in queue names (pgbeat.host.<node>) and Redis keys: a host name's alphabet.
+NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,252}$")
+HOST_NAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+# PostgreSQL cuts identifiers at NAMEDATALEN - 1 bytes: a longer name would silently name another database.
+MAX_IDENTIFIER_BYTES = 63
+# Upper bounds of the numeric settings: far beyond any real use, and small enough that every date,
+# countdown and expiry computed from them stays in range (`now - timedelta(days=keep_days)`, Celery
+# ETAs, Redis TTLs): `keep_days: 1000000` used to pass `config check` and then fail every rotation.
+MAX_KEEP_DAYS = 36_500  # a century
+MAX_KEEP_COUNT = 10_000
+MAX_SECONDS = 30 * 86_400  # any wait, timeout, TTL or time limit
+MAX_BYTES = 1 << 60
+# The targets file: bigger, deeper or (after YAML aliases) larger than this is a mistake or an attack.
+MAX_CONFIG_BYTES = 4 << 20
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_VALUES = 200_000
 SECRET_KEY_HINTS = ("password", "secret", "token", "broker", "backend", "url", "key")
 
 
@@ -76,11 +91,98 @@ def validate_target_name(name: str) -> str:
     return name
 
 
+def validate_not_blank(value: str, leave_out: str = "the key") -> str:
+    """Given a configured name (host, user, bucket, ...), return it; raise ValueError if it is empty or
+    blank: an empty value never means "unset, use the default" (that is what leaving the key out says)."""
+    if not value.strip():
+        raise ValueError(f"must not be empty or blank (leave {leave_out} out to use the default)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+def validate_database_name(name: str) -> str:
+    """Given a database name, return it; raise ValueError if PostgreSQL would not use it as written."""
+    validate_not_blank(name)
+    size = len(name.encode("utf-8"))
+    if size > MAX_IDENTIFIER_BYTES:
+        raise ValueError(f"is {size} bytes long; PostgreSQL cuts names at {MAX_IDENTIFIER_BYTES} bytes, so it "
+                         "would name another database")
+    return name
+
+
+def validate_node_name(name: str) -> str:
+    """Given a node (host) name, return it; raise ValueError if it cannot name a host queue."""
+    validate_not_blank(name)
+    if not NODE_NAME_RE.match(name):
+        raise ValueError("must be a host name: 1-253 letters, digits, '.', '_', '@' or '-', starting with a "
+                         "letter or digit")
+    return name
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Given `host:port` (`[::1]:port` for IPv6), return (host, port); raise ValueError saying what is wrong."""
+    import ipaddress
+
+    host, colon, port_text = value.strip().rpartition(":")
+    if not colon:
+        raise ValueError(f"{value!r} is not host:port (e.g. 127.0.0.1:9810)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{value!r}: {host!r} is not an IPv6 address") from None
+    elif not host:
+        raise ValueError(f"{value!r} names no host (write 127.0.0.1{value.strip()} for this machine only)")
+    elif ":" in host:
+        raise ValueError(f"{value!r}: write an IPv6 address in brackets, e.g. [::1]:9810")
+    elif not HOST_NAME_RE.match(host):
+        raise ValueError(f"{value!r}: {host!r} is not a host name or IP address")
+    if not port_text.isascii() or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r}: the port must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _validate_listen(value: str) -> str:
+    validate_not_blank(value)
+    parse_listen(value)
+    return value
+
+
+def _path_not_blank(value: Any) -> Any:
+    # Path("") is the current folder: a blank path must be refused before pydantic turns it into one.
+    if isinstance(value, str):
+        validate_not_blank(value)
+    return value
+
+
+Name = Annotated[str, AfterValidator(validate_not_blank)]
+DatabaseName = Annotated[str, AfterValidator(validate_database_name)]
+NodeName = Annotated[str, AfterValidator(validate_node_name)]
+ConfigPath = Annotated[Path, BeforeValidator(_path_not_blank)]
+Listen = Annotated[str, AfterValidator(_validate_listen)]
+# Cron syntax that cronsim and Celery's crontab (beat) both read the same way: numbers, names, * , - /.
+CRON_FIELD_RE = re.compile(r"^[0-9A-Za-z*,/-]+$")
+CRON_MONTHS = {"jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"}
+CRON_DAYS = {"sun", "mon", "tue", "wed", "thu", "fri", "sat"}
+
+
 def validate_cron(expr: str) -> str:
-    """Given a 5-field cron expression, return it normalised; raise ValueError if cronsim rejects it."""
+    """Given a 5-field cron expression, return it normalised; raise ValueError if cronsim rejects it, or if
+    it uses what beat (Celery's crontab) cannot read: L, W, #, ? and 7 for Sunday."""
     expr = " ".join(expr.split())
-    if len(expr.split()) != 5:
+    fields = expr.split()
+    if len(fields) != 5:
         raise ValueError("must be a cron expression with 5 fields: minute hour day-of-month month day-of-week")
+    names = ({}, {}, {}, CRON_MONTHS, CRON_DAYS)
+    for field, allowed in zip(fields, names, strict=True):
+        tokens = re.split(r"[,/-]", field)
+        if not CRON_FIELD_RE.match(field) or not all(t == "*" or t.isdigit() or t.lower() in allowed for t in tokens):
+            raise ValueError("may use only numbers, month and day names (jan, mon), '*', ',', '-' and '/' "
+                             "(no L, W, # or ?)")
+    if "7" in re.split(r"[,-]", fields[4].split("/")[0]):
+        raise ValueError("day-of-week 7: write 0 for Sunday")
     try:
         CronSim(expr, datetime(2000, 1, 1))
     except CronSimError as exc:
@@ -107,7 +209,8 @@ def host_timezone() -> str:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan in any float: they pass `gt`/`le` checks in surprising ways and break arithmetic later.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TierSpec(Strict):
@@ -115,8 +218,9 @@ class TierSpec(Strict):
 
     enabled: bool | None = None
     schedule: str | None = Field(None, description="cron expression in the configured time zone")
-    keep_days: int | None = Field(None, ge=0, description="remove backups older than this many days")
-    min_keep: int | None = Field(None, ge=1, description="never remove the newest N verified backups")
+    keep_days: int | None = Field(None, ge=0, le=MAX_KEEP_DAYS, description="remove backups older than this many days")
+    min_keep: int | None = Field(None, ge=1, le=MAX_KEEP_COUNT,
+                                 description="never remove the newest N verified backups")
 
     _cron = field_validator("schedule")(lambda v: None if v is None else validate_cron(v))
 
@@ -127,15 +231,15 @@ class DrillSpec(Strict):
     enabled: bool | None = None
     schedule: str | None = Field(None, description="cron expression; default weekly, Sunday 05:00")
     tier: Tier | None = Field(None, description="drill the latest backup of this tier; default: any tier")
-    host: str | None = Field(None, description="the drill server; default: the target's own server")
+    host: Name | None = Field(None, description="the drill server; default: the target's own server")
     port: int | None = Field(None, ge=1, le=65535)
-    user: str | None = None
+    user: Name | None = None
     password: SecretStr | None = None
-    passfile: Path | None = None
+    passfile: ConfigPath | None = None
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
     assertions: list[str] | None = Field(None, description="SQL returning one boolean, e.g. "
                                                            "'SELECT count(*) > 0 FROM invoices'")
-    statement_timeout: int | None = Field(None, ge=1, description="seconds per check query")
+    statement_timeout: int | None = Field(None, ge=1, le=86_400, description="seconds per check query")
 
     _cron = field_validator("schedule")(lambda v: None if v is None else validate_cron(v))
 
@@ -149,7 +253,7 @@ class ChannelSpec(Strict):
     url: SecretStr = Field(description="Apprise URL; it usually holds a token, so it is a secret")
     events: list[EventCategory] = Field(default_factory=lambda: ["failure"],
                                         description="failure is always sent; add success, warning, drill, restore")
-    name: str | None = Field(None, description="a label for logs (default: the URL's scheme)")
+    name: Name | None = Field(None, description="a label for logs (default: the URL's scheme)")
 
     def label(self) -> str:
         return self.name or self.url.get_secret_value().split("://", 1)[0]
@@ -163,17 +267,19 @@ class MonitoringSpec(Strict):
 
     size_drop_ratio: float = Field(0.5, gt=0, lt=1, description="warn when a dump is smaller than this share "
                                                                 "of the median of the previous ones")
-    duration_growth_ratio: float = Field(3.0, gt=1, description="warn when a run takes this many times the median")
-    min_duration_s: float = Field(60.0, ge=0, description="ignore duration growth below this many seconds")
+    duration_growth_ratio: float = Field(3.0, gt=1, le=1000,
+                                         description="warn when a run takes this many times the median")
+    min_duration_s: float = Field(60.0, ge=0, le=MAX_SECONDS,
+                                  description="ignore duration growth below this many seconds")
     history: int = Field(5, ge=2, le=50, description="how many previous backups the comparisons use")
     min_free_percent: float = Field(10.0, ge=0, le=100, description="warn when BACKUP_ROOT has less free space")
-    min_free_bytes: int = Field(0, ge=0)
-    metrics_listen: str = Field("127.0.0.1:9810", description="host:port of `pgbeat metrics`")
+    min_free_bytes: int = Field(0, ge=0, le=MAX_BYTES)
+    metrics_listen: Listen = Field("127.0.0.1:9810", description="host:port of `pgbeat metrics`")
 
 
 class RetentionSpec(Strict):
-    keep_days: int | None = Field(None, ge=0)
-    min_keep: int | None = Field(None, ge=1)
+    keep_days: int | None = Field(None, ge=0, le=MAX_KEEP_DAYS)
+    min_keep: int | None = Field(None, ge=1, le=MAX_KEEP_COUNT)
 
 
 class DestinationSpec(Strict):
@@ -183,27 +289,28 @@ class DestinationSpec(Strict):
     kind: Literal["s3", "gcs", "ssh"]
     enabled: bool = True
     prefix: str = Field("", description="s3/gcs: key prefix inside the bucket")
-    bucket: str | None = Field(None, description="s3, gcs")
-    endpoint_url: str | None = Field(None, description="s3: an S3-compatible service (MinIO, Wasabi, GCS interop)")
-    region: str | None = None
-    storage_class: str | None = Field(None, description="s3: e.g. STANDARD_IA, GLACIER_IR")
+    bucket: Name | None = Field(None, description="s3, gcs")
+    endpoint_url: Name | None = Field(None, description="s3: an S3-compatible service (MinIO, Wasabi, GCS interop)")
+    region: Name | None = None
+    storage_class: Name | None = Field(None, description="s3: e.g. STANDARD_IA, GLACIER_IR")
     sse: Literal["AES256", "aws:kms"] | None = Field(None, description="s3 server-side encryption")
-    sse_kms_key_id: str | None = None
+    sse_kms_key_id: Name | None = None
     access_key_id: SecretStr | None = Field(None, description="s3; default: AWS env vars, profiles, roles")
     secret_access_key: SecretStr | None = None
-    profile: str | None = None
-    part_size: int | None = Field(None, ge=5 * 1024 * 1024, description="s3 multipart part size in bytes")
-    project: str | None = Field(None, description="gcs")
-    credentials_file: Path | None = Field(None, description="gcs; default: GOOGLE_APPLICATION_CREDENTIALS")
-    endpoint: str | None = Field(None, description="gcs: an emulator's URL")
-    host: str | None = Field(None, description="ssh")
+    profile: Name | None = None
+    part_size: int | None = Field(None, ge=5 * 1024 * 1024, le=5 * 1024**3,
+                                  description="s3 multipart part size in bytes (S3 allows 5 MiB to 5 GiB)")
+    project: Name | None = Field(None, description="gcs")
+    credentials_file: ConfigPath | None = Field(None, description="gcs; default: GOOGLE_APPLICATION_CREDENTIALS")
+    endpoint: Name | None = Field(None, description="gcs: an emulator's URL")
+    host: Name | None = Field(None, description="ssh")
     port: int | None = Field(None, ge=1, le=65535, description="ssh (default 22)")
-    user: str | None = Field(None, description="ssh")
-    path: str | None = Field(None, description="ssh: the remote folder")
-    key_file: Path | None = Field(None, description="ssh; default: the agent or ~/.ssh keys")
-    known_hosts: Path | None = Field(None, description="ssh; host keys are always checked")
+    user: Name | None = Field(None, description="ssh")
+    path: Name | None = Field(None, description="ssh: the remote folder")
+    key_file: ConfigPath | None = Field(None, description="ssh; default: the agent or ~/.ssh keys")
+    known_hosts: ConfigPath | None = Field(None, description="ssh; host keys are always checked")
     retention: dict[Tier, RetentionSpec] | None = Field(None, description="this destination's own retention")
-    bandwidth_limit: int | None = Field(None, ge=1024, description="bytes per second")
+    bandwidth_limit: int | None = Field(None, ge=1024, le=1 << 40, description="bytes per second")
     retries: int = Field(5, ge=1, le=20, description="attempts per operation, with exponential backoff")
 
     _name = field_validator("name")(lambda v: validate_target_name(v))
@@ -223,7 +330,7 @@ class EncryptionSpec(Strict):
     """Client-side encryption with age: workers hold only the public recipients."""
 
     recipients: list[str] = Field(min_length=1, description="age X25519 public keys (age1...)")
-    identity_file: Path | None = Field(None, description="the private identity, needed only to restore")
+    identity_file: ConfigPath | None = Field(None, description="the private identity, needed only to restore")
 
     @field_validator("recipients")
     @classmethod
@@ -247,11 +354,11 @@ class CompressionSpec(Strict):
 class TargetOptions(Strict):
     """Everything a target can set; also the shape of the file's `defaults` section."""
 
-    host: str | None = Field(None, description="host name, IP or socket directory; unset = libpq default")
+    host: Name | None = Field(None, description="host name, IP or socket directory; unset = libpq default")
     port: int | None = Field(None, ge=1, le=65535)
-    user: str | None = None
+    user: Name | None = None
     password: SecretStr | None = Field(None, description="unset = ~/.pgpass, PGPASSFILE or `passfile`")
-    passfile: Path | None = None
+    passfile: ConfigPath | None = None
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
     connect_timeout: int | None = Field(None, ge=1, le=600)
     format: DumpFormat | None = None
@@ -259,7 +366,8 @@ class TargetOptions(Strict):
     compression: CompressionSpec | None = None
     streaming: bool | None = Field(None, description="plain format: compress while dumping, in one pass, "
                                                      "with no uncompressed copy on disk (see README)")
-    pg_dump_options: list[str] | None = None
+    pg_dump_options: list[str] | None = Field(None, description="extra pg_dump options from an allow-list "
+                                                                 "(pgbeat/pgoptions.py), passed spelled out")
     tiers: dict[Tier, TierSpec] | None = None
     drill: DrillSpec | None = None
     notify: list[ChannelSpec] | None = Field(None, description="channels for this target, besides the global ones")
@@ -269,19 +377,14 @@ class TargetOptions(Strict):
 
     @field_validator("pg_dump_options")
     @classmethod
-    def _no_reserved_options(cls, options: list[str] | None) -> list[str] | None:
-        for option in options or []:
-            name = option.split("=", 1)[0]
-            if name in RESERVED_DUMP_OPTIONS or any(
-                    name.startswith(short) and len(name) > 2 and not name.startswith("--")
-                    for short in ("-f", "-F", "-d", "-h", "-p", "-U", "-j", "-Z")):
-                raise ValueError(f"{option!r} is set by pgbeat itself and cannot be passed to pg_dump")
-        return options
+    def _allowed_dump_options(cls, options: list[str] | None) -> list[str] | None:
+        # Read the way pg_dump's getopt_long reads them, and handed on spelled out (see pgbeat/pgoptions.py).
+        return None if options is None else check_pg_dump_options(options)
 
 
 class TargetSpec(TargetOptions):
     name: str
-    dbname: str = Field(min_length=1)
+    dbname: DatabaseName
 
     _name = field_validator("name")(lambda v: validate_target_name(v))
 
@@ -289,28 +392,32 @@ class TargetSpec(TargetOptions):
 class Reliability(Strict):
     """Timing knobs of the Celery chain; see ../shared/notes/celery.md for why each matters."""
 
-    lock_ttl: int = Field(60, ge=2, description="seconds a target lock lives without renewal")
-    lock_wait: int = Field(6 * 3600, ge=0, description="how long a backup waits for a busy target")
-    visibility_timeout: int = Field(6 * 3600, ge=5, description="Redis redelivery timeout (all consumers)")
-    restore_interval: int = Field(10, ge=1, description="how often workers look for messages to redeliver")
-    max_attempts: int = Field(3, ge=1, description="deliveries of one step before it is declared failed")
-    retries: int = Field(3, ge=0, description="retries of a transient failure (server unreachable)")
-    retry_backoff: int = Field(30, ge=0, description="first retry delay in seconds, doubled each time")
-    retry_backoff_max: int = Field(600, ge=0)
+    lock_ttl: int = Field(60, ge=2, le=86_400, description="seconds a target lock lives without renewal")
+    lock_wait: int = Field(6 * 3600, ge=0, le=MAX_SECONDS, description="how long a backup waits for a busy target")
+    visibility_timeout: int = Field(6 * 3600, ge=5, le=MAX_SECONDS,
+                                    description="Redis redelivery timeout (all consumers)")
+    restore_interval: int = Field(10, ge=1, le=3600, description="how often workers look for messages to redeliver")
+    max_attempts: int = Field(3, ge=1, le=100, description="deliveries of one step before it is declared failed")
+    retries: int = Field(3, ge=0, le=100, description="retries of a transient failure (server unreachable)")
+    retry_backoff: int = Field(30, ge=0, le=86_400, description="first retry delay in seconds, doubled each time")
+    retry_backoff_max: int = Field(600, ge=0, le=MAX_SECONDS)
     time_limits: dict[str, int] = Field(
         default_factory=lambda: {"dump": 5 * 3600, "compress": 2 * 3600, "verify": 2 * 3600,
                                  "upload": 5 * 3600, "rotate": 900, "notify": 300},
         description="soft time limit per step in seconds; the hard limit is hard_limit_grace later",
     )
-    hard_limit_grace: int = Field(60, ge=1, description="seconds between a step's soft and hard time limit")
-    result_expires: int = Field(86400, ge=60)
-    per_host_dumps: int = Field(1, ge=0, description="dumps at once against one database server (0 = no cap)")
-    max_dumps: int = Field(0, ge=0, description="dumps at once across the fleet (0 = no cap)")
-    node_timeout: int = Field(180, ge=10, description="seconds without a live worker on a host before its runs "
-                                                      "are re-dispatched elsewhere")
+    hard_limit_grace: int = Field(60, ge=1, le=86_400, description="seconds between a step's soft and hard time limit")
+    result_expires: int = Field(86400, ge=60, le=MAX_SECONDS)
+    per_host_dumps: int = Field(1, ge=0, le=MAX_KEEP_COUNT,
+                                description="dumps at once against one database server (0 = no cap)")
+    max_dumps: int = Field(0, ge=0, le=MAX_KEEP_COUNT, description="dumps at once across the fleet (0 = no cap)")
+    node_timeout: int = Field(180, ge=10, le=MAX_SECONDS,
+                              description="seconds without a live worker on a host before its runs "
+                                          "are re-dispatched elsewhere")
     catch_up_window: float = Field(0.5, gt=0, le=1, description="a scheduled run starting later than this share "
                                                                 "of its tier's period after its slot is skipped")
-    beat_lock_timeout: int = Field(150, ge=10, description="RedBeat leader lock: a standby beat takes over after it")
+    beat_lock_timeout: int = Field(150, ge=10, le=86_400,
+                                   description="RedBeat leader lock: a standby beat takes over after it")
 
     @field_validator("time_limits")
     @classmethod
@@ -318,8 +425,8 @@ class Reliability(Strict):
         unknown = sorted(set(limits) - set(STEPS))
         if unknown:
             raise ValueError(f"unknown step(s) {', '.join(unknown)}; steps are {', '.join(STEPS)}")
-        if any(v < 1 for v in limits.values()):
-            raise ValueError("every time limit must be at least 1 second")
+        if any(not 1 <= v <= MAX_SECONDS for v in limits.values()):
+            raise ValueError(f"every time limit must be from 1 to {MAX_SECONDS} seconds (30 days)")
         return limits
 
     @model_validator(mode="after")
@@ -348,12 +455,12 @@ class Reliability(Strict):
 class FileConfig(Strict):
     """The targets file."""
 
-    backup_root: Path | None = None
+    backup_root: ConfigPath | None = None
     timezone: str | None = None
     broker_url: SecretStr | None = None
     result_backend: SecretStr | None = None
-    node: str | None = None
-    pg_bin_dir: Path | None = None
+    node: NodeName | None = None
+    pg_bin_dir: ConfigPath | None = None
     defaults: TargetOptions = TargetOptions()
     reliability: Reliability = Reliability()
     notify: list[ChannelSpec] = Field(default_factory=list, description="channels for every target")
@@ -368,17 +475,18 @@ class EnvSettings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
                                       case_sensitive=False, env_ignore_empty=True)
 
-    db_host: str | None = None
+    # An empty variable (`DB_PASSWORD=`, as in .env.example) is unset; a blank one ("  ") is an error.
+    db_host: Name | None = None
     db_port: int | None = Field(None, ge=1, le=65535)
-    db_name: str | None = None
-    db_user: str | None = None
+    db_name: DatabaseName | None = None
+    db_user: Name | None = None
     db_password: SecretStr | None = None
     target_name: str | None = None
-    backup_root: Path | None = None
-    pgbeat_config: Path | None = None
+    backup_root: ConfigPath | None = None
+    pgbeat_config: ConfigPath | None = None
     pgbeat_timezone: str | None = None
-    pgbeat_node: str | None = None
-    pgbeat_pg_bin_dir: Path | None = None
+    pgbeat_node: NodeName | None = None
+    pgbeat_pg_bin_dir: ConfigPath | None = None
     celery_broker_url: SecretStr | None = None
     celery_result_backend: SecretStr | None = None
     pgbeat_notify_urls: SecretStr | None = Field(None, description="Apprise URLs separated by spaces or commas")
@@ -495,6 +603,23 @@ class Settings(BaseModel):
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
+    def backup_root_problem(self, writes: bool) -> str | None:
+        """Return why BACKUP_ROOT cannot be used (not a folder; with `writes`, not writable or not creatable),
+        or None."""
+        root = self.backup_root
+        existing = root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "" if existing == root else f" ({existing} is a file)"
+            return f"BACKUP_ROOT {root} is not a folder{where}"
+        if existing == root and not os.access(root, os.R_OK | os.X_OK):
+            return f"BACKUP_ROOT {root} cannot be read by this user"
+        if writes and not os.access(existing, os.W_OK | os.X_OK):
+            what = "is not writable" if existing == root else f"cannot be created: {existing} is not writable"
+            return f"BACKUP_ROOT {root} {what} by this user"
+        return None
+
     def target(self, name: str) -> Target:
         try:
             return self.targets[name]
@@ -542,14 +667,110 @@ def _error_lines(exc: ValidationError, where: str, env_names: Mapping[str, str] 
     return lines
 
 
+def read_text_file(path: Path, what: str) -> tuple[str | None, str | None]:
+    """Given a configuration file, return (its text, None) or (None, one line saying why it cannot be used:
+    missing, not a regular file, too big, not UTF-8 text, binary)."""
+    try:
+        if not path.is_file():
+            problem = "no such file" if not path.exists() else "not a regular file"
+            return None, f"{path}: cannot read the {what}: {problem}"
+        with path.open("rb") as f:  # bounded: /dev/zero or a runaway file must not fill memory
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        return None, f"{path}: cannot read the {what}: {exc.strerror or exc}"
+    if len(raw) > MAX_CONFIG_BYTES:
+        return None, f"{path}: the {what} is larger than {MAX_CONFIG_BYTES >> 20} MiB"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, (f"{path}: the {what} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                      "save it as UTF-8")
+    if "\x00" in text:
+        return None, f"{path}: the {what} is binary (a NUL byte at offset {text.index(chr(0))}), not text"
+    return text, None
+
+
+def _yaml_problem(root: yaml.Node) -> str | None:
+    """Given a composed YAML document, return why it is unusable (aliases that expand too far, an alias
+    that contains itself, nesting too deep), or None. Expanded sizes are counted, not built."""
+    sizes: dict[int, int] = {}
+    depths: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if children_done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            depths[key] = 1 + max((depths[id(c)] for c in children), default=0)
+            if sizes[key] > MAX_CONFIG_VALUES:
+                return f"it expands to more than {MAX_CONFIG_VALUES} values (YAML aliases repeating one another)"
+            if depths[key] > MAX_CONFIG_DEPTH:
+                return f"it is nested more than {MAX_CONFIG_DEPTH} levels deep"
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            return "a YAML alias refers to a node that contains it (a recursive structure)"
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+    return None
+
+
+def _data_depth(data: Any) -> int:
+    """The nesting depth of parsed TOML data (no aliases there), counted without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_CONFIG_DEPTH:
+            break
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return deepest
+
+
 def read_config_file(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
     """Given a YAML or TOML file, return its mapping and a list of errors (with the file's name)."""
+    text, problem = read_text_file(path, "targets file")
+    if problem is not None:
+        return None, [problem]
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        return None, [f"{path}: cannot read the targets file: {exc.strerror}"]
-    try:
-        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+            if _data_depth(data) > MAX_CONFIG_DEPTH:
+                return None, [f"{path}: not a usable targets file: it is nested more than {MAX_CONFIG_DEPTH} "
+                              "levels deep"]
+        else:
+            # Depth first, from the parser's events (iterative): the composer recurses once per level.
+            depth = 0
+            for event in yaml.parse(text, Loader=yaml.SafeLoader):
+                if isinstance(event, yaml.CollectionStartEvent):
+                    depth += 1
+                    if depth > MAX_CONFIG_DEPTH:
+                        return None, [f"{path}: not a usable targets file: it is nested more than "
+                                      f"{MAX_CONFIG_DEPTH} levels deep"]
+                elif isinstance(event, yaml.CollectionEndEvent):
+                    depth -= 1
+            loader = yaml.SafeLoader(text)
+            try:
+                node = loader.get_single_node()
+                problem = _yaml_problem(node) if node is not None else None
+                if problem is not None:
+                    return None, [f"{path}: not a usable targets file: {problem}"]
+                data = loader.construct_document(node) if node is not None else None
+            finally:
+                loader.dispose()
     except tomllib.TOMLDecodeError as exc:
         return None, [f"{path}: not valid TOML: {exc}"]
     except yaml.YAMLError as exc:
@@ -557,6 +778,8 @@ def read_config_file(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
         return None, [f"{path}: not valid YAML{where}: {problem}"]
+    except RecursionError:  # the parsers recurse once per level of nesting
+        return None, [f"{path}: not a usable targets file: it is nested more than {MAX_CONFIG_DEPTH} levels deep"]
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -630,11 +853,16 @@ def _target_problems(target: Target) -> list[tuple[str, str]]:
 def load_settings(env_file: str | Path | None = ".env") -> Settings:
     """Read the environment, `.env` and the targets file; return Settings or raise ConfigError listing all."""
     env_path = Path(env_file) if env_file else None
-    dotenv = {k.upper() for k in dotenv_values(env_path)} if env_path and env_path.is_file() else set()
     env_label = str(env_path) if env_path else ".env"
+    errors: list[str] = []
+    if env_path is not None and env_path.is_file():
+        _text, problem = read_text_file(env_path, "environment file")
+        if problem is not None:  # report it, and read the rest without it so every error is listed
+            errors.append(problem)
+            env_path = None
+    dotenv = {k.upper() for k in dotenv_values(env_path)} if env_path and env_path.is_file() else set()
     in_environ = {k.upper() for k, v in os.environ.items() if v != ""}
     names = {key: ("the environment" if key in in_environ else env_label) for key in dotenv | in_environ}
-    errors: list[str] = []
     try:
         env = EnvSettings(_env_file=env_path)
     except ValidationError as exc:

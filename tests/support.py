@@ -268,7 +268,8 @@ def pg_dump_processes(dbname: str | None = None) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["name", "cmdline"]):
         try:
-            if proc.info["name"] == "pg_dump" and (dbname is None or any(dbname in a for a in proc.info["cmdline"])):
+            cmdline = proc.info["cmdline"] or []  # None for a zombie (exited, not yet reaped)
+            if proc.info["name"] == "pg_dump" and (dbname is None or any(dbname in a for a in cmdline)):
                 found.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass

@@ -1,0 +1,551 @@
+"""The CLI matrix: every command and option from click's own tree, fed hostile values.
+
+Built from `pgbeat.cli.main` (recursively), so a new command or option is covered without anyone
+remembering to. Every value that names nothing (empty, blank, control characters, NUL, option-like,
+negative, huge) must be refused as a usage error (exit 2) naming the parameter, with the command
+*armed*: every other argument set so that, if the value were taken, the command would really act
+(restore --yes over the database, rotate for real, upload, drill). Values that may be legitimate
+for some types (a huge number, '@@@:::', '../' paths) run against a *safe* baseline (restore --list,
+rotate --dry-run): a documented exit code, no traceback. In every case nothing changes: not the
+BACKUP_ROOT tree and its modes, not a decoy /etc under the sandbox, not the databases on the test
+cluster or their contents. The world has an unreachable database, Redis and destination configured.
+
+The bulk runs in this process through click's CliRunner; a subprocess sample proves the two agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import psycopg
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from pgbeat.cli import main
+from pgbeat.clitypes import CheckedText, Seconds, shown
+from pgbeat.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_UNREACHABLE
+from tests.conftest import unique
+from tests.support import VENV_BIN, RedisServer, Service, free_port, pg_dump_processes, table_locked, wait_for
+
+pytestmark = pytest.mark.integration
+
+DOCUMENTED = {0, 1, 2, 3, 4, 5, EXIT_INTERRUPTED}
+# The values no parameter may take: each is a usage error, exit 2.
+MUST_REFUSE = {
+    "empty": "",
+    "blank": "   ",
+    "tab": "\t",
+    "newline": "erp\nrm -rf /",
+    "escape": "\x1b[2Jerp",
+    "nul": "erp\x00x",
+    "negative": "-1",
+    "option-like": "--yes",
+    "huge": "x" * 5000,
+}
+# Values some types may take (a database may be called '@@@:::'): a documented exit, nothing changed.
+MAY_BE_LEGIT = {
+    "huge-number": "9" * 30,
+    "malformed": "@@@:::",
+    "traversal": "../../../../../etc/passwd",  # from the sandbox's deep cwd: the decoy, never the real one
+}
+NOT_IN_ARGV = {"nul"}  # a real argv cannot hold NUL: in-process only
+CASE_TIMEOUT_S = 20
+
+
+def walk(group: click.Group, path: tuple[str, ...] = ()):
+    """(command path, command) for every command of the tree, groups opened."""
+    for name in sorted(group.commands):
+        command = group.commands[name]
+        if isinstance(command, click.Group):
+            yield from walk(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def valued_params(command: click.Command) -> list[click.Parameter]:
+    """The parameters that take a value (not flags, counts, or --help)."""
+    return [p for p in command.params
+            if not (isinstance(p, click.Option) and (p.is_flag or p.count)) and p.name != "help"]
+
+
+COMMANDS = dict(walk(main))
+
+
+# --- the structure: no plain str, every named thing refuses blanks -------------------------------------
+
+def all_params():
+    yield (), main, main.params
+    for path, command in COMMANDS.items():
+        yield path, command, command.params
+    for name, command in main.commands.items():
+        if isinstance(command, click.Group):
+            yield (name,), command, command.params
+
+
+ALLOWED_TYPES = (CheckedText, click.Choice, click.IntRange, Seconds)
+
+
+def test_every_parameter_has_a_type_of_its_own():
+    """No option or argument of any command is a plain string (or a plain click.Path): each has a type
+    that knows what it names, and every one refuses an empty and a blank value."""
+    untyped = []
+    for path, _command, params in all_params():
+        for param in params:
+            if isinstance(param, click.Option) and (param.is_flag or param.count or param.name == "help"):
+                continue
+            if isinstance(param.type, click.types.StringParamType | click.Path) or not isinstance(
+                    param.type, ALLOWED_TYPES):
+                untyped.append(f"{' '.join(path)} {param.name}: {param.type!r}")
+                continue
+            for blank in ("", "   "):
+                with pytest.raises(click.BadParameter):
+                    param.type.convert(blank, param, None)
+    assert not untyped
+
+
+def test_the_tree_is_walked():
+    assert {("backup",), ("restore",), ("cron", "install"), ("config", "check")} <= set(COMMANDS)
+    assert sum(len(valued_params(c)) for c in COMMANDS.values()) >= 25
+
+
+# --- the world -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    sandbox: Path
+    cwd: Path  # five folders deep, so that ../../../../../etc is the sandbox's decoy
+    config: Path
+    backup_root: Path
+    backup: Path
+    url: str  # a copy's address at the unreachable destination
+    db: str
+    pg: object
+    connection: psycopg.Connection | None = None
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "CELERY_", "PGBEAT_", "TARGET_NAME"))}
+        env.pop("BACKUP_ROOT", None)
+        env.update(PGBEAT_CONFIG=str(self.config), PATH=f"{VENV_BIN}:{env.get('PATH', '')}", PYTHONUNBUFFERED="1")
+        env.update(extra)
+        return env
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, pg):
+    sandbox = tmp_path_factory.mktemp("matrix")
+    db = pg.createdb(unique("matrix"))
+    pg.sql("CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT i, md5(i::text) FROM "
+           "generate_series(1, 50) i", db)
+    service = Service(sandbox, None, [pg.target("erp", db)])
+    made = service.pgbeat("backup", "daily")
+    assert made.returncode == 0, made.stdout + made.stderr
+    [backup] = service.backups()
+    cwd = sandbox / "w1" / "w2" / "w3" / "w4" / "w5"
+    cwd.mkdir(parents=True)
+    (sandbox / "etc").mkdir()
+    (sandbox / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (sandbox / "cron.d").mkdir()
+    (sandbox / "fetched").mkdir()
+    closed = [free_port() for _ in range(3)]  # nothing listens: database, Redis, S3
+    config = {
+        "backup_root": str(service.backup_root), "timezone": "UTC", "node": "matrixhost",
+        "broker_url": f"redis://127.0.0.1:{closed[1]}/0",
+        "reliability": {"retries": 0},
+        "targets": [
+            pg.target("erp", db, destinations=[{"name": "offsite", "kind": "s3", "bucket": "matrix",
+                                                "endpoint_url": f"http://127.0.0.1:{closed[2]}", "retries": 1,
+                                                "access_key_id": "matrix-access-key",
+                                                "secret_access_key": "matrix-secret-key"}]),
+            {"name": "down", "host": "127.0.0.1", "port": closed[0], "dbname": "down", "user": "postgres",
+             "connect_timeout": 1},
+        ],
+    }
+    path = sandbox / "matrix.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    world = World(sandbox=sandbox, cwd=cwd, config=path, backup_root=service.backup_root, backup=backup,
+                  url=f"s3://matrix/daily/{backup.name}", db=db, pg=pg)
+    world.connection = connect(world)
+    yield world
+    world.connection.close()
+    pg.dropdb(db)
+
+
+def tree(folder: Path) -> dict[str, tuple]:
+    """Every path under `folder` with its mode, and for files size, mtime and SHA-256."""
+    found = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            info = path.lstat()
+            entry: tuple = (info.st_mode,)
+            if path.is_file() and not path.is_symlink():
+                entry += (info.st_size, info.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+            found[str(path.relative_to(folder))] = entry
+    return found
+
+
+def databases(world: World) -> tuple:
+    """The cluster's databases (oid and name: a swap changes the oid) and the matrix table's contents,
+    through one kept connection (a restore that disconnects it shows up as a change, too)."""
+    try:
+        conn = world.connection
+        listing = conn.execute("SELECT oid, datname FROM pg_database ORDER BY 1").fetchall()
+        contents = conn.execute("SELECT count(*), md5(string_agg(t::text, ',' ORDER BY id)) FROM t").fetchone()
+    except psycopg.OperationalError as exc:
+        world.connection = connect(world)
+        return ("connection lost", str(exc)), None
+    return tuple(listing), contents
+
+
+def connect(world: World) -> psycopg.Connection:
+    return psycopg.connect(host=world.pg.host, port=world.pg.port, user="postgres", dbname=world.db, autocommit=True)
+
+
+def snapshot(world: World) -> tuple:
+    return tree(world.sandbox), databases(world)
+
+
+# --- the cases -----------------------------------------------------------------------------------------
+
+# Per command: the armed baseline (the command would really act) and the safe one (it stops short).
+# A value under test replaces the baseline's own value of that parameter.
+def baselines(world: World) -> dict[tuple[str, ...], tuple[dict, dict]]:
+    cron_file = str(world.sandbox / "cron.d" / "pgbeat")
+    armed = {
+        ("backup",): {"tier": "daily", "timeout": "5"},
+        ("list",): {},
+        ("verify",): {"file": str(world.backup)},
+        ("rotate",): {},
+        ("restore",): {"file": str(world.backup), "yes": True},
+        ("fetch",): {"url": world.url, "folder": str(world.sandbox / "fetched")},
+        ("upload",): {"retry": True},
+        ("drill",): {},
+        ("status",): {},
+        ("metrics",): {},
+        ("cron", "install"): {"file": cron_file, "user": "pgbeat"},
+        ("cron", "remove"): {"file": cron_file},
+        ("config", "check"): {},
+    }
+    safe = {**armed, ("rotate",): {"dry_run": True}, ("restore",): {"file": str(world.backup), "list_only": True}}
+    return {path: (armed[path], safe[path]) for path in armed}
+
+
+def argv_for(path: tuple[str, ...], command: click.Command, values: dict) -> list[str]:
+    """The command line: options, then `--` and the arguments (so that '-1' reaches FILE's type)."""
+    options, arguments = list(path), []
+    unknown = set(values) - {p.name for p in command.params}
+    assert not unknown, f"{path} has no parameter {unknown}"
+    for param in command.params:
+        if param.name not in values:
+            continue
+        value = values[param.name]
+        if isinstance(param, click.Argument):
+            arguments.append(value)
+        elif value is True:
+            options.append(param.opts[-1])
+        else:
+            options += [param.opts[-1], value]
+    return [*options, "--", *arguments] if arguments else options
+
+
+class CaseTimeout(BaseException):
+    """A command that kept running: it took a value it should have refused, and acted on it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    def expired(*_):
+        raise CaseTimeout(f"still running after {seconds}s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_in_process(world: World, argv: list[str], monkeypatch) -> tuple[int, str, str]:
+    return invoke(world.cwd, world.env(), argv, monkeypatch)
+
+
+def invoke(cwd: Path, env: dict[str, str], argv: list[str], monkeypatch) -> tuple[int, str, str]:
+    """Run `pgbeat argv` in this process (click's CliRunner) as it would run in `cwd` with `env`."""
+    from pgbeat.settings import get_settings
+
+    for key in list(os.environ):
+        if key.startswith(("DB_", "CELERY_", "PGBEAT_", "TARGET_NAME", "BACKUP_ROOT")):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(cwd)
+    get_settings.cache_clear()
+    try:
+        with deadline(CASE_TIMEOUT_S):
+            result = CliRunner().invoke(main, argv, env=env)
+    finally:
+        get_settings.cache_clear()
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        raise AssertionError(f"{argv!r} raised {result.exception!r}:\n" + "".join(
+            traceback.format_exception(result.exception)))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def run_subprocess(world: World, argv: list[str]) -> tuple[int, str, str]:
+    done = subprocess.run([str(VENV_BIN / "pgbeat"), *argv], cwd=world.cwd, env=world.env(), capture_output=True,
+                          text=True, timeout=CASE_TIMEOUT_S * 2, stdin=subprocess.DEVNULL)
+    return done.returncode, done.stdout, done.stderr
+
+
+def cases():
+    for path, command in COMMANDS.items():
+        for param in valued_params(command):
+            yield pytest.param(path, param.name, id=f"{' '.join(path)}:{param.name}")
+
+
+def check(world: World, path, name, kind: str, value: str, run) -> tuple[list[str], tuple[int, str, str]]:
+    """Run one case; return what is wrong with it (nothing when all is well) and its outcome."""
+    command = COMMANDS[path]
+    armed, safe = baselines(world).get(path, ({}, {}))
+    legit = kind in MAY_BE_LEGIT
+    argv = argv_for(path, command, {**(safe if legit else armed), name: value})
+    before = snapshot(world)
+    started = time.monotonic()
+    code, stdout, stderr = outcome = run(argv)
+    problems = []
+    output = stdout + stderr
+    if code not in DOCUMENTED:
+        problems.append(f"exit {code} is not a documented exit code")
+    if "Traceback" in output or "failed unexpectedly" in output:
+        problems.append(f"an unexpected error: {shown(output[-400:], 400)}")
+    if not legit:
+        param = next(p for p in command.params if p.name == name)
+        hint = param.get_error_hint(click.Context(command))  # how click names it: '--into', 'URL', '[FILE]'
+        if code != EXIT_CONFIG or f"Invalid value for {hint}" not in stderr:
+            problems.append(f"exit {code}, not a usage error naming {hint}: {shown(output[-300:], 300)}")
+    after = snapshot(world)
+    if legit:  # a file the user named (`cron install --file 999`) may appear where they are, and only there
+        here = f"{world.cwd.relative_to(world.sandbox)}/"
+        for created in world.cwd.iterdir():
+            if created.is_dir():
+                shutil.rmtree(created)
+            else:
+                created.unlink()
+        before, after = (({k: v for k, v in files.items() if not k.startswith(here)}, dbs)
+                         for files, dbs in (before, after))
+    if after != before:
+        changed = sorted(set(before[0].items()) ^ set(after[0].items()))
+        problems.append(f"it changed something: files {changed[:4]}, databases equal: {before[1] == after[1]}")
+    if time.monotonic() - started > CASE_TIMEOUT_S / 2:
+        problems.append(f"it took {time.monotonic() - started:.1f}s")
+    return [f"{' '.join(shown(a) for a in argv)}: {p}" for p in problems], outcome
+
+
+def test_every_command_has_baselines(world):
+    assert set(COMMANDS) <= set(baselines(world)), "give the new command its baselines here"
+
+
+@pytest.mark.parametrize(("path", "name"), list(cases()))
+def test_cli_matrix(world, path, name, monkeypatch, caplog):
+    """One parameter of one command with every hostile value."""
+    problems = []
+    for kind, value in {**MUST_REFUSE, **MAY_BE_LEGIT}.items():
+        problems += check(world, path, name, kind, value, lambda argv: run_in_process(world, argv, monkeypatch))[0]
+    assert "Traceback" not in caplog.text
+    assert not problems, "\n".join(problems)
+
+
+# One case per kind of refusal, as real processes (each costs a Python start-up).
+SAMPLE = [(("restore",), "into", "empty"), (("restore",), "target_name", "blank"), (("restore",), "into", "traversal"),
+          (("backup",), "timeout", "negative"), (("cron", "install"), "user", "newline"),
+          (("verify",), "identity", "traversal")]
+
+
+def test_a_subprocess_sample_agrees_with_the_matrix(world, monkeypatch):
+    """The same cases as real processes: the same exit code and first error line, and nothing changed."""
+    values = {**MUST_REFUSE, **MAY_BE_LEGIT}
+    problems = []
+    for path, name, kind in SAMPLE:
+        assert kind not in NOT_IN_ARGV
+        firsts = []
+        for run in (lambda argv: run_in_process(world, argv, monkeypatch), lambda argv: run_subprocess(world, argv)):
+            found, (code, _stdout, stderr) = check(world, path, name, kind, values[kind], run)
+            problems += found
+            firsts.append((code, [line for line in stderr.splitlines() if line.strip()][-1:]))
+        if firsts[0] != firsts[1]:
+            problems.append(f"{path} {name} {kind}: in-process {firsts[0]} but as a process {firsts[1]}")
+    assert not problems, "\n".join(problems)
+
+
+# --- BACKUP_ROOT, the broker, Ctrl-C, the metrics port -----------------------------------------------
+
+
+@pytest.fixture
+def small(workdir, pg, make_db):
+    db = make_db("edge")
+    pg.sql("CREATE TABLE big AS SELECT generate_series(1, 100) AS i", db)
+    return db
+
+
+@pytest.mark.parametrize("shape", ["a file", "under a file"])
+def test_a_backup_root_that_is_not_a_folder_is_named_before_anything_runs(workdir, pg, small, shape, monkeypatch):
+    blocker = workdir / "blocker"
+    blocker.write_text("not a folder\n")
+    root = blocker if shape == "a file" else blocker / "backups"
+    service = Service(workdir, None, [pg.target("erp", small)])
+    service.config["backup_root"] = str(root)
+    service.write_config()
+    for argv in (["backup", "daily"], ["config", "check"], ["rotate"], ["status"], ["list"], ["drill"]):
+        code, _out, err = invoke(service.cwd, service.env(), argv, monkeypatch)
+        assert code == EXIT_CONFIG, (argv, err)
+        assert f"BACKUP_ROOT {root} is not a folder" in err and "Traceback" not in err, argv
+    assert blocker.read_text() == "not a folder\n"
+
+
+def test_an_unwritable_backup_root_is_named_before_a_run_and_by_config_check(workdir, pg, small, monkeypatch):
+    readonly = workdir / "readonly"
+    readonly.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(readonly)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("needs root to mount a read-only tmpfs (an unwritable folder, even for root)")
+    try:
+        service = Service(workdir, None, [pg.target("erp", small)])
+        for root in (readonly, readonly / "backups"):
+            service.config["backup_root"] = str(root)
+            service.write_config()
+            for argv in (["backup", "daily"], ["config", "check", "--no-connect"], ["rotate"], ["upload", "--retry"]):
+                code, _out, err = invoke(service.cwd, service.env(), argv, monkeypatch)
+                assert code == EXIT_CONFIG, (argv, err)
+                assert f"BACKUP_ROOT {root}" in err and "writable" in err, err
+            assert invoke(service.cwd, service.env(), ["status"], monkeypatch)[0] == 0  # reading is still fine
+    finally:
+        subprocess.run(["umount", str(readonly)], check=True)
+
+
+def follow(service: Service, argv: list[str], until) -> subprocess.Popen:
+    """Start a pgbeat command that follows a run; return it once `until()` holds (it must still run)."""
+    proc = subprocess.Popen([str(VENV_BIN / "pgbeat"), *argv], cwd=service.cwd, env=service.env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: until() or proc.poll() is not None, 60, what=f"{argv} to follow its run")
+    except BaseException:
+        proc.kill()
+        raise
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
+def queued(redis: RedisServer):
+    """True once a message waits in one of Redis' lists (the queue of a run nobody works on)."""
+    return lambda: any(redis.client.type(key) == b"list" for key in redis.client.keys("*"))
+
+
+@pytest.mark.parametrize("how", ["backup through the broker", "restore --on-worker"])
+def test_a_broker_that_goes_away_while_the_cli_follows_is_one_line_and_exit_5(workdir, pg, world, how):
+    redis = RedisServer(workdir)  # its own: it is stopped mid-run
+    try:
+        # No worker: the run stays queued while the CLI follows it.
+        service = Service(workdir, redis.url, [pg.target("erp", world.db)], node=f"gone-{unique('n')}")
+        argv = ["backup", "daily"] if how == "backup through the broker" else [
+            "restore", str(world.backup), "--yes", "--on-worker"]
+        proc = follow(service, argv, queued(redis))
+        redis.stop()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if redis.proc.poll() is None:
+            redis.stop()
+    assert proc.returncode == EXIT_UNREACHABLE, (out, err)
+    assert "Traceback" not in err and "broker" in err.lower(), err
+    assert len([line for line in err.splitlines() if line.strip()]) <= 2, err  # the line and its HINT
+
+
+def test_a_broker_that_is_down_before_anything_is_sent(workdir, pg, small, monkeypatch):
+    service = Service(workdir, f"redis://127.0.0.1:{free_port()}/0", [pg.target("erp", small)])
+    started = time.monotonic()
+    result = service.pgbeat("backup", "daily")
+    assert result.returncode == EXIT_UNREACHABLE and "Traceback" not in result.stderr, result.stderr
+    assert time.monotonic() - started < 15  # not Celery's 20 retries of its result store
+    code, _out, err = invoke(service.cwd, service.env(), ["status"], monkeypatch)
+    assert code == 0 and "cannot read run states from the broker" in err and "Traceback" not in err, err
+    code, _out, err = invoke(service.cwd, service.env(), ["restore", "--latest", "--on-worker", "--yes"], monkeypatch)
+    assert code == EXIT_UNREACHABLE and "The broker" in err and "Traceback" not in err, err
+
+
+def test_ctrl_c_while_following_a_run_is_one_line(workdir, pg, small):
+    redis = RedisServer(workdir)  # its own: the queued run must not reach another test's worker
+    try:
+        service = Service(workdir, redis.url, [pg.target("erp", small)], node=f"intr-{unique('n')}")
+        proc = follow(service, ["backup", "daily"], queued(redis))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        redis.stop()
+    assert proc.returncode == EXIT_INTERRUPTED, (out, err)
+    assert err.strip() == "pgbeat: interrupted", err
+
+
+def test_ctrl_c_during_a_backup_in_this_process_is_one_line_and_leaves_nothing(workdir, pg, small):
+    service = Service(workdir, None, [pg.target("erp", small)])
+    with table_locked(pg, small):
+        proc = subprocess.Popen([str(VENV_BIN / "pgbeat"), "backup", "daily"], cwd=service.cwd, env=service.env(),
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: pg_dump_processes(small), 30, what="pg_dump")
+        except BaseException:
+            proc.kill()
+            raise
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, (out, err)
+    assert err.strip().splitlines()[-1] == "pgbeat: interrupted" and "Traceback" not in err + out, (out, err)
+    assert "KeyboardInterrupt" not in err + out
+    wait_for(lambda: not pg_dump_processes(small), 10, what="pg_dump gone")
+    assert service.backups() == [] and not list((service.backup_root / ".work").glob("*"))
+
+
+@pytest.mark.parametrize("argv", [["restore", "--latest", "--jobs", "0"], ["backup", "daily", "--timeout", "-5"],
+                                  ["metrics", "--listen", "garbage"], ["rotate", "--now", "0001-01-01"],
+                                  ["restore", "--latest", "--into", "--yes"], ["backup", "daily", "--timeout", "inf"]])
+def test_the_issue_examples_are_usage_errors(world, argv, monkeypatch):
+    code, _out, err = invoke(world.cwd, world.env(), argv, monkeypatch)
+    assert code == EXIT_CONFIG and "Invalid value for" in err and "Traceback" not in err, err
+
+
+def test_metrics_on_a_port_in_use_is_one_line(workdir, pg, small, monkeypatch):
+    service = Service(workdir, None, [pg.target("erp", small)])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, _out, err = invoke(service.cwd, service.env(), ["metrics", "--listen",
+                                                              f"127.0.0.1:{taken.getsockname()[1]}"], monkeypatch)
+    assert code == EXIT_CONFIG and "cannot listen on" in err and "Traceback" not in err, err
+
+
+def test_allowed_pg_dump_options_reach_pg_dump_spelled_out(workdir, pg, small, make_db):
+    """Abbreviated and clustered options from the allow-list work in a real dump: pg_dump gets their
+    canonical spelling, and the backup restores without the excluded data."""
+    pg.sql("CREATE TABLE audit AS SELECT generate_series(1, 10) AS i; GRANT SELECT ON audit TO backup", small)
+    service = Service(workdir, None, [pg.target("erp", small, pg_dump_options=["-xO", "--exclude-table-data",
+                                                                             "audit", "--quote-all"])])
+    result = service.pgbeat("backup", "daily")
+    assert result.returncode == 0, result.stdout + result.stderr
+    restored = make_db("opts")
+    pg.restore_plain_gz(service.backups()[0], restored)
+    assert pg.sql("SELECT count(*) FROM audit", restored) == "0"
+    assert pg.sql("SELECT count(*) FROM big", restored) == "100"
+    assert pg.sql("SELECT count(*) FROM information_schema.role_table_grants WHERE table_name = 'audit' "
+                  "AND grantee = 'backup'", restored) == "0"
