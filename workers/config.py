@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from beat_schedule import build_beat_schedule
 from pgbeat.settings import Settings
@@ -30,14 +30,7 @@ def split_credentials(url: str) -> tuple[str, dict[str, str]]:
         options["username"] = unquote(parts.username)
     if parts.password:
         options["password"] = unquote(parts.password)
-    # redis-py also reads ?password= from the query string.
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    for name, value in query:
-        if name in ("username", "password"):
-            options[name] = value
-    netloc = parts.netloc.rpartition("@")[2]
-    kept = urlencode([(name, value) for name, value in query if name not in ("username", "password")])
-    return urlunsplit(parts._replace(netloc=netloc, query=kept)), options
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])), options
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
