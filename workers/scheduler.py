@@ -145,6 +145,8 @@ class PgbeatScheduler(RedBeatScheduler):
         if restore and names and not replies[-1]:
             # RedBeat reads this set at start-up to delete the entries that left the configuration.
             client.sadd(conf.statics_key, *names)
+            logger.warning("beat: the set of configured entries %s was missing from Redis: written again",
+                           conf.statics_key)
 
     def restore_entries(self, names: list[str]) -> None:
         """Write the configured entries `names` to Redis again, each with the last run this beat saw."""
