@@ -55,6 +55,7 @@ class PgbeatScheduler(RedBeatScheduler):
 
     def __init__(self, app, **kwargs) -> None:
         self.lock = None
+        self.standing_by = False
         self.last_runs: dict[str, datetime] = {}
         self.set_up = False
         self.redis_down_since: float | None = None
@@ -101,8 +102,12 @@ class PgbeatScheduler(RedBeatScheduler):
         if self.lock is None:
             lock = client.lock(self.leader_key, timeout=self.lock_timeout, thread_local=False)
             if not lock.acquire(blocking=False, token=self.leader_token):
+                if not self.standing_by:
+                    self.standing_by = True
+                    logger.info("beat: %s holds the lock %s: this beat stands by", client.get(self.leader_key),
+                                self.leader_key)
                 return False
-            self.lock = lock
+            self.lock, self.standing_by = lock, False
             logger.info("beat: Acquired lock %s as %s: this beat sends the schedule", self.leader_key,
                         self.leader_token)
             return True
@@ -117,7 +122,7 @@ class PgbeatScheduler(RedBeatScheduler):
             return True
         logger.warning("beat: %s holds the lock %s now: this beat is a standby", client.get(self.leader_key),
                        self.leader_key)
-        self.lock = None
+        self.lock, self.standing_by = None, True
         return False
 
     def check_entries(self, restore: bool) -> None:
