@@ -105,7 +105,7 @@ def wipe_and_restart(redis: RedisServer) -> None:
     redis.start()
 
 
-# --- Lost keys and an absent Redis, watched in Redis ------------------------------------------------------
+# --- Lost keys and a lock another beat holds, watched in Redis --------------------------------------------
 
 # Every key RedBeat keeps, lost while beat runs, and what beat says when it writes it back.
 LOSSES = {
@@ -117,9 +117,11 @@ LOSSES = {
 }
 
 
-def test_beat_restores_whatever_redis_lost_and_keeps_leading(workdir):
-    """RedBeat alone exits when its lock is gone, and drops an entry for good when its hash or due time is
-    gone: here the same beat takes the lock again and writes the entry back with the last run it had."""
+def test_beat_restores_whatever_redis_lost_and_stands_by_for_another_beat(workdir):
+    """RedBeat alone exits when its lock is gone or another beat took it, and drops an entry for good when
+    its hash or due time is gone. Here the same beat takes the lock again and writes each lost key back
+    with the entry's last run; when another beat holds the lock it stands by in place, and leads again
+    when that beat is gone. (A Redis down at start is in the slow test.)"""
     redis = RedisServer(workdir, persistent=True)
     beat = Beat(beat_service(workdir, redis))
     try:
@@ -133,20 +135,7 @@ def test_beat_restores_whatever_redis_lost_and_keeps_leading(workdir):
             assert beat.alive(), f"{lost}: {beat.log_text()[-3000:]}"
             assert holder(redis) == token, lost  # the same beat leads: nothing was restarted
             assert entry_state(redis) == before, lost  # same definition, same last run, due again
-        assert "Traceback" not in beat.log_text()
-    finally:
-        beat.stop()
-        redis.stop()
 
-
-def test_beat_stands_by_while_another_holds_its_lock_and_leads_again_when_free(workdir):
-    """RedBeat alone exits when another beat took its lock; this beat stands by in place and takes the lock
-    again when it is free (a Redis down at start is in the slow test)."""
-    redis = RedisServer(workdir, persistent=True)
-    beat = Beat(beat_service(workdir, redis))
-    try:
-        wait_for(lambda: schedule_complete(redis), 30, what="beat's entries and lock")
-        token = holder(redis)
         redis.client.set(LOCK, "elsewhere:1:x", px=LOCK_TIMEOUT * 1000)  # another beat has the lock now
         wait_for(lambda: "this beat is a standby" in beat.log_text() or not beat.alive(), 10, what="beat to stand by")
         time.sleep(1)
@@ -245,12 +234,9 @@ def test_slots_keep_firing_through_redis_restarts_and_a_beat_failover(workdir, p
         worker = Supervised(lambda: Worker(service, name=f"w{time.monotonic_ns()}"))
         wait_for(lambda: schedule_complete(redis), 30, what="a beat to lead")
         boundary = (time.time() // 60 + 1) * 60
-        if boundary - time.time() < 5:  # too close to restart Redis before it: let that slot fire first
-            expected.append(boundary)
-            wait_for_slot(service, boundary, len(expected))
-            boundary += 60
 
-        # (a) With its data (AOF): lock, entries and last runs survive; beats and worker reconnect.
+        # (a) With its data (AOF): lock, entries and last runs survive; beats and worker reconnect. If Redis
+        # is still down at the slot's time, the leader sends it as soon as Redis is back.
         redis.restart(down_for=1)
         expected.append(boundary)
         wait_for_slot(service, boundary, len(expected))
