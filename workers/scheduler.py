@@ -9,8 +9,11 @@ sending in ways that nobody sees:
   standby that takes the free lock first ticks on an empty schedule until someone restarts a beat.
 - An entry's hash evicted or deleted: RedBeat drops the entry from the schedule for good ("Failed to
   load"); its sorted-set member lost: the entry is never due again.
-- Redis down or still loading its data: beat exits, and forgets the last runs it knew.
+- Redis down, still loading its data, or a read-only replica after a failover: beat exits, and forgets
+  the last runs it knew.
 - A blocking lock acquisition at start-up: a standby learns nothing while it waits.
+- (A lock timeout shorter than beat's loop interval expired between two ticks and beat exited:
+  workers/config.py makes the interval a fifth of the lock timeout.)
 
 This scheduler holds the same lock itself, on every tick:
 
@@ -22,9 +25,9 @@ This scheduler holds the same lock itself, on every tick:
    sent once and none twice (an entry this beat never saw starts from now, as a new one does).
 3. The leader sends what is due (RedBeat's tick).
 
-A Redis error (down, loading, timing out) is a warning and the tick is tried again a few seconds later:
-beat does not exit. It exits only when stopped, or with a non-zero status on an unexpected error, for
-its supervisor to restart it.
+A Redis error (down, loading, timing out, read-only) is a warning and the tick is tried again a few
+seconds later: beat does not exit. It exits only when stopped, or with a non-zero status on an
+unexpected error, for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from redis.exceptions import LockNotOwnedError, RedisError
 
 logger = get_logger("celery.beat")
 
-# Seconds between two attempts while Redis does not answer (at most beat_max_loop_interval).
+# Seconds between two attempts while Redis fails (at most beat_max_loop_interval).
 REDIS_RETRY = 5.0
 # Seconds between two warnings about the same outage.
 WARN_EVERY = 60.0
@@ -180,12 +183,12 @@ class PgbeatScheduler(RedBeatScheduler):
             self.redis_down_since = now
         if now - self.redis_warned_at >= WARN_EVERY:
             self.redis_warned_at = now
-            logger.warning("beat: Redis does not answer (%s) for %.0f s: trying again every %.0f s",
+            logger.warning("beat: Redis fails (%s), for %.0f s now: trying again every %.0f s",
                            exc, now - self.redis_down_since, min(self.max_interval, REDIS_RETRY))
 
     def redis_reachable(self) -> None:
         if self.redis_down_since is not None:
-            logger.warning("beat: Redis answers again after %.0f s", time.monotonic() - self.redis_down_since)
+            logger.warning("beat: Redis works again after %.0f s", time.monotonic() - self.redis_down_since)
             self.redis_down_since, self.redis_warned_at = None, 0.0
 
     def close(self) -> None:

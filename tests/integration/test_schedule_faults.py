@@ -97,7 +97,24 @@ def schedule_complete(redis: RedisServer) -> bool:
     return definition and due and redis.client.sismember(STATICS, ENTRY) and holder(redis) is not None
 
 
-def wipe_and_restart(redis: RedisServer) -> None:
+def fail_over_to_an_empty_replica(redis: RedisServer, beat: Beat) -> None:
+    """A failover that loses the data: this Redis becomes a read-only replica of an empty one, takes its
+    empty data set, and (once beat's writes have failed with READONLY) is promoted back to primary."""
+    other = RedisServer(redis.dir.parent)
+    other.client.config_set("repl-diskless-sync-delay", 0)
+    try:
+        failures = beat.log_text().count("beat: Redis fails")
+        redis.client.replicaof("127.0.0.1", other.port)
+        wait_for(lambda: redis.client.info("replication").get("master_link_status") == "up", 20,
+                 what="the replica to sync")
+        wait_for(lambda: beat.log_text().count("beat: Redis fails") > failures, 10, what="beat to meet the replica")
+        assert "read only replica" in beat.log_text().rsplit("beat: Redis fails", 1)[1]
+        redis.client.replicaof("NO", "ONE")
+    finally:
+        other.stop()
+
+
+def wipe_and_restart(redis: RedisServer, beat: Beat | None = None) -> None:
     """Restart Redis without its data (AOF and RDB files removed while it is down)."""
     redis.stop()
     for path in redis.dir.iterdir():
@@ -110,10 +127,12 @@ def wipe_and_restart(redis: RedisServer) -> None:
 # Every key RedBeat keeps, lost while beat runs, and what beat says when it writes it back.
 LOSSES = {
     "everything (restarted without its data)": (wipe_and_restart, "were missing from Redis"),
-    "the leader lock": (lambda r: r.client.delete(LOCK), "had vanished from Redis"),
-    "an entry's hash": (lambda r: r.client.delete(PREFIX + ENTRY), "were missing from Redis"),
-    "an entry's due time": (lambda r: r.client.zrem(SCHEDULE, PREFIX + ENTRY), "were missing from Redis"),
-    "the static entries' set": (lambda r: r.client.delete(STATICS), "configured entries"),
+    "everything (failed over to a replica without the data)": (fail_over_to_an_empty_replica,
+                                                               "were missing from Redis"),
+    "the leader lock": (lambda r, _: r.client.delete(LOCK), "had vanished from Redis"),
+    "an entry's hash": (lambda r, _: r.client.delete(PREFIX + ENTRY), "were missing from Redis"),
+    "an entry's due time": (lambda r, _: r.client.zrem(SCHEDULE, PREFIX + ENTRY), "were missing from Redis"),
+    "the static entries' set": (lambda r, _: r.client.delete(STATICS), "configured entries"),
 }
 
 
@@ -129,7 +148,7 @@ def test_beat_restores_whatever_redis_lost_and_stands_by_for_another_beat(workdi
         token, before = holder(redis), entry_state(redis)
         for lost, (lose, said) in LOSSES.items():
             told = beat.log_text().count(said)
-            lose(redis)
+            lose(redis, beat)
             wait_for(lambda said=said, told=told: (beat.log_text().count(said) > told and schedule_complete(redis))
                      or not beat.alive(), 3 * LOCK_TIMEOUT, what=f"{lost} restored")
             assert beat.alive(), f"{lost}: {beat.log_text()[-3000:]}"
@@ -228,7 +247,7 @@ def test_slots_keep_firing_through_redis_restarts_and_a_beat_failover(workdir, p
         # The beats start before Redis (a host booting): RedBeat alone exits 1; these wait for it.
         redis.stop()
         beats = {name: Supervised(lambda name=name: Beat(service, name)) for name in ("a", "b")}
-        wait_for(lambda: all("Redis does not answer" in beat.current.log_text() for beat in beats.values()), 20,
+        wait_for(lambda: all("beat: Redis fails" in beat.current.log_text() for beat in beats.values()), 20,
                  what="the beats to start")
         redis.start()
         worker = Supervised(lambda: Worker(service, name=f"w{time.monotonic_ns()}"))
