@@ -1,6 +1,6 @@
 """Scheduling never stops silently: real `celery beat` (RedBeat, workers.scheduler) and worker processes
-against a real redis-server that restarts with and without its data, goes away, and loses single keys,
-and a standby beat that takes over.
+against a real redis-server that restarts with and without its data, goes away, fails over to a replica
+without the data and loses single keys, and a standby beat that takes over.
 
 The fast tests watch RedBeat's keys in Redis (no minute boundary needed); the slow one waits for real
 slots of a tier scheduled every minute and checks their backups.
@@ -84,7 +84,7 @@ def holder_pid(redis: RedisServer) -> int | None:
     return int(token.split(":")[1]) if token else None
 
 
-def entry_state(redis: RedisServer, entry: str = ENTRY) -> tuple[bool, str | None, bool]:
+def entry_state(redis: RedisServer, entry: str = ENTRY) -> tuple[bool, str, bool]:
     """(definition present, last run, in the due-time set) of one RedBeat entry."""
     key = PREFIX + entry
     definition, meta = redis.client.hmget(key, "definition", "meta")
