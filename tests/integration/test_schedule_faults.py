@@ -299,6 +299,7 @@ def test_slots_keep_firing_through_redis_restarts_and_a_beat_failover(workdir, p
     assert sorted(slots) == [slot_of_minute(b) for b in expected], slots  # every slot once, none twice
     assert sent() == len(expected) and successes(service) == len(expected)
     assert beats["a"].exits == [] and beats["b"].exits == []  # no beat had to be restarted
+    assert worker.exits == []  # the idle worker reconnected after the restart with data
     source = pg.dump_text(db)
     for backup in service.backups():
         restored = make_db("restored")
