@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from beat_schedule import build_beat_schedule
 from pgbeat.settings import Settings
@@ -15,6 +16,23 @@ def host_queue(node: str) -> str:
     return f"pgbeat.host.{node}"
 
 
+def split_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """Given a Redis URL, return it without user name and password, and those as redis-py client options.
+
+    Celery censors what it shows of a setting (`celery inspect conf`, Flower's worker view) by the
+    setting's name: `broker_url` and `*backend*` URLs are sanitised, any key matching PASS, KEY, SECRET...
+    is masked, but a URL under another name, such as RedBeat's `redbeat_redis_url`, is shown whole. So
+    that URL carries no credentials; they go to `redbeat_redis_options`, whose `password` Celery masks.
+    """
+    parts = urlsplit(url)
+    options = {}
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    if parts.password:
+        options["password"] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])), options
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     r = settings.reliability
     broker = settings.broker_url.get_secret_value() if settings.broker_url else None
@@ -22,6 +40,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     # Priorities on Redis: one list per step, lower is served first (manual 0, scheduled 6).
     # Unacknowledged messages of a dead worker come back after visibility_timeout, looked for every
     # restore_interval seconds (kombu's default throttle would make that every 100 s).
+    redbeat_url, credentials = split_credentials(broker) if broker else (None, {})
     transport = {"visibility_timeout": r.visibility_timeout, "priority_steps": list(range(10)), "sep": ":",
                  "queue_order_strategy": "priority", "unacked_restore_interval": r.restore_interval,
                  "unacked_restore_throttle": 1}
@@ -47,10 +66,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_soft_shutdown_timeout": 60.0, "worker_enable_soft_shutdown_on_idle": True,
         "beat_schedule": build_beat_schedule(settings),
         # RedBeat: the schedule and its last runs live in Redis, and a leader lock lets a standby beat
-        # take over (after beat_lock_timeout) without two beats ever sending the same slot.
-        "beat_scheduler": "redbeat.RedBeatScheduler",
-        "redbeat_redis_url": broker,
+        # take over (after beat_lock_timeout) without two beats ever sending the same slot. The scheduler
+        # (workers.scheduler) holds the lock and re-creates what a Redis restart lost, on every tick.
+        "beat_scheduler": "workers.scheduler:PgbeatScheduler",
+        "redbeat_redis_url": redbeat_url,
+        # The client options of beat's own Redis connection: the credentials (masked by Celery), and
+        # timeouts, so that a Redis that stops answering is an error beat retries, not a read that hangs.
+        "redbeat_redis_options": {**credentials, "socket_timeout": 30, "socket_connect_timeout": 10,
+                                  "health_check_interval": 30},
         "redbeat_key_prefix": "pgbeat:redbeat:",
         "redbeat_lock_timeout": r.beat_lock_timeout,
-        "beat_max_loop_interval": 30,
+        # Beat renews the lock on every tick: ticks at least five times per lock period (RedBeat's ratio),
+        # or a lock shorter than the interval would expire between two ticks.
+        "beat_max_loop_interval": min(30.0, r.beat_lock_timeout / 5),
     }

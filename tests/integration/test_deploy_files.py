@@ -71,7 +71,7 @@ HARDENING = {
     "ProtectHome": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
     "ProtectControlGroups": "yes", "RestrictNamespaces": "yes", "RestrictSUIDSGID": "yes", "LockPersonality": "yes",
     "UMask": "0077", "CapabilityBoundingSet": "", "SystemCallArchitectures": "native", "User": "pgbeat",
-    "EnvironmentFile": "/etc/pgbeat/pgbeat.env", "Restart": "on-failure",
+    "EnvironmentFile": "/etc/pgbeat/pgbeat.env",
 }
 COMPOSE_ENV = {"REDIS_PASSWORD": "redis-secret", "FLOWER_BASIC_AUTH": "admin:flower-secret",
                "GRAFANA_ADMIN_PASSWORD": "grafana-secret"}
@@ -277,6 +277,99 @@ def test_flower_admits_loopback_only_and_needs_credentials():
     assert service["IPAddressDeny"] == ["any"] and service["IPAddressAllow"] == ["localhost"]
     [check] = service["ExecStartPre"]
     assert 'test -n "$$FLOWER_BASIC_AUTH"' in check, "Flower must refuse to start without credentials"
+
+
+# --- Restart policies: every way a process ends brings it back -------------------------------------------
+
+# Every way a pgbeat process (worker, beat, Flower, metrics) can end, from running them (README, "What
+# survives what"; tests/integration/test_schedule_faults.py): each must bring it back, except an invalid
+# configuration (exit 2), which no restart can fix.
+EXITS = {
+    ("exit", 0): "clean, but not asked for: a worker's remote shutdown, a SIGTERM or SIGINT from outside systemd",
+    ("exit", 1): "a crash; a worker whose Redis dropped mid-step or stayed away for 100 reconnection attempts",
+    ("exit", 2): "an invalid configuration",
+    ("exit", 3): "any other code (pgbeat's CLI codes 3-5)",
+    ("exit", 4): "any other code",
+    ("exit", 5): "any other code",
+    ("signal", "SIGKILL"): "the OOM killer, or `kill -9`",
+    ("signal", "SIGSEGV"): "a crash in a C extension",
+    ("signal", "SIGABRT"): "an abort",
+    ("signal", "SIGTERM"): "a signal systemd counts as clean (a process without a handler for it)",
+    ("signal", "SIGHUP"): "a signal systemd counts as clean",
+    ("signal", "SIGINT"): "a signal systemd counts as clean",
+    ("signal", "SIGPIPE"): "a signal systemd counts as clean",
+}
+SIGNAL_NUMBERS = {"SIGHUP": 1, "SIGINT": 2, "SIGABRT": 6, "SIGKILL": 9, "SIGSEGV": 11, "SIGPIPE": 13, "SIGTERM": 15}
+
+
+def systemd_restarts(service: dict[str, list[str]], outcome: tuple[str, int | str]) -> bool:
+    """Given a unit's [Service] settings and how its main process ended, return whether systemd restarts it.
+
+    systemd.service(5), "Exit causes and the effect of the Restart= settings": exit 0 and the signals
+    SIGHUP, SIGINT, SIGTERM and SIGPIPE are clean (so are SuccessExitStatus=); RestartPreventExitStatus=
+    wins over Restart=, RestartForceExitStatus= forces a restart.
+    """
+    kind, value = outcome
+
+    def listed(key: str) -> bool:
+        return str(value) in " ".join(service.get(key, [])).split()
+
+    if listed("RestartPreventExitStatus"):
+        return False
+    if listed("RestartForceExitStatus"):
+        return True
+    clean = (value == 0 if kind == "exit" else value in {"SIGHUP", "SIGINT", "SIGTERM", "SIGPIPE"})
+    clean = clean or listed("SuccessExitStatus")
+    unclean_signal = kind == "signal" and not clean
+    return {"no": False, "always": True, "on-success": clean, "on-failure": not clean,
+            "on-abnormal": unclean_signal, "on-abort": unclean_signal, "on-watchdog": False,
+            }[service.get("Restart", ["no"])[-1]]
+
+
+def compose_restarts(service: dict, outcome: tuple[str, int | str]) -> bool:
+    """Given a Compose service and how its process ended, return whether Docker restarts the container.
+
+    A process killed by a signal exits 128 + its number; "on-failure" restarts non-zero exits (a bounded
+    "on-failure:N" eventually gives up, so it counts as no); "always" and "unless-stopped" restart any exit.
+    """
+    kind, value = outcome
+    code = value if kind == "exit" else 128 + SIGNAL_NUMBERS[value]
+    policy = str(service.get("restart", "no"))
+    return policy in ("always", "unless-stopped") or (policy == "on-failure" and code != 0)
+
+
+def test_the_restart_models_follow_the_documented_tables():
+    """The models must be able to say no: on-failure does not restart an exit 0 (what the units had)."""
+    assert not systemd_restarts({"Restart": ["on-failure"]}, ("exit", 0))
+    assert not systemd_restarts({"Restart": ["on-failure"]}, ("signal", "SIGTERM"))
+    assert systemd_restarts({"Restart": ["on-failure"]}, ("signal", "SIGKILL"))
+    assert not systemd_restarts({"Restart": ["always"], "RestartPreventExitStatus": ["2"]}, ("exit", 2))
+    assert not systemd_restarts({}, ("exit", 1))
+    assert not compose_restarts({"restart": "on-failure"}, ("exit", 0))
+    assert compose_restarts({"restart": "on-failure"}, ("signal", "SIGTERM"))
+    assert not compose_restarts({"restart": "on-failure:5"}, ("exit", 1)) and not compose_restarts({}, ("exit", 1))
+
+
+@pytest.mark.parametrize("outcome", sorted(EXITS, key=str), ids=lambda o: f"{o[0]}-{o[1]}")
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_unit_comes_back_from_every_exit_but_a_bad_config(name, outcome):
+    service = parse_unit(UNITS[name])["Service"]
+    assert systemd_restarts(service, outcome) == (outcome != ("exit", 2)), f"{name}: {EXITS[outcome]}"
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_unit_restarts_never_give_up_and_never_spin(name):
+    unit = parse_unit(UNITS[name])
+    # systemd's default start limit stops restarting after 5 starts in 10 s, for good.
+    assert unit["Unit"].get("StartLimitIntervalSec") == ["0"], name
+    assert seconds(unit["Service"]["RestartSec"][0]) >= 5, name
+
+
+@pytest.mark.parametrize("outcome", sorted(EXITS, key=str), ids=lambda o: f"{o[0]}-{o[1]}")
+def test_every_compose_service_comes_back_from_every_exit(outcome):
+    # Compose cannot exempt exit 2 as systemd does: a bad configuration restarts too (with Docker's backoff).
+    for name, service in load_yaml(COMPOSE)["services"].items():
+        assert compose_restarts(service, outcome), f"{name}: {EXITS[outcome]}"
 
 
 @pytest.fixture(scope="module")
