@@ -14,7 +14,6 @@ In this order:
 from __future__ import annotations
 
 import logging
-import re
 import subprocess
 import time
 import uuid
@@ -27,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgbeat import runlog
+from pgbeat import runlog, sqlscan
 from pgbeat.catalog import (
     STAMP_FORMAT,
     Entry,
@@ -51,9 +50,8 @@ from pgbeat.verify import verify_step as _verify
 
 log = logging.getLogger(__name__)
 
-# A table name as pg_dump writes it: optionally schema-qualified, each part bare or double-quoted.
-_PART = r'(?:"(?:[^"]|"")*"|[A-Za-z_][A-Za-z0-9_$]*)'
-TABLE_NAME_RE = re.compile(rf"{_PART}(?:\.{_PART})?")
+# A table name as the manifest has it (as pg_dump wrote it): the scanner's own definition.
+TABLE_NAME_RE = sqlscan.TABLE_NAME_RE
 # GUCs whose value is a list: each element is quoted on its own when copying database settings.
 LIST_SETTINGS = {"search_path", "temp_tablespaces", "session_preload_libraries", "local_preload_libraries"}
 
