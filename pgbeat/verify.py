@@ -237,7 +237,8 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
         pg_dump_version=dump.get("pg_dump_version"),
         database={"dbname": target.dbname, "host": target.host, "port": target.port},
         tables=dump.get("tables") or result.get("tables") or {},
-        started_at=run.started_at, finished_at=finished,
+        started_at=run.started_at, server_time=dump.get("server_time"), clock_skew_s=dump.get("clock_skew_s"),
+        finished_at=finished,
         duration_s=round((finished - run.started_at).total_seconds(), 3),
         steps={name: {k: v for k, v in info.items()
                       if k in ("started_at", "duration_s", "size", "ratio", "passthrough")}
