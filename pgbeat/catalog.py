@@ -9,11 +9,16 @@ the clock of the worker that ran it: "latest", retention and the freshness metri
 it (`order_key`, `newest`), so a worker whose clock is years off cannot make its backup "latest" forever
 or make rotation delete the others. A backup dated after "now" (beyond `FUTURE_TOLERANCE`) was made
 under a wrong clock: it is flagged, never "latest" while others exist, and never removed by age.
+
+A manifest carries a seal, the SHA-256 of its fields except the annotations pgbeat adds later
+(`UNSEALED`): verify, restore and drills refuse a manifest whose seal does not match (damaged or edited
+by hand), so they agree on what a damaged manifest means (pgBackRest seals its manifests the same way).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -26,13 +31,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pgbeat.fsutil import write_atomic
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: sealed, with the server's clock; 1 (unsealed) is still read
+READABLE_VERSIONS = (1, MANIFEST_VERSION)
 MANIFEST_SUFFIX = ".manifest.json"
 CHECKSUM_SUFFIX = ".sha256"
 STAMP_FORMAT = "%Y%m%d_%H%M%S"
 NAME_RE = re.compile(r"^(?P<target>.+)_backup_(?P<tier>daily|weekly|monthly)_(?P<stamp>\d{8}_\d{6})(?P<ext>\..+)$")
 # A backup dated more than this after "now" was made under a wrong clock ("from the future").
 FUTURE_TOLERANCE = timedelta(minutes=5)
+# Fields pgbeat annotates after the verify step wrote the manifest, or that no check depends on: they
+# are outside the seal, so recording a drill or a copy never needs the rest to be re-proven.
+UNSEALED = frozenset({"seal", "run_id", "level", "server_version", "pg_dump_version", "database", "finished_at",
+                      "duration_s", "steps", "node", "slot", "copies", "drills", "warnings"})
 
 
 def extension(dump_format: str, codec: str) -> str:
@@ -108,6 +118,7 @@ class Manifest(BaseModel):
     drills: list[dict[str, Any]] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     encryption: dict[str, Any] | None = Field(None, description="age recipients and the plaintext's checksums")
+    seal: str | None = Field(None, description="SHA-256 of the sealed fields (all but UNSEALED)")
 
     @property
     def taken_at(self) -> datetime:
@@ -122,6 +133,22 @@ class Manifest(BaseModel):
             return end - timedelta(seconds=self.clock_skew_s)
         return end
 
+    def computed_seal(self) -> str:
+        """Return the SHA-256 of the sealed fields, as canonical JSON."""
+        sealed = self.model_dump(mode="json", include=set(type(self).model_fields) - UNSEALED)
+        text = json.dumps(sealed, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def seal_problem(self) -> str | None:
+        """Return why this manifest's seal does not hold, or None (old, unsealed versions have none to hold)."""
+        if self.pgbeat_manifest < 2:
+            return None
+        if self.seal is None:
+            return "the manifest has no seal"
+        if self.seal != self.computed_seal():
+            return "the manifest does not match its seal: it was damaged or edited after the backup was verified"
+        return None
+
     def checksum_lines(self) -> str:
         """Return the `.sha256` file's text: `sha256sum -c` checks it from the backup's folder."""
         if self.files:
@@ -129,7 +156,11 @@ class Manifest(BaseModel):
         return f"{self.sha256}  {self.file}\n"
 
 
-def write_manifest(path: Path, manifest: Manifest) -> None:
+def write_manifest(path: Path, manifest: Manifest, reseal: bool = True) -> None:
+    """Write `manifest` to `path` atomically, sealed afresh unless `reseal` is False."""
+    if reseal:
+        manifest.pgbeat_manifest = MANIFEST_VERSION
+        manifest.seal = manifest.computed_seal()
     write_atomic(path, manifest.model_dump_json(indent=2).encode() + b"\n")
 
 
@@ -145,8 +176,10 @@ def update_manifest(path: Path, change: Callable[[Manifest], None]) -> Manifest:
         manifest = read_manifest(path)
         if manifest is None:
             raise FileNotFoundError(f"no pgbeat manifest at {path}")
+        intact = manifest.pgbeat_manifest == MANIFEST_VERSION and manifest.seal_problem() is None
         change(manifest)
-        write_manifest(path, manifest)
+        # A damaged manifest keeps its broken seal: recording a drill must not launder the damage.
+        write_manifest(path, manifest, reseal=intact)
         return manifest
     finally:
         os.close(fd)
@@ -158,7 +191,8 @@ def read_manifest(path: Path) -> Manifest | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("pgbeat_manifest") != MANIFEST_VERSION:
+    if not isinstance(data, dict) or data.get("pgbeat_manifest") not in READABLE_VERSIONS \
+            or isinstance(data.get("pgbeat_manifest"), bool):
         return None
     try:
         return Manifest.model_validate(data)
