@@ -42,7 +42,7 @@ FULL_RESTORE = {"version 1 (unsealed)", "drills: wrong value"}
 
 @pytest.fixture(scope="module")
 def shelf(pg, tmp_path_factory):
-    """A target with two backups (the second of different data) and a marker table added after them."""
+    """A target with two backups (the second of different data), and a Watch on its database."""
     base = tmp_path_factory.mktemp("damage")
     base.chmod(0o755)
     db = pg.createdb("damage_erp")
@@ -52,7 +52,6 @@ def shelf(pg, tmp_path_factory):
     pg.sql("INSERT INTO invoices SELECT generate_series(21, 30)", db)
     assert service.pgbeat("backup", "daily").returncode == 0
     first, second = service.backups()
-    pg.sql("CREATE TABLE marker (id int)", db)
     watch = Watch(pg, db)
     yield service, watch, first, second
     watch.conn.close()
@@ -186,7 +185,7 @@ def unchanged(case: str, backup: Path) -> bool:
 
 class Watch:
     """A session on the target database: what a restore would change is its oid (a swap makes a new
-    database and ends this session) and the marker table created after the backups."""
+    database and ends this session) and a marker table created after the backups."""
 
     def __init__(self, pg, db: str) -> None:
         self.pg, self.db = pg, db
@@ -197,16 +196,22 @@ class Watch:
                                autocommit=True)
 
     def state(self) -> tuple[int, bool]:
+        try:
+            return self.query()
+        except psycopg.OperationalError:  # the session was ended: the database was swapped
+            self.conn.close()
+            self.conn = self.connect()
+            return self.query()
+
+    def query(self) -> tuple[int, bool]:
         return self.conn.execute("SELECT (SELECT oid FROM pg_database WHERE datname = current_database()), "
                                  "to_regclass('public.marker') IS NOT NULL").fetchone()
 
-    def swapped(self) -> tuple[int, bool]:
-        """The state after a restore replaced the database (this session was ended); marker put back."""
-        self.conn.close()
-        self.conn = self.connect()
-        state = self.state()
-        self.conn.execute("CREATE TABLE marker (id int)")
-        return state
+    def reset(self) -> tuple[int, bool]:
+        """Put the marker back (a restore that went through removed it); return the state."""
+        self.state()
+        self.conn.execute("CREATE TABLE IF NOT EXISTS marker (id int)")
+        return self.query()
 
 
 @pytest.mark.parametrize("case", FIELD_CASES + list(OTHER_CASES))
@@ -218,7 +223,7 @@ def test_verify_restore_and_drills_agree_on_a_damaged_manifest(shelf, tmp_path, 
         shutil.copyfile(path, folder / path.name)
     backup = folder / first.name
     damage(case, folder, backup, second)
-    before = watch.state()
+    before = watch.reset()
 
     verified = run_cli(service, "verify", str(backup))
     refused = verified.exit_code != 0
@@ -236,7 +241,7 @@ def test_verify_restore_and_drills_agree_on_a_damaged_manifest(shelf, tmp_path, 
         assert watch.state() == before, f"{case}: a refused restore changed the database"
     elif case in FULL_RESTORE:
         assert restored.exit_code == 0 and "match the manifest's row counts" in restored.output, restored.output
-        oid, marker = watch.swapped()
+        oid, marker = watch.state()
         assert oid != before[0] and not marker  # swapped in: a new database, without the later marker
     else:
         assert restored.exit_code == 2 and "no terminal" in restored.output, restored.output  # checks passed
