@@ -137,7 +137,7 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
         proc = Supervised(argv, env=env, cancel=ctx.cancel, name="pg_dump",
                           stdout=subprocess.PIPE if scanner else subprocess.DEVNULL)
         # The server's clock dates the backup; read beside pg_dump, so the dump never waits for it.
-        reading = PendingReading(ctx.settings, target, env, ctx.now, argv[0], ctx.cancel)
+        reading = PendingReading(ctx.settings, target, env, ctx.now, argv[0])
         if scanner is not None:
             widen_pipe(proc.stdout)
             try:
