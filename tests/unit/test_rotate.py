@@ -214,3 +214,30 @@ def test_newest_skips_the_future_unless_it_is_alone():
     future, real = shelved("future", None, worker=NOW + YEARS), shelved("real", NOW - timedelta(days=3))
     assert newest([future, real], NOW) is real
     assert newest([future], NOW) is future and newest([], NOW) is None
+
+
+def test_the_rotate_step_removes_nothing_when_the_server_clock_cannot_be_read(tmp_path, monkeypatch):
+    """A run record without a reading this host can bridge (another boot) and a server that is down:
+    rotation is skipped with a warning, whatever the worker's clock says."""
+    import socket
+
+    from pgbeat.rotate import rotate_step
+    from pgbeat.run import StepContext, new_run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    for key in ("PGBEAT_CONFIG", "DB_NAME", "CELERY_BROKER_URL"):
+        monkeypatch.delenv(key, raising=False)
+    config = tmp_path / "pgbeat.yaml"
+    config.write_text(f"backup_root: {tmp_path / 'backups'}\ntimezone: UTC\ntargets:\n"
+                      f"  - {{name: erp, dbname: erp, host: 127.0.0.1, port: {port}, connect_timeout: 2}}\n")
+    monkeypatch.setenv("PGBEAT_CONFIG", str(config))
+    settings = load_settings(env_file=None)
+    old = daily_series(settings, "erp", 10)
+    run = new_run(settings, settings.target("erp"), "daily", now=NOW)
+    run.steps["dump"] = {"clock": {"server_time": NOW.isoformat(), "local_time": NOW.isoformat(),
+                                   "monotonic": 1.0, "boot_id": "another boot"}}
+    run = rotate_step(StepContext(settings, now=lambda: NOW + YEARS), run)
+    assert run.steps["rotate"]["removed"] == [] and all(p.exists() for p in old)
+    assert "nothing removed" in run.steps["rotate"]["errors"][0]
