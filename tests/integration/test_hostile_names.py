@@ -25,7 +25,8 @@ pytestmark = pytest.mark.integration
 # Pieces pg_dump's quoting and pgbeat's scanner must both survive, mixed with arbitrary text.
 FRAGMENTS = ['"', '""', ".", " ", "  ", "\n", "\r\n", "\t", "\\", "'", "''", "$$", "$_$", "--", "/*", "*/", ";", ",",
              "(", ")", "COPY public.x FROM stdin;", "\nCOPY public.x (a) FROM stdin;\n", "\n\\.\n", " FROM stdin;",
-             "\n-- PostgreSQL database dump complete\n", "é", "Ω", "😀", "Select", "user", "1st", "UPPER", "a$b"]
+             "\n-- PostgreSQL database dump complete\n", "é", "Ω", "😀", "Select", "user", "1st", "UPPER", "a$b", "%",
+             "%s"]
 identifiers = st.lists(
     st.one_of(st.sampled_from(FRAGMENTS),
               st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1, max_size=6)),
@@ -54,13 +55,13 @@ def create_tables(pg, db: str, specs, data) -> dict[str, int]:
             conn.execute(sql.SQL("CREATE TABLE {} ({})").format(qualified, sql.SQL(", ").join(
                 sql.SQL("{} text").format(sql.Identifier(c)) for c in columns)))
             for _ in range(rows):
-                if columns:
+                if columns:  # literals, not parameters: a `%` in a name would read as a placeholder
                     conn.execute(sql.SQL("INSERT INTO {} VALUES ({})").format(
-                        qualified, sql.SQL(", ").join(sql.Placeholder() * len(columns))),
-                        [data.draw(values) for _ in columns])
+                        qualified, sql.SQL(", ").join(sql.Literal(data.draw(values)) for _ in columns)))
                 else:
                     conn.execute(sql.SQL("INSERT INTO {} DEFAULT VALUES").format(qualified))
-            name = conn.execute("SELECT quote_ident(%s) || '.' || quote_ident(%s)", (schema, table)).fetchone()[0]
+            name = conn.execute(sql.SQL("SELECT quote_ident({}) || '.' || quote_ident({})").format(
+                sql.Literal(schema), sql.Literal(table))).fetchone()[0]
             expected[name] = rows
     return expected
 
