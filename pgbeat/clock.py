@@ -10,7 +10,6 @@ elapsed since (`server_now`), without asking the server again; `ask_server_time`
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import threading
 import time
@@ -22,8 +21,6 @@ from typing import Any
 from pgbeat.errors import PgbeatError
 from pgbeat.process import find_pg_binary
 from pgbeat.settings import Settings, Target
-
-log = logging.getLogger(__name__)
 
 # A worker this far from the server's clock gets a warning on its run (file names and logs use its clock).
 SKEW_WARNING = timedelta(minutes=5)
