@@ -3,7 +3,10 @@
 - much smaller than the previous backups of the same target and tier (a dump that silently lost a
   table: notes/peers.md, complaint 1), and tables that were in the previous backup but are gone;
 - much slower than usual;
-- BACKUP_ROOT running out of space.
+- BACKUP_ROOT running out of space;
+- the clock of the worker that made it far from the database server's (or the server's not read).
+
+"Previous" is by the one order of backups (`catalog.order_key`: the database server's clock).
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import shutil
 import statistics
 from pathlib import Path
 
-from pgbeat.catalog import Entry, list_backups
+from pgbeat.catalog import Entry, list_backups, order_key
+from pgbeat.clock import SKEW_WARNING
 from pgbeat.runlog import human_size
 from pgbeat.settings import MonitoringSpec, Settings
 
@@ -54,9 +58,29 @@ def comparison_warnings(current: Entry, previous: list[Entry], monitoring: Monit
     return warnings
 
 
-def backup_warnings(settings: Settings, current: Entry) -> list[str]:
+def clock_warnings(current: Entry) -> list[str]:
+    """Say when the worker's clock was far from the database server's as this backup was taken."""
     m = current.manifest
-    entries = list_backups(settings.backup_root, m.target, m.tier)
-    previous = [e for e in entries if e.manifest.started_at < m.started_at]
-    return comparison_warnings(current, previous, settings.monitoring) + disk_warnings(settings.backup_root,
-                                                                                        settings.monitoring)
+    if m.server_time is None:
+        return [f"the database server's clock was not read: {current.path.name} is dated by the clock of "
+                f"{m.node or 'its worker'}, which orders it among the others"]
+    if m.clock_skew_s is not None and abs(m.clock_skew_s) > SKEW_WARNING.total_seconds():
+        side = "ahead of" if m.clock_skew_s > 0 else "behind"
+        return [f"the clock of {m.node or 'the worker'} is {human_duration(abs(m.clock_skew_s))} {side} the "
+                f"database server's: the file name's stamp uses it, but the backup is dated and ordered by "
+                f"the server's clock ({m.server_time.isoformat()}); fix the host's time (NTP)"]
+    return []
+
+
+def human_duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} seconds"
+
+
+def backup_warnings(settings: Settings, current: Entry) -> list[str]:
+    entries = list_backups(settings.backup_root, current.manifest.target, current.manifest.tier)
+    previous = [e for e in entries if order_key(e) < order_key(current)]
+    return (comparison_warnings(current, previous, settings.monitoring) + clock_warnings(current)
+            + disk_warnings(settings.backup_root, settings.monitoring))

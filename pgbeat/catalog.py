@@ -3,28 +3,46 @@
 A backup `BACKUP_ROOT/<tier>/<target>_backup_<tier>_<YYYYMMDD_HHMMSS><ext>` has two sidecars:
 `<name>.manifest.json` (this module's `Manifest`) and `<name>.sha256` (`sha256sum -c` compatible).
 The manifest is what makes a file pgbeat's: rotation and listing ignore anything without one.
+
+A backup's point in time (`Manifest.taken_at`) is the database server's clock when its dump started, not
+the clock of the worker that ran it: "latest", retention and the freshness metrics all order backups by
+it (`order_key`, `newest`), so a worker whose clock is years off cannot make its backup "latest" forever
+or make rotation delete the others. A backup dated after "now" (beyond `FUTURE_TOLERANCE`) was made
+under a wrong clock: it is flagged, never "latest" while others exist, and never removed by age.
+
+A manifest carries a seal, the SHA-256 of its fields except the annotations pgbeat adds later
+(`UNSEALED`): verify, restore and drills refuse a manifest whose seal does not match (damaged or edited
+by hand), so they agree on what a damaged manifest means (pgBackRest seals its manifests the same way).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
-from datetime import datetime
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pgbeat.fsutil import write_atomic
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: sealed, with the server's clock; 1 (unsealed) is still read
+READABLE_VERSIONS = (1, MANIFEST_VERSION)
 MANIFEST_SUFFIX = ".manifest.json"
 CHECKSUM_SUFFIX = ".sha256"
 STAMP_FORMAT = "%Y%m%d_%H%M%S"
 NAME_RE = re.compile(r"^(?P<target>.+)_backup_(?P<tier>daily|weekly|monthly)_(?P<stamp>\d{8}_\d{6})(?P<ext>\..+)$")
+# A backup dated more than this after "now" was made under a wrong clock ("from the future").
+FUTURE_TOLERANCE = timedelta(minutes=5)
+# Fields pgbeat annotates after the verify step wrote the manifest, or that no check depends on: they
+# are outside the seal, so recording a drill or a copy never needs the rest to be re-proven.
+UNSEALED = frozenset({"seal", "run_id", "level", "server_version", "pg_dump_version", "database", "finished_at",
+                      "duration_s", "steps", "node", "slot", "copies", "drills", "warnings"})
 
 
 def extension(dump_format: str, codec: str) -> str:
@@ -87,7 +105,10 @@ class Manifest(BaseModel):
     pg_dump_version: str | None = None
     database: dict[str, Any] = Field(default_factory=dict, description="dbname, host, port (no secrets)")
     tables: dict[str, int] = Field(default_factory=dict, description="rows per table, counted from the dump")
-    started_at: datetime
+    started_at: datetime = Field(description="the run's start by the worker's clock (the file name's stamp)")
+    server_time: datetime | None = Field(None, description="the database server's clock when the dump started: "
+                                                           "the backup's point in time")
+    clock_skew_s: float | None = Field(None, description="the worker's clock minus the server's, at the dump")
     finished_at: datetime | None = None
     duration_s: float | None = None
     steps: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -97,6 +118,36 @@ class Manifest(BaseModel):
     drills: list[dict[str, Any]] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     encryption: dict[str, Any] | None = Field(None, description="age recipients and the plaintext's checksums")
+    seal: str | None = Field(None, description="SHA-256 of the sealed fields (all but UNSEALED)")
+
+    @property
+    def taken_at(self) -> datetime:
+        """The backup's point in time: the server's clock at the dump (old manifests: the worker's start)."""
+        return self.server_time or self.started_at
+
+    @property
+    def completed_at(self) -> datetime:
+        """When the backup was complete, by the server's clock where the worker's offset from it is known."""
+        end = self.finished_at or self.started_at
+        if self.server_time is not None and self.clock_skew_s is not None:
+            return end - timedelta(seconds=self.clock_skew_s)
+        return end
+
+    def computed_seal(self) -> str:
+        """Return the SHA-256 of the sealed fields, as canonical JSON."""
+        sealed = self.model_dump(mode="json", include=set(type(self).model_fields) - UNSEALED)
+        text = json.dumps(sealed, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def seal_problem(self) -> str | None:
+        """Return why this manifest's seal does not hold, or None (old, unsealed versions have none to hold)."""
+        if self.pgbeat_manifest < 2:
+            return None
+        if self.seal is None:
+            return "the manifest has no seal"
+        if self.seal != self.computed_seal():
+            return "the manifest does not match its seal: it was damaged or edited after the backup was verified"
+        return None
 
     def checksum_lines(self) -> str:
         """Return the `.sha256` file's text: `sha256sum -c` checks it from the backup's folder."""
@@ -105,7 +156,11 @@ class Manifest(BaseModel):
         return f"{self.sha256}  {self.file}\n"
 
 
-def write_manifest(path: Path, manifest: Manifest) -> None:
+def write_manifest(path: Path, manifest: Manifest, reseal: bool = True) -> None:
+    """Write `manifest` to `path` atomically, sealed afresh unless `reseal` is False."""
+    if reseal:
+        manifest.pgbeat_manifest = MANIFEST_VERSION
+        manifest.seal = manifest.computed_seal()
     write_atomic(path, manifest.model_dump_json(indent=2).encode() + b"\n")
 
 
@@ -121,8 +176,10 @@ def update_manifest(path: Path, change: Callable[[Manifest], None]) -> Manifest:
         manifest = read_manifest(path)
         if manifest is None:
             raise FileNotFoundError(f"no pgbeat manifest at {path}")
+        intact = manifest.pgbeat_manifest == MANIFEST_VERSION and manifest.seal_problem() is None
         change(manifest)
-        write_manifest(path, manifest)
+        # A damaged manifest keeps its broken seal: recording a drill must not launder the damage.
+        write_manifest(path, manifest, reseal=intact)
         return manifest
     finally:
         os.close(fd)
@@ -134,7 +191,8 @@ def read_manifest(path: Path) -> Manifest | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.get("pgbeat_manifest") != MANIFEST_VERSION:
+    if not isinstance(data, dict) or data.get("pgbeat_manifest") not in READABLE_VERSIONS \
+            or isinstance(data.get("pgbeat_manifest"), bool):
         return None
     try:
         return Manifest.model_validate(data)
@@ -184,6 +242,34 @@ class Entry(BaseModel):
         return self.manifest.status == "verified" and self.manifest.complete
 
 
+class Dated(Protocol):
+    """A local Entry or a destination's RemoteEntry: what ordering needs of a backup."""
+
+    path: Any
+    manifest: Manifest
+
+
+D = TypeVar("D", bound=Dated)
+
+
+def order_key(entry: Dated) -> tuple[datetime, str]:
+    """The one order of backups, oldest first: by point in time (the server's clock), then by name."""
+    return entry.manifest.taken_at, Path(entry.path).name
+
+
+def from_the_future(entry: Dated, now: datetime) -> bool:
+    """True when `entry` is dated after `now` by more than FUTURE_TOLERANCE (made under a wrong clock)."""
+    return entry.manifest.taken_at > now + FUTURE_TOLERANCE
+
+
+def newest(entries: Iterable[D], now: datetime) -> D | None:
+    """Given backups, return the newest by `order_key` that is not from the future at `now`: one dated in
+    the future is "latest" only when nothing else is there. None if there are none."""
+    ordered = sorted(entries, key=order_key)
+    settled = [e for e in ordered if not from_the_future(e, now)]
+    return (settled or ordered)[-1] if ordered else None
+
+
 def iter_manifests(backup_root: Path, tiers: tuple[str, ...] = ("daily", "weekly", "monthly")) -> Iterator[Entry]:
     """Yield an Entry per pgbeat manifest under the tier folders (whether or not its data file exists)."""
     for tier in tiers:
@@ -217,12 +303,12 @@ def iter_pre_restore(backup_root: Path) -> Iterator[Entry]:
 
 def list_backups(backup_root: Path, target: str | None = None, tier: str | None = None,
                  include_pre_restore: bool = False) -> list[Entry]:
-    """Return the backups on the shelf (data file present), oldest first."""
+    """Return the backups on the shelf (data file present), oldest first (`order_key`)."""
     found = list(iter_manifests(backup_root, (tier,) if tier else ("daily", "weekly", "monthly")))
     if include_pre_restore and tier is None:
         found += iter_pre_restore(backup_root)
     entries = [e for e in found if e.exists and (target is None or e.manifest.target == target)]
-    return sorted(entries, key=lambda e: (e.manifest.started_at, e.path.name))
+    return sorted(entries, key=order_key)
 
 
 def find_backup(path: Path) -> Entry | None:

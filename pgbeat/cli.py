@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pgbeat import errors
-from pgbeat.catalog import list_backups
+from pgbeat.catalog import list_backups, order_key
 from pgbeat.clitypes import (
     BackupFile,
     BackupLocation,
@@ -286,7 +286,7 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
         table.add_column(column)
     for e in entries:
         m = e.manifest
-        table.add_row(m.target, m.tier, local_time(settings, m.started_at), human_size(m.size),
+        table.add_row(m.target, m.tier, local_time(settings, m.taken_at), human_size(m.size),
                       f"{m.format}/{m.codec}{'+age' if m.encryption else ''}", m.status,
                       drill_summary(settings, m.drills), (m.sha256 or "")[:12], Path(e.path).name)
     out.print(table)
@@ -306,7 +306,7 @@ def destination_entries(settings: Settings, destination: str, target_name: str |
         storage = open_storage(target.destination(destination))
         for t in [tier] if tier else TIERS:
             entries += [e for e in remote_entries(settings, storage, destination, target.name, t) if e.exists]
-    return sorted(entries, key=lambda e: e.manifest.started_at)
+    return sorted(entries, key=order_key)
 
 
 def local_time(settings: Settings, when: datetime | str) -> str:
@@ -378,11 +378,12 @@ def scrub(settings: Settings, destination: str, deep: bool) -> int:
 @click.option("--now", "pretend_now", type=IsoTime(), hidden=True,
               help="Pretend it is this ISO time (tests, previews).")
 def rotate(target_name: str | None, tier: str | None, dry_run: bool, pretend_now: datetime | None) -> None:
-    """Apply each tier's retention to the local shelf (never below a tier's min_keep)."""
-    from pgbeat.rotate import rotate_target
+    """Apply each tier's retention to the local shelf (never below a tier's min_keep), at the database
+    server's time: a target whose server cannot be reached is skipped (exit 1), never rotated by this
+    host's clock alone."""
+    from pgbeat.rotate import future_warning, rotate_target, rotation_now
 
     settings = settings_or_exit(writes=not dry_run)
-    now = pretend_now or datetime.now(UTC)
     try:
         names = selected_targets(settings, target_name)
     except PgbeatError as exc:
@@ -390,7 +391,15 @@ def rotate(target_name: str | None, tier: str | None, dry_run: bool, pretend_now
     from pgbeat.rotate import rotate_destination
 
     verb = "would remove" if dry_run else "removed"
+    skipped = 0
     for name in names:
+        try:
+            now = pretend_now or rotation_now(settings, name)
+        except PgbeatError as exc:
+            err.print(f"{name}: not rotated, nothing removed: the database server's clock could not be read "
+                      f"({exc.message})", markup=False)
+            skipped += 1
+            continue
         for t in [tier] if tier else settings.target(name).enabled_tiers():
             for spec in settings.target(name).destinations:
                 try:
@@ -400,14 +409,19 @@ def rotate(target_name: str | None, tier: str | None, dry_run: bool, pretend_now
                     continue
                 for entry in remote.remove:
                     out.print(f"{name} {t}: {verb} {entry.path} at {spec.name}", markup=False)
+                for line in future_warning(remote, f" at {spec.name}"):
+                    err.print(f"warning: {line}", markup=False)
             plan = rotate_target(settings, name, t, now, dry_run=dry_run)
             for entry in plan.remove:
                 out.print(f"{name} {t}: {verb} {entry.path.name}", markup=False)
             for entry in plan.protected:
                 out.print(f"{name} {t}: kept {entry.path.name} (expired, but among the newest "
                           f"{settings.target(name).tiers[t].min_keep} verified)", markup=False)
-            out.print(f"{name} {t}: {len(plan.remove)} {verb}, {len(plan.keep) + len(plan.protected)} kept",
-                      markup=False)
+            for line in future_warning(plan):
+                err.print(f"warning: {line}", markup=False)
+            out.print(f"{name} {t}: {len(plan.remove)} {verb}, {plan.kept} kept", markup=False)
+    if skipped:
+        sys.exit(errors.EXIT_FAILED)
 
 
 # --- restore and drills ------------------------------------------------------------------------------
@@ -672,11 +686,15 @@ def status(as_json: bool) -> None:
         if attempt.get("status") == "failure":
             attempt_text = f"[red]failed at {attempt.get('step')}[/red]"
         warning = " [yellow]⚠ size[/yellow]" if t.size_anomaly else ""
+        warning += " [yellow]⚠ dated in the future[/yellow]" if t.future else ""
         table.add_row(t.target, t.tier, f"[{color}]{age_text(t.age_s)}[/{color}]{warning}", human_size(t.size),
                       f"{t.duration_s:.1f}s" if t.duration_s else "-",
                       ", ".join(f"{d} ({n})" for d, n in sorted(t.kept.items())) or "-", attempt_text,
                       local_time(settings, t.next_run))
     out.print(table)
+    for t in report.tiers:
+        for line in t.warnings[-1:] if t.future else []:  # the future-dated warning comes last
+            out.print(f"warning: {t.target} {t.tier}: {line}", markup=False)
     for d in report.drills:
         color = "green" if d.status == "passed" else "red"
         out.print(f"drill {d.target}: [{color}]{d.status}[/{color}] {local_time(settings, d.at)} on {d.backup} "

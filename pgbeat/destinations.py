@@ -26,6 +26,7 @@ from pgbeat.catalog import (
     checksum_path,
     list_backups,
     manifest_path,
+    order_key,
     parse_name,
     read_manifest,
     update_manifest,
@@ -175,7 +176,7 @@ def remote_entries(settings: Settings, storage: Storage, destination: str, targe
                 continue
             entries.append(RemoteEntry(path=f"{tier}/{data_name}", manifest=manifest, exists=data_name in listed,
                                        destination=destination))
-    return sorted(entries, key=lambda e: e.manifest.started_at)
+    return sorted(entries, key=order_key)
 
 
 def remove_remote(storage: Storage, entry: RemoteEntry) -> None:

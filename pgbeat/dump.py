@@ -19,6 +19,7 @@ from pathlib import Path
 
 from isal import isal_zlib
 
+from pgbeat.clock import SKEW_WARNING, PendingReading
 from pgbeat.compress import BLOCK, BlockWriter, write_block_index
 from pgbeat.errors import CancelledError, DumpError, PgbeatError, TransientDumpError
 from pgbeat.fsutil import disk_error, open_private, private_dir, remove_path, tree_size
@@ -130,10 +131,13 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
     started, t0 = ctx.now(), time.monotonic()
     scanner = DumpScanner() if target.format == "plain" else None
     crc = 0
-    proc = writer = None
+    proc = writer = reading = None
     try:
-        proc = Supervised(dump_argv(ctx.settings, target, output), env=env, cancel=ctx.cancel, name="pg_dump",
+        argv = dump_argv(ctx.settings, target, output)
+        proc = Supervised(argv, env=env, cancel=ctx.cancel, name="pg_dump",
                           stdout=subprocess.PIPE if scanner else subprocess.DEVNULL)
+        # The server's clock dates the backup; read beside pg_dump, so the dump never waits for it.
+        reading = PendingReading(ctx.settings, target, env, ctx.now, argv[0])
         if scanner is not None:
             widen_pipe(proc.stdout)
             try:
@@ -150,6 +154,7 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
                 raise disk_error(exc, output) from None
             scanner.finish()
         rc = proc.wait()
+        clock = reading.result()
         if ctx.cancel.is_set():
             raise CancelledError(f"Dump of {target.name} cancelled: {ctx.cancel.reason}", step="dump")
         if rc != 0:
@@ -163,6 +168,8 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
             writer.abort()
         if proc is not None:
             proc.stop()
+        if reading is not None:
+            reading.stop()
         remove_path(output)
         raise
     finally:
@@ -173,6 +180,14 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
         "duration_s": round(time.monotonic() - t0, 3), "pg_dump_version": pg_dump_version(ctx.settings),
         "warnings": proc.stderr_text()[-8:],
     }
+    if clock is not None:
+        info.update(server_time=clock.server_time, clock_skew_s=clock.skew_s, clock=clock.as_json())
+        if abs(clock.skew_s) > SKEW_WARNING.total_seconds():
+            log.warning("the clock of %s is %+.0f s off the database server's (%s)", ctx.settings.node,
+                        clock.skew_s, target.describe())
+    else:
+        info["clock_error"] = reading.error
+        log.warning("could not read the database server's clock for %s: %s", target.name, reading.error)
     if scanner is not None:
         info.update(raw_size=scanner.size, raw_crc32=f"{crc:08x}", tables=scanner.tables, complete=True,
                     server_version=scanner.server_version)

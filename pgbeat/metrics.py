@@ -8,6 +8,8 @@ Names (all gauges):
   pgbeat_backup_last_size_bytes{target,tier}
   pgbeat_backup_expected_interval_seconds{target,tier}   the tier's schedule period
   pgbeat_backup_size_anomaly{target,tier}                1 when the newest backup is suspiciously small
+  pgbeat_backups_future_dated{target,tier}               backups dated after the scrape (a wrong clock)
+  pgbeat_backup_last_clock_skew_seconds{target,tier}     the newest backup's worker clock minus the server's
   pgbeat_backups_kept{target,tier,destination}
   pgbeat_drill_last_timestamp_seconds{target}
   pgbeat_drill_last_status{target}                       1 = passed, 0 = failed
@@ -71,6 +73,9 @@ def families(report: StatusReport) -> Iterator[GaugeMetricFamily]:
     interval = gauge("pgbeat_backup_expected_interval_seconds", "Period of the tier's schedule.", tl)
     anomaly = gauge("pgbeat_backup_size_anomaly", "1 if the newest backup is much smaller than usual.", tl)
     kept = gauge("pgbeat_backups_kept", "Verified backups kept.", [*tl, "destination"])
+    future = gauge("pgbeat_backups_future_dated", "Backups dated after now (made under a wrong clock).", tl)
+    skew = gauge("pgbeat_backup_last_clock_skew_seconds",
+                 "Clock of the worker that made the newest backup minus the database server's.", tl)
     for t in report.tiers:
         labels = [t.target, t.tier]
         interval.add_metric(labels, t.interval_s)
@@ -84,7 +89,10 @@ def families(report: StatusReport) -> Iterator[GaugeMetricFamily]:
             status.add_metric(labels, 1.0 if t.last_attempt["status"] == "success" else 0.0)
         for destination, count in t.kept.items():
             kept.add_metric([*labels, destination], float(count))
-    yield from (success, attempt, status, duration, size, interval, anomaly, kept)
+        future.add_metric(labels, float(len(t.future)))
+        if t.clock_skew_s is not None:
+            skew.add_metric(labels, t.clock_skew_s)
+    yield from (success, attempt, status, duration, size, interval, anomaly, kept, future, skew)
 
     drill_at = gauge("pgbeat_drill_last_timestamp_seconds", "Time of the last restore drill.", ["target"])
     drill_status = gauge("pgbeat_drill_last_status", "1 if the last restore drill passed, 0 if not.", ["target"])

@@ -14,7 +14,6 @@ In this order:
 from __future__ import annotations
 
 import logging
-import re
 import subprocess
 import time
 import uuid
@@ -27,13 +26,14 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgbeat import runlog
+from pgbeat import runlog, sqlscan
 from pgbeat.catalog import (
     STAMP_FORMAT,
     Entry,
     checksum_path,
     list_backups,
     manifest_path,
+    newest,
 )
 from pgbeat.compress import CHUNK, codec_for_name, decompressing_reader
 from pgbeat.compress import compress_step as _compress
@@ -51,9 +51,8 @@ from pgbeat.verify import verify_step as _verify
 
 log = logging.getLogger(__name__)
 
-# A table name as pg_dump writes it: optionally schema-qualified, each part bare or double-quoted.
-_PART = r'(?:"(?:[^"]|"")*"|[A-Za-z_][A-Za-z0-9_$]*)'
-TABLE_NAME_RE = re.compile(rf"{_PART}(?:\.{_PART})?")
+# A table name as the manifest has it (as pg_dump wrote it): the scanner's own definition.
+TABLE_NAME_RE = sqlscan.TABLE_NAME_RE
 # GUCs whose value is a list: each element is quoted on its own when copying database settings.
 LIST_SETTINGS = {"search_path", "temp_tablespaces", "session_preload_libraries", "local_preload_libraries"}
 
@@ -95,18 +94,25 @@ class RestoreResult:
 
 
 def latest_backup(settings: Settings, target: str | None = None, tier: str | None = None) -> Entry:
-    """Return the newest verified backup on the local shelf of `target` (and `tier`)."""
+    """Return the newest verified backup on the local shelf of `target` (and `tier`), by the database
+    server's clock (`catalog.newest`: one dated in the future is chosen only when it is alone)."""
+    from pgbeat.clock import ask_server_time
+
     if target is None:
         if len(settings.targets) != 1:
             raise PgbeatError("--latest needs --target when several targets are configured",
                               hint=f"targets: {', '.join(sorted(settings.targets))}")
         target = next(iter(settings.targets))
-    settings.target(target)
+    config = settings.target(target)
     entries = [e for e in list_backups(settings.backup_root, target, tier) if e.verified]
     if not entries:
         raise PgbeatError(f"No verified backup of {target}{' (' + tier + ')' if tier else ''} "
                           f"in {settings.backup_root}")
-    return entries[-1]
+    try:
+        now = ask_server_time(config)  # the data's clock; this host's may be as wrong as a worker's
+    except PgbeatError:
+        now = datetime.now(UTC)
+    return newest(entries, now)
 
 
 def restore_target(settings: Settings, entry: Entry, target_name: str | None) -> Target:

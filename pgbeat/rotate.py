@@ -5,6 +5,11 @@ Rules (see notes/peers.md, complaint 2: retention that deletes the last good bac
 - the newest `min_keep` verified backups of the target/tier are never removed, however old, so a run
   of failed backups can never empty the shelf;
 - only files with a pgbeat manifest of that target and tier are considered: anything else is left alone;
+- ages are measured on the database server's clock: each backup is dated by the server's clock when its
+  dump started (`Manifest.taken_at`), and "now" is the server's (the run's own reading of it plus the
+  monotonic time elapsed since, or asked afresh), never only a worker's clock, which may be years off;
+- a backup dated in the future (made under a wrong clock) is never removed by age and does not count
+  towards the floor; it is flagged (`RotationPlan.future`) for a human to look at;
 - a clock moved backwards makes backups look younger, never older: nothing extra is removed.
 """
 
@@ -16,7 +21,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from pgbeat.catalog import Entry, checksum_path, iter_manifests, manifest_lock_path, manifest_path
+from pgbeat.catalog import (
+    Entry,
+    checksum_path,
+    from_the_future,
+    iter_manifests,
+    manifest_lock_path,
+    manifest_path,
+    order_key,
+)
+from pgbeat.clock import ask_server_time, server_now
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import remove_path
 from pgbeat.run import Run, StepContext
@@ -33,25 +47,50 @@ class RotationPlan:
     remove: list[Entry] = field(default_factory=list)
     protected: list[Entry] = field(default_factory=list, metadata={"doc": "expired but kept by min_keep"})
     orphans: list[Entry] = field(default_factory=list, metadata={"doc": "sidecars whose data file is gone"})
+    future: list[Entry] = field(default_factory=list, metadata={"doc": "dated after now: kept, flagged"})
+
+    @property
+    def kept(self) -> int:
+        return len(self.keep) + len(self.protected) + len(self.future)
 
 
 def plan_rotation(entries: list, policy: TierPolicy, now: datetime, target: str, tier: str) -> RotationPlan:
-    """Given one target/tier's backups (local Entries or RemoteEntries), decide what to keep at time `now`."""
+    """Given one target/tier's backups (local Entries or RemoteEntries) and the server's time `now`,
+    decide what to keep: see the module's rules."""
     plan = RotationPlan(target=target, tier=tier)
-    present = sorted((e for e in entries if e.exists), key=lambda e: e.manifest.started_at)
-    verified = [e for e in present if e.verified]
+    present = sorted((e for e in entries if e.exists), key=order_key)
+    plan.future = [e for e in present if from_the_future(e, now)]
+    settled = [e for e in present if not from_the_future(e, now)]
+    verified = [e for e in settled if e.verified]
     floor = {e.path for e in verified[-policy.min_keep:]} if policy.min_keep else set()
     cutoff = now - timedelta(days=policy.keep_days)
-    for entry in present:
-        expired = entry.manifest.started_at < cutoff
+    for entry in settled:
+        expired = entry.manifest.taken_at < cutoff
         if not expired:
             plan.keep.append(entry)
         elif entry.path in floor:
             plan.protected.append(entry)
         else:
             plan.remove.append(entry)
-    plan.orphans = [e for e in entries if not e.exists and e.manifest.started_at < cutoff]
+    plan.orphans = [e for e in entries if not e.exists and e.manifest.taken_at < cutoff]
     return plan
+
+
+def future_warning(plan: RotationPlan, where: str = "") -> list[str]:
+    """One line naming the backups of `plan` dated in the future, or none."""
+    if not plan.future:
+        return []
+    names = ", ".join(Path(e.path).name for e in plan.future[:5])
+    return [f"{len(plan.future)} {plan.target} {plan.tier} backup(s){where} are dated in the future by the database "
+            f"server's clock (made under a wrong clock): {names}; kept, never removed by age nor counted as "
+            "the newest: check them and remove them by hand"]
+
+
+def rotation_now(settings: Settings, target: str, reading: dict | None = None) -> datetime:
+    """The server's clock now, for rotating `target`: from a run's own `reading` of it while this host's
+    monotonic clock can bridge the time since, else asked of the server. Raise PgbeatError if it
+    cannot be reached (then nothing is removed: a worker's clock alone never decides an age)."""
+    return server_now(reading) or ask_server_time(settings.target(target))
 
 
 def remove_backup(entry: Entry) -> None:
@@ -91,20 +130,31 @@ def rotate_destination(settings: Settings, target: str, tier: str, destination: 
 
 
 def rotate_step(ctx: StepContext, run: Run) -> Run:
-    """Rotate the run's target/tier on the local shelf and on every destination, each by its own rules."""
+    """Rotate the run's target/tier on the local shelf and on every destination, each by its own rules,
+    at the server's time (never the worker's: see `rotation_now`)."""
     t0 = time.monotonic()
-    plan = rotate_target(ctx.settings, run.target, run.tier, ctx.now())
+    try:
+        now = rotation_now(ctx.settings, run.target, run.step("dump").get("clock"))
+    except PgbeatError as exc:
+        run.steps["rotate"] = {"removed": [], "removed_by_destination": {}, "kept": None, "protected": [],
+                               "future": [], "errors": [f"rotation skipped, nothing removed: the database "
+                                                        f"server's clock could not be read ({exc.message})"],
+                               "duration_s": round(time.monotonic() - t0, 3)}
+        return run
+    plan = rotate_target(ctx.settings, run.target, run.tier, now)
     removed = {"local": [e.path.name for e in plan.remove]}
-    errors = []
+    errors = future_warning(plan)
     for spec in ctx.target(run).destinations:
         try:
-            remote = rotate_destination(ctx.settings, run.target, run.tier, spec.name, ctx.now())
+            remote = rotate_destination(ctx.settings, run.target, run.tier, spec.name, now)
             removed[spec.name] = [Path(e.path).name for e in remote.remove]
+            errors += future_warning(remote, f" at {spec.name}")
         except PgbeatError as exc:  # a destination that is down: rotate it next time, say so now
             errors.append(f"rotation of {spec.name} failed: {exc.message}")
     run.steps["rotate"] = {
         "removed": removed["local"], "removed_by_destination": removed, "errors": errors,
-        "kept": len(plan.keep) + len(plan.protected), "protected": [e.path.name for e in plan.protected],
+        "kept": plan.kept, "protected": [e.path.name for e in plan.protected],
+        "future": [e.path.name for e in plan.future], "server_now": now.isoformat(),
         "duration_s": round(time.monotonic() - t0, 3),
     }
     return run

@@ -1,7 +1,9 @@
 """What `pgbeat status` and `/metrics` report, computed from the manifests and the attempts record.
 
 Everything comes from files under BACKUP_ROOT, so the figures are right whichever worker ran a backup
-and survive restarts of any process: the seed's `ls -lt`, `du -sh` and `df -h` in one place.
+and survive restarts of any process: the seed's `ls -lt`, `du -sh` and `df -h` in one place. Backups
+are ordered and dated by the database server's clock (`Manifest.taken_at`, `completed_at`), so a worker
+whose clock was wrong cannot make its backup the "last success"; one dated after `now` is flagged.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pgbeat.catalog import Entry, list_backups, read_attempts
+from pgbeat.catalog import Entry, from_the_future, list_backups, newest, read_attempts
 from pgbeat.schedule import min_interval, next_runs
 from pgbeat.settings import Settings
 
@@ -37,7 +39,9 @@ class TierStatus:
     kept: dict[str, int] = field(default_factory=dict)  # backups kept per destination
     copies: list[str] = field(default_factory=list)  # destinations holding the newest backup
     last_attempt: dict[str, Any] | None = None
-    warnings: list[str] = field(default_factory=list)  # of the newest backup
+    warnings: list[str] = field(default_factory=list)  # of the newest backup, and about clocks
+    future: list[str] = field(default_factory=list)  # backups dated after `now` (made under a wrong clock)
+    clock_skew_s: float | None = None  # the newest backup's worker clock minus the server's
 
     @property
     def size_anomaly(self) -> bool:
@@ -93,15 +97,21 @@ def tier_status(settings: Settings, target: str, tier: str, entries: list[Entry]
     for entry in verified:
         for destination in entry.manifest.copies or {"local": {}}:
             status.kept[destination] = status.kept.get(destination, 0) + 1
-    if verified:
-        newest = verified[-1].manifest
-        finished = newest.finished_at or newest.started_at
+    status.future = [e.path.name for e in entries if from_the_future(e, now)]
+    last = newest(verified, now)
+    if last is not None:
+        m = last.manifest
+        finished = m.completed_at
         status.last_success_at = finished.isoformat()
-        status.last_success_file = verified[-1].path.name
-        status.size, status.duration_s, status.warnings = newest.size, newest.duration_s, list(newest.warnings)
-        status.copies = sorted(newest.copies or {"local": {}})
+        status.last_success_file = last.path.name
+        status.size, status.duration_s, status.warnings = m.size, m.duration_s, list(m.warnings)
+        status.copies = sorted(m.copies or {"local": {}})
+        status.clock_skew_s = m.clock_skew_s
         status.age_s = max(0.0, (now - finished).total_seconds())
         status.overdue = status.age_s > OVERDUE_FACTOR * status.interval_s
+    if status.future:
+        status.warnings.append(f"{len(status.future)} backup(s) dated in the future (made under a wrong clock; "
+                               f"never the last success, never removed by age): {', '.join(status.future[:5])}")
     return status
 
 

@@ -237,7 +237,8 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
         pg_dump_version=dump.get("pg_dump_version"),
         database={"dbname": target.dbname, "host": target.host, "port": target.port},
         tables=dump.get("tables") or result.get("tables") or {},
-        started_at=run.started_at, finished_at=finished,
+        started_at=run.started_at, server_time=dump.get("server_time"), clock_skew_s=dump.get("clock_skew_s"),
+        finished_at=finished,
         duration_s=round((finished - run.started_at).total_seconds(), 3),
         steps={name: {k: v for k, v in info.items()
                       if k in ("started_at", "duration_s", "size", "ratio", "passthrough")}
@@ -288,11 +289,14 @@ def plaintext_problems(result: dict[str, Any], manifest: Manifest) -> list[str]:
         problems.append("the dump lacks pg_dump's closing 'dump complete' line (truncated)")
     if manifest.raw_crc32 and result.get("raw_crc32") != manifest.raw_crc32:
         problems.append("decompressed content does not match what pg_dump wrote (CRC-32)")
+    if manifest.raw_size is not None and result.get("raw_size") not in (None, manifest.raw_size):
+        problems.append(f"decompressed size {result['raw_size']} does not match the manifest's {manifest.raw_size}")
     return problems
 
 
 def open_backup(path: Path) -> Entry:
-    """Return the backup at `path` with its manifest, or raise VerifyError saying why it is not one."""
+    """Return the backup at `path` with its manifest; raise VerifyError if it is not one or its manifest is
+    damaged (its seal does not match)."""
     path = path.expanduser()
     if not path.exists():
         raise VerifyError(f"{path}: no such file", hint="give the path of a backup, e.g. from `pgbeat list`")
@@ -300,6 +304,12 @@ def open_backup(path: Path) -> Entry:
     if entry is None:
         raise VerifyError(f"{path} is not a pgbeat backup: no manifest {manifest_path(path).name} next to it",
                           hint="pgbeat works with backups it made; for a foreign .sql.gz use gzip -t and psql")
+    damaged = entry.manifest.seal_problem()
+    if damaged:  # nothing it says can be trusted (not even which target it restores into): stop here
+        raise VerifyError(f"{path.name} failed verification", step="verify",
+                          details=[f"{manifest_path(entry.path).name}: {damaged}"],
+                          hint="do not restore from this file; use a remote copy (with its own manifest) or "
+                               "another backup")
     return entry
 
 
@@ -315,6 +325,9 @@ def verify_backup(path: Path, settings: Settings, identities: list | None = None
     """
     entry = open_backup(path)
     manifest = entry.manifest
+    # The stored bytes hashing to the manifest's checksums proves them the verified file only when the
+    # manifest itself is proven (sealed); an old, unsealed manifest gets the full check.
+    checksums_only = checksums_only and manifest.seal is not None
     codec = manifest.codec if manifest.format == "plain" else codec_for_name(path.name)
     if checksums_only or manifest.encryption:
         result = folder_digests(entry.path) if manifest.files else file_digests(entry.path)
@@ -326,14 +339,17 @@ def verify_backup(path: Path, settings: Settings, identities: list | None = None
         result = check_backup(entry.path, manifest.format, codec, settings)
         problems = stored_problems(result, manifest) + plaintext_problems(result, manifest)
     sums_file = checksum_path(entry.path)
-    if sums_file.exists():
+    try:
         sums = read_checksum_file(sums_file)
+    except FileNotFoundError:
+        problems.append(f"{sums_file.name} is missing")
+    except (OSError, UnicodeDecodeError):
+        problems.append(f"{sums_file.name} is not a readable sha256sum file")
+    else:
         listed = {f"{manifest.file}/{f['name']}": f["sha256"] for f in result.get("files", [])} or \
             {manifest.file: result.get("sha256")}
         if any(sums.get(name) != digest for name, digest in listed.items()):
             problems.append(f"{sums_file.name} does not match the file's SHA-256")
-    else:
-        problems.append(f"{sums_file.name} is missing")
     if problems:
         raise VerifyError(f"{path.name} failed verification", step="verify", details=problems,
                           hint="do not restore from this file; use an older backup or a remote copy")

@@ -308,3 +308,24 @@ def table_locked(pg, db: str, seconds: float = 60):
     finally:
         release_lock(pg, db)
         locker.wait(30)
+
+
+def run_cli(service: Service, *args: str):
+    """Run `pgbeat ARGS` for `service` in this process (click's runner: exit code and output without an
+    interpreter's start-up), with its environment and working directory and the settings loaded afresh,
+    as a new process would; return click's Result."""
+    from click.testing import CliRunner
+
+    from pgbeat.cli import main
+    from pgbeat.settings import get_settings
+
+    env = service.env()
+    before = Path.cwd()
+    get_settings.cache_clear()
+    os.chdir(service.cwd)
+    try:
+        return CliRunner().invoke(main, list(args), catch_exceptions=False,
+                                  env={**dict.fromkeys(os.environ), **env})
+    finally:
+        os.chdir(before)
+        get_settings.cache_clear()

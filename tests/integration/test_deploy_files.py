@@ -40,6 +40,8 @@ PGBEAT_METRICS = frozenset({
     "pgbeat_backup_expected_interval_seconds",
     "pgbeat_backup_size_anomaly",
     "pgbeat_backups_kept",
+    "pgbeat_backups_future_dated",
+    "pgbeat_backup_last_clock_skew_seconds",
     "pgbeat_drill_last_timestamp_seconds",
     "pgbeat_drill_last_status",
     "pgbeat_drill_last_duration_seconds",

@@ -125,7 +125,10 @@ def test_damaged_backup_is_refused_before_anything_changes(workdir, pg, erp, dam
 
 
 def rewrite_backup(path: Path, sql_text: bytes) -> None:
-    """Replace a plain backup's content and update its manifest and .sha256 so it passes integrity checks."""
+    """Replace a plain backup's content and update its manifest (sealed again, as pgbeat writes it) and
+    .sha256 so it passes integrity checks."""
+    from pgbeat.catalog import Manifest, write_manifest
+
     compressed = gzip.compress(sql_text)
     path.write_bytes(compressed)
     manifest_file = path.with_name(path.name + ".manifest.json")
@@ -133,7 +136,7 @@ def rewrite_backup(path: Path, sql_text: bytes) -> None:
     manifest.update(size=len(compressed), sha256=hashlib.sha256(compressed).hexdigest(),
                     md5=hashlib.md5(compressed).hexdigest(), raw_size=len(sql_text),
                     raw_crc32=f"{zlib.crc32(sql_text):08x}")
-    manifest_file.write_text(json.dumps(manifest))
+    write_manifest(manifest_file, Manifest.model_validate(manifest))
     path.with_name(path.name + ".sha256").write_text(f"{manifest['sha256']}  {path.name}\n")
 
 

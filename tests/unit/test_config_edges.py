@@ -457,7 +457,8 @@ def test_whatever_config_check_accepts_works_in_every_computation(tmp_path_facto
     for now in (datetime.now(UTC), EARLIEST_TIME, LATEST_TIME - timedelta(seconds=1)):
         for name, target in settings_.targets.items():
             for tier, policy in target.tiers.items():
-                entries = [FakeEntry(Path(f"{name}_{n}"), types.SimpleNamespace(started_at=now - timedelta(days=d)))
+                entries = [FakeEntry(Path(f"{name}_{n}"), types.SimpleNamespace(
+                    started_at=now - timedelta(days=d), taken_at=now - timedelta(days=d)))
                            for n, d in enumerate((0, 1, 400, 36_000))]
                 plan = plan_rotation(entries, policy, now, name, tier)
                 assert len(plan.keep) + len(plan.remove) + len(plan.protected) == len(entries)

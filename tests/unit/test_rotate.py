@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from pgbeat.catalog import Manifest, backup_name, checksum_path, manifest_path, write_manifest
-from pgbeat.rotate import rotate_target
-from pgbeat.settings import load_settings
+from pgbeat.rotate import future_warning, plan_rotation, rotate_target
+from pgbeat.settings import TierPolicy, load_settings
 
 NOW = datetime(2025, 11, 19, 2, 0, 30, tzinfo=UTC)
 
@@ -126,3 +127,117 @@ def test_orphan_sidecars_of_expired_backups_are_cleaned(settings):
     path.unlink()  # a crash between publishing the sidecars and the data file
     rotate_target(settings, "erp", "daily", NOW)
     assert not manifest_path(path).exists() and not checksum_path(path).exists()
+
+
+# --- skewed clocks (issue 11, promise 4): ages and the floor come from the database server's clock -----
+
+YEARS = timedelta(days=5 * 365)
+
+
+@dataclass
+class Shelved:
+    """A backup as plan_rotation sees one (a local Entry or a RemoteEntry), without files."""
+
+    path: str
+    manifest: Manifest
+    exists: bool = True
+
+    @property
+    def verified(self) -> bool:
+        return self.manifest.status == "verified" and self.manifest.complete
+
+
+def shelved(name: str, server: datetime | None, worker: datetime | None = None, status: str = "verified") -> Shelved:
+    """A backup whose dump started at `server` by the server's clock, run by a worker whose clock said
+    `worker` (default: the same); `server=None` is an old manifest that knows only the worker's clock."""
+    worker = worker or server
+    return Shelved(name, Manifest(run_id=name, target="erp", tier="daily", file=name, format="plain", codec="gzip",
+                                  size=1, sha256="0" * 64, complete=status == "verified", status=status,
+                                  started_at=worker, server_time=server,
+                                  clock_skew_s=None if server is None else (worker - server).total_seconds()))
+
+
+POLICY = TierPolicy(enabled=True, schedule="0 2 * * *", keep_days=7, min_keep=1)
+
+
+def plan(entries, now=NOW, policy=POLICY):
+    return plan_rotation(entries, policy, now, "erp", "daily")
+
+
+def paths(entries) -> list[str]:
+    return [e.path for e in entries]
+
+
+def test_a_backup_from_a_worker_years_ahead_is_aged_by_the_server_clock():
+    old = shelved("old", NOW - timedelta(days=40), worker=NOW - timedelta(days=40) + YEARS)
+    expired = shelved("expired", NOW - timedelta(days=20))
+    fresh = shelved("fresh", NOW - timedelta(days=1))
+    result = plan([fresh, old, expired])
+    assert paths(result.remove) == ["old", "expired"] and paths(result.keep) == ["fresh"]
+    assert result.future == []
+
+
+def test_a_backup_from_a_worker_years_behind_is_not_removed_as_ancient():
+    behind = shelved("behind", NOW - timedelta(hours=1), worker=NOW - timedelta(hours=1) - YEARS)
+    result = plan([shelved("older", NOW - timedelta(days=2)), behind])
+    assert result.remove == [] and paths(result.keep) == ["older", "behind"]
+
+
+def test_the_floor_is_the_newest_by_the_server_clock():
+    """All expired: min_keep keeps the newest by the server's clock, whatever the workers' clocks said."""
+    entries = [shelved(f"b{d}", NOW - timedelta(days=30 + d), worker=NOW - timedelta(days=30 - 3 * d))
+               for d in range(4)]  # worker clocks in the opposite order
+    result = plan(entries, policy=POLICY.model_copy(update={"min_keep": 2}))
+    assert paths(result.protected) == ["b1", "b0"] and paths(result.remove) == ["b3", "b2"]
+
+
+def test_a_backup_dated_in_the_future_is_kept_flagged_and_never_the_floor():
+    """An old manifest stamped by a clock years ahead: never removed by age, not counted towards min_keep
+    (so the real newest backup stays protected), flagged."""
+    future = shelved("future", None, worker=NOW + YEARS)
+    older, newer = shelved("older", NOW - timedelta(days=30)), shelved("newer", NOW - timedelta(days=20))
+    result = plan([future, older, newer])
+    assert paths(result.future) == ["future"] and future not in result.remove
+    assert paths(result.protected) == ["newer"] and paths(result.remove) == ["older"]
+    assert result.kept == 2 and "dated in the future" in future_warning(result)[0]
+
+
+def test_within_the_tolerance_is_not_the_future():
+    """A few seconds of drift between hosts is not a wrong clock."""
+    result = plan([shelved("now", NOW + timedelta(seconds=30))])
+    assert result.future == [] and paths(result.keep) == ["now"]
+
+
+def test_newest_skips_the_future_unless_it_is_alone():
+    from pgbeat.catalog import newest
+
+    future, real = shelved("future", None, worker=NOW + YEARS), shelved("real", NOW - timedelta(days=3))
+    assert newest([future, real], NOW) is real
+    assert newest([future], NOW) is future and newest([], NOW) is None
+
+
+def test_the_rotate_step_removes_nothing_when_the_server_clock_cannot_be_read(tmp_path, monkeypatch):
+    """A run record without a reading this host can bridge (another boot) and a server that is down:
+    rotation is skipped with a warning, whatever the worker's clock says."""
+    import socket
+
+    from pgbeat.rotate import rotate_step
+    from pgbeat.run import StepContext, new_run
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    for key in ("PGBEAT_CONFIG", "DB_NAME", "CELERY_BROKER_URL"):
+        monkeypatch.delenv(key, raising=False)
+    config = tmp_path / "pgbeat.yaml"
+    config.write_text(f"backup_root: {tmp_path / 'backups'}\ntimezone: UTC\ntargets:\n"
+                      f"  - {{name: erp, dbname: erp, host: 127.0.0.1, port: {port}, connect_timeout: 2}}\n")
+    monkeypatch.setenv("PGBEAT_CONFIG", str(config))
+    settings = load_settings(env_file=None)
+    old = daily_series(settings, "erp", 10)
+    run = new_run(settings, settings.target("erp"), "daily", now=NOW)
+    run.steps["dump"] = {"clock": {"server_time": NOW.isoformat(), "local_time": NOW.isoformat(),
+                                   "monotonic": 1.0, "boot_id": "another boot"}}
+    run = rotate_step(StepContext(settings, now=lambda: NOW + YEARS), run)
+    assert run.steps["rotate"]["removed"] == [] and all(p.exists() for p in old)
+    assert "nothing removed" in run.steps["rotate"]["errors"][0]
