@@ -35,9 +35,10 @@ def worker_heartbeat(settings: Settings) -> tuple[float, float]:
     return max(ttl / 3, 0.5), 2.0 * ttl
 
 
-# Never redelivered: a restore interrupted by a dying worker leaves the database as it was, and a
-# person, not a broker, decides whether to run it again.
-@shared_task(name="tasks.restore", bind=True, acks_late=False)
+# Never redelivered nor retried (the app's task_retry_on_worker_lost would send it again 180 s after its
+# pool process died): a restore interrupted by a dying worker leaves the database as it was, and a person,
+# not a broker, decides whether to run it again. Celery then marks it failed, which `follow` sees at once.
+@shared_task(name="tasks.restore", bind=True, acks_late=False, retry_on_worker_lost=False)
 def restore(self, path: str, target: str, into: str | None = None, jobs: int = 2) -> dict:
     """Restore `path` into `target` (or database `into`), reporting each stage in the run state."""
     settings = get_settings()
