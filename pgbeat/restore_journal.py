@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel, ValidationError
 
 from pgbeat import faults
+from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import FILE_MODE, private_dir, remove_path, write_atomic
 
 if TYPE_CHECKING:
@@ -255,7 +256,9 @@ def settle(server: Target, record: JournalRecord) -> list[str]:
 
     Renames committed: drop the retired copy (the original, recognised by its OID). Not committed: drop
     the temporary or scratch database (its name is the run's own). Only databases the journal names are
-    ever dropped. Raise PgbeatError if the server cannot be reached (the journal is then kept).
+    ever dropped, and the retired original only once the restored copy holds its name. Raise PgbeatError
+    if the server cannot be reached, or if the database was dropped or replaced by someone else while its
+    original is retired (the journal is then kept, and says so at every run until a person decides).
     """
     from pgbeat.pgclient import MAINTENANCE_DB, connect
 
@@ -263,18 +266,24 @@ def settle(server: Target, record: JournalRecord) -> list[str]:
     who = f"{record.kind} {record.id} (pid {record.pid} on {record.node}, phase {record.phase})"
     with connect(server, MAINTENANCE_DB) as conn:
         conn.execute("SET lock_timeout = '30s'")
-        if swap_committed(conn, record):
-            if record.retired and database_oid(conn, record.retired) == record.database_oid:
-                drop_database(conn, record.retired)
-                done.append(f"finished {who}: the restored copy was already in place as {record.database!r}; "
-                            f"dropped the retired original {record.retired!r}")
-        else:
-            temporary_oid = database_oid(conn, record.temporary)
-            if temporary_oid is not None and record.temporary_oid in (None, temporary_oid):
-                drop_database(conn, record.temporary)
-                what = "scratch" if record.kind == "drill" else "temporary"
-                kept = f"; {record.database!r} was left as it was" if record.database else ""
-                done.append(f"undid {who}: dropped its {what} database {record.temporary!r}{kept}")
+        committed = swap_committed(conn, record)
+        retired_oid = database_oid(conn, record.retired) if record.retired else None
+        if committed and retired_oid is not None and retired_oid == record.database_oid:
+            drop_database(conn, record.retired)
+            done.append(f"finished {who}: the restored copy was already in place as {record.database!r}; "
+                        f"dropped the retired original {record.retired!r}")
+        elif retired_oid is not None:
+            # The original under its retired name while the database it was swapped for is gone or another:
+            # someone dropped or replaced it meanwhile. Never drop what may be the only copy of the original.
+            raise PgbeatError(f"{who}: the retired original {record.retired!r} was kept, because {record.database!r} "
+                              "was dropped or replaced by someone else meanwhile",
+                              hint=f"rename {record.retired!r} back, or drop it if it is not needed")
+        temporary_oid = database_oid(conn, record.temporary)
+        if not committed and temporary_oid is not None and record.temporary_oid in (None, temporary_oid):
+            drop_database(conn, record.temporary)
+            what = "scratch" if record.kind == "drill" else "temporary"
+            kept = f"; {record.database!r} was left as it was" if record.database else ""
+            done.append(f"undid {who}: dropped its {what} database {record.temporary!r}{kept}")
     for folder in record.work:
         if Path(folder).exists():
             remove_path(Path(folder))
@@ -288,8 +297,18 @@ def server_of(settings: Settings, record: JournalRecord) -> Target:
 
 
 def _lock_if_dead(lock_path: Path) -> int | None:
-    """Return a descriptor holding the run's flock if its process is gone, None while it is alive."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+    """Return a descriptor holding the run's flock if its process is gone, None while it is alive (or
+    when its journal was settled meanwhile)."""
+    cloexec = getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | cloexec)
+    except FileNotFoundError:  # settled by another process just now, or a journal whose lock file was removed
+        if not lock_path.with_suffix(".json").exists():
+            return None
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | cloexec, FILE_MODE)
+        except FileExistsError:
+            return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -304,8 +323,6 @@ def recover_restores(settings: Settings) -> list[str]:
     Cheap when there is nothing to do (one directory listing). A journal whose server cannot be reached,
     or whose target is gone from the configuration, is kept and reported, to be settled by a later run.
     """
-    from pgbeat.errors import PgbeatError
-
     folder = journal_dir(settings)
     if not folder.is_dir():
         return []
@@ -317,8 +334,9 @@ def recover_restores(settings: Settings) -> list[str]:
         try:
             try:
                 record = JournalRecord.model_validate_json(path.read_bytes())
-            except FileNotFoundError:
-                continue  # settled by another process meanwhile
+            except FileNotFoundError:  # settled by another process meanwhile
+                path.with_suffix(".lock").unlink(missing_ok=True)
+                continue
             except (ValidationError, OSError) as exc:
                 done.append(f"cannot read restore journal {path}: {exc}; left in place")
                 continue
