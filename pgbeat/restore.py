@@ -452,14 +452,17 @@ def missing_rights(conn: psycopg.Connection, database: str | None, like: Databas
     def has_role(role: str, how: str) -> bool:
         return conn.execute("SELECT pg_has_role(%s, %s)", (role, how)).fetchone()[0]
 
+    def quoted(name: str) -> str:  # as a DBA would type it in the GRANT: quoted only where needed
+        return conn.execute("SELECT quote_ident(%s)", (name,)).fetchone()[0]
+
     problems = []
-    who = ident(user).as_string(conn)
+    who = quoted(user)
     if not createdb:
         problems.append(f"CREATEDB, to create the {'temporary' if like else 'new'} database: "
                         f"ALTER ROLE {who} CREATEDB;")
     if like is None:
         return problems
-    db, owner = ident(database).as_string(conn), ident(like.owner).as_string(conn)
+    db, owner = quoted(database), quoted(like.owner)
     if not has_role(like.owner, "USAGE"):
         problems.append(f"ownership of database {db} (owned by {owner}), to rename and drop it: "
                         f"GRANT {owner} TO {who}; (or ALTER DATABASE {db} OWNER TO {who};)")
@@ -467,7 +470,7 @@ def missing_rights(conn: psycopg.Connection, database: str | None, like: Databas
         problems.append(f"membership in {owner}, to create the copy owned by it: GRANT {owner} TO {who};")
     if like.tablespace != "pg_default" and not conn.execute(
             "SELECT has_tablespace_privilege(%s, 'CREATE')", (like.tablespace,)).fetchone()[0]:
-        space = ident(like.tablespace).as_string(conn)
+        space = quoted(like.tablespace)
         problems.append(f"CREATE on tablespace {space}, where the database lives: "
                         f"GRANT CREATE ON TABLESPACE {space} TO {who};")
     signal_backend = has_role("pg_signal_backend", "USAGE")
@@ -475,10 +478,10 @@ def missing_rights(conn: psycopg.Connection, database: str | None, like: Databas
             "SELECT DISTINCT r.rolname, r.rolsuper FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid "
             "WHERE a.datid = %s AND a.pid <> pg_backend_pid()", (like.oid,)):
         if role_super:
-            problems.append(f"superuser, to terminate the session(s) of superuser {ident(role).as_string(conn)} "
+            problems.append(f"superuser, to terminate the session(s) of superuser {quoted(role)} "
                             f"connected to {db}: close them, or restore as a superuser")
         elif not (signal_backend or has_role(role, "USAGE")):
-            problems.append(f"the right to terminate the session(s) of {ident(role).as_string(conn)} connected to "
+            problems.append(f"the right to terminate the session(s) of {quoted(role)} connected to "
                             f"{db}: GRANT pg_signal_backend TO {who};")
     for role, items in like.settings:
         for item in items:
@@ -490,18 +493,18 @@ def missing_rights(conn: psycopg.Connection, database: str | None, like: Databas
                 problems.append(f"the right to set {name} (a superuser parameter) in {db}'s settings: {grant}")
         if role is None or role == user:
             continue
-        quoted = ident(role).as_string(conn)
+        them = quoted(role)
         if conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,)).fetchone()[0]:
-            problems.append(f"superuser, to copy the settings of superuser {quoted} in {db}: restore as a superuser")
+            problems.append(f"superuser, to copy the settings of superuser {them} in {db}: restore as a superuser")
         elif not createrole or (version >= 160000 and not has_role(role, "MEMBER WITH ADMIN OPTION")):
-            grant = f"ALTER ROLE {who} CREATEROLE;" + (f" GRANT {quoted} TO {who} WITH ADMIN OPTION;"
+            grant = f"ALTER ROLE {who} CREATEROLE;" + (f" GRANT {them} TO {who} WITH ADMIN OPTION;"
                                                        if version >= 160000 else "")
-            problems.append(f"the right to copy the settings of role {quoted} in {db} (ALTER ROLE ... IN DATABASE): "
+            problems.append(f"the right to copy the settings of role {them} in {db} (ALTER ROLE ... IN DATABASE): "
                             f"{grant}")
     for grantor in sorted({item.grantor for item in like.acl or ()} - {like.owner, user}):
-        quoted = ident(grantor).as_string(conn)
+        them = quoted(grantor)
         if not has_role(grantor, can_set):
-            problems.append(f"membership in {quoted}, to copy the grants it made on {db}: GRANT {quoted} TO {who};")
+            problems.append(f"membership in {them}, to copy the grants it made on {db}: GRANT {them} TO {who};")
     return problems
 
 
@@ -815,6 +818,7 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
                                     temporary=temporary, phase="safety", backup=str(stored.path), database=database,
                                     retired=retired, work=folders)
             begun = True
+            logline(f"Banco temporário: {temporary}; diário {journal.path}")
             fault_point(SAFETY.start)
             safety_path = None
             if exists and safety:
