@@ -28,9 +28,8 @@ import pgbeat.drill  # declares the drill's fault points
 import pgbeat.restore  # noqa: F401  (declares the restore's fault points)
 from pgbeat import faults
 from pgbeat.fsutil import private_dir
-from pgbeat.restore import RESTORE_LOCK_CLASS
 from tests.conftest import unique
-from tests.support import VENV_BIN, Service, Worker, table_locked, wait_for
+from tests.support import VENV_BIN, Service, Worker, pg_dump_processes, table_locked, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -422,9 +421,7 @@ def test_two_restores_of_one_database(pg, source, workdir):
         with table_locked(pg, db):  # the first one's safety backup waits for this lock, holding the restore lock
             restoring = subprocess.Popen([str(VENV_BIN / "pgbeat"), "restore", str(backup), "--yes"], cwd=first.cwd,
                                          env=first.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            wait_for(lambda: query(pg, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                                       "AND classid = %s", params=(RESTORE_LOCK_CLASS,))[0][0] == 1, 30,
-                     what="the restore lock")
+            wait_for(lambda: pg_dump_processes(db), 30, what="the first restore's safety backup")
             refused = second.pgbeat("restore", str(backup), "--yes", timeout=60)
             assert refused.returncode == 4, refused.stdout + refused.stderr
             assert f"Another restore of database '{db}'" in refused.stderr
