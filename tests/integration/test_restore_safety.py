@@ -439,10 +439,10 @@ def test_reserved_databases_are_refused_before_anything(pg, source, workdir):
     service = Service(workdir, None, [pg.target("erp", source.db)])
     backup = shelf_copy(source.backup, service)
     template1 = pg.dump_text("template1")
-    for name in ("postgres", "template0", "template1", " "):
+    for name in ("postgres", "template0", "template1", " "):  # a blank name may be refused by --into's type
         result = service.pgbeat("restore", str(backup), "--into", name, "--yes")
         assert result.returncode == 2, (name, result.stdout + result.stderr)
-        assert "Refusing to restore into" in result.stderr and "Traceback" not in result.stderr
+        assert "Traceback" not in result.stderr and (name == " " or "Refusing to restore into" in result.stderr)
     assert not list(service.backup_root.glob("pre_restore_*")) and journals(service) == []
     assert pg.dump_text("template1") == template1 and leftover_databases(pg, "pgbeat_restore") == []
 
