@@ -130,11 +130,12 @@ def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
                 with connect(server, MAINTENANCE_DB) as admin:
                     check_rights(admin, None, None, "create a scratch database for the drill", result.server)
                 journal = Journal.begin(settings, run_id, kind="drill", target=target, server="drill",
-                                        temporary=scratch, phase="create", backup=str(entry.path), work=[str(work)])
+                                        temporary=scratch, phase="verify", backup=str(entry.path), work=[str(work)])
                 private_dir(work)
                 plain = plaintext_of(settings, entry, identities_for(target, None), work)
                 result.checks.append("integrity: checksums, decompression and completeness"
                                      + (" (after decryption)" if plain is not entry else ""))
+                journal.write("create")  # from here on the scratch database may exist
                 with connect(server, MAINTENANCE_DB) as admin:
                     fault_point(CREATE.start)
                     admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(ident(scratch)))

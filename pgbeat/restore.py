@@ -795,8 +795,14 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
     stored = entry  # the backup as stored; `entry` becomes its plaintext when it is encrypted
     journal: Journal | None = None
     begun, swapped, settled = False, False, True
+    temporary = f"{TEMPORARY_PREFIX}{run_id}"
+    safety_run = f"pre-restore-{run_id}"
     try:
         lock = None
+        # From the first step: a decrypted copy in `work` must not outlive a killed run either.
+        journal = Journal.begin(settings, run_id, kind="restore", target=target, server="target",
+                                temporary=temporary, phase="verify", backup=str(stored.path), database=database,
+                                work=[str(work), str(settings.backup_root / WORK_DIR / safety_run)])
         try:
             timed("verify", lambda: verify_backup(stored.path, settings, checksums_only=True))
             if stored.manifest.encryption:
@@ -811,13 +817,8 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
                                taken_at=entry.manifest.started_at, size=entry.manifest.size, exists=exists)
             if exists and not confirm(info):
                 raise RestoreRefused("Restore cancelled: not confirmed", hint="type SIM to confirm, or pass --yes")
-            temporary, retired = f"{TEMPORARY_PREFIX}{run_id}", f"{RETIRED_PREFIX}{run_id}" if exists else None
-            safety_run = f"pre-restore-{run_id}"
-            folders = [str(work), str(settings.backup_root / WORK_DIR / safety_run)]
-            journal = Journal.begin(settings, run_id, kind="restore", target=target, server="target",
-                                    temporary=temporary, phase="safety", backup=str(stored.path), database=database,
-                                    retired=retired, work=folders)
-            begun = True
+            retired = f"{RETIRED_PREFIX}{run_id}" if exists else None
+            journal.write("safety", retired=retired)
             logline(f"Banco temporário: {temporary}; diário {journal.path}")
             fault_point(SAFETY.start)
             safety_path = None
@@ -899,7 +900,9 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
         finally:
             try:
                 if journal is not None:  # stopped midway: finish or undo now, else leave it to the next run
-                    settled = _settle_own(target, journal, guard, logline)
+                    begun = journal.record.phase not in ("verify",)
+                    settled, committed = _settle_own(target, journal, guard, logline)
+                    swapped = swapped or committed
             finally:
                 if lock is not None:
                     lock.close()
@@ -935,21 +938,23 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
                          duration_s=duration, steps=timings)
 
 
-def _settle_own(server: Target, journal: Journal, guard: InterruptGuard, logline: Callable[..., None]) -> bool:
+def _settle_own(server: Target, journal: Journal, guard: InterruptGuard,
+                logline: Callable[..., None]) -> tuple[bool, bool]:
     """Finish or undo this process's own unfinished run now (signals wait meanwhile); return whether it
-    is settled. If the server cannot be reached, the journal stays for the next pgbeat run on this host."""
+    is settled and whether its swap had committed. If the server cannot be reached, the journal stays for
+    the next pgbeat run on this host."""
     with guard.masked():
         try:
-            lines = settle(server, journal.record)
+            committed, lines = settle(server, journal.record)
         except PgbeatError as exc:
             journal.release()
             logline(f"ERROR: could not undo yet ({exc.message}); the next pgbeat run on this host will, from "
                     f"{journal.path}")
-            return False
+            return False, False
         journal.close()
         if lines:
             logline(*lines)
-        return True
+        return True, committed
 
 
 def _interrupted_message(signal_name: str, database: str, begun: bool, swapped: bool, settled: bool) -> str:

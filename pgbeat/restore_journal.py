@@ -251,8 +251,13 @@ def swap_committed(conn: psycopg.Connection, record: JournalRecord) -> bool:
             and database_oid(conn, record.database) == record.temporary_oid)
 
 
-def settle(server: Target, record: JournalRecord) -> list[str]:
-    """Given a journal record and its server, finish or undo the run; return one line per thing done.
+# Phases before which a run has created nothing on the server: settling it needs no connection.
+BEFORE_THE_SERVER = ("verify", "safety")
+
+
+def settle(server: Target, record: JournalRecord) -> tuple[bool, list[str]]:
+    """Given a journal record and its server, finish or undo the run; return whether its swap had
+    committed, and one line per thing done.
 
     Renames committed: drop the retired copy (the original, recognised by its OID). Not committed: drop
     the temporary or scratch database (its name is the run's own). Only databases the journal names are
@@ -262,8 +267,11 @@ def settle(server: Target, record: JournalRecord) -> list[str]:
     """
     from pgbeat.pgclient import MAINTENANCE_DB, connect
 
-    done = []
+    done: list[str] = []
     who = f"{record.kind} {record.id} (pid {record.pid} on {record.node}, phase {record.phase})"
+    committed = False
+    if record.phase in BEFORE_THE_SERVER:
+        return committed, done + _remove_work(record, who)
     with connect(server, MAINTENANCE_DB) as conn:
         conn.execute("SET lock_timeout = '30s'")
         committed = swap_committed(conn, record)
@@ -284,6 +292,11 @@ def settle(server: Target, record: JournalRecord) -> list[str]:
             what = "scratch" if record.kind == "drill" else "temporary"
             kept = f"; {record.database!r} was left as it was" if record.database else ""
             done.append(f"undid {who}: dropped its {what} database {record.temporary!r}{kept}")
+    return committed, done + _remove_work(record, who)
+
+
+def _remove_work(record: JournalRecord, who: str) -> list[str]:
+    done = []
     for folder in record.work:
         if Path(folder).exists():
             remove_path(Path(folder))
@@ -341,7 +354,7 @@ def recover_restores(settings: Settings) -> list[str]:
                 done.append(f"cannot read restore journal {path}: {exc}; left in place")
                 continue
             try:
-                done += settle(server_of(settings, record), record)
+                done += settle(server_of(settings, record), record)[1]
             except PgbeatError as exc:
                 done.append(f"cannot settle the interrupted {record.kind} {record.id} of {record.target} yet "
                             f"(journal {path} kept): {exc.message}")
