@@ -97,6 +97,16 @@ def case_database(pg, source: Source, name: str | None = None) -> str:
     return name
 
 
+def case_databases(pg, source: Source, count: int) -> list[str]:
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENT_CASES) as pool:
+        return list(pool.map(lambda _: case_database(pg, source), range(count)))
+
+
+def drop_databases(pg, names: list[str]) -> None:
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENT_CASES) as pool:
+        list(pool.map(lambda name: query(pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'), names))
+
+
 def shelf_copy(backup: Path, service: Service, target: str | None = None) -> Path:
     """Put a copy of `backup` (with its sidecars) on `service`'s shelf, as a backup of `target` if given
     (file name, manifest and .sha256 say so); return its path."""
@@ -211,7 +221,7 @@ def test_every_phase_has_fault_points_at_start_middle_and_end(kind):
 def matrix_service(pg, source: Source, base: Path, count: int, as_targets: bool = False):
     """One BACKUP_ROOT with targets erp0..erpN-1, each on a case database of its own, and the source backup
     on its shelf (once, or as a backup of each target); return (service, databases, backups)."""
-    databases = [case_database(pg, source) for _ in range(count)]
+    databases = case_databases(pg, source, count)
     service = Service(base, None, [pg.target(f"erp{i}", db) for i, db in enumerate(databases)])
     backups = ([shelf_copy(source.backup, service, f"erp{i}") for i in range(count)] if as_targets
                else [shelf_copy(source.backup, service)] * count)
@@ -247,42 +257,44 @@ def settled_after_the_next_run(pg, source: Source, service: Service, databases: 
     return problems
 
 
-def matrix(points: list[str], everywhere: tuple[str, ...], at_middles: tuple[str, ...]) -> list[tuple[str, str]]:
+def matrix(points: list[str], everywhere: tuple[str, ...], at_middles: tuple[str, ...],
+           phases: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
     """The cases of a kill matrix: every point with each signal of `everywhere`, and the middle of every
-    phase with each of `at_middles` (SIGHUP and SIGINT take the very code path of SIGTERM, installed for
-    the whole run at once; the time budget of the suite goes to the points)."""
-    return ([(p, a) for a in everywhere for p in points]
-            + [(p, a) for a in at_middles for p in points if p.endswith(".middle")])
+    phase (of `phases` only, if given) with each of `at_middles`. SIGHUP and SIGINT take the very code path
+    of SIGTERM (one handler for the three, installed for the whole run at once, and a fault point always
+    signals from Python code), so the suite's time budget goes to SIGKILL and SIGTERM at every point."""
+    middles = [p for p in points if p.endswith(".middle") and (phases is None or p.split(".")[1] in phases)]
+    return [(p, a) for a in everywhere for p in points] + [(p, a) for a in at_middles for p in middles]
 
 
-# --- the kill matrix: every restore point x SIGKILL and SIGTERM, every middle x SIGHUP and SIGINT ---
+# --- the kill matrix: every restore point x SIGKILL and SIGTERM; SIGHUP and SIGINT in load and swap --
 
 
-@pytest.mark.parametrize("action", sorted(SIGNALS))
-def test_restore_kill_matrix_through_the_cli(pg, source, workdir, action):
+def test_restore_kill_matrix_through_the_cli(pg, source, workdir):
     """For every restore fault point: the CLI killed (or signalled) there leaves the original intact and
-    open at once; a signal undoes everything in the process, and after a kill the next pgbeat run does
-    (the restores of one matrix share a BACKUP_ROOT, so they also settle each other's, never a live one)."""
-    points = [p for p, a in matrix(RESTORE_POINTS, ("kill", "term"), ("hup", "int")) if a == action]
-    assert points
-    service, databases, backups = matrix_service(pg, source, workdir, len(points))
+    open at once; a signal undoes everything in the process, and after a kill the next pgbeat run does.
+    All cases share one BACKUP_ROOT (each its own target and database) and run a few at a time, so each
+    CLI start also settles the journals of cases killed before it, and never touches a live one."""
+    # SIGHUP and SIGINT while psql loads and while the swap transaction holds the original's lock.
+    cases = matrix(RESTORE_POINTS, ("kill", "term"), ("hup", "int"), phases=("load", "swap"))
+    assert cases
+    service, databases, backups = matrix_service(pg, source, workdir, len(cases))
     oids, shelf = [database_oid(pg, db) for db in databases], hashes(service.backup_root / "daily")
     try:
         problems = run_concurrently([(pg, source, service, backups[i], i, databases[i], point, action)
-                                     for i, point in enumerate(points)], restore_case)
+                                     for i, (point, action) in enumerate(cases)], restore_case)
         problems += settled_after_the_next_run(pg, source, service, databases, oids, ("list",),
-                                               [p.startswith("restore.drop.") for p in points])
+                                               [p.startswith("restore.drop.") for p, _ in cases])
         if hashes(service.backup_root / "daily") != shelf:
             problems.append("the backups on the shelf changed")
         problems += pre_restore_problems(service)
     finally:
-        for db in databases:
-            pg.dropdb(db)
+        drop_databases(pg, databases)
     assert not problems, "\n".join(problems)
     assert leftover_databases(pg, "pgbeat_restore") == [] and leftover_databases(pg, "pgbeat_old") == []
 
 
-# --- drills: every drill point x SIGKILL, every phase's middle x SIGTERM, SIGHUP, SIGINT ----------
+# --- drills: every point x SIGKILL, every phase's middle x SIGTERM, the load's x SIGHUP and SIGINT ---
 
 
 def drill_case(pg, source: Source, service: Service, backup: Path, index: int, db: str, point: str,
@@ -306,7 +318,7 @@ def drill_case(pg, source: Source, service: Service, backup: Path, index: int, d
 
 
 def test_drill_kill_matrix(pg, source, workdir):
-    cases = matrix(DRILL_POINTS, ("kill",), ("term", "hup", "int"))
+    cases = matrix(DRILL_POINTS, ("kill",), ("term",)) + matrix(DRILL_POINTS, (), ("hup", "int"), phases=("load",))
     assert cases
     service, databases, backups = matrix_service(pg, source, workdir, len(cases), as_targets=True)
     oids = [database_oid(pg, db) for db in databases]
@@ -315,8 +327,7 @@ def test_drill_kill_matrix(pg, source, workdir):
                                      for i, (p, a) in enumerate(cases)], drill_case)
         problems += settled_after_the_next_run(pg, source, service, databases, oids, ("status",), [False] * len(cases))
     finally:
-        for db in databases:
-            pg.dropdb(db)
+        drop_databases(pg, databases)
     assert not problems, "\n".join(problems)
     assert leftover_databases(pg, "pgbeat_drill") == []
 
@@ -344,7 +355,7 @@ def test_restore_kill_matrix_through_a_worker(pg, source, workdir, redis_server)
     commit; each restore's start settles the journal of the one before, and the next pgbeat run the last."""
     points = [p for p, _ in matrix(RESTORE_POINTS, (), ("kill",))]
     marks = private_dir(workdir / "faults")
-    databases = [case_database(pg, source) for _ in points]
+    databases = case_databases(pg, source, len(points))
     oids = [database_oid(pg, db) for db in databases]
     node = f"rk-{uuid.uuid4().hex[:6]}"
     service = Service(workdir / "svc", redis_server.url, [pg.target(f"erp{i}", db) for i, db in enumerate(databases)],
@@ -376,8 +387,7 @@ def test_restore_kill_matrix_through_a_worker(pg, source, workdir, redis_server)
                                           [None] * len(databases)) == []
         assert leftover_databases(pg, "pgbeat_restore") == [] and leftover_databases(pg, "pgbeat_old") == []
     finally:
-        for db in databases:
-            pg.dropdb(db)
+        drop_databases(pg, databases)
 
 
 # --- a live restore is left alone; two at once: the second refuses ---------------------------------
