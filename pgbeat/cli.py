@@ -480,7 +480,7 @@ def restore_on_worker(settings: Settings, entry, target: str, into: str | None, 
     except redis.RedisError as exc:
         err.print(f"Lost the broker while following restore run {task_id} ({type(exc).__name__}); it may go on "
                   f"on host {node}: `pgbeat status` there shows how it ends", markup=False)
-        return errors.EXIT_FAILED
+        return errors.EXIT_UNREACHABLE
     for line in outcome.lines:
         (out if outcome.exit_code == 0 else err).print(line, markup=False)
     return outcome.exit_code

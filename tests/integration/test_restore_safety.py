@@ -191,8 +191,9 @@ def pre_restore_problems(service: Service) -> list[str]:
 def interrupted_output(result, action: str, what: str) -> list[str]:
     """A restore or drill stopped by a signal says so briefly, exits non-zero, shows no traceback."""
     problems = []
-    expected = -signal.SIGKILL if action == "kill" else 1
-    if result.returncode != expected:
+    # 1: the restore or drill failed; for Ctrl-C also 130, the shells' code that pgbeat's CLI may adopt
+    expected = {-signal.SIGKILL} if action == "kill" else {1, 130} if action == "int" else {1}
+    if result.returncode not in expected:
         problems.append(f"exit code {result.returncode}, expected {expected}: {result.stderr[-400:]}")
     if action != "kill":
         name = SIGNALS[action].name
