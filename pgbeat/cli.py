@@ -475,8 +475,11 @@ def print_manifest(settings: Settings, entry) -> None:
 @click.option("--on-worker", is_flag=True, help="Run the restore as tasks.restore on a worker (needs a broker).")
 @click.option("--node", type=NodeName(), help="With --on-worker: the host whose worker restores (default: this host).")
 @click.option("--identity", type=IdentityFile(), help="age identity file for encrypted backups.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=6 * 3600, show_default=True,
+              help="With --on-worker: seconds to wait for the restore; then it is stopped and undone.")
 def restore(file: str | None, latest: bool, target_name: str | None, tier: str | None, into: str | None, yes: bool,
-            jobs: int, list_only: bool, on_worker: bool, node: str | None, identity: Path | None) -> None:
+            jobs: int, list_only: bool, on_worker: bool, node: str | None, identity: Path | None,
+            timeout: float) -> None:
     """Restore FILE, a copy at a destination (s3://, gs://, ssh://), or --latest: integrity check, typed
     confirmation, safety backup.
 
@@ -491,6 +494,8 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
     settings = settings_or_exit(writes=not list_only or "://" in (file or ""))
     fetched = None
     try:
+        if into is not None:
+            restoring.refuse_reserved(into)  # before anything is downloaded, asked or sent
         if bool(file) == latest:
             raise errors.UsageError("Give either a backup FILE or --latest", hint="see pgbeat restore --help")
         if node and not on_worker:
@@ -508,7 +513,7 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
             return
         target = restoring.restore_target(settings, entry, target_name)
         if on_worker:
-            sys.exit(restore_on_worker(settings, entry, target.name, into, jobs, yes, node))
+            sys.exit(restore_on_worker(settings, entry, target.name, into, jobs, yes, node, timeout))
 
         def on_step(step: str, state: str) -> None:
             if state == "done":
@@ -532,43 +537,44 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
 
 
 def restore_on_worker(settings: Settings, entry, target: str, into: str | None, jobs: int, yes: bool,
-                      node: str | None) -> int:
-    """Send tasks.restore to a worker after confirming here; follow its progress; return the exit code."""
-    from pgbeat.coordination import RunState
-    from pgbeat.restore import RestoreInfo
+                      node: str | None, timeout: float) -> int:
+    """Send tasks.restore to a worker after confirming here; follow its progress; return the exit code.
+
+    Never waits forever (tasks.restore.follow); SIGTERM, SIGHUP or Ctrl-C here stop the restore there too.
+    """
+    import redis
+
+    from pgbeat.restore import RestoreInfo, RestoreRefused
+    from pgbeat.restore_journal import Interrupted, interruptible
+    from tasks.restore import follow, stop
     from workers.app import app
-    from workers.chain import redis_client
     from workers.config import host_queue
 
     if settings.embedded:
         raise errors.PgbeatError("--on-worker needs a broker (CELERY_BROKER_URL)")
+    node = node or settings.node
     info = RestoreInfo(backup=entry.path, target=target, database=into or settings.target(target).dbname,
                        server=settings.target(target).describe(), taken_at=entry.manifest.started_at,
                        size=entry.manifest.size, exists=True)
     if not confirm_restore(yes)(info):
-        raise errors.PgbeatError("Restore cancelled: not confirmed", hint="type SIM to confirm, or pass --yes")
+        raise RestoreRefused("Restore cancelled: not confirmed", hint="type SIM to confirm, or pass --yes")
     task_id = uuid.uuid4().hex
+    # `expires`: a message still queued after this command gave up is dropped by the worker that gets it.
     app.send_task("tasks.restore", args=[str(entry.path), target, into, jobs], task_id=task_id,
-                  queue=host_queue(node or settings.node), priority=0)
-    state = RunState(redis_client(settings))
-    printed = 0
-    while True:
-        fields = state.get(task_id)
-        lines = state.progress_since(task_id, printed)
-        printed += len(lines)
-        for line in lines:
-            out.print(f"  {line}", markup=False)
-        if fields.get("status") in ("succeeded", "failed"):
-            if fields["status"] == "failed":
-                failure = json.loads(fields.get("failure") or "{}")
-                err.print(failure.get("message", "restore failed"), markup=False)
-                for line in failure.get("details", []):
-                    err.print(f"  {line}", markup=False)
-                return failure.get("exit_code", errors.EXIT_FAILED)
-            out.print(f"succeeded: {fields.get('database')} restored in {fields.get('duration_s')}s; "
-                      f"safety backup {fields.get('safety_backup') or '-'}", markup=False)
-            return 0
-        time.sleep(0.3)
+                  queue=host_queue(node), priority=0, expires=timeout)
+    try:
+        with interruptible():
+            outcome = follow(app, settings, task_id, node, timeout, lambda line: out.print(f"  {line}", markup=False))
+    except Interrupted as exc:
+        err.print(stop(app, settings, task_id, f"Interrupted by {exc.signal_name}"), markup=False)
+        return errors.EXIT_FAILED
+    except redis.RedisError as exc:
+        err.print(f"Lost the broker while following restore run {task_id} ({type(exc).__name__}); it may go on "
+                  f"on host {node}: `pgbeat status` there shows how it ends", markup=False)
+        return errors.EXIT_UNREACHABLE
+    for line in outcome.lines:
+        (out if outcome.exit_code == 0 else err).print(line, markup=False)
+    return outcome.exit_code
 
 
 def fetch_and_check(settings: Settings, url: str, folder: Path):
@@ -639,7 +645,10 @@ def drill(target_name: str | None) -> None:
         fail(exc)
     failed = 0
     for name in names:
-        result = run_drill(settings, name)
+        try:
+            result = run_drill(settings, name)
+        except PgbeatError as exc:  # a drill stopped by a signal: recorded, its scratch database dropped
+            fail(exc)
         mark = "[green]passed[/green]" if result.passed else "[red]FAILED[/red]"
         out.print(f"{name}: drill {mark} on {result.backup or '-'} in {result.duration_s:.1f}s "
                   f"(restore {result.restore_s or 0:.1f}s)", markup=True)

@@ -5,13 +5,15 @@ server (by default the target's own server; set `drill.host` to keep the load of
 every table's row count against the manifest and runs the configured SQL assertions read-only, measures
 the restore time (the RTO), records the result in the backup's manifest, drops the scratch database,
 and notifies. A failed drill is a failure notification like a failed backup.
+
+The scratch database is journaled like a restore's temporary database (pgbeat.restore_journal): a drill
+stopped by a signal drops it at once, and one killed outright has it dropped by the next pgbeat run.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -20,15 +22,48 @@ from psycopg import sql
 
 from pgbeat.catalog import Entry, manifest_path, update_manifest
 from pgbeat.errors import PgbeatError
+from pgbeat.faults import fault_point
 from pgbeat.fsutil import private_dir, remove_path
 from pgbeat.notify import Event, send_event
-from pgbeat.pgclient import MAINTENANCE_DB, connect, database_exists, ident
-from pgbeat.restore import count_rows, identities_for, latest_backup, load_archive, load_plain, plaintext_of
+from pgbeat.pgclient import MAINTENANCE_DB, connect, ident
+from pgbeat.restore import (
+    check_rights,
+    count_rows,
+    first_line,
+    identities_for,
+    latest_backup,
+    load_archive,
+    load_plain,
+    plaintext_of,
+)
+from pgbeat.restore_journal import (
+    SCRATCH_PREFIX,
+    Interrupted,
+    Journal,
+    database_oid,
+    interruptible,
+    new_run_id,
+    phase_points,
+    settle,
+)
 from pgbeat.run import WORK_DIR
 from pgbeat.settings import Settings
 from pgbeat.verify import verify_backup
 
 log = logging.getLogger(__name__)
+
+# Fault points (pgbeat.faults) at the start, middle and end of every phase of a drill.
+CREATE = phase_points("drill", "create", "the journal names the scratch database; it does not exist yet",
+                      "the scratch database exists; the journal has not recorded its OID yet",
+                      "the scratch database exists and is journaled")
+LOAD = phase_points("drill", "load", "the scratch database is empty", "the dump is partly loaded",
+                    "the dump is loaded")
+CHECK = phase_points("drill", "check", "nothing checked yet", "row counts checked; assertions not yet run",
+                     "every check ran; the scratch database is not yet dropped")
+
+
+class DrillInterrupted(PgbeatError):
+    """A signal stopped a drill; its scratch database was dropped and the failed drill recorded."""
 
 
 @dataclass
@@ -71,49 +106,80 @@ def run_assertions(conn: psycopg.Connection, assertions: list[str], timeout_s: i
 
 def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
               now=lambda: datetime.now(UTC)) -> DrillResult:
-    """Drill the latest backup of `target_name` (or `entry`); record and notify the result; return it."""
+    """Drill the latest backup of `target_name` (or `entry`); record and notify the result; return it.
+
+    Raise DrillInterrupted after recording a drill stopped by SIGTERM, SIGHUP or SIGINT.
+    """
     target = settings.target(target_name)
     policy = target.drill
     server = target.drill_server()
     started, t0 = now(), time.monotonic()
     result = DrillResult(target=target.name, backup="", status="failed", at=started.isoformat(), duration_s=0.0,
                          server=server.describe().rsplit("/", 1)[0])
-    scratch = f"pgbeat_drill_{uuid.uuid4().hex[:12]}"
-    work = settings.backup_root / WORK_DIR / f"drill-{uuid.uuid4().hex[:12]}"
-    try:
-        entry = entry or latest_backup(settings, target.name, policy.tier)
-        result.backup = entry.path.name
-        verify_backup(entry.path, settings)
-        private_dir(work)
-        plain = plaintext_of(settings, entry, identities_for(target, None), work)
-        result.checks.append("integrity: checksums, decompression and completeness"
-                             + (" (after decryption)" if plain is not entry else ""))
-        with connect(server, MAINTENANCE_DB) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(ident(scratch)))
-        t_restore = time.monotonic()
-        if plain.manifest.format == "plain":
-            load_plain(settings, server, scratch, plain, work)
-        else:
-            load_archive(settings, server, scratch, plain, 2, work)
-        result.restore_s = round(time.monotonic() - t_restore, 3)
-        with connect(server, scratch) as conn:
-            problems = count_rows(conn, plain.manifest.tables)
-            result.checks.append(f"row counts of {len(plain.manifest.tables)} table(s) against the manifest")
-            checks, failed = run_assertions(conn, policy.assertions, policy.statement_timeout)
-        result.checks += checks
-        result.problems = problems + failed
-        result.status = "passed" if not result.problems else "failed"
-    except PgbeatError as exc:
-        result.problems.append(exc.message)
-        result.problems += exc.details[-5:]
-    finally:
-        remove_path(work)
+    run_id = new_run_id()
+    scratch = f"{SCRATCH_PREFIX}{run_id}"
+    work = settings.backup_root / WORK_DIR / f"drill-{run_id}"
+    interrupted: Interrupted | None = None
+    with interruptible() as guard:
+        journal = None
         try:
-            with connect(server, MAINTENANCE_DB) as admin:
-                if database_exists(admin, scratch):
-                    admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(ident(scratch)))
-        except PgbeatError as exc:
-            log.warning("could not drop drill database %s: %s", scratch, exc.message)
+            try:
+                entry = entry or latest_backup(settings, target.name, policy.tier)
+                result.backup = entry.path.name
+                verify_backup(entry.path, settings)
+                with connect(server, MAINTENANCE_DB) as admin:
+                    check_rights(admin, None, None, "create a scratch database for the drill", result.server)
+                journal = Journal.begin(settings, run_id, kind="drill", target=target, server="drill",
+                                        temporary=scratch, phase="verify", backup=str(entry.path), work=[str(work)])
+                private_dir(work)
+                plain = plaintext_of(settings, entry, identities_for(target, None), work)
+                result.checks.append("integrity: checksums, decompression and completeness"
+                                     + (" (after decryption)" if plain is not entry else ""))
+                journal.write("create")  # from here on the scratch database may exist
+                with connect(server, MAINTENANCE_DB) as admin:
+                    fault_point(CREATE.start)
+                    admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(ident(scratch)))
+                    fault_point(CREATE.middle)
+                    journal.write("load", temporary_oid=database_oid(admin, scratch))
+                fault_point(CREATE.end)
+                fault_point(LOAD.start)
+                t_restore = time.monotonic()
+                if plain.manifest.format == "plain":
+                    load_plain(settings, server, scratch, plain, work, midway=LOAD.middle)
+                else:
+                    load_archive(settings, server, scratch, plain, 2, work, midway=LOAD.middle)
+                result.restore_s = round(time.monotonic() - t_restore, 3)
+                fault_point(LOAD.end)
+                journal.write("check")
+                fault_point(CHECK.start)
+                with connect(server, scratch) as conn:
+                    problems = count_rows(conn, plain.manifest.tables)
+                    result.checks.append(f"row counts of {len(plain.manifest.tables)} table(s) against the manifest")
+                    fault_point(CHECK.middle)
+                    checks, failed = run_assertions(conn, policy.assertions, policy.statement_timeout)
+                result.checks += checks
+                result.problems = problems + failed
+                result.status = "passed" if not result.problems else "failed"
+                fault_point(CHECK.end)
+            except PgbeatError as exc:
+                result.problems.append(exc.message)
+                result.problems += exc.details[-5:]
+            except psycopg.Error as exc:
+                result.problems.append(f"PostgreSQL refused the drill: {first_line(exc)}")
+            finally:
+                with guard.masked():
+                    remove_path(work)
+                    if journal is not None:
+                        try:
+                            settle(server, journal.record)
+                            journal.close()
+                        except PgbeatError as exc:
+                            journal.release()  # the next pgbeat run on this host drops it
+                            log.warning("could not drop drill database %s: %s", scratch, exc.message)
+        except Interrupted as exc:  # after the cleanup above has run
+            interrupted = exc
+            result.status = "failed"
+            result.problems.append(f"interrupted by {exc.signal_name}")
     result.duration_s = round(time.monotonic() - t0, 3)
     record = {k: v for k, v in result.as_json().items() if k not in ("target", "backup")}
     if entry is not None:
@@ -126,4 +192,7 @@ def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
         reason=None if result.passed else "restore drill failed", details=result.problems[:10]))
     log.log(logging.INFO if result.passed else logging.ERROR, "drill of %s %s in %.1fs", target.name,
             result.status, result.duration_s)
+    if interrupted is not None:
+        raise DrillInterrupted(f"Drill of {target.name} interrupted by {interrupted.signal_name}; its scratch "
+                               "database was dropped and the failed drill recorded")
     return result

@@ -1,24 +1,33 @@
 """Restore with a safety net: the seed's `restore.sh FILE`, safe enough for 3 a.m.
 
 In this order:
-1. check the backup (checksums against its manifest and `.sha256`, full decompression, completeness);
-2. get confirmation (the caller asks the user to type `SIM`) when an existing database is overwritten;
-3. take a verified safety backup of the current state, `BACKUP_ROOT/pre_restore_<target>_<stamp>.sql.gz`;
-4. restore into a temporary database with the original's owner, encoding, locale, settings and grants,
-   check its tables and row counts against the manifest, then swap it in with two renames in one
-   transaction (new connections refused and other sessions disconnected first). Until that commit the
-   original is untouched; a failure anywhere drops the temporary database and leaves it as it was;
-5. connect to the restored database and confirm every table of the manifest is there.
+1. refuse a database that must never be replaced (postgres, the templates); check the backup (checksums
+   against its manifest and `.sha256`, full decompression, completeness);
+2. check that the connected user has every right the restore needs, before anything is done, and take
+   the restore lock of that database on its server (a second restore of it is refused, exit code 4);
+3. get confirmation (the caller asks the user to type `SIM`) when an existing database is overwritten;
+4. take a verified safety backup of the current state, `BACKUP_ROOT/pre_restore_<target>_<stamp>.sql.gz`;
+5. restore into a temporary database created exactly like the original (every property of its
+   `pg_database` row and every `pg_db_role_setting` row), check its tables and row counts against the
+   manifest and its properties against the original's, then swap it in: two renames in one transaction
+   while the sessions on the original are terminated. Until that commit the original is untouched and
+   keeps accepting connections; a failure, a signal or a kill anywhere leaves it as it was and the
+   temporary database is dropped (by this process, or from the journal by the next pgbeat run);
+6. connect to the restored database and confirm every table of the manifest is there.
+
+pgbeat.restore_journal explains the crash safety (the journal, the lock-based swap, signals).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
+import threading
 import time
-import uuid
+import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,11 +47,25 @@ from pgbeat.catalog import (
 from pgbeat.compress import CHUNK, codec_for_name, decompressing_reader
 from pgbeat.compress import compress_step as _compress
 from pgbeat.dump import dump_step as _dump
-from pgbeat.errors import PgbeatError, VerifyError
+from pgbeat.errors import EXIT_LOCKED, PgbeatError, VerifyError
+from pgbeat.faults import fault_point
 from pgbeat.fsutil import private_dir, remove_path
 from pgbeat.notify import Event, send_event
-from pgbeat.pgclient import MAINTENANCE_DB, client_env, connect, database_exists, ident
+from pgbeat.pgclient import MAINTENANCE_DB, client_env, connect, ident
 from pgbeat.process import Supervised, find_pg_binary
+from pgbeat.restore_journal import (
+    RETIRED_PREFIX,
+    TEMPORARY_PREFIX,
+    Interrupted,
+    InterruptGuard,
+    Journal,
+    database_oid,
+    drop_database,
+    interruptible,
+    new_run_id,
+    phase_points,
+    settle,
+)
 from pgbeat.run import WORK_DIR, Run, StepContext
 from pgbeat.settings import Settings, Target
 from pgbeat.upload import local_storage
@@ -53,8 +76,34 @@ log = logging.getLogger(__name__)
 
 # A table name as the manifest has it (as pg_dump wrote it): the scanner's own definition.
 TABLE_NAME_RE = sqlscan.TABLE_NAME_RE
-# GUCs whose value is a list: each element is quoted on its own when copying database settings.
-LIST_SETTINGS = {"search_path", "temp_tablespaces", "session_preload_libraries", "local_preload_libraries"}
+# GUCs whose value is a list of quoted elements (GUC_LIST_QUOTE, as pg_dump's variable_is_guc_list_quote):
+# each element is split out and passed as a literal of its own when database settings are copied.
+LIST_SETTINGS = {"local_preload_libraries", "search_path", "session_preload_libraries", "shared_preload_libraries",
+                 "temp_tablespaces", "unix_socket_directories"}
+# Databases a restore never replaces: the templates every CREATE DATABASE needs, and the one pgbeat's own
+# maintenance connection uses (a database cannot rename itself away while it is connected to).
+RESERVED_DATABASES = ("template0", "template1", MAINTENANCE_DB)
+# The restore lock: a session advisory lock (RESTORE_LOCK_CLASS, crc32 of the database name) on the
+# server's maintenance database, held for the whole restore and released by the server if the process dies.
+RESTORE_LOCK_CLASS = 0x70676272  # "pgbr"
+
+# Fault points (pgbeat.faults) at the start, middle and end of every phase; the kill matrix tries each.
+SAFETY = phase_points("restore", "safety", "the restore lock and journal are held; nothing is created yet",
+                      "the safety dump is written, not yet verified or published",
+                      "the safety backup is published; nothing is created on the server yet")
+CREATE = phase_points("restore", "create", "the journal names the temporary database; it does not exist yet",
+                      "the temporary database exists, its settings, grants and comment not yet copied",
+                      "the temporary database exists with the original's properties")
+LOAD = phase_points("restore", "load", "the temporary database is empty", "the dump is partly loaded",
+                    "the dump is loaded")
+CHECK = phase_points("restore", "check", "nothing checked yet", "row counts match; properties not yet compared",
+                     "the copy matches the manifest and the original's properties")
+SWAP = phase_points("restore", "swap", "no session terminated, nothing renamed",
+                    "sessions terminated and the original renamed, uncommitted: new connections wait on its lock",
+                    "both renames and the copied properties done, not committed")
+DROP = phase_points("restore", "drop", "the swap committed; the retired original still exists",
+                    "the journal says the retired original is being dropped",
+                    "the retired original is dropped; the journal is not yet removed")
 
 
 class RestoreError(PgbeatError):
@@ -62,9 +111,23 @@ class RestoreError(PgbeatError):
 
 
 class RestoreRefused(PgbeatError):
-    """The user did not confirm, or could not be asked."""
+    """The user did not confirm, could not be asked, or named a database that is never restored into."""
 
     exit_code = 2
+
+
+class RestoreBusy(PgbeatError):
+    """Another restore of the same database holds its restore lock."""
+
+    exit_code = EXIT_LOCKED
+
+
+class MissingRights(RestoreError):
+    """The connected user lacks rights the restore or drill needs; `details` names each and its GRANT."""
+
+
+class RestoreInterrupted(RestoreError):
+    """A signal stopped the restore; what was begun was undone (or finished, after the swap)."""
 
 
 @dataclass
@@ -155,8 +218,11 @@ def plaintext_of(settings: Settings, entry: Entry, identities: list | None, work
 # --- the safety backup -------------------------------------------------------------------------------
 
 
-def safety_backup(settings: Settings, target: Target, database: str, now: datetime) -> Path:
-    """Back up `database` as it is now to `BACKUP_ROOT/pre_restore_<target>_<stamp>.sql.gz`, verified."""
+def safety_backup(settings: Settings, target: Target, database: str, now: datetime, run_id: str) -> Path:
+    """Back up `database` as it is now to `BACKUP_ROOT/pre_restore_<target>_<stamp>.sql.gz`, verified.
+
+    Its work folder is `BACKUP_ROOT/.work/<run_id>` (the restore's journal names it, for the undo).
+    """
     source = target.model_copy(update={"dbname": database, "format": "plain", "jobs": 1,
                                        "compression": target.compression.model_copy(update={"codec": "gzip"})})
     stamp = now.astimezone(settings.tz).strftime(STAMP_FORMAT)
@@ -164,13 +230,14 @@ def safety_backup(settings: Settings, target: Target, database: str, now: dateti
     name = f"pre_restore_{target.name}_{stamp}.sql.gz"
     while storage.stat(name) is not None:  # two restores within one second
         name = name.replace(".sql.gz", "_1.sql.gz")
-    run_id = f"pre-restore-{uuid.uuid4().hex[:12]}"
     run = Run(run_id=run_id, target=target.name, tier="pre_restore", node=settings.node, started_at=now,
               stamp=stamp, name=name, format="plain", codec="gzip", level=source.compression.level,
               work_dir=str(settings.backup_root / WORK_DIR / run_id))
     ctx = StepContext(settings, target_override=source)
     try:
-        for step in (_dump, _compress, _verify):
+        run = _dump(ctx, run)
+        fault_point(SAFETY.middle)
+        for step in (_compress, _verify):
             run = step(ctx, run)
         artifact = run.artifact
         storage.put(manifest_path(artifact), manifest_path(Path(name)).name)
@@ -181,44 +248,330 @@ def safety_backup(settings: Settings, target: Target, database: str, now: dateti
     return settings.backup_root / name
 
 
+# --- what a database is: its pg_database row and its settings -----------------------------------------
+
+
+LOCALE_PROVIDERS = {"c": "libc", "i": "icu", "b": "builtin"}
+
+
+@dataclass(frozen=True)
+class AclItem:
+    """One entry of a database's ACL, in the order PostgreSQL keeps them."""
+
+    grantor: str
+    grantee: str | None  # None: PUBLIC
+    privileges: tuple[tuple[str, bool], ...]  # (privilege, grantable)
+
+
+@dataclass(frozen=True)
+class DatabaseProperties:
+    """Everything that makes a database what it is besides its contents: its row in pg_database (minus
+    what no copy can share: oid, name, frozen transaction ids) and its rows in pg_db_role_setting.
+
+    Version-dependent columns are None where the server has no such column (PostgreSQL 13-18).
+    """
+
+    oid: int
+    owner: str
+    encoding: str
+    collate: str
+    ctype: str
+    locale_provider: str | None  # datlocprovider (15+): c, i, b
+    locale: str | None  # daticulocale (15-16), datlocale (17+)
+    icu_rules: str | None  # daticurules (16+)
+    collation_version: str | None  # datcollversion (15+)
+    tablespace: str
+    connection_limit: int
+    allow_connections: bool
+    is_template: bool
+    acl: tuple[AclItem, ...] | None  # None: the default ACL
+    comment: str | None
+    settings: tuple[tuple[str | None, tuple[str, ...]], ...]  # (role or None for all roles, name=value items)
+
+    # Set on the copy only in the swap transaction: a template or closed database could not be loaded or
+    # dropped, and a connection limit would throttle pg_restore -j.
+    AT_SWAP = ("connection_limit", "allow_connections", "is_template")
+    # The library that built the copy's indexes decides it (a fresh copy is built with today's library).
+    BUILT = ("collation_version",)
+
+    def differences(self, other: DatabaseProperties, skip: tuple[str, ...] = ()) -> list[str]:
+        """One line per property in which `other` differs from this database (except oid and `skip`)."""
+        return [f"{f.name}: {getattr(other, f.name)!r}, the original has {getattr(self, f.name)!r}"
+                for f in fields(self)
+                if f.name not in ("oid", *skip) and getattr(self, f.name) != getattr(other, f.name)]
+
+
+def _locale_columns(version: int) -> str:
+    if version >= 170000:
+        return "d.datlocprovider::text, d.datlocale, d.daticurules, d.datcollversion"
+    if version >= 160000:
+        return "d.datlocprovider::text, d.daticulocale, d.daticurules, d.datcollversion"
+    if version >= 150000:
+        return "d.datlocprovider::text, d.daticulocale, NULL::text, d.datcollversion"
+    return "NULL::text, NULL::text, NULL::text, NULL::text"
+
+
+def database_properties(conn: psycopg.Connection, name: str) -> DatabaseProperties | None:
+    """Given a connection to a server, return database `name`'s properties, or None if it does not exist."""
+    row = conn.execute(
+        "SELECT d.oid, pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding), d.datcollate, d.datctype, "
+        f"{_locale_columns(conn.info.server_version)}, t.spcname, d.datconnlimit, d.datallowconn, "
+        "d.datistemplate, d.datacl IS NULL, shobj_description(d.oid, 'pg_database') "
+        "FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace WHERE d.datname = %s", (name,)
+    ).fetchone()
+    if row is None:
+        return None
+    oid, *values, default_acl, comment = row
+    acl: dict[int, AclItem] = {}
+    for position, grantor, grantee, privilege, grantable in conn.execute(
+            "SELECT u.n, pg_get_userbyid(a.grantor), CASE WHEN a.grantee = 0 THEN NULL "
+            "ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable "
+            "FROM pg_database d, unnest(d.datacl) WITH ORDINALITY AS u(item, n), aclexplode(ARRAY[u.item]) AS a "
+            "WHERE d.oid = %s ORDER BY u.n", (oid,)):
+        item = acl.get(position) or AclItem(grantor, grantee, ())
+        acl[position] = AclItem(grantor, grantee, (*item.privileges, (privilege, grantable)))
+    settings = conn.execute(
+        "SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE pg_get_userbyid(s.setrole) END, s.setconfig "
+        "FROM pg_db_role_setting s WHERE s.setdatabase = %s ORDER BY 1 NULLS FIRST", (oid,)).fetchall()
+    return DatabaseProperties(int(oid), *values, acl=None if default_acl else tuple(acl.values()), comment=comment,
+                              settings=tuple((role, tuple(config)) for role, config in settings))
+
+
+def split_guc_list(value: str) -> list[str]:
+    """Split a stored GUC_LIST_QUOTE value (`"$user", public`) into its elements, as PostgreSQL's
+    SplitGUCList does: separated by commas, double-quoted elements unquoted, bare ones kept as they are."""
+    items, i = [], 0
+    while i < len(value) and value[i].isspace():
+        i += 1
+    while i < len(value):
+        if value[i] == '"':
+            end, item = i + 1, ""
+            while True:
+                close = value.find('"', end)
+                if close == -1:  # an unterminated quote: PostgreSQL never stores one; keep the rest as it is
+                    close = len(value)
+                item += value[end:close]
+                if value[close + 1:close + 2] != '"':
+                    break
+                item += '"'
+                end = close + 2
+            i = close + 1
+        else:
+            end = i
+            while end < len(value) and value[end] != "," and not value[end].isspace():
+                end += 1
+            item, i = value[i:end], end
+        items.append(item)
+        while i < len(value) and value[i].isspace():
+            i += 1
+        if i < len(value) and value[i] == ",":
+            i += 1
+            while i < len(value) and value[i].isspace():
+                i += 1
+    return items
+
+
+def setting_statement(database: str, role: str | None, item: str) -> sql.Composed:
+    """The ALTER DATABASE / ALTER ROLE ... IN DATABASE statement that stores one `name=value` item."""
+    name, _, value = item.partition("=")
+    values = split_guc_list(value) if name.lower() in LIST_SETTINGS else [value]
+    assignment = sql.SQL("SET {} TO {}").format(ident(name), sql.SQL(", ").join(sql.Literal(v) for v in values))
+    if role is None:
+        return sql.SQL("ALTER DATABASE {} {}").format(ident(database), assignment)
+    return sql.SQL("ALTER ROLE {} IN DATABASE {} {}").format(ident(role), ident(database), assignment)
+
+
+def create_like(conn: psycopg.Connection, new: str, like: DatabaseProperties | None) -> None:
+    """Create database `new` from template0 with `like`'s owner, encoding, locale provider, collation,
+    ctype, ICU locale and rules, and tablespace (or the server's defaults when `like` is None)."""
+    options = [sql.SQL("TEMPLATE template0")]
+    if like is not None:
+        options += [sql.SQL("OWNER {}").format(ident(like.owner)),
+                    sql.SQL("ENCODING {}").format(sql.Literal(like.encoding)),
+                    sql.SQL("LC_COLLATE {}").format(sql.Literal(like.collate)),
+                    sql.SQL("LC_CTYPE {}").format(sql.Literal(like.ctype))]
+        if like.locale_provider:
+            options.append(sql.SQL("LOCALE_PROVIDER {}").format(sql.SQL(LOCALE_PROVIDERS[like.locale_provider])))
+        if like.locale_provider == "i":
+            options.append(sql.SQL("ICU_LOCALE {}").format(sql.Literal(like.locale)))
+            if like.icu_rules:
+                options.append(sql.SQL("ICU_RULES {}").format(sql.Literal(like.icu_rules)))
+        elif like.locale_provider == "b":
+            options.append(sql.SQL("BUILTIN_LOCALE {}").format(sql.Literal(like.locale)))
+        if like.tablespace != "pg_default":  # naming pg_default would need CREATE on it, which owners lack
+            options.append(sql.SQL("TABLESPACE {}").format(ident(like.tablespace)))
+    conn.execute(sql.SQL("CREATE DATABASE {} {}").format(ident(new), sql.SQL(" ").join(options)))
+
+
+def copy_properties(conn: psycopg.Connection, new: str, like: DatabaseProperties) -> None:
+    """Give database `new` `like`'s settings (every pg_db_role_setting row), ACL (entry by entry, in order,
+    each from its grantor) and comment."""
+    for role, items in like.settings:
+        for item in items:
+            conn.execute(setting_statement(new, role, item))
+    if like.acl is not None:
+        for grantee in (sql.SQL("PUBLIC"), ident(like.owner)):
+            conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM {}").format(ident(new), grantee))
+        for item in like.acl:
+            grantee = sql.SQL("PUBLIC") if item.grantee is None else ident(item.grantee)
+            if item.grantor != like.owner:
+                conn.execute(sql.SQL("SET ROLE {}").format(ident(item.grantor)))
+            for grantable in (False, True):
+                privileges = [sql.SQL(p) for p, g in item.privileges if g is grantable]
+                if privileges:
+                    conn.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}{}").format(
+                        sql.SQL(", ").join(privileges), ident(new), grantee,
+                        sql.SQL(" WITH GRANT OPTION" if grantable else "")))
+            if item.grantor != like.owner:
+                conn.execute("RESET ROLE")
+    if like.comment is not None:
+        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident(new), sql.Literal(like.comment)))
+
+
+def properties_at_swap(conn: psycopg.Connection, database: str, like: DatabaseProperties) -> None:
+    """Inside the swap transaction: give the swapped-in `database` `like`'s connection limit,
+    `datallowconn` and template flag."""
+    if like.connection_limit != -1:
+        conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(
+            ident(database), sql.Literal(like.connection_limit)))
+    if not like.allow_connections:
+        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(ident(database)))
+    if like.is_template:
+        conn.execute(sql.SQL("ALTER DATABASE {} IS_TEMPLATE true").format(ident(database)))
+
+
+# --- rights, checked before anything is done -------------------------------------------------------
+
+
+def missing_rights(conn: psycopg.Connection, database: str | None, like: DatabaseProperties | None) -> list[str]:
+    """Given a connection to the server, return one line per right its user lacks to create a database
+    (a drill, or a restore into a new `database`) or, with `like`, to restore `database` in place; each
+    line names the right and the statement that grants it. Empty for a superuser."""
+    user, superuser, createdb, createrole = conn.execute(
+        "SELECT rolname, rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = current_user"
+    ).fetchone()
+    if superuser:
+        return []
+    version = conn.info.server_version
+    can_set = "SET" if version >= 160000 else "MEMBER"  # what CREATE DATABASE OWNER and SET ROLE need
+
+    def has_role(role: str, how: str) -> bool:
+        return conn.execute("SELECT pg_has_role(%s, %s)", (role, how)).fetchone()[0]
+
+    def quoted(name: str) -> str:  # as a DBA would type it in the GRANT: quoted only where needed
+        return conn.execute("SELECT quote_ident(%s)", (name,)).fetchone()[0]
+
+    problems = []
+    who = quoted(user)
+    if not createdb:
+        problems.append(f"CREATEDB, to create the {'temporary' if like else 'new'} database: "
+                        f"ALTER ROLE {who} CREATEDB;")
+    if like is None:
+        return problems
+    db, owner = quoted(database), quoted(like.owner)
+    if not has_role(like.owner, "USAGE"):
+        problems.append(f"ownership of database {db} (owned by {owner}), to rename and drop it: "
+                        f"GRANT {owner} TO {who}; (or ALTER DATABASE {db} OWNER TO {who};)")
+    elif not has_role(like.owner, can_set):
+        problems.append(f"membership in {owner}, to create the copy owned by it: GRANT {owner} TO {who};")
+    if like.tablespace != "pg_default" and not conn.execute(
+            "SELECT has_tablespace_privilege(%s, 'CREATE')", (like.tablespace,)).fetchone()[0]:
+        space = quoted(like.tablespace)
+        problems.append(f"CREATE on tablespace {space}, where the database lives: "
+                        f"GRANT CREATE ON TABLESPACE {space} TO {who};")
+    signal_backend = has_role("pg_signal_backend", "USAGE")
+    for role, role_super in conn.execute(
+            "SELECT DISTINCT r.rolname, r.rolsuper FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid "
+            "WHERE a.datid = %s AND a.pid <> pg_backend_pid()", (like.oid,)):
+        if role_super:
+            problems.append(f"superuser, to terminate the session(s) of superuser {quoted(role)} "
+                            f"connected to {db}: close them, or restore as a superuser")
+        elif not (signal_backend or has_role(role, "USAGE")):
+            problems.append(f"the right to terminate the session(s) of {quoted(role)} connected to "
+                            f"{db}: GRANT pg_signal_backend TO {who};")
+    for role, items in like.settings:
+        for item in items:
+            name = item.partition("=")[0]
+            context = conn.execute("SELECT context FROM pg_settings WHERE name = %s", (name,)).fetchone()
+            if context and context[0] == "superuser" and not (version >= 150000 and conn.execute(
+                    "SELECT has_parameter_privilege(%s, 'SET')", (name,)).fetchone()[0]):
+                grant = f"GRANT SET ON PARAMETER {name} TO {who};" if version >= 150000 else "restore as a superuser"
+                problems.append(f"the right to set {name} (a superuser parameter) in {db}'s settings: {grant}")
+        if role is None or role == user:
+            continue
+        them = quoted(role)
+        if conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,)).fetchone()[0]:
+            problems.append(f"superuser, to copy the settings of superuser {them} in {db}: restore as a superuser")
+        elif not createrole or (version >= 160000 and not has_role(role, "MEMBER WITH ADMIN OPTION")):
+            grant = f"ALTER ROLE {who} CREATEROLE;" + (f" GRANT {them} TO {who} WITH ADMIN OPTION;"
+                                                       if version >= 160000 else "")
+            problems.append(f"the right to copy the settings of role {them} in {db} (ALTER ROLE ... IN DATABASE): "
+                            f"{grant}")
+    for grantor in sorted({item.grantor for item in like.acl or ()} - {like.owner, user}):
+        them = quoted(grantor)
+        if not has_role(grantor, can_set):
+            problems.append(f"membership in {them}, to copy the grants it made on {db}: GRANT {them} TO {who};")
+    return problems
+
+
+def check_rights(conn: psycopg.Connection, database: str | None, like: DatabaseProperties | None,
+                 what: str, where: str) -> None:
+    """Raise MissingRights naming every right `missing_rights` finds missing (`what`: "restore into X")."""
+    problems = missing_rights(conn, database, like)
+    if problems:
+        user = conn.execute("SELECT current_user").fetchone()[0]
+        raise MissingRights(f"{user} lacks {len(problems)} right(s) to {what} on {where}; nothing was changed",
+                            details=problems, hint="grant them (as a superuser, with the statements above) and run "
+                                                   "it again")
+
+
+# --- the restore lock --------------------------------------------------------------------------------
+
+
+def restore_lock_keys(database: str) -> tuple[int, int]:
+    """The advisory lock keys (two int4) of restores into `database`."""
+    key = zlib.crc32(database.encode())
+    return RESTORE_LOCK_CLASS, key - (1 << 32) if key >= 1 << 31 else key
+
+
+def hold_restore_lock(settings: Settings, server: Target, database: str) -> psycopg.Connection:
+    """Take the restore lock of `database` on `server` and return the session that holds it (close it to
+    release). Raise RestoreBusy naming the holder if another restore has it."""
+    conn = connect(server, MAINTENANCE_DB)
+    try:
+        holder_name = f"pgbeat restore {settings.node} pid {os.getpid()}"[:63]
+        conn.execute("SELECT set_config('application_name', %s, false)", (holder_name,))
+        # The session sits idle for the whole load: no idle timeout may end it, and if this host dies the
+        # server's keepalives end it (and release the lock) within a minute or so.
+        if conn.info.server_version >= 140000:
+            conn.execute("SET idle_session_timeout = 0")
+        conn.execute("SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3")
+        keys = restore_lock_keys(database)
+        if conn.execute("SELECT pg_try_advisory_lock(%s, %s)", keys).fetchone()[0]:
+            return conn
+        holder = conn.execute(
+            "SELECT a.application_name, a.usename, a.client_addr, a.pid FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND l.classid = %s AND l.objid = %s AND l.objsubid = 2",
+            (keys[0], keys[1] & 0xFFFFFFFF)).fetchone()
+        held_by = (f"{holder[0] or 'a session'} (PostgreSQL user {holder[1]}, backend pid {holder[3]}"
+                   f"{', from ' + str(holder[2]) if holder[2] else ''})") if holder else "a session that just ended"
+        raise RestoreBusy(f"Another restore of database {database!r} on {server.describe().rsplit('/', 1)[0]} is "
+                          f"running: {held_by}; nothing was changed",
+                          hint="wait for it to finish: pgbeat never runs two restores of one database at once")
+    except BaseException:
+        conn.close()
+        raise
+
+
 # --- loading into a temporary database ---------------------------------------------------------------
 
 
-def create_like(conn: psycopg.Connection, new: str, like: str | None) -> None:
-    """Create database `new` with the owner, encoding, locale, settings, grants and comment of `like`."""
-    if like is None or not database_exists(conn, like):
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(ident(new)))
-        return
-    row = conn.execute(
-        "SELECT pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding), d.datcollate, d.datctype, "
-        "d.datconnlimit, t.spcname, d.datacl IS NULL, shobj_description(d.oid, 'pg_database'), d.oid "
-        "FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace WHERE d.datname = %s", (like,)
-    ).fetchone()
-    owner, encoding, collate, ctype, connlimit, tablespace, default_acl, comment, oid = row
-    conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 OWNER {} ENCODING {} LC_COLLATE {} LC_CTYPE {} "
-                         "CONNECTION LIMIT {} TABLESPACE {}").format(
-        ident(new), ident(owner), sql.Literal(encoding), sql.Literal(collate), sql.Literal(ctype),
-        sql.Literal(connlimit), ident(tablespace)))
-    for (setting,) in conn.execute("SELECT unnest(setconfig) FROM pg_db_role_setting "
-                                   "WHERE setdatabase = %s AND setrole = 0", (oid,)).fetchall():
-        name, _, value = setting.partition("=")
-        values = [v.strip() for v in value.split(",")] if name in LIST_SETTINGS else [value]
-        conn.execute(sql.SQL("ALTER DATABASE {} SET {} TO {}").format(
-            ident(new), ident(name), sql.SQL(", ").join(sql.Literal(v) for v in values)))
-    if not default_acl:
-        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(ident(new)))
-        grants = conn.execute(
-            "SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, a.privilege_type "
-            "FROM pg_database d, aclexplode(d.datacl) a WHERE d.datname = %s", (like,)).fetchall()
-        for grantee, privilege in grants:
-            conn.execute(sql.SQL("GRANT {} ON DATABASE {} TO {}").format(
-                sql.SQL(privilege), ident(new), sql.SQL("PUBLIC") if grantee is None else ident(grantee)))
-    if comment:
-        conn.execute(sql.SQL("COMMENT ON DATABASE {} IS {}").format(ident(new), sql.Literal(comment)))
-
-
-def load_plain(settings: Settings, target: Target, database: str, entry: Entry, work: Path) -> None:
-    """Feed the decompressed dump to `psql -v ON_ERROR_STOP=1` connected to `database`."""
+def load_plain(settings: Settings, target: Target, database: str, entry: Entry, work: Path,
+               midway: str | None = None) -> None:
+    """Feed the decompressed dump to `psql -v ON_ERROR_STOP=1` connected to `database` (fault point
+    `midway` after the first block)."""
     into = target.model_copy(update={"dbname": database})
     argv = [find_pg_binary("psql", settings.pg_bin_dir), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password",
             "--dbname", into.conninfo()]
@@ -230,6 +583,9 @@ def load_plain(settings: Settings, target: Target, database: str, entry: Entry, 
             with decompressing_reader(entry.path, codec) as f:
                 while chunk := f.read(CHUNK):
                     proc.proc.stdin.write(chunk)
+                    if midway:
+                        fault_point(midway)
+                        midway = None
             proc.proc.stdin.close()
         except BrokenPipeError:
             pass  # psql stopped at the first error: its exit code and stderr say why
@@ -241,14 +597,18 @@ def load_plain(settings: Settings, target: Target, database: str, entry: Entry, 
                            details=proc.stderr_text()[-8:], hint="the original database was not touched")
 
 
-def load_archive(settings: Settings, target: Target, database: str, entry: Entry, jobs: int, work: Path) -> None:
-    """Restore a custom or directory archive with `pg_restore -j N --exit-on-error`."""
+def load_archive(settings: Settings, target: Target, database: str, entry: Entry, jobs: int, work: Path,
+                 midway: str | None = None) -> None:
+    """Restore a custom or directory archive with `pg_restore -j N --exit-on-error` (fault point `midway`
+    while it runs)."""
     into = target.model_copy(update={"dbname": database})
     argv = [find_pg_binary("pg_restore", settings.pg_bin_dir), "--exit-on-error", "--no-password",
             "--jobs", str(jobs), "--dbname", into.conninfo(), str(entry.path)]
     proc = Supervised(argv, env=client_env(target, work), stdout=subprocess.DEVNULL,
                       name="pg_restore")
     try:
+        if midway:
+            fault_point(midway)
         rc = proc.wait()
     finally:
         proc.stop()
@@ -308,32 +668,87 @@ def count_rows(conn: psycopg.Connection, tables: dict[str, int]) -> list[str]:
 # --- the swap ----------------------------------------------------------------------------------------
 
 
-def swap_in(conn: psycopg.Connection, new: str, old: str, retired: str, on_note: Callable[[str], None]) -> None:
-    """Replace database `old` with `new` atomically; `old` is renamed to `retired`, then dropped."""
-    conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(ident(old)))
-    try:
-        for attempt in range(5):
-            others = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                  "WHERE datname = %s AND pid <> pg_backend_pid()", (old,)).fetchone()[0]
-            if others:
-                on_note(f"disconnected {others} session(s) from database {old!r} to swap in the restored copy")
+# If this process or its host dies inside the swap transaction, the server must not keep the original
+# locked: an idle transaction ends after 10 s, a lock wait after 30 s, and from PostgreSQL 14 the server
+# checks every second, even inside a statement, whether the client is still there.
+SWAP_SESSION = ("SET idle_in_transaction_session_timeout = '10s'", "SET lock_timeout = '30s'",
+                "SET statement_timeout = '120s'")
+SWAP_ATTEMPTS = 3
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def swap_in(server: Target, new: str, old: str, retired: str, original: DatabaseProperties, new_oid: int,
+            on_note: Callable[[str], None]) -> None:
+    """Swap database `new` in as `old` in one transaction (`old` becomes `retired`), with `original`'s
+    connection limit, datallowconn and template flag; the sessions on `old` are terminated while its
+    rename waits for them. Raise RestoreError if that cannot be done: `old` is then as it was.
+
+    The first rename holds `old`'s AccessExclusiveLock: sessions connecting meanwhile wait for it (and
+    after the commit find the new database), so none slips in between the termination and the renames.
+    """
+    with connect(server, MAINTENANCE_DB) as swapper, connect(server, MAINTENANCE_DB) as terminator:
+        for statement in SWAP_SESSION:
+            swapper.execute(statement)
+        if swapper.info.server_version >= 140000:
+            swapper.execute("SET client_connection_check_interval = '1s'")
+        swapping = threading.Event()
+        terminated: set[int] = set()
+        refused: list[str] = []
+
+        def terminate_sessions() -> None:
+            while swapping.is_set():
+                try:
+                    rows = terminator.execute(
+                        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE datid = ANY(%s) "
+                        "AND pid <> %s", ([original.oid, new_oid], swapper.info.backend_pid)).fetchall()
+                except psycopg.Error as exc:
+                    refused.append(first_line(exc))
+                    return
+                terminated.update(pid for pid, ended in rows if ended)
+                time.sleep(0.05)
+
+        for attempt in range(1, SWAP_ATTEMPTS + 1):
+            swapping.set()
+            thread = threading.Thread(target=terminate_sessions, name="pgbeat-terminate", daemon=True)
+            thread.start()
             try:
-                with conn.transaction():
-                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(old), ident(retired)))
-                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(new), ident(old)))
+                with swapper.transaction():
+                    swapper.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(old), ident(retired)))
+                    fault_point(SWAP.middle)
+                    swapper.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(new), ident(old)))
+                    properties_at_swap(swapper, old, original)
+                    fault_point(SWAP.end)
                 break
-            except psycopg.errors.ObjectInUse:
-                if attempt == 4:
-                    raise
-                time.sleep(0.5)
-    except BaseException:
-        if database_exists(conn, old):
-            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(ident(old)))
-        raise
-    conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(ident(retired)))
+            except psycopg.errors.ObjectInUse as exc:
+                if attempt == SWAP_ATTEMPTS or refused:
+                    raise RestoreError(f"Could not swap in the restored copy: {first_line(exc)}",
+                                       details=[d for d in (exc.diag.message_detail, *refused) if d],
+                                       hint="the original database was not touched; end the sessions or prepared "
+                                            "transactions that use it, then restore again") from None
+            finally:
+                swapping.clear()
+                thread.join(5)
+    if terminated:
+        on_note(f"disconnected {len(terminated)} session(s) from database {old!r} to swap in the restored copy")
 
 
 # --- the whole flow ----------------------------------------------------------------------------------
+
+
+def refuse_reserved(database: str) -> None:
+    """Raise RestoreRefused (exit code 2) if `database` is not one a restore may replace."""
+    if not database.strip():
+        raise RestoreRefused("Refusing to restore into a database with an empty name",
+                             hint="name the database with --into NAME, or leave --into out")
+    if database in RESERVED_DATABASES:
+        what = ("the maintenance database pgbeat's own connection uses" if database == MAINTENANCE_DB
+                else "a template every CREATE DATABASE copies")
+        raise RestoreRefused(f"Refusing to restore into {database!r}: it is {what}; nothing was changed",
+                             hint="restore into another database with --into NAME")
 
 
 def restore(settings: Settings, entry: Entry, target: Target, *, into: str | None = None, jobs: int = 1,
@@ -342,14 +757,25 @@ def restore(settings: Settings, entry: Entry, target: Target, *, into: str | Non
             now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> RestoreResult:
     """Restore `entry` into `into` (default: the target's database) on `target`'s server, as described above.
 
-    Raise VerifyError if the backup is damaged, RestoreRefused if `confirm` says no, RestoreError if the
-    restore or its check fails; in every case the existing database is left as it was.
+    Raise RestoreRefused for a reserved database name or a "no" from `confirm`, VerifyError if the backup
+    is damaged, MissingRights if the user lacks a right, RestoreBusy if another restore of the database
+    runs, RestoreInterrupted on SIGTERM, SIGHUP or SIGINT, RestoreError if the restore or a check fails.
+    Until the swap commits, the existing database is left as it was in every case.
     """
-    note = on_step or (lambda step, text: None)
-    database = into or target.dbname
+    database = target.dbname if into is None else into
+    refuse_reserved(database)
+    with interruptible() as guard:
+        return _restore(settings, entry, target, database, jobs, confirm, on_step or (lambda step, text: None),
+                        safety, identities, now, guard)
+
+
+def _restore(settings: Settings, entry: Entry, target: Target, database: str, jobs: int,
+             confirm: Callable[[RestoreInfo], bool], note: Callable[[str, str], None], safety: bool,
+             identities: list | None, now: Callable[[], datetime], guard: InterruptGuard) -> RestoreResult:
     started, t0 = now(), time.monotonic()
     timings: dict[str, float] = {}
     log_file = settings.backup_root / "logs" / f"{target.name}_restore_{started.astimezone(settings.tz):%Y%m%d}.log"
+    where = target.describe().rsplit("/", 1)[0]
 
     def logline(*messages: str) -> None:
         runlog.append(settings, log_file, now(), *messages)
@@ -362,65 +788,149 @@ def restore(settings: Settings, entry: Entry, target: Target, *, into: str | Non
         note(step, "done")
         return value
 
-    logline("=" * 60, f"Iniciando restauração de {entry.path}", f"Destino: {database} em {target.describe()}")
-    work = settings.backup_root / WORK_DIR / f"restore-{uuid.uuid4().hex[:12]}"
-    stored = entry  # the backup as stored; `entry` becomes its plaintext when it is encrypted
-    try:
-        timed("verify", lambda: verify_backup(stored.path, settings, checksums_only=True))
-        if stored.manifest.encryption:
-            entry = timed("decrypt", lambda: plaintext_of(settings, stored, identities, work))
-        logline("SUCCESS: Backup íntegro (checksums, descompressão, dump completo)")
-        with connect(target, MAINTENANCE_DB) as admin:
-            exists = database_exists(admin, database)
-        info = RestoreInfo(backup=entry.path, target=target.name, database=database, server=target.describe(),
-                           taken_at=entry.manifest.started_at, size=entry.manifest.size, exists=exists)
-        if exists and not confirm(info):
-            raise RestoreRefused("Restore cancelled: not confirmed", hint="type SIM to confirm, or pass --yes")
-        safety_path = None
-        if exists and safety:
-            safety_path = timed("safety_backup", lambda: safety_backup(settings, target, database, now()))
-            logline(f"SUCCESS: Backup de segurança criado: {safety_path}")
-        private_dir(work)
-        temporary = f"pgbeat_restore_{uuid.uuid4().hex[:12]}"
-        try:
-            with connect(target, MAINTENANCE_DB) as admin:
-                timed("create", lambda: create_like(admin, temporary, database))
-            t_restore = time.monotonic()
-            if entry.manifest.format == "plain":
-                timed("load", lambda: load_plain(settings, target, temporary, entry, work))
-            else:
-                timed("load", lambda: load_archive(settings, target, temporary, entry, jobs, work))
-            restore_s = round(time.monotonic() - t_restore, 3)
-            with connect(target, temporary) as conn:
-                problems = timed("check", lambda: count_rows(conn, entry.manifest.tables))
-            if problems:
-                raise RestoreError(f"The restored copy does not match the backup's manifest ({len(problems)} "
-                                   "table(s) differ); the original database was not touched", details=problems[:10])
-            with connect(target, MAINTENANCE_DB) as admin:
-                if exists:
-                    retired = f"pgbeat_old_{uuid.uuid4().hex[:12]}"
-                    timed("swap", lambda: swap_in(admin, temporary, database, retired,
-                                                  lambda text: (note("swap", text), logline(text))))
-                else:
-                    admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(temporary),
-                                                                                   ident(database)))
-        finally:
-            with connect(target, MAINTENANCE_DB) as admin:
-                if database_exists(admin, temporary):
-                    admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(ident(temporary)))
-        with connect(target, database) as conn:
-            missing = [name for name in entry.manifest.tables if TABLE_NAME_RE.fullmatch(name) and conn.execute(
-                "SELECT to_regclass(%s) IS NULL", (name,)).fetchone()[0]]
-        if missing:
-            raise RestoreError(f"After the swap, {len(missing)} table(s) of the backup are missing in {database}",
-                               details=missing[:10])
-    except PgbeatError as exc:
+    def report(exc: PgbeatError) -> None:
         logline(f"ERROR: {exc.message}", *(f"  {d}" for d in exc.details))
         send_event(settings, Event(kind="restore_failed", target=target.name, tier=entry.manifest.tier,
                                    run_id=entry.manifest.run_id, node=settings.node, at=now().isoformat(),
                                    file=str(stored.path), reason=exc.message, details=exc.details, hint=exc.hint,
                                    log_file=str(log_file), step="restore"))
+
+    logline("=" * 60, f"Iniciando restauração de {entry.path}", f"Destino: {database} em {target.describe()}")
+    run_id = new_run_id()
+    work = settings.backup_root / WORK_DIR / f"restore-{run_id}"
+    stored = entry  # the backup as stored; `entry` becomes its plaintext when it is encrypted
+    journal: Journal | None = None
+    begun, swapped, settled = False, False, True
+    temporary = f"{TEMPORARY_PREFIX}{run_id}"
+    safety_run = f"pre-restore-{run_id}"
+    try:
+        lock = None
+        # From the first step: a decrypted copy in `work` must not outlive a killed run either.
+        journal = Journal.begin(settings, run_id, kind="restore", target=target, server="target",
+                                temporary=temporary, phase="verify", backup=str(stored.path), database=database,
+                                work=[str(work), str(settings.backup_root / WORK_DIR / safety_run)])
+        try:
+            timed("verify", lambda: verify_backup(stored.path, settings, checksums_only=True))
+            if stored.manifest.encryption:
+                entry = timed("decrypt", lambda: plaintext_of(settings, stored, identities, work))
+            logline("SUCCESS: Backup íntegro (checksums, descompressão, dump completo)")
+            with connect(target, MAINTENANCE_DB) as admin:
+                original = database_properties(admin, database)
+                check_rights(admin, database, original, f"restore into database {database!r}", where)
+            exists = original is not None
+            lock = hold_restore_lock(settings, target, database)
+            info = RestoreInfo(backup=entry.path, target=target.name, database=database, server=target.describe(),
+                               taken_at=entry.manifest.started_at, size=entry.manifest.size, exists=exists)
+            if exists and not confirm(info):
+                raise RestoreRefused("Restore cancelled: not confirmed", hint="type SIM to confirm, or pass --yes")
+            retired = f"{RETIRED_PREFIX}{run_id}" if exists else None
+            journal.write("safety", retired=retired)
+            logline(f"Banco temporário: {temporary}; diário {journal.path}")
+            fault_point(SAFETY.start)
+            safety_path = None
+            if exists and safety:
+                safety_path = timed("safety_backup",
+                                    lambda: safety_backup(settings, target, database, now(), safety_run))
+                logline(f"SUCCESS: Backup de segurança criado: {safety_path}")
+            fault_point(SAFETY.end)
+            private_dir(work)
+
+            note("create", "started")
+            t = time.monotonic()
+            with connect(target, MAINTENANCE_DB) as admin:
+                original = database_properties(admin, database)  # as it is now, after the safety backup
+                if (original is not None) != exists:
+                    raise RestoreError(f"Database {database!r} was {'dropped' if exists else 'created'} by someone "
+                                       "else while the restore ran; nothing was changed")
+                journal.write("create", database_oid=original and original.oid,
+                              datallowconn=original and original.allow_connections)
+                fault_point(CREATE.start)
+                create_like(admin, temporary, original)
+                journal.write("create", temporary_oid=database_oid(admin, temporary))
+                fault_point(CREATE.middle)
+                if original is not None:
+                    copy_properties(admin, temporary, original)
+            timings["create"] = round(time.monotonic() - t, 3)
+            note("create", "done")
+            fault_point(CREATE.end)
+
+            journal.write("load")
+            fault_point(LOAD.start)
+            t_restore = time.monotonic()
+            if entry.manifest.format == "plain":
+                timed("load", lambda: load_plain(settings, target, temporary, entry, work, midway=LOAD.middle))
+            else:
+                timed("load", lambda: load_archive(settings, target, temporary, entry, jobs, work, midway=LOAD.middle))
+            restore_s = round(time.monotonic() - t_restore, 3)
+            fault_point(LOAD.end)
+
+            journal.write("check")
+            fault_point(CHECK.start)
+            with connect(target, temporary) as conn:
+                problems = timed("check", lambda: count_rows(conn, entry.manifest.tables))
+            if problems:
+                raise RestoreError(f"The restored copy does not match the backup's manifest ({len(problems)} "
+                                   "table(s) differ); the original database was not touched", details=problems[:10])
+            fault_point(CHECK.middle)
+            if original is not None:
+                with connect(target, MAINTENANCE_DB) as admin:
+                    copy = database_properties(admin, temporary)
+                differences = original.differences(copy, skip=DatabaseProperties.AT_SWAP + DatabaseProperties.BUILT)
+                if differences:
+                    raise RestoreError("The temporary copy did not get the original's database properties; the "
+                                       "original database was not touched", details=differences)
+                if copy.collation_version != original.collation_version:
+                    logline(f"NOTE: {database} had collation version {original.collation_version}; the restored "
+                            f"copy was built with {copy.collation_version}, the version of today's library")
+            fault_point(CHECK.end)
+
+            journal.write("swap")
+            fault_point(SWAP.start)
+            if original is not None:
+                timed("swap", lambda: swap_in(target, temporary, database, retired, original,
+                                              journal.record.temporary_oid,
+                                              lambda text: (note("swap", text), logline(text))))
+            else:
+                with connect(target, MAINTENANCE_DB) as admin:
+                    admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(temporary), ident(database)))
+            swapped = True
+            fault_point(DROP.start)
+            if retired is not None:
+                journal.write("drop")
+                fault_point(DROP.middle)
+                with connect(target, MAINTENANCE_DB) as admin:
+                    drop_database(admin, retired)
+                fault_point(DROP.end)
+            journal.close()
+            journal = None
+        finally:
+            try:
+                if journal is not None:  # stopped midway: finish or undo now, else leave it to the next run
+                    begun = journal.record.phase not in ("verify",)
+                    settled, committed = _settle_own(target, journal, guard, logline)
+                    swapped = swapped or committed
+            finally:
+                if lock is not None:
+                    lock.close()
+        if original is None or original.allow_connections:
+            with connect(target, database) as conn:
+                missing = [name for name in entry.manifest.tables if TABLE_NAME_RE.fullmatch(name) and conn.execute(
+                    "SELECT to_regclass(%s) IS NULL", (name,)).fetchone()[0]]
+            if missing:
+                raise RestoreError(f"After the swap, {len(missing)} table(s) of the backup are missing in {database}",
+                                   details=missing[:10])
+    except Interrupted as exc:
+        error = RestoreInterrupted(_interrupted_message(exc.signal_name, database, begun, swapped, settled))
+        report(error)
+        raise error from None
+    except PgbeatError as exc:
+        report(exc)
         raise
+    except psycopg.Error as exc:
+        error = RestoreError(f"PostgreSQL refused the restore: {first_line(exc)}",
+                             hint="the original database was not touched" if not swapped else None)
+        report(error)
+        raise error from None
     finally:
         remove_path(work)  # scratch files, e.g. a decrypted copy
     duration = round(time.monotonic() - t0, 3)
@@ -432,3 +942,31 @@ def restore(settings: Settings, entry: Entry, target: Target, *, into: str | Non
     return RestoreResult(backup=stored.path, database=database, server=target.describe(), created=not exists,
                          safety_backup=safety_path, tables_checked=len(entry.manifest.tables), restore_s=restore_s,
                          duration_s=duration, steps=timings)
+
+
+def _settle_own(server: Target, journal: Journal, guard: InterruptGuard,
+                logline: Callable[..., None]) -> tuple[bool, bool]:
+    """Finish or undo this process's own unfinished run now (signals wait meanwhile); return whether it
+    is settled and whether its swap had committed. If the server cannot be reached, the journal stays for
+    the next pgbeat run on this host."""
+    with guard.masked():
+        try:
+            committed, lines = settle(server, journal.record)
+        except PgbeatError as exc:
+            journal.release()
+            logline(f"ERROR: could not undo yet ({exc.message}); the next pgbeat run on this host will, from "
+                    f"{journal.path}")
+            return False, False
+        journal.close()
+        if lines:
+            logline(*lines)
+        return True, committed
+
+
+def _interrupted_message(signal_name: str, database: str, begun: bool, swapped: bool, settled: bool) -> str:
+    later = "" if settled else " (the next pgbeat run on this host finishes that from the journal)"
+    if swapped:
+        return (f"Restore interrupted by {signal_name} after the swap: {database!r} holds the restored backup, its "
+                f"retired original was dropped{later}; the final table check did not run")
+    undone = f"; what the restore had begun was undone{later}" if begun else ""
+    return f"Restore interrupted by {signal_name}: {database!r} was left as it was{undone}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from pgbeat.restore_journal import recover_restores
 from pgbeat.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,9 @@ log = logging.getLogger(__name__)
 Recovery = Callable[[Settings], list[str]]
 
 # Filled in by the modules that leave state behind (restore journals, work folders, ...), in order.
-RECOVERIES: list[Recovery] = []
+RECOVERIES: list[Recovery] = [
+    recover_restores,  # interrupted restores and drills (pgbeat.restore_journal)
+]
 
 
 def recover_host(settings: Settings, context: str) -> list[str]:
