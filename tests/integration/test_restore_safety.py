@@ -27,6 +27,7 @@ import pytest
 import pgbeat.drill  # declares the drill's fault points
 import pgbeat.restore  # noqa: F401  (declares the restore's fault points)
 from pgbeat import faults
+from pgbeat.catalog import Manifest, write_manifest
 from pgbeat.fsutil import private_dir
 from tests.conftest import unique
 from tests.support import VENV_BIN, Service, Worker, pg_dump_processes, table_locked, wait_for
@@ -115,7 +116,7 @@ def shelf_copy(backup: Path, service: Service, target: str | None = None) -> Pat
     shutil.copy2(backup, folder / name)
     manifest = json.loads(backup.with_name(backup.name + ".manifest.json").read_text())
     manifest.update(file=name, target=target or manifest["target"])
-    (folder / f"{name}.manifest.json").write_text(json.dumps(manifest))
+    write_manifest(folder / f"{name}.manifest.json", Manifest.model_validate(manifest))  # sealed again
     (folder / f"{name}.sha256").write_text(f"{manifest['sha256']}  {name}\n")
     for path in folder.glob(f"{name}*"):
         path.chmod(0o600)
