@@ -475,7 +475,7 @@ def print_manifest(settings: Settings, entry) -> None:
 @click.option("--on-worker", is_flag=True, help="Run the restore as tasks.restore on a worker (needs a broker).")
 @click.option("--node", type=NodeName(), help="With --on-worker: the host whose worker restores (default: this host).")
 @click.option("--identity", type=IdentityFile(), help="age identity file for encrypted backups.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=6 * 3600, show_default=True,
+@click.option("--timeout", type=Seconds(), default=6 * 3600, show_default=True,
               help="With --on-worker: seconds to wait for the restore; then it is stopped and undone.")
 def restore(file: str | None, latest: bool, target_name: str | None, tier: str | None, into: str | None, yes: bool,
             jobs: int, list_only: bool, on_worker: bool, node: str | None, identity: Path | None,
