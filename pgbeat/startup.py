@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from pgbeat.run import sweep_work_folders
 from pgbeat.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 Recovery = Callable[[Settings], list[str]]
 
 # Filled in by the modules that leave state behind (restore journals, work folders, ...), in order.
-RECOVERIES: list[Recovery] = []
+RECOVERIES: list[Recovery] = [sweep_work_folders]
 
 
 def recover_host(settings: Settings, context: str) -> list[str]:

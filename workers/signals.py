@@ -5,14 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 from redis.exceptions import RedisError
 
-from pgbeat.coordination import NodeRegistry, RunState
-from pgbeat.fsutil import remove_path
-from pgbeat.run import WORK_DIR
+from pgbeat.coordination import NodeRegistry
 from pgbeat.settings import get_settings
 from pgbeat.startup import recover_host
 from workers.chain import redis_client
@@ -31,25 +28,12 @@ def consume_host_queue(sender, instance, **kwargs):
 
 @worker_ready.connect
 def announce_and_clean(sender, **kwargs):
-    """Start this worker's heartbeat, then remove work folders no run can still need: runs abandoned to
-    another host, and anything older than the visibility timeout."""
+    """Settle what killed runs left on this host (pgbeat.startup: among others, work folders that no live
+    process holds and no active run needs), then start this worker's heartbeat."""
     settings = get_settings()
     recover_host(settings, "worker")
     worker = sender.hostname
     threading.Thread(target=_heartbeat, args=(settings.node, worker), name="pgbeat-heartbeat", daemon=True).start()
-    work = settings.backup_root / WORK_DIR
-    if not work.is_dir():
-        return
-    state = RunState(redis_client(settings))
-    horizon = time.time() - settings.reliability.visibility_timeout
-    for folder in work.iterdir():
-        try:
-            abandoned = state.get(folder.name).get("status") == "abandoned"
-            if abandoned or folder.stat().st_mtime < horizon:
-                remove_path(folder)
-                log.warning("removed %s work folder %s", "abandoned" if abandoned else "old", folder)
-        except (FileNotFoundError, RedisError):
-            pass
 
 
 def _heartbeat(node: str, worker: str) -> None:
