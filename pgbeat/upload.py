@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pgbeat import crypt, faults
 from pgbeat.catalog import (
+    CHECKSUM_SUFFIX,
     MANIFEST_SUFFIX,
     STAMP_FORMAT,
     Entry,
@@ -93,14 +94,22 @@ def _ours_on_shelf(final: Path, manifest: Manifest) -> bool:
 
 
 def shelf_name(backup_root: Path, tier: str, manifest: Manifest) -> str:
-    """Return the final name for `manifest`'s backup: its recorded name, moved on by a second while that
-    name is taken by another backup (two runs within one second); a name this run's own files hold is
-    kept (a resumption)."""
+    """Return the final name for `manifest`'s backup: its recorded name, moved on by a second while its
+    time stamp is taken by another backup (two runs within one second; one stamp is one backup whatever
+    its extension, since `X.sql.gz` encrypted on its way off-site becomes `X.sql.gz.age`); a name this
+    run's own files hold is kept (a resumption)."""
+    try:
+        present = os.listdir(backup_root / tier)
+    except FileNotFoundError:
+        present = []
     name = manifest.file
     while True:
         final = backup_root / tier / name
+        stem = name.removesuffix(parse_name(name)["ext"])
+        others = any(data.startswith(stem + ".") and data != name for data in
+                     (entry.removesuffix(MANIFEST_SUFFIX).removesuffix(CHECKSUM_SUFFIX) for entry in present))
         taken = any(os.path.lexists(p) for p in (final, manifest_path(final), checksum_path(final)))
-        if not taken or _ours_on_shelf(final, manifest):
+        if not others and (not taken or _ours_on_shelf(final, manifest)):
             return name
         name = _next_second(name)
 
@@ -253,11 +262,13 @@ def upload_step(ctx: StepContext, run: Run) -> Run:
     run.final_path, run.name = str(entry.path), entry.path.name
     remove_path(run.work())
 
-    failures = replicate(ctx.settings, target, entry)
+    storages: dict = {}
+    failures = replicate(ctx.settings, target, entry, storages=storages)
     if not failures:
         # Copies an earlier run could not make (or older backups, for a new destination): a few per run,
         # so that a long backlog never makes one backup's upload step long; `upload --retry` does them all.
-        failures = replicate_missing(ctx.settings, target, limit=ctx.settings.reliability.copy_backlog_per_run)
+        failures = replicate_missing(ctx.settings, target, limit=ctx.settings.reliability.copy_backlog_per_run,
+                                     storages=storages)
     final = entry.path
     copies = {dest: info for dest, info in (read_manifest(manifest_path(final)) or entry.manifest).copies.items()}
     run.steps["upload"] = {"copies": {d: c.get("location") or c.get("error") or c.get("reason")
