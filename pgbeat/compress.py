@@ -235,8 +235,8 @@ def compress_step(ctx: StepContext, run: Run) -> Run:
     if not source.exists() and dest.exists():
         # An earlier run of this step got as far as removing the dump: its file is complete.
         log.warning("compress of run %s was done already: %s is there", run.run_id, dest.name)
-        blocks = read_block_index(dest)
-        written = {"size": dest.stat().st_size, "sha256": None, **({"blocks": len(blocks)} if blocks else {})}
+        blocks = read_block_index(dest)  # what compress_file wrote beside it (codec none: no index)
+        written = {"size": dest.stat().st_size, **({"blocks": len(blocks)} if blocks is not None else {"sha256": None})}
     elif not source.exists():
         raise VerifyError(f"{run.name}: nothing to compress (the dump {source.name} is missing)", step="compress")
     elif run.codec == "none":
