@@ -143,6 +143,12 @@ def _sealed_manifest(manifest: Manifest, name: str, digests: dict[str, Any], rec
             "file": manifest.file, "size": manifest.size, "sha256": manifest.sha256, "md5": manifest.md5}}})
 
 
+def _remote_manifest(storage: Storage, key: str, scratch: Path) -> Manifest | None:
+    local = scratch / (key.rsplit("/", 1)[-1] + MANIFEST_SUFFIX)
+    storage.get(key + MANIFEST_SUFFIX, local)
+    return read_manifest(local)
+
+
 def _encrypted_copy(storage: Storage, spec: DestinationSpec, entry: Entry, recipients: list[str],
                     scratch: Path) -> tuple[Manifest, Path | None]:
     """Return the manifest of `entry` encrypted for `spec`, and the encrypted scratch file to upload (None
@@ -161,8 +167,13 @@ def _encrypted_copy(storage: Storage, spec: DestinationSpec, entry: Entry, recip
             except StorageError:
                 pass
         if storage.stat(key + MANIFEST_SUFFIX) is not None:
-            raise StorageError(f"{spec.name}: {key} holds a copy this backup did not record; not replaced",
-                               hint=f"remove {key} and its sidecars from {spec.name} if it is a stale copy")
+            remote = _remote_manifest(storage, key, scratch)
+            plaintext = (remote.encryption or {}).get("plaintext", {}) if remote else {}
+            if remote is None or remote.file != name or plaintext.get("sha256") != m.sha256:
+                raise StorageError(f"{spec.name}: {key} holds another copy than this backup's; not replaced",
+                                   hint=f"remove {key} and its sidecars from {spec.name} if it is a stale copy")
+            storage.verify(key, remote.size, remote.sha256)  # this backup, encrypted before its record was lost
+            return remote, None
         storage.delete(key)  # an interrupted upload of ours (no manifest): its bytes cannot be checked
     sealed = scratch / name
     digests = crypt.encrypt_file(entry.path, sealed, recipients)
@@ -202,8 +213,12 @@ def copy_backup(settings: Settings, storage: Storage, spec: DestinationSpec, ent
     return record
 
 
-def replicate(settings: Settings, target: Target, entry: Entry, only: str | None = None) -> list[str]:
-    """Copy `entry` to each of `target`'s destinations that lack a good copy; return one line per failure."""
+def replicate(settings: Settings, target: Target, entry: Entry, only: str | None = None,
+              storages: dict[str, Storage] | None = None) -> list[str]:
+    """Copy `entry` to each of `target`'s destinations that lack a good copy; return one line per failure.
+
+    `storages` (by destination name) is filled and reused, so that a series of copies opens each once."""
+    storages = {} if storages is None else storages
     failures = []
     for spec in target.destinations:
         if only and spec.name != only:
@@ -220,7 +235,9 @@ def replicate(settings: Settings, target: Target, entry: Entry, only: str | None
         else:
             try:
                 recipients = target.encryption.recipients if plan == "encrypt" and target.encryption else None
-                record = copy_backup(settings, open_storage(spec), spec, Entry(path=entry.path, manifest=manifest),
+                if spec.name not in storages:
+                    storages[spec.name] = open_storage(spec)
+                record = copy_backup(settings, storages[spec.name], spec, Entry(path=entry.path, manifest=manifest),
                                      recipients)
             except (StorageError, OSError) as exc:
                 message = exc.message if isinstance(exc, PgbeatError) else str(exc)
@@ -233,10 +250,11 @@ def replicate(settings: Settings, target: Target, entry: Entry, only: str | None
     return failures
 
 
-def replicate_missing(settings: Settings, target: Target, only: str | None = None,
-                      limit: int | None = None) -> list[str]:
+def replicate_missing(settings: Settings, target: Target, only: str | None = None, limit: int | None = None,
+                      storages: dict[str, Storage] | None = None) -> list[str]:
     """Complete the copies of `target`'s local backups that a destination lacks, newest first; with
     `limit`, of at most that many backups (the rest wait for the next call). Return one line per failure."""
+    storages = {} if storages is None else storages
     failures, taken = [], 0
     for entry in reversed(list_backups(settings.backup_root, target.name)):
         fresh = read_manifest(manifest_path(entry.path))
@@ -252,7 +270,7 @@ def replicate_missing(settings: Settings, target: Target, only: str | None = Non
                      target.name)
             break
         taken += 1
-        failures += replicate(settings, target, Entry(path=entry.path, manifest=fresh), only)
+        failures += replicate(settings, target, Entry(path=entry.path, manifest=fresh), only, storages)
     return failures
 
 
