@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import threading
 
@@ -24,6 +25,22 @@ _stop_heartbeat = threading.Event()
 def consume_host_queue(sender, instance, **kwargs):
     """Consume this host's queue too, whatever `-Q` says: chains pinned here must find a worker."""
     instance.app.amqp.queues.select_add(host_queue(get_settings().node))
+
+
+# The client library of each kind of destination, imported lazily by pgbeat.storage.
+STORAGE_LIBRARIES = {"s3": "boto3", "gcs": "google.cloud.storage", "ssh": "paramiko"}
+
+
+@celeryd_after_setup.connect
+def preload_storage_libraries(sender, instance, **kwargs):
+    """Import the client libraries of the configured destinations before the pool forks: every pool process,
+    also one started anew after another died, then has them instead of importing them for its first copy."""
+    kinds = {spec.kind for target in get_settings().targets.values() for spec in target.destinations}
+    for kind in sorted(kinds):
+        try:
+            importlib.import_module(STORAGE_LIBRARIES[kind])
+        except ImportError as exc:  # the copy itself reports it, naming the destination
+            log.warning("cannot preload %s for %s destinations: %s", STORAGE_LIBRARIES[kind], kind, exc)
 
 
 @worker_ready.connect
