@@ -38,6 +38,7 @@ from pgbeat.catalog import (
     parse_name,
     read_manifest,
     update_manifest,
+    write_manifest,
 )
 from pgbeat.errors import PgbeatError, StorageError
 from pgbeat.settings import DestinationSpec, Settings, Target, TierPolicy
@@ -208,7 +209,10 @@ def copy_backup(settings: Settings, storage: Storage, spec: DestinationSpec, ent
             record.update(file=stored.file, encrypted=True, size=stored.size, sha256=stored.sha256)
         remote = stored.model_copy(deep=True)
         remote.copies[spec.name] = record
-        _put_text(storage, scratch, remote.model_dump_json(indent=2) + "\n", key + MANIFEST_SUFFIX)
+        manifest_file = scratch / (stored.file + MANIFEST_SUFFIX)
+        write_manifest(manifest_file, remote)  # the way every manifest is written (a derived one is its own)
+        storage.delete(key + MANIFEST_SUFFIX)
+        storage.put(manifest_file, key + MANIFEST_SUFFIX)
         faults.fault_point(OFFSITE_COPIED)
     return record
 

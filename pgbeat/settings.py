@@ -311,9 +311,10 @@ class Reliability(Strict):
     catch_up_window: float = Field(0.5, gt=0, le=1, description="a scheduled run starting later than this share "
                                                                 "of its tier's period after its slot is skipped")
     beat_lock_timeout: int = Field(150, ge=10, description="RedBeat leader lock: a standby beat takes over after it")
-    copy_backlog_per_run: int = Field(3, ge=0, description="older local backups (newest first) a backup's upload "
-                                                           "step copies to destinations that lack them; "
-                                                           "`pgbeat upload --retry` copies all (0 = only it)")
+    copy_backlog_per_run: int = Field(3, ge=0, le=10_000,
+                                      description="older local backups (newest first) a backup's upload step copies "
+                                                  "to destinations that lack them; `pgbeat upload --retry` copies "
+                                                  "all (0 = only it)")
 
     @field_validator("time_limits")
     @classmethod

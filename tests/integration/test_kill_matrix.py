@@ -20,7 +20,7 @@ import uuid
 import pytest
 import redis
 
-from pgbeat import faults
+from pgbeat import errors, faults
 from pgbeat.pipeline import STEP_FUNCTIONS  # noqa: F401  (imports every step module: declares their points)
 from pgbeat.settings import STEPS, load_settings
 from tests.shelf import (
@@ -236,7 +236,7 @@ def run_inprocess_matrix(shelf: Shelf, plan: list[tuple[str, str]], folder, make
         marks = folder / f"{point}={action}"
         marks.mkdir(parents=True)
         killed = service.pgbeat("backup", "daily", PGBEAT_FAULTS=f"{point}={action}", PGBEAT_FAULTS_DIR=str(marks))
-        expected = {"kill": -signal.SIGKILL, "int": 1}[action]
+        expected = {"kill": -signal.SIGKILL, "int": getattr(errors, "EXIT_INTERRUPTED", errors.EXIT_FAILED)}[action]
         if killed.returncode != expected or "Traceback" in killed.stderr:
             wrong.append(f"{point}={action}: the killed run exited {killed.returncode}: {killed.stderr[-300:]}")
             continue
