@@ -24,6 +24,7 @@ from pgbeat import errors, faults
 from pgbeat.pipeline import STEP_FUNCTIONS  # noqa: F401  (imports every step module: declares their points)
 from pgbeat.settings import STEPS, load_settings
 from tests.shelf import (
+    WarmCli,
     backups_of,
     make_age_key,
     manifest_of,
@@ -207,9 +208,18 @@ def run_inprocess_matrix(shelf: Shelf, plan: list[tuple[str, str]], folder, make
                          settings) -> list[str]:
     """Kill `pgbeat backup` at each (point, action) in turn, run it again; return what went wrong, per point.
 
-    The target has its S3 destination only for the points that need one (boto3 costs a CLI run a second).
+    The commands run through a warm CLI (tests.shelf.WarmCli: a forked child per command runs the CLI's
+    main, and dies at the point). The target has its S3 destination only for the points that need one.
     Checked each time: nothing half-published or left behind, here and at S3; older backups intact; the
     next run's backup is the one new backup and verifies; a backup the killed run published restores."""
+    cli = WarmCli(shelf.service, folder / "cli")
+    try:
+        return _run_inprocess_matrix(shelf, cli, plan, folder, make_db, identity, settings)
+    finally:
+        cli.close()
+
+
+def _run_inprocess_matrix(shelf: Shelf, cli: WarmCli, plan, folder, make_db, identity, settings) -> list[str]:
     from pgbeat.crypt import load_identities
     from pgbeat.verify import verify_backup
 
@@ -229,13 +239,13 @@ def run_inprocess_matrix(shelf: Shelf, plan: list[tuple[str, str]], folder, make
             encryption = service.config["targets"][0].pop("encryption")
             service.config["targets"][0]["destinations"] = []
             service.write_config()
-            assert service.pgbeat("backup", "daily").returncode == 0
+            assert cli.pgbeat("backup", "daily").returncode == 0
             service.config["targets"][0].update(encryption=encryption, destinations=spec)
             service.write_config()
         earlier = set(backups_of(root, target))
         marks = folder / f"{point}={action}"
         marks.mkdir(parents=True)
-        killed = service.pgbeat("backup", "daily", PGBEAT_FAULTS=f"{point}={action}", PGBEAT_FAULTS_DIR=str(marks))
+        killed = cli.pgbeat("backup", "daily", PGBEAT_FAULTS=f"{point}={action}", PGBEAT_FAULTS_DIR=str(marks))
         expected = {"kill": -signal.SIGKILL, "int": getattr(errors, "EXIT_INTERRUPTED", errors.EXIT_FAILED)}[action]
         if killed.returncode != expected or "Traceback" in killed.stderr:
             wrong.append(f"{point}={action}: the killed run exited {killed.returncode}: {killed.stderr[-300:]}")
@@ -244,7 +254,7 @@ def run_inprocess_matrix(shelf: Shelf, plan: list[tuple[str, str]], folder, make
             wrong.append(f"{point}=int: after the interrupt: {shelf_problems(root)}")
         before = {p: sha256_of(p) for p in backups_of(root, target) if "2020010" not in p.name}
         published_by_killed = [p for p in before if p not in earlier]
-        again = service.pgbeat("backup", "daily")
+        again = cli.pgbeat("backup", "daily")
         if again.returncode != 0:
             wrong.append(f"{point}={action}: the next run failed: {again.stdout[-500:]}")
             continue
