@@ -233,8 +233,9 @@ def replicate(settings: Settings, target: Target, entry: Entry, only: str | None
             continue
         previous = manifest.copies.get(spec.name, {})
         if plan == "skip":
-            if previous.get("reason") != DIRECTORY_NOT_ENCRYPTED:
-                log.warning("%s is not copied to %s: %s", entry.path.name, spec.name, DIRECTORY_NOT_ENCRYPTED)
+            if previous.get("status") == "skipped" and previous.get("reason") == DIRECTORY_NOT_ENCRYPTED:
+                continue  # said already
+            log.warning("%s is not copied to %s: %s", entry.path.name, spec.name, DIRECTORY_NOT_ENCRYPTED)
             record: dict[str, Any] = {"status": "skipped", "reason": DIRECTORY_NOT_ENCRYPTED, "at": now_iso()}
         else:
             try:
