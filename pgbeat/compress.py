@@ -8,6 +8,10 @@ every tool (`gzip -t`, `gunzip -c`, `zstd -d`, psql pipes). The block sizes are 
 work folder, so verify can decompress the blocks in parallel too. gzip's levels 1-9 map onto ISA-L's
 four (0 -> 0, 1-3 -> 1, 4-6 -> 2, 7-9 -> 3). Custom and directory archives compress themselves and pass
 through; a streaming dump arrives compressed already.
+
+The step can be run again with the same record: the compressed file is written under a hidden name and
+renamed into place, and only then is the plain dump removed, so a dump that is gone means a compressed
+file that is complete (a second run then just describes it).
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from typing import BinaryIO
 import zstandard
 from isal import igzip, igzip_threaded, isal_zlib
 
+from pgbeat import faults
 from pgbeat.errors import VerifyError
-from pgbeat.fsutil import disk_error, open_private, remove_path
+from pgbeat.fsutil import disk_error, fsync_dir, open_private, remove_path
 from pgbeat.run import Run, StepContext
 
 log = logging.getLogger(__name__)
@@ -37,6 +42,10 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 BLOCK = 4 << 20  # raw bytes per gzip member / zstd frame
 BLOCKS_SUFFIX = ".blocks.json"  # the compressed size of each block, for a parallel verify
+COMPRESS_WRITTEN = faults.declare("compress.written", "the compressed file is complete under a hidden name; "
+                                                      "the plain dump is still there")
+COMPRESS_COMMITTED = faults.declare("compress.committed", "the compressed file has its name; the plain dump "
+                                                          "is not removed yet")
 
 
 def isal_level(gzip_level: int) -> int:
@@ -209,7 +218,10 @@ def compress_file(source: Path, dest: Path, codec: str, level: int, threads: int
 
 
 def compress_step(ctx: StepContext, run: Run) -> Run:
-    """Compress the plain dump into the backup's final name inside the work folder; others pass through."""
+    """Compress the plain dump into the backup's final name inside the work folder; others pass through.
+
+    Raise VerifyError if neither the dump nor a compressed file made from it is there.
+    """
     t0 = time.monotonic()
     dump = run.step("dump")
     if dump.get("compressed") or run.format != "plain":
@@ -220,15 +232,30 @@ def compress_step(ctx: StepContext, run: Run) -> Run:
     source = Path(dump["path"])
     dest = run.work(run.name)
     target = ctx.target(run)
-    try:
-        if run.codec == "none":
-            os.replace(source, dest)
-            written = {"size": dest.stat().st_size, "sha256": None}
-        else:
-            written = compress_file(source, dest, run.codec, run.level, target.compression.threads)
-    except BaseException:
-        remove_path(dest)
-        raise
+    if not source.exists() and dest.exists():
+        # An earlier run of this step got as far as removing the dump: its file is complete.
+        log.warning("compress of run %s was done already: %s is there", run.run_id, dest.name)
+        blocks = read_block_index(dest)  # what compress_file wrote beside it (codec none: no index)
+        written = {"size": dest.stat().st_size, **({"blocks": len(blocks)} if blocks is not None else {"sha256": None})}
+    elif not source.exists():
+        raise VerifyError(f"{run.name}: nothing to compress (the dump {source.name} is missing)", step="compress")
+    elif run.codec == "none":
+        faults.fault_point(COMPRESS_WRITTEN)
+        os.replace(source, dest)
+        written = {"size": dest.stat().st_size, "sha256": None}
+    else:
+        partial = dest.with_name(f".{dest.name}.partial")
+        try:
+            written = compress_file(source, partial, run.codec, run.level, target.compression.threads)
+            faults.fault_point(COMPRESS_WRITTEN)
+            os.replace(partial.with_name(partial.name + BLOCKS_SUFFIX), dest.with_name(dest.name + BLOCKS_SUFFIX))
+            os.replace(partial, dest)
+            fsync_dir(dest.parent)
+        except BaseException:
+            remove_path(partial)
+            remove_path(partial.with_name(partial.name + BLOCKS_SUFFIX))
+            raise
+    faults.fault_point(COMPRESS_COMMITTED)
     remove_path(source)  # the uncompressed copy is no longer needed
     duration = round(time.monotonic() - t0, 3)
     ratio = round(dump["size"] / written["size"], 2) if written["size"] else None

@@ -2,34 +2,44 @@
 
 A copy is made from the local shelf after the backup got its final name there: data first, checked
 against the manifest's size and SHA-256 where it landed, then the `.sha256` file, then the manifest, whose
-presence marks a complete copy that pgbeat owns (rotation deletes nothing without one). Each destination
-is retried on its own (RetryingStorage); one that keeps failing is recorded in the local manifest
-(`copies.<name>.status = "failed"`) and completed later without a new dump (`pgbeat upload --retry`, or the
-next run of the target).
+presence marks a complete copy that pgbeat owns (rotation deletes nothing without one); only then does the
+local manifest record the copy as made (`copies.<name>.status = "ok"`). Each destination is retried on its
+own (RetryingStorage); one that keeps failing is recorded as failed and completed later without a new dump
+(`pgbeat upload --retry`, or the next runs of the target). Run again after an interruption, a copy takes up
+what is there: a data object already at the destination with the right size and SHA-256 is not sent again.
+
+Encryption means nothing leaves in plaintext: for a target with `encryption`, a backup that is still
+plaintext on the shelf (taken before encryption was turned on) is encrypted on the way out, into a
+private scratch file, and the destination gets `<name>.age` with a manifest of its own (the encrypted
+file's checksums, the plaintext's under `encryption.plaintext`); the local file stays as it is. A
+directory-format backup cannot be encrypted as one file: it is not copied (a warning says so).
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pgbeat import faults
 from pgbeat.catalog import (
     CHECKSUM_SUFFIX,
     MANIFEST_SUFFIX,
     Entry,
     Manifest,
-    checksum_path,
     list_backups,
     manifest_path,
     order_key,
     parse_name,
     read_manifest,
     update_manifest,
+    write_manifest,
 )
 from pgbeat.errors import PgbeatError, StorageError
 from pgbeat.settings import DestinationSpec, Settings, Target, TierPolicy
@@ -37,6 +47,18 @@ from pgbeat.storage import Storage
 from pgbeat.storage.wrappers import RetryingStorage, ThrottledStorage
 
 log = logging.getLogger(__name__)
+
+OFFSITE_ENCRYPTED = faults.declare("upload.offsite-encrypted", "a plaintext backup is encrypted for a destination "
+                                                               "in a scratch file, not uploaded yet")
+OFFSITE_DATA = faults.declare("upload.offsite-data", "a destination has the data, not yet its .sha256 and manifest")
+OFFSITE_CHECKSUM = faults.declare("upload.offsite-checksum", "a destination has the data and its .sha256, not yet "
+                                                             "the manifest")
+OFFSITE_COPIED = faults.declare("upload.offsite-copied", "a destination has the whole copy; the local manifest "
+                                                         "does not record it yet")
+ROTATE_REMOTE_REMOVED_DATA = faults.declare("rotate.remote-removed-data", "an expired copy's data is gone from a "
+                                                                         "destination, its sidecars not yet")
+DIRECTORY_NOT_ENCRYPTED = ("a directory-format backup cannot be encrypted as one file: not copied while the "
+                           "target has encryption")
 
 
 def open_storage(spec: DestinationSpec) -> Storage:
@@ -79,61 +101,182 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def _replace(storage: Storage, source: Path, key: str) -> None:
-    """Store a small sidecar, replacing an older version (manifests change when copies are added)."""
+@contextmanager
+def scratch_folder(settings: Settings) -> Iterator[Path]:
+    """A private folder under BACKUP_ROOT/.work for this process's transient files, held while in use (a
+    killed process's folder is swept by the next run) and removed afterwards."""
+    from pgbeat.fsutil import hold_dir, remove_path
+
+    folder = settings.backup_root / ".work" / f"offsite-{uuid.uuid4().hex[:12]}"
+    with hold_dir(folder, create=True):
+        try:
+            yield folder
+        finally:
+            remove_path(folder)
+
+
+def _put_text(storage: Storage, scratch: Path, text: str, key: str) -> None:
+    """Store a small sidecar under `key`, replacing an older version (a manifest changes as copies are added)."""
+    from pgbeat.fsutil import open_private
+
+    source = scratch / key.rsplit("/", 1)[-1]
+    with open_private(source, "w") as f:
+        f.write(text)
     storage.delete(key)
     storage.put(source, key)
 
 
-def copy_backup(storage: Storage, spec: DestinationSpec, entry: Entry) -> dict[str, Any]:
-    """Copy one local backup to `storage` and check it there; return the copy's record for the manifest."""
+def copy_plan(target: Target, manifest: Manifest, spec: DestinationSpec) -> str:
+    """How `manifest`'s backup goes to `spec`: "done" (a good copy is there), "copy" (as it is stored),
+    "encrypt" (plaintext, for a target that encrypts: encrypted on the way out) or "skip" (it cannot be
+    encrypted: a directory-format backup)."""
+    if manifest.copies.get(spec.name, {}).get("status") == "ok":
+        return "done"
+    if target.encryption is not None and manifest.encryption is None:
+        return "skip" if manifest.files else "encrypt"
+    return "copy"
+
+
+def _sealed_manifest(manifest: Manifest, name: str, digests: dict[str, Any], recipients: list[str]) -> Manifest:
+    """The manifest of `manifest`'s backup encrypted as `name`: what is stored, and the plaintext it holds."""
+    return manifest.model_copy(deep=True, update={
+        "file": name, "size": digests["size"], "sha256": digests["sha256"], "md5": digests.get("md5"),
+        "encryption": {"scheme": "age", "recipients": recipients, "plaintext": {
+            "file": manifest.file, "size": manifest.size, "sha256": manifest.sha256, "md5": manifest.md5}}})
+
+
+def _remote_manifest(storage: Storage, key: str, scratch: Path) -> Manifest | None:
+    local = scratch / (key.rsplit("/", 1)[-1] + MANIFEST_SUFFIX)
+    storage.get(key + MANIFEST_SUFFIX, local)
+    return read_manifest(local)
+
+
+def _encrypted_copy(storage: Storage, spec: DestinationSpec, entry: Entry, recipients: list[str],
+                    scratch: Path) -> tuple[Manifest, Path | None]:
+    """Return the manifest of `entry` encrypted for `spec`, and the encrypted scratch file to upload (None
+    when an earlier attempt's upload is there and matches what it recorded)."""
+    from pgbeat import crypt
+
     m = entry.manifest
-    key = f"{m.tier}/{m.file}"
-    folder = bool(m.files)
-    existing = storage.stat(key)
-    if existing is None:
-        storage.put(entry.path, key, sha256=None if folder else m.sha256)
-    storage.verify(key, m.size, None if folder else m.sha256)
-    _replace(storage, checksum_path(entry.path), key + CHECKSUM_SUFFIX)
-    return {"location": storage.describe(key), "status": "ok", "stored_at": now_iso(),
-            "verified": "size and SHA-256 where stored"}
+    name = m.file + crypt.SUFFIX
+    key = f"{m.tier}/{name}"
+    known = m.copies.get(spec.name, {})
+    if storage.stat(key) is not None:
+        if known.get("file") == name and known.get("sha256"):
+            try:
+                storage.verify(key, known["size"], known["sha256"])
+                return _sealed_manifest(m, name, known, recipients), None
+            except StorageError:
+                pass
+        if storage.stat(key + MANIFEST_SUFFIX) is not None:
+            remote = _remote_manifest(storage, key, scratch)
+            plaintext = (remote.encryption or {}).get("plaintext", {}) if remote else {}
+            if remote is None or remote.file != name or plaintext.get("sha256") != m.sha256:
+                raise StorageError(f"{spec.name}: {key} holds another copy than this backup's; not replaced",
+                                   hint=f"remove {key} and its sidecars from {spec.name} if it is a stale copy")
+            storage.verify(key, remote.size, remote.sha256)  # this backup, encrypted before its record was lost
+            return remote, None
+        storage.delete(key)  # an interrupted upload of ours (no manifest): its bytes cannot be checked
+    sealed = scratch / name
+    digests = crypt.encrypt_file(entry.path, sealed, recipients)
+    faults.fault_point(OFFSITE_ENCRYPTED)
+    # What is about to be stored, so that a rerun can check an upload that landed before an interruption.
+    pending = {"status": "pending", "file": name, "size": digests["size"], "sha256": digests["sha256"],
+               "md5": digests["md5"], "at": now_iso()}
+    update_manifest(manifest_path(entry.path), lambda mf: mf.copies.__setitem__(spec.name, pending))
+    return _sealed_manifest(m, name, digests, recipients), sealed
 
 
-def replicate(settings: Settings, target: Target, entry: Entry, only: str | None = None) -> list[str]:
-    """Copy `entry` to each of `target`'s destinations that lack a good copy; return one line per failure."""
-    failures, done = [], []
+def copy_backup(settings: Settings, storage: Storage, spec: DestinationSpec, entry: Entry,
+                recipients: list[str] | None = None) -> dict[str, Any]:
+    """Copy one local backup to `storage` (encrypted on the way for `recipients`) and check it there; then
+    its `.sha256`, then its manifest. Return the copy's record for the local manifest."""
+    with scratch_folder(settings) as scratch:
+        if recipients:
+            stored, source = _encrypted_copy(storage, spec, entry, recipients, scratch)
+        else:
+            stored, source = entry.manifest, entry.path
+        key = f"{stored.tier}/{stored.file}"
+        sha256 = None if stored.files else stored.sha256
+        if source is not None and storage.stat(key) is None:  # data that landed before an interruption stays
+            storage.put(source, key, sha256=sha256)
+        faults.fault_point(OFFSITE_DATA)
+        storage.verify(key, stored.size, sha256)
+        _put_text(storage, scratch, stored.checksum_lines(), key + CHECKSUM_SUFFIX)
+        faults.fault_point(OFFSITE_CHECKSUM)
+        record: dict[str, Any] = {"location": storage.describe(key), "status": "ok", "stored_at": now_iso(),
+                                  "verified": "size and SHA-256 where stored"}
+        if recipients:
+            record.update(file=stored.file, encrypted=True, size=stored.size, sha256=stored.sha256)
+        remote = stored.model_copy(deep=True)
+        remote.copies[spec.name] = record
+        manifest_file = scratch / (stored.file + MANIFEST_SUFFIX)
+        write_manifest(manifest_file, remote)  # the way every manifest is written (a derived one is its own)
+        storage.delete(key + MANIFEST_SUFFIX)
+        storage.put(manifest_file, key + MANIFEST_SUFFIX)
+        faults.fault_point(OFFSITE_COPIED)
+    return record
+
+
+def replicate(settings: Settings, target: Target, entry: Entry, only: str | None = None,
+              storages: dict[str, Storage] | None = None) -> list[str]:
+    """Copy `entry` to each of `target`'s destinations that lack a good copy; return one line per failure.
+
+    `storages` (by destination name) is filled and reused, so that a series of copies opens each once."""
+    storages = {} if storages is None else storages
+    failures = []
     for spec in target.destinations:
-        if (only and spec.name != only) or entry.manifest.copies.get(spec.name, {}).get("status") == "ok":
+        if only and spec.name != only:
             continue
-        try:
-            record = copy_backup(open_storage(spec), spec, entry)
-            done.append(spec.name)
-        except (StorageError, OSError) as exc:
-            message = exc.message if isinstance(exc, PgbeatError) else str(exc)
-            record = {"status": "failed", "error": message, "at": now_iso()}
-            failures.append(f"{spec.name}: {message}")
-            log.error("copy of %s to %s failed: %s", entry.path.name, spec.name, message)
+        manifest = read_manifest(manifest_path(entry.path)) or entry.manifest  # with what earlier attempts noted
+        plan = copy_plan(target, manifest, spec)
+        if plan == "done":
+            continue
+        previous = manifest.copies.get(spec.name, {})
+        if plan == "skip":
+            if previous.get("status") == "skipped" and previous.get("reason") == DIRECTORY_NOT_ENCRYPTED:
+                continue  # said already
+            log.warning("%s is not copied to %s: %s", entry.path.name, spec.name, DIRECTORY_NOT_ENCRYPTED)
+            record: dict[str, Any] = {"status": "skipped", "reason": DIRECTORY_NOT_ENCRYPTED, "at": now_iso()}
+        else:
+            try:
+                recipients = target.encryption.recipients if plan == "encrypt" and target.encryption else None
+                if spec.name not in storages:
+                    storages[spec.name] = open_storage(spec)
+                record = copy_backup(settings, storages[spec.name], spec, Entry(path=entry.path, manifest=manifest),
+                                     recipients)
+            except (StorageError, OSError) as exc:
+                message = exc.message if isinstance(exc, PgbeatError) else str(exc)
+                fresh = read_manifest(manifest_path(entry.path)) or manifest
+                kept = {k: v for k, v in fresh.copies.get(spec.name, {}).items() if k in ("file", "size", "sha256")}
+                record = {**kept, "status": "failed", "error": message, "at": now_iso()}
+                failures.append(f"{spec.name}: {message}")
+                log.error("copy of %s to %s failed: %s", entry.path.name, spec.name, message)
         update_manifest(manifest_path(entry.path), lambda m, name=spec.name, r=record: m.copies.__setitem__(name, r))
-    # The manifest goes last, with every copy's record: its presence marks a complete copy.
-    for name in done:
-        spec = target.destination(name)
-        try:
-            _replace(open_storage(spec), manifest_path(entry.path), f"{entry.manifest.tier}/{entry.path.name}"
-                     + MANIFEST_SUFFIX)
-        except StorageError as exc:
-            failures.append(f"{name}: {exc.message}")
-            update_manifest(manifest_path(entry.path), lambda m, n=name, e=exc: m.copies.__setitem__(
-                n, {"status": "failed", "error": e.message, "at": now_iso()}))
     return failures
 
 
-def replicate_missing(settings: Settings, target: Target, only: str | None = None) -> list[str]:
-    """Complete every local backup of `target` that lacks a good copy on a destination."""
-    failures = []
-    for entry in list_backups(settings.backup_root, target.name):
+def replicate_missing(settings: Settings, target: Target, only: str | None = None, limit: int | None = None,
+                      storages: dict[str, Storage] | None = None) -> list[str]:
+    """Complete the copies of `target`'s local backups that a destination lacks, newest first; with
+    `limit`, of at most that many backups (the rest wait for the next call). Return one line per failure."""
+    storages = {} if storages is None else storages
+    failures, taken = [], 0
+    for entry in reversed(list_backups(settings.backup_root, target.name)):
         fresh = read_manifest(manifest_path(entry.path))
-        if fresh is not None:
-            failures += replicate(settings, target, Entry(path=entry.path, manifest=fresh), only)
+        if fresh is None:
+            continue
+        plans = {copy_plan(target, fresh, spec) for spec in target.destinations if not only or spec.name == only}
+        if not plans & {"copy", "encrypt"}:
+            if "skip" in plans:
+                replicate(settings, target, Entry(path=entry.path, manifest=fresh), only)  # records why, no transfer
+            continue
+        if limit is not None and taken >= limit:
+            log.info("%s: more backups lack off-site copies; the next run (or `pgbeat upload --retry`) goes on",
+                     target.name)
+            break
+        taken += 1
+        failures += replicate(settings, target, Entry(path=entry.path, manifest=fresh), only, storages)
     return failures
 
 
@@ -161,7 +304,7 @@ def remote_entries(settings: Settings, storage: Storage, destination: str, targe
     """Read the manifests of `target`'s `tier` backups at a destination (only pgbeat's objects count)."""
     listed = {info.key.rsplit("/", 1)[-1] for info in storage.list(f"{tier}/")}
     entries = []
-    with tempfile.TemporaryDirectory(dir=_scratch(settings)) as scratch:
+    with scratch_folder(settings) as scratch:
         for name in sorted(listed):
             if not name.endswith(MANIFEST_SUFFIX):
                 continue
@@ -169,7 +312,7 @@ def remote_entries(settings: Settings, storage: Storage, destination: str, targe
             parts = parse_name(data_name)
             if parts is None or parts["target"] != target or parts["tier"] != tier:
                 continue
-            local = Path(scratch) / name
+            local = scratch / name
             storage.get(f"{tier}/{name}", local)
             manifest = read_manifest(local)
             if manifest is None or manifest.file != data_name or manifest.target != target:
@@ -180,16 +323,12 @@ def remote_entries(settings: Settings, storage: Storage, destination: str, targe
 
 
 def remove_remote(storage: Storage, entry: RemoteEntry) -> None:
-    """Remove a backup at a destination: data first, its manifest last."""
+    """Remove a backup at a destination: data first, its manifest last (a removal cut short leaves a
+    manifest without data, which the next rotation removes as an orphan)."""
     storage.delete(entry.path)
+    faults.fault_point(ROTATE_REMOTE_REMOVED_DATA)
     storage.delete(entry.path + CHECKSUM_SUFFIX)
     storage.delete(entry.path + MANIFEST_SUFFIX)
-
-
-def _scratch(settings: Settings) -> Path:
-    from pgbeat.fsutil import private_dir
-
-    return private_dir(settings.backup_root / ".work")
 
 
 # --- addresses ---------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The dump step: run pg_dump under supervision and keep what it wrote under a temporary name.
 
 End of stream is not success: pg_dump's exit code is checked, its stderr kept, and for the plain format
-the closing "dump complete" line must be there. The password reaches pg_dump through a 0600 passfile in
-the run's private work folder, never through argv. The plain stream passes through Python once, which
+the closing "dump complete" line must be there. The password reaches pg_dump through a passfile held in
+memory (pgbeat.pgclient), never through argv. The plain stream passes through Python once, which
 counts rows per table, computes the CRC-32 that verify later checks end to end, and writes the file.
+Run again with the same record, the step starts over: what an interrupted attempt wrote is removed first.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from isal import isal_zlib
 
+from pgbeat import faults
 from pgbeat.clock import SKEW_WARNING, PendingReading
 from pgbeat.compress import BLOCK, BlockWriter, write_block_index
 from pgbeat.errors import CancelledError, DumpError, PgbeatError, TransientDumpError
@@ -41,6 +43,9 @@ TRANSIENT_MARKERS = (
     "server closed the connection unexpectedly", "too many connections", "is the server running",
     "could not translate host name", "the database system is in recovery mode",
 )
+DUMP_RUNNING = faults.declare("dump.running", "pg_dump runs; its output file may be empty")
+DUMP_STREAMING = faults.declare("dump.streaming", "part of pg_dump's output has been read: a partial dump "
+                                                  "is in the work folder")
 
 
 def pg_dump_version(settings: Settings) -> str:
@@ -88,11 +93,16 @@ def _stream_file(pipe, out, scanner: DumpScanner) -> int:
     """Copy the dump from `pipe` to `out`, scanning it; return its CRC-32."""
     crc, buf = 0, bytearray(CHUNK)
     view = memoryview(buf)
+    first = True
     while n := pipe.readinto(buf):
         chunk = view[:n]
         out.write(chunk)
         crc = isal_zlib.crc32(chunk, crc)
         scanner.feed(chunk)
+        if first:
+            out.flush()
+            faults.fault_point(DUMP_STREAMING)
+            first = False
     return crc
 
 
@@ -109,6 +119,7 @@ def _stream_blocks(pipe, writer: BlockWriter, scanner: DumpScanner) -> int:
             filled += n
         if filled:
             writer.write_block(block if filled == BLOCK else view[:filled])
+            faults.fault_point(DUMP_STREAMING)
         if filled < BLOCK:
             return crc
 
@@ -138,6 +149,7 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
                           stdout=subprocess.PIPE if scanner else subprocess.DEVNULL)
         # The server's clock dates the backup; read beside pg_dump, so the dump never waits for it.
         reading = PendingReading(ctx.settings, target, env, ctx.now, argv[0])
+        faults.fault_point(DUMP_RUNNING)
         if scanner is not None:
             widen_pipe(proc.stdout)
             try:

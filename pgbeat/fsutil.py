@@ -1,4 +1,5 @@
-"""File-system helpers shared by the steps: private folders, atomic writes, no-clobber publishing.
+"""File-system helpers shared by the steps: private folders, atomic writes, no-clobber publishing, and
+the lock that marks a work folder as in use.
 
 Backups hold a whole database: files are created 0600 and folders 0700 whatever the umask.
 """
@@ -7,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pgbeat.errors import DiskFullError, StorageError
@@ -101,3 +105,111 @@ def tree_size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
+
+
+# --- work folders in use --------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+# The folders this process holds: (pid, folder) -> [lock fd, depth]. Keyed by pid too, so a forked child
+# never takes its parent's entries for its own.
+_held: dict[tuple[int, str], list[int]] = {}
+
+
+def _flock(fd: int, deadline: float) -> bool:
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _create_locked(folder: Path) -> int | None:
+    """Create `folder` with its lock already held: built under a hidden name, then renamed into place, so
+    it never exists unlocked. Return the lock's fd, or None if the folder appeared meanwhile."""
+    staging = folder.with_name(f".{folder.name}.new-{os.getpid()}")
+    remove_path(staging)
+    private_dir(staging)
+    fd = os.open(staging / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        os.rename(staging, folder)  # fails on a folder that exists and is not empty
+    except OSError:
+        os.close(fd)
+        remove_path(staging)
+        return None
+    return fd
+
+
+def acquire_dir(folder: Path, *, create: bool = False, wait: float = 30.0) -> bool | None:
+    """Given a work folder, take its lock (an flock on `folder/.lock`, released by the kernel when this
+    process dies). Return True when held, False when the folder does not exist (and `create` is false),
+    None when another process still holds it after `wait` seconds. Holds nest within one process."""
+    key = (os.getpid(), os.path.abspath(folder))
+    if key in _held:
+        _held[key][1] += 1
+        return True
+    deadline = time.monotonic() + wait
+    while True:
+        if not folder.is_dir():
+            if not create:
+                return False
+            fd = _create_locked(folder)
+            if fd is None:
+                continue  # another process made it first: lock that one
+        else:
+            try:
+                fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed meanwhile
+            if not _flock(fd, deadline):
+                os.close(fd)
+                return None
+            if not _same_file(fd, folder / LOCK_FILE):
+                os.close(fd)  # the folder was removed (or replaced) while we waited for its lock
+                continue
+        _held[key] = [fd, 1]
+        return True
+
+
+def release_dir(folder: Path) -> None:
+    """Give back one hold of `folder` taken by `acquire_dir` (the lock goes with the last one)."""
+    key = (os.getpid(), os.path.abspath(folder))
+    entry = _held.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        del _held[key]
+        os.close(entry[0])
+
+
+@contextlib.contextmanager
+def hold_dir(folder: Path, *, create: bool = False, wait: float = 30.0) -> Iterator[bool | None]:
+    """Hold `folder` in use inside the block (see `acquire_dir`, whose result is yielded): a sweep of
+    leftovers never removes a folder that a live process holds. The folder may be removed inside the block."""
+    held = acquire_dir(folder, create=create, wait=wait)
+    try:
+        yield held
+    finally:
+        if held:
+            release_dir(folder)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

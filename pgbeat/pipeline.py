@@ -3,6 +3,12 @@
 Celery tasks (`tasks/`) and the embedded default call the same `execute_step`, so both write the same
 log lines and records. A failed step stops the chain; its work folder is removed and `notify` still runs
 with the failure (step, reason, the last lines of pg_dump's stderr).
+
+Every step may be killed at any instant and run again with the same record (Celery retries it after a
+lost worker, or redelivers it): each recognises the work an earlier attempt did and completes the run.
+`execute_step` holds the run's work folder while a step runs (the embedded runner for the whole chain),
+so a sweep of leftovers started meanwhile never removes it; fault points at the start and end of every
+step (and in the middle of each, in its module) let the kill tests stop a process there.
 """
 
 from __future__ import annotations
@@ -12,17 +18,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pgbeat import runlog
+from pgbeat import faults, runlog
 from pgbeat.compress import compress_step
 from pgbeat.dump import dump_step
 from pgbeat.errors import PgbeatError
 from pgbeat.filelock import hold_file_lock
-from pgbeat.fsutil import remove_path
+from pgbeat.fsutil import hold_dir, remove_path
 from pgbeat.notify import healthchecks, notify_step
 from pgbeat.rotate import rotate_step
 from pgbeat.run import Run, StepContext, new_run
 from pgbeat.settings import STEPS, Settings
-from pgbeat.upload import upload_step
+from pgbeat.upload import undo_partial_publish, upload_step
 from pgbeat.verify import verify_step
 
 log = logging.getLogger(__name__)
@@ -32,17 +38,31 @@ STEP_FUNCTIONS: dict[str, Callable[[StepContext, Run], Run]] = {
     "upload": upload_step, "rotate": rotate_step, "notify": notify_step,
 }
 assert tuple(STEP_FUNCTIONS) == STEPS
+STEP_STARTS = {name: faults.declare(f"{name}.start", f"the {name} step is about to run; none of its work is done")
+               for name in STEPS}
+STEP_ENDS = {name: faults.declare(f"{name}.end", f"the {name} step did its work; its record is not handed on")
+             for name in STEPS}
 
 
 def execute_step(ctx: StepContext, run: Run, name: str) -> Run:
-    """Run step `name` on `run` and write its lines to the run's log; return the updated record."""
-    if name == "dump":
-        target = ctx.target(run)
-        runlog.write(ctx.settings, run, ctx.now(), *runlog.start_lines(run, target.describe()))
-    run = STEP_FUNCTIONS[name](ctx, run)
-    lines = runlog.step_lines(run, name)
-    if lines:
-        runlog.write(ctx.settings, run, ctx.now(), *lines)
+    """Run step `name` on `run` and write its lines to the run's log; return the updated record.
+
+    The run's work folder is held meanwhile (the dump creates it, held from its first instant).
+    Raise PgbeatError if another live process holds the folder for longer than a minute.
+    """
+    with hold_dir(run.work(), create=name == "dump", wait=60) as held:
+        if held is None:
+            raise PgbeatError(f"The work folder {run.work()} of run {run.run_id} is in use by another process",
+                              step=name, hint="another copy of this step is still running; it is retried later")
+        faults.fault_point(STEP_STARTS[name])
+        if name == "dump":
+            target = ctx.target(run)
+            runlog.write(ctx.settings, run, ctx.now(), *runlog.start_lines(run, target.describe()))
+        run = STEP_FUNCTIONS[name](ctx, run)
+        lines = runlog.step_lines(run, name)
+        if lines:
+            runlog.write(ctx.settings, run, ctx.now(), *lines)
+        faults.fault_point(STEP_ENDS[name])
     return run
 
 
@@ -77,11 +97,24 @@ def failure_info(exc: BaseException, step: str, settings: Settings) -> dict[str,
     return info
 
 
+def discard_work(settings: Settings, run: Run) -> None:
+    """Remove the work folder of a run that failed for good, after taking back what its upload put on the
+    shelf without the data file. A backup whole on the shelf is kept; a folder another live process still
+    holds (a copy of a step that is running) is left to it."""
+    with hold_dir(run.work(), wait=0) as held:
+        if held is None:
+            log.warning("run %s: its work folder is in use by another process; not removed", run.run_id)
+        elif held:
+            for line in undo_partial_publish(settings, run.work(), run.run_id):
+                log.warning("run %s: %s", run.run_id, line)
+            remove_path(run.work())
+
+
 def fail_run(ctx: StepContext, run: Run, step: str, exc: BaseException) -> Run:
     """Mark `run` failed at `step`, remove its temporary files, and write the failure to its log."""
     run.status = "failed"
     run.failure = failure_info(exc, step, ctx.settings)
-    remove_path(run.work())
+    discard_work(ctx.settings, run)
     log.error("run %s of %s/%s failed at %s: %s", run.run_id, run.target, run.tier, step, run.failure["message"])
     return run
 
@@ -104,6 +137,13 @@ def run_inprocess(settings: Settings, target_name: str, tier: str, *,
     run = new_run(settings, target, tier, now=ctx.now())
     healthchecks.ping(target, "start")
     emit = on_event or (lambda *_: None)
+    # The work folder is held from its creation to the end: between two steps too, nothing may sweep it.
+    with hold_dir(run.work(), create=True):
+        return _run_steps(ctx, run, settings, emit, sleep)
+
+
+def _run_steps(ctx: StepContext, run: Run, settings: Settings, emit, sleep) -> Run:
+    target = settings.target(run.target)
     for name in STEPS[:-1]:
         emit(run, name, "started")
         try:

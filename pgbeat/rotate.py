@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from pgbeat import faults
 from pgbeat.catalog import (
     Entry,
     checksum_path,
@@ -37,6 +38,8 @@ from pgbeat.run import Run, StepContext
 from pgbeat.settings import Settings, TierPolicy
 
 log = logging.getLogger(__name__)
+ROTATE_REMOVED_DATA = faults.declare("rotate.removed-data", "an expired backup's data file is gone, its sidecars "
+                                                            "not yet (the next rotation removes them)")
 
 
 @dataclass
@@ -96,6 +99,7 @@ def rotation_now(settings: Settings, target: str, reading: dict | None = None) -
 def remove_backup(entry: Entry) -> None:
     """Remove a backup: data first, manifest last (the manifest is what marks the rest as pgbeat's)."""
     remove_path(entry.path)
+    faults.fault_point(ROTATE_REMOVED_DATA)
     remove_path(checksum_path(entry.path))
     remove_path(manifest_path(entry.path))
     remove_path(manifest_lock_path(manifest_path(entry.path)))
@@ -123,7 +127,7 @@ def rotate_destination(settings: Settings, target: str, tier: str, destination: 
     plan = plan_rotation(remote_entries(settings, storage, spec.name, target, tier), retention(config, spec, tier),
                          now, target, tier)
     if not dry_run:
-        for entry in plan.remove:
+        for entry in [*plan.remove, *plan.orphans]:
             remove_remote(storage, entry)
             log.info("removed %s from %s", entry.path, destination)
     return plan

@@ -3,10 +3,18 @@
 Each step reads what the previous steps recorded, does its work on local files, and returns the record
 with its own section filled in under `steps[<name>]`. The same record drives the in-process chain and
 the Celery chain; `StepContext` carries what must not travel (settings with secrets, the cancel event).
+
+A run's files live in its work folder `BACKUP_ROOT/.work/<run_id>` until the upload gives the backup its
+final name. Whoever runs a step holds the folder (pgbeat.fsutil.hold_dir: an flock the kernel drops when
+the process dies); `sweep_work_folders`, run by every pgbeat process when it starts (pgbeat.startup),
+removes the folders that no live process holds and no active Celery run still needs.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +28,11 @@ from pgbeat.catalog import STAMP_FORMAT, backup_name, extension
 from pgbeat.process import CancelEvent
 from pgbeat.settings import Settings, Target
 
+log = logging.getLogger(__name__)
+
 WORK_DIR = ".work"
+# Run ids: uuid4().hex from pgbeat, or a Celery task id (a uuid with dashes) from `celery call`.
+RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$|^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 class Run(BaseModel):
@@ -73,6 +85,10 @@ class StepContext:
     now: Callable[[], datetime] = clock
     # The connection to dump when it is not the run's configured target (a restore's safety backup).
     target_override: Target | None = None
+    # once(what) is True the first time it is asked for `what` in this run, False ever after: set where a
+    # step may be delivered again (Celery), so that a side effect outside BACKUP_ROOT (a notification)
+    # is not repeated. None in-process, where a step runs once.
+    once: Callable[[str], bool] | None = None
 
     def target(self, run: Run) -> Target:
         return self.target_override or self.settings.target(run.target)
@@ -90,3 +106,72 @@ def new_run(settings: Settings, target: Target, tier: str, *, run_id: str | None
         format=target.format, codec=target.compression.codec, level=target.compression.level, slot=slot,
         work_dir=str(settings.backup_root / WORK_DIR / run_id),
     )
+
+
+# --- leftovers of killed runs ---------------------------------------------------------------------------
+
+
+def _run_still_active(settings: Settings, run_ids: list[str]) -> set[str]:
+    """Return which of `run_ids` the broker's run state says are still on their way (every one of them if
+    Redis cannot be asked: a folder is kept rather than risk a live run's files)."""
+    if settings.broker_url is None or not run_ids:
+        return set()
+    import redis  # only a host with unlocked run folders and a broker pays for the import
+
+    from pgbeat.coordination import RunState
+
+    client = redis.Redis.from_url(settings.broker_url.get_secret_value(), socket_timeout=5,
+                                  socket_connect_timeout=3)
+    try:
+        state = RunState(client)
+        return {run_id for run_id in run_ids if state.get(run_id).get("status") in RunState.ACTIVE}
+    except redis.RedisError as exc:
+        log.warning("cannot ask Redis which runs are active (%s): keeping their work folders", exc)
+        return set(run_ids)
+    finally:
+        client.close()
+
+
+def sweep_work_folders(settings: Settings) -> list[str]:
+    """Remove from `BACKUP_ROOT/.work` what killed runs left there; return one line per folder removed.
+
+    A folder goes when no live process holds its lock and, for a run of the Celery chain (named by its
+    run id), the run is no longer active in Redis (a run between two steps holds no lock; it is finished,
+    failed, abandoned to another host, or forgotten with Redis's data). Before a dead run's folder goes,
+    what its upload had put on the shelf without the data file (sidecars under a final name) is taken
+    back. Folders of other tools that do not take the lock (restores, drills, fetches) are left alone.
+    """
+    from pgbeat.fsutil import LOCK_FILE, acquire_dir, release_dir, remove_path
+
+    work = settings.backup_root / WORK_DIR
+    try:
+        names = sorted(os.listdir(work))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    candidates = []
+    for name in names:
+        path = work / name
+        if not path.is_dir() or path.is_symlink():
+            continue
+        if RUN_ID_RE.match(name) or (path / LOCK_FILE).exists() or (name.startswith(".") and ".new-" in name):
+            candidates.append(path)
+    if not candidates:
+        return []
+    active = _run_still_active(settings, [p.name for p in candidates if RUN_ID_RE.match(p.name)])
+    done = []
+    for path in candidates:
+        if path.name in active:
+            continue
+        held = acquire_dir(path, wait=0)
+        if not held:
+            continue  # in use by a live process (None), or gone meanwhile (False)
+        try:
+            if RUN_ID_RE.match(path.name):
+                from pgbeat.upload import undo_partial_publish  # rare: only for a dead run's folder
+
+                done += undo_partial_publish(settings, path, path.name)
+            remove_path(path)
+        finally:
+            release_dir(path)
+        done.append(f"removed the work folder {path} of a run that is no longer running")
+    return done

@@ -418,6 +418,10 @@ class Reliability(Strict):
                                                                 "of its tier's period after its slot is skipped")
     beat_lock_timeout: int = Field(150, ge=10, le=86_400,
                                    description="RedBeat leader lock: a standby beat takes over after it")
+    copy_backlog_per_run: int = Field(3, ge=0, le=10_000,
+                                      description="older local backups (newest first) a backup's upload step copies "
+                                                  "to destinations that lack them; `pgbeat upload --retry` copies "
+                                                  "all (0 = only it)")
 
     @field_validator("time_limits")
     @classmethod

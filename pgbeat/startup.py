@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 
 from pgbeat.restore_journal import recover_restores
+from pgbeat.run import sweep_work_folders
 from pgbeat.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ Recovery = Callable[[Settings], list[str]]
 
 # Filled in by the modules that leave state behind (restore journals, work folders, ...), in order.
 RECOVERIES: list[Recovery] = [
-    recover_restores,  # interrupted restores and drills (pgbeat.restore_journal)
+    recover_restores,  # interrupted restores and drills (pgbeat.restore_journal), before the folders they name
+    sweep_work_folders,  # work folders no live process holds (pgbeat.run)
 ]
 
 

@@ -3,26 +3,39 @@
 1. With `encryption` configured, the verified `.sql.gz` is encrypted with age into `.sql.gz.age` before
    anything leaves the worker; the manifest keeps the plaintext's checksums (what restores) and records
    the encrypted file's (what is stored).
-2. The local shelf, `BACKUP_ROOT/<tier>/`: the sidecars (manifest, `.sha256`) are published first and the
-   data file last, so a backup under its final name always has its manifest.
+2. The local shelf, `BACKUP_ROOT/<tier>/`: the sidecars (`.sha256`, then the manifest) are published first
+   and the data file last, so a backup under its final name always has its manifest.
 3. Each off-site destination gets a checked copy (pgbeat.destinations). One that keeps failing does not
    cost the local copy or the other destinations: the step fails naming it (so rotation waits and a
    failure notice goes out), and `pgbeat upload --retry` or the target's next run completes the copy.
+
+The step can be killed at any instant and run again with the same record: each phase leaves a state the
+next attempt recognises. The encrypted file is made under a hidden name and counts once its own manifest
+is beside it; the final name, once chosen, is kept in the work folder's manifest; a name on the shelf taken
+by this run's own files (same run id) is a resumption, not a reason to pick the next free name; sidecars
+are published as copies, so the work folder keeps everything until the data file is on the shelf; and a
+backup already on the shelf whole is simply taken up again. A run that fails for good (or dies) has what
+it published without the data file taken back (`undo_partial_publish`), never a complete backup.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from pgbeat import crypt
+from pgbeat import crypt, faults
 from pgbeat.catalog import (
+    CHECKSUM_SUFFIX,
+    MANIFEST_SUFFIX,
     STAMP_FORMAT,
     Entry,
+    Manifest,
     backup_name,
     checksum_path,
+    manifest_lock_path,
     manifest_path,
     parse_name,
     read_manifest,
@@ -30,74 +43,236 @@ from pgbeat.catalog import (
 )
 from pgbeat.destinations import replicate, replicate_missing
 from pgbeat.errors import StorageError, VerifyError
-from pgbeat.fsutil import remove_path, write_atomic
+from pgbeat.fsutil import fsync_file, open_private, private_dir, publish, remove_path, tree_size, write_atomic
 from pgbeat.run import Run, StepContext
 from pgbeat.settings import Settings
-from pgbeat.storage import LocalStorage, Storage
+from pgbeat.storage import LocalStorage
 
 log = logging.getLogger(__name__)
+
+UPLOAD_ENCRYPTED = faults.declare("upload.encrypted", "the encrypted file is complete under a hidden name; the "
+                                                      "plaintext is still the backup")
+UPLOAD_SEALED = faults.declare("upload.sealed", "the encrypted file and its manifest are in the work folder; "
+                                                "the plaintext is not removed yet")
+UPLOAD_STAGED = faults.declare("upload.staged", "the final name is chosen and kept in the work folder's "
+                                                "manifest; nothing is on the shelf yet")
+UPLOAD_CHECKSUM = faults.declare("upload.published-checksum", "the shelf has the .sha256 under the final name, "
+                                                              "not the manifest nor the data")
+UPLOAD_SIDECARS = faults.declare("upload.published-sidecars", "the shelf has both sidecars under the final name, "
+                                                              "not the data file")
+UPLOAD_PUBLISHED = faults.declare("upload.published", "the backup is whole on the shelf; the work folder is "
+                                                      "still there")
 
 
 def local_storage(settings: Settings) -> LocalStorage:
     return LocalStorage(settings.backup_root, name="local")
 
 
-def free_name(storage: Storage, tier: str, name: str) -> str:
-    """Return `name`, moved on by a second while that name is taken (two runs within one second)."""
+def _next_second(name: str) -> str:
     parts = parse_name(name)
     assert parts is not None
-    stamp = datetime.strptime(parts["stamp"], STAMP_FORMAT)
-    while storage.stat(f"{tier}/{name}") is not None:
-        stamp += timedelta(seconds=1)
-        name = backup_name(parts["target"], tier, stamp.strftime(STAMP_FORMAT), parts["ext"])
-    return name
+    stamp = datetime.strptime(parts["stamp"], STAMP_FORMAT) + timedelta(seconds=1)
+    return backup_name(parts["target"], parts["tier"], stamp.strftime(STAMP_FORMAT), parts["ext"])
 
 
-def seal(artifact: Path, manifest, recipients: list[str]) -> Path:
-    """Encrypt `artifact` for `recipients` next to it as `<name>.age`; update `manifest`; drop the plaintext."""
+def _checksum_text(manifest: Manifest, name: str) -> str:
+    return manifest.model_copy(update={"file": name}).checksum_lines()
+
+
+def _ours_on_shelf(final: Path, manifest: Manifest) -> bool:
+    """Whether what stands under `final` on the shelf was put there by this run (an earlier attempt)."""
+    shelf = read_manifest(manifest_path(final))
+    if shelf is not None:
+        return shelf.run_id == manifest.run_id
+    if final.exists() or os.path.lexists(manifest_path(final)):
+        return False  # data or a foreign manifest without a readable pgbeat manifest: not ours
+    sums = checksum_path(final)
+    try:
+        return sums.read_text(encoding="utf-8") == _checksum_text(manifest, final.name)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def shelf_name(backup_root: Path, tier: str, manifest: Manifest) -> str:
+    """Return the final name for `manifest`'s backup: its recorded name, moved on by a second while its
+    time stamp is taken by another backup (two runs within one second; one stamp is one backup whatever
+    its extension, since `X.sql.gz` encrypted on its way off-site becomes `X.sql.gz.age`); a name this
+    run's own files hold is kept (a resumption)."""
+    try:
+        present = os.listdir(backup_root / tier)
+    except FileNotFoundError:
+        present = []
+    name = manifest.file
+    while True:
+        final = backup_root / tier / name
+        stem = name.removesuffix(parse_name(name)["ext"])
+        others = any(data.startswith(stem + ".") and data != name for data in
+                     (entry.removesuffix(MANIFEST_SUFFIX).removesuffix(CHECKSUM_SUFFIX) for entry in present))
+        taken = any(os.path.lexists(p) for p in (final, manifest_path(final), checksum_path(final)))
+        if not others and (not taken or _ours_on_shelf(final, manifest)):
+            return name
+        name = _next_second(name)
+
+
+def own_backup(settings: Settings, run: Run) -> Entry | None:
+    """Return this run's backup if it is whole on the shelf already (an earlier attempt published it)."""
+    folder = settings.backup_root / run.tier
+    prefix = f"{run.target}_backup_{run.tier}_"
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return None
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(MANIFEST_SUFFIX)):
+            continue
+        parts = parse_name(name.removesuffix(MANIFEST_SUFFIX))
+        if parts is None or parts["target"] != run.target or parts["stamp"] < run.stamp:
+            continue  # a name is only ever moved on from the run's own stamp
+        manifest = read_manifest(folder / name)
+        if manifest is None or manifest.run_id != run.run_id or manifest.file != name.removesuffix(MANIFEST_SUFFIX):
+            continue
+        path = folder / manifest.file
+        if path.exists() and tree_size(path) == manifest.size:
+            return Entry(path=path, manifest=manifest)
+    return None
+
+
+def seal(artifact: Path, manifest: Manifest, recipients: list[str]) -> tuple[Path, Manifest]:
+    """Encrypt `artifact` for `recipients` next to it as `<name>.age` with its own manifest, then drop the
+    plaintext and its sidecars; return the sealed file and its manifest."""
     sealed = artifact.with_name(artifact.name + crypt.SUFFIX)
-    stored = crypt.encrypt_file(artifact, sealed, recipients)
+    partial = sealed.with_name(f".{sealed.name}.partial")
+    try:
+        stored = crypt.encrypt_file(artifact, partial, recipients)
+        fsync_file(partial)
+    except BaseException:
+        remove_path(partial)
+        raise
+    faults.fault_point(UPLOAD_ENCRYPTED)
+    os.replace(partial, sealed)
     manifest.encryption = {"scheme": "age", "recipients": recipients, "plaintext": {
         "file": manifest.file, "size": manifest.size, "sha256": manifest.sha256, "md5": manifest.md5}}
     manifest.file, manifest.size, manifest.sha256, manifest.md5 = sealed.name, stored["size"], stored["sha256"], \
         stored["md5"]
-    for old in (manifest_path(artifact), checksum_path(artifact), artifact):
+    write_manifest(manifest_path(sealed), manifest)  # from here on, the sealed file is the backup
+    faults.fault_point(UPLOAD_SEALED)
+    _drop_plaintext(artifact)
+    return sealed, manifest
+
+
+def _drop_plaintext(artifact: Path) -> None:
+    for old in (artifact, checksum_path(artifact), manifest_path(artifact)):
         remove_path(old)
-    return sealed
+
+
+def staged_artifact(run: Run, recipients: list[str] | None) -> tuple[Path, Manifest]:
+    """Return the verified artifact in the work folder and its manifest, sealed when `recipients` are given
+    (or when an earlier attempt sealed it already). Raise VerifyError if nothing verified is there."""
+    plain = run.artifact
+    sealed = plain.with_name(plain.name + crypt.SUFFIX)
+    manifest = read_manifest(manifest_path(sealed))
+    if manifest is not None and manifest.run_id == run.run_id and sealed.exists():
+        _drop_plaintext(plain)  # an earlier attempt sealed it and may have died before this
+        return sealed, manifest
+    manifest = read_manifest(manifest_path(plain))
+    if manifest is None or manifest.run_id != run.run_id or not plain.exists():
+        raise VerifyError(f"{run.name}: nothing verified to upload (artifact or manifest missing)", step="upload")
+    if recipients:
+        return seal(plain, manifest, recipients)
+    return plain, manifest
+
+
+def _publish_copy(final: Path, data: bytes, ours) -> None:
+    """Put a copy of `data` on the shelf as `final` (whole or not at all, never over another file); a
+    `final` that `ours(final)` recognises as this run's is left as it is."""
+    if os.path.lexists(final):
+        if ours(final):
+            return
+        raise StorageError(f"Refusing to overwrite existing {final}")
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    try:
+        with open_private(tmp) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        publish(tmp, final)
+    finally:
+        remove_path(tmp)
+
+
+def publish_local(ctx: StepContext, run: Run, artifact: Path, manifest: Manifest) -> Entry:
+    """Give the staged backup its final name on the shelf: `.sha256`, manifest, then the data file."""
+    local = local_storage(ctx.settings)
+    name = shelf_name(ctx.settings.backup_root, run.tier, manifest)
+    key = f"{run.tier}/{name}"
+    final = local.path(key)
+    if manifest.file != name or manifest.copies.get("local", {}).get("location") != str(final):
+        manifest.file = name
+        manifest.copies["local"] = {"location": str(final), "status": "ok", "stored_at": ctx.now().isoformat()}
+        write_manifest(manifest_path(artifact), manifest)  # the choice of name outlives this attempt
+    checksums = manifest.checksum_lines()
+    write_atomic(checksum_path(artifact), checksums.encode())
+    faults.fault_point(UPLOAD_STAGED)
+    private_dir(final.parent)
+    _publish_copy(checksum_path(final), checksums.encode(), lambda p: p.read_text(encoding="utf-8") == checksums)
+    faults.fault_point(UPLOAD_CHECKSUM)
+    _publish_copy(manifest_path(final), manifest.model_dump_json(indent=2).encode() + b"\n",
+                  lambda p: getattr(read_manifest(p), "run_id", None) == run.run_id)
+    faults.fault_point(UPLOAD_SIDECARS)
+    if not final.exists():
+        local.put(artifact, key, sha256=None if manifest.files else manifest.sha256)  # moves it: no second read
+    faults.fault_point(UPLOAD_PUBLISHED)
+    return Entry(path=final, manifest=manifest)
+
+
+def undo_partial_publish(settings: Settings, work: Path, run_id: str) -> list[str]:
+    """Take back what run `run_id` (whose work folder is `work`) put on the shelf without its data file:
+    its sidecars under a final name. A backup whose data file is there is whole and is never touched.
+    Return one line per thing removed."""
+    done = []
+    for staged in sorted(work.glob("*" + MANIFEST_SUFFIX)):
+        manifest = read_manifest(staged)
+        if manifest is None or manifest.run_id != run_id or parse_name(manifest.file) is None:
+            continue
+        final = settings.backup_root / manifest.tier / manifest.file
+        if os.path.lexists(final) or not _ours_on_shelf(final, manifest):
+            continue
+        for sidecar in (checksum_path(final), manifest_path(final)):  # the manifest, the marker, last
+            if os.path.lexists(sidecar):
+                remove_path(sidecar)
+                done.append(f"removed {sidecar}: its run {run_id} never published the data file")
+        remove_path(manifest_lock_path(manifest_path(final)))
+    return done
 
 
 def upload_step(ctx: StepContext, run: Run) -> Run:
-    """Seal, publish locally, copy off-site; return the record with `steps.upload` filled in."""
+    """Seal, publish locally, copy off-site; return the record with `steps.upload` filled in.
+
+    Raise VerifyError if there is nothing verified to upload, StorageError if a destination keeps failing.
+    """
     t0 = time.monotonic()
-    artifact = run.artifact
-    manifest = read_manifest(manifest_path(artifact))
-    if manifest is None or not artifact.exists():
-        raise VerifyError(f"{run.name}: nothing verified to upload (artifact or manifest missing)", step="upload")
     target = ctx.target(run)
-    if target.encryption is not None:
-        artifact = seal(artifact, manifest, target.encryption.recipients)
-    local = local_storage(ctx.settings)
-    name = free_name(local, run.tier, manifest.file)
-    key = f"{run.tier}/{name}"
-    manifest.file = name
-    manifest.copies["local"] = {"location": local.describe(key), "status": "ok", "stored_at": ctx.now().isoformat()}
-    staged = artifact.with_name(name)
-    if staged != artifact:
-        artifact.rename(staged)
-    write_manifest(manifest_path(staged), manifest)
-    write_atomic(checksum_path(staged), manifest.checksum_lines().encode())
-    local.put(manifest_path(staged), key + ".manifest.json")
-    local.put(checksum_path(staged), key + ".sha256")
-    local.put(staged, key, sha256=manifest.sha256)  # known already: no second read of the backup
-    final = local.path(key)
-    run.final_path, run.name = str(final), name
+    entry = own_backup(ctx.settings, run)
+    if entry is None:
+        recipients = target.encryption.recipients if target.encryption is not None else None
+        entry = publish_local(ctx, run, *staged_artifact(run, recipients))
+    else:
+        log.warning("upload of run %s: %s is whole on the shelf already; carrying on from there", run.run_id,
+                    entry.path.name)
+    run.final_path, run.name = str(entry.path), entry.path.name
     remove_path(run.work())
 
-    failures = replicate(ctx.settings, target, Entry(path=final, manifest=manifest))
+    storages: dict = {}
+    failures = replicate(ctx.settings, target, entry, storages=storages)
     if not failures:
-        failures = replicate_missing(ctx.settings, target)  # copies an earlier run could not make
-    copies = {dest: info for dest, info in (read_manifest(manifest_path(final)) or manifest).copies.items()}
-    run.steps["upload"] = {"copies": {d: c.get("location") or c.get("error") for d, c in copies.items()},
+        # Copies an earlier run could not make (or older backups, for a new destination): a few per run,
+        # so that a long backlog never makes one backup's upload step long; `upload --retry` does them all.
+        failures = replicate_missing(ctx.settings, target, limit=ctx.settings.reliability.copy_backlog_per_run,
+                                     storages=storages)
+    final = entry.path
+    copies = {dest: info for dest, info in (read_manifest(manifest_path(final)) or entry.manifest).copies.items()}
+    run.steps["upload"] = {"copies": {d: c.get("location") or c.get("error") or c.get("reason")
+                                      for d, c in copies.items()},
                            "failed": failures, "duration_s": round(time.monotonic() - t0, 3)}
     log.info("stored %s; copies: %s", final, ", ".join(f"{d}={c.get('status')}" for d, c in copies.items()))
     if failures:

@@ -6,6 +6,7 @@ pg_dump's closing line is there, and compute MD5 (as the seed logs) and SHA-256 
 For custom and directory archives: `pg_restore -f -` reads and decompresses every entry, and its
 output passes through the same scanner (rows per table, closing line). The same checks back
 `pgbeat verify FILE`, which also compares against the manifest and the `.sha256` file.
+The step only reads the backup and (re)writes its sidecars in the work folder: run again, it does the same.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import zstandard
 from isal import isal_zlib
 
+from pgbeat import faults
 from pgbeat.catalog import (
     Entry,
     FileDigest,
@@ -41,6 +43,8 @@ from pgbeat.settings import Settings
 from pgbeat.sqlscan import COMPLETE_MARKER, DumpScanner
 
 log = logging.getLogger(__name__)
+VERIFY_WROTE_MANIFEST = faults.declare("verify.wrote-manifest", "the manifest is in the work folder, not yet "
+                                                                "the .sha256")
 
 
 def _hash_file(path: Path, algorithm: str) -> tuple[str, int]:
@@ -247,6 +251,7 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
     )
     manifest.steps["verify"] = {"duration_s": round(time.monotonic() - t0, 3)}
     write_manifest(manifest_path(path), manifest)
+    faults.fault_point(VERIFY_WROTE_MANIFEST)
     write_atomic(checksum_path(path), manifest.checksum_lines().encode())
     run.steps["verify"] = {"path": str(path), "size": result["size"], "md5": result.get("md5"),
                            "sha256": result.get("sha256"), "duration_s": manifest.steps["verify"]["duration_s"]}
@@ -358,17 +363,22 @@ def verify_backup(path: Path, settings: Settings, identities: list | None = None
 
 def decrypted_problems(entry, settings: Settings, identities: list, codec: str, result: dict) -> list[str]:
     """Decrypt an encrypted backup into a scratch file and check the plaintext; fill `result` in."""
+    import uuid
+
     from pgbeat import crypt
-    from pgbeat.fsutil import private_dir, remove_path
+    from pgbeat.fsutil import hold_dir, remove_path
 
     plaintext = entry.manifest.encryption["plaintext"]
-    scratch = private_dir(settings.backup_root / ".work") / f"verify-{os.getpid()}-{plaintext['file']}"
-    try:
-        digests = crypt.decrypt_file(entry.path, scratch, identities)
-        if digests["sha256"] != plaintext["sha256"]:
-            return ["the decrypted content does not match the plaintext SHA-256 in the manifest"]
-        checked = check_backup(scratch, entry.manifest.format, codec, settings)
-        result.update(complete=checked["complete"], plaintext_sha256=digests["sha256"])
-        return plaintext_problems(checked, entry.manifest)
-    finally:
-        remove_path(scratch)
+    # A folder held while this process uses it: killed here, the next pgbeat run sweeps the plaintext.
+    folder = settings.backup_root / ".work" / f"verify-{uuid.uuid4().hex[:12]}"
+    with hold_dir(folder, create=True):
+        try:
+            scratch = folder / plaintext["file"]
+            digests = crypt.decrypt_file(entry.path, scratch, identities)
+            if digests["sha256"] != plaintext["sha256"]:
+                return ["the decrypted content does not match the plaintext SHA-256 in the manifest"]
+            checked = check_backup(scratch, entry.manifest.format, codec, settings)
+            result.update(complete=checked["complete"], plaintext_sha256=digests["sha256"])
+            return plaintext_problems(checked, entry.manifest)
+        finally:
+            remove_path(folder)

@@ -26,7 +26,10 @@ def chain_failed(request, exc, traceback, record: dict) -> None:
     """Errback: a step failed for good. Clean its files and send `tasks.notify` with the failure, once.
 
     Celery calls it inline in the process that saw the failure (on the run's host), with the failing
-    task's request; it may be called more than once, so it acts only the first time.
+    task's request; it may be called more than once, so it acts only the first time. It never deletes a
+    backup that is whole on the shelf, takes back sidecars published without their data file, and leaves
+    a work folder that a live process still holds (pgbeat.pipeline.discard_work); later messages of the
+    run, but its notify, are dropped by the step guard.
     """
     settings = get_settings()
     args = getattr(request, "args", None) or [record]

@@ -1,10 +1,14 @@
 """Running one chain step under Celery's delivery rules: at most one copy at a time, done at least once.
 
 Steps acknowledge late, so a step whose pool process died is delivered again (Celery retries it, or
-Redis restores it after the visibility timeout). Around the core step this guard:
-- drops every message of a run the reconciler abandoned (it was dispatched anew on a live host);
+Redis restores it after the visibility timeout). The steps themselves are idempotent given their record
+(a step run again recognises what an earlier attempt did, see pgbeat.pipeline). Around the core step
+this guard:
+- drops every message of a run the reconciler abandoned (it was dispatched anew on a live host), and
+  every step but `notify` of a run that already failed for good (its errback has cleaned up);
 - for a step that already finished: drops the copy if the chain went on, else passes the stored result
   on (the first delivery may have died before sending the next step); the work is never redone;
+- gives the step a `once` claim in Redis, so a notify run again never sends an outcome twice;
 - takes a per-(run, step) lease, so a twin delivered while the step runs waits and looks again after
   `lock_ttl` instead of running in parallel, and takes over only if the running copy dies; a lease left
   by a dead process on this host is taken over at once;
@@ -29,6 +33,7 @@ from celery import Task
 from celery.exceptions import Ignore, Reject
 from redis.exceptions import RedisError
 
+from pgbeat import faults
 from pgbeat.coordination import (
     GLOBAL_SLOTS_KEY,
     RedisLease,
@@ -48,6 +53,8 @@ from pgbeat.settings import STEPS, Settings, get_settings
 from workers.chain import redis_client
 
 log = logging.getLogger(__name__)
+STEP_STORED = {name: faults.declare(f"{name}.stored", f"the {name} step's result is stored in Redis; the next "
+                                                      "step is not sent yet (Celery only)") for name in STEPS}
 
 
 class StepTask(Task):
@@ -67,9 +74,14 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
     run = Run.model_validate(record)
     client = redis_client(settings)
     state = RunState(client)
-    if state.get(run.run_id).get("status") == "abandoned":
+    status = state.get(run.run_id).get("status")
+    if status == "abandoned":
         # The reconciler gave this run up (its host was gone) and dispatched a new one: drop this copy.
         log.warning("%s of run %s: the run was abandoned and re-dispatched; dropping this message", name, run.run_id)
+        raise Ignore()
+    if status == "failed" and name != "notify":
+        # A late copy (a retry sent before the run failed for good): the errback has cleaned up already.
+        log.warning("%s of run %s: the run failed already; dropping this message", name, run.run_id)
         raise Ignore()
     done = state.step_result(run.run_id, name)
     if done is not None:
@@ -78,8 +90,10 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
             raise Ignore()
         # The first delivery finished but may have died before sending the next step: send it now.
         log.warning("%s of run %s already done: passing its result on", name, run.run_id)
+        if name == "notify":
+            finish(state, Run.model_validate(done))
         return done
-    ctx = StepContext(settings, cancel=CancelEvent())
+    ctx = StepContext(settings, cancel=CancelEvent(), once=lambda what: state.once(run.run_id, what))
     lease = RedisLease(client, step_lease_key(run.run_id, name), settings.reliability.lock_ttl, settings.node,
                        run.run_id, on_lost=lambda reason: ctx.cancel.cancel(f"lost the step lease: {reason}"),
                        on_renew=lambda: state.update(run.run_id, heartbeat=str(time.time())))
@@ -112,11 +126,10 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
             run = execute_step(ctx, run, name)
         result = run.as_json()
         state.step_done(run.run_id, name, result)
+        faults.fault_point(STEP_STORED[name])
         state.progress(run.run_id, f"{name} done in {run.step(name).get('duration_s', 0):.2f}s")
         if name == "notify":
-            state.update(run.run_id, status=run.status, final_path=run.final_path or "")
-            if run.status == "succeeded":
-                state.set_latest(run.target, run.node)
+            finish(state, run)
         return result
     except RedisError as exc:
         # The broker itself is unreachable: nothing is known to have failed but our bookkeeping. Give the
@@ -136,6 +149,13 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
         raise
     finally:
         lease.release()
+
+
+def finish(state: RunState, run: Run) -> None:
+    """Record how the run ended, once its notify step is done."""
+    state.update(run.run_id, status=run.status, final_path=run.final_path or "")
+    if run.status == "succeeded":
+        state.set_latest(run.target, run.node)
 
 
 def note_redelivery(settings: Settings, run: Run, step: str, attempt: int) -> None:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import threading
-import time
 
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 from redis.exceptions import RedisError
 
-from pgbeat.coordination import NodeRegistry, RunState
-from pgbeat.fsutil import remove_path
-from pgbeat.run import WORK_DIR
+from pgbeat.coordination import NodeRegistry
 from pgbeat.settings import get_settings
 from pgbeat.startup import recover_host
 from workers.chain import redis_client
@@ -29,27 +27,30 @@ def consume_host_queue(sender, instance, **kwargs):
     instance.app.amqp.queues.select_add(host_queue(get_settings().node))
 
 
+# The client library of each kind of destination, imported lazily by pgbeat.storage.
+STORAGE_LIBRARIES = {"s3": "boto3", "gcs": "google.cloud.storage", "ssh": "paramiko"}
+
+
+@celeryd_after_setup.connect
+def preload_storage_libraries(sender, instance, **kwargs):
+    """Import the client libraries of the configured destinations before the pool forks: every pool process,
+    also one started anew after another died, then has them instead of importing them for its first copy."""
+    kinds = {spec.kind for target in get_settings().targets.values() for spec in target.destinations}
+    for kind in sorted(kinds):
+        try:
+            importlib.import_module(STORAGE_LIBRARIES[kind])
+        except ImportError as exc:  # the copy itself reports it, naming the destination
+            log.warning("cannot preload %s for %s destinations: %s", STORAGE_LIBRARIES[kind], kind, exc)
+
+
 @worker_ready.connect
 def announce_and_clean(sender, **kwargs):
-    """Start this worker's heartbeat, then remove work folders no run can still need: runs abandoned to
-    another host, and anything older than the visibility timeout."""
+    """Settle what killed runs left on this host (pgbeat.startup: among others, work folders that no live
+    process holds and no active run needs), then start this worker's heartbeat."""
     settings = get_settings()
     recover_host(settings, "worker")
     worker = sender.hostname
     threading.Thread(target=_heartbeat, args=(settings.node, worker), name="pgbeat-heartbeat", daemon=True).start()
-    work = settings.backup_root / WORK_DIR
-    if not work.is_dir():
-        return
-    state = RunState(redis_client(settings))
-    horizon = time.time() - settings.reliability.visibility_timeout
-    for folder in work.iterdir():
-        try:
-            abandoned = state.get(folder.name).get("status") == "abandoned"
-            if abandoned or folder.stat().st_mtime < horizon:
-                remove_path(folder)
-                log.warning("removed %s work folder %s", "abandoned" if abandoned else "old", folder)
-        except (FileNotFoundError, RedisError):
-            pass
 
 
 def _heartbeat(node: str, worker: str) -> None:

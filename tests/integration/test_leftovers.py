@@ -1,0 +1,171 @@
+"""Leftovers of killed runs go with the next pgbeat process of any kind on the host, a live run's never;
+and the password reaches pg_dump without any file on disk.
+
+The sweep (pgbeat.run.sweep_work_folders, a recovery in pgbeat.startup) removes a work folder when no live
+process holds its lock and, for a Celery run, when the run is no longer active in Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import unique
+from tests.shelf import backups_of, restore_into, shelf_problems
+from tests.support import (
+    SECRET_PASSWORD,
+    VENV_BIN,
+    Service,
+    Worker,
+    pg_dump_processes,
+    table_locked,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def locked_db(pg):
+    name = pg.createdb(unique("left"))
+    pg.sql("CREATE TABLE big AS SELECT i, md5(i::text) AS h FROM generate_series(1, 3000) AS i", name)
+    yield name
+    pg.dropdb(name)
+
+
+def plant_leftovers(work: Path) -> dict[str, Path]:
+    """What killed runs leave (as today's main leaves it too): a run's folder with a partial dump and a
+    cleartext passfile, an off-site scratch folder, a half-created folder; and a restore's folder, which
+    is not the sweep's to judge."""
+    work.mkdir(parents=True, exist_ok=True)
+    run = work / uuid.uuid4().hex
+    run.mkdir()
+    (run / "dump.sql").write_text("--\n-- PostgreSQL database dump\n--\nCOPY t (i) FROM stdin;\n1\n")
+    (run / ".pgpass").write_text(f"*:*:*:*:{SECRET_PASSWORD}\n")
+    celery_run = work / str(uuid.uuid4())  # `celery call` names runs by task id, with dashes
+    celery_run.mkdir()
+    scratch = work / "offsite-0123456789ab"
+    scratch.mkdir()
+    (scratch / ".lock").touch()
+    (scratch / "x.sql.gz.age").write_bytes(b"age")
+    half = work / f".{uuid.uuid4().hex}.new-999999"
+    half.mkdir()
+    (half / ".lock").touch()
+    foreign = work / "restore-0123456789ab"
+    foreign.mkdir()
+    return {"run": run, "celery run": celery_run, "scratch": scratch, "half-made": half, "foreign": foreign}
+
+
+@pytest.mark.parametrize("command", [("list",), ("status",), ("config", "check", "--no-connect")])
+def test_any_command_sweeps_what_killed_runs_left(workdir, pg, locked_db, command):
+    service = Service(workdir, None, [pg.target("erp", locked_db)])
+    planted = plant_leftovers(service.backup_root / ".work")
+    result = service.pgbeat(*command)
+    assert result.returncode == 0, result.stdout + result.stderr
+    left = {what for what, path in planted.items() if path.exists()}
+    assert left == {"foreign"}  # a restore's folder is left to restore's own recovery
+    assert SECRET_PASSWORD not in result.stdout + result.stderr
+
+
+def test_a_killed_backup_leaves_nothing_after_the_next_command(workdir, pg, locked_db):
+    """`pgbeat backup` SIGKILLed mid-dump (a password target): a partial dump, no passfile on disk; the
+    next command removes the folder, and the next backup is whole."""
+    service = Service(workdir, None, [pg.target("erp", locked_db, user="backup", password=SECRET_PASSWORD)])
+    faults = workdir / "faults"
+    faults.mkdir()
+    killed = service.pgbeat("backup", "daily", PGBEAT_FAULTS="dump.streaming=kill", PGBEAT_FAULTS_DIR=str(faults))
+    assert killed.returncode == -signal.SIGKILL
+    [folder] = (service.backup_root / ".work").iterdir()
+    assert (folder / "dump.sql").exists() and not (folder / ".pgpass").exists()
+    assert service.pgbeat("list").returncode == 0
+    assert not folder.exists()
+    again = service.pgbeat("backup", "daily")
+    assert again.returncode == 0, again.stdout
+    assert len(backups_of(service.backup_root, "erp")) == 1 and shelf_problems(service.backup_root) == []
+
+
+def test_a_live_runs_folder_survives_a_sweep_started_while_it_runs(workdir, pg, locked_db, make_db):
+    service = Service(workdir, None, [pg.target("erp", locked_db)])
+    with table_locked(pg, locked_db):
+        proc = subprocess.Popen([str(VENV_BIN / "pgbeat"), "backup", "daily"], cwd=service.cwd, env=service.env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: pg_dump_processes(locked_db), 20, what="pg_dump")
+            [folder] = (service.backup_root / ".work").iterdir()
+            for command in (("list",), ("status",)):
+                assert service.pgbeat(*command).returncode == 0
+            assert (folder / "dump.sql").exists()
+        except BaseException:
+            proc.kill()
+            raise
+    out, errs = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + errs
+    [backup] = backups_of(service.backup_root, "erp")
+    restored = make_db("restored")
+    restore_into(pg, backup, restored)
+    assert pg.dump_text(restored) == pg.dump_text(locked_db)
+
+
+def test_worker_start_sweeps_dead_runs_and_keeps_active_ones(workdir, pg, locked_db, redis_server):
+    """At worker start: folders of runs that are over (failed, abandoned, unknown to Redis) go; the folder of
+    a Celery run between two steps (active in Redis, no process holds it) stays."""
+    service = Service(workdir, redis_server.url, [pg.target("erp", locked_db)], node=f"lo-{uuid.uuid4().hex[:6]}")
+    planted = plant_leftovers(service.backup_root / ".work")
+    work = service.backup_root / ".work"
+    by_status = {status: work / uuid.uuid4().hex for status in ("queued", "running", "waiting", "failed",
+                                                                 "abandoned", "succeeded")}
+    for status, folder in by_status.items():
+        folder.mkdir()
+        (folder / "dump.sql").write_text("partial")
+        redis_server.client.hset(f"pgbeat:run:{folder.name}", mapping={"status": status})
+    worker = Worker(service)
+    try:
+        wait_for(lambda: not planted["run"].exists(), 30, what="the sweep at worker start")
+    finally:
+        worker.stop()
+    assert {s for s, folder in by_status.items() if folder.exists()} == {"queued", "running", "waiting"}
+    assert {what for what, path in planted.items() if path.exists()} == {"foreign"}
+    assert "removed the work folder" in worker.log_text()
+
+
+def test_no_passfile_on_disk_while_pg_dump_runs(workdir, pg, locked_db, make_db):
+    """The password reaches pg_dump through a file that exists only in pgbeat's memory: while the dump
+    waits, pg_dump's PGPASSFILE is a /proc path to a memfd, no file on disk holds the password, and the
+    password is not in ps. pg_dump -j's worker connections find it too."""
+    service = Service(workdir, None, [
+        pg.target("erp", locked_db, user="backup", password=SECRET_PASSWORD),
+        pg.target("erp_dir", locked_db, user="backup", password=SECRET_PASSWORD, format="directory", jobs=2)])
+    for name in ("erp", "erp_dir"):
+        with table_locked(pg, locked_db):
+            proc = subprocess.Popen([str(VENV_BIN / "pgbeat"), "backup", "daily", "--target", name], cwd=service.cwd,
+                                    env=service.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                dumps = wait_for(lambda: (found := pg_dump_processes(locked_db)) and len(found) >= 1 and found,
+                                 20, what="pg_dump")
+                passfile = dumps[0].environ()["PGPASSFILE"]
+                assert passfile.startswith(f"/proc/{proc.pid}/fd/"), passfile
+                assert os.readlink(passfile).startswith("/memfd:pgbeat-passfile")
+                assert stat.S_ISREG(os.stat(passfile).st_mode) and stat.S_IMODE(os.stat(passfile).st_mode) == 0o600
+                for path in [*service.backup_root.rglob("*"), *Path("/tmp").glob("*pgpass*")]:
+                    if path.is_file():
+                        assert SECRET_PASSWORD.encode() not in path.read_bytes(), path
+                ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+                assert "pg_dump" in ps and SECRET_PASSWORD not in ps
+            except BaseException:
+                proc.kill()
+                raise
+        out, errs = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out + errs
+    assert shelf_problems(service.backup_root) == []
+    [plain] = backups_of(service.backup_root, "erp")
+    restored = make_db("restored")
+    restore_into(pg, plain, restored)
+    assert pg.dump_text(restored) == pg.dump_text(locked_db)
+    [directory] = backups_of(service.backup_root, "erp_dir")
+    assert len(list(directory.glob("*.dat.gz"))) >= 1  # written by pg_dump -j 2's workers
