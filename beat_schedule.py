@@ -12,12 +12,9 @@ from typing import Any
 
 from celery.schedules import crontab
 
+from pgbeat.coordination import SCHEDULED_PRIORITY
 from pgbeat.schedule import expiry_seconds
 from pgbeat.settings import Settings
-
-# Redis priorities: lower is served sooner. A manual backup or restore (0) is not stuck behind a night
-# of scheduled dumps (6); every step of a chain keeps its run's priority.
-MANUAL_PRIORITY, SCHEDULED_PRIORITY = 0, 6
 
 
 def cron_schedule(expr: str) -> crontab:

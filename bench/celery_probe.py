@@ -15,10 +15,10 @@ import sys
 import time
 import uuid
 
-from pgbeat.coordination import RunState
+from pgbeat.coordination import redis_client
+from pgbeat.coordination.runs import RunState
 from pgbeat.settings import get_settings
 from workers.app import app
-from workers.chain import redis_client
 
 FINISHED = ("succeeded", "failed", "skipped")
 

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pgbeat import errors
-from pgbeat.catalog import list_backups, order_key
+from pgbeat.catalog.manifest import list_backups, order_key
 from pgbeat.clitypes import (
     BackupFile,
     BackupLocation,
@@ -40,7 +40,7 @@ from pgbeat.clitypes import (
     UnixUser,
 )
 from pgbeat.errors import PgbeatError
-from pgbeat.run import Run
+from pgbeat.pipeline.record import Run
 from pgbeat.runlog import human_size
 from pgbeat.settings import TIERS, Settings, get_settings
 
@@ -186,7 +186,7 @@ def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float) ->
 
 
 def backup_inprocess(settings: Settings, names: list[str], tier: str) -> bool:
-    from pgbeat.pipeline import run_inprocess
+    from pgbeat.pipeline.runner import run_inprocess
 
     ok = True
     for name in names:
@@ -219,9 +219,9 @@ def report_end(name: str, fields: dict[str, str]) -> None:
 
 
 def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wait: bool, timeout: float) -> bool:
-    from pgbeat.coordination import RunState
+    from pgbeat.coordination import redis_client
+    from pgbeat.coordination.runs import RunState
     from workers.app import app
-    from workers.chain import redis_client
 
     require_broker(settings)
     runs = {}
@@ -294,7 +294,7 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
 
 def destination_entries(settings: Settings, destination: str, target_name: str | None, tier: str | None) -> list:
     """The backups a destination holds, from the manifests stored there, for each target that uses it."""
-    from pgbeat.destinations import open_storage, remote_entries
+    from pgbeat.storage.destinations import open_storage, remote_entries
 
     entries = []
     users = [t for t in settings.targets.values() if any(d.name == destination for d in t.destinations)]
@@ -332,7 +332,7 @@ def verify(file: str | None, identity: Path | None, destination: str | None, dee
     """Verify FILE (decompression test, completeness, checksums against its manifest and .sha256), or
     every copy at a destination."""
     from pgbeat.crypt import load_identities
-    from pgbeat.verify import verify_backup
+    from pgbeat.steps.verify import verify_backup
 
     settings = settings_or_exit(writes=bool(destination or identity))
     if destination:
@@ -351,7 +351,7 @@ def verify(file: str | None, identity: Path | None, destination: str | None, dee
 
 def scrub(settings: Settings, destination: str, deep: bool) -> int:
     """Check each copy at `destination` (size and checksum, or read back with `deep`); return the exit code."""
-    from pgbeat.destinations import open_storage
+    from pgbeat.storage.destinations import open_storage
 
     try:
         entries = destination_entries(settings, destination, None, None)
@@ -381,14 +381,14 @@ def rotate(target_name: str | None, tier: str | None, dry_run: bool, pretend_now
     """Apply each tier's retention to the local shelf (never below a tier's min_keep), at the database
     server's time: a target whose server cannot be reached is skipped (exit 1), never rotated by this
     host's clock alone."""
-    from pgbeat.rotate import future_warning, rotate_target, rotation_now
+    from pgbeat.steps.rotate import future_warning, rotate_target, rotation_now
 
     settings = settings_or_exit(writes=not dry_run)
     try:
         names = selected_targets(settings, target_name)
     except PgbeatError as exc:
         fail(exc)
-    from pgbeat.rotate import rotate_destination
+    from pgbeat.steps.rotate import rotate_destination
 
     verb = "would remove" if dry_run else "removed"
     skipped = 0
@@ -429,7 +429,7 @@ def rotate(target_name: str | None, tier: str | None, dry_run: bool, pretend_now
 
 def confirm_restore(yes: bool):
     """Return the confirmation callback: typed `SIM` on a terminal, `--yes` in scripts, else refuse."""
-    from pgbeat.restore import RestoreRefused
+    from pgbeat.restore.restore import RestoreRefused
 
     def confirm(info) -> bool:
         if yes:
@@ -487,9 +487,9 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
     a failure at any point leaves the existing database as it was. Emergency revert:
     `pgbeat restore BACKUP_ROOT/pre_restore_<target>_<stamp>.sql.gz`.
     """
-    from pgbeat import restore as restoring
     from pgbeat.fsutil import remove_path
-    from pgbeat.verify import open_backup
+    from pgbeat.restore import restore as restoring
+    from pgbeat.steps.verify import open_backup
 
     settings = settings_or_exit(writes=not list_only or "://" in (file or ""))
     fetched = None
@@ -544,8 +544,8 @@ def restore_on_worker(settings: Settings, entry, target: str, into: str | None, 
     """
     import redis
 
-    from pgbeat.restore import RestoreInfo, RestoreRefused
-    from pgbeat.restore_journal import Interrupted, interruptible
+    from pgbeat.restore.journal import Interrupted, interruptible
+    from pgbeat.restore.restore import RestoreInfo, RestoreRefused
     from tasks.restore import follow, stop
     from workers.app import app
     from workers.config import host_queue
@@ -579,8 +579,8 @@ def restore_on_worker(settings: Settings, entry, target: str, into: str | None, 
 
 def fetch_and_check(settings: Settings, url: str, folder: Path):
     """Download a copy with its sidecars into `folder` and verify it as stored; return its Entry."""
-    from pgbeat.destinations import fetch
-    from pgbeat.verify import verify_backup
+    from pgbeat.steps.verify import verify_backup
+    from pgbeat.storage.destinations import fetch
 
     entry = fetch(settings, url, folder)
     verify_backup(entry.path, settings)
@@ -595,7 +595,7 @@ def fetch_and_check(settings: Settings, url: str, folder: Path):
 def fetch_cmd(url: str, folder: Path, identity: Path | None) -> None:
     """Download a backup from a destination and verify it, without restoring it."""
     from pgbeat.crypt import load_identities
-    from pgbeat.verify import verify_backup
+    from pgbeat.steps.verify import verify_backup
 
     settings = settings_or_exit()
     try:
@@ -613,7 +613,7 @@ def fetch_cmd(url: str, folder: Path, identity: Path | None) -> None:
 @click.option("--destination", type=DestinationName(), help="Only this destination.")
 def upload(retry: bool, target_name: str | None, destination: str | None) -> None:
     """Copy local backups to the destinations where their copy is missing or failed (no new dump)."""
-    from pgbeat.destinations import replicate_missing
+    from pgbeat.storage.destinations import replicate_missing
 
     settings = settings_or_exit(writes=True)
     failures = []
@@ -636,7 +636,7 @@ def upload(retry: bool, target_name: str | None, destination: str | None) -> Non
 @click.option("--target", "target_name", type=TargetName(), help="Drill only this target (default: every target).")
 def drill(target_name: str | None) -> None:
     """Restore the latest backup of each target into a scratch database now and check it."""
-    from pgbeat.drill import run_drill
+    from pgbeat.restore.drill import run_drill
 
     settings = settings_or_exit(writes=True)
     try:
@@ -676,7 +676,7 @@ def age_text(seconds: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(as_json: bool) -> None:
     """Per target and tier: last success (red when overdue), size, duration, copies, next run; disk use."""
-    from pgbeat.status import build_status
+    from pgbeat.monitoring.status import build_status
 
     settings = settings_or_exit()
     report = build_status(settings, datetime.now(UTC))
@@ -719,8 +719,8 @@ def status(as_json: bool) -> None:
 
 def run_overview(settings: Settings) -> dict:
     """Queued, running and stuck runs from Redis (empty when the broker cannot be reached)."""
-    from pgbeat.coordination import NodeRegistry, RunState
-    from workers.chain import redis_client
+    from pgbeat.coordination import redis_client
+    from pgbeat.coordination.runs import NodeRegistry, RunState
 
     problem = check_broker(settings)
     if problem is not None:
@@ -738,7 +738,7 @@ def run_overview(settings: Settings) -> dict:
 @click.option("--listen", type=Listen(), help="host:port (default: monitoring.metrics_listen, 127.0.0.1:9810).")
 def metrics(listen: str | None) -> None:
     """Serve Prometheus metrics computed from the catalog on /metrics."""
-    from pgbeat.metrics import serve
+    from pgbeat.monitoring.metrics import serve
 
     settings = settings_or_exit()
     runs = None if settings.embedded else (lambda: run_overview(settings))
@@ -841,7 +841,7 @@ def config_check(no_connect: bool) -> None:
 
 def check_connection(target) -> tuple[str | None, str | None]:
     """Connect to `target`; return (problem, server version). The password never leaves libpq."""
-    from pgbeat.pgclient import connect
+    from pgbeat.postgres.client import connect
 
     try:
         with connect(target) as conn:

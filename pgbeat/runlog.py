@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pgbeat.fsutil import FILE_MODE, private_dir
-from pgbeat.run import Run
+from pgbeat.pipeline.record import Run
 from pgbeat.settings import Settings
 
 log = logging.getLogger(__name__)

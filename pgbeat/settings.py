@@ -42,7 +42,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pgbeat.errors import ConfigError, UnknownTargetError
-from pgbeat.pgoptions import check_pg_dump_options
+from pgbeat.postgres.options import check_pg_dump_options
 
 TIERS = ("daily", "weekly", "monthly")
 Tier = Literal["daily", "weekly", "monthly"]
@@ -390,7 +390,7 @@ class TargetSpec(TargetOptions):
 
 
 class Reliability(Strict):
-    """Timing knobs of the Celery chain; see ../shared/notes/celery.md for why each matters."""
+    """Timing knobs of the Celery chain; the README's "Reliability" section says why each matters."""
 
     lock_ttl: int = Field(60, ge=2, le=86_400, description="seconds a target lock lives without renewal")
     lock_wait: int = Field(6 * 3600, ge=0, le=MAX_SECONDS, description="how long a backup waits for a busy target")

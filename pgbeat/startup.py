@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from pgbeat.restore_journal import recover_restores
-from pgbeat.run import sweep_work_folders
+from pgbeat.pipeline.record import sweep_work_folders
+from pgbeat.restore.journal import recover_restores
 from pgbeat.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,8 @@ Recovery = Callable[[Settings], list[str]]
 
 # Filled in by the modules that leave state behind (restore journals, work folders, ...), in order.
 RECOVERIES: list[Recovery] = [
-    recover_restores,  # interrupted restores and drills (pgbeat.restore_journal), before the folders they name
-    sweep_work_folders,  # work folders no live process holds (pgbeat.run)
+    recover_restores,  # interrupted restores and drills (pgbeat.restore.journal), before the folders they name
+    sweep_work_folders,  # work folders no live process holds (pgbeat.pipeline.record)
 ]
 
 

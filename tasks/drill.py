@@ -2,17 +2,17 @@
 
 from celery import shared_task
 
-from pgbeat.coordination import RunState
-from pgbeat.drill import run_drill
+from pgbeat.coordination import redis_client
+from pgbeat.coordination.runs import RunState
+from pgbeat.restore.drill import run_drill
 from pgbeat.settings import get_settings
 from pgbeat.startup import recover_host
-from workers.chain import redis_client
 from workers.config import host_queue
 
 
 @shared_task(name="tasks.drill", bind=True)
 def drill(self, target: str, node: str | None = None) -> dict:
-    """Drill `target`'s latest backup (pgbeat.drill); beat's message is first routed to the right host."""
+    """Drill `target`'s latest backup (pgbeat.restore.drill); beat's message is first routed to the right host."""
     settings = get_settings()
     recover_host(settings, "drill")
     if node is None:

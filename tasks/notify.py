@@ -4,11 +4,11 @@ import logging
 
 from celery import shared_task
 
-from pgbeat.coordination import RunState
-from pgbeat.pipeline import execute_step, fail_run
-from pgbeat.run import Run, StepContext
+from pgbeat.coordination import redis_client
+from pgbeat.coordination.runs import RunState
+from pgbeat.pipeline.record import Run, StepContext
+from pgbeat.pipeline.runner import execute_step, fail_run
 from pgbeat.settings import get_settings
-from workers.chain import redis_client
 from workers.config import host_queue
 from workers.guard import StepTask, run_step
 
@@ -28,7 +28,7 @@ def chain_failed(request, exc, traceback, record: dict) -> None:
     Celery calls it inline in the process that saw the failure (on the run's host), with the failing
     task's request; it may be called more than once, so it acts only the first time. It never deletes a
     backup that is whole on the shelf, takes back sidecars published without their data file, and leaves
-    a work folder that a live process still holds (pgbeat.pipeline.discard_work); later messages of the
+    a work folder that a live process still holds (pgbeat.pipeline.runner.discard_work); later messages of the
     run, but its notify, are dropped by the step guard.
     """
     settings = get_settings()

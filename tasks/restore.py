@@ -1,7 +1,7 @@
 """`tasks.restore`: restore a backup on this worker's host (the CLI has already asked for confirmation),
 and `follow`, the CLI's half: what the run state in Redis says, so that the CLI never waits forever.
 
-The protocol, in the run's state (pgbeat.coordination.RunState): the worker claims the run once
+The protocol, in the run's state (pgbeat.coordination.runs.RunState): the worker claims the run once
 (`once(run, "start")`) before it begins; the CLI claims it instead when it gives up on a run no worker
 took, so that run never starts. While it runs, the task beats (`updated_at`) every `heartbeat` seconds;
 it ends "succeeded" or "failed" (with the message), whatever the exception.
@@ -19,13 +19,13 @@ from pathlib import Path
 
 from celery import shared_task
 
-from pgbeat.coordination import NodeRegistry, RunState
+from pgbeat.coordination import redis_client
+from pgbeat.coordination.runs import NodeRegistry, RunState
 from pgbeat.errors import EXIT_FAILED, PgbeatError
-from pgbeat.restore import restore as restore_backup
+from pgbeat.restore.restore import restore as restore_backup
 from pgbeat.settings import Settings, get_settings
 from pgbeat.startup import recover_host
-from pgbeat.verify import open_backup
-from workers.chain import redis_client
+from pgbeat.steps.verify import open_backup
 
 
 def worker_heartbeat(settings: Settings) -> tuple[float, float]:

@@ -140,7 +140,7 @@ def make_age_key(folder: Path) -> tuple[Path, str]:
 
 def forget_copy(s3_client, bucket: str, prefix: str, backup: Path, destination: str) -> None:
     """Make `backup` lack its copy at `destination` again: its record and the objects there go."""
-    from pgbeat.catalog import update_manifest
+    from pgbeat.catalog.manifest import update_manifest
 
     update_manifest(backup.with_name(backup.name + MANIFEST), lambda m: m.copies.pop(destination, None))
     for key in remote_keys(s3_client, bucket, f"{prefix}/{backup.name}"):
@@ -152,7 +152,7 @@ def forget_copy(s3_client, bucket: str, prefix: str, backup: Path, destination: 
 # its code (or dies of the signal a fault point sent). Only the interpreter's start-up is skipped.
 WARM_DRIVER = r"""
 import json, os, sys, traceback
-import pgbeat.cli, pgbeat.pipeline  # what `pgbeat backup` imports, once
+import pgbeat.cli, pgbeat.pipeline.runner  # what `pgbeat backup` imports, once
 for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()

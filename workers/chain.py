@@ -12,31 +12,17 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
 from celery import Celery, chain
 
-from beat_schedule import MANUAL_PRIORITY, SCHEDULED_PRIORITY
-from pgbeat.coordination import RunState
+from pgbeat.coordination import MANUAL_PRIORITY, SCHEDULED_PRIORITY, redis_client
+from pgbeat.coordination.runs import RunState
 from pgbeat.notify import Event, healthchecks, send_event
-from pgbeat.run import Run, new_run
+from pgbeat.pipeline.record import Run, new_run
 from pgbeat.schedule import min_interval, slot_id, slot_of
 from pgbeat.settings import STEPS, Settings
 from workers.config import host_queue
 
 log = logging.getLogger(__name__)
-_clients: dict[str, redis.Redis] = {}
-
-
-def redis_client(settings: Settings) -> redis.Redis:
-    """The coordination client (locks, run state): the broker's Redis, one pool per process."""
-    assert settings.broker_url is not None
-    url = settings.broker_url.get_secret_value()
-    if url not in _clients:
-        _clients[url] = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
-                                             health_check_interval=30)
-    return _clients[url]
-
-
 def build_chain(app: Celery, settings: Settings, run: Run, priority: int = MANUAL_PRIORITY):
     """Return the chain signature of `run`, every step routed to the run's host with its time limits."""
     queue = host_queue(run.node)

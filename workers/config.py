@@ -1,4 +1,4 @@
-"""Celery settings derived from pgbeat's Settings. Why each value: ../shared/notes/celery.md."""
+"""Celery settings derived from pgbeat's Settings; the comment beside each value says why it is so."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Steps acknowledge late, so a step whose pool process died is delivered again (Celery retries it, or
 Redis restores it after the visibility timeout). The steps themselves are idempotent given their record
-(a step run again recognises what an earlier attempt did, see pgbeat.pipeline). Around the core step
+(a step run again recognises what an earlier attempt did, see pgbeat.pipeline.runner). Around the core step
 this guard:
 - drops every message of a run the reconciler abandoned (it was dispatched anew on a live host), and
   every step but `notify` of a run that already failed for good (its errback has cleaned up);
@@ -34,23 +34,23 @@ from celery.exceptions import Ignore, Reject
 from redis.exceptions import RedisError
 
 from pgbeat import faults
-from pgbeat.coordination import (
+from pgbeat.coordination import redis_client
+from pgbeat.coordination.leases import (
     GLOBAL_SLOTS_KEY,
     RedisLease,
     RedisSemaphore,
-    RunState,
     holder_gone,
     host_slots_key,
     step_lease_key,
     target_lock_key,
 )
+from pgbeat.coordination.runs import RunState
 from pgbeat.errors import LockHeldError, PgbeatError
 from pgbeat.notify import Event, send_event
-from pgbeat.pipeline import backoff_delays, execute_step
-from pgbeat.process import CancelEvent
-from pgbeat.run import Run, StepContext
+from pgbeat.pipeline.record import Run, StepContext
+from pgbeat.pipeline.runner import backoff_delays, execute_step
+from pgbeat.postgres.process import CancelEvent
 from pgbeat.settings import STEPS, Settings, get_settings
-from workers.chain import redis_client
 
 log = logging.getLogger(__name__)
 STEP_STORED = {name: faults.declare(f"{name}.stored", f"the {name} step's result is stored in Redis; the next "

@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 
 from celery import Celery
 
-from pgbeat.coordination import NodeRegistry, RunState
+from pgbeat.coordination import MANUAL_PRIORITY, redis_client
+from pgbeat.coordination.runs import NodeRegistry, RunState
 from pgbeat.notify import Event, send_event
 from pgbeat.settings import Settings
-from workers.chain import MANUAL_PRIORITY, redis_client
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ import threading
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
 from redis.exceptions import RedisError
 
-from pgbeat.coordination import NodeRegistry
+from pgbeat.coordination import redis_client
+from pgbeat.coordination.runs import NodeRegistry
 from pgbeat.settings import get_settings
 from pgbeat.startup import recover_host
-from workers.chain import redis_client
 from workers.config import host_queue
 
 log = logging.getLogger(__name__)

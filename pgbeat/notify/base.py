@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from pgbeat import runlog
-from pgbeat.run import Run
+from pgbeat.pipeline.record import Run
 from pgbeat.settings import Settings
 
 

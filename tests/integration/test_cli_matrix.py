@@ -465,7 +465,7 @@ def test_a_broker_that_goes_away_while_the_cli_follows_is_one_line_and_exit_5(wo
         if how == "restore --on-worker":
             # A worker of that host is alive but busy (its heartbeat is there): the restore is sent and
             # waits in its queue (with no live worker the CLI refuses to send it at all).
-            from pgbeat.coordination import NodeRegistry
+            from pgbeat.coordination.runs import NodeRegistry
 
             NodeRegistry(redis.client).beat(service.config["node"], "busy@worker", ttl=600)
         proc = follow(service, argv, queued(redis))

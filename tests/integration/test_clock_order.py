@@ -18,15 +18,15 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pgbeat.catalog import list_backups, manifest_path, read_manifest
-from pgbeat.drill import run_drill
-from pgbeat.metrics import registry_for
-from pgbeat.pipeline import run_inprocess
-from pgbeat.restore import latest_backup
-from pgbeat.rotate import rotate_target, rotation_now
-from pgbeat.run import StepContext
+from pgbeat.catalog.manifest import list_backups, manifest_path, read_manifest
+from pgbeat.monitoring.metrics import registry_for
+from pgbeat.monitoring.status import build_status
+from pgbeat.pipeline.record import StepContext
+from pgbeat.pipeline.runner import run_inprocess
+from pgbeat.restore.drill import run_drill
+from pgbeat.restore.restore import latest_backup
 from pgbeat.settings import load_settings
-from pgbeat.status import build_status
+from pgbeat.steps.rotate import rotate_target, rotation_now
 from tests.support import VENV_BIN, Service, free_port, run_cli
 
 pytestmark = pytest.mark.integration

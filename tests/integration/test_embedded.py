@@ -240,12 +240,12 @@ def test_streaming_dump_compresses_in_one_pass(workdir, pg, rich_db, make_db, co
 def test_streaming_verify_catches_a_file_changed_after_it_was_written(workdir, pg, rich_db, monkeypatch, codec):
     """The streaming dump checks each block as it writes it; verify must still read the file back and
     refuse one whose bytes are not those checked (here one byte flipped between the two steps)."""
-    from pgbeat.compress import compress_step
-    from pgbeat.dump import dump_step
     from pgbeat.errors import VerifyError
-    from pgbeat.run import StepContext, new_run
+    from pgbeat.pipeline.record import StepContext, new_run
     from pgbeat.settings import load_settings
-    from pgbeat.verify import verify_step
+    from pgbeat.steps.compress import compress_step
+    from pgbeat.steps.dump import dump_step
+    from pgbeat.steps.verify import verify_step
 
     service = Service(workdir, None, [pg.target("erp", rich_db, streaming=True, compression={"codec": codec})])
     monkeypatch.setenv("PGBEAT_CONFIG", str(service.config_path))

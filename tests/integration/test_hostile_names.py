@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from pgbeat.sqlscan import DumpScanner
+from pgbeat.postgres.sqlscan import DumpScanner
 from tests.support import PG_BIN, Service
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from pgbeat import errors, faults
-from pgbeat.pipeline import STEP_FUNCTIONS  # noqa: F401  (imports every step module: declares their points)
+from pgbeat.pipeline.runner import STEP_FUNCTIONS  # noqa: F401  (imports every step module: declares their points)
 from pgbeat.settings import STEPS, load_settings
 from tests.shelf import (
     WarmCli,
@@ -221,7 +221,7 @@ def run_inprocess_matrix(shelf: Shelf, plan: list[tuple[str, str]], folder, make
 
 def _run_inprocess_matrix(shelf: Shelf, cli: WarmCli, plan, folder, make_db, identity, settings) -> list[str]:
     from pgbeat.crypt import load_identities
-    from pgbeat.verify import verify_backup
+    from pgbeat.steps.verify import verify_backup
 
     service, root, target = shelf.service, shelf.service.backup_root, next(iter(shelf.dbs))
     spec = service.config["targets"][0]["destinations"]

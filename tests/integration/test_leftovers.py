@@ -1,7 +1,7 @@
 """Leftovers of killed runs go with the next pgbeat process of any kind on the host, a live run's never;
 and the password reaches pg_dump without any file on disk.
 
-The sweep (pgbeat.run.sweep_work_folders, a recovery in pgbeat.startup) removes a work folder when no live
+The sweep (pgbeat.pipeline.record.sweep_work_folders, a recovery in pgbeat.startup) removes a work folder when no live
 process holds its lock and, for a Celery run, when the run is no longer active in Redis.
 """
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgbeat.catalog import UNSEALED, Manifest, checksum_path, find_backup, manifest_path
-from pgbeat.drill import run_drill
+from pgbeat.catalog.manifest import UNSEALED, Manifest, checksum_path, find_backup, manifest_path
+from pgbeat.restore.drill import run_drill
 from pgbeat.settings import load_settings
 from tests.support import Service, run_cli
 

@@ -127,7 +127,7 @@ def test_damaged_backup_is_refused_before_anything_changes(workdir, pg, erp, dam
 def rewrite_backup(path: Path, sql_text: bytes) -> None:
     """Replace a plain backup's content and update its manifest (sealed again, as pgbeat writes it) and
     .sha256 so it passes integrity checks."""
-    from pgbeat.catalog import Manifest, write_manifest
+    from pgbeat.catalog.manifest import Manifest, write_manifest
 
     compressed = gzip.compress(sql_text)
     path.write_bytes(compressed)

@@ -24,10 +24,10 @@ import psutil
 import psycopg
 import pytest
 
-import pgbeat.drill  # declares the drill's fault points
-import pgbeat.restore  # noqa: F401  (declares the restore's fault points)
+import pgbeat.restore.drill  # declares the drill's fault points
+import pgbeat.restore.restore  # noqa: F401  (declares the restore's fault points)
 from pgbeat import faults
-from pgbeat.catalog import Manifest, write_manifest
+from pgbeat.catalog.manifest import Manifest, write_manifest
 from pgbeat.fsutil import private_dir
 from tests.conftest import unique
 from tests.support import VENV_BIN, Service, Worker, pg_dump_processes, table_locked, wait_for

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from pgbeat.fsutil import hold_dir
-from pgbeat.pipeline import STEP_FUNCTIONS, discard_work, execute_step
-from pgbeat.run import Run, StepContext, new_run
+from pgbeat.pipeline.record import Run, StepContext, new_run
+from pgbeat.pipeline.runner import STEP_FUNCTIONS, discard_work, execute_step
 from pgbeat.settings import STEPS, load_settings
 from tests.receivers import HttpReceiver
 from tests.shelf import backups_of, make_age_key, remote_keys, restore_into, sha256_of, shelf_problems
@@ -151,7 +151,7 @@ def test_a_failed_run_takes_back_sidecars_published_without_data(shelf, monkeypa
     service, settings, *_ = shelf
     before = {p: sha256_of(p) for p in backups_of(service.backup_root, "erp")}
     run = run_until(settings, "verify")
-    from pgbeat import upload
+    from pgbeat.steps import upload
 
     artifact, manifest = upload.staged_artifact(run, settings.target("erp").encryption.recipients)
     final = service.backup_root / "daily" / upload.shelf_name(service.backup_root, "daily", manifest)

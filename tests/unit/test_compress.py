@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-from pgbeat import compress
-from pgbeat.compress import BLOCK, BlockWriter
 from pgbeat.errors import VerifyError
+from pgbeat.steps import compress
+from pgbeat.steps.compress import BLOCK, BlockWriter
 
 # Compressible text with some noise, a little over two blocks, so the last block is a short one.
 DATA = b"".join(b"%d\tcustomer %d\t%s\n" % (i, i % 977, os.urandom(8).hex().encode()) for i in range(250_000))

@@ -421,11 +421,11 @@ def test_whatever_config_check_accepts_works_in_every_computation(tmp_path_facto
     rotation, status, metrics, the beat schedule, Celery's settings and every countdown work with them."""
     from beat_schedule import build_beat_schedule
     from pgbeat import cli
-    from pgbeat.metrics import families
-    from pgbeat.pipeline import backoff_delays
-    from pgbeat.rotate import plan_rotation
+    from pgbeat.monitoring.metrics import families
+    from pgbeat.monitoring.status import build_status
+    from pgbeat.pipeline.runner import backoff_delays
     from pgbeat.settings import get_settings
-    from pgbeat.status import build_status
+    from pgbeat.steps.rotate import plan_rotation
     from workers.config import celery_config
 
     folder = tmp_path_factory.mktemp("fuzz")

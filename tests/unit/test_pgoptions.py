@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgbeat.errors import ConfigError
-from pgbeat.pgoptions import (
+from pgbeat.postgres.options import (
     PG_DUMP_OPTIONS,
     Arg,
     PgDumpOption,
@@ -203,7 +203,7 @@ def test_the_target_gets_the_canonical_spelling(tmp_path, monkeypatch):
                                            "  - {name: b, dbname: b}\n")
     assert settings.target("a").pg_dump_options == ["--no-privileges", "--exclude-table=audit", "--no-comments"]
     assert settings.target("b").pg_dump_options == ["--no-owner"]
-    from pgbeat.dump import dump_argv
+    from pgbeat.steps.dump import dump_argv
 
     argv = dump_argv(settings, settings.target("a"), None)
     assert argv[-3:] == ["--no-privileges", "--exclude-table=audit", "--no-comments"]

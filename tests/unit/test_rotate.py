@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pgbeat.catalog import Manifest, backup_name, checksum_path, manifest_path, write_manifest
-from pgbeat.rotate import future_warning, plan_rotation, rotate_target
+from pgbeat.catalog.manifest import Manifest, backup_name, checksum_path, manifest_path, write_manifest
 from pgbeat.settings import TierPolicy, load_settings
+from pgbeat.steps.rotate import future_warning, plan_rotation, rotate_target
 
 NOW = datetime(2025, 11, 19, 2, 0, 30, tzinfo=UTC)
 
@@ -209,7 +209,7 @@ def test_within_the_tolerance_is_not_the_future():
 
 
 def test_newest_skips_the_future_unless_it_is_alone():
-    from pgbeat.catalog import newest
+    from pgbeat.catalog.manifest import newest
 
     future, real = shelved("future", None, worker=NOW + YEARS), shelved("real", NOW - timedelta(days=3))
     assert newest([future, real], NOW) is real
@@ -221,8 +221,8 @@ def test_the_rotate_step_removes_nothing_when_the_server_clock_cannot_be_read(tm
     rotation is skipped with a warning, whatever the worker's clock says."""
     import socket
 
-    from pgbeat.rotate import rotate_step
-    from pgbeat.run import StepContext, new_run
+    from pgbeat.pipeline.record import StepContext, new_run
+    from pgbeat.steps.rotate import rotate_step
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

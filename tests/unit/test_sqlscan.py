@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgbeat.sqlscan import DumpScanner
+from pgbeat.postgres.sqlscan import DumpScanner
 
 DUMP = (
     b"--\n-- PostgreSQL database dump\n--\n\n-- Dumped from database version 15.20 (Debian)\n"
@@ -135,7 +135,7 @@ def test_names_are_decoded_with_the_dump_encoding():
 
 
 def test_every_recorded_name_is_one_restore_can_check():
-    from pgbeat.sqlscan import TABLE_NAME_RE
+    from pgbeat.postgres.sqlscan import TABLE_NAME_RE
 
     for name in [*EXPECTED, *HOSTILE_EXPECTED]:
         assert TABLE_NAME_RE.fullmatch(name), name

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pgbeat.catalog import Entry, from_the_future, list_backups, newest, read_attempts
+from pgbeat.catalog.manifest import Entry, from_the_future, list_backups, newest, read_attempts
 from pgbeat.schedule import min_interval, next_runs
 from pgbeat.settings import Settings
 

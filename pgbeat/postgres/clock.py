@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pgbeat.errors import PgbeatError
-from pgbeat.process import find_pg_binary
+from pgbeat.postgres.process import find_pg_binary
 from pgbeat.settings import Settings, Target
 
 # A worker this far from the server's clock gets a warning on its run (file names and logs use its clock).
@@ -129,7 +129,7 @@ class PendingReading:
 
 def ask_server_time(target: Target) -> datetime:
     """Return `target`'s server clock now; raise PgbeatError if the server cannot be reached."""
-    from pgbeat.pgclient import connect
+    from pgbeat.postgres.client import connect
 
     with connect(target) as conn:
         return conn.execute("SELECT clock_timestamp()").fetchone()[0].astimezone(UTC)

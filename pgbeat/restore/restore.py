@@ -15,7 +15,7 @@ In this order:
    temporary database is dropped (by this process, or from the journal by the next pgbeat run);
 6. connect to the restored database and confirm every table of the manifest is there.
 
-pgbeat.restore_journal explains the crash safety (the journal, the lock-based swap, signals).
+pgbeat.restore.journal explains the crash safety (the journal, the lock-based swap, signals).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgbeat import runlog, sqlscan
-from pgbeat.catalog import (
+from pgbeat import runlog
+from pgbeat.catalog.manifest import (
     STAMP_FORMAT,
     Entry,
     checksum_path,
@@ -44,16 +44,15 @@ from pgbeat.catalog import (
     manifest_path,
     newest,
 )
-from pgbeat.compress import CHUNK, codec_for_name, decompressing_reader
-from pgbeat.compress import compress_step as _compress
-from pgbeat.dump import dump_step as _dump
 from pgbeat.errors import EXIT_LOCKED, PgbeatError, VerifyError
 from pgbeat.faults import fault_point
 from pgbeat.fsutil import private_dir, remove_path
 from pgbeat.notify import Event, send_event
-from pgbeat.pgclient import MAINTENANCE_DB, client_env, connect, ident
-from pgbeat.process import Supervised, find_pg_binary
-from pgbeat.restore_journal import (
+from pgbeat.pipeline.record import WORK_DIR, Run, StepContext
+from pgbeat.postgres import sqlscan
+from pgbeat.postgres.client import MAINTENANCE_DB, client_env, connect, ident
+from pgbeat.postgres.process import Supervised, find_pg_binary
+from pgbeat.restore.journal import (
     RETIRED_PREFIX,
     TEMPORARY_PREFIX,
     Interrupted,
@@ -66,11 +65,13 @@ from pgbeat.restore_journal import (
     phase_points,
     settle,
 )
-from pgbeat.run import WORK_DIR, Run, StepContext
 from pgbeat.settings import Settings, Target
-from pgbeat.upload import local_storage
-from pgbeat.verify import verify_backup
-from pgbeat.verify import verify_step as _verify
+from pgbeat.steps.compress import CHUNK, codec_for_name, decompressing_reader
+from pgbeat.steps.compress import compress_step as _compress
+from pgbeat.steps.dump import dump_step as _dump
+from pgbeat.steps.upload import local_storage
+from pgbeat.steps.verify import verify_backup
+from pgbeat.steps.verify import verify_step as _verify
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class RestoreResult:
 def latest_backup(settings: Settings, target: str | None = None, tier: str | None = None) -> Entry:
     """Return the newest verified backup on the local shelf of `target` (and `tier`), by the database
     server's clock (`catalog.newest`: one dated in the future is chosen only when it is alone)."""
-    from pgbeat.clock import ask_server_time
+    from pgbeat.postgres.clock import ask_server_time
 
     if target is None:
         if len(settings.targets) != 1:
@@ -194,7 +195,7 @@ def identities_for(target: Target, identity_file: Path | None) -> list | None:
 def plaintext_of(settings: Settings, entry: Entry, identities: list | None, work: Path) -> Entry:
     """Return `entry` itself, or for an encrypted backup its checked plaintext decrypted into `work`."""
     from pgbeat import crypt
-    from pgbeat.verify import check_backup, plaintext_problems
+    from pgbeat.steps.verify import check_backup, plaintext_problems
 
     if not entry.manifest.encryption:
         return entry

@@ -5,7 +5,7 @@
    the encrypted file's (what is stored).
 2. The local shelf, `BACKUP_ROOT/<tier>/`: the sidecars (`.sha256`, then the manifest) are published first
    and the data file last, so a backup under its final name always has its manifest.
-3. Each off-site destination gets a checked copy (pgbeat.destinations). One that keeps failing does not
+3. Each off-site destination gets a checked copy (pgbeat.storage.destinations). One that keeps failing does not
    cost the local copy or the other destinations: the step fails naming it (so rotation waits and a
    failure notice goes out), and `pgbeat upload --retry` or the target's next run completes the copy.
 
@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from pgbeat import crypt, faults
-from pgbeat.catalog import (
+from pgbeat.catalog.manifest import (
     CHECKSUM_SUFFIX,
     MANIFEST_SUFFIX,
     STAMP_FORMAT,
@@ -41,12 +41,12 @@ from pgbeat.catalog import (
     read_manifest,
     write_manifest,
 )
-from pgbeat.destinations import replicate, replicate_missing
 from pgbeat.errors import StorageError, VerifyError
 from pgbeat.fsutil import fsync_file, open_private, private_dir, publish, remove_path, tree_size, write_atomic
-from pgbeat.run import Run, StepContext
+from pgbeat.pipeline.record import Run, StepContext
 from pgbeat.settings import Settings
 from pgbeat.storage import LocalStorage
+from pgbeat.storage.destinations import replicate, replicate_missing
 
 log = logging.getLogger(__name__)
 

@@ -265,7 +265,7 @@ def settle(server: Target, record: JournalRecord) -> tuple[bool, list[str]]:
     if the server cannot be reached, or if the database was dropped or replaced by someone else while its
     original is retired (the journal is then kept, and says so at every run until a person decides).
     """
-    from pgbeat.pgclient import MAINTENANCE_DB, connect
+    from pgbeat.postgres.client import MAINTENANCE_DB, connect
 
     done: list[str] = []
     who = f"{record.kind} {record.id} (pid {record.pid} on {record.node}, phase {record.phase})"

@@ -2,7 +2,7 @@
 
 End of stream is not success: pg_dump's exit code is checked, its stderr kept, and for the plain format
 the closing "dump complete" line must be there. The password reaches pg_dump through a passfile held in
-memory (pgbeat.pgclient), never through argv. The plain stream passes through Python once, which
+memory (pgbeat.postgres.client), never through argv. The plain stream passes through Python once, which
 counts rows per table, computes the CRC-32 that verify later checks end to end, and writes the file.
 Run again with the same record, the step starts over: what an interrupted attempt wrote is removed first.
 """
@@ -21,15 +21,15 @@ from pathlib import Path
 from isal import isal_zlib
 
 from pgbeat import faults
-from pgbeat.clock import SKEW_WARNING, PendingReading
-from pgbeat.compress import BLOCK, BlockWriter, write_block_index
 from pgbeat.errors import CancelledError, DumpError, PgbeatError, TransientDumpError
 from pgbeat.fsutil import disk_error, open_private, private_dir, remove_path, tree_size
-from pgbeat.pgclient import client_env
-from pgbeat.process import Supervised, find_pg_binary
-from pgbeat.run import Run, StepContext
+from pgbeat.pipeline.record import Run, StepContext
+from pgbeat.postgres.client import client_env
+from pgbeat.postgres.clock import SKEW_WARNING, PendingReading
+from pgbeat.postgres.process import Supervised, find_pg_binary
+from pgbeat.postgres.sqlscan import DumpScanner
 from pgbeat.settings import Settings, Target
-from pgbeat.sqlscan import DumpScanner
+from pgbeat.steps.compress import BLOCK, BlockWriter, write_block_index
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from isal import igzip, igzip_threaded, isal_zlib
 from pgbeat import faults
 from pgbeat.errors import VerifyError
 from pgbeat.fsutil import disk_error, fsync_dir, open_private, remove_path
-from pgbeat.run import Run, StepContext
+from pgbeat.pipeline.record import Run, StepContext
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import shutil
 import statistics
 from pathlib import Path
 
-from pgbeat.catalog import Entry, list_backups, order_key
-from pgbeat.clock import SKEW_WARNING
+from pgbeat.catalog.manifest import Entry, list_backups, order_key
+from pgbeat.postgres.clock import SKEW_WARNING
 from pgbeat.runlog import human_size
 from pgbeat.settings import MonitoringSpec, Settings
 

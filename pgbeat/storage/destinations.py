@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from pgbeat import faults
-from pgbeat.catalog import (
+from pgbeat.catalog.manifest import (
     CHECKSUM_SUFFIX,
     MANIFEST_SUFFIX,
     Entry,

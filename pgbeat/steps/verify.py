@@ -25,7 +25,7 @@ import zstandard
 from isal import isal_zlib
 
 from pgbeat import faults
-from pgbeat.catalog import (
+from pgbeat.catalog.manifest import (
     Entry,
     FileDigest,
     Manifest,
@@ -34,13 +34,13 @@ from pgbeat.catalog import (
     manifest_path,
     write_manifest,
 )
-from pgbeat.compress import CHUNK, codec_for_name, decompressing_reader, read_block_index
 from pgbeat.errors import VerifyError
 from pgbeat.fsutil import write_atomic
-from pgbeat.process import Supervised, find_pg_binary
-from pgbeat.run import Run, StepContext
+from pgbeat.pipeline.record import Run, StepContext
+from pgbeat.postgres.process import Supervised, find_pg_binary
+from pgbeat.postgres.sqlscan import COMPLETE_MARKER, DumpScanner
 from pgbeat.settings import Settings
-from pgbeat.sqlscan import COMPLETE_MARKER, DumpScanner
+from pgbeat.steps.compress import CHUNK, codec_for_name, decompressing_reader, read_block_index
 
 log = logging.getLogger(__name__)
 VERIFY_WROTE_MANIFEST = faults.declare("verify.wrote-manifest", "the manifest is in the work folder, not yet "

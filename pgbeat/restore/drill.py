@@ -6,7 +6,7 @@ every table's row count against the manifest and runs the configured SQL asserti
 the restore time (the RTO), records the result in the backup's manifest, drops the scratch database,
 and notifies. A failed drill is a failure notification like a failed backup.
 
-The scratch database is journaled like a restore's temporary database (pgbeat.restore_journal): a drill
+The scratch database is journaled like a restore's temporary database (pgbeat.restore.journal): a drill
 stopped by a signal drops it at once, and one killed outright has it dropped by the next pgbeat run.
 """
 
@@ -20,23 +20,14 @@ from datetime import UTC, datetime
 import psycopg
 from psycopg import sql
 
-from pgbeat.catalog import Entry, manifest_path, update_manifest
+from pgbeat.catalog.manifest import Entry, manifest_path, update_manifest
 from pgbeat.errors import PgbeatError
 from pgbeat.faults import fault_point
 from pgbeat.fsutil import private_dir, remove_path
 from pgbeat.notify import Event, send_event
-from pgbeat.pgclient import MAINTENANCE_DB, connect, ident
-from pgbeat.restore import (
-    check_rights,
-    count_rows,
-    first_line,
-    identities_for,
-    latest_backup,
-    load_archive,
-    load_plain,
-    plaintext_of,
-)
-from pgbeat.restore_journal import (
+from pgbeat.pipeline.record import WORK_DIR
+from pgbeat.postgres.client import MAINTENANCE_DB, connect, ident
+from pgbeat.restore.journal import (
     SCRATCH_PREFIX,
     Interrupted,
     Journal,
@@ -46,9 +37,18 @@ from pgbeat.restore_journal import (
     phase_points,
     settle,
 )
-from pgbeat.run import WORK_DIR
+from pgbeat.restore.restore import (
+    check_rights,
+    count_rows,
+    first_line,
+    identities_for,
+    latest_backup,
+    load_archive,
+    load_plain,
+    plaintext_of,
+)
 from pgbeat.settings import Settings
-from pgbeat.verify import verify_backup
+from pgbeat.steps.verify import verify_backup
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pgbeat.catalog import STAMP_FORMAT, backup_name, extension
-from pgbeat.process import CancelEvent
+from pgbeat.catalog.manifest import STAMP_FORMAT, backup_name, extension
+from pgbeat.postgres.process import CancelEvent
 from pgbeat.settings import Settings, Target
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def _run_still_active(settings: Settings, run_ids: list[str]) -> set[str]:
         return set()
     import redis  # only a host with unlocked run folders and a broker pays for the import
 
-    from pgbeat.coordination import RunState
+    from pgbeat.coordination.runs import RunState
 
     client = redis.Redis.from_url(settings.broker_url.get_secret_value(), socket_timeout=5,
                                   socket_connect_timeout=3)
@@ -167,7 +167,7 @@ def sweep_work_folders(settings: Settings) -> list[str]:
             continue  # in use by a live process (None), or gone meanwhile (False)
         try:
             if RUN_ID_RE.match(path.name):
-                from pgbeat.upload import undo_partial_publish  # rare: only for a dead run's folder
+                from pgbeat.steps.upload import undo_partial_publish  # rare: only for a dead run's folder
 
                 done += undo_partial_publish(settings, path, path.name)
             remove_path(path)

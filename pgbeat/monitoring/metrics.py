@@ -32,8 +32,8 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 
 from pgbeat.errors import ConfigError, UsageError
+from pgbeat.monitoring.status import StatusReport, build_status
 from pgbeat.settings import Settings, parse_listen
-from pgbeat.status import StatusReport, build_status
 
 log = logging.getLogger(__name__)
 

@@ -19,17 +19,18 @@ from collections.abc import Callable
 from typing import Any
 
 from pgbeat import faults, runlog
-from pgbeat.compress import compress_step
-from pgbeat.dump import dump_step
+from pgbeat.coordination.filelock import hold_file_lock
 from pgbeat.errors import PgbeatError
-from pgbeat.filelock import hold_file_lock
 from pgbeat.fsutil import hold_dir, remove_path
-from pgbeat.notify import healthchecks, notify_step
-from pgbeat.rotate import rotate_step
-from pgbeat.run import Run, StepContext, new_run
+from pgbeat.notify import healthchecks
+from pgbeat.pipeline.record import Run, StepContext, new_run
 from pgbeat.settings import STEPS, Settings
-from pgbeat.upload import undo_partial_publish, upload_step
-from pgbeat.verify import verify_step
+from pgbeat.steps.compress import compress_step
+from pgbeat.steps.dump import dump_step
+from pgbeat.steps.notify import notify_step
+from pgbeat.steps.rotate import rotate_step
+from pgbeat.steps.upload import undo_partial_publish, upload_step
+from pgbeat.steps.verify import verify_step
 
 log = logging.getLogger(__name__)
 

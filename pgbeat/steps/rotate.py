@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from pgbeat import faults
-from pgbeat.catalog import (
+from pgbeat.catalog.manifest import (
     Entry,
     checksum_path,
     from_the_future,
@@ -31,10 +31,10 @@ from pgbeat.catalog import (
     manifest_path,
     order_key,
 )
-from pgbeat.clock import ask_server_time, server_now
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import remove_path
-from pgbeat.run import Run, StepContext
+from pgbeat.pipeline.record import Run, StepContext
+from pgbeat.postgres.clock import ask_server_time, server_now
 from pgbeat.settings import Settings, TierPolicy
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def rotate_target(settings: Settings, target: str, tier: str, now: datetime, dry
 def rotate_destination(settings: Settings, target: str, tier: str, destination: str, now: datetime,
                        dry_run: bool = False) -> RotationPlan:
     """Apply the destination's own retention (same floor rule) to what pgbeat stored there."""
-    from pgbeat.destinations import open_storage, remote_entries, remove_remote, retention
+    from pgbeat.storage.destinations import open_storage, remote_entries, remove_remote, retention
 
     config = settings.target(target)
     spec = config.destination(destination)

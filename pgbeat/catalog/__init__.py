@@ -1,0 +1,2 @@
+"""What a backup is: its manifest, its name, where it is on the shelf.
+"""

@@ -1,0 +1,2 @@
+"""What pgbeat reports: status, Prometheus metrics, and warnings that are not failures.
+"""
