@@ -8,6 +8,7 @@ of these codes, never a traceback (`PgbeatGroup`; -vv logs the traceback of an u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -487,12 +488,12 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
     a failure at any point leaves the existing database as it was. Emergency revert:
     `pgbeat restore BACKUP_ROOT/pre_restore_<target>_<stamp>.sql.gz`.
     """
-    from pgbeat.fsutil import remove_path
+    from pgbeat.pipeline.record import scratch_folder
     from pgbeat.restore import restore as restoring
     from pgbeat.steps.verify import open_backup
 
     settings = settings_or_exit(writes=not list_only or "://" in (file or ""))
-    fetched = None
+    scratch = contextlib.ExitStack()  # a fetched copy's folder, removed however this ends
     try:
         if into is not None:
             restoring.refuse_reserved(into)  # before anything is downloaded, asked or sent
@@ -504,8 +505,7 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
         if on_worker and not settings.embedded:
             require_broker(settings)
         if file and "://" in file:
-            fetched = settings.backup_root / ".work" / f"fetch-{uuid.uuid4().hex[:12]}"
-            entry = fetch_and_check(settings, file, fetched)
+            entry = fetch_and_check(settings, file, scratch.enter_context(scratch_folder(settings, "fetch")))
         else:
             entry = open_backup(Path(file)) if file else restoring.latest_backup(settings, target_name, tier)
         if list_only:
@@ -527,8 +527,7 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
     except PgbeatError as exc:
         fail(exc)
     finally:
-        if fetched is not None:
-            remove_path(fetched)
+        scratch.close()
     out.print("  " + ", ".join(f"{step} {seconds:.1f}s" for step, seconds in result.steps.items()), markup=False)
     if result.safety_backup:
         out.print(f"  safety backup: {result.safety_backup}", markup=False)
