@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pgbeat import errors
-from pgbeat.catalog.manifest import list_backups, order_key
+from pgbeat.catalog.manifest import Manifest, list_backups, order_key
 from pgbeat.clitypes import (
     BackupFile,
     BackupLocation,
@@ -289,7 +289,7 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
         m = e.manifest
         table.add_row(m.target, m.tier, local_time(settings, m.taken_at), human_size(m.size),
                       f"{m.format}/{m.codec}{'+age' if m.encryption else ''}", m.status,
-                      drill_summary(settings, m.drills), (m.sha256 or "")[:12], Path(e.path).name)
+                      drill_summary(settings, m), (m.sha256 or "")[:12], Path(e.path).name)
     out.print(table)
 
 
@@ -315,12 +315,10 @@ def local_time(settings: Settings, when: datetime | str) -> str:
     return when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def drill_summary(settings: Settings, drills: list[dict]) -> str:
+def drill_summary(settings: Settings, manifest: Manifest) -> str:
     """'passed 2025-11-23 05:00:12' for the latest drill of a backup, '-' if it was never drilled."""
-    if not drills:
-        return "-"
-    last = drills[-1]
-    return f"{last['status']} {local_time(settings, last['at'])}"
+    last = manifest.last_drill
+    return "-" if last is None else f"{last.status} {local_time(settings, last.at)}"
 
 
 @main.command()
@@ -452,7 +450,7 @@ def print_manifest(settings: Settings, entry) -> None:
     m = entry.manifest
     out.print(f"{entry.path}\n  target {m.target}, tier {m.tier}, taken {local_time(settings, m.started_at)}, "
               f"{human_size(m.size)}, {m.format}/{m.codec}, PostgreSQL {m.server_version}, status {m.status}, "
-              f"drill {drill_summary(settings, m.drills)}", markup=False)
+              f"drill {drill_summary(settings, m)}", markup=False)
     table = Table(title=f"{len(m.tables)} table(s)")
     table.add_column("table")
     table.add_column("rows", justify="right")

@@ -108,6 +108,24 @@ class BackupWarning(BaseModel):
         return kind
 
 
+class DrillRecord(BaseModel):
+    """One restore drill of a backup: when, how it went, what was checked."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str = Field(description='"passed" or "failed"')
+    at: str = Field(description="when the drill started (ISO 8601, with its zone)")
+    duration_s: float
+    restore_s: float | None = None
+    server: str = ""
+    checks: list[str] = Field(default_factory=list, description="what was checked and how it went")
+    problems: list[str] = Field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
 def upgrade_warning(value: Any) -> Any:
     """Given a warning as a manifest of any version holds it, return it as a BackupWarning's fields."""
     if isinstance(value, str):
@@ -151,7 +169,7 @@ class Manifest(BaseModel):
     node: str | None = None
     slot: str | None = Field(None, description="the scheduled slot this backup served (beat runs)")
     copies: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    drills: list[dict[str, Any]] = Field(default_factory=list)
+    drills: list[DrillRecord] = Field(default_factory=list)
     warnings: list[BackupWarning] = Field(default_factory=list)
     encryption: dict[str, Any] | None = Field(None, description="age recipients and the plaintext's checksums")
     seal: str | None = Field(None, description="SHA-256 of the sealed fields (all but UNSEALED)")
@@ -189,6 +207,14 @@ class Manifest(BaseModel):
         if self.seal != self.computed_seal():
             return "the manifest does not match its seal: it was damaged or edited after the backup was verified"
         return None
+
+    def record_drill(self, drill: DrillRecord) -> None:
+        """Add a drill of this backup (outside the seal: the backup's own fields need no new proof)."""
+        self.drills.append(drill)
+
+    @property
+    def last_drill(self) -> DrillRecord | None:
+        return self.drills[-1] if self.drills else None
 
     def checksum_lines(self) -> str:
         """Return the `.sha256` file's text: `sha256sum -c` checks it from the backup's folder."""

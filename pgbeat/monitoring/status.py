@@ -131,9 +131,9 @@ def build_status(settings: Settings, now: datetime) -> StatusReport:
                                      attempts))
         drilled = [(d, e) for e in entries for d in e.manifest.drills]
         if drilled:
-            last, entry = max(drilled, key=lambda pair: pair[0]["at"])
-            drills.append(DrillStatus(target=name, backup=entry.path.name, at=last["at"], status=last["status"],
-                                      duration_s=last["duration_s"], restore_s=last.get("restore_s")))
+            last, entry = max(drilled, key=lambda pair: pair[0].at)
+            drills.append(DrillStatus(target=name, backup=entry.path.name, at=last.at, status=last.status,
+                                      duration_s=last.duration_s, restore_s=last.restore_s))
     root = settings.backup_root
     usage = shutil.disk_usage(root) if root.exists() else shutil.disk_usage(root.parent)
     return StatusReport(generated_at=now.isoformat(), backup_root=str(root), disk_total=usage.total,

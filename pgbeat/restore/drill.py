@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 import psycopg
 from psycopg import sql
 
-from pgbeat.catalog.manifest import Entry, manifest_path, update_manifest
+from pgbeat.catalog.manifest import DrillRecord, Entry, manifest_path, update_manifest
 from pgbeat.errors import PgbeatError
 from pgbeat.faults import fault_point
 from pgbeat.fsutil import private_dir, remove_path
@@ -181,9 +181,9 @@ def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
             result.status = "failed"
             result.problems.append(f"interrupted by {exc.signal_name}")
     result.duration_s = round(time.monotonic() - t0, 3)
-    record = {k: v for k, v in result.as_json().items() if k not in ("target", "backup")}
+    record = DrillRecord.model_validate({k: v for k, v in result.as_json().items() if k not in ("target", "backup")})
     if entry is not None:
-        update_manifest(manifest_path(entry.path), lambda m: m.drills.append(record))
+        update_manifest(manifest_path(entry.path), lambda m: m.record_drill(record))
     send_event(settings, Event(
         kind="drill_passed" if result.passed else "drill_failed", target=target.name,
         tier=entry.manifest.tier if entry else "-", run_id=entry.manifest.run_id if entry else "-",
