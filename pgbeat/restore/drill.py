@@ -1,4 +1,4 @@
-"""Restore drills: routine proof that the backups restore (what no peer tool does, notes/peers.md (d) 4).
+"""Restore drills: routine proof that the backups restore (no peer tool schedules them).
 
 A drill takes the latest verified backup of a target, restores it into a scratch database on the drill
 server (by default the target's own server; set `drill.host` to keep the load off production), checks
