@@ -87,7 +87,8 @@ class DrillPolicy(Strict):
     enabled: bool = True
     schedule: str = Field("0 5 * * 0", description="cron expression; weekly, Sunday 05:00: after the weekly "
                                                    "backup of 03:00")
-    tier: Tier | None = Field(None, description="drill the latest backup of this tier; unset: any tier")
+    tier: Tier | None = Field(None, description="drill the latest backup of this tier; unset: any tier",
+                              examples=["weekly"])
     host: Name | None = Field(None, description="the drill server; unset: the target's own server",
                               examples=["drill-db.internal"])
     port: int | None = Field(None, ge=1, le=65535, description="unset: the target's", examples=[5432])
@@ -223,7 +224,8 @@ DestinationSpec = Annotated[S3Destination | GCSDestination | SSHDestination, Fie
 class EncryptionSpec(Strict):
     """Client-side encryption with age: workers hold only the public recipients."""
 
-    recipients: list[str] = Field(min_length=1, description="age X25519 public keys (age1...)")
+    recipients: list[str] = Field(min_length=1, description="age X25519 public keys (age1...)",
+                                  examples=[["age1..."]])
     identity_file: ConfigPath | None = Field(None, description="the private identity, needed only where "
                                                                "restores and drills run",
                                              examples=["/etc/pgbeat/restore-key.txt"])
@@ -246,7 +248,7 @@ class Compression(Strict):
     formats use pg_dump's own compression with the same codec and level."""
 
     codec: Codec = "gzip"
-    level: int = Field(description="unset: the codec's default (gzip 6, zstd 3)")
+    level: int = Field(description="unset: the codec's default (gzip 6, zstd 3)", examples=[6])
     threads: int = Field(0, ge=0, le=64, description="0 = one per CPU")
 
     @model_validator(mode="before")
@@ -434,7 +436,8 @@ class FileConfig(Strict):
     except each target's name and dbname. The environment wins over the file for the global keys."""
 
     backup_root: ConfigPath = Field(Path("./backups"), description="where backups are kept (the local "
-                                                                   "shelf); BACKUP_ROOT in the environment wins")
+                                                                   "shelf), relative to the working folder or "
+                                                                   "absolute; BACKUP_ROOT in the environment wins")
     timezone: str | None = Field(None, description="schedules and file names; unset: the host's zone; "
                                                    "PGBEAT_TIMEZONE wins", examples=["America/Sao_Paulo"])
     broker_url: SecretStr | None = Field(None, description="Celery broker; unset: embedded (no Celery); "
