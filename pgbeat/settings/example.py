@@ -194,21 +194,26 @@ def _render_item(field: str, item: dict[str, Any], indent: int, commented: bool)
     return lines
 
 
+SECTION = re.compile(r"^\w+:(\s+#.*)?$")  # a top-level key that opens a block
+
+
 def example_config() -> str:
     """Return the text of `deploy/pgbeat.example.yaml`: the schema of the targets file with the example."""
     lines = _comment_block(HEADER)
     body = render_model(FileConfig, EXAMPLE, 0)
     for index, line in enumerate(body):
-        # A blank line before each top-level section (and the comment above it), for the eye.
-        section = re.match(r"^\w+:(\s+#.*)?$", line) is not None
-        above = index > 0 and body[index - 1].startswith("# ") and ":" not in body[index - 1].split()[1]
-        if section and not above and lines[-1] != "":
-            lines.append("")
-        if line.startswith("# ") and ":" not in line.split()[1] and index + 1 < len(body) and re.match(
-                r"^\w+:(\s+#.*)?$", body[index + 1]) and lines[-1] != "":
+        # A blank line before each top-level section and the description above it, for the eye.
+        following = next((later for later in body[index:] if not _is_description(later)), "")
+        starts_group = index == 0 or not _is_description(body[index - 1])
+        if starts_group and SECTION.match(following) and lines[-1] != "":
             lines.append("")
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _is_description(line: str) -> bool:
+    """True for a top-level comment line that describes the key below it (not a commented-out key)."""
+    return line.startswith("# ") and re.match(r"^# \w+:", line) is None
 
 
 def _comment_block(text: str) -> list[str]:

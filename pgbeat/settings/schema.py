@@ -463,7 +463,9 @@ class FileConfig(Strict):
 
 
 class Settings(BaseModel):
-    """Everything pgbeat needs, resolved from the environment and the targets file."""
+    """Everything pgbeat needs, resolved from the environment and the targets file: what `FileConfig`
+    validated, with the environment's values over it and the host's defaults filled in (no defaults
+    here: each one is on its field in the schema above)."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
@@ -474,10 +476,10 @@ class Settings(BaseModel):
     node: str
     pg_bin_dir: Path | None
     reliability: Reliability
-    targets: dict[str, Target]
-    notify: list[ChannelSpec] = Field(default_factory=list)
-    monitoring: MonitoringSpec = Field(default_factory=lambda: MonitoringSpec())
-    config_file: Path | None = None
+    targets: dict[str, Target] = Field(description="by name: the file's targets and the .env target")
+    notify: list[ChannelSpec] = Field(description="the file's channels, then PGBEAT_NOTIFY_URLS")
+    monitoring: MonitoringSpec
+    config_file: Path | None = Field(description="the targets file, if any")
 
     def channels(self, target: str) -> list[ChannelSpec]:
         """The notification channels of `target`: the global ones, then the target's own."""
