@@ -204,15 +204,17 @@ def _target_problems(target: Target) -> list[tuple[str, str]]:
     return problems
 
 
-def validate_target(raw: Any, defaults: Any, source: str) -> tuple[Target | None, list[tuple[Any, ...]], Any]:
-    """Given one raw target and the raw `defaults`, return (the Target or None, the error, the inherited
-    key paths): the target's keys over the defaults, validated once."""
+def validate_target(raw: Any, defaults: Any, source: str
+                    ) -> tuple[Target | None, set[tuple[Any, ...]], ValidationError | None]:
+    """Given one raw target, the raw `defaults` and where the target is defined, return (the Target, the
+    key paths it inherited, None), or (None, those key paths, the validation error): the target's keys
+    laid over the defaults as plain data, then validated once."""
     merged, inherited = merge_target(defaults, raw)
     try:
         target = Target.model_validate(merged)
     except ValidationError as exc:
         return None, inherited, exc
-    target._source = source
+    target._source = source  # not a key of the file: set by the loader, for messages
     return target, inherited, None
 
 
