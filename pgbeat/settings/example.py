@@ -83,14 +83,16 @@ def _model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _list_of_models(annotation: Any) -> bool:
+def _list_item_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of a list's items (`notify`, `targets`), or None; the union of `destinations` gives its
+    first kind (an item's own `kind` picks its model)."""
     for member in _members(annotation):
         if typing.get_origin(member) is list:
             (item,) = typing.get_args(member)
             while typing.get_origin(item) is typing.Annotated:
                 item = typing.get_args(item)[0]
-            return any(_model(m) for m in _members(item))
-    return False
+            return next((model for model in map(_model, _members(item)) if model is not None), None)
+    return None
 
 
 def _dict_of_models(annotation: Any) -> type[BaseModel] | None:
@@ -151,10 +153,10 @@ def render_model(model: type[BaseModel], given: dict[str, Any], indent: int, com
             if nested is not None and isinstance(value, dict):
                 lines += _line(indent, name, "", description, commented)
                 lines += render_model(nested, value, indent + 2, commented)
-            elif _list_of_models(info.annotation) and value:
+            elif _list_item_model(info.annotation) is not None and value:
                 lines += _line(indent, name, "", description, commented)
                 for item in value:
-                    lines += _render_item(name, item, indent + 2, commented)
+                    lines += _render_item(name, info.annotation, item, indent + 2, commented)
             else:
                 lines += _line(indent, name, flow(value), description, commented, after=name == first)
             continue
@@ -180,16 +182,13 @@ def render_model(model: type[BaseModel], given: dict[str, Any], indent: int, com
     return lines
 
 
-def _render_item(field: str, item: dict[str, Any], indent: int, commented: bool) -> list[str]:
+def _render_item(field: str, annotation: Any, item: dict[str, Any], indent: int, commented: bool) -> list[str]:
     """One item of a list of models, as a `- ` block: a destination with every key of its kind, a
     target with only the keys it sets (all of them are shown under `defaults`)."""
-    if field == "destinations":
-        model: type[BaseModel] = DESTINATION_KINDS[item["kind"]]
-    elif field == "targets":
-        model = Target
-    else:
-        model = _model(typing.get_args(_members(FileConfig.model_fields[field].annotation)[0])[0]) or BaseModel
-    lines = render_model(model, item, indent + 2, commented, only_given=field == "targets", first=next(iter(item)))
+    model = DESTINATION_KINDS[item["kind"]] if field == "destinations" else _list_item_model(annotation)
+    if model is None:
+        raise TypeError(f"{field} is not a list of models")
+    lines = render_model(model, item, indent + 2, commented, only_given=model is Target, first=next(iter(item)))
     lines[0] = " " * indent + "- " + lines[0][indent + 2:]
     return lines
 
