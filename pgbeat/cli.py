@@ -836,6 +836,14 @@ def config_check(no_connect: bool) -> None:
     sys.exit(errors.EXIT_UNREACHABLE if unreachable else 0)
 
 
+@config.command("example")
+def config_example() -> None:
+    """Print a targets file with every key, its description and its default (deploy/pgbeat.example.yaml)."""
+    from pgbeat.settings.example import example_config
+
+    click.echo(example_config(), nl=False)
+
+
 def check_connection(target) -> tuple[str | None, str | None]:
     """Connect to `target`; return (problem, server version). The password never leaves libpq."""
     from pgbeat.postgres.client import connect
