@@ -3,7 +3,11 @@
 Exit codes: 0 success; 1 a backup or step failed; 2 invalid configuration or usage; 3 verification
 failed; 4 the target is locked by another run; 5 a target or the broker is unreachable; 130 interrupted.
 Every option and argument has a type of pgbeat/clitypes.py, and every error ends in one message and one
-of these codes, never a traceback (`PgbeatGroup`; -vv logs the traceback of an unexpected one).
+of these codes, never a traceback (`PgbeatGroup`; -vv logs the traceback of an unexpected one). The code
+of a failure is its error class's (pgbeat/errors.py), for a failed run too (`error_from_record`).
+
+A command parses its arguments, calls one action (pgbeat/actions.py, the catalog, the restore side) and
+renders what it returns; the work, and every loop over backups or steps, lives there.
 """
 
 from __future__ import annotations
@@ -693,7 +697,7 @@ def config_check(no_connect: bool) -> None:
         return
     unreachable = 0
     for target in settings.targets.values():
-        problem, version = check_connection(target)
+        problem, version = actions.check_connection(target)
         if problem:
             unreachable += 1
             out.print(f"  [red]✗[/red] {target.name}: {problem}", markup=True)
@@ -709,17 +713,6 @@ def config_check(no_connect: bool) -> None:
         else:
             out.print("  [green]✓[/green] broker: Redis answers", markup=True)
     sys.exit(errors.EXIT_UNREACHABLE if unreachable else 0)
-
-
-def check_connection(target) -> tuple[str | None, str | None]:
-    """Connect to `target`; return (problem, server version). The password never leaves libpq."""
-    from pgbeat.postgres.client import connect
-
-    try:
-        with connect(target) as conn:
-            return None, conn.execute("SHOW server_version").fetchone()[0]
-    except PgbeatError as exc:
-        return exc.message, None
 
 
 if __name__ == "__main__":
