@@ -3,7 +3,11 @@
 Exit codes: 0 success; 1 a backup or step failed; 2 invalid configuration or usage; 3 verification
 failed; 4 the target is locked by another run; 5 a target or the broker is unreachable; 130 interrupted.
 Every option and argument has a type of pgbeat/clitypes.py, and every error ends in one message and one
-of these codes, never a traceback (`PgbeatGroup`; -vv logs the traceback of an unexpected one).
+of these codes, never a traceback (`PgbeatGroup`; -vv logs the traceback of an unexpected one). The code
+of a failure is its error class's (pgbeat/errors.py), for a failed run too (`error_from_record`).
+
+A command parses its arguments, calls one action (pgbeat/actions.py, the catalog, the restore side) and
+renders what it returns; the work, and every loop over backups or steps, lives there.
 """
 
 from __future__ import annotations
@@ -13,17 +17,18 @@ import json
 import logging
 import re
 import sys
-import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from pgbeat import errors
-from pgbeat.catalog.manifest import Manifest, list_backups, order_key
+from pgbeat import actions, errors
+from pgbeat.actions import selected_targets
+from pgbeat.catalog.manifest import Manifest, list_backups
+from pgbeat.catalog.remote import destination_entries
 from pgbeat.clitypes import (
     BackupFile,
     BackupLocation,
@@ -80,14 +85,12 @@ def fail(exc: PgbeatError) -> None:
     sys.exit(exc.exit_code)
 
 
-def selected_targets(settings: Settings, target: str | None) -> list[str]:
-    if target:
-        settings.target(target)  # raises UnknownTargetError with the list of known targets
-        return [target]
-    if not settings.targets:
-        fail(errors.ConfigError(["no target configured: set DB_NAME (and DB_HOST, ...) in .env, or list targets "
-                                 "in the file named by PGBEAT_CONFIG"]))
-    return sorted(settings.targets)
+def render_failure(failure: dict, heading: str) -> None:
+    """Print a run's recorded failure under `heading` (`✗ dump`), as PgbeatError.render() words it."""
+    first, *rest = errors.error_from_record(failure).render().splitlines()
+    out.print(f"  [red]✗ {escape(heading)}[/red] {escape(first)}", markup=True)
+    for line in rest:
+        out.print(f"    {line}", markup=False)
 
 
 def broker_error(exc: BaseException) -> bool:
@@ -144,12 +147,7 @@ def print_event(run: Run, step: str, state: str) -> None:
     if state == "started":
         return
     if state == "failed":
-        failure = run.failure or {}
-        out.print(f"  [red]✗ {step}[/red] {failure.get('message')}", markup=True)
-        for line in failure.get("details", []):
-            out.print(f"      {line}", markup=False)
-        if failure.get("hint"):
-            out.print(f"      HINT: {failure['hint']}", markup=False)
+        render_failure(run.failure or {}, step)
         return
     extra = ""
     if step in ("dump", "compress", "verify") and info.get("size") is not None:
@@ -175,88 +173,53 @@ def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float) ->
     """
     settings = settings_or_exit()
     require_backup_root(settings, writes=settings.embedded)  # with a broker, the workers write
-    try:
-        names = selected_targets(settings, target_name)
-        if settings.embedded:
-            ok = backup_inprocess(settings, names, tier)
+    names = selected_targets(settings, target_name)
+    if settings.embedded:
+        sys.exit(backup_inprocess(settings, names, tier))
+    sys.exit(backup_through_broker(settings, names, tier, no_wait, timeout))
+
+
+def backup_inprocess(settings: Settings, names: list[str], tier: str) -> int:
+    """Run the chains here, printing each step; return the exit code."""
+    def announce(target, enabled: bool) -> None:
+        if not enabled:
+            out.print(f"{target.name}: tier {tier} is disabled, skipped")
         else:
-            ok = backup_through_broker(settings, names, tier, no_wait, timeout)
-    except PgbeatError as exc:
-        fail(exc)
-    sys.exit(0 if ok else errors.EXIT_FAILED)
+            out.print(f"[bold]{escape(target.name)}[/bold] {tier} backup of {escape(target.describe())}", markup=True)
 
-
-def backup_inprocess(settings: Settings, names: list[str], tier: str) -> bool:
-    from pgbeat.pipeline.runner import run_inprocess
-
-    ok = True
-    for name in names:
-        target = settings.target(name)
-        if not target.tiers[tier].enabled:
-            out.print(f"{name}: tier {tier} is disabled, skipped")
-            continue
-        out.print(f"[bold]{name}[/bold] {tier} backup of {target.describe()}", markup=True)
-        run = run_inprocess(settings, name, tier, on_event=print_event)
-        if run.status == "succeeded":
+    def print_done(run: Run, step: str, state: str) -> None:
+        print_event(run, step, state)
+        if step == "notify" and state == "done" and run.status == "succeeded":
             out.print(f"  backup: {run.final_path}", markup=False)
-        else:
-            ok = False
-    return ok
+
+    done = actions.backup_here(settings, names, tier, on_start=announce, on_event=print_done)
+    return next((d.exit_code for d in done if d.exit_code), errors.EXIT_OK)
 
 
-def report_end(name: str, fields: dict[str, str]) -> None:
-    status = fields["status"]
-    if status == "failed" and fields.get("failure"):
-        failure = json.loads(fields["failure"])
-        out.print(f"  [red]✗ {name} failed at {failure.get('step')}[/red]: {failure.get('message')}", markup=True)
-        for line in failure.get("details", []):
-            out.print(f"      {line}", markup=False)
-        if failure.get("hint"):
-            out.print(f"      HINT: {failure['hint']}", markup=False)
-    elif status == "succeeded":
-        out.print(f"  {name}: succeeded: {fields.get('final_path')}", markup=False)
+def report_end(names: dict[str, str], end) -> None:
+    name = names[end.run_id]
+    if end.status == "failed" and end.failure:
+        render_failure(end.failure, f"{name} failed at {end.failure.get('step')}:")
+    elif end.status == "succeeded":
+        out.print(f"  {name}: succeeded: {end.fields.get('final_path')}", markup=False)
     else:
-        out.print(f"  {name}: {status} ({fields.get('duplicate_of', '')})", markup=False)
+        out.print(f"  {name}: {end.status} ({end.fields.get('duplicate_of', '')})", markup=False)
 
 
-def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wait: bool, timeout: float) -> bool:
-    from pgbeat.coordination import redis_client
-    from pgbeat.coordination.runs import RunState
-    from workers.app import app
-
-    require_broker(settings)
-    runs = {}
-    for name in names:
-        run_id = uuid.uuid4().hex
-        # Manual: priority 0, ahead of beat's. The CLI follows pgbeat's run state, never Celery's result,
-        # so no result subscription is opened (with Redis gone it would retry for 20 s, then raise).
-        app.send_task("tasks.backup", args=[name, tier], task_id=run_id, priority=0, ignore_result=True)
-        runs[run_id] = name
+def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wait: bool, timeout: float) -> int:
+    """Send the chains to the workers and follow them (unless `no_wait`); return the exit code."""
+    runs = actions.send_backups(settings, names, tier)
+    for run_id, name in runs.items():
         out.print(f"{name}: {tier} backup queued as run {run_id}")
     if no_wait:
-        return True
-    state = RunState(redis_client(settings))
-    deadline = time.monotonic() + timeout
-    printed = dict.fromkeys(runs, 0)
-    finished: dict[str, str] = {}
-    while len(finished) < len(runs) and time.monotonic() < deadline:
-        for run_id, name in runs.items():
-            if run_id in finished:
-                continue
-            fields = state.get(run_id)  # read before the progress lines, so none is missed at the end
-            lines = state.progress_since(run_id, printed[run_id])
-            printed[run_id] += len(lines)
-            for line in lines:
-                out.print(f"  {name}: {line}", markup=False)
-            status = fields.get("status", "pending")
-            if status in ("succeeded", "failed", "skipped"):
-                finished[run_id] = status
-                report_end(name, fields)
-        time.sleep(0.2)
-    if len(finished) < len(runs):
-        err.print(f"timed out after {timeout:.0f}s waiting for {len(runs) - len(finished)} run(s); they go on")
-        return False
-    return all(status == "succeeded" for status in finished.values())
+        return errors.EXIT_OK
+    ends = actions.follow_backups(settings, list(runs), timeout,
+                                  show=lambda run_id, line: out.print(f"  {runs[run_id]}: {line}", markup=False),
+                                  on_end=lambda end: report_end(runs, end))
+    late = [end for end in ends.values() if end.timed_out]
+    if late:
+        err.print(f"timed out after {timeout:.0f}s waiting for {len(late)} run(s); they go on")
+    return actions.backups_exit_code(list(ends.values()))
 
 
 # --- list, verify, rotate ----------------------------------------------------------------------------
@@ -272,10 +235,7 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
     """List the backups on the local shelf (or at a destination), newest last, from their manifests."""
     settings = settings_or_exit(writes=bool(destination))  # a destination's manifests are read via .work
     if destination:
-        try:
-            entries = destination_entries(settings, destination, target_name, tier)
-        except PgbeatError as exc:
-            fail(exc)
+        entries = destination_entries(settings, destination, target_name, tier)
     else:
         entries = list_backups(settings.backup_root, target_name, tier, include_pre_restore=True)
     if as_json:
@@ -291,23 +251,6 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
                       f"{m.format}/{m.codec}{'+age' if m.encryption else ''}", m.status,
                       drill_summary(settings, m), (m.sha256 or "")[:12], Path(e.path).name)
     out.print(table)
-
-
-def destination_entries(settings: Settings, destination: str, target_name: str | None, tier: str | None) -> list:
-    """The backups a destination holds, from the manifests stored there, for each target that uses it."""
-    from pgbeat.storage.destinations import open_storage, remote_entries
-
-    entries = []
-    users = [t for t in settings.targets.values() if any(d.name == destination for d in t.destinations)]
-    if not users:
-        raise errors.UnknownTargetError(f"No target has a destination named {destination!r}")
-    for target in users:
-        if target_name and target.name != target_name:
-            continue
-        storage = open_storage(target.destination(destination))
-        for t in [tier] if tier else TIERS:
-            entries += [e for e in remote_entries(settings, storage, destination, target.name, t) if e.exists]
-    return sorted(entries, key=order_key)
 
 
 def local_time(settings: Settings, when: datetime | str) -> str:
@@ -349,25 +292,17 @@ def verify(file: str | None, identity: Path | None, destination: str | None, dee
 
 
 def scrub(settings: Settings, destination: str, deep: bool) -> int:
-    """Check each copy at `destination` (size and checksum, or read back with `deep`); return the exit code."""
-    from pgbeat.storage.destinations import open_storage
+    """Check each copy at `destination`, printing each as it is checked; return the exit code."""
+    from pgbeat.catalog.remote import scrub as scrub_destination
 
-    try:
-        entries = destination_entries(settings, destination, None, None)
-    except PgbeatError as exc:
-        fail(exc)
-    bad = 0
-    for entry in entries:
-        storage = open_storage(settings.target(entry.manifest.target).destination(destination))
-        try:
-            storage.verify(entry.path, entry.manifest.size, None if entry.manifest.files else entry.manifest.sha256,
-                           deep=deep)
-            out.print(f"  ✓ {entry.path}", markup=False)
-        except PgbeatError as exc:
-            bad += 1
-            out.print(f"  ✗ {entry.path}: {exc.message}", markup=False)
-    out.print(f"{len(entries) - bad} of {len(entries)} copies at {destination} match their manifests", markup=False)
-    return errors.EXIT_VERIFY if bad else 0
+    def print_check(check) -> None:
+        out.print(f"  ✓ {check.entry.path}" if check.problem is None else f"  ✗ {check.entry.path}: {check.problem}",
+                  markup=False)
+
+    report = scrub_destination(settings, destination, deep, on_check=print_check)
+    out.print(f"{len(report.checks) - len(report.bad)} of {len(report.checks)} copies at {destination} match their "
+              "manifests", markup=False)
+    return report.exit_code
 
 
 @main.command()
@@ -380,47 +315,40 @@ def rotate(target_name: str | None, tier: str | None, dry_run: bool, pretend_now
     """Apply each tier's retention to the local shelf (never below a tier's min_keep), at the database
     server's time: a target whose server cannot be reached is skipped (exit 1), never rotated by this
     host's clock alone."""
-    from pgbeat.steps.rotate import future_warning, rotate_target, rotation_now
-
     settings = settings_or_exit(writes=not dry_run)
-    try:
-        names = selected_targets(settings, target_name)
-    except PgbeatError as exc:
-        fail(exc)
-    from pgbeat.steps.rotate import rotate_destination
-
+    names = selected_targets(settings, target_name)
     verb = "would remove" if dry_run else "removed"
-    skipped = 0
-    for name in names:
-        try:
-            now = pretend_now or rotation_now(settings, name)
-        except PgbeatError as exc:
-            err.print(f"{name}: not rotated, nothing removed: the database server's clock could not be read "
-                      f"({exc.message})", markup=False)
-            skipped += 1
-            continue
-        for t in [tier] if tier else settings.target(name).enabled_tiers():
-            for spec in settings.target(name).destinations:
-                try:
-                    remote = rotate_destination(settings, name, t, spec.name, now, dry_run=dry_run)
-                except PgbeatError as exc:
-                    err.print(f"{name} {t} at {spec.name}: {exc.message}", markup=False)
-                    continue
-                for entry in remote.remove:
-                    out.print(f"{name} {t}: {verb} {entry.path} at {spec.name}", markup=False)
-                for line in future_warning(remote, f" at {spec.name}"):
-                    err.print(f"warning: {line}", markup=False)
-            plan = rotate_target(settings, name, t, now, dry_run=dry_run)
-            for entry in plan.remove:
-                out.print(f"{name} {t}: {verb} {entry.path.name}", markup=False)
-            for entry in plan.protected:
-                out.print(f"{name} {t}: kept {entry.path.name} (expired, but among the newest "
-                          f"{settings.target(name).tiers[t].min_keep} verified)", markup=False)
-            for line in future_warning(plan):
-                err.print(f"warning: {line}", markup=False)
-            out.print(f"{name} {t}: {len(plan.remove)} {verb}, {plan.kept} kept", markup=False)
-    if skipped:
+    done = actions.rotate(settings, names, tier, now=pretend_now, dry_run=dry_run)
+    for target in done:
+        if target.skipped:
+            err.print(f"{target.target}: not rotated, nothing removed: {target.skipped}", markup=False)
+        for r in target.tiers:
+            print_rotation(settings, r, verb)
+    if any(target.skipped for target in done):
         sys.exit(errors.EXIT_FAILED)
+
+
+def print_rotation(settings: Settings, r, verb: str) -> None:
+    """Print one target/tier's rotation (pgbeat.steps.rotate.TierRotation): local shelf, then destinations."""
+    from pgbeat.steps.rotate import future_warning
+
+    name, t = r.target, r.tier
+    for entry in r.local.remove:
+        out.print(f"{name} {t}: {verb} {entry.path.name}", markup=False)
+    for entry in r.local.protected:
+        out.print(f"{name} {t}: kept {entry.path.name} (expired, but among the newest "
+                  f"{settings.target(name).tiers[t].min_keep} verified)", markup=False)
+    for line in future_warning(r.local):
+        err.print(f"warning: {line}", markup=False)
+    for destination in r.order:
+        if destination in r.failed:
+            err.print(f"{name} {t} at {destination}: {r.failed[destination]}", markup=False)
+            continue
+        for entry in r.destinations[destination].remove:
+            out.print(f"{name} {t}: {verb} {entry.path} at {destination}", markup=False)
+        for line in future_warning(r.destinations[destination], f" at {destination}"):
+            err.print(f"warning: {line}", markup=False)
+    out.print(f"{name} {t}: {len(r.local.remove)} {verb}, {r.local.kept} kept", markup=False)
 
 
 # --- restore and drills ------------------------------------------------------------------------------
@@ -501,9 +429,11 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
             raise errors.UsageError("--node names the worker of --on-worker",
                                     hint="add --on-worker, or leave out --node")
         if on_worker and not settings.embedded:
+            from pgbeat.coordination.dispatch import require_broker
+
             require_broker(settings)
         if file and "://" in file:
-            entry = fetch_and_check(settings, file, scratch.enter_context(scratch_folder(settings, "fetch")))
+            entry = actions.fetch_and_check(settings, file, scratch.enter_context(scratch_folder(settings, "fetch")))
         else:
             entry = open_backup(Path(file)) if file else restoring.latest_backup(settings, target_name, tier)
         if list_only:
@@ -535,53 +465,14 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
 
 def restore_on_worker(settings: Settings, entry, target: str, into: str | None, jobs: int, yes: bool,
                       node: str | None, timeout: float) -> int:
-    """Send tasks.restore to a worker after confirming here; follow its progress; return the exit code.
+    """Confirm here, have a worker restore (pgbeat.restore.on_worker), print how it ended; return the exit code."""
+    from pgbeat.restore.on_worker import restore_on_worker as restore_there
 
-    Never waits forever (tasks.restore.follow); SIGTERM, SIGHUP or Ctrl-C here stop the restore there too.
-    """
-    import redis
-
-    from pgbeat.restore.journal import Interrupted, interruptible
-    from pgbeat.restore.restore import RestoreInfo, RestoreRefused
-    from tasks.restore import follow, stop
-    from workers.app import app
-    from workers.config import host_queue
-
-    if settings.embedded:
-        raise errors.PgbeatError("--on-worker needs a broker (CELERY_BROKER_URL)")
-    node = node or settings.node
-    info = RestoreInfo(backup=entry.path, target=target, database=into or settings.target(target).dbname,
-                       server=settings.target(target).describe(), taken_at=entry.manifest.started_at,
-                       size=entry.manifest.size, exists=True)
-    if not confirm_restore(yes)(info):
-        raise RestoreRefused("Restore cancelled: not confirmed", hint="type SIM to confirm, or pass --yes")
-    task_id = uuid.uuid4().hex
-    # `expires`: a message still queued after this command gave up is dropped by the worker that gets it.
-    app.send_task("tasks.restore", args=[str(entry.path), target, into, jobs], task_id=task_id,
-                  queue=host_queue(node), priority=0, expires=timeout)
-    try:
-        with interruptible():
-            outcome = follow(app, settings, task_id, node, timeout, lambda line: out.print(f"  {line}", markup=False))
-    except Interrupted as exc:
-        err.print(stop(app, settings, task_id, f"Interrupted by {exc.signal_name}"), markup=False)
-        return errors.EXIT_FAILED
-    except redis.RedisError as exc:
-        err.print(f"Lost the broker while following restore run {task_id} ({type(exc).__name__}); it may go on "
-                  f"on host {node}: `pgbeat status` there shows how it ends", markup=False)
-        return errors.EXIT_UNREACHABLE
+    outcome = restore_there(settings, entry, target, into, jobs, node, timeout, confirm_restore(yes),
+                            show=lambda line: out.print(f"  {line}", markup=False))
     for line in outcome.lines:
         (out if outcome.exit_code == 0 else err).print(line, markup=False)
     return outcome.exit_code
-
-
-def fetch_and_check(settings: Settings, url: str, folder: Path):
-    """Download a copy with its sidecars into `folder` and verify it as stored; return its Entry."""
-    from pgbeat.steps.verify import verify_backup
-    from pgbeat.storage.destinations import fetch
-
-    entry = fetch(settings, url, folder)
-    verify_backup(entry.path, settings)
-    return entry
 
 
 @main.command("fetch")
@@ -596,7 +487,7 @@ def fetch_cmd(url: str, folder: Path, identity: Path | None) -> None:
 
     settings = settings_or_exit()
     try:
-        entry = fetch_and_check(settings, url, folder)
+        entry = actions.fetch_and_check(settings, url, folder)
         if identity and entry.manifest.encryption:
             verify_backup(entry.path, settings, load_identities(identity))
     except PgbeatError as exc:
@@ -610,18 +501,8 @@ def fetch_cmd(url: str, folder: Path, identity: Path | None) -> None:
 @click.option("--destination", type=DestinationName(), help="Only this destination.")
 def upload(retry: bool, target_name: str | None, destination: str | None) -> None:
     """Copy local backups to the destinations where their copy is missing or failed (no new dump)."""
-    from pgbeat.storage.destinations import replicate_missing
-
     settings = settings_or_exit(writes=True)
-    failures = []
-    try:
-        for name in selected_targets(settings, target_name):
-            target = settings.target(name)
-            if destination:
-                target.destination(destination)
-            failures += replicate_missing(settings, target, destination)
-    except PgbeatError as exc:
-        fail(exc)
+    failures = actions.retry_uploads(settings, selected_targets(settings, target_name), destination)
     for line in failures:
         err.print(f"✗ {line}", markup=False)
     out.print("All copies are complete." if not failures else f"{len(failures)} copy(ies) still failing.",
@@ -633,21 +514,12 @@ def upload(retry: bool, target_name: str | None, destination: str | None) -> Non
 @click.option("--target", "target_name", type=TargetName(), help="Drill only this target (default: every target).")
 def drill(target_name: str | None) -> None:
     """Restore the latest backup of each target into a scratch database now and check it."""
-    from pgbeat.restore.drill import run_drill
-
     settings = settings_or_exit(writes=True)
-    try:
-        names = selected_targets(settings, target_name)
-    except PgbeatError as exc:
-        fail(exc)
     failed = 0
-    for name in names:
-        try:
-            result = run_drill(settings, name)
-        except PgbeatError as exc:  # a drill stopped by a signal: recorded, its scratch database dropped
-            fail(exc)
+    # A drill stopped by a signal raises (recorded, its scratch database dropped): PgbeatGroup says so.
+    for result in actions.drills(settings, selected_targets(settings, target_name)):
         mark = "[green]passed[/green]" if result.passed else "[red]FAILED[/red]"
-        out.print(f"{name}: drill {mark} on {result.backup or '-'} in {result.duration_s:.1f}s "
+        out.print(f"{result.target}: drill {mark} on {result.backup or '-'} in {result.duration_s:.1f}s "
                   f"(restore {result.restore_s or 0:.1f}s)", markup=True)
         for line in result.checks:
             out.print(f"  ✓ {line}", markup=False)
@@ -717,9 +589,10 @@ def status(as_json: bool) -> None:
 def run_overview(settings: Settings) -> dict:
     """Queued, running and stuck runs from Redis (empty when the broker cannot be reached)."""
     from pgbeat.coordination import redis_client
+    from pgbeat.coordination.dispatch import broker_problem
     from pgbeat.coordination.runs import NodeRegistry, RunState
 
-    problem = check_broker(settings)
+    problem = broker_problem(settings)
     if problem is not None:
         err.print(f"cannot read run states from the broker: {problem}", markup=False)
         return {}
@@ -820,14 +693,16 @@ def config_check(no_connect: bool) -> None:
         return
     unreachable = 0
     for target in settings.targets.values():
-        problem, version = check_connection(target)
+        problem, version = actions.check_connection(target)
         if problem:
             unreachable += 1
             out.print(f"  [red]✗[/red] {target.name}: {problem}", markup=True)
         else:
             out.print(f"  [green]✓[/green] {target.name}: connected, PostgreSQL {version}", markup=True)
     if not settings.embedded:
-        problem = check_broker(settings)
+        from pgbeat.coordination.dispatch import broker_problem
+
+        problem = broker_problem(settings)
         if problem:
             unreachable += 1
             out.print(f"  [red]✗[/red] broker: {problem}", markup=True)
@@ -842,42 +717,6 @@ def config_example() -> None:
     from pgbeat.settings.example import example_config
 
     click.echo(example_config(), nl=False)
-
-
-def check_connection(target) -> tuple[str | None, str | None]:
-    """Connect to `target`; return (problem, server version). The password never leaves libpq."""
-    from pgbeat.postgres.client import connect
-
-    try:
-        with connect(target) as conn:
-            return None, conn.execute("SHOW server_version").fetchone()[0]
-    except PgbeatError as exc:
-        return exc.message, None
-
-
-def check_broker(settings: Settings) -> str | None:
-    """Ping the broker once, without redis-py's retries, so that a broker that is down is said at once;
-    return the problem, or None."""
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    assert settings.broker_url is not None
-    try:
-        with redis.Redis.from_url(settings.broker_url.get_secret_value(), socket_connect_timeout=5,
-                                  socket_timeout=5, retry=Retry(NoBackoff(), 0)) as client:
-            client.ping()
-    except redis.RedisError as exc:
-        return f"cannot reach Redis: {type(exc).__name__}"
-    return None
-
-
-def require_broker(settings: Settings) -> None:
-    """Raise UnreachableError (exit 5) unless the broker answers, before anything is sent to it."""
-    problem = check_broker(settings)
-    if problem is not None:
-        raise errors.UnreachableError(f"The broker: {problem}",
-                                      hint="start Redis, or check CELERY_BROKER_URL / broker_url")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,28 @@ class PgbeatError(Exception):
                 "step": self.step, "details": self.details, "transient": self.transient}
 
 
+def exit_code_of(error_name: str | None) -> int:
+    """Given the class name of a PgbeatError (as `to_json` records it), return that class's exit code;
+    EXIT_FAILED for a name that is no PgbeatError known in this process (a KeyError, a lost worker)."""
+    pending: list[type[PgbeatError]] = [PgbeatError]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == error_name:
+            return cls.exit_code
+        pending += cls.__subclasses__()
+    return EXIT_FAILED
+
+
+def error_from_record(failure: dict) -> PgbeatError:
+    """Given a failure as a run records it (`to_json`, or a run's `failure`: message, details, hint, the
+    error's class name, optionally its exit code), return an error that renders and exits as the
+    original did."""
+    error = PgbeatError(failure.get("message") or "failed", hint=failure.get("hint"), step=failure.get("step"),
+                        details=list(failure.get("details") or []))
+    error.exit_code = failure.get("exit_code") or exit_code_of(failure.get("error"))
+    return error
+
+
 class ConfigError(PgbeatError):
     """The configuration is invalid; `errors` holds one line per problem, each naming its key and file."""
 

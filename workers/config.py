@@ -6,14 +6,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from beat_schedule import build_beat_schedule
+from pgbeat.coordination.dispatch import DEFAULT_QUEUE, client_config, host_queue
 from pgbeat.settings import Settings
 
-DEFAULT_QUEUE = "pgbeat"
-
-
-def host_queue(node: str) -> str:
-    """The queue of one host: every step of a chain goes there, because the files are local to it."""
-    return f"pgbeat.host.{node}"
+__all__ = ["DEFAULT_QUEUE", "celery_config", "host_queue", "split_credentials"]
 
 
 def split_credentials(url: str) -> tuple[str, dict[str, str]]:
@@ -34,25 +30,15 @@ def split_credentials(url: str) -> tuple[str, dict[str, str]]:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    """Given the settings, return the workers' (and beat's) Celery settings: the producers' own
+    (pgbeat.coordination.dispatch.client_config: broker, JSON, transport options, default queue) and
+    what only the service needs."""
     r = settings.reliability
-    broker = settings.broker_url.get_secret_value() if settings.broker_url else None
-    backend = settings.result_backend.get_secret_value() if settings.result_backend else broker
-    # Priorities on Redis: one list per step, lower is served first (manual 0, scheduled 6).
-    # Unacknowledged messages of a dead worker come back after visibility_timeout, looked for every
-    # restore_interval seconds (kombu's default throttle would make that every 100 s).
+    client = client_config(settings)
+    broker = client["broker_url"]
     redbeat_url, credentials = split_credentials(broker) if broker else (None, {})
-    transport = {"visibility_timeout": r.visibility_timeout, "priority_steps": list(range(10)), "sep": ":",
-                 "queue_order_strategy": "priority", "unacked_restore_interval": r.restore_interval,
-                 "unacked_restore_throttle": 1}
     return {
-        "broker_url": broker,
-        "result_backend": backend,
-        # JSON only: pickle from a shared broker is remote code execution.
-        "task_serializer": "json", "result_serializer": "json",
-        "accept_content": ["json"], "result_accept_content": ["json"],
-        "timezone": settings.timezone, "enable_utc": True,
-        # Every consumer (workers, beat, Flower) must use the same value; see Reliability.
-        "broker_transport_options": transport, "result_backend_transport_options": transport,
+        **client,
         # Each pool process reserves only the task it runs, and nothing waits in a prefetch buffer
         # behind a long dump where the visibility timeout would redeliver it.
         "worker_prefetch_multiplier": 1, "worker_disable_prefetch": True,
@@ -61,7 +47,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_track_started": True, "result_expires": r.result_expires, "result_extended": True,
         "worker_send_task_events": True, "task_send_sent_event": True,
-        "task_default_queue": DEFAULT_QUEUE,
         "broker_connection_retry_on_startup": True,
         "worker_soft_shutdown_timeout": 60.0, "worker_enable_soft_shutdown_on_idle": True,
         "beat_schedule": build_beat_schedule(settings),

@@ -133,6 +133,46 @@ def rotate_destination(settings: Settings, target: str, tier: str, destination: 
     return plan
 
 
+@dataclass
+class TierRotation:
+    """One target/tier rotated at the server's time `now`: the local shelf's plan, then each destination's
+    plan or, for a destination that could not be rotated, why (`order`: the destinations as configured)."""
+
+    target: str
+    tier: str
+    now: datetime
+    local: RotationPlan
+    order: list[str] = field(default_factory=list)
+    destinations: dict[str, RotationPlan] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict, metadata={"doc": "destination: why it was not rotated"})
+
+    def warnings(self) -> list[str]:
+        """The lines a person should read: backups dated in the future, destinations not rotated."""
+        lines = future_warning(self.local)
+        for name in self.order:
+            if name in self.failed:
+                lines.append(f"rotation of {name} failed: {self.failed[name]}")
+            else:
+                lines += future_warning(self.destinations[name], f" at {name}")
+        return lines
+
+
+def rotate_tier(settings: Settings, target: str, tier: str, now: datetime, dry_run: bool = False) -> TierRotation:
+    """Given a target, a tier and the server's time `now`, rotate the local shelf, then every destination,
+    each by its own rules (`dry_run`: decide only); return what was (or would be) removed and kept.
+    A destination that fails is named in `failed` (rotated next time); the others go on."""
+    plan = rotate_target(settings, target, tier, now, dry_run=dry_run)
+    rotation = TierRotation(target=target, tier=tier, now=now, local=plan)
+    for spec in settings.target(target).destinations:
+        rotation.order.append(spec.name)
+        try:
+            rotation.destinations[spec.name] = rotate_destination(settings, target, tier, spec.name, now,
+                                                                  dry_run=dry_run)
+        except PgbeatError as exc:  # a destination that is down: rotate it next time, say so now
+            rotation.failed[spec.name] = exc.message
+    return rotation
+
+
 def rotate_step(ctx: StepContext, run: Run) -> Run:
     """Rotate the run's target/tier on the local shelf and on every destination, each by its own rules,
     at the server's time (never the worker's: see `rotation_now`)."""
@@ -145,18 +185,12 @@ def rotate_step(ctx: StepContext, run: Run) -> Run:
                                                         f"server's clock could not be read ({exc.message})"],
                                "duration_s": round(time.monotonic() - t0, 3)}
         return run
-    plan = rotate_target(ctx.settings, run.target, run.tier, now)
+    rotation = rotate_tier(ctx.settings, run.target, run.tier, now)
+    plan = rotation.local
     removed = {"local": [e.path.name for e in plan.remove]}
-    errors = future_warning(plan)
-    for spec in ctx.target(run).destinations:
-        try:
-            remote = rotate_destination(ctx.settings, run.target, run.tier, spec.name, now)
-            removed[spec.name] = [Path(e.path).name for e in remote.remove]
-            errors += future_warning(remote, f" at {spec.name}")
-        except PgbeatError as exc:  # a destination that is down: rotate it next time, say so now
-            errors.append(f"rotation of {spec.name} failed: {exc.message}")
+    removed.update({name: [Path(e.path).name for e in remote.remove] for name, remote in rotation.destinations.items()})
     run.steps["rotate"] = {
-        "removed": removed["local"], "removed_by_destination": removed, "errors": errors,
+        "removed": removed["local"], "removed_by_destination": removed, "errors": rotation.warnings(),
         "kept": plan.kept, "protected": [e.path.name for e in plan.protected],
         "future": [e.path.name for e in plan.future], "server_now": now.isoformat(),
         "duration_s": round(time.monotonic() - t0, 3),

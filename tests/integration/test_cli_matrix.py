@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,9 +33,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from pgbeat import errors
 from pgbeat.cli import main
 from pgbeat.clitypes import CheckedText, Seconds, shown
-from pgbeat.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_UNREACHABLE
+from pgbeat.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_UNREACHABLE
 from tests.conftest import unique
 from tests.support import VENV_BIN, RedisServer, Service, free_port, pg_dump_processes, table_locked, wait_for
 
@@ -556,3 +558,156 @@ def test_allowed_pg_dump_options_reach_pg_dump_spelled_out(workdir, pg, small, m
     assert pg.sql("SELECT count(*) FROM big", restored) == "100"
     assert pg.sql("SELECT count(*) FROM information_schema.role_table_grants WHERE table_name = 'audit' "
                   "AND grantee = 'backup'", restored) == "0"
+
+
+# --- every documented exit code, from a real scenario --------------------------------------------------
+#
+# Generated from the README's exit-code table: a code documented there without a scenario here (or a
+# scenario for a code not documented) fails `test_every_documented_exit_code_has_a_scenario`.
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented_exit_codes() -> dict[int, str]:
+    """The README's "Exit codes" table: {code: meaning}."""
+    section = README.read_text().split("\n## Exit codes\n", 1)[1].split("\n## ", 1)[0]
+    return {int(code): meaning for code, meaning in re.findall(r"^\| (\d+) \| (.+) \|$", section, re.M)}
+
+
+@dataclass
+class Scene:
+    """One exit-code scenario's world: a target `erp` on database `db`, and a verified backup."""
+
+    service: Service
+    db: str
+    backup: Path
+    pg: object
+
+
+@contextlib.contextmanager
+def held_target_lock(scene: Scene):
+    """Hold `erp`'s target lock as another embedded run on this host would (pgbeat.coordination.filelock)."""
+    from pgbeat.coordination.filelock import FileLock
+
+    lock = FileLock(scene.service.backup_root, "target-erp")
+    assert lock.acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def waits_on(proc: subprocess.Popen, path: Path) -> bool:
+    """True once process `proc` has `path` open (a backup waiting for the target lock)."""
+    with contextlib.suppress(OSError):
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{proc.pid}/fd").iterdir())
+    return False
+
+
+def backup_locked(scene: Scene):
+    with held_target_lock(scene):
+        return scene.service.pgbeat("backup", "daily", timeout=60)
+
+
+def restore_locked(scene: Scene):
+    """Another restore (here: this test's session) holds the restore lock of the database restored into."""
+    from pgbeat.restore.restore import restore_lock_keys
+
+    into = f"{scene.db}_into"
+    with psycopg.connect(host=scene.pg.host, port=scene.pg.port, user="postgres", dbname="postgres",
+                         autocommit=True) as holder:
+        assert holder.execute("SELECT pg_try_advisory_lock(%s, %s)", restore_lock_keys(into)).fetchone()[0]
+        return scene.service.pgbeat("restore", str(scene.backup), "--into", into, "--yes", timeout=120)
+
+
+def verify_damaged(scene: Scene):
+    damaged = scene.service.base / "damaged" / scene.backup.name
+    damaged.parent.mkdir()
+    for sidecar in scene.backup.parent.glob(f"{scene.backup.name}*"):
+        shutil.copy(sidecar, damaged.parent / sidecar.name)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    return scene.service.pgbeat("verify", str(damaged), timeout=60)
+
+
+def unreachable_target(scene: Scene):
+    scene.service.config["targets"][0]["port"] = free_port()
+    scene.service.write_config()
+    return scene.service.pgbeat("config", "check", timeout=60)
+
+
+def broker_down(scene: Scene):
+    scene.service.redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    return scene.service.pgbeat("backup", "daily", timeout=60)
+
+
+def backup_of_a_gone_server(scene: Scene):
+    scene.service.config["targets"][0]["port"] = free_port()
+    scene.service.write_config()
+    return scene.service.pgbeat("backup", "daily", timeout=120)
+
+
+def interrupted_while_waiting_for_the_lock(scene: Scene):
+    """Ctrl-C while `backup` waits for the target lock another run holds."""
+    scene.service.config["reliability"]["lock_wait"] = 120
+    scene.service.write_config()
+    with held_target_lock(scene) as lock:
+        proc = subprocess.Popen([str(VENV_BIN / "pgbeat"), "backup", "daily"], cwd=scene.service.cwd,
+                                env=scene.service.env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: waits_on(proc, lock.path) or proc.poll() is not None, 60, what="backup waiting")
+        finally:
+            proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+EXIT_SCENARIOS = {
+    0: {"backup": lambda s: s.service.pgbeat("backup", "daily", timeout=120),
+        "verify a good backup": lambda s: s.service.pgbeat("verify", str(s.backup), timeout=60)},
+    1: {"backup of a server that went away": backup_of_a_gone_server},
+    2: {"a bad option value": lambda s: s.service.pgbeat("backup", "daily", "--timeout", "-5"),
+        "restore into template1": lambda s: s.service.pgbeat("restore", "--latest", "--into", "template1", "--yes"),
+        "restore not confirmed": lambda s: s.service.pgbeat("restore", str(s.backup), input="", timeout=60)},
+    3: {"verify a damaged backup": verify_damaged},
+    4: {"backup while another run holds the target lock": backup_locked,
+        "restore while another restore holds the database's lock": restore_locked},
+    5: {"config check of an unreachable target": unreachable_target,
+        "backup with the broker down": broker_down},
+    EXIT_INTERRUPTED: {"Ctrl-C while backup waits for the lock": interrupted_while_waiting_for_the_lock},
+}
+
+
+def test_every_documented_exit_code_has_a_scenario():
+    documented = documented_exit_codes()
+    assert set(documented) == DOCUMENTED, documented
+    assert set(EXIT_SCENARIOS) == set(documented), "give each documented exit code a scenario in EXIT_SCENARIOS"
+    assert {errors.EXIT_OK, errors.EXIT_FAILED, errors.EXIT_CONFIG, errors.EXIT_VERIFY, errors.EXIT_LOCKED,
+            errors.EXIT_UNREACHABLE, errors.EXIT_INTERRUPTED} == set(documented)
+
+
+@pytest.fixture
+def scene(workdir, pg, small):
+    service = Service(workdir, None, [pg.target("erp", small)], reliability={"retries": 0, "lock_wait": 0})
+    made = service.pgbeat("backup", "daily", timeout=120)
+    assert made.returncode == 0, made.stdout + made.stderr
+    [backup] = service.backups()
+    return Scene(service, small, backup, pg)
+
+
+@pytest.mark.parametrize(("code", "name"), [(code, name) for code, cases in EXIT_SCENARIOS.items() for name in cases])
+def test_each_documented_exit_code_is_reached(scene, code, name):
+    """The scenario ends with its documented code: one message, no traceback, nothing left behind."""
+    result = EXIT_SCENARIOS[code][name](scene)
+    output = result.stdout + result.stderr
+    assert result.returncode == code, (name, output)
+    assert "Traceback" not in output and "failed unexpectedly" not in output, output
+    if code == EXIT_LOCKED:
+        assert "Another" in output, output  # the message names what holds the lock
+    if code == EXIT_INTERRUPTED:
+        assert result.stderr.strip().splitlines()[-1] == "pgbeat: interrupted", result.stderr
+    if code not in (0, EXIT_INTERRUPTED):
+        assert not list((scene.service.backup_root / ".work").glob("*")), "a failed command left work behind"
+

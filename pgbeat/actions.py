@@ -1,0 +1,200 @@
+"""The work behind each `pgbeat` command: plain functions that take parsed arguments, act through the
+core (the pipeline, the steps, the catalog, the restore side), return typed records and raise typed
+errors (pgbeat.errors). `pgbeat/cli.py` parses, calls one of these and renders what it returns; the exit
+code of a failure comes from its error class.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pgbeat import errors
+from pgbeat.coordination import MANUAL_PRIORITY
+from pgbeat.settings import Settings
+
+if TYPE_CHECKING:
+    from pgbeat.catalog.manifest import Entry
+    from pgbeat.coordination.follow import RunEnd
+    from pgbeat.pipeline.record import Run
+    from pgbeat.restore.drill import DrillResult
+    from pgbeat.settings import Target
+    from pgbeat.steps.rotate import TierRotation
+
+
+def selected_targets(settings: Settings, target: str | None) -> list[str]:
+    """Given `--target` (or None: every target), return the names of the targets to act on. Raise
+    UnknownTargetError for a target that is not configured, ConfigError when none is."""
+    if target:
+        settings.target(target)  # raises UnknownTargetError with the list of known targets
+        return [target]
+    if not settings.targets:
+        raise errors.ConfigError(["no target configured: set DB_NAME (and DB_HOST, ...) in .env, or list targets "
+                                  "in the file named by PGBEAT_CONFIG"])
+    return sorted(settings.targets)
+
+
+def run_exit_code(failure: dict | None) -> int:
+    """Given a failed run's recorded failure, return the exit code of the error that failed it (a held
+    lock: EXIT_LOCKED, ...); EXIT_FAILED when nothing more is known."""
+    return errors.error_from_record(failure or {}).exit_code
+
+
+def check_connection(target: Target) -> tuple[str | None, str | None]:
+    """Given a target, connect to it; return (the problem, None) or (None, the server's version). The
+    password never leaves libpq."""
+    from pgbeat.postgres.client import connect
+
+    try:
+        with connect(target) as conn:
+            return None, conn.execute("SHOW server_version").fetchone()[0]
+    except errors.PgbeatError as exc:
+        return exc.message, None
+
+
+# --- backup ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetBackup:
+    """One target's backup of a tier in this process: `run` is None when the tier is disabled there."""
+
+    target: str
+    run: Run | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.run is None or self.run.status == "succeeded":
+            return errors.EXIT_OK
+        return run_exit_code(self.run.failure)
+
+
+def backup_here(settings: Settings, names: list[str], tier: str, *,
+                on_start: Callable[[Target, bool], None] = lambda target, enabled: None,
+                on_event: Callable[[Run, str, str], None] | None = None) -> list[TargetBackup]:
+    """Back up `tier` of each named target in this process (the embedded default), one after the other;
+    `on_start(target, enabled)` is told before each, `on_event` of each step. Return each target's run."""
+    from pgbeat.pipeline.runner import run_inprocess
+
+    done = []
+    for name in names:
+        target = settings.target(name)
+        enabled = target.tiers[tier].enabled
+        on_start(target, enabled)
+        done.append(TargetBackup(name, run_inprocess(settings, name, tier, on_event=on_event) if enabled else None))
+    return done
+
+
+def send_backups(settings: Settings, names: list[str], tier: str) -> dict[str, str]:
+    """Send `tasks.backup` of `tier` for each named target to the workers; return {run id: target}.
+    Raise UnreachableError if the broker does not answer (then nothing is sent)."""
+    from pgbeat.coordination.dispatch import require_broker, send_task
+
+    require_broker(settings)
+    runs = {}
+    for name in names:
+        run_id = uuid.uuid4().hex
+        # Manual: ahead of beat's. The CLI follows pgbeat's run state, never Celery's result, so no result
+        # subscription is opened (with Redis gone it would retry for 20 s, then raise).
+        send_task(settings, "tasks.backup", [name, tier], run_id, priority=MANUAL_PRIORITY, ignore_result=True)
+        runs[run_id] = name
+    return runs
+
+
+def follow_backups(settings: Settings, run_ids: list[str], timeout: float, *,
+                   show: Callable[[str, str], None] = lambda run_id, line: None,
+                   on_end: Callable[[RunEnd], None] = lambda end: None) -> dict[str, RunEnd]:
+    """Follow the backup runs `run_ids` on the workers until each ends or `timeout` seconds pass (those
+    go on); return how each ended."""
+    from pgbeat.coordination import redis_client
+    from pgbeat.coordination.follow import follow_runs
+    from pgbeat.coordination.runs import RunState
+
+    return follow_runs(RunState(redis_client(settings)), run_ids, timeout, show=show, on_end=on_end)
+
+
+def backups_exit_code(ends: list[RunEnd]) -> int:
+    """Given how the followed backup runs ended, return the command's exit code: 0 when every one
+    succeeded, else the code of the first failure's error (EXIT_FAILED for a skip or a timeout)."""
+    for end in ends:
+        if end.status == "failed":
+            return run_exit_code(end.failure)
+        if end.status != "succeeded":
+            return errors.EXIT_FAILED
+    return errors.EXIT_OK
+
+
+# --- rotate ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetRotation:
+    """One target's rotation: each tier's (the rotate step's own function), or why none was done."""
+
+    target: str
+    tiers: list[TierRotation] = field(default_factory=list)
+    skipped: str | None = None
+
+
+def rotate(settings: Settings, names: list[str], tier: str | None, *, now: datetime | None = None,
+           dry_run: bool = False) -> list[TargetRotation]:
+    """Rotate `tier` (or every enabled tier) of each named target at the database server's time (or at
+    `now`), exactly as the rotate step does: the local shelf, then each destination. A target whose
+    server's clock cannot be read is skipped, nothing removed: a host's clock alone never decides."""
+    from pgbeat.steps.rotate import rotate_tier, rotation_now
+
+    done = []
+    for name in names:
+        try:
+            when = now or rotation_now(settings, name)
+        except errors.PgbeatError as exc:
+            done.append(TargetRotation(name, skipped=f"the database server's clock could not be read ({exc.message})"))
+            continue
+        tiers = [tier] if tier else settings.target(name).enabled_tiers()
+        done.append(TargetRotation(name, [rotate_tier(settings, name, t, when, dry_run=dry_run) for t in tiers]))
+    return done
+
+
+# --- copies, drills ----------------------------------------------------------------------------------
+
+
+def retry_uploads(settings: Settings, names: list[str], destination: str | None) -> list[str]:
+    """Complete the off-site copies of each named target's local backups that are missing or failed (at
+    `destination` only, if given); return one line per copy still failing. Raise UnknownTargetError for
+    a destination a target does not have."""
+    from pgbeat.storage.destinations import replicate_missing
+
+    failures = []
+    for name in names:
+        target = settings.target(name)
+        if destination:
+            target.destination(destination)
+        failures += replicate_missing(settings, target, destination)
+    return failures
+
+
+def drills(settings: Settings, names: list[str]) -> Iterator[DrillResult]:
+    """Drill the latest backup of each named target, yielding each result as it is known. Raise
+    DrillInterrupted (recorded, its scratch database dropped) if a signal stops one."""
+    from pgbeat.restore.drill import run_drill
+
+    for name in names:
+        yield run_drill(settings, name)
+
+
+# --- fetch, restore ----------------------------------------------------------------------------------
+
+
+def fetch_and_check(settings: Settings, url: str, folder: Path) -> Entry:
+    """Download a copy with its sidecars into `folder` and verify it as stored; return its Entry. Raise
+    VerifyError if it does not match its manifest, StorageError if it cannot be read."""
+    from pgbeat.steps.verify import verify_backup
+    from pgbeat.storage.destinations import fetch
+
+    entry = fetch(settings, url, folder)
+    verify_backup(entry.path, settings)
+    return entry

@@ -1,0 +1,80 @@
+"""What a destination holds, read from the manifests stored there: listing and scrubbing its copies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pgbeat import errors
+from pgbeat.catalog.manifest import order_key
+from pgbeat.settings import TIERS, Settings
+
+if TYPE_CHECKING:
+    from pgbeat.storage.destinations import RemoteEntry
+
+
+def destination_entries(settings: Settings, destination: str, target: str | None = None,
+                        tier: str | None = None) -> list[RemoteEntry]:
+    """Given a destination's name (and optionally one target and tier), return the backups stored there
+    whose data is present, from their manifests, oldest first. Raise UnknownTargetError if no target
+    has a destination of that name."""
+    from pgbeat.storage.destinations import open_storage, remote_entries
+
+    users = [t for t in settings.targets.values() if any(d.name == destination for d in t.destinations)]
+    if not users:
+        raise errors.UnknownTargetError(f"No target has a destination named {destination!r}")
+    entries: list[RemoteEntry] = []
+    for config in users:
+        if target and config.name != target:
+            continue
+        storage = open_storage(config.destination(destination))
+        for t in [tier] if tier else TIERS:
+            entries += [e for e in remote_entries(settings, storage, destination, config.name, t) if e.exists]
+    return sorted(entries, key=order_key)
+
+
+@dataclass
+class CopyCheck:
+    """One copy at a destination checked against its manifest: `problem` is None when it matches."""
+
+    entry: RemoteEntry
+    problem: str | None = None
+
+
+@dataclass
+class ScrubReport:
+    """Every copy at `destination`, checked (size and checksum, or read back when `deep`)."""
+
+    destination: str
+    checks: list[CopyCheck] = field(default_factory=list)
+
+    @property
+    def bad(self) -> list[CopyCheck]:
+        return [c for c in self.checks if c.problem is not None]
+
+    @property
+    def exit_code(self) -> int:
+        """A copy that does not match its manifest fails verification (VerifyError's code)."""
+        return errors.VerifyError.exit_code if self.bad else errors.EXIT_OK
+
+
+def scrub(settings: Settings, destination: str, deep: bool = False,
+          on_check: Callable[[CopyCheck], None] = lambda check: None) -> ScrubReport:
+    """Given a destination's name, check each copy there against its manifest (size and checksum, or
+    each copy read back and hashed with `deep`), telling `on_check` of each as it is done; return the
+    report. Raise UnknownTargetError if no target has that destination."""
+    from pgbeat.storage.destinations import open_storage
+
+    report = ScrubReport(destination)
+    for entry in destination_entries(settings, destination):
+        storage = open_storage(settings.target(entry.manifest.target).destination(destination))
+        check = CopyCheck(entry)
+        try:
+            storage.verify(entry.path, entry.manifest.size, None if entry.manifest.files else entry.manifest.sha256,
+                           deep=deep)
+        except errors.PgbeatError as exc:
+            check.problem = exc.message
+        report.checks.append(check)
+        on_check(check)
+    return report
