@@ -350,8 +350,10 @@ def verify(file: str | None, identity: Path | None, destination: str | None, dee
 
 
 def scrub(settings: Settings, destination: str, deep: bool) -> int:
-    """Check each copy at `destination` (size and checksum, or read back with `deep`); return the exit code."""
+    """Check each copy at `destination` (size and checksum, or with `deep` every file read back against the
+    manifest's per-file SHA-256); return the exit code."""
     from pgbeat.storage.destinations import open_storage
+    from pgbeat.storage.verification import verify_copy
 
     try:
         entries = destination_entries(settings, destination, None, None)
@@ -361,8 +363,7 @@ def scrub(settings: Settings, destination: str, deep: bool) -> int:
     for entry in entries:
         storage = open_storage(settings.target(entry.manifest.target).destination(destination))
         try:
-            storage.verify(entry.path, entry.manifest.size, None if entry.manifest.files else entry.manifest.sha256,
-                           deep=deep)
+            verify_copy(storage, entry.path, entry.manifest, deep=deep)
             out.print(f"  ✓ {entry.path}", markup=False)
         except PgbeatError as exc:
             bad += 1

@@ -12,6 +12,10 @@ Contract (what callers may rely on):
   `put` may consume its source: LocalStorage moves a file on the same file system instead of copying it.
 - `get` writes the object to a local path (a folder for a folder key) through a temporary name, and checks
   what it read against the size and SHA-256 recorded at upload where the backend has them.
+- `load(key, open_sink)` streams one stored file (a file key, or `folder/<relative path>` inside a stored
+  folder) into a new sink from `open_sink()` and returns that sink; a retried load calls `open_sink` again,
+  so a sink never sees a byte twice. Deep verification is built on it, once, above the backends
+  (`pgbeat.storage.verification`).
 - `stat` returns None for a missing key; `list(prefix)` returns the objects directly under `prefix`
   (one level, sorted by key, a stored folder counting as one object; checksums only where the listing
   carries them, `stat` has the rest); `delete` of a missing key is not an error (deleting twice is fine).
@@ -44,11 +48,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from pgbeat.errors import StorageError
-
-CHUNK = 1024 * 1024  # bytes read or written at a time while streaming
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,23 @@ class ObjectInfo:
     crc32c: str | None = None
 
 
+class Sink(Protocol):
+    """Where `Storage.load` writes what it reads: anything with `write(bytes)`."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+S = TypeVar("S", bound=Sink)
+
+
 class Storage(Protocol):
     name: str
 
     def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo: ...
 
     def get(self, key: str, dest: Path) -> None: ...
+
+    def load(self, key: str, open_sink: Callable[[], S]) -> S: ...
 
     def stat(self, key: str) -> ObjectInfo | None: ...
 
@@ -177,15 +190,6 @@ def throttle(n: int) -> None:
 # --- hashing streams -------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    """Return the SHA-256 (hex) of a local file, read in chunks (not throttled: it is a local read)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class HashingReader:
     """A read-only file wrapper that hashes every byte once and counts it against the bandwidth limit.
 
@@ -243,7 +247,7 @@ class HashingReader:
 class HashingWriter:
     """A write-only file wrapper that hashes and counts what is written (downloads)."""
 
-    def __init__(self, raw: BinaryIO, hashers: dict[str, Any] | None = None) -> None:
+    def __init__(self, raw: BinaryIO | Sink, hashers: dict[str, Any] | None = None) -> None:
         self.raw = raw
         self.hashers = hashers if hashers is not None else {"sha256": hashlib.sha256()}
         self.size = 0
@@ -257,10 +261,17 @@ class HashingWriter:
         return len(data)
 
     def flush(self) -> None:
-        self.raw.flush()
+        flush = getattr(self.raw, "flush", None)  # a load's sink need not have one
+        if flush is not None:
+            flush()
 
     def hexdigest(self, name: str = "sha256") -> str:
         return self.hashers[name].hexdigest()
+
+
+def counted(sink: Sink) -> HashingWriter:
+    """Given a load's sink, return a writer into it that counts the bytes against the bandwidth limit."""
+    return HashingWriter(sink, hashers={})
 
 
 def partial_name(final: Path) -> Path:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pgbeat.errors import StorageError
 from pgbeat.fsutil import (
+    CHUNK,
     DIR_MODE,
     FILE_MODE,
     disk_error,
@@ -23,7 +25,8 @@ from pgbeat.fsutil import (
     remove_path,
     tree_size,
 )
-from pgbeat.storage.base import CHUNK, HashingReader, ObjectInfo, check_key, compare, mismatch, sha256_file
+from pgbeat.hashing import sha256_file
+from pgbeat.storage.base import HashingReader, ObjectInfo, S, check_key, compare, mismatch
 
 
 class LocalStorage:
@@ -82,6 +85,22 @@ class LocalStorage:
             shutil.copytree(source, dest)
         else:
             shutil.copyfile(source, dest)
+
+    def load(self, key: str, open_sink: Callable[[], S]) -> S:
+        """Stream the stored file `key` into a new sink (see `pgbeat.storage.base`)."""
+        path = self.path(key)
+        try:
+            with open(path, "rb") as f:
+                sink = open_sink()
+                while chunk := f.read(CHUNK):
+                    sink.write(chunk)
+        except FileNotFoundError:
+            raise StorageError(f"{self.name}: {path} does not exist") from None
+        except IsADirectoryError:
+            raise StorageError(f"{self.name}: {path} is a folder, not a stored file") from None
+        except OSError as exc:
+            raise StorageError(f"{self.name}: cannot read {path}: {exc.strerror or exc}") from None
+        return sink
 
     def verify(self, key: str, size: int, sha256: str | None, deep: bool = False) -> None:
         """Check the stored file's size and, when `sha256` is given, re-hash it (shallow and deep alike).

@@ -17,22 +17,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from pgbeat.errors import StorageError
 from pgbeat.fsutil import DIR_MODE, open_private, remove_path
+from pgbeat.hashing import sha256_file
 from pgbeat.storage.base import (
     HashingWriter,
     ObjectInfo,
+    S,
     check_key,
     compare,
+    counted,
     folder_files,
     mismatch,
     partial_name,
-    sha256_file,
 )
 
 MARKER = ".pgbeat-folder.json"
@@ -177,6 +179,16 @@ class ObjectStore:
                 os.rename(staged, dest)
             finally:
                 remove_path(staged)
+
+    def load(self, key: str, open_sink: Callable[[], S]) -> S:
+        """Stream the stored object `key` (a file, or a file of a folder) into a new sink."""
+        name = self._name(key)
+        with self._errors("load", key):
+            if self._head(name) is None:
+                raise StorageError(f"{self.name}: {self.describe(key)} does not exist")
+            sink = open_sink()
+            self._download(name, counted(sink))
+        return sink
 
     def _get_file(self, key: str, remote: Remote, dest: Path) -> None:
         staged = partial_name(dest)

@@ -30,7 +30,8 @@ from typing import Any
 from pydantic import SecretStr
 
 from pgbeat.errors import StorageError, TransientStorageError
-from pgbeat.storage.base import CHUNK, HashingReader, HashingWriter
+from pgbeat.fsutil import CHUNK
+from pgbeat.storage.base import HashingReader, HashingWriter
 from pgbeat.storage.objectstore import ObjectExists, ObjectStore, Remote, part_size_for
 
 MIN_PART_SIZE = 5 * 1024 * 1024

@@ -31,20 +31,21 @@ import socket
 import stat as statmod
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pgbeat.errors import StorageError, TransientStorageError
-from pgbeat.fsutil import DIR_MODE, FILE_MODE, open_private, remove_path
+from pgbeat.fsutil import CHUNK, DIR_MODE, FILE_MODE, open_private, remove_path
 from pgbeat.storage.base import (
-    CHUNK,
     HashingReader,
     HashingWriter,
     ObjectInfo,
+    S,
     check_key,
     compare,
+    counted,
     folder_files,
     mismatch,
     partial_name,
@@ -369,6 +370,18 @@ class SSHStorage:
                 os.rename(staged, dest)
             finally:
                 remove_path(staged)
+
+    def load(self, key: str, open_sink: Callable[[], S]) -> S:
+        """Stream the stored file `key` (a file, or a file of a folder) into a new sink."""
+        path = self._full(key)
+        with self._session("load", key) as sftp:
+            attrs = self._stat(sftp, path)
+            if attrs is None or statmod.S_ISDIR(attrs.st_mode):
+                raise StorageError(f"{self.name}: {self.describe(key)} does not exist"
+                                   + (" as a file" if attrs is not None else ""))
+            sink = open_sink()
+            self._receive(sftp, path, attrs.st_size, counted(sink))
+        return sink
 
     def _get_file(self, sftp: Any, key: str, remote: str, size: int, dest: Path) -> None:
         staged = partial_name(dest)

@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 
 from pgbeat.errors import StorageError, TransientStorageError
 from pgbeat.fsutil import tree_size
-from pgbeat.storage.base import ObjectInfo, RateLimiter, Storage, bandwidth_limit, sha256_file
+from pgbeat.hashing import sha256_file
+from pgbeat.storage.base import ObjectInfo, RateLimiter, S, Storage, bandwidth_limit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,6 +114,9 @@ class RetryingStorage(_Wrapper):
     def get(self, key: str, dest: Path) -> None:
         return self._retry("get", key, lambda _: self.inner.get(key, dest))
 
+    def load(self, key: str, open_sink: Callable[[], S]) -> S:
+        return self._retry("load", key, lambda _: self.inner.load(key, open_sink))  # a fresh sink per attempt
+
     def stat(self, key: str) -> ObjectInfo | None:
         return self._retry("stat", key, lambda _: self.inner.stat(key))
 
@@ -130,7 +134,7 @@ class ThrottledStorage(_Wrapper):
     """Limit the bandwidth of one destination to `bytes_per_second` (average; bursts up to `burst` bytes).
 
     The limit is shared by every transfer through this wrapper, from any thread: uploads (`put`), downloads
-    (`get`) and read-backs (`verify`). Backends count the bytes they stream through `base.throttle`, so
+    (`get`, `load`) and read-backs (`verify`). Backends count the bytes they stream through `base.throttle`, so
     the limit applies inside the SDK's own loops; metadata requests are not counted.
     """
 
@@ -146,6 +150,10 @@ class ThrottledStorage(_Wrapper):
     def get(self, key: str, dest: Path) -> None:
         with bandwidth_limit(self.limiter):
             return self.inner.get(key, dest)
+
+    def load(self, key: str, open_sink: Callable[[], S]) -> S:
+        with bandwidth_limit(self.limiter):
+            return self.inner.load(key, open_sink)
 
     def verify(self, key: str, size: int, sha256: str | None, deep: bool = False) -> None:
         with bandwidth_limit(self.limiter):

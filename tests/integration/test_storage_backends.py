@@ -15,11 +15,13 @@ import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
+from pgbeat.catalog.manifest import FileDigest, Manifest
 from pgbeat.errors import StorageError, TransientStorageError
 from pgbeat.storage import (
     GCSStorage,
@@ -30,6 +32,7 @@ from pgbeat.storage import (
     Storage,
     ThrottledStorage,
 )
+from pgbeat.storage.verification import verify_copy
 from tests.storage_servers import S3_ACCESS_KEY, S3_SECRET, elapsed
 from tests.support import free_port
 
@@ -353,6 +356,100 @@ def test_verify_reports_an_altered_copy(backend, src):
     backend.write(key, data + b"tail")  # a different size
     with pytest.raises(StorageError, match=r"size 50004 bytes, expected 50000"):
         storage.verify(key, len(data), sha(data))
+
+
+def manifest_for(name: str, files: dict[str, bytes] | None = None, data: bytes | None = None) -> Manifest:
+    """The manifest of a backup stored as `name`: a directory-format one of `files`, or one file of `data`."""
+    common = {"run_id": "r1", "target": "erp", "tier": "daily", "file": name, "codec": "none", "complete": True,
+              "started_at": datetime(2025, 11, 19, 2, tzinfo=UTC)}
+    if files is not None:
+        digests = [FileDigest(name=n, size=len(d), md5=hashlib.md5(d).hexdigest(), sha256=sha(d))
+                   for n, d in sorted(files.items())]
+        return Manifest(format="directory", size=sum(f.size for f in digests), files=digests, **common)
+    assert data is not None
+    return Manifest(format="custom", size=len(data), sha256=sha(data), md5=hashlib.md5(data).hexdigest(), **common)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_deep_verify_reads_every_file_of_a_folder_back(backend, tmp_path, src):
+    """A flipped byte in one file of a directory-format copy fails a deep verify on every backend, even where
+    the backend itself keeps no per-file checksums (local, SSH): the manifest's per-file SHA-256 is compared."""
+    storage = backend.storage
+    folder = tmp_path / "dump.dir"
+    files = make_folder(folder)
+    key = "daily/erp_backup_daily_20251119_020000.dir"
+    manifest = manifest_for(key.rsplit("/", 1)[1], files=files)
+    storage.put(folder, key)
+    verify_copy(storage, key, manifest, deep=True)
+    verify_copy(storage, key, manifest)
+
+    flipped = bytearray(files["3001.dat.gz"])
+    flipped[35_000] ^= 0x01  # same size, one bit of one byte of one file
+    backend.write(f"{key}/3001.dat.gz", bytes(flipped))
+    with pytest.raises(StorageError, match="does not match") as caught:
+        verify_copy(storage, key, manifest, deep=True)
+    assert_permanent(caught.value)
+    assert "3001.dat.gz: SHA-256" in caught.value.message and "toc.dat" not in caught.value.message
+    backend.write(f"{key}/3001.dat.gz", files["3001.dat.gz"])
+    verify_copy(storage, key, manifest, deep=True)  # intact again
+
+    storage.delete(key)
+    with pytest.raises(StorageError, match="does not exist"):
+        verify_copy(storage, key, manifest, deep=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_deep_verify_of_a_single_file_is_a_list_of_one(backend, src):
+    storage = backend.storage
+    key = "daily/erp_backup_daily_20251119_020000.dump"
+    source, data = src(40_000)
+    storage.put(source, key)
+    manifest = manifest_for(key.rsplit("/", 1)[1], data=data)
+    assert [(f.name, f.size) for f in manifest.stored_files()] == [("", len(data))]
+    verify_copy(storage, key, manifest, deep=True)
+    flipped = bytearray(data)
+    flipped[0] ^= 0x80
+    backend.write(key, bytes(flipped))
+    with pytest.raises(StorageError, match="does not match"):
+        verify_copy(storage, key, manifest, deep=True)
+
+
+@pytest.mark.parametrize("backend", ["local", "ssh"], indirect=True)
+def test_deep_verify_of_an_old_manifest_without_file_hashes_warns(backend, tmp_path, caplog):
+    storage = backend.storage
+    folder = tmp_path / "dump.dir"
+    files = make_folder(folder)
+    key = "daily/erp_backup_daily_20251119_020000.dir"
+    storage.put(folder, key)
+    old = manifest_for(key.rsplit("/", 1)[1], files=files).model_copy(update={"files": []})
+    assert old.stored_files() == []
+    verify_copy(storage, key, old, deep=True)  # checked as before: its total size
+    assert "records no per-file SHA-256" in caplog.text
+    with pytest.raises(StorageError, match="does not match"):
+        verify_copy(storage, key, old.model_copy(update={"size": old.size + 1}), deep=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_load_streams_a_file_and_refuses_a_missing_one(backend, src):
+    storage = backend.storage
+    source, data = src(3 * MiB + 7)
+    storage.put(source, "daily/l.bin")
+    opened = []
+
+    class Collect(bytearray):
+        def __init__(self) -> None:
+            super().__init__()
+            opened.append(self)
+
+        def write(self, chunk: bytes) -> int:
+            self.extend(chunk)
+            return len(chunk)
+
+    got = storage.load("daily/l.bin", Collect)
+    assert bytes(got) == data and len(opened) == 1
+    with pytest.raises(StorageError, match="does not exist") as caught:
+        storage.load("daily/missing.bin", Collect)
+    assert_permanent(caught.value)
 
 
 @pytest.mark.parametrize("backend", REMOTE, indirect=True)
