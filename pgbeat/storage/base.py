@@ -3,7 +3,9 @@
 Keys are relative, `/`-separated paths such as `daily/erp_backup_daily_20251119_020000.sql.gz`.
 Contract (what callers may rely on):
 - `put` stores a local file, or a folder (directory-format dumps), under `key` so that the key appears
-  whole or not at all, and never replaces an existing key (it raises `StorageError` instead). It streams:
+  whole or not at all, and never replaces an existing key (it raises `StorageError` instead) unless
+  `replace=True` is given for a file (sidecars: a manifest changes as copies are added), in which case
+  the old version is atomically overwritten: a reader sees the old one or the new one, never neither. It streams:
   nothing is read whole into memory; object stores upload in bounded parts. A folder is stored as one
   object per file under `key/<relative path>`; `get` of the key restores the folder, `stat` gives its total
   size and `delete` removes all of it. `put` returns what was stored, with the SHA-256 of a file (a
@@ -77,7 +79,7 @@ S = TypeVar("S", bound=Sink)
 class Storage(Protocol):
     name: str
 
-    def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo: ...
+    def put(self, source: Path, key: str, sha256: str | None = None, *, replace: bool = False) -> ObjectInfo: ...
 
     def get(self, key: str, dest: Path) -> None: ...
 

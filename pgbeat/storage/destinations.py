@@ -116,14 +116,14 @@ def scratch_folder(settings: Settings) -> Iterator[Path]:
 
 
 def _put_text(storage: Storage, scratch: Path, text: str, key: str) -> None:
-    """Store a small sidecar under `key`, replacing an older version (a manifest changes as copies are added)."""
+    """Store a small sidecar under `key`, atomically replacing an older version (a manifest changes as
+    copies are added): at no moment is the key missing."""
     from pgbeat.fsutil import open_private
 
     source = scratch / key.rsplit("/", 1)[-1]
     with open_private(source, "w") as f:
         f.write(text)
-    storage.delete(key)
-    storage.put(source, key)
+    storage.put(source, key, replace=True)
 
 
 def copy_plan(target: Target, manifest: Manifest, spec: DestinationSpec) -> str:
@@ -212,8 +212,7 @@ def copy_backup(settings: Settings, storage: Storage, spec: DestinationSpec, ent
         remote.copies[spec.name] = record
         manifest_file = scratch / (stored.file + MANIFEST_SUFFIX)
         write_manifest(manifest_file, remote)  # the way every manifest is written (a derived one is its own)
-        storage.delete(key + MANIFEST_SUFFIX)
-        storage.put(manifest_file, key + MANIFEST_SUFFIX)
+        storage.put(manifest_file, key + MANIFEST_SUFFIX, replace=True)
         faults.fault_point(OFFSITE_COPIED)
     return record
 

@@ -19,6 +19,7 @@ from pgbeat.fsutil import (
     DIR_MODE,
     FILE_MODE,
     disk_error,
+    fsync_dir,
     open_private,
     private_dir,
     publish,
@@ -45,13 +46,13 @@ class LocalStorage:
     def describe(self, key: str) -> str:
         return str(self.path(key))
 
-    def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo:
+    def put(self, source: Path, key: str, sha256: str | None = None, *, replace: bool = False) -> ObjectInfo:
         final = self.path(key)
         private_dir(final.parent)
-        if final.exists():
-            raise StorageError(f"{self.name}: refusing to overwrite existing {final}")
         source = Path(source)
         is_dir = source.is_dir()
+        if final.exists() and not (replace and final.is_file() and not is_dir):
+            raise StorageError(f"{self.name}: refusing to overwrite existing {final}")
         try:
             if os.stat(source).st_dev == os.stat(final.parent).st_dev:
                 staged = source
@@ -70,7 +71,11 @@ class LocalStorage:
                                            "(its SHA-256 is not the one given); nothing was stored")
                     sha256 = copied
             _tighten(staged)
-            publish(staged, final)
+            if replace and not is_dir:
+                os.replace(staged, final)  # atomic: readers see the old sidecar or the new one
+                fsync_dir(final.parent)
+            else:
+                publish(staged, final)
         except OSError as exc:
             raise disk_error(exc, final) from None
         info = self.stat(key)

@@ -67,9 +67,10 @@ class ObjectStore:
     def _head(self, name: str) -> Remote | None:
         raise NotImplementedError
 
-    def _upload(self, source: Path, name: str, size: int, sha256: str) -> Remote:
+    def _upload(self, source: Path, name: str, size: int, sha256: str, replace: bool = False) -> Remote:
         """Upload a local file to a new object `name` with `sha256` as metadata, in bounded parts; raise
-        ObjectExists if it exists; check that the bytes sent hash to `sha256` before or as it completes."""
+        ObjectExists if it exists (unless `replace`: then the object is overwritten, atomically per object);
+        check that the bytes sent hash to `sha256` before or as it completes."""
         raise NotImplementedError
 
     def _download(self, name: str, writer: HashingWriter) -> None:
@@ -125,19 +126,20 @@ class ObjectStore:
 
     # --- contract ------------------------------------------------------------------------------------------
 
-    def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo:
+    def put(self, source: Path, key: str, sha256: str | None = None, *, replace: bool = False) -> ObjectInfo:
         """Store a file or a folder under a new `key` (see `pgbeat.storage.base`)."""
         name = self._name(key)
         source = Path(source)
         with self._errors("put", key):
-            if self._head(name) is not None or self._head(f"{name}/{MARKER}") is not None:
+            if self._head(f"{name}/{MARKER}") is not None or (
+                    self._head(name) is not None and not (replace and not source.is_dir())):
                 raise ObjectExists
             if source.is_dir():
                 return self._put_folder(source, key, name)
             # The SHA-256 goes into the object's metadata, which must be set before the upload starts.
             expected = sha256.lower() if sha256 else sha256_file(source)
             size = source.stat().st_size
-            remote = self._upload(source, name, size, expected)
+            remote = self._upload(source, name, size, expected, replace=replace)
         return self._info(key, remote)
 
     def _put_folder(self, source: Path, key: str, name: str) -> ObjectInfo:

@@ -297,14 +297,16 @@ class SSHStorage:
 
     # --- contract ----------------------------------------------------------------------------------------------
 
-    def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo:
+    def put(self, source: Path, key: str, sha256: str | None = None, *, replace: bool = False) -> ObjectInfo:
         """Store a file or folder under a new `key` (see `pgbeat.storage.base`): upload to a hidden name,
         check it with the remote `sha256sum`, then rename it into place."""
         final = self._full(key)
         source = Path(source)
         parent, base = posixpath.split(final)
         with self._session("put", key) as sftp:
-            if self._stat(sftp, final) is not None:
+            existing = self._stat(sftp, final)
+            if existing is not None and not (replace and not statmod.S_ISDIR(existing.st_mode)
+                                             and not source.is_dir()):
                 raise StorageError(f"{self.name}: refusing to overwrite existing {self.describe(key)}")
             self._makedirs(sftp, parent)
             staged = posixpath.join(parent, self._hidden(base, "partial"))
@@ -334,7 +336,10 @@ class SSHStorage:
                         raise TransientStorageError(f"{self.name}: {self.describe(key)} arrived damaged (remote "
                                                     "SHA-256 differs); nothing was stored")
                 try:
-                    sftp.rename(staged, final)
+                    if replace and not source.is_dir():
+                        sftp.posix_rename(staged, final)  # OpenSSH's atomic rename over an existing file
+                    else:
+                        sftp.rename(staged, final)
                 except OSError:
                     if self._stat(sftp, final) is None:
                         raise

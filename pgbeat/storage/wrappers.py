@@ -80,7 +80,7 @@ class RetryingStorage(_Wrapper):
                 self._sleep(wait)
         raise AssertionError("unreachable")
 
-    def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo:
+    def put(self, source: Path, key: str, sha256: str | None = None, *, replace: bool = False) -> ObjectInfo:
         source = Path(source)
         is_dir = source.is_dir()
         if not is_dir and sha256 is None:
@@ -92,7 +92,7 @@ class RetryingStorage(_Wrapper):
                 landed = self._landed(key, size, sha256)
                 if landed is not None:
                     return landed
-            return self.inner.put(source, key, sha256=sha256)
+            return self.inner.put(source, key, sha256=sha256, replace=replace)
 
         return self._retry("put", key, attempt)
 
@@ -143,9 +143,9 @@ class ThrottledStorage(_Wrapper):
         super().__init__(inner)
         self.limiter = RateLimiter(bytes_per_second, burst=burst, sleep=sleep)
 
-    def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo:
+    def put(self, source: Path, key: str, sha256: str | None = None, *, replace: bool = False) -> ObjectInfo:
         with bandwidth_limit(self.limiter):
-            return self.inner.put(source, key, sha256=sha256)
+            return self.inner.put(source, key, sha256=sha256, replace=replace)
 
     def get(self, key: str, dest: Path) -> None:
         with bandwidth_limit(self.limiter):

@@ -251,6 +251,57 @@ def test_refuses_to_overwrite(backend, src, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_replace_overwrites_a_file_but_never_a_folder(backend, src, tmp_path):
+    """Sidecars are replaced in place (`replace=True`), not deleted then put; a folder is never replaced."""
+    storage = backend.storage
+    key = "daily/a.sql.gz.manifest.json"
+    first, _ = src(1000)
+    storage.put(first, key, replace=True)  # nothing there yet: a plain put
+    second, data = src(2000)
+    info = storage.put(second, key, replace=True)
+    assert (info.size, info.sha256) == (2000, sha(data))
+    assert backend.read(key) == data and backend.names(key) == [key]
+    storage.verify(key, len(data), sha(data), deep=True)
+    assert [i.key for i in storage.list("daily")] == [key]  # no leftover of the old version or the staging
+
+    folder = tmp_path / "dump.dir"
+    make_folder(folder)
+    storage.put(folder, "daily/d.dir")
+    third, _ = src(10)
+    with pytest.raises(StorageError, match="refusing to overwrite"):
+        storage.put(third, "daily/d.dir", replace=True)
+    again = tmp_path / "again.dir"
+    make_folder(again)
+    with pytest.raises(StorageError, match="refusing to overwrite"):
+        storage.put(again, key, replace=True)
+    assert backend.read(key) == data
+
+
+def test_local_replace_never_leaves_the_key_missing(tmp_path, src):
+    import threading
+
+    storage = LocalStorage(tmp_path / "shelf")
+    key = "daily/x.manifest.json"
+    storage.put(src(100)[0], key)
+    missing, done = [], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if storage.stat(key) is None:
+                missing.append(1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(200):
+            storage.put(src(100)[0], key, replace=True)
+    finally:
+        done.set()
+        watcher.join()
+    assert missing == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_folder_round_trip(backend, tmp_path, src):
     storage = backend.storage
     folder = tmp_path / "dump.dir"
