@@ -4,11 +4,11 @@ hands every other attribute to the backend it wraps. They stack: `RetryingStorag
 Retry contract. Backends raise `TransientStorageError` for failures that may pass (connection refused or
 lost, timeouts, HTTP 5xx, throttling) and plain `StorageError` for those that will not (authentication,
 permissions, missing key, refusing to overwrite, checksum mismatch). `RetryingStorage` retries only the
-former, with exponential backoff and jitter, and raises a `TransientStorageError` naming the destination
-once its attempts are spent (so a Celery task can still retry later). Every operation is idempotent when
-repeated after a transient failure (see `pgbeat.storage.base`), with one subtlety handled here: a `put`
-whose object was stored but whose response was lost would, when repeated, find its own object and refuse
-to overwrite it. A repeated put therefore first checks whether the key already holds exactly what is
+former, with exponential backoff and jitter (`pgbeat.backoff`), and raises a `TransientStorageError`
+naming the destination once its attempts are spent (so a Celery task can still retry later). Every
+operation is idempotent when repeated after a transient failure (see `pgbeat.storage.base`), with one
+subtlety handled here: a `put` whose object was stored but whose response was lost would, when repeated,
+find its own object and refuse to overwrite it. A repeated put therefore first checks whether the key already holds exactly what is
 being stored (same size and SHA-256, checked by the backend's shallow `verify`) and, if so, returns it.
 For a folder only its total size can be compared; the target lock makes another writer of the same key
 impossible.
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pgbeat.backoff import Backoff, retry
 from pgbeat.errors import StorageError, TransientStorageError
 from pgbeat.fsutil import tree_size
 from pgbeat.hashing import sha256_file
@@ -54,31 +55,27 @@ class RetryingStorage(_Wrapper):
             raise ValueError("attempts must be at least 1")
         super().__init__(inner)
         self.attempts = attempts
-        self.backoff = backoff
-        self.backoff_max = backoff_max
+        self.backoff = Backoff(backoff, backoff_max, jitter=jitter)
         self._sleep = sleep
-        self._jitter = jitter
 
     def delay(self, failures: int) -> float:
         """The wait after the `failures`-th failure: exponential, capped, jittered (half to full)."""
-        ceiling = min(self.backoff_max, self.backoff * 2 ** (failures - 1))
-        return ceiling * (0.5 + self._jitter() / 2)
+        return self.backoff.delay(failures)
 
     def _retry(self, action: str, key: str, call: Callable[[int], T]) -> T:
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return call(attempt)
-            except StorageError as exc:
-                if not exc.transient:
-                    raise
-                if attempt == self.attempts:
-                    raise TransientStorageError(
-                        f"{self.name}: {action} {self.inner.describe(key)} failed after {attempt} "
-                        f"attempt{'s' if attempt > 1 else ''}: {exc.message}", hint=exc.hint) from exc
-                wait = self.delay(attempt)
-                log.warning("%s (attempt %d of %d, retrying in %.1fs)", exc.message, attempt, self.attempts, wait)
-                self._sleep(wait)
-        raise AssertionError("unreachable")
+        def warn(exc: Exception, attempt: int, wait: float) -> None:
+            message = exc.message if isinstance(exc, StorageError) else str(exc)
+            log.warning("%s (attempt %d of %d, retrying in %.1fs)", message, attempt, self.attempts, wait)
+
+        try:
+            return retry(call, attempts=self.attempts, backoff=self.backoff, on_retry=warn, sleep=self._sleep,
+                         retryable=lambda exc: isinstance(exc, StorageError) and exc.transient)
+        except StorageError as exc:
+            if not exc.transient:
+                raise
+            raise TransientStorageError(
+                f"{self.name}: {action} {self.inner.describe(key)} failed after {self.attempts} "
+                f"attempt{'s' if self.attempts > 1 else ''}: {exc.message}", hint=exc.hint) from exc
 
     def put(self, source: Path, key: str, sha256: str | None = None, *, replace: bool = False) -> ObjectInfo:
         source = Path(source)
