@@ -303,9 +303,9 @@ def destination_entries(settings: Settings, destination: str, target_name: str |
     for target in users:
         if target_name and target.name != target_name:
             continue
-        storage = open_storage(target.destination(destination))
-        for t in [tier] if tier else TIERS:
-            entries += [e for e in remote_entries(settings, storage, destination, target.name, t) if e.exists]
+        with open_storage(target.destination(destination)) as storage:
+            for t in [tier] if tier else TIERS:
+                entries += [e for e in remote_entries(settings, storage, destination, target.name, t) if e.exists]
     return sorted(entries, key=order_key)
 
 
@@ -352,7 +352,7 @@ def verify(file: str | None, identity: Path | None, destination: str | None, dee
 def scrub(settings: Settings, destination: str, deep: bool) -> int:
     """Check each copy at `destination` (size and checksum, or with `deep` every file read back against the
     manifest's per-file SHA-256); return the exit code."""
-    from pgbeat.storage.destinations import open_storage
+    from pgbeat.storage.destinations import open_storage, storage_pool
     from pgbeat.storage.verification import verify_copy
 
     try:
@@ -360,14 +360,17 @@ def scrub(settings: Settings, destination: str, deep: bool) -> int:
     except PgbeatError as exc:
         fail(exc)
     bad = 0
-    for entry in entries:
-        storage = open_storage(settings.target(entry.manifest.target).destination(destination))
-        try:
-            verify_copy(storage, entry.path, entry.manifest, deep=deep)
-            out.print(f"  ✓ {entry.path}", markup=False)
-        except PgbeatError as exc:
-            bad += 1
-            out.print(f"  ✗ {entry.path}: {exc.message}", markup=False)
+    with storage_pool() as storages:  # by target: each target's spec of the destination may differ
+        for entry in entries:
+            if entry.manifest.target not in storages:
+                storages[entry.manifest.target] = open_storage(
+                    settings.target(entry.manifest.target).destination(destination))
+            try:
+                verify_copy(storages[entry.manifest.target], entry.path, entry.manifest, deep=deep)
+                out.print(f"  ✓ {entry.path}", markup=False)
+            except PgbeatError as exc:
+                bad += 1
+                out.print(f"  ✗ {entry.path}: {exc.message}", markup=False)
     out.print(f"{len(entries) - bad} of {len(entries)} copies at {destination} match their manifests", markup=False)
     return errors.EXIT_VERIFY if bad else 0
 

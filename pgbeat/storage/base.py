@@ -14,6 +14,8 @@ Contract (what callers may rely on):
   `put` may consume its source: LocalStorage moves a file on the same file system instead of copying it.
 - `get` writes the object to a local path (a folder for a folder key) through a temporary name, and checks
   what it read against the size and SHA-256 recorded at upload where the backend has them.
+- `close()` releases the backend's connection; backends are context managers (`with open_storage(spec)
+  as storage:`), one per destination per step.
 - `load(key, open_sink)` streams one stored file (a file key, or `folder/<relative path>` inside a stored
   folder) into a new sink from `open_sink()` and returns that sink; a retried load calls `open_sink` again,
   so a sink never sees a byte twice. Deep verification is built on it, once, above the backends
@@ -79,6 +81,12 @@ S = TypeVar("S", bound=Sink)
 class Storage(Protocol):
     name: str
 
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Storage: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
     def put(self, source: Path, key: str, sha256: str | None = None, *, replace: bool = False) -> ObjectInfo: ...
 
     def get(self, key: str, dest: Path) -> None: ...
@@ -96,6 +104,24 @@ class Storage(Protocol):
     def describe(self, key: str) -> str:
         """Return where `key` lives, for messages and manifests (a path or a URL, without secrets)."""
         ...
+
+
+class Closing:
+    """What every backend and wrapper shares: `close()` releases its connection (the next operation would
+    open a new one), and `with backend:` closes it at the end, so a step opens one backend (and one SSH
+    connection) per destination and does not leave it open."""
+
+    def close(self) -> None:
+        """Release the connection, if any (closing twice is fine)."""
+
+    def __enter__(self: C) -> C:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+C = TypeVar("C", bound=Closing)
 
 
 def check_key(storage: str, key: str, *, allow_empty: bool = False) -> str:

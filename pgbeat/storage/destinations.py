@@ -17,6 +17,7 @@ directory-format backup cannot be encrypted as one file: it is not copied (a war
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Iterator
@@ -86,6 +87,19 @@ def open_storage(spec: DestinationSpec) -> Storage:
     if spec.bandwidth_limit:
         storage = ThrottledStorage(storage, spec.bandwidth_limit)
     return storage
+
+
+@contextmanager
+def storage_pool() -> Iterator[dict[str, Storage]]:
+    """Yield a dict for the storages a series of copies opens, by destination name (one backend, and one
+    connection, per destination), and close them all at the end."""
+    storages: dict[str, Storage] = {}
+    try:
+        yield storages
+    finally:
+        for storage in storages.values():
+            with contextlib.suppress(Exception):  # a close that fails must not hide what happened before
+                storage.close()
 
 
 def retention(target: Target, spec: DestinationSpec | None, tier: str) -> TierPolicy:
@@ -221,8 +235,11 @@ def replicate(settings: Settings, target: Target, entry: Entry, only: str | None
               storages: dict[str, Storage] | None = None) -> list[str]:
     """Copy `entry` to each of `target`'s destinations that lack a good copy; return one line per failure.
 
-    `storages` (by destination name) is filled and reused, so that a series of copies opens each once."""
-    storages = {} if storages is None else storages
+    `storages` (a `storage_pool`) is filled and reused, so that a series of copies opens each once; without
+    it, the storages opened here are closed before returning."""
+    if storages is None:
+        with storage_pool() as pool:
+            return replicate(settings, target, entry, only, pool)
     failures = []
     for spec in target.destinations:
         if only and spec.name != only:
@@ -259,7 +276,9 @@ def replicate_missing(settings: Settings, target: Target, only: str | None = Non
                       storages: dict[str, Storage] | None = None) -> list[str]:
     """Complete the copies of `target`'s local backups that a destination lacks, newest first; with
     `limit`, of at most that many backups (the rest wait for the next call). Return one line per failure."""
-    storages = {} if storages is None else storages
+    if storages is None:
+        with storage_pool() as pool:
+            return replicate_missing(settings, target, only, limit, pool)
     failures, taken = [], 0
     for entry in reversed(list_backups(settings.backup_root, target.name)):
         fresh = read_manifest(manifest_path(entry.path))
@@ -363,7 +382,11 @@ def locate(settings: Settings, url: str) -> tuple[Target, DestinationSpec, str]:
 def fetch(settings: Settings, url: str, folder: Path) -> Entry:
     """Download the backup at `url` with its manifest and `.sha256` into `folder`, checked; return it."""
     target, spec, key = locate(settings, url)
-    storage = open_storage(spec)
+    with open_storage(spec) as storage:
+        return _fetch(storage, target, url, key, folder)
+
+
+def _fetch(storage: Storage, target: Target, url: str, key: str, folder: Path) -> Entry:
     name = key.rsplit("/", 1)[-1]
     folder.mkdir(parents=True, exist_ok=True)
     manifest_file = folder / (name + MANIFEST_SUFFIX)

@@ -27,10 +27,10 @@ from pgbeat.fsutil import (
     tree_size,
 )
 from pgbeat.hashing import sha256_file
-from pgbeat.storage.base import HashingReader, ObjectInfo, S, check_key, compare, mismatch
+from pgbeat.storage.base import Closing, HashingReader, ObjectInfo, S, check_key, compare, mismatch
 
 
-class LocalStorage:
+class LocalStorage(Closing):
     """A folder on this host. `put` from the same file system is a rename, so publishing is atomic."""
 
     def __init__(self, root: Path, name: str = "local") -> None:

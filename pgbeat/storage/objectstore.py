@@ -21,11 +21,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pgbeat.errors import StorageError
 from pgbeat.fsutil import DIR_MODE, open_private, remove_path
 from pgbeat.hashing import sha256_file
 from pgbeat.storage.base import (
+    Closing,
     HashingWriter,
     ObjectInfo,
     S,
@@ -58,9 +60,17 @@ class ObjectExists(Exception):
     """The store refused a write because the object already exists (a failed no-clobber precondition)."""
 
 
-class ObjectStore:
+class ObjectStore(Closing):
     name: str
     prefix: str
+    _client_instance: Any = None  # the SDK's client, made on first use
+
+    def close(self) -> None:
+        """Close the SDK client's connections (the next operation makes a new client)."""
+        client, self._client_instance = self._client_instance, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
 
     # --- primitives (subclasses) -------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from typing import Any
 from pgbeat.errors import StorageError, TransientStorageError
 from pgbeat.fsutil import CHUNK, DIR_MODE, FILE_MODE, open_private, remove_path
 from pgbeat.storage.base import (
+    Closing,
     HashingReader,
     HashingWriter,
     ObjectInfo,
@@ -59,7 +60,7 @@ class _UnknownHostKey(Exception):
     pass
 
 
-class SSHStorage:
+class SSHStorage(Closing):
     """A remote folder reached over SSH/SFTP."""
 
     def __init__(self, host: str, *, port: int = 22, user: str, path: str, key_file: str | Path | None = None,

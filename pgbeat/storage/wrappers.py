@@ -8,10 +8,10 @@ former, with exponential backoff and jitter (`pgbeat.backoff`), and raises a `Tr
 naming the destination once its attempts are spent (so a Celery task can still retry later). Every
 operation is idempotent when repeated after a transient failure (see `pgbeat.storage.base`), with one
 subtlety handled here: a `put` whose object was stored but whose response was lost would, when repeated,
-find its own object and refuse to overwrite it. A repeated put therefore first checks whether the key already holds exactly what is
-being stored (same size and SHA-256, checked by the backend's shallow `verify`) and, if so, returns it.
-For a folder only its total size can be compared; the target lock makes another writer of the same key
-impossible.
+find its own object and refuse to overwrite it. A repeated put therefore first checks whether the key
+already holds exactly what is being stored (same size and SHA-256, checked by the backend's shallow
+`verify`) and, if so, returns it. For a folder only its total size can be compared; the target lock
+makes another writer of the same key impossible.
 """
 
 from __future__ import annotations
@@ -27,16 +27,19 @@ from pgbeat.backoff import Backoff, retry
 from pgbeat.errors import StorageError, TransientStorageError
 from pgbeat.fsutil import tree_size
 from pgbeat.hashing import sha256_file
-from pgbeat.storage.base import ObjectInfo, RateLimiter, S, Storage, bandwidth_limit
+from pgbeat.storage.base import Closing, ObjectInfo, RateLimiter, S, Storage, bandwidth_limit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class _Wrapper:
+class _Wrapper(Closing):
     def __init__(self, inner: Storage) -> None:
         self.inner = inner
         self.name = inner.name
+
+    def close(self) -> None:
+        self.inner.close()
 
     def __getattr__(self, attribute: str) -> Any:
         return getattr(self.inner, attribute)

@@ -721,3 +721,20 @@ def test_bandwidth_limit_paces_uploads_and_downloads(moto_s3, src, tmp_path):
     assert (tmp_path / "slow").read_bytes() == data
     fast, _ = src(3 * MiB // 2)
     assert elapsed(lambda: harness.storage.put(fast, "daily/fast")) < 0.6
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_a_backend_is_a_context_manager_that_closes_its_connection(backend, src):
+    source, data = src(1000)
+    with backend.storage as storage:
+        assert storage is backend.storage
+        storage.put(source, "daily/c.bin")
+    inner = storage
+    while hasattr(inner, "inner"):
+        inner = inner.inner
+    opened = vars(inner)  # not getattr: S3's `_client` property would make a new client
+    assert opened.get("_client") is None and opened.get("_client_instance") is None
+    storage.close()  # twice is fine
+    assert backend.read("daily/c.bin") == data
+    assert storage.stat("daily/c.bin").size == 1000  # a closed backend opens a new connection when used again
+    storage.close()
