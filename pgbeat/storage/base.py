@@ -47,6 +47,7 @@ import hashlib
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -302,6 +303,21 @@ def counted(sink: Sink) -> HashingWriter:
     return HashingWriter(sink, hashers={})
 
 
+# --- staging names ---------------------------------------------------------------------------------------
+
+
+def staging_name(name: str, kind: str = "partial") -> str:
+    """Given a final file name, return the hidden, unique name it is written under first (`kind` "partial")
+    or moved to before it is removed ("deleting"): `.NAME.partial-1a2b3c4d`. Unique, so that two writers
+    of the same name never write into each other's file."""
+    return f".{name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def is_staging(name: str) -> bool:
+    """True for a name made by `staging_name` (or an older pgbeat's `.NAME.partial`): not a backup."""
+    return name.startswith(".") and (".partial" in name or ".deleting-" in name)
+
+
 def partial_name(final: Path) -> Path:
     """The hidden sibling a download is written to before it gets its final name."""
-    return final.with_name(f".{final.name}.partial")
+    return final.with_name(staging_name(final.name))

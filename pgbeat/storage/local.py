@@ -1,7 +1,8 @@
 """The local destination: `BACKUP_ROOT/<tier>/<name>`, files 0600 and folders 0700.
 
 `put` from the same file system moves the source into place (no copy, so nothing is re-read); from
-another file system it copies under a hidden `.partial` name, hashing what it copies, then publishes.
+another file system it copies under a hidden, unique name (`base.staging_name`), hashing what it copies,
+then publishes.
 `verify` re-hashes the file: there is no cheaper metadata to trust on a plain file system.
 """
 
@@ -27,7 +28,17 @@ from pgbeat.fsutil import (
     tree_size,
 )
 from pgbeat.hashing import sha256_file
-from pgbeat.storage.base import Closing, HashingReader, ObjectInfo, S, check_key, compare, mismatch
+from pgbeat.storage.base import (
+    Closing,
+    HashingReader,
+    ObjectInfo,
+    S,
+    check_key,
+    compare,
+    is_staging,
+    mismatch,
+    staging_name,
+)
 
 
 class LocalStorage(Closing):
@@ -53,20 +64,18 @@ class LocalStorage(Closing):
         is_dir = source.is_dir()
         if final.exists() and not (replace and final.is_file() and not is_dir):
             raise StorageError(f"{self.name}: refusing to overwrite existing {final}")
+        staged = source
         try:
             if os.stat(source).st_dev == os.stat(final.parent).st_dev:
-                staged = source
                 if not is_dir and sha256 is None:
                     sha256 = sha256_file(source)
             else:  # another file system: copy under a hidden name first, then publish it
-                staged = final.with_name(f".{final.name}.partial")
-                remove_path(staged)
+                staged = final.with_name(staging_name(final.name))
                 if is_dir:
                     shutil.copytree(source, staged)
                 else:
                     copied = _copy_hashing(source, staged)
                     if sha256 is not None and copied != sha256.lower():
-                        remove_path(staged)
                         raise StorageError(f"{self.name}: {source} changed while it was copied to {final} "
                                            "(its SHA-256 is not the one given); nothing was stored")
                     sha256 = copied
@@ -78,6 +87,9 @@ class LocalStorage(Closing):
                 publish(staged, final)
         except OSError as exc:
             raise disk_error(exc, final) from None
+        finally:
+            if staged != source:
+                remove_path(staged)  # a copy that did not get its final name (gone already if it did)
         info = self.stat(key)
         assert info is not None
         return ObjectInfo(key=info.key, size=info.size, modified=info.modified, sha256=None if is_dir else sha256)
@@ -140,7 +152,7 @@ class LocalStorage(Closing):
             return []
         infos = []
         for entry in sorted(folder.iterdir()):
-            if entry.name.startswith(".") and entry.name.endswith(".partial"):
+            if is_staging(entry.name):
                 continue  # an interrupted copy, not a backup
             info = self.stat(entry.relative_to(self.root).as_posix())
             if info is not None:

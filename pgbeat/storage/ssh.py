@@ -30,7 +30,6 @@ import shlex
 import socket
 import stat as statmod
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,8 +47,10 @@ from pgbeat.storage.base import (
     compare,
     counted,
     folder_files,
+    is_staging,
     mismatch,
     partial_name,
+    staging_name,
 )
 
 READ_WINDOW = 8 * CHUNK  # bytes requested ahead while downloading: bounds memory, keeps the pipe full
@@ -211,14 +212,6 @@ class SSHStorage(Closing):
                     raise
             sftp.chmod(path, DIR_MODE)
 
-    @staticmethod
-    def _hidden(name: str, kind: str) -> str:
-        return f".{name}.{kind}-{uuid.uuid4().hex[:8]}"
-
-    @staticmethod
-    def _is_scratch(name: str) -> bool:
-        return name.startswith(".") and (".partial-" in name or ".deleting-" in name)
-
     def _walk(self, sftp: Any, folder: str, relative: str = "") -> Iterator[tuple[str, Any]]:
         """Yield (relative path, attributes) of every file under a remote folder."""
         for entry in sorted(sftp.listdir_attr(folder), key=lambda e: e.filename):
@@ -310,7 +303,7 @@ class SSHStorage(Closing):
                                              and not source.is_dir()):
                 raise StorageError(f"{self.name}: refusing to overwrite existing {self.describe(key)}")
             self._makedirs(sftp, parent)
-            staged = posixpath.join(parent, self._hidden(base, "partial"))
+            staged = posixpath.join(parent, staging_name(base))
             try:
                 if source.is_dir():
                     sftp.mkdir(staged, DIR_MODE)
@@ -420,7 +413,7 @@ class SSHStorage(Closing):
                 return []
             infos = []
             for entry in entries:
-                if self._is_scratch(entry.filename):
+                if is_staging(entry.filename):
                     continue
                 key = f"{clean}/{entry.filename}" if clean else entry.filename
                 infos.append(self._info(sftp, key, posixpath.join(folder, entry.filename), entry))
@@ -434,7 +427,7 @@ class SSHStorage(Closing):
                 return
             if statmod.S_ISDIR(attrs.st_mode):
                 parent, base = posixpath.split(path)
-                doomed = posixpath.join(parent, self._hidden(base, "deleting"))
+                doomed = posixpath.join(parent, staging_name(base, "deleting"))
                 sftp.rename(path, doomed)  # the folder stops being a backup at once
                 self._remove_tree(sftp, doomed)
             else:
