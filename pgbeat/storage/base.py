@@ -14,6 +14,7 @@ Contract (what callers may rely on):
   `put` may consume its source: LocalStorage moves a file on the same file system instead of copying it.
 - `get` writes the object to a local path (a folder for a folder key) through a temporary name, and checks
   what it read against the size and SHA-256 recorded at upload where the backend has them.
+- `capabilities` (a `Capabilities`) says what the backend does beyond this contract.
 - `close()` releases the backend's connection; backends are context managers (`with open_storage(spec)
   as storage:`), one per destination per step.
 - `load(key, open_sink)` streams one stored file (a file key, or `folder/<relative path>` inside a stored
@@ -70,6 +71,20 @@ class ObjectInfo:
     crc32c: str | None = None
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend does beyond the contract, so that the layers above can choose the cheaper path.
+
+    `shallow_reads_back`: the destination keeps no checksum of its own, so a shallow `verify` reads the
+    data itself (a local folder, an SSH account without `sha256sum`): checking every file against the
+    manifest costs no more, and verification does it even when not asked to go deep.
+    `consumes_source`: `put` may move its source into place instead of copying it (same file system).
+    """
+
+    shallow_reads_back: bool = False
+    consumes_source: bool = False
+
+
 class Sink(Protocol):
     """Where `Storage.load` writes what it reads: anything with `write(bytes)`."""
 
@@ -81,6 +96,7 @@ S = TypeVar("S", bound=Sink)
 
 class Storage(Protocol):
     name: str
+    capabilities: Capabilities
 
     def close(self) -> None: ...
 

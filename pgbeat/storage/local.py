@@ -29,6 +29,7 @@ from pgbeat.fsutil import (
 )
 from pgbeat.hashing import sha256_file
 from pgbeat.storage.base import (
+    Capabilities,
     Closing,
     HashingReader,
     ObjectInfo,
@@ -43,6 +44,8 @@ from pgbeat.storage.base import (
 
 class LocalStorage(Closing):
     """A folder on this host. `put` from the same file system is a rename, so publishing is atomic."""
+
+    capabilities = Capabilities(shallow_reads_back=True, consumes_source=True)
 
     def __init__(self, root: Path, name: str = "local") -> None:
         self.root = Path(root)

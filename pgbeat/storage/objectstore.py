@@ -27,6 +27,7 @@ from pgbeat.errors import StorageError
 from pgbeat.fsutil import DIR_MODE, open_private, remove_path
 from pgbeat.hashing import sha256_file
 from pgbeat.storage.base import (
+    Capabilities,
     Closing,
     HashingWriter,
     ObjectInfo,
@@ -64,6 +65,7 @@ class ObjectStore(Closing):
     name: str
     prefix: str
     _client_instance: Any = None  # the SDK's client, made on first use
+    capabilities = Capabilities()  # objects carry checksums (S3: SHA-256, GCS: MD5 and CRC32C)
 
     def close(self) -> None:
         """Close the SDK client's connections (the next operation makes a new client)."""

@@ -38,6 +38,7 @@ from typing import Any
 from pgbeat.errors import StorageError, TransientStorageError
 from pgbeat.fsutil import CHUNK, DIR_MODE, FILE_MODE, open_private, remove_path
 from pgbeat.storage.base import (
+    Capabilities,
     Closing,
     HashingReader,
     HashingWriter,
@@ -81,6 +82,11 @@ class SSHStorage(Closing):
         self._lock = threading.RLock()
         self._client: Any = None
         self._sftp_client: Any = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Without remote `sha256sum`, a shallow check reads every file back over SFTP."""
+        return Capabilities(shallow_reads_back=not self.remote_sha256sum)
 
     def __repr__(self) -> str:
         return f"SSHStorage(name={self.name!r}, location={self.describe('')!r})"

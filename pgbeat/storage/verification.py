@@ -56,12 +56,15 @@ def read_back(storage: Storage, key: str, files: Sequence[FileDigest]) -> list[s
 
 def verify_copy(storage: Storage, key: str, manifest: Manifest, deep: bool = False) -> None:
     """Given the key of a copy at `storage` and the manifest it was stored with, check it: shallow (the
-    backend's metadata check of size and SHA-256) or, with `deep`, by reading every stored file back and
-    comparing it with the manifest's per-file SHA-256. Raise StorageError if the copy is missing, damaged
+    backend's metadata check of size and SHA-256) or, with `deep` (or on a backend whose shallow check reads
+    the data anyway: `Capabilities.shallow_reads_back`), by reading every stored file back and comparing it
+    with the manifest's per-file SHA-256. Raise StorageError if the copy is missing, damaged
     or unreadable. A manifest without per-file hashes (older pgbeat) is checked as before, with a warning."""
     files = manifest.stored_files()
-    if not deep or not files:
-        if deep:
+    # Where a shallow check reads the data anyway, comparing each file with the manifest costs nothing more.
+    read_back_files = deep or storage.capabilities.shallow_reads_back
+    if not read_back_files or not files:
+        if deep and not files:
             log.warning("%s: the manifest of %s records no per-file SHA-256 (an older pgbeat wrote it): the "
                         "copy is checked by the destination's means only", storage.name, key)
         storage.verify(key, manifest.size, None if manifest.files else manifest.sha256, deep=deep)

@@ -441,12 +441,33 @@ def test_deep_verify_reads_every_file_of_a_folder_back(backend, tmp_path, src):
         verify_copy(storage, key, manifest, deep=True)
     assert_permanent(caught.value)
     assert "3001.dat.gz: SHA-256" in caught.value.message and "toc.dat" not in caught.value.message
+    if storage.capabilities.shallow_reads_back:  # a shallow check that reads the data compares it too
+        with pytest.raises(StorageError, match=r"3001\.dat\.gz: SHA-256"):
+            verify_copy(storage, key, manifest)
     backend.write(f"{key}/3001.dat.gz", files["3001.dat.gz"])
     verify_copy(storage, key, manifest, deep=True)  # intact again
 
     storage.delete(key)
     with pytest.raises(StorageError, match="does not exist"):
         verify_copy(storage, key, manifest, deep=True)
+
+
+def test_ssh_without_remote_commands_compares_every_file_even_shallow(sshd, tmp_path):
+    harness = _ssh(sshd, remote_sha256sum=False)
+    storage = harness.storage
+    assert storage.capabilities.shallow_reads_back
+    folder = tmp_path / "dump.dir"
+    files = make_folder(folder)
+    key = "daily/erp_backup_daily_20251119_020000.dir"
+    manifest = manifest_for(key.rsplit("/", 1)[1], files=files)
+    try:
+        storage.put(folder, key)
+        verify_copy(storage, key, manifest)
+        harness.write(f"{key}/toc.dat", bytes([files["toc.dat"][0] ^ 1]) + files["toc.dat"][1:])
+        with pytest.raises(StorageError, match=r"toc\.dat: SHA-256"):
+            verify_copy(storage, key, manifest)
+    finally:
+        storage.close()
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
