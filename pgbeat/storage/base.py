@@ -29,7 +29,9 @@ Contract (what callers may rely on):
   size or checksum differs from what is expected. Shallow checks use metadata the destination keeps
   (object size and checksums, or a hash computed on the remote host); `deep=True` reads the copy back
   and hashes it (a scrub). For a folder pass `sha256=None`: its files are checked against the hashes
-  recorded when it was stored, where the backend records them.
+  recorded when it was stored, where the backend records them (object stores, in their folder marker);
+  a local or SSH folder keeps none, so callers with a manifest use `verification.verify_copy`, which
+  compares every file with the manifest's per-file SHA-256 on any backend.
 
 Errors and retries (restic style): every failure raises `pgbeat.errors.StorageError` naming the
 destination and the key, never a secret. `TransientStorageError` (connection refused or lost, timeouts,
