@@ -17,6 +17,8 @@ from pathlib import Path
 
 from pgbeat.errors import DiskFullError, StorageError
 
+CHUNK = 1 << 20  # bytes read or written at a time while streaming a file or a pipe
+
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 

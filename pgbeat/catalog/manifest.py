@@ -76,7 +76,7 @@ class FileDigest(BaseModel):
 
     name: str
     size: int
-    md5: str
+    md5: str | None = None
     sha256: str
 
 
@@ -215,6 +215,16 @@ class Manifest(BaseModel):
     @property
     def last_drill(self) -> DrillRecord | None:
         return self.drills[-1] if self.drills else None
+
+    def stored_files(self) -> list[FileDigest]:
+        """Return every file this backup is stored as, with its size and checksums: a directory-format
+        backup's files (names relative to its folder), any other backup as a list of one named "" (the
+        backup's own key). Empty for a manifest that records no SHA-256 (written by an older pgbeat)."""
+        if self.files:
+            return list(self.files)
+        if self.sha256 is None or self.format == "directory":
+            return []
+        return [FileDigest(name="", size=self.size, md5=self.md5, sha256=self.sha256)]
 
     def checksum_lines(self) -> str:
         """Return the `.sha256` file's text: `sha256sum -c` checks it from the backup's folder."""

@@ -28,9 +28,9 @@ def destination_entries(settings: Settings, destination: str, target: str | None
     for config in users:
         if target and config.name != target:
             continue
-        storage = open_storage(config.destination(destination))
-        for t in [tier] if tier else TIERS:
-            entries += [e for e in remote_entries(settings, storage, destination, config.name, t) if e.exists]
+        with open_storage(config.destination(destination)) as storage:
+            for t in [tier] if tier else TIERS:
+                entries += [e for e in remote_entries(settings, storage, destination, config.name, t) if e.exists]
     return sorted(entries, key=order_key)
 
 
@@ -44,7 +44,8 @@ class CopyCheck:
 
 @dataclass
 class ScrubReport:
-    """Every copy at `destination`, checked (size and checksum, or read back when `deep`)."""
+    """Every copy at `destination`, checked (size and checksum, or with `deep` every file read back against
+    the manifest's per-file SHA-256)."""
 
     destination: str
     checks: list[CopyCheck] = field(default_factory=list)
@@ -62,19 +63,22 @@ class ScrubReport:
 def scrub(settings: Settings, destination: str, deep: bool = False,
           on_check: Callable[[CopyCheck], None] = lambda check: None) -> ScrubReport:
     """Given a destination's name, check each copy there against its manifest (size and checksum, or
-    each copy read back and hashed with `deep`), telling `on_check` of each as it is done; return the
-    report. Raise UnknownTargetError if no target has that destination."""
-    from pgbeat.storage.destinations import open_storage
+    every file read back and compared with the manifest with `deep`), telling `on_check` of each as it
+    is done; return the report. Raise UnknownTargetError if no target has that destination."""
+    from pgbeat.storage.destinations import open_storage, storage_pool
+    from pgbeat.storage.verification import verify_copy
 
     report = ScrubReport(destination)
-    for entry in destination_entries(settings, destination):
-        storage = open_storage(settings.target(entry.manifest.target).destination(destination))
-        check = CopyCheck(entry)
-        try:
-            storage.verify(entry.path, entry.manifest.size, None if entry.manifest.files else entry.manifest.sha256,
-                           deep=deep)
-        except errors.PgbeatError as exc:
-            check.problem = exc.message
-        report.checks.append(check)
-        on_check(check)
+    with storage_pool() as storages:  # one per target: each target's spec of the destination may differ
+        for entry in destination_entries(settings, destination):
+            if entry.manifest.target not in storages:
+                storages[entry.manifest.target] = open_storage(
+                    settings.target(entry.manifest.target).destination(destination))
+            check = CopyCheck(entry)
+            try:
+                verify_copy(storages[entry.manifest.target], entry.path, entry.manifest, deep=deep)
+            except errors.PgbeatError as exc:
+                check.problem = exc.message
+            report.checks.append(check)
+            on_check(check)
     return report

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 
+from pgbeat.backoff import Backoff, retry
 from pgbeat.notify.base import Event
 from pgbeat.settings import ChannelSpec
 
@@ -29,11 +30,12 @@ class AppriseNotifier:
             # Never echo the URL: it usually carries a token or a password.
             raise ValueError(f"channel {self.name}: not a valid Apprise URL")
         notify_type = apprise.NotifyType(NOTIFY_TYPES.get(event.category, "info"))
-        for attempt in range(self.attempts):
-            if service.notify(title=event.title(), body=event.body(), notify_type=notify_type):
-                return
-            if attempt + 1 < self.attempts:
-                delay = self.backoff * 2 ** attempt
-                log.warning("channel %s: delivery failed, retrying in %.0fs", self.name, delay)
-                self.sleep(delay)
-        raise RuntimeError(f"channel {self.name}: delivery failed after {self.attempts} attempts")
+
+        def deliver(_: int) -> None:
+            if not service.notify(title=event.title(), body=event.body(), notify_type=notify_type):
+                raise RuntimeError(f"channel {self.name}: delivery failed after {self.attempts} attempts")
+
+        retry(deliver, attempts=self.attempts, backoff=Backoff(self.backoff, cap=float("inf")), sleep=self.sleep,
+              retryable=lambda exc: isinstance(exc, RuntimeError),
+              on_retry=lambda _, n, wait: log.warning("channel %s: delivery failed, retrying in %.0fs", self.name,
+                                                      wait))

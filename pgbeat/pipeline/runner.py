@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pgbeat import faults, runlog
+from pgbeat.backoff import Backoff
 from pgbeat.coordination.filelock import hold_file_lock
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import hold_dir, remove_path
@@ -122,7 +123,7 @@ def fail_run(ctx: StepContext, run: Run, step: str, exc: BaseException) -> Run:
 
 def backoff_delays(settings: Settings) -> list[float]:
     r = settings.reliability
-    return [min(r.retry_backoff * 2 ** n, r.retry_backoff_max) for n in range(r.retries)]
+    return Backoff(r.retry_backoff, r.retry_backoff_max).delays(r.retries)
 
 
 def run_inprocess(settings: Settings, target_name: str, tier: str, *,

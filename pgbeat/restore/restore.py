@@ -46,7 +46,7 @@ from pgbeat.catalog.manifest import (
 )
 from pgbeat.errors import EXIT_LOCKED, PgbeatError, VerifyError
 from pgbeat.faults import fault_point
-from pgbeat.fsutil import private_dir, remove_path
+from pgbeat.fsutil import CHUNK, private_dir, remove_path
 from pgbeat.notify import Event, send_event
 from pgbeat.pipeline.record import WORK_DIR, Run, StepContext
 from pgbeat.postgres import sqlscan
@@ -66,7 +66,7 @@ from pgbeat.restore.journal import (
     settle,
 )
 from pgbeat.settings import Settings, Target
-from pgbeat.steps.compress import CHUNK, codec_for_name, decompressing_reader
+from pgbeat.steps.compress import codec_for_name, decompressing_reader
 from pgbeat.steps.compress import compress_step as _compress
 from pgbeat.steps.dump import dump_step as _dump
 from pgbeat.steps.upload import local_storage

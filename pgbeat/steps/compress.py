@@ -39,7 +39,6 @@ from pgbeat.pipeline.record import Run, StepContext
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 BLOCK = 4 << 20  # raw bytes per gzip member / zstd frame
 BLOCKS_SUFFIX = ".blocks.json"  # the compressed size of each block, for a parallel verify
 COMPRESS_WRITTEN = faults.declare("compress.written", "the compressed file is complete under a hidden name; "

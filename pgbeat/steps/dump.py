@@ -22,7 +22,7 @@ from isal import isal_zlib
 
 from pgbeat import faults
 from pgbeat.errors import CancelledError, DumpError, PgbeatError, TransientDumpError
-from pgbeat.fsutil import disk_error, open_private, private_dir, remove_path, tree_size
+from pgbeat.fsutil import CHUNK, disk_error, open_private, private_dir, remove_path, tree_size
 from pgbeat.pipeline.record import Run, StepContext
 from pgbeat.postgres.client import client_env
 from pgbeat.postgres.clock import SKEW_WARNING, PendingReading
@@ -33,7 +33,6 @@ from pgbeat.steps.compress import BLOCK, BlockWriter, write_block_index
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 FORMAT_FLAGS = {"plain": "p", "custom": "c", "directory": "d"}
 # Failures worth retrying later: the server is down, starting, overloaded or unreachable for now.

@@ -123,13 +123,13 @@ def rotate_destination(settings: Settings, target: str, tier: str, destination: 
 
     config = settings.target(target)
     spec = config.destination(destination)
-    storage = open_storage(spec)
-    plan = plan_rotation(remote_entries(settings, storage, spec.name, target, tier), retention(config, spec, tier),
-                         now, target, tier)
-    if not dry_run:
-        for entry in [*plan.remove, *plan.orphans]:
-            remove_remote(storage, entry)
-            log.info("removed %s from %s", entry.path, destination)
+    with open_storage(spec) as storage:
+        plan = plan_rotation(remote_entries(settings, storage, spec.name, target, tier),
+                             retention(config, spec, tier), now, target, tier)
+        if not dry_run:
+            for entry in [*plan.remove, *plan.orphans]:
+                remove_remote(storage, entry)
+                log.info("removed %s from %s", entry.path, destination)
     return plan
 
 

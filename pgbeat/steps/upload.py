@@ -46,7 +46,7 @@ from pgbeat.fsutil import fsync_file, open_private, private_dir, publish, remove
 from pgbeat.pipeline.record import Run, StepContext
 from pgbeat.settings import Settings
 from pgbeat.storage import LocalStorage
-from pgbeat.storage.destinations import replicate, replicate_missing
+from pgbeat.storage.destinations import replicate, replicate_missing, storage_pool
 
 log = logging.getLogger(__name__)
 
@@ -262,13 +262,13 @@ def upload_step(ctx: StepContext, run: Run) -> Run:
     run.final_path, run.name = str(entry.path), entry.path.name
     remove_path(run.work())
 
-    storages: dict = {}
-    failures = replicate(ctx.settings, target, entry, storages=storages)
-    if not failures:
-        # Copies an earlier run could not make (or older backups, for a new destination): a few per run,
-        # so that a long backlog never makes one backup's upload step long; `upload --retry` does them all.
-        failures = replicate_missing(ctx.settings, target, limit=ctx.settings.reliability.copy_backlog_per_run,
-                                     storages=storages)
+    with storage_pool() as storages:  # one backend (and connection) per destination for the whole step
+        failures = replicate(ctx.settings, target, entry, storages=storages)
+        if not failures:
+            # Copies an earlier run could not make (or older backups, for a new destination): a few per run,
+            # so that a long backlog never makes one backup's upload step long; `upload --retry` does them all.
+            failures = replicate_missing(ctx.settings, target, limit=ctx.settings.reliability.copy_backlog_per_run,
+                                         storages=storages)
     final = entry.path
     copies = {dest: info for dest, info in (read_manifest(manifest_path(final)) or entry.manifest).copies.items()}
     run.steps["upload"] = {"copies": {d: c.get("location") or c.get("error") or c.get("reason")

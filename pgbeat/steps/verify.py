@@ -35,32 +35,24 @@ from pgbeat.catalog.manifest import (
     write_manifest,
 )
 from pgbeat.errors import VerifyError
-from pgbeat.fsutil import write_atomic
+from pgbeat.fsutil import CHUNK, write_atomic
+from pgbeat.hashing import hash_file
 from pgbeat.pipeline.record import Run, StepContext, scratch_folder
 from pgbeat.postgres.process import Supervised, find_pg_binary
 from pgbeat.postgres.sqlscan import COMPLETE_MARKER, DumpScanner
 from pgbeat.settings import Settings
-from pgbeat.steps.compress import CHUNK, codec_for_name, decompressing_reader, read_block_index
+from pgbeat.steps.compress import codec_for_name, decompressing_reader, read_block_index
 
 log = logging.getLogger(__name__)
 VERIFY_WROTE_MANIFEST = faults.declare("verify.wrote-manifest", "the manifest is in the work folder, not yet "
                                                                 "the .sha256")
 
 
-def _hash_file(path: Path, algorithm: str) -> tuple[str, int]:
-    digest, size = hashlib.new(algorithm, usedforsecurity=algorithm != "md5"), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def file_digests(path: Path) -> dict[str, Any]:
     """Size, MD5 and SHA-256 of a file, the two hashes computed side by side (each on a core)."""
-    join_md5 = _in_thread(_hash_file, path, "md5")
+    join_md5 = _in_thread(hash_file, path, "md5")
     try:
-        sha256, size = _hash_file(path, "sha256")
+        sha256, size = hash_file(path, "sha256")
     finally:
         md5, _ = join_md5()  # joined even when this thread's read failed
     return {"size": size, "md5": md5, "sha256": sha256}

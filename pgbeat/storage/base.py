@@ -3,7 +3,9 @@
 Keys are relative, `/`-separated paths such as `daily/erp_backup_daily_20251119_020000.sql.gz`.
 Contract (what callers may rely on):
 - `put` stores a local file, or a folder (directory-format dumps), under `key` so that the key appears
-  whole or not at all, and never replaces an existing key (it raises `StorageError` instead). It streams:
+  whole or not at all, and never replaces an existing key (it raises `StorageError` instead) unless
+  `replace=True` is given for a file (sidecars: a manifest changes as copies are added), in which case
+  the old version is atomically overwritten: a reader sees the old one or the new one, never neither. It streams:
   nothing is read whole into memory; object stores upload in bounded parts. A folder is stored as one
   object per file under `key/<relative path>`; `get` of the key restores the folder, `stat` gives its total
   size and `delete` removes all of it. `put` returns what was stored, with the SHA-256 of a file (a
@@ -12,6 +14,13 @@ Contract (what callers may rely on):
   `put` may consume its source: LocalStorage moves a file on the same file system instead of copying it.
 - `get` writes the object to a local path (a folder for a folder key) through a temporary name, and checks
   what it read against the size and SHA-256 recorded at upload where the backend has them.
+- `capabilities` (a `Capabilities`) says what the backend does beyond this contract.
+- `close()` releases the backend's connection; backends are context managers (`with open_storage(spec)
+  as storage:`), one per destination per step.
+- `load(key, open_sink)` streams one stored file (a file key, or `folder/<relative path>` inside a stored
+  folder) into a new sink from `open_sink()` and returns that sink; a retried load calls `open_sink` again,
+  so a sink never sees a byte twice. Deep verification is built on it, once, above the backends
+  (`pgbeat.storage.verification`).
 - `stat` returns None for a missing key; `list(prefix)` returns the objects directly under `prefix`
   (one level, sorted by key, a stored folder counting as one object; checksums only where the listing
   carries them, `stat` has the rest); `delete` of a missing key is not an error (deleting twice is fine).
@@ -20,7 +29,9 @@ Contract (what callers may rely on):
   size or checksum differs from what is expected. Shallow checks use metadata the destination keeps
   (object size and checksums, or a hash computed on the remote host); `deep=True` reads the copy back
   and hashes it (a scrub). For a folder pass `sha256=None`: its files are checked against the hashes
-  recorded when it was stored, where the backend records them.
+  recorded when it was stored, where the backend records them (object stores, in their folder marker);
+  a local or SSH folder keeps none, so callers with a manifest use `verification.verify_copy`, which
+  compares every file with the manifest's per-file SHA-256 on any backend.
 
 Errors and retries (restic style): every failure raises `pgbeat.errors.StorageError` naming the
 destination and the key, never a secret. `TransientStorageError` (connection refused or lost, timeouts,
@@ -39,16 +50,15 @@ import hashlib
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from pgbeat.errors import StorageError
-
-CHUNK = 1024 * 1024  # bytes read or written at a time while streaming
 
 
 @dataclass(frozen=True)
@@ -63,12 +73,44 @@ class ObjectInfo:
     crc32c: str | None = None
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend does beyond the contract, so that the layers above can choose the cheaper path.
+
+    `shallow_reads_back`: the destination keeps no checksum of its own, so a shallow `verify` reads the
+    data itself (a local folder, an SSH account without `sha256sum`): checking every file against the
+    manifest costs no more, and verification does it even when not asked to go deep.
+    `consumes_source`: `put` may move its source into place instead of copying it (same file system).
+    """
+
+    shallow_reads_back: bool = False
+    consumes_source: bool = False
+
+
+class Sink(Protocol):
+    """Where `Storage.load` writes what it reads: anything with `write(bytes)`."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+
+S = TypeVar("S", bound=Sink)
+
+
 class Storage(Protocol):
     name: str
+    capabilities: Capabilities
 
-    def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo: ...
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Storage: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+    def put(self, source: Path, key: str, sha256: str | None = None, *, replace: bool = False) -> ObjectInfo: ...
 
     def get(self, key: str, dest: Path) -> None: ...
+
+    def load(self, key: str, open_sink: Callable[[], S]) -> S: ...
 
     def stat(self, key: str) -> ObjectInfo | None: ...
 
@@ -81,6 +123,24 @@ class Storage(Protocol):
     def describe(self, key: str) -> str:
         """Return where `key` lives, for messages and manifests (a path or a URL, without secrets)."""
         ...
+
+
+class Closing:
+    """What every backend and wrapper shares: `close()` releases its connection (the next operation would
+    open a new one), and `with backend:` closes it at the end, so a step opens one backend (and one SSH
+    connection) per destination and does not leave it open."""
+
+    def close(self) -> None:
+        """Release the connection, if any (closing twice is fine)."""
+
+    def __enter__(self: C) -> C:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+C = TypeVar("C", bound=Closing)
 
 
 def check_key(storage: str, key: str, *, allow_empty: bool = False) -> str:
@@ -177,15 +237,6 @@ def throttle(n: int) -> None:
 # --- hashing streams -------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    """Return the SHA-256 (hex) of a local file, read in chunks (not throttled: it is a local read)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class HashingReader:
     """A read-only file wrapper that hashes every byte once and counts it against the bandwidth limit.
 
@@ -243,7 +294,7 @@ class HashingReader:
 class HashingWriter:
     """A write-only file wrapper that hashes and counts what is written (downloads)."""
 
-    def __init__(self, raw: BinaryIO, hashers: dict[str, Any] | None = None) -> None:
+    def __init__(self, raw: BinaryIO | Sink, hashers: dict[str, Any] | None = None) -> None:
         self.raw = raw
         self.hashers = hashers if hashers is not None else {"sha256": hashlib.sha256()}
         self.size = 0
@@ -257,12 +308,34 @@ class HashingWriter:
         return len(data)
 
     def flush(self) -> None:
-        self.raw.flush()
+        flush = getattr(self.raw, "flush", None)  # a load's sink need not have one
+        if flush is not None:
+            flush()
 
     def hexdigest(self, name: str = "sha256") -> str:
         return self.hashers[name].hexdigest()
 
 
+def counted(sink: Sink) -> HashingWriter:
+    """Given a load's sink, return a writer into it that counts the bytes against the bandwidth limit."""
+    return HashingWriter(sink, hashers={})
+
+
+# --- staging names ---------------------------------------------------------------------------------------
+
+
+def staging_name(name: str, kind: str = "partial") -> str:
+    """Given a final file name, return the hidden, unique name it is written under first (`kind` "partial")
+    or moved to before it is removed ("deleting"): `.NAME.partial-1a2b3c4d`. Unique, so that two writers
+    of the same name never write into each other's file."""
+    return f".{name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def is_staging(name: str) -> bool:
+    """True for a name made by `staging_name` (or an older pgbeat's `.NAME.partial`): not a backup."""
+    return name.startswith(".") and (".partial" in name or ".deleting-" in name)
+
+
 def partial_name(final: Path) -> Path:
     """The hidden sibling a download is written to before it gets its final name."""
-    return final.with_name(f".{final.name}.partial")
+    return final.with_name(staging_name(final.name))

@@ -17,7 +17,10 @@ directory-format backup cannot be encrypted as one file: it is not copied (a war
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,6 +89,19 @@ def open_storage(spec: DestinationSpec) -> Storage:
     return storage
 
 
+@contextmanager
+def storage_pool() -> Iterator[dict[str, Storage]]:
+    """Yield a dict for the storages a series of copies opens, by destination name (one backend, and one
+    connection, per destination), and close them all at the end."""
+    storages: dict[str, Storage] = {}
+    try:
+        yield storages
+    finally:
+        for storage in storages.values():
+            with contextlib.suppress(Exception):  # a close that fails must not hide what happened before
+                storage.close()
+
+
 def retention(target: Target, spec: DestinationSpec | None, tier: str) -> TierPolicy:
     """The retention of `tier` at a destination: the tier's own, with the destination's overrides."""
     policy = target.tiers[tier]
@@ -100,14 +116,14 @@ def now_iso() -> str:
 
 
 def _put_text(storage: Storage, scratch: Path, text: str, key: str) -> None:
-    """Store a small sidecar under `key`, replacing an older version (a manifest changes as copies are added)."""
+    """Store a small sidecar under `key`, atomically replacing an older version (a manifest changes as
+    copies are added): at no moment is the key missing."""
     from pgbeat.fsutil import open_private
 
     source = scratch / key.rsplit("/", 1)[-1]
     with open_private(source, "w") as f:
         f.write(text)
-    storage.delete(key)
-    storage.put(source, key)
+    storage.put(source, key, replace=True)
 
 
 def copy_plan(target: Target, manifest: Manifest, spec: DestinationSpec) -> str:
@@ -196,8 +212,7 @@ def copy_backup(settings: Settings, storage: Storage, spec: DestinationSpec, ent
         remote.copies[spec.name] = record
         manifest_file = scratch / (stored.file + MANIFEST_SUFFIX)
         write_manifest(manifest_file, remote)  # the way every manifest is written (a derived one is its own)
-        storage.delete(key + MANIFEST_SUFFIX)
-        storage.put(manifest_file, key + MANIFEST_SUFFIX)
+        storage.put(manifest_file, key + MANIFEST_SUFFIX, replace=True)
         faults.fault_point(OFFSITE_COPIED)
     return record
 
@@ -206,8 +221,11 @@ def replicate(settings: Settings, target: Target, entry: Entry, only: str | None
               storages: dict[str, Storage] | None = None) -> list[str]:
     """Copy `entry` to each of `target`'s destinations that lack a good copy; return one line per failure.
 
-    `storages` (by destination name) is filled and reused, so that a series of copies opens each once."""
-    storages = {} if storages is None else storages
+    `storages` (a `storage_pool`) is filled and reused, so that a series of copies opens each once; without
+    it, the storages opened here are closed before returning."""
+    if storages is None:
+        with storage_pool() as pool:
+            return replicate(settings, target, entry, only, pool)
     failures = []
     for spec in target.destinations:
         if only and spec.name != only:
@@ -244,7 +262,9 @@ def replicate_missing(settings: Settings, target: Target, only: str | None = Non
                       storages: dict[str, Storage] | None = None) -> list[str]:
     """Complete the copies of `target`'s local backups that a destination lacks, newest first; with
     `limit`, of at most that many backups (the rest wait for the next call). Return one line per failure."""
-    storages = {} if storages is None else storages
+    if storages is None:
+        with storage_pool() as pool:
+            return replicate_missing(settings, target, only, limit, pool)
     failures, taken = [], 0
     for entry in reversed(list_backups(settings.backup_root, target.name)):
         fresh = read_manifest(manifest_path(entry.path))
@@ -348,7 +368,11 @@ def locate(settings: Settings, url: str) -> tuple[Target, DestinationSpec, str]:
 def fetch(settings: Settings, url: str, folder: Path) -> Entry:
     """Download the backup at `url` with its manifest and `.sha256` into `folder`, checked; return it."""
     target, spec, key = locate(settings, url)
-    storage = open_storage(spec)
+    with open_storage(spec) as storage:
+        return _fetch(storage, target, url, key, folder)
+
+
+def _fetch(storage: Storage, target: Target, url: str, key: str, folder: Path) -> Entry:
     name = key.rsplit("/", 1)[-1]
     folder.mkdir(parents=True, exist_ok=True)
     manifest_file = folder / (name + MANIFEST_SUFFIX)

@@ -102,7 +102,7 @@ class GCSStorage(ObjectStore):
         blob = self._bucket.get_blob(name, timeout=self.timeout, retry=self._retry)
         return None if blob is None else _remote(blob)
 
-    def _upload(self, source: Path, name: str, size: int, sha256: str) -> Remote:
+    def _upload(self, source: Path, name: str, size: int, sha256: str, replace: bool = False) -> Remote:
         import google_crc32c
 
         bucket = self._bucket
@@ -112,8 +112,8 @@ class GCSStorage(ObjectStore):
             reader = HashingReader(raw, {"sha256": hashlib.sha256(), "md5": hashlib.md5(usedforsecurity=False),
                                          "crc32c": google_crc32c.Checksum()})
             try:
-                blob.upload_from_file(reader, size=size, if_generation_match=0, timeout=self.timeout,
-                                      retry=self._retry, checksum="crc32c")
+                blob.upload_from_file(reader, size=size, if_generation_match=None if replace else 0,
+                                      timeout=self.timeout, retry=self._retry, checksum="crc32c")
             except Exception as exc:
                 if getattr(exc, "code", None) == 412:
                     raise ObjectExists from None

@@ -1,7 +1,8 @@
 """The local destination: `BACKUP_ROOT/<tier>/<name>`, files 0600 and folders 0700.
 
 `put` from the same file system moves the source into place (no copy, so nothing is re-read); from
-another file system it copies under a hidden `.partial` name, hashing what it copies, then publishes.
+another file system it copies under a hidden, unique name (`base.staging_name`), hashing what it copies,
+then publishes.
 `verify` re-hashes the file: there is no cheaper metadata to trust on a plain file system.
 """
 
@@ -9,25 +10,42 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pgbeat.errors import StorageError
 from pgbeat.fsutil import (
+    CHUNK,
     DIR_MODE,
     FILE_MODE,
     disk_error,
+    fsync_dir,
     open_private,
     private_dir,
     publish,
     remove_path,
     tree_size,
 )
-from pgbeat.storage.base import CHUNK, HashingReader, ObjectInfo, check_key, compare, mismatch, sha256_file
+from pgbeat.hashing import sha256_file
+from pgbeat.storage.base import (
+    Capabilities,
+    Closing,
+    HashingReader,
+    ObjectInfo,
+    S,
+    check_key,
+    compare,
+    is_staging,
+    mismatch,
+    staging_name,
+)
 
 
-class LocalStorage:
+class LocalStorage(Closing):
     """A folder on this host. `put` from the same file system is a rename, so publishing is atomic."""
+
+    capabilities = Capabilities(shallow_reads_back=True, consumes_source=True)
 
     def __init__(self, root: Path, name: str = "local") -> None:
         self.root = Path(root)
@@ -42,34 +60,39 @@ class LocalStorage:
     def describe(self, key: str) -> str:
         return str(self.path(key))
 
-    def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo:
+    def put(self, source: Path, key: str, sha256: str | None = None, *, replace: bool = False) -> ObjectInfo:
         final = self.path(key)
         private_dir(final.parent)
-        if final.exists():
-            raise StorageError(f"{self.name}: refusing to overwrite existing {final}")
         source = Path(source)
         is_dir = source.is_dir()
+        if final.exists() and not (replace and final.is_file() and not is_dir):
+            raise StorageError(f"{self.name}: refusing to overwrite existing {final}")
+        staged = source
         try:
             if os.stat(source).st_dev == os.stat(final.parent).st_dev:
-                staged = source
                 if not is_dir and sha256 is None:
                     sha256 = sha256_file(source)
             else:  # another file system: copy under a hidden name first, then publish it
-                staged = final.with_name(f".{final.name}.partial")
-                remove_path(staged)
+                staged = final.with_name(staging_name(final.name))
                 if is_dir:
                     shutil.copytree(source, staged)
                 else:
                     copied = _copy_hashing(source, staged)
                     if sha256 is not None and copied != sha256.lower():
-                        remove_path(staged)
                         raise StorageError(f"{self.name}: {source} changed while it was copied to {final} "
                                            "(its SHA-256 is not the one given); nothing was stored")
                     sha256 = copied
             _tighten(staged)
-            publish(staged, final)
+            if replace and not is_dir:
+                os.replace(staged, final)  # atomic: readers see the old sidecar or the new one
+                fsync_dir(final.parent)
+            else:
+                publish(staged, final)
         except OSError as exc:
             raise disk_error(exc, final) from None
+        finally:
+            if staged != source:
+                remove_path(staged)  # a copy that did not get its final name (gone already if it did)
         info = self.stat(key)
         assert info is not None
         return ObjectInfo(key=info.key, size=info.size, modified=info.modified, sha256=None if is_dir else sha256)
@@ -82,6 +105,22 @@ class LocalStorage:
             shutil.copytree(source, dest)
         else:
             shutil.copyfile(source, dest)
+
+    def load(self, key: str, open_sink: Callable[[], S]) -> S:
+        """Stream the stored file `key` into a new sink (see `pgbeat.storage.base`)."""
+        path = self.path(key)
+        try:
+            with open(path, "rb") as f:
+                sink = open_sink()
+                while chunk := f.read(CHUNK):
+                    sink.write(chunk)
+        except FileNotFoundError:
+            raise StorageError(f"{self.name}: {path} does not exist") from None
+        except IsADirectoryError:
+            raise StorageError(f"{self.name}: {path} is a folder, not a stored file") from None
+        except OSError as exc:
+            raise StorageError(f"{self.name}: cannot read {path}: {exc.strerror or exc}") from None
+        return sink
 
     def verify(self, key: str, size: int, sha256: str | None, deep: bool = False) -> None:
         """Check the stored file's size and, when `sha256` is given, re-hash it (shallow and deep alike).
@@ -116,7 +155,7 @@ class LocalStorage:
             return []
         infos = []
         for entry in sorted(folder.iterdir()):
-            if entry.name.startswith(".") and entry.name.endswith(".partial"):
+            if is_staging(entry.name):
                 continue  # an interrupted copy, not a backup
             info = self.stat(entry.relative_to(self.root).as_posix())
             if info is not None:

@@ -17,22 +17,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from pgbeat.errors import StorageError
 from pgbeat.fsutil import DIR_MODE, open_private, remove_path
+from pgbeat.hashing import sha256_file
 from pgbeat.storage.base import (
+    Capabilities,
+    Closing,
     HashingWriter,
     ObjectInfo,
+    S,
     check_key,
     compare,
+    counted,
     folder_files,
     mismatch,
     partial_name,
-    sha256_file,
 )
 
 MARKER = ".pgbeat-folder.json"
@@ -56,18 +61,28 @@ class ObjectExists(Exception):
     """The store refused a write because the object already exists (a failed no-clobber precondition)."""
 
 
-class ObjectStore:
+class ObjectStore(Closing):
     name: str
     prefix: str
+    _client_instance: Any = None  # the SDK's client, made on first use
+    capabilities = Capabilities()  # objects carry checksums (S3: SHA-256, GCS: MD5 and CRC32C)
+
+    def close(self) -> None:
+        """Close the SDK client's connections (the next operation makes a new client)."""
+        client, self._client_instance = self._client_instance, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
 
     # --- primitives (subclasses) -------------------------------------------------------------------------
 
     def _head(self, name: str) -> Remote | None:
         raise NotImplementedError
 
-    def _upload(self, source: Path, name: str, size: int, sha256: str) -> Remote:
+    def _upload(self, source: Path, name: str, size: int, sha256: str, replace: bool = False) -> Remote:
         """Upload a local file to a new object `name` with `sha256` as metadata, in bounded parts; raise
-        ObjectExists if it exists; check that the bytes sent hash to `sha256` before or as it completes."""
+        ObjectExists if it exists (unless `replace`: then the object is overwritten, atomically per object);
+        check that the bytes sent hash to `sha256` before or as it completes."""
         raise NotImplementedError
 
     def _download(self, name: str, writer: HashingWriter) -> None:
@@ -123,19 +138,20 @@ class ObjectStore:
 
     # --- contract ------------------------------------------------------------------------------------------
 
-    def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo:
+    def put(self, source: Path, key: str, sha256: str | None = None, *, replace: bool = False) -> ObjectInfo:
         """Store a file or a folder under a new `key` (see `pgbeat.storage.base`)."""
         name = self._name(key)
         source = Path(source)
         with self._errors("put", key):
-            if self._head(name) is not None or self._head(f"{name}/{MARKER}") is not None:
+            if self._head(f"{name}/{MARKER}") is not None or (
+                    self._head(name) is not None and not (replace and not source.is_dir())):
                 raise ObjectExists
             if source.is_dir():
                 return self._put_folder(source, key, name)
             # The SHA-256 goes into the object's metadata, which must be set before the upload starts.
             expected = sha256.lower() if sha256 else sha256_file(source)
             size = source.stat().st_size
-            remote = self._upload(source, name, size, expected)
+            remote = self._upload(source, name, size, expected, replace=replace)
         return self._info(key, remote)
 
     def _put_folder(self, source: Path, key: str, name: str) -> ObjectInfo:
@@ -177,6 +193,16 @@ class ObjectStore:
                 os.rename(staged, dest)
             finally:
                 remove_path(staged)
+
+    def load(self, key: str, open_sink: Callable[[], S]) -> S:
+        """Stream the stored object `key` (a file, or a file of a folder) into a new sink."""
+        name = self._name(key)
+        with self._errors("load", key):
+            if self._head(name) is None:
+                raise StorageError(f"{self.name}: {self.describe(key)} does not exist")
+            sink = open_sink()
+            self._download(name, counted(sink))
+        return sink
 
     def _get_file(self, key: str, remote: Remote, dest: Path) -> None:
         staged = partial_name(dest)

@@ -30,7 +30,8 @@ from typing import Any
 from pydantic import SecretStr
 
 from pgbeat.errors import StorageError, TransientStorageError
-from pgbeat.storage.base import CHUNK, HashingReader, HashingWriter
+from pgbeat.fsutil import CHUNK
+from pgbeat.storage.base import HashingReader, HashingWriter
 from pgbeat.storage.objectstore import ObjectExists, ObjectStore, Remote, part_size_for
 
 MIN_PART_SIZE = 5 * 1024 * 1024
@@ -141,14 +142,14 @@ class S3Storage(ObjectStore):
             raise
         return _remote(name, head)
 
-    def _upload(self, source: Path, name: str, size: int, sha256: str) -> Remote:
+    def _upload(self, source: Path, name: str, size: int, sha256: str, replace: bool = False) -> Remote:
         part_size = part_size_for(size, self.part_size)
         with open(source, "rb") as raw:
             reader = HashingReader(raw)
             if size <= part_size:
-                self._put_single(name, _read_part(reader, part_size), reader, sha256)
+                self._put_single(name, _read_part(reader, part_size), reader, sha256, replace)
             else:
-                self._put_multipart(name, reader, part_size, sha256)
+                self._put_multipart(name, reader, part_size, sha256, replace)
         remote = self._head(name)
         if remote is None:
             raise TransientStorageError(f"{self.name}: {self.describe(self._key(name))} is not visible after upload")
@@ -157,12 +158,12 @@ class S3Storage(ObjectStore):
                                f"upload, {reader.pos} were sent")
         return remote
 
-    def _put_single(self, name: str, data: bytes, reader: HashingReader, sha256: str) -> None:
+    def _put_single(self, name: str, data: bytes, reader: HashingReader, sha256: str, replace: bool) -> None:
         from botocore.exceptions import ClientError
 
         _check_source(self, name, reader, sha256)
         try:
-            self._client.put_object(Bucket=self.bucket, Key=name, Body=data, IfNoneMatch="*",
+            self._client.put_object(Bucket=self.bucket, Key=name, Body=data, **_no_clobber(replace),
                                     ChecksumAlgorithm="SHA256", ChecksumSHA256=_b64(reader.digest("sha256")),
                                     **self._object_args(sha256))
         except ClientError as exc:
@@ -170,7 +171,7 @@ class S3Storage(ObjectStore):
                 raise ObjectExists from None
             raise
 
-    def _put_multipart(self, name: str, reader: HashingReader, part_size: int, sha256: str) -> None:
+    def _put_multipart(self, name: str, reader: HashingReader, part_size: int, sha256: str, replace: bool) -> None:
         from botocore.exceptions import ClientError
 
         client = self._client
@@ -188,7 +189,7 @@ class S3Storage(ObjectStore):
             _check_source(self, name, reader, sha256)
             try:
                 client.complete_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id,
-                                                 MultipartUpload={"Parts": parts}, IfNoneMatch="*")
+                                                 MultipartUpload={"Parts": parts}, **_no_clobber(replace))
             except ClientError as exc:
                 if _code(exc) == "PreconditionFailed" or _status(exc) == 412:
                     raise ObjectExists from None
@@ -335,6 +336,11 @@ def _etag_md5(etag: str | None, sse: str | None) -> str | None:
     if len(etag) == 32 and "-" not in etag and sse != "aws:kms":
         return etag
     return None
+
+
+def _no_clobber(replace: bool) -> dict[str, str]:
+    """The precondition of a write: refuse an existing key (If-None-Match), unless it is to be replaced."""
+    return {} if replace else {"IfNoneMatch": "*"}
 
 
 def _b64(digest: bytes) -> str:

@@ -30,24 +30,28 @@ import shlex
 import socket
 import stat as statmod
 import threading
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pgbeat.errors import StorageError, TransientStorageError
-from pgbeat.fsutil import DIR_MODE, FILE_MODE, open_private, remove_path
+from pgbeat.fsutil import CHUNK, DIR_MODE, FILE_MODE, open_private, remove_path
 from pgbeat.storage.base import (
-    CHUNK,
+    Capabilities,
+    Closing,
     HashingReader,
     HashingWriter,
     ObjectInfo,
+    S,
     check_key,
     compare,
+    counted,
     folder_files,
+    is_staging,
     mismatch,
     partial_name,
+    staging_name,
 )
 
 READ_WINDOW = 8 * CHUNK  # bytes requested ahead while downloading: bounds memory, keeps the pipe full
@@ -58,7 +62,7 @@ class _UnknownHostKey(Exception):
     pass
 
 
-class SSHStorage:
+class SSHStorage(Closing):
     """A remote folder reached over SSH/SFTP."""
 
     def __init__(self, host: str, *, port: int = 22, user: str, path: str, key_file: str | Path | None = None,
@@ -78,6 +82,11 @@ class SSHStorage:
         self._lock = threading.RLock()
         self._client: Any = None
         self._sftp_client: Any = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Without remote `sha256sum`, a shallow check reads every file back over SFTP."""
+        return Capabilities(shallow_reads_back=not self.remote_sha256sum)
 
     def __repr__(self) -> str:
         return f"SSHStorage(name={self.name!r}, location={self.describe('')!r})"
@@ -209,14 +218,6 @@ class SSHStorage:
                     raise
             sftp.chmod(path, DIR_MODE)
 
-    @staticmethod
-    def _hidden(name: str, kind: str) -> str:
-        return f".{name}.{kind}-{uuid.uuid4().hex[:8]}"
-
-    @staticmethod
-    def _is_scratch(name: str) -> bool:
-        return name.startswith(".") and (".partial-" in name or ".deleting-" in name)
-
     def _walk(self, sftp: Any, folder: str, relative: str = "") -> Iterator[tuple[str, Any]]:
         """Yield (relative path, attributes) of every file under a remote folder."""
         for entry in sorted(sftp.listdir_attr(folder), key=lambda e: e.filename):
@@ -296,17 +297,19 @@ class SSHStorage:
 
     # --- contract ----------------------------------------------------------------------------------------------
 
-    def put(self, source: Path, key: str, sha256: str | None = None) -> ObjectInfo:
+    def put(self, source: Path, key: str, sha256: str | None = None, *, replace: bool = False) -> ObjectInfo:
         """Store a file or folder under a new `key` (see `pgbeat.storage.base`): upload to a hidden name,
         check it with the remote `sha256sum`, then rename it into place."""
         final = self._full(key)
         source = Path(source)
         parent, base = posixpath.split(final)
         with self._session("put", key) as sftp:
-            if self._stat(sftp, final) is not None:
+            existing = self._stat(sftp, final)
+            if existing is not None and not (replace and not statmod.S_ISDIR(existing.st_mode)
+                                             and not source.is_dir()):
                 raise StorageError(f"{self.name}: refusing to overwrite existing {self.describe(key)}")
             self._makedirs(sftp, parent)
-            staged = posixpath.join(parent, self._hidden(base, "partial"))
+            staged = posixpath.join(parent, staging_name(base))
             try:
                 if source.is_dir():
                     sftp.mkdir(staged, DIR_MODE)
@@ -333,7 +336,10 @@ class SSHStorage:
                         raise TransientStorageError(f"{self.name}: {self.describe(key)} arrived damaged (remote "
                                                     "SHA-256 differs); nothing was stored")
                 try:
-                    sftp.rename(staged, final)
+                    if replace and not source.is_dir():
+                        sftp.posix_rename(staged, final)  # OpenSSH's atomic rename over an existing file
+                    else:
+                        sftp.rename(staged, final)
                 except OSError:
                     if self._stat(sftp, final) is None:
                         raise
@@ -370,6 +376,18 @@ class SSHStorage:
             finally:
                 remove_path(staged)
 
+    def load(self, key: str, open_sink: Callable[[], S]) -> S:
+        """Stream the stored file `key` (a file, or a file of a folder) into a new sink."""
+        path = self._full(key)
+        with self._session("load", key) as sftp:
+            attrs = self._stat(sftp, path)
+            if attrs is None or statmod.S_ISDIR(attrs.st_mode):
+                raise StorageError(f"{self.name}: {self.describe(key)} does not exist"
+                                   + (" as a file" if attrs is not None else ""))
+            sink = open_sink()
+            self._receive(sftp, path, attrs.st_size, counted(sink))
+        return sink
+
     def _get_file(self, sftp: Any, key: str, remote: str, size: int, dest: Path) -> None:
         staged = partial_name(dest)
         try:
@@ -401,7 +419,7 @@ class SSHStorage:
                 return []
             infos = []
             for entry in entries:
-                if self._is_scratch(entry.filename):
+                if is_staging(entry.filename):
                     continue
                 key = f"{clean}/{entry.filename}" if clean else entry.filename
                 infos.append(self._info(sftp, key, posixpath.join(folder, entry.filename), entry))
@@ -415,7 +433,7 @@ class SSHStorage:
                 return
             if statmod.S_ISDIR(attrs.st_mode):
                 parent, base = posixpath.split(path)
-                doomed = posixpath.join(parent, self._hidden(base, "deleting"))
+                doomed = posixpath.join(parent, staging_name(base, "deleting"))
                 sftp.rename(path, doomed)  # the folder stops being a backup at once
                 self._remove_tree(sftp, doomed)
             else:

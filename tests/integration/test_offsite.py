@@ -177,6 +177,48 @@ def test_altered_remote_copy_is_reported(workdir, pg, make_db, moto_s3):
     assert deep.returncode == 3 and f"✗ daily/{local.name}" in deep.stdout
 
 
+def test_deep_verify_catches_a_flipped_byte_in_a_directory_copy_on_every_destination(workdir, pg, make_db, moto_s3,
+                                                                                      fake_gcs, sshd):
+    """One byte of one file of a directory-format copy flipped at the destination: `verify --destination
+    --deep` exits 3 naming that copy, on S3, GCS and SSH alike; the intact copies still pass."""
+    source = make_db("erp", DATA / "rich.sql")
+    bucket, gcs_bucket, folder = moto_s3.new_bucket(), fake_gcs.new_bucket(), f"vault-{uuid.uuid4().hex[:6]}"
+    gcs = {"name": "gcs", "kind": "gcs", "bucket": gcs_bucket, "prefix": "team", "endpoint": fake_gcs.url,
+           "retries": 2}
+    service = Service(workdir, None, [pg.target("erp", source, format="directory", jobs=2, destinations=[
+        s3_destination(moto_s3, bucket), gcs, ssh_destination(sshd, folder)])])
+    result = service.pgbeat("backup", "daily")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [local] = service.backups("daily", ".dir")
+    victim = max((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    relative = victim.relative_to(local).as_posix()
+    flipped = bytearray(victim.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x01
+    s3_key = f"pgbeat/daily/{local.name}/{relative}"
+    gcs_blob = fake_gcs.client().bucket(gcs_bucket).blob(f"team/daily/{local.name}/{relative}")
+    ssh_file = sshd.root / folder / "daily" / local.name / relative
+
+    def flip(where: str) -> None:
+        if where == "offsite-s3":  # with pgbeat's metadata copied over: only reading it back can tell
+            client = moto_s3.client()
+            original = client.get_object(Bucket=bucket, Key=s3_key)
+            client.put_object(Bucket=bucket, Key=s3_key, Body=bytes(flipped), Metadata=original["Metadata"])
+        elif where == "gcs":
+            gcs_blob.upload_from_string(bytes(flipped))
+        else:
+            ssh_file.write_bytes(bytes(flipped))
+
+    for where in ("offsite-s3", "gcs", "vault"):
+        intact = service.pgbeat("verify", "--destination", where, "--deep")
+        assert intact.returncode == 0, intact.stdout + intact.stderr
+        assert f"✓ daily/{local.name}" in intact.stdout
+        flip(where)
+        damaged = service.pgbeat("verify", "--destination", where, "--deep")
+        assert damaged.returncode == 3, damaged.stdout + damaged.stderr
+        assert f"✗ daily/{local.name}" in damaged.stdout and relative in damaged.stdout
+    assert service.pgbeat("verify", str(local)).returncode == 0  # the local backup is untouched
+
+
 def test_gcs_copy_of_a_directory_backup_fetches_and_restores(workdir, pg, make_db, fake_gcs):
     source = make_db("erp", DATA / "rich.sql")
     bucket = fake_gcs.new_bucket()

@@ -15,11 +15,13 @@ import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
+from pgbeat.catalog.manifest import FileDigest, Manifest
 from pgbeat.errors import StorageError, TransientStorageError
 from pgbeat.storage import (
     GCSStorage,
@@ -30,6 +32,7 @@ from pgbeat.storage import (
     Storage,
     ThrottledStorage,
 )
+from pgbeat.storage.verification import verify_copy
 from tests.storage_servers import S3_ACCESS_KEY, S3_SECRET, elapsed
 from tests.support import free_port
 
@@ -248,6 +251,57 @@ def test_refuses_to_overwrite(backend, src, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_replace_overwrites_a_file_but_never_a_folder(backend, src, tmp_path):
+    """Sidecars are replaced in place (`replace=True`), not deleted then put; a folder is never replaced."""
+    storage = backend.storage
+    key = "daily/a.sql.gz.manifest.json"
+    first, _ = src(1000)
+    storage.put(first, key, replace=True)  # nothing there yet: a plain put
+    second, data = src(2000)
+    info = storage.put(second, key, replace=True)
+    assert (info.size, info.sha256) == (2000, sha(data))
+    assert backend.read(key) == data and backend.names(key) == [key]
+    storage.verify(key, len(data), sha(data), deep=True)
+    assert [i.key for i in storage.list("daily")] == [key]  # no leftover of the old version or the staging
+
+    folder = tmp_path / "dump.dir"
+    make_folder(folder)
+    storage.put(folder, "daily/d.dir")
+    third, _ = src(10)
+    with pytest.raises(StorageError, match="refusing to overwrite"):
+        storage.put(third, "daily/d.dir", replace=True)
+    again = tmp_path / "again.dir"
+    make_folder(again)
+    with pytest.raises(StorageError, match="refusing to overwrite"):
+        storage.put(again, key, replace=True)
+    assert backend.read(key) == data
+
+
+def test_local_replace_never_leaves_the_key_missing(tmp_path, src):
+    import threading
+
+    storage = LocalStorage(tmp_path / "shelf")
+    key = "daily/x.manifest.json"
+    storage.put(src(100)[0], key)
+    missing, done = [], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if storage.stat(key) is None:
+                missing.append(1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(200):
+            storage.put(src(100)[0], key, replace=True)
+    finally:
+        done.set()
+        watcher.join()
+    assert missing == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_folder_round_trip(backend, tmp_path, src):
     storage = backend.storage
     folder = tmp_path / "dump.dir"
@@ -353,6 +407,121 @@ def test_verify_reports_an_altered_copy(backend, src):
     backend.write(key, data + b"tail")  # a different size
     with pytest.raises(StorageError, match=r"size 50004 bytes, expected 50000"):
         storage.verify(key, len(data), sha(data))
+
+
+def manifest_for(name: str, files: dict[str, bytes] | None = None, data: bytes | None = None) -> Manifest:
+    """The manifest of a backup stored as `name`: a directory-format one of `files`, or one file of `data`."""
+    common = {"run_id": "r1", "target": "erp", "tier": "daily", "file": name, "codec": "none", "complete": True,
+              "started_at": datetime(2025, 11, 19, 2, tzinfo=UTC)}
+    if files is not None:
+        digests = [FileDigest(name=n, size=len(d), md5=hashlib.md5(d).hexdigest(), sha256=sha(d))
+                   for n, d in sorted(files.items())]
+        return Manifest(format="directory", size=sum(f.size for f in digests), files=digests, **common)
+    assert data is not None
+    return Manifest(format="custom", size=len(data), sha256=sha(data), md5=hashlib.md5(data).hexdigest(), **common)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_deep_verify_reads_every_file_of_a_folder_back(backend, tmp_path, src):
+    """A flipped byte in one file of a directory-format copy fails a deep verify on every backend, even where
+    the backend itself keeps no per-file checksums (local, SSH): the manifest's per-file SHA-256 is compared."""
+    storage = backend.storage
+    folder = tmp_path / "dump.dir"
+    files = make_folder(folder)
+    key = "daily/erp_backup_daily_20251119_020000.dir"
+    manifest = manifest_for(key.rsplit("/", 1)[1], files=files)
+    storage.put(folder, key)
+    verify_copy(storage, key, manifest, deep=True)
+    verify_copy(storage, key, manifest)
+
+    flipped = bytearray(files["3001.dat.gz"])
+    flipped[35_000] ^= 0x01  # same size, one bit of one byte of one file
+    backend.write(f"{key}/3001.dat.gz", bytes(flipped))
+    with pytest.raises(StorageError, match="does not match") as caught:
+        verify_copy(storage, key, manifest, deep=True)
+    assert_permanent(caught.value)
+    assert "3001.dat.gz: SHA-256" in caught.value.message and "toc.dat" not in caught.value.message
+    if storage.capabilities.shallow_reads_back:  # a shallow check that reads the data compares it too
+        with pytest.raises(StorageError, match=r"3001\.dat\.gz: SHA-256"):
+            verify_copy(storage, key, manifest)
+    backend.write(f"{key}/3001.dat.gz", files["3001.dat.gz"])
+    verify_copy(storage, key, manifest, deep=True)  # intact again
+
+    storage.delete(key)
+    with pytest.raises(StorageError, match="does not exist"):
+        verify_copy(storage, key, manifest, deep=True)
+
+
+def test_ssh_without_remote_commands_compares_every_file_even_shallow(sshd, tmp_path):
+    harness = _ssh(sshd, remote_sha256sum=False)
+    storage = harness.storage
+    assert storage.capabilities.shallow_reads_back
+    folder = tmp_path / "dump.dir"
+    files = make_folder(folder)
+    key = "daily/erp_backup_daily_20251119_020000.dir"
+    manifest = manifest_for(key.rsplit("/", 1)[1], files=files)
+    try:
+        storage.put(folder, key)
+        verify_copy(storage, key, manifest)
+        harness.write(f"{key}/toc.dat", bytes([files["toc.dat"][0] ^ 1]) + files["toc.dat"][1:])
+        with pytest.raises(StorageError, match=r"toc\.dat: SHA-256"):
+            verify_copy(storage, key, manifest)
+    finally:
+        storage.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_deep_verify_of_a_single_file_is_a_list_of_one(backend, src):
+    storage = backend.storage
+    key = "daily/erp_backup_daily_20251119_020000.dump"
+    source, data = src(40_000)
+    storage.put(source, key)
+    manifest = manifest_for(key.rsplit("/", 1)[1], data=data)
+    assert [(f.name, f.size) for f in manifest.stored_files()] == [("", len(data))]
+    verify_copy(storage, key, manifest, deep=True)
+    flipped = bytearray(data)
+    flipped[0] ^= 0x80
+    backend.write(key, bytes(flipped))
+    with pytest.raises(StorageError, match="does not match"):
+        verify_copy(storage, key, manifest, deep=True)
+
+
+@pytest.mark.parametrize("backend", ["local", "ssh"], indirect=True)
+def test_deep_verify_of_an_old_manifest_without_file_hashes_warns(backend, tmp_path, caplog):
+    storage = backend.storage
+    folder = tmp_path / "dump.dir"
+    files = make_folder(folder)
+    key = "daily/erp_backup_daily_20251119_020000.dir"
+    storage.put(folder, key)
+    old = manifest_for(key.rsplit("/", 1)[1], files=files).model_copy(update={"files": []})
+    assert old.stored_files() == []
+    verify_copy(storage, key, old, deep=True)  # checked as before: its total size
+    assert "records no per-file SHA-256" in caplog.text
+    with pytest.raises(StorageError, match="does not match"):
+        verify_copy(storage, key, old.model_copy(update={"size": old.size + 1}), deep=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_load_streams_a_file_and_refuses_a_missing_one(backend, src):
+    storage = backend.storage
+    source, data = src(3 * MiB + 7)
+    storage.put(source, "daily/l.bin")
+    opened = []
+
+    class Collect(bytearray):
+        def __init__(self) -> None:
+            super().__init__()
+            opened.append(self)
+
+        def write(self, chunk: bytes) -> int:
+            self.extend(chunk)
+            return len(chunk)
+
+    got = storage.load("daily/l.bin", Collect)
+    assert bytes(got) == data and len(opened) == 1
+    with pytest.raises(StorageError, match="does not exist") as caught:
+        storage.load("daily/missing.bin", Collect)
+    assert_permanent(caught.value)
 
 
 @pytest.mark.parametrize("backend", REMOTE, indirect=True)
@@ -573,3 +742,20 @@ def test_bandwidth_limit_paces_uploads_and_downloads(moto_s3, src, tmp_path):
     assert (tmp_path / "slow").read_bytes() == data
     fast, _ = src(3 * MiB // 2)
     assert elapsed(lambda: harness.storage.put(fast, "daily/fast")) < 0.6
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_a_backend_is_a_context_manager_that_closes_its_connection(backend, src):
+    source, data = src(1000)
+    with backend.storage as storage:
+        assert storage is backend.storage
+        storage.put(source, "daily/c.bin")
+    inner = storage
+    while hasattr(inner, "inner"):
+        inner = inner.inner
+    opened = vars(inner)  # not getattr: S3's `_client` property would make a new client
+    assert opened.get("_client") is None and opened.get("_client_instance") is None
+    storage.close()  # twice is fine
+    assert backend.read("daily/c.bin") == data
+    assert storage.stat("daily/c.bin").size == 1000  # a closed backend opens a new connection when used again
+    storage.close()

@@ -32,10 +32,10 @@ class Faulty:
             self.failures[op] -= 1
             raise TransientStorageError(f"{self.name}: {op} failed: connection reset")
 
-    def put(self, source, key, sha256=None):
+    def put(self, source, key, sha256=None, *, replace=False):
         self.calls.append("put")
         self._fail("put")
-        info = self.inner.put(source, key, sha256=sha256)
+        info = self.inner.put(source, key, sha256=sha256, replace=replace)
         self._fail("put-after")  # stored, but the caller never hears of it
         return info
 
