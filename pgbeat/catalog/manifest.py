@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from pgbeat.fsutil import write_atomic
 
@@ -108,6 +108,70 @@ class BackupWarning(BaseModel):
         return kind
 
 
+COPY_STATES = ("ok", "pending", "failed", "skipped")
+
+
+class Copy(BaseModel):
+    """One copy of a backup: on the local shelf (under the name "local") or at a destination.
+
+    "ok": stored and checked where it landed; "pending": an encrypted copy about to be stored (what it
+    will be, so that a rerun can check an upload that landed before an interruption); "failed": the last
+    attempt failed (`error`); "skipped": it cannot go there (`reason`).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str = Field(description="one of COPY_STATES")
+    location: str | None = Field(None, description="where it is: a path or a destination's URL")
+    stored_at: str | None = None
+    at: str | None = Field(None, description="when the state was recorded (pending, failed, skipped)")
+    verified: str | None = Field(None, description="how it was checked where it landed")
+    file: str | None = Field(None, description="the stored file's name, where it differs (encrypted on the way)")
+    encrypted: bool | None = None
+    size: int | None = None
+    sha256: str | None = None
+    md5: str | None = None
+    error: str | None = None
+    reason: str | None = None
+
+    @field_validator("status")
+    @classmethod
+    def _known(cls, status: str) -> str:
+        if status not in COPY_STATES:
+            raise ValueError(f"unknown copy state {status!r}")
+        return status
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A copy records only what applies to its state; the manifest does not spell out the rest as null.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class PlaintextDigest(BaseModel):
+    """The backup before encryption: its name, size and checksums (what a decryption must give back)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    file: str
+    size: int
+    sha256: str | None
+    md5: str | None
+
+
+class EncryptionInfo(BaseModel):
+    """How a backup was encrypted: for whom, and what plaintext it holds."""
+
+    model_config = ConfigDict(extra="allow")
+
+    scheme: str = "age"
+    recipients: list[str]
+    plaintext: PlaintextDigest
+
+
 class DrillRecord(BaseModel):
     """One restore drill of a backup: when, how it went, what was checked."""
 
@@ -168,10 +232,10 @@ class Manifest(BaseModel):
     steps: dict[str, dict[str, Any]] = Field(default_factory=dict)
     node: str | None = None
     slot: str | None = Field(None, description="the scheduled slot this backup served (beat runs)")
-    copies: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    copies: dict[str, Copy] = Field(default_factory=dict)
     drills: list[DrillRecord] = Field(default_factory=list)
     warnings: list[BackupWarning] = Field(default_factory=list)
-    encryption: dict[str, Any] | None = Field(None, description="age recipients and the plaintext's checksums")
+    encryption: EncryptionInfo | None = Field(None, description="age recipients and the plaintext's checksums")
     seal: str | None = Field(None, description="SHA-256 of the sealed fields (all but UNSEALED)")
 
     @field_validator("warnings", mode="before")
@@ -207,6 +271,31 @@ class Manifest(BaseModel):
         if self.seal != self.computed_seal():
             return "the manifest does not match its seal: it was damaged or edited after the backup was verified"
         return None
+
+    def copy_at(self, destination: str) -> Copy | None:
+        """The copy recorded for `destination` ("local" for the shelf), or None."""
+        return self.copies.get(destination)
+
+    def has_good_copy(self, destination: str) -> bool:
+        copy = self.copies.get(destination)
+        return copy is not None and copy.ok
+
+    def good_copies(self) -> list[str]:
+        """The places that hold a checked copy of this backup: "local" (the shelf, where it is read from)
+        and each destination whose copy is "ok"; a copy that failed, is pending or was skipped is not kept."""
+        return sorted({"local", *(d for d, c in self.copies.items() if c.ok)})
+
+    def record_copy(self, destination: str, copy: Copy) -> None:
+        """Record the state of the copy at `destination` (outside the seal), replacing the one before."""
+        self.copies[destination] = copy
+
+    def encrypted_as(self, name: str, size: int, sha256: str, md5: str | None, recipients: list[str]) -> Manifest:
+        """Return the manifest of this backup encrypted for `recipients` into file `name` (of that size and
+        checksums): what is stored, with this backup's own file as its plaintext."""
+        return self.model_copy(deep=True, update={
+            "file": name, "size": size, "sha256": sha256, "md5": md5,
+            "encryption": EncryptionInfo(recipients=recipients, plaintext=PlaintextDigest(
+                file=self.file, size=self.size, sha256=self.sha256, md5=self.md5))})
 
     def record_drill(self, drill: DrillRecord) -> None:
         """Add a drill of this backup (outside the seal: the backup's own fields need no new proof)."""

@@ -96,7 +96,7 @@ def tier_status(settings: Settings, target: str, tier: str, entries: list[Entry]
                         last_attempt=attempts.get(f"{target}/{tier}"))
     verified = [e for e in entries if e.verified]
     for entry in verified:
-        for destination in entry.manifest.copies or {"local": {}}:
+        for destination in entry.manifest.good_copies():
             status.kept[destination] = status.kept.get(destination, 0) + 1
     status.future = [e.path.name for e in entries if from_the_future(e, now)]
     last = newest(verified, now)
@@ -107,7 +107,7 @@ def tier_status(settings: Settings, target: str, tier: str, entries: list[Entry]
         status.last_success_file = last.path.name
         status.size, status.duration_s = m.size, m.duration_s
         status.warnings, status.warning_kinds = [w.text for w in m.warnings], [w.kind for w in m.warnings]
-        status.copies = sorted(m.copies or {"local": {}})
+        status.copies = m.good_copies()
         status.clock_skew_s = m.clock_skew_s
         status.age_s = max(0.0, (now - finished).total_seconds())
         status.overdue = status.age_s > OVERDUE_FACTOR * status.interval_s

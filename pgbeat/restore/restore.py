@@ -201,18 +201,18 @@ def plaintext_of(settings: Settings, entry: Entry, identities: list | None, work
         return entry
     if identities is None:
         crypt.load_identities(None)  # raises the error that says what to pass
-    plain = entry.manifest.encryption["plaintext"]
-    path = private_dir(work) / plain["file"]
+    plain = entry.manifest.encryption.plaintext
+    path = private_dir(work) / plain.file
     digests = crypt.decrypt_file(entry.path, path, identities)
-    if digests["sha256"] != plain["sha256"] or digests["size"] != plain["size"]:
+    if digests["sha256"] != plain.sha256 or digests["size"] != plain.size:
         raise VerifyError(f"{entry.path.name}: the decrypted content does not match the manifest's plaintext",
                           hint="the file is damaged; use another copy")
-    manifest = entry.manifest.model_copy(update={"file": plain["file"], "size": plain["size"],
-                                                 "sha256": plain["sha256"], "md5": plain["md5"], "encryption": None})
+    manifest = entry.manifest.model_copy(update={"file": plain.file, "size": plain.size,
+                                                 "sha256": plain.sha256, "md5": plain.md5, "encryption": None})
     codec = manifest.codec if manifest.format == "plain" else codec_for_name(path.name)
     problems = plaintext_problems(check_backup(path, manifest.format, codec, settings), manifest)
     if problems:
-        raise VerifyError(f"{plain['file']} (decrypted) failed verification", details=problems)
+        raise VerifyError(f"{plain.file} (decrypted) failed verification", details=problems)
     return Entry(path=path, manifest=manifest)
 
 

@@ -31,6 +31,7 @@ from pgbeat.catalog.manifest import (
     CHECKSUM_SUFFIX,
     MANIFEST_SUFFIX,
     STAMP_FORMAT,
+    Copy,
     Entry,
     Manifest,
     backup_name,
@@ -150,10 +151,7 @@ def seal(artifact: Path, manifest: Manifest, recipients: list[str]) -> tuple[Pat
         raise
     faults.fault_point(UPLOAD_ENCRYPTED)
     os.replace(partial, sealed)
-    manifest.encryption = {"scheme": "age", "recipients": recipients, "plaintext": {
-        "file": manifest.file, "size": manifest.size, "sha256": manifest.sha256, "md5": manifest.md5}}
-    manifest.file, manifest.size, manifest.sha256, manifest.md5 = sealed.name, stored["size"], stored["sha256"], \
-        stored["md5"]
+    manifest = manifest.encrypted_as(sealed.name, stored["size"], stored["sha256"], stored["md5"], recipients)
     write_manifest(manifest_path(sealed), manifest)  # from here on, the sealed file is the backup
     faults.fault_point(UPLOAD_SEALED)
     _drop_plaintext(artifact)
@@ -206,9 +204,10 @@ def publish_local(ctx: StepContext, run: Run, artifact: Path, manifest: Manifest
     name = shelf_name(ctx.settings.backup_root, run.tier, manifest)
     key = f"{run.tier}/{name}"
     final = local.path(key)
-    if manifest.file != name or manifest.copies.get("local", {}).get("location") != str(final):
+    here = manifest.copy_at("local")
+    if manifest.file != name or here is None or here.location != str(final):
         manifest.file = name
-        manifest.copies["local"] = {"location": str(final), "status": "ok", "stored_at": ctx.now().isoformat()}
+        manifest.record_copy("local", Copy(status="ok", location=str(final), stored_at=ctx.now().isoformat()))
         write_manifest(manifest_path(artifact), manifest)  # the choice of name outlives this attempt
     checksums = manifest.checksum_lines()
     write_atomic(checksum_path(artifact), checksums.encode())
@@ -271,10 +270,9 @@ def upload_step(ctx: StepContext, run: Run) -> Run:
                                          storages=storages)
     final = entry.path
     copies = {dest: info for dest, info in (read_manifest(manifest_path(final)) or entry.manifest).copies.items()}
-    run.steps["upload"] = {"copies": {d: c.get("location") or c.get("error") or c.get("reason")
-                                      for d, c in copies.items()},
+    run.steps["upload"] = {"copies": {d: c.location or c.error or c.reason for d, c in copies.items()},
                            "failed": failures, "duration_s": round(time.monotonic() - t0, 3)}
-    log.info("stored %s; copies: %s", final, ", ".join(f"{d}={c.get('status')}" for d, c in copies.items()))
+    log.info("stored %s; copies: %s", final, ", ".join(f"{d}={c.status}" for d, c in copies.items()))
     if failures:
         raise StorageError(f"{len(failures)} off-site copy(ies) failed; the local backup {final} is kept",
                            step="upload", details=failures,

@@ -357,12 +357,12 @@ def decrypted_problems(entry, settings: Settings, identities: list, codec: str, 
     """Decrypt an encrypted backup into a scratch file and check the plaintext; fill `result` in."""
     from pgbeat import crypt
 
-    plaintext = entry.manifest.encryption["plaintext"]
+    plaintext = entry.manifest.encryption.plaintext
     # Killed here, the next pgbeat run sweeps the plaintext (a scratch folder is held while in use).
     with scratch_folder(settings, "verify") as folder:
-        scratch = folder / plaintext["file"]
+        scratch = folder / plaintext.file
         digests = crypt.decrypt_file(entry.path, scratch, identities)
-        if digests["sha256"] != plaintext["sha256"]:
+        if digests["sha256"] != plaintext.sha256:
             return ["the decrypted content does not match the plaintext SHA-256 in the manifest"]
         checked = check_backup(scratch, entry.manifest.format, codec, settings)
         result.update(complete=checked["complete"], plaintext_sha256=digests["sha256"])

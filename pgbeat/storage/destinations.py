@@ -24,13 +24,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 from pgbeat import faults
 from pgbeat.catalog.manifest import (
     CHECKSUM_SUFFIX,
     MANIFEST_SUFFIX,
+    Copy,
     Entry,
     Manifest,
     list_backups,
@@ -130,19 +130,11 @@ def copy_plan(target: Target, manifest: Manifest, spec: DestinationSpec) -> str:
     """How `manifest`'s backup goes to `spec`: "done" (a good copy is there), "copy" (as it is stored),
     "encrypt" (plaintext, for a target that encrypts: encrypted on the way out) or "skip" (it cannot be
     encrypted: a directory-format backup)."""
-    if manifest.copies.get(spec.name, {}).get("status") == "ok":
+    if manifest.has_good_copy(spec.name):
         return "done"
     if target.encryption is not None and manifest.encryption is None:
         return "skip" if manifest.files else "encrypt"
     return "copy"
-
-
-def _sealed_manifest(manifest: Manifest, name: str, digests: dict[str, Any], recipients: list[str]) -> Manifest:
-    """The manifest of `manifest`'s backup encrypted as `name`: what is stored, and the plaintext it holds."""
-    return manifest.model_copy(deep=True, update={
-        "file": name, "size": digests["size"], "sha256": digests["sha256"], "md5": digests.get("md5"),
-        "encryption": {"scheme": "age", "recipients": recipients, "plaintext": {
-            "file": manifest.file, "size": manifest.size, "sha256": manifest.sha256, "md5": manifest.md5}}})
 
 
 def _remote_manifest(storage: Storage, key: str, scratch: Path) -> Manifest | None:
@@ -160,18 +152,18 @@ def _encrypted_copy(storage: Storage, spec: DestinationSpec, entry: Entry, recip
     m = entry.manifest
     name = m.file + crypt.SUFFIX
     key = f"{m.tier}/{name}"
-    known = m.copies.get(spec.name, {})
+    known = m.copy_at(spec.name)
     if storage.stat(key) is not None:
-        if known.get("file") == name and known.get("sha256"):
+        if known is not None and known.file == name and known.sha256 and known.size is not None:
             try:
-                storage.verify(key, known["size"], known["sha256"])
-                return _sealed_manifest(m, name, known, recipients), None
+                storage.verify(key, known.size, known.sha256)
+                return m.encrypted_as(name, known.size, known.sha256, known.md5, recipients), None
             except StorageError:
                 pass
         if storage.stat(key + MANIFEST_SUFFIX) is not None:
             remote = _remote_manifest(storage, key, scratch)
-            plaintext = (remote.encryption or {}).get("plaintext", {}) if remote else {}
-            if remote is None or remote.file != name or plaintext.get("sha256") != m.sha256:
+            holds = remote.encryption.plaintext.sha256 if remote is not None and remote.encryption else None
+            if remote is None or remote.file != name or holds != m.sha256:
                 raise StorageError(f"{spec.name}: {key} holds another copy than this backup's; not replaced",
                                    hint=f"remove {key} and its sidecars from {spec.name} if it is a stale copy")
             storage.verify(key, remote.size, remote.sha256)  # this backup, encrypted before its record was lost
@@ -181,14 +173,14 @@ def _encrypted_copy(storage: Storage, spec: DestinationSpec, entry: Entry, recip
     digests = crypt.encrypt_file(entry.path, sealed, recipients)
     faults.fault_point(OFFSITE_ENCRYPTED)
     # What is about to be stored, so that a rerun can check an upload that landed before an interruption.
-    pending = {"status": "pending", "file": name, "size": digests["size"], "sha256": digests["sha256"],
-               "md5": digests["md5"], "at": now_iso()}
-    update_manifest(manifest_path(entry.path), lambda mf: mf.copies.__setitem__(spec.name, pending))
-    return _sealed_manifest(m, name, digests, recipients), sealed
+    pending = Copy(status="pending", file=name, size=digests["size"], sha256=digests["sha256"], md5=digests["md5"],
+                   at=now_iso())
+    update_manifest(manifest_path(entry.path), lambda mf: mf.record_copy(spec.name, pending))
+    return m.encrypted_as(name, digests["size"], digests["sha256"], digests["md5"], recipients), sealed
 
 
 def copy_backup(settings: Settings, storage: Storage, spec: DestinationSpec, entry: Entry,
-                recipients: list[str] | None = None) -> dict[str, Any]:
+                recipients: list[str] | None = None) -> Copy:
     """Copy one local backup to `storage` (encrypted on the way for `recipients`) and check it there; then
     its `.sha256`, then its manifest. Return the copy's record for the local manifest."""
     with scratch_folder(settings, "offsite") as scratch:
@@ -204,12 +196,13 @@ def copy_backup(settings: Settings, storage: Storage, spec: DestinationSpec, ent
         storage.verify(key, stored.size, sha256)
         _put_text(storage, scratch, stored.checksum_lines(), key + CHECKSUM_SUFFIX)
         faults.fault_point(OFFSITE_CHECKSUM)
-        record: dict[str, Any] = {"location": storage.describe(key), "status": "ok", "stored_at": now_iso(),
-                                  "verified": "size and SHA-256 where stored"}
+        record = Copy(status="ok", location=storage.describe(key), stored_at=now_iso(),
+                      verified="size and SHA-256 where stored")
         if recipients:
-            record.update(file=stored.file, encrypted=True, size=stored.size, sha256=stored.sha256)
+            record = record.model_copy(update={"file": stored.file, "encrypted": True, "size": stored.size,
+                                               "sha256": stored.sha256})
         remote = stored.model_copy(deep=True)
-        remote.copies[spec.name] = record
+        remote.record_copy(spec.name, record)
         manifest_file = scratch / (stored.file + MANIFEST_SUFFIX)
         write_manifest(manifest_file, remote)  # the way every manifest is written (a derived one is its own)
         storage.put(manifest_file, key + MANIFEST_SUFFIX, replace=True)
@@ -234,12 +227,12 @@ def replicate(settings: Settings, target: Target, entry: Entry, only: str | None
         plan = copy_plan(target, manifest, spec)
         if plan == "done":
             continue
-        previous = manifest.copies.get(spec.name, {})
+        previous = manifest.copy_at(spec.name)
         if plan == "skip":
-            if previous.get("status") == "skipped" and previous.get("reason") == DIRECTORY_NOT_ENCRYPTED:
+            if previous is not None and previous.status == "skipped" and previous.reason == DIRECTORY_NOT_ENCRYPTED:
                 continue  # said already
             log.warning("%s is not copied to %s: %s", entry.path.name, spec.name, DIRECTORY_NOT_ENCRYPTED)
-            record: dict[str, Any] = {"status": "skipped", "reason": DIRECTORY_NOT_ENCRYPTED, "at": now_iso()}
+            record = Copy(status="skipped", reason=DIRECTORY_NOT_ENCRYPTED, at=now_iso())
         else:
             try:
                 recipients = target.encryption.recipients if plan == "encrypt" and target.encryption else None
@@ -250,11 +243,12 @@ def replicate(settings: Settings, target: Target, entry: Entry, only: str | None
             except (StorageError, OSError) as exc:
                 message = exc.message if isinstance(exc, PgbeatError) else str(exc)
                 fresh = read_manifest(manifest_path(entry.path)) or manifest
-                kept = {k: v for k, v in fresh.copies.get(spec.name, {}).items() if k in ("file", "size", "sha256")}
-                record = {**kept, "status": "failed", "error": message, "at": now_iso()}
+                known = fresh.copy_at(spec.name)  # what an encrypted attempt stored, to be checked on the next
+                kept = known.model_dump(include={"file", "size", "sha256"}) if known is not None else {}
+                record = Copy(**kept, status="failed", error=message, at=now_iso())
                 failures.append(f"{spec.name}: {message}")
                 log.error("copy of %s to %s failed: %s", entry.path.name, spec.name, message)
-        update_manifest(manifest_path(entry.path), lambda m, name=spec.name, r=record: m.copies.__setitem__(name, r))
+        update_manifest(manifest_path(entry.path), lambda m, name=spec.name, r=record: m.record_copy(name, r))
     return failures
 
 
@@ -300,7 +294,7 @@ class RemoteEntry:
     def verified(self) -> bool:
         """The backup verified, and this copy was checked where it landed."""
         return (self.manifest.status == "verified" and self.manifest.complete
-                and self.manifest.copies.get(self.destination, {}).get("status") == "ok")
+                and self.manifest.has_good_copy(self.destination))
 
 
 def remote_entries(settings: Settings, storage: Storage, destination: str, target: str,

@@ -138,6 +138,8 @@ def test_destination_down_then_upload_retry_completes(workdir, pg, make_db, moto
     assert service.pgbeat("verify", str(local)).returncode == 0  # the local copy is kept, whole
     copies = manifest_of(local)["copies"]
     assert copies["offsite-s3"]["status"] == "ok" and copies["vault"]["status"] == "failed"
+    [daily] = [t for t in json.loads(service.pgbeat("status", "--json").stdout)["tiers"] if t["tier"] == "daily"]
+    assert daily["kept"] == {"local": 1, "offsite-s3": 1} and daily["copies"] == ["local", "offsite-s3"]
     [failure] = [e for e in service.events() if e["kind"] == "failure"]
     assert failure["step"] == "upload" and any(line.startswith("vault:") for line in failure["details"])
     assert "retrying" in result.stderr or "attempt" in result.stderr.lower()
@@ -147,6 +149,8 @@ def test_destination_down_then_upload_retry_completes(workdir, pg, make_db, moto
     retried = service.pgbeat("upload", "--retry")
     assert retried.returncode == 0, retried.stdout + retried.stderr
     assert manifest_of(local)["copies"]["vault"]["status"] == "ok"
+    [daily] = [t for t in json.loads(service.pgbeat("status", "--json").stdout)["tiers"] if t["tier"] == "daily"]
+    assert daily["kept"] == {"local": 1, "offsite-s3": 1, "vault": 1}
     remote = sshd.ssh(f"sha256sum {sshd.root / folder / 'daily' / local.name}").stdout.split()[0]
     assert remote == manifest_of(local)["sha256"]
     assert len(service.backups()) == 1  # no new dump

@@ -42,3 +42,56 @@ def test_typed_warnings_round_trip(tmp_path):
     write_manifest(path, manifest)
     assert json.loads(path.read_text())["warnings"] == [{"kind": "clock", "text": "the clock is off"}]
     assert read_manifest(path).warnings == manifest.warnings
+
+
+def old_seal(data: dict) -> str:
+    """The seal as pgbeat computed it before the manifest's parts were typed: SHA-256 of the sealed fields
+    of the JSON, canonical."""
+    import hashlib
+
+    from pgbeat.catalog.manifest import UNSEALED
+
+    sealed = {k: v for k, v in data.items() if k not in UNSEALED}
+    return hashlib.sha256(json.dumps(sealed, sort_keys=True, separators=(",", ":"),
+                                     ensure_ascii=False).encode()).hexdigest()
+
+
+def test_an_encrypted_manifest_with_copies_written_as_plain_json_keeps_its_seal(tmp_path):
+    """A manifest written when copies and encryption were plain dicts loads typed, seal intact, and is
+    written back with the same JSON for them (no nulls added)."""
+    data = {"pgbeat_manifest": 2, **Manifest.model_validate(FIELDS).model_dump(mode="json"),
+            "file": FIELDS["file"] + ".age",
+            "encryption": {"scheme": "age", "recipients": ["age1xyz"], "plaintext": {
+                "file": FIELDS["file"], "size": 9, "sha256": "1" * 64, "md5": None}},
+            "copies": {"local": {"location": "/b/daily/x", "status": "ok", "stored_at": "2026-01-01T02:01:00"},
+                       "s3": {"status": "failed", "error": "no bucket", "at": "2026-01-01T02:02:00",
+                              "file": "x.age", "size": 9, "sha256": "2" * 64}}}
+    data.pop("seal", None)
+    data["seal"] = old_seal(data)
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(data))
+    loaded = read_manifest(path)
+    assert loaded is not None and loaded.seal_problem() is None
+    assert loaded.encryption.plaintext.sha256 == "1" * 64 and loaded.copy_at("s3").error == "no bucket"
+    assert loaded.good_copies() == ["local"]  # a failed copy is not kept
+    write_manifest(path, loaded)
+    again = json.loads(path.read_text())
+    assert again["copies"] == data["copies"] and again["encryption"] == data["encryption"]
+    assert again["seal"] == data["seal"]
+
+
+def test_encrypted_as_describes_the_stored_file_and_its_plaintext():
+    plain = Manifest.model_validate(FIELDS)
+    sealed = plain.encrypted_as("x.age", 20, "3" * 64, None, ["age1abc"])
+    assert (sealed.file, sealed.size, sealed.sha256) == ("x.age", 20, "3" * 64)
+    assert sealed.encryption.plaintext.model_dump() == {"file": plain.file, "size": 10, "sha256": "0" * 64,
+                                                        "md5": None}
+    assert plain.encryption is None  # the plaintext's manifest is left as it was
+
+
+def test_copy_states_are_checked():
+    from pgbeat.catalog.manifest import COPY_STATES, Copy
+
+    assert [Copy(status=s).ok for s in COPY_STATES] == [s == "ok" for s in COPY_STATES]
+    with pytest.raises(ValidationError, match="unknown copy state"):
+        Copy(status="done")
