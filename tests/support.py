@@ -30,6 +30,17 @@ PG_BIN = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, tex
 SECRET_PASSWORD = "s3cr3t-Pa55w0rd-do-not-leak"
 
 
+# The environment variables pgbeat reads: a test that loads settings in this process starts without them.
+PGBEAT_ENV_PREFIXES = ("DB_", "CELERY_", "PGBEAT_", "TARGET_NAME", "BACKUP_ROOT")
+
+
+def clear_pgbeat_env(monkeypatch) -> None:
+    """Remove from this process's environment (for the test) every variable pgbeat reads."""
+    for key in list(os.environ):
+        if key.startswith(PGBEAT_ENV_PREFIXES):
+            monkeypatch.delenv(key)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -38,7 +38,16 @@ from pgbeat.cli import main
 from pgbeat.clitypes import CheckedText, Seconds, shown
 from pgbeat.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_UNREACHABLE
 from tests.conftest import unique
-from tests.support import VENV_BIN, RedisServer, Service, free_port, pg_dump_processes, table_locked, wait_for
+from tests.support import (
+    VENV_BIN,
+    RedisServer,
+    Service,
+    clear_pgbeat_env,
+    free_port,
+    pg_dump_processes,
+    table_locked,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -289,9 +298,7 @@ def invoke(cwd: Path, env: dict[str, str], argv: list[str], monkeypatch) -> tupl
     """Run `pgbeat argv` in this process (click's CliRunner) as it would run in `cwd` with `env`."""
     from pgbeat.settings import get_settings
 
-    for key in list(os.environ):
-        if key.startswith(("DB_", "CELERY_", "PGBEAT_", "TARGET_NAME", "BACKUP_ROOT")):
-            monkeypatch.delenv(key)
+    clear_pgbeat_env(monkeypatch)
     monkeypatch.chdir(cwd)
     get_settings.cache_clear()
     try:

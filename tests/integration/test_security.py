@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
 import threading
@@ -20,6 +19,7 @@ from tests.support import (
     SECRET_PASSWORD,
     Service,
     Worker,
+    clear_pgbeat_env,
     free_port,
     hold_lock,
     pg_dump_processes,
@@ -217,9 +217,7 @@ def test_any_config_is_valid_or_a_clear_error(tmp_path_factory, monkeypatch, doc
     else:
         path = folder / f"c{raw[0]}"
         path.write_text(raw[1])
-    for key in list(os.environ):
-        if key.startswith(("DB_", "PGBEAT_", "CELERY_", "TARGET_NAME", "BACKUP_ROOT")):
-            monkeypatch.delenv(key)
+    clear_pgbeat_env(monkeypatch)
     monkeypatch.setenv("PGBEAT_CONFIG", str(path))
     (folder / ".env").write_text("".join(f"{k}='{v.replace(chr(39), '')}'\n" for k, v in env.items()))
     monkeypatch.chdir(folder)

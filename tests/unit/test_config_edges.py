@@ -48,13 +48,12 @@ from pgbeat.settings import (
     validate_node_name,
     validate_not_blank,
 )
+from tests.support import clear_pgbeat_env
 
 
 @pytest.fixture
 def folder(tmp_path, monkeypatch):
-    for key in list(os.environ):
-        if key.startswith(("DB_", "CELERY_", "PGBEAT_", "TARGET_NAME", "BACKUP_ROOT")):
-            monkeypatch.delenv(key)
+    clear_pgbeat_env(monkeypatch)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -446,9 +445,7 @@ def test_whatever_config_check_accepts_works_in_every_computation(tmp_path_facto
     document = {**document, "backup_root": str(folder / "backups")}
     path = folder / "pgbeat.yaml"
     path.write_text(yaml.safe_dump(document, allow_unicode=True))
-    for key in list(os.environ):
-        if key.startswith(("DB_", "PGBEAT_", "CELERY_", "TARGET_NAME", "BACKUP_ROOT")):
-            monkeypatch.delenv(key)
+    clear_pgbeat_env(monkeypatch)
     monkeypatch.setenv("PGBEAT_CONFIG", str(path))
     monkeypatch.chdir(folder)
     get_settings.cache_clear()

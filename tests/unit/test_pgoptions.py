@@ -22,6 +22,7 @@ from pgbeat.postgres.options import (
     parse,
 )
 from pgbeat.settings import load_settings
+from tests.support import clear_pgbeat_env
 
 VERSIONS = range(13, 19)
 VALUE = "erp.invoice*"
@@ -187,9 +188,7 @@ def test_every_problem_of_a_list_is_reported_at_once():
 
 
 def load(tmp_path, monkeypatch, text: str):
-    for key in list(__import__("os").environ):
-        if key.startswith(("DB_", "CELERY_", "PGBEAT_", "TARGET_NAME", "BACKUP_ROOT")):
-            monkeypatch.delenv(key)
+    clear_pgbeat_env(monkeypatch)
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "pgbeat.yaml"
     path.write_text(text)

@@ -6,13 +6,12 @@ import pytest
 
 from pgbeat.errors import ConfigError
 from pgbeat.settings import load_settings
+from tests.support import clear_pgbeat_env
 
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    for key in list(__import__("os").environ):
-        if key.startswith(("DB_", "CELERY_", "PGBEAT_", "TARGET_NAME", "BACKUP_ROOT")):
-            monkeypatch.delenv(key)
+    clear_pgbeat_env(monkeypatch)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

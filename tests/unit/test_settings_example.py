@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import typing
 from pathlib import Path
@@ -20,15 +19,14 @@ from pgbeat.settings import (
     load_settings,
 )
 from pgbeat.settings.example import example_config
+from tests.support import clear_pgbeat_env
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "pgbeat.example.yaml"
 
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    for key in list(os.environ):
-        if key.startswith(("DB_", "CELERY_", "PGBEAT_", "TARGET_NAME", "BACKUP_ROOT")):
-            monkeypatch.delenv(key)
+    clear_pgbeat_env(monkeypatch)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

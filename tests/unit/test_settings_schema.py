@@ -3,19 +3,16 @@ destinations told apart by kind with only their own keys."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from pgbeat.errors import ConfigError
 from pgbeat.settings import GCSDestination, S3Destination, SSHDestination, load_settings, merge_target
+from tests.support import clear_pgbeat_env
 
 
 @pytest.fixture
 def load(monkeypatch, tmp_path):
-    for key in list(os.environ):
-        if key.startswith(("DB_", "CELERY_", "PGBEAT_", "TARGET_NAME", "BACKUP_ROOT")):
-            monkeypatch.delenv(key)
+    clear_pgbeat_env(monkeypatch)
     monkeypatch.chdir(tmp_path)
 
     def load_text(text: str, env_text: str | None = None):
