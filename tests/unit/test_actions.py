@@ -8,7 +8,7 @@ import pytest
 
 from pgbeat import actions, errors
 from pgbeat.steps.rotate import rotate_tier
-from tests.unit.test_rotate import NOW, daily_series, names, settings  # noqa: F401 - the fixture
+from tests.unit.steps.test_rotate import NOW, daily_series, names, settings  # noqa: F401 - the fixture
 
 
 def test_selected_targets(settings):  # noqa: F811

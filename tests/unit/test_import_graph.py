@@ -7,11 +7,12 @@ Every module under pgbeat/ is parsed (ast), so a new module is covered by itself
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 
-CORE = Path(__file__).resolve().parents[2] / "pgbeat"
+from tests.support import ROOT
+
+CORE = ROOT / "pgbeat"
 SERVICE_SIDE = ("workers", "tasks", "beat_schedule")
 CELERY = ("celery", "kombu", "redbeat")
 MODULES = sorted(CORE.rglob("*.py"))

@@ -6,7 +6,8 @@ import re
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT
+
 OUTSIDE = re.compile(r"\.\./shared|shared/notes|notes/(peers|celery|pitr-fleet)\.md")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import typing
-from pathlib import Path
 
 import pydantic
 import pytest
@@ -19,9 +18,9 @@ from pgbeat.settings import (
     load_settings,
 )
 from pgbeat.settings.example import example_config
-from tests.support import clear_pgbeat_env
+from tests.support import ROOT, clear_pgbeat_env
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "pgbeat.example.yaml"
+EXAMPLE = ROOT / "deploy" / "pgbeat.example.yaml"
 
 
 @pytest.fixture

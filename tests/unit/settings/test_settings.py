@@ -6,7 +6,7 @@ import pytest
 
 from pgbeat.errors import ConfigError
 from pgbeat.settings import load_settings
-from tests.support import clear_pgbeat_env
+from tests.support import ROOT, clear_pgbeat_env
 
 
 @pytest.fixture
@@ -173,9 +173,8 @@ def test_visibility_timeout_must_cover_countdowns_and_warns_about_long_steps(cle
 
 
 def test_shipped_example_config_is_valid(clean_env, monkeypatch):
-    from pathlib import Path
 
-    example = Path(__file__).resolve().parents[2] / "deploy" / "pgbeat.example.yaml"
+    example = ROOT / "deploy" / "pgbeat.example.yaml"
     monkeypatch.setenv("PGBEAT_CONFIG", str(example))
     s = load_settings(env_file=None)
     assert sorted(s.targets) == ["crm", "erp_db"]
