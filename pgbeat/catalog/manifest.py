@@ -297,6 +297,15 @@ class Manifest(BaseModel):
             "encryption": EncryptionInfo(recipients=recipients, plaintext=PlaintextDigest(
                 file=self.file, size=self.size, sha256=self.sha256, md5=self.md5))})
 
+    def publish_as(self, name: str, location: str, at: str) -> None:
+        """Give this backup its final file name on the shelf, at `location` (the shelf's copy, "local")."""
+        self.file = name
+        self.record_copy("local", Copy(status="ok", location=location, stored_at=at))
+
+    def record_warnings(self, warnings: list[BackupWarning]) -> None:
+        """Set what the run found worrying about this backup (outside the seal)."""
+        self.warnings = list(warnings)
+
     def record_drill(self, drill: DrillRecord) -> None:
         """Add a drill of this backup (outside the seal: the backup's own fields need no new proof)."""
         self.drills.append(drill)

@@ -39,7 +39,7 @@ def notify_step(ctx: StepContext, run: Run) -> Run:
         found = [BackupWarning(kind="rotate", text=w) for w in event.warnings] + backup_warnings(settings, entry)
         event.warnings = [w.text for w in found]
         if found:
-            update_manifest(manifest_path(entry.path), lambda m: setattr(m, "warnings", found))
+            update_manifest(manifest_path(entry.path), lambda m: m.record_warnings(found))
     elif event.kind == "failure":
         event.warnings += [w.text for w in disk_warnings(settings.backup_root, settings.monitoring)]
     try:

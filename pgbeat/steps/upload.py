@@ -31,7 +31,6 @@ from pgbeat.catalog.manifest import (
     CHECKSUM_SUFFIX,
     MANIFEST_SUFFIX,
     STAMP_FORMAT,
-    Copy,
     Entry,
     Manifest,
     backup_name,
@@ -206,8 +205,7 @@ def publish_local(ctx: StepContext, run: Run, artifact: Path, manifest: Manifest
     final = local.path(key)
     here = manifest.copy_at("local")
     if manifest.file != name or here is None or here.location != str(final):
-        manifest.file = name
-        manifest.record_copy("local", Copy(status="ok", location=str(final), stored_at=ctx.now().isoformat()))
+        manifest.publish_as(name, str(final), ctx.now().isoformat())
         write_manifest(manifest_path(artifact), manifest)  # the choice of name outlives this attempt
     checksums = manifest.checksum_lines()
     write_atomic(checksum_path(artifact), checksums.encode())
