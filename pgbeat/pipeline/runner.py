@@ -232,8 +232,10 @@ def run_steps(ctx: StepContext, run: Run, plan: Plan, *, sleep: Callable[[float]
 
 def run_inprocess(settings: Settings, target_name: str, tier: str, *,
                   on_event: Callable[[Run, str, str], None] | None = None,
-                  ctx: StepContext | None = None, sleep: Callable[[float], None] = time.sleep) -> Run:
-    """Run the whole chain in this process (the embedded default); return the finished record.
+                  ctx: StepContext | None = None, sleep: Callable[[float], None] = time.sleep,
+                  plan: Plan = BACKUP) -> Run:
+    """Run the whole chain (`plan`: the step table) in this process (the embedded default); return the
+    finished record.
 
     Every step runs under the contract (`run_step`): its declared locks, transient failures retried with
     backoff exactly as the Celery chain retries them. A failed step stops the chain, the run is cleaned
@@ -246,7 +248,7 @@ def run_inprocess(settings: Settings, target_name: str, tier: str, *,
     emit = on_event or (lambda *_: None)
     # The work folder is held from its creation to the end: between two steps too, nothing may sweep it.
     with hold_dir(run.work(), create=True):
-        return _run_chain(ctx, run, BACKUP, emit, sleep)
+        return _run_chain(ctx, run, plan, emit, sleep)
 
 
 def _run_chain(ctx: StepContext, run: Run, plan: Plan, emit, sleep) -> Run:
