@@ -143,12 +143,12 @@ def print_event(run: Run, step: str, state: str) -> None:
     if state == "started":
         return
     if state == "failed":
-        failure = run.failure or {}
-        out.print(f"  [red]✗ {step}[/red] {failure.get('message')}", markup=True)
-        for line in failure.get("details", []):
+        failure = run.failure
+        out.print(f"  [red]✗ {step}[/red] {failure and failure.message}", markup=True)
+        for line in failure.details if failure else []:
             out.print(f"      {line}", markup=False)
-        if failure.get("hint"):
-            out.print(f"      HINT: {failure['hint']}", markup=False)
+        if failure and failure.hint:
+            out.print(f"      HINT: {failure.hint}", markup=False)
         return
     extra = ""
     if step in ("dump", "compress", "verify") and info.get("size") is not None:

@@ -42,8 +42,8 @@ def chain_failed(request, exc, traceback, record: dict) -> None:
     step = (getattr(request, "task", None) or "tasks.unknown").rsplit(".", 1)[-1]
     ctx = StepContext(settings)
     run = fail_run(ctx, run, step, exc)
-    state.update(run.run_id, status="failed", step=step, failure=run.failure)
-    state.progress(run.run_id, f"{step} failed: {run.failure['message']}")
+    state.update(run.run_id, status="failed", step=step, failure=run.failure.model_dump())
+    state.progress(run.run_id, f"{step} failed: {run.failure.message}")
     for final in FINAL_STEPS:
         try:
             chain_failed.app.signature(f"tasks.{final.name}", args=(run.as_json(),),

@@ -37,7 +37,7 @@ from pgbeat.coordination.filelock import hold_file_lock
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import hold_dir, remove_path
 from pgbeat.notify import healthchecks
-from pgbeat.pipeline.record import Run, StepContext, new_run
+from pgbeat.pipeline.record import Failure, Run, StepContext, new_run
 from pgbeat.pipeline.steps_table import FINAL_STEPS, MAIN_STEPS, STEP_TABLE, STEPS, Step, step
 from pgbeat.settings import Settings
 from pgbeat.steps.upload import undo_partial_publish
@@ -140,11 +140,11 @@ def redact(text: str, settings: Settings) -> str:
     return text
 
 
-def failure_info(exc: BaseException, step: str, settings: Settings) -> dict[str, Any]:
-    """Describe a step's failure for the record and the notification, without secrets."""
+def failure_info(exc: BaseException, step: str, settings: Settings) -> Failure:
+    """Given a step's failure, return its description for the record and the notification, without secrets."""
     if isinstance(exc, PgbeatError):
-        info = {"step": exc.step or step, "message": exc.message, "details": exc.details, "hint": exc.hint,
-                "error": type(exc).__name__}
+        info: dict[str, Any] = {"step": exc.step or step, "message": exc.message, "details": exc.details,
+                                "hint": exc.hint, "error": type(exc).__name__}
     else:
         name = type(exc).__name__
         message = str(exc) or name
@@ -156,7 +156,7 @@ def failure_info(exc: BaseException, step: str, settings: Settings) -> dict[str,
                 "details": [], "hint": None, "error": name}
     info["message"] = redact(info["message"], settings)
     info["details"] = [redact(line, settings) for line in info["details"]]
-    return info
+    return Failure(**info)
 
 
 def discard_work(settings: Settings, run: Run) -> None:
@@ -177,7 +177,7 @@ def fail_run(ctx: StepContext, run: Run, step: str, exc: BaseException) -> Run:
     run.status = "failed"
     run.failure = failure_info(exc, step, ctx.settings)
     discard_work(ctx.settings, run)
-    log.error("run %s of %s/%s failed at %s: %s", run.run_id, run.target, run.tier, step, run.failure["message"])
+    log.error("run %s of %s/%s failed at %s: %s", run.run_id, run.target, run.tier, step, run.failure.message)
     return run
 
 

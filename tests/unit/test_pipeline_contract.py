@@ -125,7 +125,7 @@ def test_in_process_failure_runs_the_final_steps_with_the_failure(settings, monk
                                    for row in plan.steps))
     slept: list[float] = []
     run = runner.run_inprocess(settings, "erp", "daily", plan=plan, sleep=slept.append)
-    assert run.status == "failed" and run.failure["step"] == failing
+    assert run.status == "failed" and run.failure.step == failing
     assert calls == [STEPS[0], failing, failing, failing, *(row.name for row in FINAL_STEPS)]
     assert slept == runner.backoff_delays(settings)
     assert not run.work().exists()
