@@ -8,6 +8,7 @@ of these codes, never a traceback (`PgbeatGroup`; -vv logs the traceback of an u
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pgbeat import errors
-from pgbeat.catalog.manifest import list_backups, order_key
+from pgbeat.catalog.manifest import Manifest, list_backups, order_key
 from pgbeat.clitypes import (
     BackupFile,
     BackupLocation,
@@ -288,7 +289,7 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
         m = e.manifest
         table.add_row(m.target, m.tier, local_time(settings, m.taken_at), human_size(m.size),
                       f"{m.format}/{m.codec}{'+age' if m.encryption else ''}", m.status,
-                      drill_summary(settings, m.drills), (m.sha256 or "")[:12], Path(e.path).name)
+                      drill_summary(settings, m), (m.sha256 or "")[:12], Path(e.path).name)
     out.print(table)
 
 
@@ -314,12 +315,10 @@ def local_time(settings: Settings, when: datetime | str) -> str:
     return when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def drill_summary(settings: Settings, drills: list[dict]) -> str:
+def drill_summary(settings: Settings, manifest: Manifest) -> str:
     """'passed 2025-11-23 05:00:12' for the latest drill of a backup, '-' if it was never drilled."""
-    if not drills:
-        return "-"
-    last = drills[-1]
-    return f"{last['status']} {local_time(settings, last['at'])}"
+    last = manifest.last_drill
+    return "-" if last is None else f"{last.status} {local_time(settings, last.at)}"
 
 
 @main.command()
@@ -451,7 +450,7 @@ def print_manifest(settings: Settings, entry) -> None:
     m = entry.manifest
     out.print(f"{entry.path}\n  target {m.target}, tier {m.tier}, taken {local_time(settings, m.started_at)}, "
               f"{human_size(m.size)}, {m.format}/{m.codec}, PostgreSQL {m.server_version}, status {m.status}, "
-              f"drill {drill_summary(settings, m.drills)}", markup=False)
+              f"drill {drill_summary(settings, m)}", markup=False)
     table = Table(title=f"{len(m.tables)} table(s)")
     table.add_column("table")
     table.add_column("rows", justify="right")
@@ -487,12 +486,12 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
     a failure at any point leaves the existing database as it was. Emergency revert:
     `pgbeat restore BACKUP_ROOT/pre_restore_<target>_<stamp>.sql.gz`.
     """
-    from pgbeat.fsutil import remove_path
+    from pgbeat.pipeline.record import scratch_folder
     from pgbeat.restore import restore as restoring
     from pgbeat.steps.verify import open_backup
 
     settings = settings_or_exit(writes=not list_only or "://" in (file or ""))
-    fetched = None
+    scratch = contextlib.ExitStack()  # a fetched copy's folder, removed however this ends
     try:
         if into is not None:
             restoring.refuse_reserved(into)  # before anything is downloaded, asked or sent
@@ -504,8 +503,7 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
         if on_worker and not settings.embedded:
             require_broker(settings)
         if file and "://" in file:
-            fetched = settings.backup_root / ".work" / f"fetch-{uuid.uuid4().hex[:12]}"
-            entry = fetch_and_check(settings, file, fetched)
+            entry = fetch_and_check(settings, file, scratch.enter_context(scratch_folder(settings, "fetch")))
         else:
             entry = open_backup(Path(file)) if file else restoring.latest_backup(settings, target_name, tier)
         if list_only:
@@ -527,8 +525,7 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
     except PgbeatError as exc:
         fail(exc)
     finally:
-        if fetched is not None:
-            remove_path(fetched)
+        scratch.close()
     out.print("  " + ", ".join(f"{step} {seconds:.1f}s" for step, seconds in result.steps.items()), markup=False)
     if result.safety_backup:
         out.print(f"  safety backup: {result.safety_backup}", markup=False)
@@ -837,6 +834,14 @@ def config_check(no_connect: bool) -> None:
         else:
             out.print("  [green]✓[/green] broker: Redis answers", markup=True)
     sys.exit(errors.EXIT_UNREACHABLE if unreachable else 0)
+
+
+@config.command("example")
+def config_example() -> None:
+    """Print a targets file with every key, its description and its default (deploy/pgbeat.example.yaml)."""
+    from pgbeat.settings.example import example_config
+
+    click.echo(example_config(), nl=False)
 
 
 def check_connection(target) -> tuple[str | None, str | None]:

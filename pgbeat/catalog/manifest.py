@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pgbeat.fsutil import write_atomic
 
@@ -80,6 +80,60 @@ class FileDigest(BaseModel):
     sha256: str
 
 
+# The kinds of warning a backup can carry; monitoring and status decide by kind, never by the text.
+WARNING_KINDS = {
+    "size-drop": "much smaller than the previous backups of its target and tier",
+    "tables-gone": "tables of the previous backup are missing",
+    "slow": "much slower than the previous backups",
+    "clock": "the worker's clock was far from the database server's, or the server's was not read",
+    "disk": "BACKUP_ROOT is running out of space",
+    "rotate": "what the rotate step reported (backups dated in the future, removals that failed)",
+    "other": "a warning of an older manifest, from before warnings had a kind",
+}
+# How a manifest of version 2 or older spelled the warnings that status tells apart (upgrade only).
+_OLD_WARNING_TEXTS = {"was data lost?": "size-drop", "of the previous backup are missing": "tables-gone"}
+
+
+class BackupWarning(BaseModel):
+    """Something about a backup that is not a failure but should worry a DBA."""
+
+    kind: str = Field(description="one of WARNING_KINDS")
+    text: str
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        if kind not in WARNING_KINDS:
+            raise ValueError(f"unknown warning kind {kind!r}")
+        return kind
+
+
+class DrillRecord(BaseModel):
+    """One restore drill of a backup: when, how it went, what was checked."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: str = Field(description='"passed" or "failed"')
+    at: str = Field(description="when the drill started (ISO 8601, with its zone)")
+    duration_s: float
+    restore_s: float | None = None
+    server: str = ""
+    checks: list[str] = Field(default_factory=list, description="what was checked and how it went")
+    problems: list[str] = Field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def upgrade_warning(value: Any) -> Any:
+    """Given a warning as a manifest of any version holds it, return it as a BackupWarning's fields."""
+    if isinstance(value, str):
+        kind = next((k for text, k in _OLD_WARNING_TEXTS.items() if text in value), "other")
+        return {"kind": kind, "text": value}
+    return value
+
+
 class Manifest(BaseModel):
     """Everything known about one backup; written by verify, completed by upload, read by everything."""
 
@@ -115,10 +169,15 @@ class Manifest(BaseModel):
     node: str | None = None
     slot: str | None = Field(None, description="the scheduled slot this backup served (beat runs)")
     copies: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    drills: list[dict[str, Any]] = Field(default_factory=list)
-    warnings: list[str] = Field(default_factory=list)
+    drills: list[DrillRecord] = Field(default_factory=list)
+    warnings: list[BackupWarning] = Field(default_factory=list)
     encryption: dict[str, Any] | None = Field(None, description="age recipients and the plaintext's checksums")
     seal: str | None = Field(None, description="SHA-256 of the sealed fields (all but UNSEALED)")
+
+    @field_validator("warnings", mode="before")
+    @classmethod
+    def _upgrade_warnings(cls, value: Any) -> Any:
+        return [upgrade_warning(v) for v in value] if isinstance(value, list) else value
 
     @property
     def taken_at(self) -> datetime:
@@ -148,6 +207,14 @@ class Manifest(BaseModel):
         if self.seal != self.computed_seal():
             return "the manifest does not match its seal: it was damaged or edited after the backup was verified"
         return None
+
+    def record_drill(self, drill: DrillRecord) -> None:
+        """Add a drill of this backup (outside the seal: the backup's own fields need no new proof)."""
+        self.drills.append(drill)
+
+    @property
+    def last_drill(self) -> DrillRecord | None:
+        return self.drills[-1] if self.drills else None
 
     def checksum_lines(self) -> str:
         """Return the `.sha256` file's text: `sha256sum -c` checks it from the backup's folder."""

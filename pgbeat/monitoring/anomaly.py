@@ -1,12 +1,14 @@
 """Warnings that are not failures: the signs of a backup that "worked" but should worry a DBA.
 
 - much smaller than the previous backups of the same target and tier (a dump that silently lost a
-  table: notes/peers.md, complaint 1), and tables that were in the previous backup but are gone;
+  table, what DBAs most often find too late), and tables that were in the previous backup but are gone;
 - much slower than usual;
 - BACKUP_ROOT running out of space;
 - the clock of the worker that made it far from the database server's (or the server's not read).
 
-"Previous" is by the one order of backups (`catalog.order_key`: the database server's clock).
+Each is a `BackupWarning` with a kind (catalog.manifest.WARNING_KINDS): status and metrics decide by
+the kind, the text is for people. "Previous" is by the one order of backups (`catalog.order_key`: the
+database server's clock).
 """
 
 from __future__ import annotations
@@ -15,21 +17,22 @@ import shutil
 import statistics
 from pathlib import Path
 
-from pgbeat.catalog.manifest import Entry, list_backups, order_key
+from pgbeat.catalog.manifest import BackupWarning, Entry, list_backups, order_key
 from pgbeat.postgres.clock import SKEW_WARNING
 from pgbeat.runlog import human_size
 from pgbeat.settings import MonitoringSpec, Settings
 
 
-def disk_warnings(backup_root: Path, monitoring: MonitoringSpec) -> list[str]:
+def disk_warnings(backup_root: Path, monitoring: MonitoringSpec) -> list[BackupWarning]:
     usage = shutil.disk_usage(backup_root)
     percent = 100.0 * usage.free / usage.total if usage.total else 100.0
     if percent < monitoring.min_free_percent or usage.free < monitoring.min_free_bytes:
-        return [f"only {human_size(usage.free)} ({percent:.1f}%) free on {backup_root}"]
+        text = f"only {human_size(usage.free)} ({percent:.1f}%) free on {backup_root}"
+        return [BackupWarning(kind="disk", text=text)]
     return []
 
 
-def comparison_warnings(current: Entry, previous: list[Entry], monitoring: MonitoringSpec) -> list[str]:
+def comparison_warnings(current: Entry, previous: list[Entry], monitoring: MonitoringSpec) -> list[BackupWarning]:
     """Compare a new backup with the previous ones of the same target and tier (oldest first)."""
     history = [e for e in previous if e.verified][-monitoring.history:]
     if not history:
@@ -43,32 +46,36 @@ def comparison_warnings(current: Entry, previous: list[Entry], monitoring: Monit
     sizes = [measure(e) for e in history]
     median_size = statistics.median(sizes)
     if len(history) >= 2 and median_size and measure(current) < monitoring.size_drop_ratio * median_size:
-        warnings.append(f"backup is {human_size(measure(current))}, {100 * measure(current) / median_size:.0f}% of "
-                        f"the median of the previous {len(history)} ({human_size(int(median_size))}): "
-                        "was data lost?")
+        warnings.append(BackupWarning(kind="size-drop", text=(
+            f"backup is {human_size(measure(current))}, {100 * measure(current) / median_size:.0f}% of the median "
+            f"of the previous {len(history)} ({human_size(int(median_size))}): was data lost?")))
     gone = sorted(set(history[-1].manifest.tables) - set(m.tables))
     if gone:
-        warnings.append(f"{len(gone)} table(s) of the previous backup are missing: {', '.join(gone[:5])}")
+        warnings.append(BackupWarning(kind="tables-gone", text=(
+            f"{len(gone)} table(s) of the previous backup are missing: {', '.join(gone[:5])}")))
     durations = [e.manifest.duration_s for e in history if e.manifest.duration_s]
     if durations and m.duration_s and m.duration_s > monitoring.min_duration_s:
         median_duration = statistics.median(durations)
         if m.duration_s > monitoring.duration_growth_ratio * median_duration:
-            warnings.append(f"backup took {m.duration_s:.0f}s, {m.duration_s / median_duration:.1f}x the median "
-                            f"of the previous {len(durations)} ({median_duration:.0f}s)")
+            warnings.append(BackupWarning(kind="slow", text=(
+                f"backup took {m.duration_s:.0f}s, {m.duration_s / median_duration:.1f}x the median "
+                f"of the previous {len(durations)} ({median_duration:.0f}s)")))
     return warnings
 
 
-def clock_warnings(current: Entry) -> list[str]:
+def clock_warnings(current: Entry) -> list[BackupWarning]:
     """Say when the worker's clock was far from the database server's as this backup was taken."""
     m = current.manifest
     if m.server_time is None:
-        return [f"the database server's clock was not read: {current.path.name} is dated by the clock of "
-                f"{m.node or 'its worker'}, which orders it among the others"]
+        return [BackupWarning(kind="clock", text=(
+            f"the database server's clock was not read: {current.path.name} is dated by the clock of "
+            f"{m.node or 'its worker'}, which orders it among the others"))]
     if m.clock_skew_s is not None and abs(m.clock_skew_s) > SKEW_WARNING.total_seconds():
         side = "ahead of" if m.clock_skew_s > 0 else "behind"
-        return [f"the clock of {m.node or 'the worker'} is {human_duration(abs(m.clock_skew_s))} {side} the "
-                f"database server's: the file name's stamp uses it, but the backup is dated and ordered by "
-                f"the server's clock ({m.server_time.isoformat()}); fix the host's time (NTP)"]
+        return [BackupWarning(kind="clock", text=(
+            f"the clock of {m.node or 'the worker'} is {human_duration(abs(m.clock_skew_s))} {side} the "
+            f"database server's: the file name's stamp uses it, but the backup is dated and ordered by "
+            f"the server's clock ({m.server_time.isoformat()}); fix the host's time (NTP)"))]
     return []
 
 
@@ -79,7 +86,7 @@ def human_duration(seconds: float) -> str:
     return f"{seconds:.0f} seconds"
 
 
-def backup_warnings(settings: Settings, current: Entry) -> list[str]:
+def backup_warnings(settings: Settings, current: Entry) -> list[BackupWarning]:
     entries = list_backups(settings.backup_root, current.manifest.target, current.manifest.tier)
     previous = [e for e in entries if order_key(e) < order_key(current)]
     return (comparison_warnings(current, previous, settings.monitoring) + clock_warnings(current)

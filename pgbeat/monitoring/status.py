@@ -40,12 +40,13 @@ class TierStatus:
     copies: list[str] = field(default_factory=list)  # destinations holding the newest backup
     last_attempt: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)  # of the newest backup, and about clocks
+    warning_kinds: list[str] = field(default_factory=list)  # the kind of each warning (WARNING_KINDS)
     future: list[str] = field(default_factory=list)  # backups dated after `now` (made under a wrong clock)
     clock_skew_s: float | None = None  # the newest backup's worker clock minus the server's
 
     @property
     def size_anomaly(self) -> bool:
-        return any("was data lost" in w or "are missing" in w for w in self.warnings)
+        return bool({"size-drop", "tables-gone"} & set(self.warning_kinds))
 
 
 @dataclass
@@ -104,7 +105,8 @@ def tier_status(settings: Settings, target: str, tier: str, entries: list[Entry]
         finished = m.completed_at
         status.last_success_at = finished.isoformat()
         status.last_success_file = last.path.name
-        status.size, status.duration_s, status.warnings = m.size, m.duration_s, list(m.warnings)
+        status.size, status.duration_s = m.size, m.duration_s
+        status.warnings, status.warning_kinds = [w.text for w in m.warnings], [w.kind for w in m.warnings]
         status.copies = sorted(m.copies or {"local": {}})
         status.clock_skew_s = m.clock_skew_s
         status.age_s = max(0.0, (now - finished).total_seconds())
@@ -112,6 +114,7 @@ def tier_status(settings: Settings, target: str, tier: str, entries: list[Entry]
     if status.future:
         status.warnings.append(f"{len(status.future)} backup(s) dated in the future (made under a wrong clock; "
                                f"never the last success, never removed by age): {', '.join(status.future[:5])}")
+        status.warning_kinds.append("clock")
     return status
 
 
@@ -128,9 +131,9 @@ def build_status(settings: Settings, now: datetime) -> StatusReport:
                                      attempts))
         drilled = [(d, e) for e in entries for d in e.manifest.drills]
         if drilled:
-            last, entry = max(drilled, key=lambda pair: pair[0]["at"])
-            drills.append(DrillStatus(target=name, backup=entry.path.name, at=last["at"], status=last["status"],
-                                      duration_s=last["duration_s"], restore_s=last.get("restore_s")))
+            last, entry = max(drilled, key=lambda pair: pair[0].at)
+            drills.append(DrillStatus(target=name, backup=entry.path.name, at=last.at, status=last.status,
+                                      duration_s=last.duration_s, restore_s=last.restore_s))
     root = settings.backup_root
     usage = shutil.disk_usage(root) if root.exists() else shutil.disk_usage(root.parent)
     return StatusReport(generated_at=now.isoformat(), backup_root=str(root), disk_total=usage.total,

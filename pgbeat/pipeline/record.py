@@ -7,7 +7,9 @@ the Celery chain; `StepContext` carries what must not travel (settings with secr
 A run's files live in its work folder `BACKUP_ROOT/.work/<run_id>` until the upload gives the backup its
 final name. Whoever runs a step holds the folder (pgbeat.fsutil.hold_dir: an flock the kernel drops when
 the process dies); `sweep_work_folders`, run by every pgbeat process when it starts (pgbeat.startup),
-removes the folders that no live process holds and no active Celery run still needs.
+removes the folders that no live process holds and no active Celery run still needs. Every other
+transient folder (a fetch before a restore, a decrypted copy under verify, an off-site sidecar) is a
+`scratch_folder`: held the same way, so one sweep covers them all.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from pgbeat import faults
 from pgbeat.catalog.manifest import STAMP_FORMAT, backup_name, extension
 from pgbeat.postgres.process import CancelEvent
 from pgbeat.settings import Settings, Target
@@ -143,6 +147,34 @@ def _run_still_active(settings: Settings, run_ids: list[str]) -> set[str]:
         client.close()
 
 
+# What each kind of scratch folder holds; a fault point per kind, so the leftover tests cover a new one.
+SCRATCH_PURPOSES = {
+    "fetch": "a copy downloaded from a destination, before restore checks and loads it",
+    "verify": "the plaintext of an encrypted backup, decrypted to be checked",
+    "offsite": "a copy being encrypted or a sidecar being written for a destination",
+}
+SCRATCH_FULL = {purpose: faults.declare(f"scratch.{purpose}", f"a scratch folder holds {what}; it is not removed yet")
+                for purpose, what in SCRATCH_PURPOSES.items()}
+
+
+@contextmanager
+def scratch_folder(settings: Settings, purpose: str) -> Iterator[Path]:
+    """Given what it is for (a key of SCRATCH_PURPOSES), yield a new private folder under BACKUP_ROOT/.work.
+
+    The folder is held (an flock) while in use and removed afterwards; a process killed inside leaves
+    it unheld, and the next pgbeat run of any kind removes it (`sweep_work_folders`), plaintext included.
+    """
+    from pgbeat.fsutil import hold_dir, remove_path
+
+    folder = settings.backup_root / WORK_DIR / f"{purpose}-{uuid.uuid4().hex[:12]}"
+    with hold_dir(folder, create=True):
+        try:
+            yield folder
+        finally:
+            faults.fault_point(SCRATCH_FULL[purpose])
+            remove_path(folder)
+
+
 def sweep_work_folders(settings: Settings) -> list[str]:
     """Remove from `BACKUP_ROOT/.work` what killed runs left there; return one line per folder removed.
 
@@ -150,7 +182,7 @@ def sweep_work_folders(settings: Settings) -> list[str]:
     run id), the run is no longer active in Redis (a run between two steps holds no lock; it is finished,
     failed, abandoned to another host, or forgotten with Redis's data). Before a dead run's folder goes,
     what its upload had put on the shelf without the data file (sidecars under a final name) is taken
-    back. Folders of other tools that do not take the lock (restores, drills, fetches) are left alone.
+    back. Scratch folders go the same way; the folders of restores and drills are their journal's to undo.
     """
     from pgbeat.fsutil import LOCK_FILE, acquire_dir, release_dir, remove_path
 

@@ -1,4 +1,4 @@
-"""Restore drills: routine proof that the backups restore (what no peer tool does, notes/peers.md (d) 4).
+"""Restore drills: routine proof that the backups restore (no peer tool schedules them).
 
 A drill takes the latest verified backup of a target, restores it into a scratch database on the drill
 server (by default the target's own server; set `drill.host` to keep the load off production), checks
@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 import psycopg
 from psycopg import sql
 
-from pgbeat.catalog.manifest import Entry, manifest_path, update_manifest
+from pgbeat.catalog.manifest import DrillRecord, Entry, manifest_path, update_manifest
 from pgbeat.errors import PgbeatError
 from pgbeat.faults import fault_point
 from pgbeat.fsutil import private_dir, remove_path
@@ -66,24 +65,17 @@ class DrillInterrupted(PgbeatError):
     """A signal stopped a drill; its scratch database was dropped and the failed drill recorded."""
 
 
-@dataclass
-class DrillResult:
+class DrillResult(DrillRecord):
+    """A drill as its caller sees it: the record kept in the backup's manifest, and which backup it was."""
+
     target: str
     backup: str
-    status: str  # "passed" or "failed"
-    at: str
-    duration_s: float
-    restore_s: float | None = None
-    server: str = ""
-    checks: list[str] = field(default_factory=list)  # what was checked and how it went
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
 
     def as_json(self) -> dict:
-        return asdict(self)
+        return self.model_dump(mode="json")
+
+    def record(self) -> DrillRecord:
+        return DrillRecord.model_validate(self.model_dump(exclude={"target", "backup"}))
 
 
 def run_assertions(conn: psycopg.Connection, assertions: list[str], timeout_s: int) -> tuple[list[str], list[str]]:
@@ -181,9 +173,9 @@ def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
             result.status = "failed"
             result.problems.append(f"interrupted by {exc.signal_name}")
     result.duration_s = round(time.monotonic() - t0, 3)
-    record = {k: v for k, v in result.as_json().items() if k not in ("target", "backup")}
     if entry is not None:
-        update_manifest(manifest_path(entry.path), lambda m: m.drills.append(record))
+        record = result.record()
+        update_manifest(manifest_path(entry.path), lambda m: m.record_drill(record))
     send_event(settings, Event(
         kind="drill_passed" if result.passed else "drill_failed", target=target.name,
         tier=entry.manifest.tier if entry else "-", run_id=entry.manifest.run_id if entry else "-",

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pgbeat import faults, runlog
-from pgbeat.catalog.manifest import find_backup, manifest_path, record_attempt, update_manifest
+from pgbeat.catalog.manifest import BackupWarning, find_backup, manifest_path, record_attempt, update_manifest
 from pgbeat.errors import PgbeatError
 from pgbeat.monitoring.anomaly import backup_warnings, disk_warnings
 from pgbeat.notify import event_from_run, healthchecks, send_event
@@ -36,11 +36,12 @@ def notify_step(ctx: StepContext, run: Run) -> Run:
     event = event_from_run(settings, run, ctx.now())
     entry = find_backup(Path(run.final_path)) if run.final_path else None
     if event.kind == "success" and entry is not None:
-        event.warnings += backup_warnings(settings, entry)
-        if event.warnings:
-            update_manifest(manifest_path(entry.path), lambda m: setattr(m, "warnings", event.warnings))
+        found = [BackupWarning(kind="rotate", text=w) for w in event.warnings] + backup_warnings(settings, entry)
+        event.warnings = [w.text for w in found]
+        if found:
+            update_manifest(manifest_path(entry.path), lambda m: setattr(m, "warnings", found))
     elif event.kind == "failure":
-        event.warnings += disk_warnings(settings.backup_root, settings.monitoring)
+        event.warnings += [w.text for w in disk_warnings(settings.backup_root, settings.monitoring)]
     try:
         record_attempt(settings.backup_root, run.target, run.tier, {
             "status": event.kind, "at": event.at, "run_id": run.run_id, "duration_s": event.duration_s,

@@ -1,6 +1,6 @@
 """The rotate step: age-based retention per target and tier, with a floor that cannot be crossed.
 
-Rules (see notes/peers.md, complaint 2: retention that deletes the last good backups):
+Rules (retention that deletes the last good backups is what users of backup tools fear most after lost data):
 - a backup older than the tier's `keep_days` is removed together with its manifest and `.sha256`;
 - the newest `min_keep` verified backups of the target/tier are never removed, however old, so a run
   of failed backups can never empty the shelf;

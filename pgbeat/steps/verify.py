@@ -36,7 +36,7 @@ from pgbeat.catalog.manifest import (
 )
 from pgbeat.errors import VerifyError
 from pgbeat.fsutil import write_atomic
-from pgbeat.pipeline.record import Run, StepContext
+from pgbeat.pipeline.record import Run, StepContext, scratch_folder
 from pgbeat.postgres.process import Supervised, find_pg_binary
 from pgbeat.postgres.sqlscan import COMPLETE_MARKER, DumpScanner
 from pgbeat.settings import Settings
@@ -363,22 +363,15 @@ def verify_backup(path: Path, settings: Settings, identities: list | None = None
 
 def decrypted_problems(entry, settings: Settings, identities: list, codec: str, result: dict) -> list[str]:
     """Decrypt an encrypted backup into a scratch file and check the plaintext; fill `result` in."""
-    import uuid
-
     from pgbeat import crypt
-    from pgbeat.fsutil import hold_dir, remove_path
 
     plaintext = entry.manifest.encryption["plaintext"]
-    # A folder held while this process uses it: killed here, the next pgbeat run sweeps the plaintext.
-    folder = settings.backup_root / ".work" / f"verify-{uuid.uuid4().hex[:12]}"
-    with hold_dir(folder, create=True):
-        try:
-            scratch = folder / plaintext["file"]
-            digests = crypt.decrypt_file(entry.path, scratch, identities)
-            if digests["sha256"] != plaintext["sha256"]:
-                return ["the decrypted content does not match the plaintext SHA-256 in the manifest"]
-            checked = check_backup(scratch, entry.manifest.format, codec, settings)
-            result.update(complete=checked["complete"], plaintext_sha256=digests["sha256"])
-            return plaintext_problems(checked, entry.manifest)
-        finally:
-            remove_path(folder)
+    # Killed here, the next pgbeat run sweeps the plaintext (a scratch folder is held while in use).
+    with scratch_folder(settings, "verify") as folder:
+        scratch = folder / plaintext["file"]
+        digests = crypt.decrypt_file(entry.path, scratch, identities)
+        if digests["sha256"] != plaintext["sha256"]:
+            return ["the decrypted content does not match the plaintext SHA-256 in the manifest"]
+        checked = check_backup(scratch, entry.manifest.format, codec, settings)
+        result.update(complete=checked["complete"], plaintext_sha256=digests["sha256"])
+        return plaintext_problems(checked, entry.manifest)

@@ -18,9 +18,6 @@ directory-format backup cannot be encrypted as one file: it is not copied (a war
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +39,7 @@ from pgbeat.catalog.manifest import (
     write_manifest,
 )
 from pgbeat.errors import PgbeatError, StorageError
+from pgbeat.pipeline.record import scratch_folder
 from pgbeat.settings import DestinationSpec, Settings, Target, TierPolicy
 from pgbeat.storage import Storage
 from pgbeat.storage.wrappers import RetryingStorage, ThrottledStorage
@@ -99,20 +97,6 @@ def retention(target: Target, spec: DestinationSpec | None, tier: str) -> TierPo
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat()
-
-
-@contextmanager
-def scratch_folder(settings: Settings) -> Iterator[Path]:
-    """A private folder under BACKUP_ROOT/.work for this process's transient files, held while in use (a
-    killed process's folder is swept by the next run) and removed afterwards."""
-    from pgbeat.fsutil import hold_dir, remove_path
-
-    folder = settings.backup_root / ".work" / f"offsite-{uuid.uuid4().hex[:12]}"
-    with hold_dir(folder, create=True):
-        try:
-            yield folder
-        finally:
-            remove_path(folder)
 
 
 def _put_text(storage: Storage, scratch: Path, text: str, key: str) -> None:
@@ -191,7 +175,7 @@ def copy_backup(settings: Settings, storage: Storage, spec: DestinationSpec, ent
                 recipients: list[str] | None = None) -> dict[str, Any]:
     """Copy one local backup to `storage` (encrypted on the way for `recipients`) and check it there; then
     its `.sha256`, then its manifest. Return the copy's record for the local manifest."""
-    with scratch_folder(settings) as scratch:
+    with scratch_folder(settings, "offsite") as scratch:
         if recipients:
             stored, source = _encrypted_copy(storage, spec, entry, recipients, scratch)
         else:
@@ -304,7 +288,7 @@ def remote_entries(settings: Settings, storage: Storage, destination: str, targe
     """Read the manifests of `target`'s `tier` backups at a destination (only pgbeat's objects count)."""
     listed = {info.key.rsplit("/", 1)[-1] for info in storage.list(f"{tier}/")}
     entries = []
-    with scratch_folder(settings) as scratch:
+    with scratch_folder(settings, "offsite") as scratch:
         for name in sorted(listed):
             if not name.endswith(MANIFEST_SUFFIX):
                 continue

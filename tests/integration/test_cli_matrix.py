@@ -237,6 +237,7 @@ def baselines(world: World) -> dict[tuple[str, ...], tuple[dict, dict]]:
         ("cron", "install"): {"file": cron_file, "user": "pgbeat"},
         ("cron", "remove"): {"file": cron_file},
         ("config", "check"): {},
+        ("config", "example"): {},
     }
     safe = {**armed, ("rotate",): {"dry_run": True}, ("restore",): {"file": str(world.backup), "list_only": True}}
     return {path: (armed[path], safe[path]) for path in armed}

@@ -6,6 +6,8 @@ import itertools
 import json
 import os
 import signal
+import subprocess
+import time
 import uuid
 from collections import defaultdict
 from datetime import datetime, timedelta
@@ -13,7 +15,7 @@ from datetime import datetime, timedelta
 import pytest
 from celery import Celery
 
-from tests.support import Service, Worker, pg_dump_processes, run_state, table_locked, wait_for, wait_run
+from tests.support import VENV_BIN, Service, Worker, pg_dump_processes, run_state, table_locked, wait_for, wait_run
 
 pytestmark = pytest.mark.integration
 
@@ -143,3 +145,31 @@ def test_runs_of_a_dead_host_are_redispatched(tmp_path_factory, pg, redis_server
 
 def run_state_of(redis_server, run_id: str) -> dict:
     return run_state(redis_server.client, run_id)
+
+
+def test_a_lost_restore_fails_and_does_not_stop_the_reconciler(tmp_path_factory, pg, redis_server, make_db):
+    """A restore and a backup were running on a host that died: the reconciler marks the restore failed (so
+    `pgbeat restore --on-worker` stops waiting; a restore is never re-run elsewhere by itself) and still
+    re-dispatches the backup."""
+    db = make_db("lost")
+    service = Service(tmp_path_factory.mktemp("lost"), redis_server.url, [pg.target("erp", db)], node="live",
+                      reliability={"node_timeout": 10})
+    long_ago = str(time.time() - 3600)
+    restore_id, backup_id = uuid.uuid4().hex, uuid.uuid4().hex
+    runs = {restore_id: {"status": "running", "step": "load", "target": "erp", "kind": "restore"},
+            backup_id: {"status": "running", "step": "dump", "target": "erp", "tier": "daily"}}
+    for run_id, fields in runs.items():
+        redis_server.client.hset(f"pgbeat:run:{run_id}", mapping={**fields, "node": "gone", "updated_at": long_ago})
+    code = ("import json; from workers.app import app; from workers.reconcile import reconcile; "
+            "from pgbeat.settings import get_settings; report = reconcile(app, get_settings()); "
+            # the re-dispatched backup is taken back out of the shared broker: no later test's worker runs it
+            "report['purged'] = app.control.purge(); print(json.dumps(report))")
+    done = subprocess.run([str(VENV_BIN / "python"), "-c", code], cwd=service.cwd, env=service.env(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["failed"] == [restore_id]
+    assert [r["abandoned"] for r in report["redispatched"]] == [backup_id] and report["purged"] == 1
+    lost = run_state_of(redis_server, restore_id)
+    assert lost["status"] == "failed" and "gone" in json.loads(lost["failure"])["message"]
+    assert run_state_of(redis_server, backup_id)["status"] == "abandoned"

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from pgbeat.pipeline.record import SCRATCH_PURPOSES
 from tests.conftest import unique
 from tests.shelf import backups_of, restore_into, shelf_problems
+from tests.storage_servers import S3_ACCESS_KEY, S3_SECRET
 from tests.support import (
     SECRET_PASSWORD,
     VENV_BIN,
@@ -169,3 +171,48 @@ def test_no_passfile_on_disk_while_pg_dump_runs(workdir, pg, locked_db, make_db)
     assert pg.dump_text(restored) == pg.dump_text(locked_db)
     [directory] = backups_of(service.backup_root, "erp_dir")
     assert len(list(directory.glob("*.dat.gz"))) >= 1  # written by pg_dump -j 2's workers
+
+
+@pytest.fixture
+def encrypted_offsite(workdir, pg, locked_db, moto_s3):
+    """A target whose backups are encrypted (a real age key) and copied to S3 (moto); one backup taken.
+    Returns (service, local backup, its S3 address, identity file)."""
+    key = workdir / "backup-key.txt"
+    made = subprocess.run(["age-keygen", "-o", str(key)], capture_output=True, text=True, check=True)
+    recipient = made.stderr.strip().split("Public key: ")[1]
+    bucket = moto_s3.new_bucket()
+    s3 = {"name": "offsite-s3", "kind": "s3", "bucket": bucket, "prefix": "pgbeat", "endpoint_url": moto_s3.url,
+          "region": "us-east-1", "access_key_id": S3_ACCESS_KEY, "secret_access_key": S3_SECRET, "retries": 1}
+    service = Service(workdir, None, [pg.target("erp", locked_db, encryption={"recipients": [recipient]},
+                                                destinations=[s3])])
+    first = service.pgbeat("backup", "daily")
+    assert first.returncode == 0, first.stdout + first.stderr
+    [local] = service.backups("daily", ".sql.gz.age")
+    return service, local, f"s3://{bucket}/pgbeat/daily/{local.name}", key
+
+
+# How to get a pgbeat process into each kind of scratch folder; a kind without a way in fails the test below.
+SCRATCH_COMMANDS = {
+    "fetch": lambda local, url, key: ("restore", url, "--into", f"left_{uuid.uuid4().hex[:8]}", "--identity", str(key)),
+    "verify": lambda local, url, key: ("verify", str(local), "--identity", str(key)),
+    "offsite": lambda local, url, key: ("backup", "daily"),
+}
+
+
+@pytest.mark.parametrize("purpose", sorted(SCRATCH_PURPOSES))
+def test_a_process_killed_with_a_full_scratch_folder_leaves_nothing(workdir, encrypted_offsite, purpose):
+    """Killed while its scratch folder holds a download, a plaintext or an encrypted copy, the next pgbeat
+    command removes the folder; the shelf keeps its whole backups."""
+    assert set(SCRATCH_COMMANDS) == set(SCRATCH_PURPOSES)
+    service, local, url, key = encrypted_offsite
+    faults = workdir / f"faults-{purpose}"
+    faults.mkdir()
+    killed = service.pgbeat(*SCRATCH_COMMANDS[purpose](local, url, key), PGBEAT_FAULTS=f"scratch.{purpose}=kill",
+                            PGBEAT_FAULTS_DIR=str(faults))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    work = service.backup_root / ".work"
+    [left] = [p for p in work.iterdir() if p.name.startswith(f"{purpose}-")]
+    assert any(left.iterdir()), "the fault point is reached with the folder's content in place"
+    assert service.pgbeat("list").returncode == 0
+    assert not left.exists() and not [p for p in work.iterdir() if p.name.startswith(f"{purpose}-")]
+    assert local.exists() and shelf_problems(service.backup_root) == []

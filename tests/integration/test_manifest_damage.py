@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 import typing
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -103,8 +104,11 @@ def sample(annotation):
         return []
     if origin is datetime:
         return "2025-11-19T02:00:00+00:00"
-    if hasattr(annotation, "model_fields"):  # FileDigest
-        return {"name": "x", "size": 1, "md5": "0" * 32, "sha256": "0" * 64}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # an optional: a value of its type
+        return sample(next(a for a in typing.get_args(annotation) if a is not type(None)))
+    if hasattr(annotation, "model_fields"):  # a sub-model (FileDigest, DrillRecord, ...): its required fields
+        return {name: sample(field.annotation) for name, field in annotation.model_fields.items()
+                if field.is_required()}
     return {int: 7, float: 7.5, str: "x", bool: True}[origin]
 
 

@@ -27,18 +27,20 @@ from pgbeat.settings import (
     MAX_CONFIG_BYTES,
     TIERS,
     ChannelSpec,
-    CompressionSpec,
-    DestinationSpec,
-    DrillSpec,
+    Compression,
+    DrillPolicy,
     EncryptionSpec,
     EnvSettings,
     FileConfig,
+    GCSDestination,
     MonitoringSpec,
     Reliability,
     RetentionSpec,
+    S3Destination,
+    SSHDestination,
+    Target,
     TargetOptions,
-    TargetSpec,
-    TierSpec,
+    TierPolicy,
     _path_not_blank,
     _validate_listen,
     load_settings,
@@ -159,12 +161,14 @@ def models_with_paths():
     """(model, path in a document, minimal valid document at that path) for every model of the file."""
     return [
         (FileConfig, "", {}),
-        (TargetSpec, "targets[0]", {"name": "erp", "dbname": "erp"}),
+        (Target, "targets[0]", {"name": "erp", "dbname": "erp"}),
         (TargetOptions, "defaults", {}),
-        (DrillSpec, "targets[0].drill", {}),
+        (DrillPolicy, "targets[0].drill", {}),
         (ChannelSpec, "notify[0]", {"url": "json://127.0.0.1:1/"}),
-        (DestinationSpec, "targets[0].destinations[0]",
+        (SSHDestination, "targets[0].destinations[0]",
          {"name": "off", "kind": "ssh", "host": "127.0.0.1", "user": "u", "path": "/backups"}),
+        (S3Destination, "targets[0].destinations[0]", {"name": "off-s3", "kind": "s3", "bucket": "b"}),
+        (GCSDestination, "targets[0].destinations[0]", {"name": "off-gcs", "kind": "gcs", "bucket": "b"}),
         (EncryptionSpec, "targets[0].encryption", {"recipients": [RECIPIENT]}),
         (MonitoringSpec, "monitoring", {}),
     ]
@@ -220,7 +224,7 @@ def test_the_blank_cases_cover_every_kind_of_name():
 
 
 def all_models():
-    seen, stack = [], [FileConfig, TargetSpec, EnvSettings]
+    seen, stack = [], [FileConfig, Target, EnvSettings]
     while stack:
         model = stack.pop()
         if model in seen:
@@ -228,15 +232,17 @@ def all_models():
         seen.append(model)
         for info in model.model_fields.values():
             for member in unwrap(info.annotation):
-                for inner in [member, *typing.get_args(member)]:
-                    for candidate in [inner, *typing.get_args(inner)]:
-                        if isinstance(candidate, type) and issubclass(candidate, pydantic.BaseModel):
-                            stack.append(candidate)
+                nested = [member]  # opened all the way down: lists of a discriminated union of models
+                while nested:
+                    candidate = nested.pop()
+                    nested.extend(typing.get_args(candidate))
+                    if isinstance(candidate, type) and issubclass(candidate, pydantic.BaseModel):
+                        stack.append(candidate)
     return seen
 
 
 # Numbers bounded elsewhere: compression levels by codec (a cross-field check), time limits by a validator.
-BOUNDED_ELSEWHERE = {("CompressionSpec", "level"), ("Reliability", "time_limits")}
+BOUNDED_ELSEWHERE = {("Compression", "level"), ("Reliability", "time_limits")}
 
 
 def test_every_number_in_the_schema_has_a_ceiling():
@@ -359,13 +365,18 @@ def parts_of(path: str) -> list:
 
 # Every field of every model at its place in a document: the fuzz sets one to three of them at a time in
 # an otherwise valid document, so that each extreme value is tried on its own as well as together.
-LEAF_MODELS = [*models_with_paths(), *((TierSpec, f"targets[0].tiers.{tier}", {}) for tier in TIERS),
-               (CompressionSpec, "targets[0].compression", {}),
+# Each kind of destination at its own index, so that its own keys are tried in a destination of its kind.
+DESTINATION_AT = {SSHDestination: 0, S3Destination: 1, GCSDestination: 2}
+LEAF_MODELS = [*((model, f"targets[0].destinations[{DESTINATION_AT[model]}]" if model in DESTINATION_AT else path, base)
+                 for model, path, base in models_with_paths()),
+               *((TierPolicy, f"targets[0].tiers.{tier}", {}) for tier in TIERS),
+               (Compression, "targets[0].compression", {}),
                (RetentionSpec, "targets[0].destinations[0].retention.daily", {}), (Reliability, "reliability", {})]
 LEAVES = [([*parts_of(path), name], value_for(name, info.annotation, info.metadata, 1))
           for model, path, _base in LEAF_MODELS for name, info in model.model_fields.items()
           if name not in SKIPPED and name != "targets"]
-NEEDS = {("targets", 0, "destinations", 0): models_with_paths()[5][2], ("targets", 0, "encryption"): {
+NEEDS = {**{("targets", 0, "destinations", index): base for model, _path, base in models_with_paths()
+            for kind, index in DESTINATION_AT.items() if model is kind}, ("targets", 0, "encryption"): {
     "recipients": [RECIPIENT]}, ("notify", 0): {"url": "json://127.0.0.1:1/"}}
 
 
@@ -390,10 +401,13 @@ def build(assignments) -> dict:
     document: dict = {"timezone": "UTC", "targets": [{"name": "erp", "dbname": "erp"}]}
     for index, value in assignments:
         parts = LEAVES[index][0]
-        for prefix, needed in NEEDS.items():
+        for prefix in NEEDS:
             if tuple(parts[:len(prefix)]) == prefix and len(parts) > len(prefix):
-                for key, needed_value in needed.items():
-                    set_in(document, [*prefix, key], needed_value)
+                # the destinations before this one too: a list has no holes
+                before = [(*prefix[:-1], i) for i in range(prefix[-1])] if prefix[2:3] == ("destinations",) else []
+                for place_ in [*before, prefix]:
+                    for key, needed_value in NEEDS[place_].items():
+                        set_in(document, [*place_, key], needed_value)
         set_in(document, parts, value)
     return document
 
