@@ -70,7 +70,7 @@ class TargetBackup:
     def exit_code(self) -> int:
         if self.run is None or self.run.status == "succeeded":
             return errors.EXIT_OK
-        return run_exit_code(self.run.failure)
+        return run_exit_code(self.run.failure.model_dump() if self.run.failure else None)
 
 
 def backup_here(settings: Settings, names: list[str], tier: str, *,

@@ -147,7 +147,7 @@ def print_event(run: Run, step: str, state: str) -> None:
     if state == "started":
         return
     if state == "failed":
-        render_failure(run.failure or {}, step)
+        render_failure(run.failure.model_dump() if run.failure else {}, step)
         return
     extra = ""
     if step in ("dump", "compress", "verify") and info.get("size") is not None:

@@ -6,7 +6,9 @@ unless the environment names that point, which only the kill tests do:
 
     PGBEAT_FAULTS="upload.published-sidecars=kill"   SIGKILL this process there; also term, hup, int
                                                      (the signal is sent to this process itself), or
-                                                     pause (write a marker file, then sleep until killed)
+                                                     pause (write a marker file, then sleep until killed),
+                                                     or transient (raise InjectedTransientError: a
+                                                     transient failure the runners retry)
     PGBEAT_FAULTS_DIR=/some/dir                      fire each point once only: a marker file there records
                                                      that it fired, so a redelivered step or the next run
                                                      passes it; `pause` writes <dir>/<point>.reached
@@ -23,10 +25,18 @@ import signal
 import time
 from pathlib import Path
 
+from pgbeat.errors import PgbeatError
+
 _DECLARED: dict[str, str] = {}
 
 ACTIONS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "hup": signal.SIGHUP, "int": signal.SIGINT}
 PAUSE_SECONDS = 600.0
+
+
+class InjectedTransientError(PgbeatError):
+    """A transient failure a test asked for at a fault point (action `transient`)."""
+
+    transient = True
 
 
 def declare(name: str, doc: str) -> str:
@@ -62,6 +72,9 @@ def fault_point(name: str) -> None:
             os.close(os.open(Path(folder, f"{name}.fired"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         except FileExistsError:
             return  # fired before: the run that follows the kill passes through
+    if action == "transient":
+        raise InjectedTransientError(f"fault point {name}: an injected transient failure",
+                                     step=name.partition(".")[0])
     if action == "pause":
         if folder:
             Path(folder, f"{name}.reached").write_text(str(os.getpid()))

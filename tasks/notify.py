@@ -8,6 +8,7 @@ from pgbeat.coordination import redis_client
 from pgbeat.coordination.runs import RunState
 from pgbeat.pipeline.record import Run, StepContext
 from pgbeat.pipeline.runner import execute_step, fail_run
+from pgbeat.pipeline.steps_table import FINAL_STEPS
 from pgbeat.settings import get_settings
 from workers.config import host_queue
 from workers.guard import StepTask, run_step
@@ -23,7 +24,8 @@ def notify(self, record: dict) -> dict:
 
 @shared_task(name="tasks.chain_failed")
 def chain_failed(request, exc, traceback, record: dict) -> None:
-    """Errback: a step failed for good. Clean its files and send `tasks.notify` with the failure, once.
+    """Errback: a step failed for good. Clean its files and send the steps that always run (`tasks.notify`)
+    with the failure, once.
 
     Celery calls it inline in the process that saw the failure (on the run's host), with the failing
     task's request; it may be called more than once, so it acts only the first time. It never deletes a
@@ -40,11 +42,13 @@ def chain_failed(request, exc, traceback, record: dict) -> None:
     step = (getattr(request, "task", None) or "tasks.unknown").rsplit(".", 1)[-1]
     ctx = StepContext(settings)
     run = fail_run(ctx, run, step, exc)
-    state.update(run.run_id, status="failed", step=step, failure=run.failure)
-    state.progress(run.run_id, f"{step} failed: {run.failure['message']}")
-    try:
-        notify.apply_async(args=(run.as_json(),), queue=host_queue(run.node))
-    except Exception as send_error:  # the broker is gone: tell what we can from here
-        log.error("cannot send tasks.notify (%s); notifying inline", send_error)
-        execute_step(ctx, run, "notify")
-        state.update(run.run_id, status="failed")
+    state.update(run.run_id, status="failed", step=step, failure=run.failure.model_dump())
+    state.progress(run.run_id, f"{step} failed: {run.failure.message}")
+    for final in FINAL_STEPS:
+        try:
+            chain_failed.app.signature(f"tasks.{final.name}", args=(run.as_json(),),
+                                       queue=host_queue(run.node)).apply_async()
+        except Exception as send_error:  # the broker is gone: tell what we can from here
+            log.error("cannot send tasks.%s (%s); running it inline", final.name, send_error)
+            execute_step(ctx, run, final)
+            state.update(run.run_id, status="failed")

@@ -16,20 +16,25 @@ from celery import Celery, chain
 
 from pgbeat.coordination import MANUAL_PRIORITY, SCHEDULED_PRIORITY, redis_client
 from pgbeat.coordination.runs import RunState
-from pgbeat.notify import Event, healthchecks, send_event
+from pgbeat.notify import Event, send_event
 from pgbeat.pipeline.record import Run, new_run
+from pgbeat.pipeline.steps_table import STEP_TABLE
 from pgbeat.schedule import min_interval, slot_id, slot_of
-from pgbeat.settings import STEPS, Settings
+from pgbeat.settings import Settings
 from workers.config import host_queue
 
 log = logging.getLogger(__name__)
+
+
 def build_chain(app: Celery, settings: Settings, run: Run, priority: int = MANUAL_PRIORITY):
-    """Return the chain signature of `run`, every step routed to the run's host with its time limits."""
+    """Return the chain signature of `run`: one task `tasks.<step>` per row of the step table, in its order,
+    every step routed to the run's host with its time limits. The last rows (the steps that always run)
+    run as links of the chain on success; after a failure the errback sends them with the failure."""
     queue = host_queue(run.node)
     limits = settings.reliability.limits()
     grace = settings.reliability.hard_limit_grace
-    steps = [app.signature(f"tasks.{name}", queue=queue, soft_time_limit=limits[name],
-                           time_limit=limits[name] + grace, priority=priority) for name in STEPS]
+    steps = [app.signature(f"tasks.{row.name}", queue=queue, soft_time_limit=limits[row.name],
+                           time_limit=limits[row.name] + grace, priority=priority) for row in STEP_TABLE]
     steps[0] = steps[0].clone(args=(run.as_json(),))
     errback = app.signature("tasks.chain_failed", args=(run.as_json(),), queue=queue)
     return chain(*steps).on_error(errback)
@@ -76,7 +81,8 @@ def start_backup(app: Celery, settings: Settings, task_id: str, target_name: str
         priority = SCHEDULED_PRIORITY if scheduled else MANUAL_PRIORITY
     state.update(task_id, status="claimed", target=target.name, tier=tier, node=run.node, name=run.name,
                  slot=slot or "", priority=str(priority), replaces=replaces or "")
-    healthchecks.ping(target, "start")
+    # The healthchecks start ping is the runner contract's (pgbeat.pipeline.runner.announce_start): the
+    # dump's guard sends it, once, when the first step arrives on the run's host.
     build_chain(app, settings, run, priority).apply_async()
     state.update(task_id, status="queued")
     log.info("dispatched %s/%s as run %s on %s", target.name, tier, task_id, run.node)

@@ -13,11 +13,13 @@ this guard:
   `lock_ttl` instead of running in parallel, and takes over only if the running copy dies; a lease left
   by a dead process on this host is taken over at once;
 - counts deliveries, so a step that keeps killing its worker fails after `max_attempts`;
-- for the dump, holds the target lock and the per-server and fleet slots (renewed while pg_dump runs);
+- holds the locks the step table declares for the step (the dump: the target lock and the per-server
+  and fleet slots, renewed while pg_dump runs);
   a busy target or a full server makes the step wait by short re-sends (never a countdown longer than
   the visibility timeout, and not counted as a retry); a lost lock aborts pg_dump;
-- maps transient failures to retries with backoff, a Redis outage to a requeue, everything else to a
-  chain failure (the errback notifies).
+- maps failures through the runner contract (pgbeat.pipeline.runner.retry_delay): transient ones to
+  retries with backoff, everything else to a chain failure (the errback notifies); a Redis outage to a
+  requeue. The healthchecks start ping goes out, once, when the step that opens the run first arrives.
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ from pgbeat.coordination.runs import RunState
 from pgbeat.errors import LockHeldError, PgbeatError
 from pgbeat.notify import Event, send_event
 from pgbeat.pipeline.record import Run, StepContext
-from pgbeat.pipeline.runner import backoff_delays, execute_step
+from pgbeat.pipeline.runner import announce_start, execute_step, retry_delay
+from pgbeat.pipeline.steps_table import STEPS, Step, step
 from pgbeat.postgres.process import CancelEvent
-from pgbeat.settings import STEPS, Settings, get_settings
+from pgbeat.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 STEP_STORED = {name: faults.declare(f"{name}.stored", f"the {name} step's result is stored in Redis; the next "
@@ -69,8 +72,13 @@ class StepTask(Task):
 
 
 def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
-    """Run step `name` of the run in `record` as described above; return the updated record."""
+    """Run step `name` of the run in `record` as described above; return the updated record.
+
+    The rules of the step (locks, retries, whether it runs after a failure) are its row of the step
+    table, applied through the runner contract (pgbeat.pipeline.runner), as in-process.
+    """
     settings = get_settings()
+    row = step(name)
     run = Run.model_validate(record)
     client = redis_client(settings)
     state = RunState(client)
@@ -79,7 +87,7 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
         # The reconciler gave this run up (its host was gone) and dispatched a new one: drop this copy.
         log.warning("%s of run %s: the run was abandoned and re-dispatched; dropping this message", name, run.run_id)
         raise Ignore()
-    if status == "failed" and name != "notify":
+    if status == "failed" and not row.always_runs:
         # A late copy (a retry sent before the run failed for good): the errback has cleaned up already.
         log.warning("%s of run %s: the run failed already; dropping this message", name, run.run_id)
         raise Ignore()
@@ -90,7 +98,7 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
             raise Ignore()
         # The first delivery finished but may have died before sending the next step: send it now.
         log.warning("%s of run %s already done: passing its result on", name, run.run_id)
-        if name == "notify":
+        if row.always_runs:
             finish(state, Run.model_validate(done))
         return done
     ctx = StepContext(settings, cancel=CancelEvent(), once=lambda what: state.once(run.run_id, what))
@@ -119,16 +127,18 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
                                                                            if attempt > 1 else ""))
 
     try:
-        if name == "dump":
-            run = _dump_with_target_lock(task, settings, state, ctx, run, begin)
+        if row.opens_run:
+            announce_start(ctx, run)
+        if row.locks:
+            run = _step_with_locks(task, settings, state, ctx, run, row, begin)
         else:
             begin()
-            run = execute_step(ctx, run, name)
+            run = execute_step(ctx, run, row)
         result = run.as_json()
         state.step_done(run.run_id, name, result)
         faults.fault_point(STEP_STORED[name])
         state.progress(run.run_id, f"{name} done in {run.step(name).get('duration_s', 0):.2f}s")
-        if name == "notify":
+        if row.always_runs:
             finish(state, run)
         return result
     except RedisError as exc:
@@ -141,8 +151,8 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
             log.warning("%s of run %s stopped while Redis was unreachable; it will be delivered again", name,
                         run.run_id)
             raise Reject(ctx.cancel.reason, requeue=True) from None
-        if exc.transient and task.request.retries < settings.reliability.retries:
-            delay = backoff_delays(settings)[task.request.retries]
+        delay = retry_delay(settings, row, exc, task.request.retries)
+        if delay is not None:
             state.update(run.run_id, step=name, status="retrying", last_error=exc.message)
             state.progress(run.run_id, f"{name} will be retried in {delay}s: {exc.message}")
             raise task.retry(exc=exc, countdown=delay, max_retries=settings.reliability.retries) from None
@@ -152,7 +162,7 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
 
 
 def finish(state: RunState, run: Run) -> None:
-    """Record how the run ended, once its notify step is done."""
+    """Record how the run ended, once its last step (the one that always runs: notify) is done."""
     state.update(run.run_id, status=run.status, final_path=run.final_path or "")
     if run.status == "succeeded":
         state.set_latest(run.target, run.node)
@@ -185,9 +195,10 @@ def _wait(task: Task, settings: Settings, state: RunState, run: Run, reason: str
     raise Ignore()
 
 
-def _dump_with_target_lock(task: Task, settings: Settings, state: RunState, ctx: StepContext, run: Run,
-                           begin: Callable[[], None]) -> Run:
-    """Hold the target's lock, a slot of its database server and a fleet slot around the dump.
+def _step_with_locks(task: Task, settings: Settings, state: RunState, ctx: StepContext, run: Run, row: Step,
+                     begin: Callable[[], None]) -> Run:
+    """Hold in Redis the locks step `row` declares around it: the target's lock ("target"), a slot of its
+    database server and a fleet slot ("dump_slots").
 
     The target lock keeps two dumps of one database apart; the slots cap dumps per database server
     (`per_host_dumps`) and across the fleet (`max_dumps`), for every worker host at once.
@@ -195,22 +206,24 @@ def _dump_with_target_lock(task: Task, settings: Settings, state: RunState, ctx:
     client = redis_client(settings)
     r = settings.reliability
     cancel = ctx.cancel.cancel
-    lock = RedisLease(client, target_lock_key(run.target), r.lock_ttl, settings.node, run.run_id,
-                      on_lost=lambda reason: cancel(f"lost the target lock: {reason}"))
+    claims: list = []
+    if "target" in row.locks:
+        lock = RedisLease(client, target_lock_key(run.target), r.lock_ttl, settings.node, run.run_id,
+                          on_lost=lambda reason: cancel(f"lost the target lock: {reason}"))
 
-    def stale(holder: dict[str, str]) -> bool:
-        # We hold this run's dump lease, so a lock of this same run is an earlier, dead attempt's.
-        return holder["run_id"] == run.run_id or holder_gone(settings.node)(holder)
+        def stale(holder: dict[str, str]) -> bool:
+            # We hold this run's step lease, so a lock of this same run is an earlier, dead attempt's.
+            return holder["run_id"] == run.run_id or holder_gone(settings.node)(holder)
 
-    if not lock.acquire(take_over=stale):
-        holder = (lock.holder() or {}).get("run_id", "?")
-        _wait(task, settings, state, run, f"{run.target} is being dumped by run {holder}", r.lock_ttl, holder)
-    claims: list = [lock]
+        if not lock.acquire(take_over=stale):
+            holder = (lock.holder() or {}).get("run_id", "?")
+            _wait(task, settings, state, run, f"{run.target} is being dumped by run {holder}", r.lock_ttl, holder)
+        claims.append(lock)
     try:
         target = ctx.target(run)
         caps = [(host_slots_key(f"{target.host or 'local'}:{target.port}"), r.per_host_dumps,
                  f"database server {target.host or 'local'}:{target.port}"), (GLOBAL_SLOTS_KEY, r.max_dumps, "fleet")]
-        for key, limit, what in caps:
+        for key, limit, what in caps if "dump_slots" in row.locks else []:
             if not limit:
                 continue
             slot = RedisSemaphore(client, key, limit, r.lock_ttl, settings.node, run.run_id,
@@ -220,7 +233,7 @@ def _dump_with_target_lock(task: Task, settings: Settings, state: RunState, ctx:
                       2 + random.random() * 3)
             claims.append(slot)
         begin()
-        return execute_step(ctx, run, "dump")
+        return execute_step(ctx, run, row)
     finally:
         for claim in reversed(claims):
             claim.release()

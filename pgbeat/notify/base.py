@@ -85,13 +85,14 @@ class Notifier(Protocol):
 
 
 def event_from_run(settings: Settings, run: Run, now: datetime) -> Event:
-    failure = run.failure or {}
+    failure = run.failure
     return Event(
         kind="failure" if run.status == "failed" else "success",
         target=run.target, tier=run.tier, run_id=run.run_id, node=run.node, at=now.isoformat(),
         file=run.final_path, size=run.step("verify").get("size"),
         duration_s=round((now - run.started_at).total_seconds(), 3),
-        step=failure.get("step"), reason=failure.get("message"), details=failure.get("details", []),
-        hint=failure.get("hint"), log_file=str(runlog.log_path(settings, run)),
+        step=failure and failure.step, reason=failure and failure.message,
+        details=failure.details if failure else [], hint=failure and failure.hint,
+        log_file=str(runlog.log_path(settings, run)),
         warnings=list(run.step("rotate").get("errors", [])),
     )

@@ -39,6 +39,17 @@ WORK_DIR = ".work"
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$|^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
+class Failure(BaseModel):
+    """Why a run failed, as the runner contract records it (pgbeat.pipeline.runner.fail_run): the step,
+    the message and detail lines (never a secret), the hint for the reader, the error's class name."""
+
+    step: str
+    message: str
+    details: list[str] = Field(default_factory=list)
+    hint: str | None = None
+    error: str
+
+
 class Run(BaseModel):
     run_id: str
     target: str
@@ -55,7 +66,7 @@ class Run(BaseModel):
     steps: dict[str, dict[str, Any]] = Field(default_factory=dict)
     final_path: str | None = None
     status: str = "running"
-    failure: dict[str, Any] | None = None
+    failure: Failure | None = None
 
     def work(self, *parts: str) -> Path:
         return Path(self.work_dir, *parts)

@@ -49,6 +49,8 @@ from pgbeat.faults import fault_point
 from pgbeat.fsutil import CHUNK, private_dir, remove_path
 from pgbeat.notify import Event, send_event
 from pgbeat.pipeline.record import WORK_DIR, Run, StepContext
+from pgbeat.pipeline.runner import Plan, run_steps
+from pgbeat.pipeline.steps_table import Step, step
 from pgbeat.postgres import sqlscan
 from pgbeat.postgres.client import MAINTENANCE_DB, client_env, connect, ident
 from pgbeat.postgres.process import Supervised, find_pg_binary
@@ -67,11 +69,8 @@ from pgbeat.restore.journal import (
 )
 from pgbeat.settings import Settings, Target
 from pgbeat.steps.compress import codec_for_name, decompressing_reader
-from pgbeat.steps.compress import compress_step as _compress
-from pgbeat.steps.dump import dump_step as _dump
 from pgbeat.steps.upload import local_storage
 from pgbeat.steps.verify import verify_backup
-from pgbeat.steps.verify import verify_step as _verify
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +218,32 @@ def plaintext_of(settings: Settings, entry: Entry, identities: list | None, work
 # --- the safety backup -------------------------------------------------------------------------------
 
 
+def publish_safety_step(ctx: StepContext, run: Run) -> Run:
+    """Given a run whose verify step passed, publish its backup at `BACKUP_ROOT/<run.name>` (beside the
+    tier folders, where rotation never looks), sidecars first; return the record with `final_path`."""
+    storage = local_storage(ctx.settings)
+    artifact = run.artifact
+    storage.put(manifest_path(artifact), manifest_path(Path(run.name)).name)
+    storage.put(checksum_path(artifact), checksum_path(Path(run.name)).name)
+    storage.put(artifact, run.name, sha256=run.step("verify").get("sha256"))
+    run.final_path = str(ctx.settings.backup_root / run.name)
+    return run
+
+
+# The safety backup runs the pipeline's own dump, compress and verify through the runner contract (their
+# retries, work folder, fault points), then publishes beside the tiers instead of uploading: it is no
+# backup of the target's series (no start ping, no run log, no rotation or notification), and it takes no
+# target lock (the restore holds its own lock on the database and must not wait behind a backup).
+SAFETY_DUMP = Plan(steps=(step("dump"),), locks=False, announce=False)
+SAFETY_REST = Plan(steps=(step("compress"), step("verify"), Step("publish", publish_safety_step)),
+                   locks=False, announce=False)
+
+
 def safety_backup(settings: Settings, target: Target, database: str, now: datetime, run_id: str) -> Path:
     """Back up `database` as it is now to `BACKUP_ROOT/pre_restore_<target>_<stamp>.sql.gz`, verified.
 
     Its work folder is `BACKUP_ROOT/.work/<run_id>` (the restore's journal names it, for the undo).
+    Raise the first step's PgbeatError that is final (transient ones are retried as in a backup).
     """
     source = target.model_copy(update={"dbname": database, "format": "plain", "jobs": 1,
                                        "compression": target.compression.model_copy(update={"codec": "gzip"})})
@@ -236,14 +257,9 @@ def safety_backup(settings: Settings, target: Target, database: str, now: dateti
               work_dir=str(settings.backup_root / WORK_DIR / run_id))
     ctx = StepContext(settings, target_override=source)
     try:
-        run = _dump(ctx, run)
+        run = run_steps(ctx, run, SAFETY_DUMP)
         fault_point(SAFETY.middle)
-        for step in (_compress, _verify):
-            run = step(ctx, run)
-        artifact = run.artifact
-        storage.put(manifest_path(artifact), manifest_path(Path(name)).name)
-        storage.put(checksum_path(artifact), checksum_path(Path(name)).name)
-        storage.put(artifact, name, sha256=run.step("verify").get("sha256"))
+        run = run_steps(ctx, run, SAFETY_REST)
     finally:
         remove_path(run.work())
     return settings.backup_root / name
