@@ -46,7 +46,7 @@ from pgbeat.catalog.manifest import (
 )
 from pgbeat.errors import EXIT_LOCKED, PgbeatError, VerifyError
 from pgbeat.faults import fault_point
-from pgbeat.fsutil import CHUNK, private_dir, remove_path
+from pgbeat.fsutil import CHUNK, hold_dir, private_dir, remove_path
 from pgbeat.notify import Event, send_event
 from pgbeat.pipeline.record import WORK_DIR, Run, StepContext
 from pgbeat.pipeline.runner import Plan, run_steps
@@ -256,12 +256,15 @@ def safety_backup(settings: Settings, target: Target, database: str, now: dateti
               stamp=stamp, name=name, format="plain", codec="gzip", level=source.compression.level,
               work_dir=str(settings.backup_root / WORK_DIR / run_id))
     ctx = StepContext(settings, target_override=source)
-    try:
-        run = run_steps(ctx, run, SAFETY_DUMP)
-        fault_point(SAFETY.middle)
-        run = run_steps(ctx, run, SAFETY_REST)
-    finally:
-        remove_path(run.work())
+    # Held from its creation to the end, between two steps too: another pgbeat process starting meanwhile
+    # (a second restore, a backup) sweeps folders that no live process holds.
+    with hold_dir(run.work(), create=True):
+        try:
+            run = run_steps(ctx, run, SAFETY_DUMP)
+            fault_point(SAFETY.middle)
+            run = run_steps(ctx, run, SAFETY_REST)
+        finally:
+            remove_path(run.work())
     return settings.backup_root / name
 
 

@@ -216,3 +216,31 @@ def test_a_process_killed_with_a_full_scratch_folder_leaves_nothing(workdir, enc
     assert service.pgbeat("list").returncode == 0
     assert not left.exists() and not [p for p in work.iterdir() if p.name.startswith(f"{purpose}-")]
     assert local.exists() and shelf_problems(service.backup_root) == []
+
+
+def test_a_sweep_between_the_safety_backups_steps_keeps_its_folder(workdir, pg, locked_db):
+    """An in-place restore paused between its safety backup's steps (the dump done, not yet compressed):
+    another pgbeat process starting then (its sweep) leaves the folder alone; killed there, the restore's
+    journal undoes it on the next command and the database is as it was."""
+    service = Service(workdir, None, [pg.target("erp", locked_db)])
+    assert service.pgbeat("backup", "daily").returncode == 0
+    [backup] = service.backups()
+    faults = workdir / "faults"
+    faults.mkdir()
+    restoring = subprocess.Popen([str(VENV_BIN / "pgbeat"), "restore", str(backup), "--yes"], cwd=service.cwd,
+                                 env=service.env(PGBEAT_FAULTS="restore.safety.middle=pause",
+                                                 PGBEAT_FAULTS_DIR=str(faults)),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (faults / "restore.safety.middle.reached").exists(), 60, what="the pause point")
+        work = service.backup_root / ".work"
+        folders = [p for p in work.iterdir() if (p / "dump.sql").exists()]
+        assert len(folders) == 1, list(work.iterdir())
+        assert service.pgbeat("list").returncode == 0  # sweeps what no live process holds
+        assert (folders[0] / "dump.sql").exists(), "a live restore's safety backup folder was swept"
+    finally:
+        restoring.kill()
+        restoring.wait(10)
+    assert service.pgbeat("list").returncode == 0
+    assert pg.sql("SELECT count(*) FROM big", locked_db) == "3000"
+    assert not folders[0].exists()
