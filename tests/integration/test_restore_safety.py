@@ -138,8 +138,16 @@ def journals(service: Service, target: str = "*") -> list[Path]:
     files = sorted(folder.iterdir()) if folder.exists() else []
     if target == "*":
         return files
-    ids = {p.stem for p in files if p.suffix == ".json" and json.loads(p.read_text())["target"] == target}
+    ids = {p.stem for p in files if p.suffix == ".json" and journal_target(p) == target}
     return [p for p in files if p.name.lstrip(".").split(".")[0] in ids]
+
+
+def journal_target(path: Path) -> str | None:
+    """The target of the journal at `path`; None if it is gone (a case running beside this one settled it)."""
+    try:
+        return json.loads(path.read_text())["target"]
+    except FileNotFoundError:
+        return None
 
 
 def run_names(service: Service, target: str = "*") -> set[str]:

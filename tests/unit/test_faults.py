@@ -16,7 +16,9 @@ def run_point(tmp_path, spec: str | None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PGBEAT_FAULTS")}
     if spec is not None:
         env.update(PGBEAT_FAULTS=spec, PGBEAT_FAULTS_DIR=str(tmp_path))
-    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=30)
+    # SIGHUP as a dropped session sends it: not ignored as `nohup` (or a CI runner) may have left it.
+    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=30,
+                          preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
 
 
 def test_a_point_does_nothing_unless_named(tmp_path):
