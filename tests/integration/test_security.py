@@ -107,10 +107,11 @@ def test_temporary_files_are_private_too(workdir, pg, locked_db):
         proc = subprocess.Popen([str(service.env()["PATH"].split(":")[0] + "/pgbeat"), "backup", "daily"],
                                 cwd=service.cwd, env=service.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            wait_for(lambda: pg_dump_processes(locked_db), 20, what="pg_dump")
             work = service.backup_root / ".work"
-            [run_dir] = list(work.iterdir())
-            [partial] = [p for p in run_dir.iterdir() if p.name == "dump.sql"]
+            # pg_dump runs (blocked by the lock) once its output file exists: the file may come an instant after
+            [partial] = wait_for(lambda: pg_dump_processes(locked_db) and list(work.glob("*/dump.sql")), 20,
+                                 what="pg_dump writing its partial dump")
+            run_dir = partial.parent
             for folder in (service.backup_root, work, run_dir):
                 assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
             assert stat.S_IMODE(partial.stat().st_mode) == 0o600
