@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from tests.receivers import HttpReceiver, MailReceiver
+from tests.receivers import MailReceiver
 from tests.support import SECRET_PASSWORD, VENV_BIN, Service, Worker, free_port, wait_for, wait_run
 
 pytestmark = pytest.mark.integration
@@ -20,13 +20,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def mail():
     receiver = MailReceiver()
-    yield receiver
-    receiver.stop()
-
-
-@pytest.fixture
-def http():
-    receiver = HttpReceiver()
     yield receiver
     receiver.stop()
 

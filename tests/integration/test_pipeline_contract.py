@@ -18,7 +18,6 @@ import pytest
 from pgbeat.coordination.filelock import FileLock
 from pgbeat.coordination.leases import RedisLease, target_lock_key
 from pgbeat.pipeline.steps_table import STEPS
-from tests.receivers import HttpReceiver
 from tests.support import VENV_BIN, Service, Worker, run_state, wait_for, wait_run
 
 pytestmark = pytest.mark.integration
@@ -26,13 +25,6 @@ pytestmark = pytest.mark.integration
 # Small backoffs keep the retries fast; the same settings drive both runners.
 RELIABILITY = {"retries": 1, "retry_backoff": 1, "retry_backoff_max": 1, "lock_ttl": 3}
 EVERY_STEP_ONCE = ",".join(f"{name}.start=transient" for name in STEPS)
-
-
-@pytest.fixture
-def http():
-    receiver = HttpReceiver()
-    yield receiver
-    receiver.stop()
 
 
 @pytest.fixture
