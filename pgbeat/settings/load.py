@@ -46,6 +46,11 @@ from pgbeat.settings.schema import DESTINATION_KINDS, ChannelSpec, FileConfig, S
 MERGED_KEY_BY_KEY = ("compression", "drill")
 
 
+# The environment's variables for global settings, and the key each sets in the file's schema.
+ENV_GLOBALS = {"backup_root": "backup_root", "pgbeat_timezone": "timezone", "celery_broker_url": "broker_url",
+               "celery_result_backend": "result_backend", "pgbeat_node": "node", "pgbeat_pg_bin_dir": "pg_bin_dir"}
+
+
 class EnvSettings(BaseSettings):
     """The environment and `.env`: the seed's variables plus pgbeat's globals."""
 
@@ -250,6 +255,8 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
         read, file_errors = read_config_file(config_path)
         errors.extend(file_errors)
         data = {key: value for key, value in read.items() if value is not None} if read is not None else {}
+    if env is not None:  # the environment's globals win over the file's: laid over them before validation
+        data.update({key: getattr(env, var) for var, key in ENV_GLOBALS.items() if getattr(env, var) is not None})
     raw_targets = data.pop("targets", None) or []
     if not isinstance(raw_targets, list):
         errors.append(f"{config_path}: At 'targets': must be a list of targets")
@@ -312,12 +319,12 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
         notify += [ChannelSpec(url=SecretStr(url), events=["failure", "warning"])
                    for url in re.split(r"[\s,]+", env.pgbeat_notify_urls.get_secret_value()) if url]
     return Settings(
-        backup_root=(env.backup_root or file_cfg.backup_root).expanduser().resolve(),
-        timezone=env.pgbeat_timezone or file_cfg.timezone or host_timezone(),
-        broker_url=env.celery_broker_url or file_cfg.broker_url,
-        result_backend=env.celery_result_backend or file_cfg.result_backend,
-        node=env.pgbeat_node or file_cfg.node or socket.gethostname(),
-        pg_bin_dir=env.pgbeat_pg_bin_dir or file_cfg.pg_bin_dir,
+        backup_root=file_cfg.backup_root.expanduser().resolve(),
+        timezone=file_cfg.timezone or host_timezone(),
+        broker_url=file_cfg.broker_url,
+        result_backend=file_cfg.result_backend,
+        node=file_cfg.node or socket.gethostname(),
+        pg_bin_dir=file_cfg.pg_bin_dir,
         reliability=file_cfg.reliability,
         targets=targets,
         notify=notify,

@@ -179,3 +179,44 @@ def test_shipped_example_config_is_valid(clean_env, monkeypatch):
     s = load_settings(env_file=None)
     assert sorted(s.targets) == ["crm", "erp_db"]
     assert s.target("crm").enabled_tiers() == ["daily", "weekly"]
+
+
+# A file value and an environment value of each global that the environment can set (ENV_GLOBALS).
+GLOBAL_VALUES = {"backup_root": ("/srv/file-root", "/srv/env-root"), "timezone": ("UTC", "America/Sao_Paulo"),
+                 "broker_url": ("redis://file:6379/0", "redis://env:6379/0"),
+                 "result_backend": ("redis://file:6379/1", "redis://env:6379/1"),
+                 "node": ("file-node", "env-node"), "pg_bin_dir": ("/opt/file/bin", "/opt/env/bin")}
+
+
+def test_the_environment_wins_over_the_file_for_every_global(clean_env, monkeypatch):
+    from pathlib import Path
+
+    import yaml
+    from pydantic import SecretStr
+
+    from pgbeat.settings.load import ENV_GLOBALS
+
+    assert set(ENV_GLOBALS.values()) == set(GLOBAL_VALUES)
+    file_text = yaml.safe_dump({key: file for key, (file, _env) in GLOBAL_VALUES.items()})
+
+    def value(settings, key):
+        found = getattr(settings, key)
+        return found.get_secret_value() if isinstance(found, SecretStr) else str(found)
+
+    only_file = load(clean_env, file_text=file_text, monkeypatch=monkeypatch)
+    assert {key: value(only_file, key) for key in GLOBAL_VALUES} == {k: f for k, (f, _e) in GLOBAL_VALUES.items()}
+    for var, key in ENV_GLOBALS.items():
+        monkeypatch.setenv(var.upper(), GLOBAL_VALUES[key][1])
+    both = load(clean_env, file_text=file_text, monkeypatch=monkeypatch)
+    assert {key: value(both, key) for key in GLOBAL_VALUES} == {k: e for k, (_f, e) in GLOBAL_VALUES.items()}
+    assert both.backup_root == Path("/srv/env-root")
+
+
+def test_a_bad_file_value_that_the_environment_replaces_is_not_an_error_but_a_bad_env_value_is(clean_env, monkeypatch):
+    monkeypatch.setenv("PGBEAT_TIMEZONE", "UTC")
+    settings = load(clean_env, file_text="timezone: Mars/Olympus\n", monkeypatch=monkeypatch)
+    assert settings.timezone == "UTC"
+    monkeypatch.setenv("PGBEAT_TIMEZONE", "Mars/Olympus")
+    with pytest.raises(ConfigError) as failure:
+        load(clean_env, file_text="timezone: UTC\n", monkeypatch=monkeypatch)
+    assert any("PGBEAT_TIMEZONE" in line and "Mars/Olympus" in line for line in errors_of(failure)), errors_of(failure)
