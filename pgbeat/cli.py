@@ -46,7 +46,7 @@ from pgbeat.clitypes import (
     UnixUser,
 )
 from pgbeat.errors import PgbeatError
-from pgbeat.pipeline.record import Run
+from pgbeat.pipeline.record import ArtifactResult, RotateResult, Run, UploadResult
 from pgbeat.runlog import human_size
 from pgbeat.settings import TIERS, Settings, get_settings
 
@@ -143,20 +143,20 @@ def main(verbose: int) -> None:
 
 
 def print_event(run: Run, step: str, state: str) -> None:
-    info = run.step(step)
     if state == "started":
         return
     if state == "failed":
         render_failure(run.failure.model_dump() if run.failure else {}, step)
         return
+    result = run.steps.get(step)
     extra = ""
-    if step in ("dump", "compress", "verify") and info.get("size") is not None:
-        extra = f"{human_size(info['size'])}"
-    if step == "upload":
+    if isinstance(result, ArtifactResult):
+        extra = human_size(result.size)
+    elif isinstance(result, UploadResult):
         extra = run.final_path or ""
-    if step == "rotate":
-        extra = f"removed {len(info.get('removed', []))}, kept {info.get('kept')}"
-    out.print(f"  [green]✓ {step}[/green] {info.get('duration_s', 0):.2f}s {extra}", markup=True)
+    elif isinstance(result, RotateResult):
+        extra = f"removed {len(result.removed)}, kept {result.kept}"
+    out.print(f"  [green]✓ {step}[/green] {result.duration_s if result else 0:.2f}s {extra}", markup=True)
 
 
 @main.command()

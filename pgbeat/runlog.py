@@ -59,21 +59,21 @@ def append(settings: Settings, path: Path, when: datetime, *messages: str) -> Pa
 
 def step_lines(run: Run, step: str) -> list[str]:
     """Return the seed's lines for a finished step."""
-    info = run.step(step)
-    if step == "dump":
-        return ["SUCCESS: Backup SQL criado", f"Tamanho do dump: {human_size(info.get('size'))} "
-                f"em {info.get('duration_s')}s (servidor {info.get('server_version') or '?'})"]
-    if step == "compress":
-        if info.get("passthrough"):
+    steps = run.steps
+    if step == "dump" and steps.dump:
+        return ["SUCCESS: Backup SQL criado", f"Tamanho do dump: {human_size(steps.dump.size)} "
+                f"em {steps.dump.duration_s}s (servidor {steps.dump.server_version or '?'})"]
+    if step == "compress" and steps.compress:
+        if steps.compress.passthrough:
             return ["Compressão: formato já comprimido pelo pg_dump"]
-        return [f"Compressão {info.get('codec')}: {human_size(info.get('size'))} (razão {info.get('ratio')}) "
-                f"em {info.get('duration_s')}s"]
-    if step == "verify":
-        return ["SUCCESS: Backup verificado com sucesso", f"MD5: {info.get('md5')}", f"SHA-256: {info.get('sha256')}"]
-    if step == "upload":
-        return [f"Arquivo final: {run.final_path}", f"Tamanho: {human_size(run.step('verify').get('size'))}"]
-    if step == "rotate":
-        return [f"Removidos {len(info.get('removed', []))} backup(s) antigo(s)"]
+        return [f"Compressão {steps.compress.codec}: {human_size(steps.compress.size)} "
+                f"(razão {steps.compress.ratio}) em {steps.compress.duration_s}s"]
+    if step == "verify" and steps.verify:
+        return ["SUCCESS: Backup verificado com sucesso", f"MD5: {steps.verify.md5}", f"SHA-256: {steps.verify.sha256}"]
+    if step == "upload" and steps.verify:
+        return [f"Arquivo final: {run.final_path}", f"Tamanho: {human_size(steps.verify.size)}"]
+    if step == "rotate" and steps.rotate:
+        return [f"Removidos {len(steps.rotate.removed)} backup(s) antigo(s)"]
     return []
 
 

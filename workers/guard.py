@@ -137,7 +137,8 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
         result = run.as_json()
         state.step_done(run.run_id, name, result)
         faults.fault_point(STEP_STORED[name])
-        state.progress(run.run_id, f"{name} done in {run.step(name).get('duration_s', 0):.2f}s")
+        result_of_step = run.steps.get(name)
+        state.progress(run.run_id, f"{name} done in {result_of_step.duration_s if result_of_step else 0:.2f}s")
         if row.always_runs:
             finish(state, run)
         return result

@@ -89,10 +89,10 @@ def event_from_run(settings: Settings, run: Run, now: datetime) -> Event:
     return Event(
         kind="failure" if run.status == "failed" else "success",
         target=run.target, tier=run.tier, run_id=run.run_id, node=run.node, at=now.isoformat(),
-        file=run.final_path, size=run.step("verify").get("size"),
+        file=run.final_path, size=run.steps.verify.size if run.steps.verify else None,
         duration_s=round((now - run.started_at).total_seconds(), 3),
         step=failure and failure.step, reason=failure and failure.message,
         details=failure.details if failure else [], hint=failure and failure.hint,
         log_file=str(runlog.log_path(settings, run)),
-        warnings=list(run.step("rotate").get("errors", [])),
+        warnings=list(run.steps.rotate.errors) if run.steps.rotate else [],
     )

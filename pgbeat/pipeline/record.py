@@ -1,8 +1,9 @@
 """The run record: the small JSON document that travels from step to step (never file contents).
 
 Each step reads what the previous steps recorded, does its work on local files, and returns the record
-with its own section filled in under `steps[<name>]`. The same record drives the in-process chain and
-the Celery chain; `StepContext` carries what must not travel (settings with secrets, the cancel event).
+with its own typed result under `steps.<name>` (`StepResults`). The same record drives the in-process
+chain and the Celery chain; `StepContext` carries what must not travel (settings with secrets, the
+cancel event).
 
 A run's files live in its work folder `BACKUP_ROOT/.work/<run_id>` until the upload gives the backup its
 final name. Whoever runs a step holds the folder (pgbeat.fsutil.hold_dir: an flock the kernel drops when
@@ -25,10 +26,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from pgbeat import faults
 from pgbeat.catalog.manifest import STAMP_FORMAT, backup_name, extension
+from pgbeat.postgres.clock import ServerReading
 from pgbeat.postgres.process import CancelEvent
 from pgbeat.settings import Settings, Target
 
@@ -50,6 +52,111 @@ class Failure(BaseModel):
     error: str
 
 
+# --- what each step records ------------------------------------------------------------------------------
+
+
+class StepResult(BaseModel):
+    """What every step records of itself in the run record. A step's own result extends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    duration_s: float = 0.0
+
+
+class ArtifactResult(StepResult):
+    """A step that leaves a file (or folder) for the next step: where it is, how big, its SHA-256 if known."""
+
+    path: str
+    size: int
+    sha256: str | None = None
+
+
+class DumpResult(ArtifactResult):
+    started_at: datetime
+    pg_dump_version: str | None = None
+    warnings: list[str] = Field(default_factory=list, description="pg_dump's last lines on stderr")
+    # The server's clock as pg_dump started (pgbeat.postgres.clock), or why it could not be read.
+    clock: ServerReading | None = None
+    server_time: str | None = None
+    clock_skew_s: float | None = None
+    clock_error: str | None = None
+    # What the stream scanner saw of a plain dump (pgbeat.postgres.sqlscan): the bytes pg_dump wrote.
+    raw_size: int | None = None
+    raw_crc32: str | None = None
+    tables: dict[str, int] = Field(default_factory=dict, description="rows per table, from the COPY blocks")
+    complete: bool = False
+    server_version: str | None = None
+    # A plain dump compressed while streaming: each block was read back against pg_dump's bytes.
+    compressed: bool = False
+    codec: str | None = None
+    blocks: int | None = None
+    blocks_checked: bool = False
+
+
+class CompressResult(ArtifactResult):
+    codec: str
+    level: int | None = None
+    ratio: float | None = None
+    blocks: int | None = None
+    passthrough: bool = Field(False, description="the dump arrived compressed (a streaming dump, an archive)")
+
+
+class VerifyResult(ArtifactResult):
+    md5: str | None = None
+
+
+class UploadResult(StepResult):
+    copies: dict[str, str | None] = Field(default_factory=dict, description="destination: location or error")
+    failed: list[str] = Field(default_factory=list)
+
+
+class RotateResult(StepResult):
+    removed: list[str] = Field(default_factory=list, description="names removed from the local shelf")
+    removed_by_destination: dict[str, list[str]] = Field(default_factory=dict)
+    errors: list[str] = Field(default_factory=list, description="what could not be rotated, and why")
+    kept: int | None = None
+    protected: list[str] = Field(default_factory=list)
+    future: list[str] = Field(default_factory=list)
+    server_now: datetime | None = None
+
+
+class NotifyResult(StepResult):
+    event: str
+    sent: list[str] = Field(default_factory=list)
+    failed: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+
+
+class StepResults(BaseModel):
+    """The results of a run's steps so far, one typed field per step of the table (None: not run yet).
+
+    A step of a caller's own plan (a restore's safety backup publishes instead of uploading) records in
+    the field of the step it stands for.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    dump: DumpResult | None = None
+    compress: CompressResult | None = None
+    verify: VerifyResult | None = None
+    upload: UploadResult | None = None
+    rotate: RotateResult | None = None
+    notify: NotifyResult | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_pending(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The record lists the steps that ran, not the ones still to come.
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+    def get(self, name: str) -> StepResult | None:
+        """Given a step's name, return its result, or None if it has not run."""
+        return getattr(self, name, None)
+
+    def items(self) -> list[tuple[str, StepResult]]:
+        """The results of the steps that ran, in the table's order."""
+        return [(name, result) for name in type(self).model_fields if (result := getattr(self, name)) is not None]
+
+
 class Run(BaseModel):
     run_id: str
     target: str
@@ -63,7 +170,7 @@ class Run(BaseModel):
     level: int
     slot: str | None = Field(None, description="the scheduled slot this run serves (beat runs only)")
     work_dir: str
-    steps: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    steps: StepResults = Field(default_factory=StepResults)
     final_path: str | None = None
     status: str = "running"
     failure: Failure | None = None
@@ -71,16 +178,12 @@ class Run(BaseModel):
     def work(self, *parts: str) -> Path:
         return Path(self.work_dir, *parts)
 
-    def step(self, name: str) -> dict[str, Any]:
-        return self.steps.get(name, {})
-
     @property
     def artifact(self) -> Path:
         """The file (or folder) the next step works on: the newest step's `path`."""
-        for name in ("verify", "compress", "dump"):
-            path = self.steps.get(name, {}).get("path")
-            if path:
-                return Path(path)
+        for result in (self.steps.verify, self.steps.compress, self.steps.dump):
+            if result is not None:
+                return Path(result.path)
         raise ValueError("no artifact yet: the dump step has not run")
 
     def as_json(self) -> dict[str, Any]:

@@ -13,10 +13,9 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from pgbeat.errors import PgbeatError
 from pgbeat.postgres.process import find_pg_binary
@@ -52,19 +51,16 @@ class ServerReading:
         return round((datetime.fromisoformat(self.local_time) - datetime.fromisoformat(self.server_time))
                      .total_seconds(), 3)
 
-    def as_json(self) -> dict[str, Any]:
-        return asdict(self)
 
-
-def server_now(reading: dict[str, Any] | None) -> datetime | None:
-    """Given a recorded ServerReading (as JSON), return the server's clock now, or None when this host's
-    monotonic clock cannot bridge the time since (another boot, or no reading)."""
-    if not reading or reading.get("boot_id") is None or reading.get("boot_id") != boot_id():
+def server_now(reading: ServerReading | None) -> datetime | None:
+    """Given a run's reading of the server's clock, return the server's clock now, or None when this
+    host's monotonic clock cannot bridge the time since (another boot, or no reading)."""
+    if reading is None or reading.boot_id is None or reading.boot_id != boot_id():
         return None
-    elapsed = time.monotonic() - float(reading["monotonic"])
+    elapsed = time.monotonic() - reading.monotonic
     if elapsed < 0:
         return None
-    return datetime.fromisoformat(reading["server_time"]) + timedelta(seconds=elapsed)
+    return datetime.fromisoformat(reading.server_time) + timedelta(seconds=elapsed)
 
 
 class PendingReading:

@@ -39,10 +39,10 @@ from pgbeat import runlog
 from pgbeat.catalog.manifest import (
     STAMP_FORMAT,
     Entry,
-    checksum_path,
     list_backups,
     manifest_path,
     newest,
+    read_manifest,
 )
 from pgbeat.errors import EXIT_LOCKED, PgbeatError, VerifyError
 from pgbeat.faults import fault_point
@@ -69,7 +69,7 @@ from pgbeat.restore.journal import (
 )
 from pgbeat.settings import Settings, Target
 from pgbeat.steps.compress import codec_for_name, decompressing_reader
-from pgbeat.steps.upload import local_storage
+from pgbeat.steps.upload import local_storage, shelve
 from pgbeat.steps.verify import verify_backup
 
 log = logging.getLogger(__name__)
@@ -220,13 +220,14 @@ def plaintext_of(settings: Settings, entry: Entry, identities: list | None, work
 
 def publish_safety_step(ctx: StepContext, run: Run) -> Run:
     """Given a run whose verify step passed, publish its backup at `BACKUP_ROOT/<run.name>` (beside the
-    tier folders, where rotation never looks), sidecars first; return the record with `final_path`."""
-    storage = local_storage(ctx.settings)
+    tier folders, where rotation never looks) as the upload step publishes on the shelf; return the
+    record with `final_path`."""
     artifact = run.artifact
-    storage.put(manifest_path(artifact), manifest_path(Path(run.name)).name)
-    storage.put(checksum_path(artifact), checksum_path(Path(run.name)).name)
-    storage.put(artifact, run.name, sha256=run.step("verify").get("sha256"))
-    run.final_path = str(ctx.settings.backup_root / run.name)
+    manifest = read_manifest(manifest_path(artifact))
+    if manifest is None or manifest.run_id != run.run_id:
+        raise VerifyError(f"{run.name}: the safety backup has no manifest of its own to publish", step="publish")
+    entry = shelve(ctx.settings, run.run_id, artifact, manifest, run.name, ctx.now())
+    run.final_path = str(entry.path)
     return run
 
 

@@ -35,7 +35,7 @@ from isal import igzip, igzip_threaded, isal_zlib
 from pgbeat import faults
 from pgbeat.errors import VerifyError
 from pgbeat.fsutil import disk_error, fsync_dir, open_private, remove_path
-from pgbeat.pipeline.record import Run, StepContext
+from pgbeat.pipeline.record import CompressResult, Run, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -222,13 +222,15 @@ def compress_step(ctx: StepContext, run: Run) -> Run:
     Raise VerifyError if neither the dump nor a compressed file made from it is there.
     """
     t0 = time.monotonic()
-    dump = run.step("dump")
-    if dump.get("compressed") or run.format != "plain":
+    dump = run.steps.dump
+    if dump is None:
+        raise VerifyError(f"{run.name}: nothing to compress (the dump step has not run)", step="compress")
+    if dump.compressed or run.format != "plain":
         # A self-compressing archive or a streaming dump: nothing to do but say so.
-        run.steps["compress"] = {"path": dump["path"], "size": dump["size"], "sha256": dump.get("sha256"),
-                                 "passthrough": True, "codec": run.codec, "duration_s": 0.0}
+        run.steps.compress = CompressResult(path=dump.path, size=dump.size, sha256=dump.sha256, passthrough=True,
+                                            codec=run.codec)
         return run
-    source = Path(dump["path"])
+    source = Path(dump.path)
     dest = run.work(run.name)
     target = ctx.target(run)
     if not source.exists() and dest.exists():
@@ -257,9 +259,9 @@ def compress_step(ctx: StepContext, run: Run) -> Run:
     faults.fault_point(COMPRESS_COMMITTED)
     remove_path(source)  # the uncompressed copy is no longer needed
     duration = round(time.monotonic() - t0, 3)
-    ratio = round(dump["size"] / written["size"], 2) if written["size"] else None
-    run.steps["compress"] = {"path": str(dest), "codec": run.codec, "level": run.level, "ratio": ratio,
-                             "duration_s": duration, **written}
-    log.info("compressed %s with %s: %d -> %d bytes in %.1fs", run.name, run.codec, dump["size"],
+    ratio = round(dump.size / written["size"], 2) if written["size"] else None
+    run.steps.compress = CompressResult(path=str(dest), codec=run.codec, level=run.level, ratio=ratio,
+                                        duration_s=duration, **written)
+    log.info("compressed %s with %s: %d -> %d bytes in %.1fs", run.name, run.codec, dump.size,
              written["size"], duration)
     return run

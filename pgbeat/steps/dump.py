@@ -23,7 +23,7 @@ from isal import isal_zlib
 from pgbeat import faults
 from pgbeat.errors import CancelledError, DumpError, PgbeatError, TransientDumpError
 from pgbeat.fsutil import CHUNK, disk_error, open_private, private_dir, remove_path, tree_size
-from pgbeat.pipeline.record import Run, StepContext
+from pgbeat.pipeline.record import DumpResult, Run, StepContext
 from pgbeat.postgres.client import client_env
 from pgbeat.postgres.clock import SKEW_WARNING, PendingReading
 from pgbeat.postgres.process import Supervised, find_pg_binary
@@ -186,27 +186,25 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
     finally:
         remove_path(work / ".pgpass")
     size = tree_size(output)
-    info = {
-        "path": str(output), "size": size, "started_at": started.isoformat(),
-        "duration_s": round(time.monotonic() - t0, 3), "pg_dump_version": pg_dump_version(ctx.settings),
-        "warnings": proc.stderr_text()[-8:],
-    }
+    info = DumpResult(path=str(output), size=size, started_at=started,
+                      duration_s=round(time.monotonic() - t0, 3), pg_dump_version=pg_dump_version(ctx.settings),
+                      warnings=proc.stderr_text()[-8:])
     if clock is not None:
-        info.update(server_time=clock.server_time, clock_skew_s=clock.skew_s, clock=clock.as_json())
+        info.clock, info.server_time, info.clock_skew_s = clock, clock.server_time, clock.skew_s
         if abs(clock.skew_s) > SKEW_WARNING.total_seconds():
             log.warning("the clock of %s is %+.0f s off the database server's (%s)", ctx.settings.node,
                         clock.skew_s, target.describe())
     else:
-        info["clock_error"] = reading.error
+        info.clock_error = reading.error
         log.warning("could not read the database server's clock for %s: %s", target.name, reading.error)
     if scanner is not None:
-        info.update(raw_size=scanner.size, raw_crc32=f"{crc:08x}", tables=scanner.tables, complete=True,
-                    server_version=scanner.server_version)
+        info.raw_size, info.raw_crc32, info.tables = scanner.size, f"{crc:08x}", scanner.tables
+        info.complete, info.server_version = True, scanner.server_version
     if writer is not None:
         write_block_index(output, writer.sizes)
-        info.update(compressed=True, codec=run.codec, blocks=len(writer.sizes), blocks_checked=True,
-                    sha256=writer.sha256.hexdigest())
-    log.info("dump of %s done: %d bytes in %.1fs%s", target.name, size, info["duration_s"],
+        info.compressed, info.codec, info.blocks, info.blocks_checked = True, run.codec, len(writer.sizes), True
+        info.sha256 = writer.sha256.hexdigest()
+    log.info("dump of %s done: %d bytes in %.1fs%s", target.name, size, info.duration_s,
              " (compressed while streaming)" if writer is not None else "")
-    run.steps["dump"] = info
+    run.steps.dump = info
     return run

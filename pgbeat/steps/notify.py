@@ -19,7 +19,7 @@ from pgbeat.catalog.manifest import BackupWarning, find_backup, manifest_path, r
 from pgbeat.errors import PgbeatError
 from pgbeat.monitoring.anomaly import backup_warnings, disk_warnings
 from pgbeat.notify import event_from_run, healthchecks, send_event
-from pgbeat.pipeline.record import Run, StepContext
+from pgbeat.pipeline.record import NotifyResult, Run, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,6 @@ def notify_step(ctx: StepContext, run: Run) -> Run:
     target = settings.targets.get(run.target)
     if target is not None and once(f"notify:{event.kind}:healthcheck"):
         healthchecks.ping(target, "success" if event.kind == "success" else "fail", event.body())
-    run.steps["notify"] = {"event": event.kind, "sent": sent, "failed": failed, "warnings": event.warnings,
-                           "duration_s": round(time.monotonic() - t0, 3)}
+    run.steps.notify = NotifyResult(event=event.kind, sent=sent, failed=failed, warnings=event.warnings,
+                                    duration_s=round(time.monotonic() - t0, 3))
     return run

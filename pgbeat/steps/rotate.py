@@ -33,8 +33,8 @@ from pgbeat.catalog.manifest import (
 )
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import remove_path
-from pgbeat.pipeline.record import Run, StepContext
-from pgbeat.postgres.clock import ask_server_time, server_now
+from pgbeat.pipeline.record import RotateResult, Run, StepContext
+from pgbeat.postgres.clock import ServerReading, ask_server_time, server_now
 from pgbeat.settings import Settings, TierPolicy
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def future_warning(plan: RotationPlan, where: str = "") -> list[str]:
             "the newest: check them and remove them by hand"]
 
 
-def rotation_now(settings: Settings, target: str, reading: dict | None = None) -> datetime:
+def rotation_now(settings: Settings, target: str, reading: ServerReading | None = None) -> datetime:
     """The server's clock now, for rotating `target`: from a run's own `reading` of it while this host's
     monotonic clock can bridge the time since, else asked of the server. Raise PgbeatError if it
     cannot be reached (then nothing is removed: a worker's clock alone never decides an age)."""
@@ -178,21 +178,19 @@ def rotate_step(ctx: StepContext, run: Run) -> Run:
     at the server's time (never the worker's: see `rotation_now`)."""
     t0 = time.monotonic()
     try:
-        now = rotation_now(ctx.settings, run.target, run.step("dump").get("clock"))
+        now = rotation_now(ctx.settings, run.target, run.steps.dump.clock if run.steps.dump else None)
     except PgbeatError as exc:
-        run.steps["rotate"] = {"removed": [], "removed_by_destination": {}, "kept": None, "protected": [],
-                               "future": [], "errors": [f"rotation skipped, nothing removed: the database "
-                                                        f"server's clock could not be read ({exc.message})"],
-                               "duration_s": round(time.monotonic() - t0, 3)}
+        run.steps.rotate = RotateResult(errors=[f"rotation skipped, nothing removed: the database server's clock "
+                                                f"could not be read ({exc.message})"],
+                                        duration_s=round(time.monotonic() - t0, 3))
         return run
     rotation = rotate_tier(ctx.settings, run.target, run.tier, now)
     plan = rotation.local
     removed = {"local": [e.path.name for e in plan.remove]}
     removed.update({name: [Path(e.path).name for e in remote.remove] for name, remote in rotation.destinations.items()})
-    run.steps["rotate"] = {
-        "removed": removed["local"], "removed_by_destination": removed, "errors": rotation.warnings(),
-        "kept": plan.kept, "protected": [e.path.name for e in plan.protected],
-        "future": [e.path.name for e in plan.future], "server_now": now.isoformat(),
-        "duration_s": round(time.monotonic() - t0, 3),
-    }
+    run.steps.rotate = RotateResult(
+        removed=removed["local"], removed_by_destination=removed, errors=rotation.warnings(), kept=plan.kept,
+        protected=[e.path.name for e in plan.protected], future=[e.path.name for e in plan.future],
+        server_now=now, duration_s=round(time.monotonic() - t0, 3),
+    )
     return run

@@ -43,7 +43,7 @@ from pgbeat.catalog.manifest import (
 )
 from pgbeat.errors import StorageError, VerifyError
 from pgbeat.fsutil import fsync_file, open_private, private_dir, publish, remove_path, tree_size, write_atomic
-from pgbeat.pipeline.record import Run, StepContext
+from pgbeat.pipeline.record import Run, StepContext, UploadResult
 from pgbeat.settings import Settings
 from pgbeat.storage import LocalStorage
 from pgbeat.storage.destinations import replicate, replicate_missing, storage_pool
@@ -198,14 +198,21 @@ def _publish_copy(final: Path, data: bytes, ours) -> None:
 
 
 def publish_local(ctx: StepContext, run: Run, artifact: Path, manifest: Manifest) -> Entry:
-    """Give the staged backup its final name on the shelf: `.sha256`, manifest, then the data file."""
-    local = local_storage(ctx.settings)
+    """Give the staged backup its final name in its tier's folder on the shelf (see `shelve`)."""
     name = shelf_name(ctx.settings.backup_root, run.tier, manifest)
-    key = f"{run.tier}/{name}"
+    return shelve(ctx.settings, run.run_id, artifact, manifest, f"{run.tier}/{name}", ctx.now())
+
+
+def shelve(settings: Settings, run_id: str, artifact: Path, manifest: Manifest, key: str, now: datetime) -> Entry:
+    """Publish `artifact` (staged in run `run_id`'s work folder, with `manifest`) on the local shelf as
+    `key`: `.sha256`, manifest, then the data file, so a backup under its final name always has its
+    manifest. What this run already put there (an earlier attempt) is taken up; anything else under
+    those names is never overwritten (StorageError)."""
+    local = local_storage(settings)
     final = local.path(key)
     here = manifest.copy_at("local")
-    if manifest.file != name or here is None or here.location != str(final):
-        manifest.publish_as(name, str(final), ctx.now().isoformat())
+    if manifest.file != final.name or here is None or here.location != str(final):
+        manifest.publish_as(final.name, str(final), now.isoformat())
         write_manifest(manifest_path(artifact), manifest)  # the choice of name outlives this attempt
     checksums = manifest.checksum_lines()
     write_atomic(checksum_path(artifact), checksums.encode())
@@ -214,7 +221,7 @@ def publish_local(ctx: StepContext, run: Run, artifact: Path, manifest: Manifest
     _publish_copy(checksum_path(final), checksums.encode(), lambda p: p.read_text(encoding="utf-8") == checksums)
     faults.fault_point(UPLOAD_CHECKSUM)
     _publish_copy(manifest_path(final), manifest.model_dump_json(indent=2).encode() + b"\n",
-                  lambda p: getattr(read_manifest(p), "run_id", None) == run.run_id)
+                  lambda p: getattr(read_manifest(p), "run_id", None) == run_id)
     faults.fault_point(UPLOAD_SIDECARS)
     if not final.exists():
         local.put(artifact, key, sha256=None if manifest.files else manifest.sha256)  # moves it: no second read
@@ -268,8 +275,8 @@ def upload_step(ctx: StepContext, run: Run) -> Run:
                                          storages=storages)
     final = entry.path
     copies = {dest: info for dest, info in (read_manifest(manifest_path(final)) or entry.manifest).copies.items()}
-    run.steps["upload"] = {"copies": {d: c.location or c.error or c.reason for d, c in copies.items()},
-                           "failed": failures, "duration_s": round(time.monotonic() - t0, 3)}
+    run.steps.upload = UploadResult(copies={d: c.location or c.error or c.reason for d, c in copies.items()},
+                                    failed=failures, duration_s=round(time.monotonic() - t0, 3))
     log.info("stored %s; copies: %s", final, ", ".join(f"{d}={c.status}" for d, c in copies.items()))
     if failures:
         raise StorageError(f"{len(failures)} off-site copy(ies) failed; the local backup {final} is kept",

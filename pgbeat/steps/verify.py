@@ -37,13 +37,15 @@ from pgbeat.catalog.manifest import (
 from pgbeat.errors import VerifyError
 from pgbeat.fsutil import CHUNK, write_atomic
 from pgbeat.hashing import hash_file
-from pgbeat.pipeline.record import Run, StepContext, scratch_folder
+from pgbeat.pipeline.record import Run, StepContext, VerifyResult, scratch_folder
 from pgbeat.postgres.process import Supervised, find_pg_binary
 from pgbeat.postgres.sqlscan import COMPLETE_MARKER, DumpScanner
 from pgbeat.settings import Settings
 from pgbeat.steps.compress import codec_for_name, decompressing_reader, read_block_index
 
 log = logging.getLogger(__name__)
+# What the manifest keeps of each step's result: when it ran, how long it took, what it made.
+MANIFEST_STEP_FIELDS = {"started_at", "duration_s", "size", "ratio", "passthrough"}
 VERIFY_WROTE_MANIFEST = faults.declare("verify.wrote-manifest", "the manifest is in the work folder, not yet "
                                                                 "the .sha256")
 
@@ -201,24 +203,25 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
     """Verify the compressed artifact against what dump and compress recorded; write manifest + .sha256."""
     t0 = time.monotonic()
     path = run.artifact
-    dump, compress = run.step("dump"), run.step("compress")
-    if run.format == "plain" and dump.get("blocks_checked") and compress.get("sha256"):
+    dump, compress = run.steps.dump, run.steps.compress
+    if dump is None or compress is None:
+        raise VerifyError(f"{run.name}: nothing to verify (the dump and compress steps have not run)", step="verify")
+    if run.format == "plain" and dump.blocks_checked and compress.sha256:
         # A streaming dump decompressed each block as it wrote it and compared it with pg_dump's bytes,
         # and hashed what it wrote: reading the file back to that SHA-256 (below) proves the stored file
         # decompresses to exactly the dump, so decompressing it all again would prove nothing more.
-        result = {**file_digests(path), "raw_size": dump["raw_size"], "raw_crc32": dump["raw_crc32"],
-                  "complete": dump["complete"]}
+        result = {**file_digests(path), "raw_size": dump.raw_size, "raw_crc32": dump.raw_crc32,
+                  "complete": dump.complete}
     else:
         result = check_backup(path, run.format, run.codec, ctx.settings)
     problems = []
     if not result["complete"]:
         problems.append("the dump lacks pg_dump's closing 'dump complete' line (truncated)")
     if run.format == "plain":
-        if result["raw_size"] != dump.get("raw_size") or result["raw_crc32"] != dump.get("raw_crc32"):
+        if result["raw_size"] != dump.raw_size or result["raw_crc32"] != dump.raw_crc32:
             problems.append(f"decompressed data differs from what pg_dump wrote ({result['raw_size']} bytes, "
-                            f"crc {result['raw_crc32']}; expected {dump.get('raw_size')} bytes, "
-                            f"crc {dump.get('raw_crc32')})")
-        if compress.get("sha256") and compress["sha256"] != result["sha256"]:
+                            f"crc {result['raw_crc32']}; expected {dump.raw_size} bytes, crc {dump.raw_crc32})")
+        if compress.sha256 and compress.sha256 != result["sha256"]:
             problems.append("the file on disk differs from what was written to it (SHA-256 mismatch)")
     if problems:
         raise VerifyError(f"Backup {run.name} failed verification", step="verify", details=problems)
@@ -228,25 +231,24 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
     manifest = Manifest(
         run_id=run.run_id, target=run.target, tier=run.tier, file=run.name, format=run.format, codec=run.codec,
         level=run.level, size=result["size"], md5=result.get("md5"), sha256=result.get("sha256"),
-        files=result.get("files", []), raw_size=dump.get("raw_size"), raw_crc32=dump.get("raw_crc32"),
-        complete=True, server_version=dump.get("server_version") or result.get("server_version"),
-        pg_dump_version=dump.get("pg_dump_version"),
+        files=result.get("files", []), raw_size=dump.raw_size, raw_crc32=dump.raw_crc32,
+        complete=True, server_version=dump.server_version or result.get("server_version"),
+        pg_dump_version=dump.pg_dump_version,
         database={"dbname": target.dbname, "host": target.host, "port": target.port},
-        tables=dump.get("tables") or result.get("tables") or {},
-        started_at=run.started_at, server_time=dump.get("server_time"), clock_skew_s=dump.get("clock_skew_s"),
+        tables=dump.tables or result.get("tables") or {},
+        started_at=run.started_at, server_time=dump.server_time, clock_skew_s=dump.clock_skew_s,
         finished_at=finished,
         duration_s=round((finished - run.started_at).total_seconds(), 3),
-        steps={name: {k: v for k, v in info.items()
-                      if k in ("started_at", "duration_s", "size", "ratio", "passthrough")}
-               for name, info in run.steps.items()},
+        steps={name: result.model_dump(mode="json", include=MANIFEST_STEP_FIELDS)
+               for name, result in run.steps.items()},
         node=run.node, slot=run.slot,
     )
     manifest.steps["verify"] = {"duration_s": round(time.monotonic() - t0, 3)}
     write_manifest(manifest_path(path), manifest)
     faults.fault_point(VERIFY_WROTE_MANIFEST)
     write_atomic(checksum_path(path), manifest.checksum_lines().encode())
-    run.steps["verify"] = {"path": str(path), "size": result["size"], "md5": result.get("md5"),
-                           "sha256": result.get("sha256"), "duration_s": manifest.steps["verify"]["duration_s"]}
+    run.steps.verify = VerifyResult(path=str(path), size=result["size"], md5=result.get("md5"),
+                                    sha256=result.get("sha256"), duration_s=manifest.steps["verify"]["duration_s"])
     log.info("verified %s (sha256 %s)", run.name, result.get("sha256"))
     return run
 

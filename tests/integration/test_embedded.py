@@ -252,7 +252,7 @@ def test_streaming_verify_catches_a_file_changed_after_it_was_written(workdir, p
     settings = load_settings(env_file=None)
     ctx = StepContext(settings)
     run = compress_step(ctx, dump_step(ctx, new_run(settings, settings.target("erp"), "daily")))
-    assert run.steps["dump"]["blocks_checked"] and run.steps["compress"]["passthrough"]
+    assert run.steps.dump.blocks_checked and run.steps.compress.passthrough
     artifact = run.artifact
     data = bytearray(artifact.read_bytes())
     data[len(data) // 2] ^= 0x01

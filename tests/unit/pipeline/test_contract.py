@@ -21,7 +21,18 @@ from pgbeat.coordination.filelock import FileLock
 from pgbeat.errors import DumpError, LockHeldError, TransientDumpError
 from pgbeat.faults import InjectedTransientError
 from pgbeat.pipeline import runner
-from pgbeat.pipeline.record import Run, StepContext, new_run
+from pgbeat.pipeline.record import (
+    CompressResult,
+    DumpResult,
+    NotifyResult,
+    RotateResult,
+    Run,
+    StepContext,
+    StepResults,
+    UploadResult,
+    VerifyResult,
+    new_run,
+)
 from pgbeat.pipeline.steps_table import FINAL_STEPS, MAIN_STEPS, STEP_TABLE, STEPS
 from pgbeat.settings import Settings, load_settings
 
@@ -73,6 +84,30 @@ def test_one_retry_rule_for_every_step(settings, row):
     assert runner.retry_delay(settings, row, LockHeldError("busy"), 0) == (3 if row.retries_transient else None)
 
 
+# What a faked step records: the least result of each kind.
+RESULTS = {"dump": DumpResult(path="dump.sql", size=0, started_at="2025-11-19T02:00:00+00:00"),
+           "compress": CompressResult(path="x.sql.gz", size=0, codec="gzip"),
+           "verify": VerifyResult(path="x.sql.gz", size=0), "upload": UploadResult(), "rotate": RotateResult(),
+           "notify": NotifyResult(event="success")}
+
+
+def test_the_record_has_one_typed_result_per_step_of_the_table():
+    assert tuple(StepResults.model_fields) == STEPS
+    assert set(RESULTS) == set(STEPS)
+    steps = {name: result.model_dump(mode="json") for name, result in RESULTS.items()}
+    run = Run.model_validate({**new_run_fields(), "steps": steps})
+    assert [name for name, _ in run.steps.items()] == list(STEPS)
+    assert Run.model_validate(run.as_json()) == run  # what Celery carries from step to step loads back the same
+    with pytest.raises(ValueError):  # a result of the wrong shape is refused where it is made, not read later
+        Run.model_validate({**new_run_fields(), "steps": {"dump": {"path": "x", "size": "big"}}})
+
+
+def new_run_fields() -> dict:
+    return {"run_id": "0" * 32, "target": "erp", "tier": "daily", "node": "n", "started_at": "2025-11-19T02:00:00Z",
+            "stamp": "20251119_020000", "name": "erp_backup_daily_20251119_020000.sql.gz", "format": "plain",
+            "codec": "gzip", "level": 6, "work_dir": "/nonexistent"}
+
+
 def faked_plan(calls: list[str], failing: set[str]) -> runner.Plan:
     """The table with each step's function replaced by one that records its call and fails transiently the
     first time for the steps in `failing` (the rows' locks, retries and order are the table's)."""
@@ -83,7 +118,7 @@ def faked_plan(calls: list[str], failing: set[str]) -> runner.Plan:
             if name in failing:
                 failing.discard(name)
                 raise InjectedTransientError(f"{name} fails once", step=name)
-            run.steps[name] = {"duration_s": 0.0}
+            setattr(run.steps, name, RESULTS[name])
             if name == "upload":
                 run.final_path = str(ctx.settings.backup_root / "daily" / run.name)
             return run

@@ -221,7 +221,8 @@ def test_the_rotate_step_removes_nothing_when_the_server_clock_cannot_be_read(tm
     rotation is skipped with a warning, whatever the worker's clock says."""
     import socket
 
-    from pgbeat.pipeline.record import StepContext, new_run
+    from pgbeat.pipeline.record import DumpResult, StepContext, new_run
+    from pgbeat.postgres.clock import ServerReading
     from pgbeat.steps.rotate import rotate_step
 
     with socket.socket() as s:
@@ -236,8 +237,9 @@ def test_the_rotate_step_removes_nothing_when_the_server_clock_cannot_be_read(tm
     settings = load_settings(env_file=None)
     old = daily_series(settings, "erp", 10)
     run = new_run(settings, settings.target("erp"), "daily", now=NOW)
-    run.steps["dump"] = {"clock": {"server_time": NOW.isoformat(), "local_time": NOW.isoformat(),
-                                   "monotonic": 1.0, "boot_id": "another boot"}}
+    reading = ServerReading(server_time=NOW.isoformat(), local_time=NOW.isoformat(), monotonic=1.0,
+                            boot_id="another boot")
+    run.steps.dump = DumpResult(path=str(run.work("dump.sql")), size=0, started_at=NOW, clock=reading)
     run = rotate_step(StepContext(settings, now=lambda: NOW + YEARS), run)
-    assert run.steps["rotate"]["removed"] == [] and all(p.exists() for p in old)
-    assert "nothing removed" in run.steps["rotate"]["errors"][0]
+    assert run.steps.rotate.removed == [] and all(p.exists() for p in old)
+    assert "nothing removed" in run.steps.rotate.errors[0]
