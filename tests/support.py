@@ -87,6 +87,8 @@ class PgCluster:
             "local all all trust\n"
             "host all postgres 127.0.0.1/32 trust\n"
             "host all all 127.0.0.1/32 scram-sha-256\n"
+            "host replication postgres 127.0.0.1/32 trust\n"  # base backups (pg_basebackup, pg_receivewal)
+            "host replication all 127.0.0.1/32 scram-sha-256\n"
         )
         self.start()
         self.sql(f"CREATE ROLE backup LOGIN SUPERUSER PASSWORD '{SECRET_PASSWORD}'")

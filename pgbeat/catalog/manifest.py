@@ -30,19 +30,24 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from pgbeat.fsutil import write_atomic
+from pgbeat.settings.fields import PHYSICAL_TIERS, TIERS
 
 MANIFEST_VERSION = 2  # 2: sealed, with the server's clock; 1 (unsealed) is still read
 READABLE_VERSIONS = (1, MANIFEST_VERSION)
 MANIFEST_SUFFIX = ".manifest.json"
 CHECKSUM_SUFFIX = ".sha256"
 STAMP_FORMAT = "%Y%m%d_%H%M%S"
-NAME_RE = re.compile(r"^(?P<target>.+)_backup_(?P<tier>daily|weekly|monthly)_(?P<stamp>\d{8}_\d{6})(?P<ext>\..+)$")
+NAME_RE = re.compile(r"^(?P<target>.+)_backup_(?P<tier>daily|weekly|monthly|base)_(?P<stamp>\d{8}_\d{6})"
+                     r"(?P<ext>\..+)$")
 # A backup dated more than this after "now" was made under a wrong clock ("from the future").
 FUTURE_TOLERANCE = timedelta(minutes=5)
 # Fields pgbeat annotates after the verify step wrote the manifest, or that no check depends on: they
 # are outside the seal, so recording a drill or a copy never needs the rest to be re-proven.
 UNSEALED = frozenset({"seal", "run_id", "level", "server_version", "pg_dump_version", "database", "finished_at",
                       "duration_s", "steps", "node", "slot", "copies", "drills", "warnings"})
+
+# Sealed fields added after version 2's seal: sealed only when set, so that older seals still hold.
+SEALED_WHEN_SET = ("physical",)
 
 
 def extension(dump_format: str, codec: str) -> str:
@@ -51,6 +56,8 @@ def extension(dump_format: str, codec: str) -> str:
         return ".dump"
     if dump_format == "directory":
         return ".dir"
+    if dump_format == "tar":  # a physical base backup: pg_basebackup's tar, compressed by pgbeat
+        return {"gzip": ".tar.gz", "zstd": ".tar.zst", "none": ".tar"}[codec]
     return {"gzip": ".sql.gz", "zstd": ".sql.zst", "none": ".sql"}[codec]
 
 
@@ -109,6 +116,22 @@ class BackupWarning(BaseModel):
 
 
 COPY_STATES = ("ok", "pending", "failed", "skipped")
+
+
+class PhysicalInfo(BaseModel):
+    """What a physical base backup needs for point-in-time recovery: where its WAL starts and ends.
+
+    Recovery from it replays WAL from `start_lsn` (segment `start_wal`) on `timeline`; it is consistent
+    once `end_lsn` is replayed, so it serves recovery targets after its `stop_time`.
+    """
+
+    timeline: int
+    start_lsn: str
+    end_lsn: str
+    start_wal: str | None = Field(None, description="the WAL segment file where replay starts")
+    start_time: datetime | None = Field(None, description="START TIME of backup_label (the server's clock)")
+    stop_time: datetime | None = Field(None, description="when the backup was consistent (the server's clock)")
+    client_version: str | None = Field(None, description="pg_basebackup's version")
 
 
 class Copy(BaseModel):
@@ -236,6 +259,7 @@ class Manifest(BaseModel):
     drills: list[DrillRecord] = Field(default_factory=list)
     warnings: list[BackupWarning] = Field(default_factory=list)
     encryption: EncryptionInfo | None = Field(None, description="age recipients and the plaintext's checksums")
+    physical: PhysicalInfo | None = Field(None, description="a base backup (tier base): its WAL range")
     seal: str | None = Field(None, description="SHA-256 of the sealed fields (all but UNSEALED)")
 
     @field_validator("warnings", mode="before")
@@ -259,6 +283,9 @@ class Manifest(BaseModel):
     def computed_seal(self) -> str:
         """Return the SHA-256 of the sealed fields, as canonical JSON."""
         sealed = self.model_dump(mode="json", include=set(type(self).model_fields) - UNSEALED)
+        for key in SEALED_WHEN_SET:  # fields newer than the seal: absent from the seals made before them
+            if sealed.get(key) is None:
+                sealed.pop(key, None)
         text = json.dumps(sealed, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -445,7 +472,7 @@ def newest(entries: Iterable[D], now: datetime) -> D | None:
     return (settled or ordered)[-1] if ordered else None
 
 
-def iter_manifests(backup_root: Path, tiers: tuple[str, ...] = ("daily", "weekly", "monthly")) -> Iterator[Entry]:
+def iter_manifests(backup_root: Path, tiers: tuple[str, ...] = TIERS) -> Iterator[Entry]:
     """Yield an Entry per pgbeat manifest under the tier folders (whether or not its data file exists)."""
     for tier in tiers:
         folder = backup_root / tier
@@ -477,10 +504,14 @@ def iter_pre_restore(backup_root: Path) -> Iterator[Entry]:
 
 
 def list_backups(backup_root: Path, target: str | None = None, tier: str | None = None,
-                 include_pre_restore: bool = False) -> list[Entry]:
-    """Return the backups on the shelf (data file present), oldest first (`order_key`)."""
-    found = list(iter_manifests(backup_root, (tier,) if tier else ("daily", "weekly", "monthly")))
-    if include_pre_restore and tier is None:
+                 include_pre_restore: bool = False, kind: str | None = None) -> list[Entry]:
+    """Return the backups on the shelf (data file present), oldest first (`order_key`); with `kind`
+    ("logical" or "physical"), only the backups of that kind."""
+    tiers = (tier,) if tier else TIERS
+    if kind is not None:
+        tiers = tuple(t for t in tiers if (t in PHYSICAL_TIERS) == (kind == "physical"))
+    found = list(iter_manifests(backup_root, tiers))
+    if include_pre_restore and tier is None and kind != "physical":
         found += iter_pre_restore(backup_root)
     entries = [e for e in found if e.exists and (target is None or e.manifest.target == target)]
     return sorted(entries, key=order_key)

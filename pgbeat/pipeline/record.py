@@ -29,10 +29,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from pgbeat import faults
-from pgbeat.catalog.manifest import STAMP_FORMAT, backup_name, extension
+from pgbeat.catalog.manifest import STAMP_FORMAT, PhysicalInfo, backup_name, extension
 from pgbeat.postgres.clock import ServerReading
 from pgbeat.postgres.process import CancelEvent
-from pgbeat.settings import Settings, Target
+from pgbeat.settings import PHYSICAL_TIERS, Settings, Target
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ class DumpResult(ArtifactResult):
     codec: str | None = None
     blocks: int | None = None
     blocks_checked: bool = False
+    physical: PhysicalInfo | None = Field(None, description="a base backup: its WAL range (pg_basebackup)")
 
 
 class CompressResult(ArtifactResult):
@@ -175,6 +176,11 @@ class Run(BaseModel):
     status: str = "running"
     failure: Failure | None = None
 
+    @property
+    def kind(self) -> str:
+        """"physical" for a base backup of the whole cluster (the `base` tier), else "logical" (pg_dump)."""
+        return "physical" if self.tier in PHYSICAL_TIERS else "logical"
+
     def work(self, *parts: str) -> Path:
         return Path(self.work_dir, *parts)
 
@@ -218,10 +224,11 @@ def new_run(settings: Settings, target: Target, tier: str, *, run_id: str | None
     started = now or clock()
     stamp = started.astimezone(settings.tz).strftime(STAMP_FORMAT)
     run_id = run_id or uuid.uuid4().hex
+    backup_format = "tar" if tier in PHYSICAL_TIERS else target.format
     return Run(
         run_id=run_id, target=target.name, tier=tier, node=settings.node, started_at=started, stamp=stamp,
-        name=backup_name(target.name, tier, stamp, extension(target.format, target.compression.codec)),
-        format=target.format, codec=target.compression.codec, level=target.compression.level, slot=slot,
+        name=backup_name(target.name, tier, stamp, extension(backup_format, target.compression.codec)),
+        format=backup_format, codec=target.compression.codec, level=target.compression.level, slot=slot,
         work_dir=str(settings.backup_root / WORK_DIR / run_id),
     )
 
@@ -254,6 +261,7 @@ def _run_still_active(settings: Settings, run_ids: list[str]) -> set[str]:
 SCRATCH_PURPOSES = {
     "fetch": "a copy downloaded from a destination, before restore checks and loads it",
     "verify": "the plaintext of an encrypted backup, decrypted to be checked",
+    "unpack": "a base backup unpacked for pg_verifybackup to check",
     "offsite": "a copy being encrypted or a sidecar being written for a destination",
 }
 SCRATCH_FULL = {purpose: faults.declare(f"scratch.{purpose}", f"a scratch folder holds {what}; it is not removed yet")

@@ -99,7 +99,7 @@ def execute_step(ctx: StepContext, run: Run, name: str | Step, *, announce: bool
         if row.opens_run and announce:
             target = ctx.target(run)
             runlog.write(ctx.settings, run, ctx.now(), *runlog.start_lines(run, target.describe()))
-        run = row.function(ctx, run)
+        run = row.function_for(run)(ctx, run)
         lines = runlog.step_lines(run, name) if announce else []
         if lines:
             runlog.write(ctx.settings, run, ctx.now(), *lines)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pgbeat import settings
+from pgbeat.physical.basebackup import base_backup_step
 from pgbeat.pipeline.record import Run, StepContext
 from pgbeat.steps.compress import compress_step
 from pgbeat.steps.dump import dump_step
@@ -36,6 +37,8 @@ class Step:
     first waits for its locks, the healthchecks start ping is sent (once per run).
     `retries_transient`: a transient PgbeatError is retried `reliability.retries` times with backoff.
     `always_runs`: the step runs after a failure too (with the failure in the record); it ends the run.
+    `physical`: what the step does instead for a physical run (a base backup, pgbeat.physical); the
+    steps without one do the same for both kinds (compress passes an already compressed stream through).
     """
 
     name: str
@@ -44,10 +47,15 @@ class Step:
     retries_transient: bool = True
     opens_run: bool = False
     always_runs: bool = False
+    physical: StepFunction | None = None
+
+    def function_for(self, run: Run) -> StepFunction:
+        """The function that does this step for `run`: its physical one for a base backup, if it has one."""
+        return self.physical if run.kind == "physical" and self.physical is not None else self.function
 
 
 STEP_TABLE: tuple[Step, ...] = (
-    Step("dump", dump_step, locks=frozenset({"target", "dump_slots"}), opens_run=True),
+    Step("dump", dump_step, locks=frozenset({"target", "dump_slots"}), opens_run=True, physical=base_backup_step),
     Step("compress", compress_step),
     Step("verify", verify_step),
     Step("upload", upload_step),

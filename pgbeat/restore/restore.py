@@ -44,7 +44,7 @@ from pgbeat.catalog.manifest import (
     newest,
     read_manifest,
 )
-from pgbeat.errors import EXIT_LOCKED, PgbeatError, VerifyError
+from pgbeat.errors import EXIT_LOCKED, PgbeatError, UsageError, VerifyError
 from pgbeat.faults import fault_point
 from pgbeat.fsutil import CHUNK, hold_dir, private_dir, remove_path
 from pgbeat.notify import Event, send_event
@@ -67,7 +67,7 @@ from pgbeat.restore.journal import (
     phase_points,
     settle,
 )
-from pgbeat.settings import Settings, Target
+from pgbeat.settings import PHYSICAL_TIERS, Settings, Target
 from pgbeat.steps.compress import codec_for_name, decompressing_reader
 from pgbeat.steps.upload import local_storage, shelve
 from pgbeat.steps.verify import verify_backup
@@ -167,7 +167,10 @@ def latest_backup(settings: Settings, target: str | None = None, tier: str | Non
                               hint=f"targets: {', '.join(sorted(settings.targets))}")
         target = next(iter(settings.targets))
     config = settings.target(target)
-    entries = [e for e in list_backups(settings.backup_root, target, tier) if e.verified]
+    if tier in PHYSICAL_TIERS:
+        raise UsageError(f"--latest restores a logical backup; the {tier} tier holds physical base backups",
+                         hint="restore a base backup as a data directory (README, 'Base backups')")
+    entries = [e for e in list_backups(settings.backup_root, target, tier, kind="logical") if e.verified]
     if not entries:
         raise PgbeatError(f"No verified backup of {target}{' (' + tier + ')' if tier else ''} "
                           f"in {settings.backup_root}")
@@ -176,6 +179,14 @@ def latest_backup(settings: Settings, target: str | None = None, tier: str | Non
     except PgbeatError:
         now = datetime.now(UTC)
     return newest(entries, now)
+
+
+def refuse_physical(entry: Entry) -> None:
+    """Raise RestoreRefused for a base backup: it is a whole cluster's files, not a database's dump."""
+    if entry.manifest.format == "tar":
+        raise RestoreRefused(f"{entry.path.name} is a physical base backup of the whole cluster, not a dump of "
+                             "one database", hint="restore it as a data directory with point-in-time recovery "
+                                                  "(README, 'Base backups')")
 
 
 def restore_target(settings: Settings, entry: Entry, target_name: str | None) -> Target:
@@ -785,6 +796,7 @@ def restore(settings: Settings, entry: Entry, target: Target, *, into: str | Non
     """
     database = target.dbname if into is None else into
     refuse_reserved(database)
+    refuse_physical(entry)
     with interruptible() as guard:
         return _restore(settings, entry, target, database, jobs, confirm, on_step or (lambda step, text: None),
                         safety, identities, now, guard)

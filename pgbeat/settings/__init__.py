@@ -18,6 +18,7 @@ from pgbeat.settings.fields import (
     MAX_KEEP_COUNT,
     MAX_KEEP_DAYS,
     MAX_SECONDS,
+    PHYSICAL_TIERS,
     STEPS,
     TIERS,
     Codec,
@@ -66,7 +67,8 @@ from pgbeat.settings.schema import (
 
 __all__ = [
     "DEFAULT_LEVELS", "DEFAULT_TIERS", "DESTINATION_KINDS", "LEVEL_RANGES", "MAX_BYTES", "MAX_CONFIG_BYTES",
-    "MAX_CONFIG_DEPTH", "MAX_CONFIG_VALUES", "MAX_KEEP_COUNT", "MAX_KEEP_DAYS", "MAX_SECONDS", "STEPS", "TIERS",
+    "MAX_CONFIG_DEPTH", "MAX_CONFIG_VALUES", "MAX_KEEP_COUNT", "MAX_KEEP_DAYS", "MAX_SECONDS", "PHYSICAL_TIERS",
+    "STEPS", "TIERS",
     "ChannelSpec", "Codec", "Compression", "ConfigPath", "DatabaseName", "DestinationBase", "DestinationSpec",
     "DrillPolicy", "DumpFormat", "EncryptionSpec", "EnvSettings", "FileConfig", "GCSDestination", "Listen",
     "MonitoringSpec", "Name", "NodeName", "Reliability", "RetentionSpec", "S3Destination", "SSHDestination",

@@ -11,8 +11,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 from pydantic import AfterValidator, BeforeValidator
 
-TIERS = ("daily", "weekly", "monthly")
-Tier = Literal["daily", "weekly", "monthly"]
+TIERS = ("daily", "weekly", "monthly", "base")
+Tier = Literal["daily", "weekly", "monthly", "base"]
+# The tiers whose backups are physical (a base backup of the whole cluster, for PITR), not pg_dump's.
+PHYSICAL_TIERS = ("base",)
 DumpFormat = Literal["plain", "custom", "directory"]
 Codec = Literal["gzip", "zstd", "none"]
 

@@ -23,6 +23,7 @@ from pgbeat.settings.fields import (
     MAX_KEEP_COUNT,
     MAX_KEEP_DAYS,
     MAX_SECONDS,
+    PHYSICAL_TIERS,
     STEPS,
     TIERS,
     Codec,
@@ -39,10 +40,13 @@ from pgbeat.settings.fields import (
 )
 
 # The seed's schedule: daily 02:00 keep 7 days, weekly Sunday 03:00 keep 30, monthly day 1 04:00 keep 365.
+# The physical `base` tier (PITR) is off until enabled: it needs a user with the REPLICATION attribute
+# and a `replication` line in the server's pg_hba.conf.
 DEFAULT_TIERS: dict[str, dict[str, Any]] = {
     "daily": {"schedule": "0 2 * * *", "keep_days": 7},
     "weekly": {"schedule": "0 3 * * 0", "keep_days": 30},
     "monthly": {"schedule": "0 4 1 * *", "keep_days": 365},
+    "base": {"schedule": "0 1 * * 0", "keep_days": 30, "enabled": False},
 }
 SslMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
@@ -89,6 +93,13 @@ class DrillPolicy(Strict):
                                                    "backup of 03:00")
     tier: Tier | None = Field(None, description="drill the latest backup of this tier; unset: any tier",
                               examples=["weekly"])
+
+    @field_validator("tier")
+    @classmethod
+    def _logical_tier(cls, tier: str | None) -> str | None:
+        if tier in PHYSICAL_TIERS:
+            raise ValueError(f"drills restore logical backups; {tier!r} holds physical base backups")
+        return tier
     host: Name | None = Field(None, description="the drill server; unset: the target's own server",
                               examples=["drill-db.internal"])
     port: int | None = Field(None, ge=1, le=65535, description="unset: the target's", examples=[5432])

@@ -67,11 +67,13 @@ def dump_argv(settings: Settings, target: Target, output: Path | None) -> list[s
     return [*argv, *target.pg_dump_options]
 
 
-def classify_failure(target: Target, rc: int, stderr: list[str], step: str = "dump") -> PgbeatError:
-    """Turn a failed pg_dump into a transient (retry later) or permanent error naming the target."""
+def classify_failure(target: Target, rc: int, stderr: list[str], step: str = "dump",
+                     program: str = "pg_dump") -> PgbeatError:
+    """Turn a failed pg_dump (or pg_basebackup) into a transient (retry later) or permanent error naming
+    the target."""
     text = "\n".join(stderr).lower()
-    message = f"pg_dump of {target.name} ({target.describe()}) failed with exit code {rc}"
-    details = stderr[-8:] or ["(pg_dump wrote nothing on stderr)"]
+    message = f"{program} of {target.name} ({target.describe()}) failed with exit code {rc}"
+    details = stderr[-8:] or [f"({program} wrote nothing on stderr)"]
     if "password authentication failed" in text or "no password supplied" in text:
         return DumpError(message, step=step, details=details,
                          hint="check the password (DB_PASSWORD, the target's password or ~/.pgpass)")
@@ -105,16 +107,17 @@ def _stream_file(pipe, out, scanner: DumpScanner) -> int:
     return crc
 
 
-def _stream_blocks(pipe, writer: BlockWriter, scanner: DumpScanner) -> int:
-    """Read the dump from `pipe` straight into fresh block buffers handed to `writer` (no copies: this
-    thread's time is the stream's limit), scanning it; return its CRC-32."""
+def stream_blocks(pipe, writer: BlockWriter, scanner: DumpScanner | None = None) -> int:
+    """Read a stream from `pipe` straight into fresh block buffers handed to `writer` (no copies: this
+    thread's time is the stream's limit), scanning it if a dump `scanner` is given; return its CRC-32."""
     crc = 0
     while True:
         block = bytearray(BLOCK)
         view, filled = memoryview(block), 0
         while filled < BLOCK and (n := pipe.readinto(view[filled:filled + CHUNK])):
             crc = isal_zlib.crc32(view[filled:filled + n], crc)
-            scanner.feed(block, filled, filled + n)
+            if scanner is not None:
+                scanner.feed(block, filled, filled + n)
             filled += n
         if filled:
             writer.write_block(block if filled == BLOCK else view[:filled])
@@ -155,7 +158,7 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
                 with open_private(output) as out:
                     if streaming:
                         writer = BlockWriter(out, run.codec, run.level, target.compression.threads, check=True)
-                        crc = _stream_blocks(proc.stdout, writer, scanner)
+                        crc = stream_blocks(proc.stdout, writer, scanner)
                         writer.close()
                         out.flush()
                         os.fsync(out.fileno())

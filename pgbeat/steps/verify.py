@@ -196,6 +196,10 @@ def check_archive(path: Path, settings: Settings) -> dict[str, Any]:
 def check_backup(path: Path, dump_format: str, codec: str, settings: Settings) -> dict[str, Any]:
     if dump_format == "plain":
         return check_plain(path, codec)
+    if dump_format == "tar":
+        from pgbeat.physical.basebackup import check_base
+
+        return check_base(path, codec, settings)
     return check_archive(path, settings)
 
 
@@ -217,12 +221,17 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
     problems = []
     if not result["complete"]:
         problems.append("the dump lacks pg_dump's closing 'dump complete' line (truncated)")
-    if run.format == "plain":
-        if result["raw_size"] != dump.raw_size or result["raw_crc32"] != dump.raw_crc32:
-            problems.append(f"decompressed data differs from what pg_dump wrote ({result['raw_size']} bytes, "
-                            f"crc {result['raw_crc32']}; expected {dump.raw_size} bytes, crc {dump.raw_crc32})")
-        if compress.sha256 and compress.sha256 != result["sha256"]:
-            problems.append("the file on disk differs from what was written to it (SHA-256 mismatch)")
+    if run.format == "plain" and (result["raw_size"] != dump.raw_size or result["raw_crc32"] != dump.raw_crc32):
+        problems.append(f"decompressed data differs from what pg_dump wrote ({result['raw_size']} bytes, "
+                        f"crc {result['raw_crc32']}; expected {dump.raw_size} bytes, crc {dump.raw_crc32})")
+    if run.format in ("plain", "tar") and compress.sha256 and compress.sha256 != result["sha256"]:
+        problems.append("the file on disk differs from what was written to it (SHA-256 mismatch)")
+    physical = None
+    if run.format == "tar":
+        from pgbeat.physical.basebackup import physical_info, physical_problems
+
+        problems += physical_problems(result, dump.physical)
+        physical = None if problems else physical_info(result, dump.physical)
     if problems:
         raise VerifyError(f"Backup {run.name} failed verification", step="verify", details=problems)
 
@@ -239,9 +248,9 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
         started_at=run.started_at, server_time=dump.server_time, clock_skew_s=dump.clock_skew_s,
         finished_at=finished,
         duration_s=round((finished - run.started_at).total_seconds(), 3),
-        steps={name: result.model_dump(mode="json", include=MANIFEST_STEP_FIELDS)
-               for name, result in run.steps.items()},
-        node=run.node, slot=run.slot,
+        steps={name: step_result.model_dump(mode="json", include=MANIFEST_STEP_FIELDS)
+               for name, step_result in run.steps.items()},
+        node=run.node, slot=run.slot, physical=physical,
     )
     manifest.steps["verify"] = {"duration_s": round(time.monotonic() - t0, 3)}
     write_manifest(manifest_path(path), manifest)
@@ -337,6 +346,10 @@ def verify_backup(path: Path, settings: Settings, identities: list | None = None
     else:
         result = check_backup(entry.path, manifest.format, codec, settings)
         problems = stored_problems(result, manifest) + plaintext_problems(result, manifest)
+        if manifest.format == "tar":
+            from pgbeat.physical.basebackup import physical_problems
+
+            problems += physical_problems(result, manifest.physical)
     sums_file = checksum_path(entry.path)
     try:
         sums = read_checksum_file(sums_file)

@@ -196,7 +196,9 @@ SCRATCH_COMMANDS = {
     "fetch": lambda local, url, key: ("restore", url, "--into", f"left_{uuid.uuid4().hex[:8]}", "--identity", str(key)),
     "verify": lambda local, url, key: ("verify", str(local), "--identity", str(key)),
     "offsite": lambda local, url, key: ("backup", "daily"),
+    "unpack": lambda local, url, key: ("verify", BASE_BACKUP),
 }
+BASE_BACKUP = "{a base backup of the target's cluster}"  # taken by the test when a command needs one
 
 
 @pytest.mark.parametrize("purpose", sorted(SCRATCH_PURPOSES))
@@ -207,8 +209,15 @@ def test_a_process_killed_with_a_full_scratch_folder_leaves_nothing(workdir, enc
     service, local, url, key = encrypted_offsite
     faults = workdir / f"faults-{purpose}"
     faults.mkdir()
-    killed = service.pgbeat(*SCRATCH_COMMANDS[purpose](local, url, key), PGBEAT_FAULTS=f"scratch.{purpose}=kill",
-                            PGBEAT_FAULTS_DIR=str(faults))
+    command = SCRATCH_COMMANDS[purpose](local, url, key)
+    if BASE_BACKUP in command:
+        service.config["targets"][0]["tiers"] = {"base": {"enabled": True}}
+        service.write_config()
+        taken = service.pgbeat("backup", "base")
+        assert taken.returncode == 0, taken.stdout + taken.stderr
+        [base] = service.backups("base", ".tar.gz.age")
+        command = (*(str(base) if part == BASE_BACKUP else part for part in command), "--identity", str(key))
+    killed = service.pgbeat(*command, PGBEAT_FAULTS=f"scratch.{purpose}=kill", PGBEAT_FAULTS_DIR=str(faults))
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     work = service.backup_root / ".work"
     [left] = [p for p in work.iterdir() if p.name.startswith(f"{purpose}-")]

@@ -67,6 +67,7 @@ def test_an_encrypted_manifest_with_copies_written_as_plain_json_keeps_its_seal(
                        "s3": {"status": "failed", "error": "no bucket", "at": "2026-01-01T02:02:00",
                               "file": "x.age", "size": 9, "sha256": "2" * 64}}}
     data.pop("seal", None)
+    data.pop("physical")  # written before base backups existed: no such key
     data["seal"] = old_seal(data)
     path = tmp_path / "m.json"
     path.write_text(json.dumps(data))
@@ -95,3 +96,24 @@ def test_copy_states_are_checked():
     assert [Copy(status=s).ok for s in COPY_STATES] == [s == "ok" for s in COPY_STATES]
     with pytest.raises(ValidationError, match="unknown copy state"):
         Copy(status="done")
+
+
+def test_a_base_backups_wal_range_is_sealed_and_older_seals_hold_without_it(tmp_path):
+    from pgbeat.catalog.manifest import PhysicalInfo
+
+    plain = Manifest.model_validate(FIELDS)
+    plain.seal = plain.computed_seal()
+    data = plain.model_dump(mode="json")
+    assert data["physical"] is None
+    data.pop("physical")
+    assert data["seal"] == old_seal({k: v for k, v in data.items() if k != "seal"})  # as before the field
+    base = Manifest.model_validate({**FIELDS, "tier": "base", "format": "tar", "physical": PhysicalInfo(
+        timeline=1, start_lsn="0/2000028", end_lsn="0/2000100", start_wal="000000010000000000000002")})
+    base.seal = base.computed_seal()
+    path = tmp_path / "m.json"
+    write_manifest(path, base)
+    assert read_manifest(path).seal_problem() is None
+    edited = json.loads(path.read_text())
+    edited["physical"]["start_lsn"] = "0/1000000"
+    path.write_text(json.dumps(edited))
+    assert "does not match its seal" in read_manifest(path).seal_problem()

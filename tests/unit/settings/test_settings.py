@@ -38,8 +38,9 @@ def test_env_defines_one_target_with_the_seed_defaults(clean_env, monkeypatch):
     assert (t.host, t.port, t.dbname, t.user, t.password.get_secret_value()) == ("db1", 5433, "erp", "bk", "pw")
     assert s.backup_root == (clean_env / "backups").resolve()
     assert s.embedded
-    assert {tier: (p.schedule, p.keep_days, p.min_keep) for tier, p in t.tiers.items()} == {
+    assert {tier: (p.schedule, p.keep_days, p.min_keep) for tier, p in t.tiers.items() if p.enabled} == {
         "daily": ("0 2 * * *", 7, 1), "weekly": ("0 3 * * 0", 30, 1), "monthly": ("0 4 1 * *", 365, 1)}
+    assert t.enabled_tiers() == ["daily", "weekly", "monthly"]  # the physical base tier is opt-in
     assert (t.format, t.compression.codec, t.compression.level) == ("plain", "gzip", 6)
     assert "pw" not in repr(s) and "pw" not in t.conninfo()
 
