@@ -253,9 +253,10 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
     out.print(table)
 
 
-def local_time(settings: Settings, when: datetime | str) -> str:
+def local_time(settings: Settings, when: datetime | str, seconds: bool = True) -> str:
+    """A time for a person: in pgbeat's configured zone, and saying which (`2025-11-19 02:00:00 -03`)."""
     when = datetime.fromisoformat(when) if isinstance(when, str) else when
-    return when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S")
+    return when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z")
 
 
 def drill_summary(settings: Settings, manifest: Manifest) -> str:
@@ -515,9 +516,15 @@ def upload(retry: bool, target_name: str | None, destination: str | None) -> Non
 def drill(target_name: str | None) -> None:
     """Restore the latest backup of each target into a scratch database now and check it."""
     settings = settings_or_exit(writes=True)
+    names = selected_targets(settings, target_name)
+    if target_name is None:  # every target whose drills are enabled; --target drills a disabled one on request
+        for name in names:
+            if not settings.target(name).drill.enabled:
+                out.print(f"{name}: drills disabled (drill.enabled: false), skipped", markup=False)
+        names = [name for name in names if settings.target(name).drill.enabled]
     failed = 0
     # A drill stopped by a signal raises (recorded, its scratch database dropped): PgbeatGroup says so.
-    for result in actions.drills(settings, selected_targets(settings, target_name)):
+    for result in actions.drills(settings, names):
         mark = "[green]passed[/green]" if result.passed else "[red]FAILED[/red]"
         out.print(f"{result.target}: drill {mark} on {result.backup or '-'} in {result.duration_s:.1f}s "
                   f"(restore {result.restore_s or 0:.1f}s)", markup=True)
@@ -541,6 +548,13 @@ def age_text(seconds: float | None) -> str:
     return f"{seconds:.0f}s ago"
 
 
+def success_text(settings: Settings, t) -> str:
+    """The "last success" cell: its age, or "never" with the first due time (monitoring.status.TierStatus)."""
+    if not t.never:
+        return age_text(t.age_s)
+    return f"never ({'was due' if t.overdue else 'first due'} {local_time(settings, t.first_due_at, seconds=False)})"
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(as_json: bool) -> None:
@@ -558,14 +572,14 @@ def status(as_json: bool) -> None:
     for column in ("target", "tier", "last success", "size", "duration", "copies (kept)", "last attempt", "next run"):
         table.add_column(column)
     for t in report.tiers:
-        color = "red" if t.overdue else "green"
+        color = "red" if t.overdue else "yellow" if t.never else "green"
         attempt = t.last_attempt or {}
         attempt_text = attempt.get("status", "-")
         if attempt.get("status") == "failure":
             attempt_text = f"[red]failed at {attempt.get('step')}[/red]"
         warning = " [yellow]⚠ size[/yellow]" if t.size_anomaly else ""
         warning += " [yellow]⚠ dated in the future[/yellow]" if t.future else ""
-        table.add_row(t.target, t.tier, f"[{color}]{age_text(t.age_s)}[/{color}]{warning}", human_size(t.size),
+        table.add_row(t.target, t.tier, f"[{color}]{success_text(settings, t)}[/{color}]{warning}", human_size(t.size),
                       f"{t.duration_s:.1f}s" if t.duration_s else "-",
                       ", ".join(f"{d} ({n})" for d, n in sorted(t.kept.items())) or "-", attempt_text,
                       local_time(settings, t.next_run))
@@ -577,6 +591,11 @@ def status(as_json: bool) -> None:
         color = "green" if d.status == "passed" else "red"
         out.print(f"drill {d.target}: [{color}]{d.status}[/{color}] {local_time(settings, d.at)} on {d.backup} "
                   f"({d.duration_s:.1f}s)", markup=True)
+    for never in report.never_drilled:
+        color = "red" if never.overdue else "yellow"
+        due = "was due" if never.overdue else "first due"
+        out.print(f"drill {never.target}: [{color}]never[/{color}] ({due} {local_time(settings, never.first_due_at)})",
+                  markup=True)
     out.print(f"BACKUP_ROOT uses {human_size(report.used)}; {human_size(report.disk_free)} free of "
               f"{human_size(report.disk_total)} ({100 * report.disk_free / max(report.disk_total, 1):.0f}%)",
               markup=False)

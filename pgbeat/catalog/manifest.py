@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
+from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import write_atomic
 
 MANIFEST_VERSION = 2  # 2: sealed, with the server's clock; 1 (unsealed) is still read
@@ -398,6 +400,52 @@ def read_attempts(backup_root: Path) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+CONFIGURED_FILE = Path(".state") / "configured.json"
+
+
+def first_configured(backup_root: Path, keys: Iterable[str], now: datetime) -> dict[str, datetime]:
+    """Return when each of `keys` ("<target>/<tier>", "drill/<target>") was first seen in the configuration,
+    recording `now` for the keys seen for the first time.
+
+    A tier that never succeeded has no backup to be late from: its first due time is reckoned from this
+    record, so status and the overdue alert can tell "just installed" from "never ran". If the record
+    cannot be written (a read-only BACKUP_ROOT), the new keys count from `now` this time only.
+    """
+    keys = list(keys)
+    path = backup_root / CONFIGURED_FILE
+
+    def read() -> dict[str, str]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    seen = read()
+    if any(key not in seen for key in keys):
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path.with_name(".configured.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                seen = read()  # another process may have recorded some meanwhile
+                missing = {key: now.isoformat() for key in keys if key not in seen}
+                if missing:
+                    seen.update(missing)
+                    write_atomic(path, json.dumps(seen, indent=1, sort_keys=True).encode())
+            finally:
+                os.close(fd)
+        except (OSError, PgbeatError) as exc:
+            logging.getLogger(__name__).warning("cannot record the configured tiers in %s: %s", path, exc)
+    found = {}
+    for key in keys:
+        try:
+            found[key] = datetime.fromisoformat(seen[key])
+        except (KeyError, TypeError, ValueError):
+            found[key] = now
+    return found
 
 
 class Entry(BaseModel):

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 
+from pgbeat.schedule import next_runs
 from tests.receivers import MailReceiver
 from tests.support import SECRET_PASSWORD, VENV_BIN, Service, Worker, free_port, wait_for, wait_run
 
@@ -177,7 +181,8 @@ def test_metrics_and_status_tell_the_truth_across_restarts(workdir, pg, small_db
     by_key = {(t["target"], t["tier"]): t for t in status["tiers"]}
     assert by_key[("erp", "daily")]["overdue"] is False
     assert by_key[("erp", "daily")]["last_attempt"]["status"] == "success"
-    assert by_key[("crm", "daily")]["overdue"] is True
+    assert by_key[("crm", "daily")]["never"] is True  # failed right after install: never, not yet overdue
+    assert by_key[("crm", "daily")]["overdue"] is False
     assert by_key[("crm", "daily")]["last_attempt"]["step"] == "dump"
     assert by_key[("erp", "weekly")]["last_success_at"] is None
     text = service.pgbeat("status").stdout
@@ -249,3 +254,76 @@ def test_cron_install_is_idempotent_and_remove_leaves_other_lines(workdir, pg, s
     assert all(f"PGBEAT_CONFIG={service.config_path}" in line for line in lines)
     assert service.pgbeat("cron", "remove", "--file", str(crontab)).returncode == 0
     assert crontab.read_text() == "MAILTO=dba@example.com\n15 * * * * /usr/local/bin/something-else\n"
+
+
+FAKETIME = shutil.which("faketime")
+
+
+def pgbeat_at(service: Service, offset: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the real CLI with its clock `offset` ahead (libfaketime: `+60d`)."""
+    result = subprocess.run([FAKETIME, "-f", offset, str(VENV_BIN / "pgbeat"), *args], cwd=service.cwd,
+                            env=service.env(), capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+@pytest.mark.skipif(FAKETIME is None, reason="libfaketime (Debian package faketime) is not installed")
+def test_never_run_tiers_and_never_drilled_targets_are_never_then_overdue(workdir, pg, small_db):
+    service = Service(workdir, None, [pg.target("erp", small_db),
+                                      pg.target("quiet", small_db, drill={"enabled": False})])
+    installed = datetime.now(UTC)
+    status = json.loads(service.pgbeat("status", "--json").stdout)
+    assert {(t["target"], t["tier"]) for t in status["tiers"]} == {
+        (name, tier) for name in ("erp", "quiet") for tier in ("daily", "weekly", "monthly")}
+    for t in status["tiers"]:  # right after install: never, and not overdue
+        assert t["never"] is True and t["overdue"] is False, t
+        expected = next_runs(t["schedule"], installed, ZoneInfo("UTC"))[0]
+        assert abs(datetime.fromisoformat(t["first_due_at"]).timestamp() - expected.timestamp()) < 120, t
+    assert [d["target"] for d in status["never_drilled"]] == ["erp"]  # quiet has drills disabled
+    assert status["never_drilled"][0]["overdue"] is False
+    text = service.pgbeat("status").stdout
+    assert "never (first due " in text and " UTC)" in text and "overdue" not in text, text
+    assert "drill erp: never (first due " in text and "drill quiet" not in text, text
+
+    port = free_port()
+    proc = start_metrics(service, port)
+    try:
+        metrics = scrape(port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    by_tier = {t["tier"]: t for t in status["tiers"] if t["target"] == "erp"}
+    for tier, t in by_tier.items():
+        key = f'pgbeat_backup_first_due_timestamp_seconds{{target="erp",tier="{tier}"}}'
+        assert metrics[key] == datetime.fromisoformat(t["first_due_at"]).timestamp(), key
+    assert metrics['pgbeat_drill_first_due_timestamp_seconds{target="erp"}'] == datetime.fromisoformat(
+        status["never_drilled"][0]["first_due_at"]).timestamp()
+    assert 'pgbeat_drill_first_due_timestamp_seconds{target="quiet"}' not in metrics
+
+    later = json.loads(pgbeat_at(service, "+60d", "status", "--json").stdout)  # 60 days on, still nothing
+    for t in later["tiers"]:  # the first due time stays the one after install, so every tier is now late
+        assert t["never"] is True and t["overdue"] is True, t
+        assert t["first_due_at"] == next(u for u in status["tiers"] if u["target"] == t["target"]
+                                         and u["tier"] == t["tier"])["first_due_at"]
+    assert later["never_drilled"][0]["overdue"] is True
+    text = pgbeat_at(service, "+60d", "status").stdout
+    assert "never (was due " in text and "drill erp: never (was due " in text, text
+
+    assert service.pgbeat("backup", "daily", "--target", "erp").returncode == 0
+    drilled = service.pgbeat("drill")  # every target whose drills are enabled: erp, not quiet
+    assert drilled.returncode == 0, drilled.stdout + drilled.stderr
+    assert "quiet: drills disabled (drill.enabled: false), skipped" in drilled.stdout
+    assert "erp: drill passed" in drilled.stdout
+    status = json.loads(service.pgbeat("status", "--json").stdout)
+    daily = next(t for t in status["tiers"] if (t["target"], t["tier"]) == ("erp", "daily"))
+    assert daily["never"] is False and daily["first_due_at"] is None and daily["overdue"] is False
+    assert status["never_drilled"] == []
+    proc = start_metrics(service, port)
+    try:
+        metrics = scrape(port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert 'pgbeat_backup_first_due_timestamp_seconds{target="erp",tier="daily"}' not in metrics
+    assert 'pgbeat_backup_first_due_timestamp_seconds{target="erp",tier="weekly"}' in metrics
+    assert 'pgbeat_drill_first_due_timestamp_seconds{target="erp"}' not in metrics
