@@ -191,9 +191,16 @@ def backup_inprocess(settings: Settings, names: list[str], tier: str) -> int:
         print_event(run, step, state)
         if step == "notify" and state == "done" and run.status == "succeeded":
             out.print(f"  backup: {run.final_path}", markup=False)
+            print_warnings(run.steps.notify.warnings if run.steps.notify else [])
 
     done = actions.backup_here(settings, names, tier, on_start=announce, on_event=print_done)
     return next((d.exit_code for d in done if d.exit_code), errors.EXIT_OK)
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """A run's warnings (monitoring.anomaly: much smaller, tables gone, no tables, ...), with its result."""
+    for warning in warnings:
+        out.print(f"  [yellow]⚠ warning[/yellow]: {escape(warning)}", markup=True)
 
 
 def report_end(names: dict[str, str], end) -> None:
@@ -202,6 +209,8 @@ def report_end(names: dict[str, str], end) -> None:
         render_failure(end.failure, f"{name} failed at {end.failure.get('step')}:")
     elif end.status == "succeeded":
         out.print(f"  {name}: succeeded: {end.fields.get('final_path')}", markup=False)
+        with contextlib.suppress(ValueError):
+            print_warnings(json.loads(end.fields.get("warnings") or "[]"))
     else:
         out.print(f"  {name}: {end.status} ({end.fields.get('duplicate_of', '')})", markup=False)
 
@@ -525,13 +534,16 @@ def drill(target_name: str | None) -> None:
     failed = 0
     # A drill stopped by a signal raises (recorded, its scratch database dropped): PgbeatGroup says so.
     for result in actions.drills(settings, names):
-        mark = "[green]passed[/green]" if result.passed else "[red]FAILED[/red]"
+        mark = "[red]FAILED[/red]"
+        if result.passed:
+            mark = "[yellow]passed, but proved little[/yellow]" if result.warnings else "[green]passed[/green]"
         out.print(f"{result.target}: drill {mark} on {result.backup or '-'} in {result.duration_s:.1f}s "
                   f"(restore {result.restore_s or 0:.1f}s)", markup=True)
         for line in result.checks:
             out.print(f"  ✓ {line}", markup=False)
         for line in result.problems:
             out.print(f"  ✗ {line}", markup=False)
+        print_warnings(result.warnings)
         failed += not result.passed
     sys.exit(errors.EXIT_FAILED if failed else 0)
 

@@ -89,6 +89,7 @@ WARNING_KINDS = {
     "slow": "much slower than the previous backups",
     "clock": "the worker's clock was far from the database server's, or the server's was not read",
     "disk": "BACKUP_ROOT is running out of space",
+    "empty": "the database had no tables: the backup holds no data",
     "rotate": "what the rotate step reported (backups dated in the future, removals that failed)",
     "other": "a warning of an older manifest, from before warnings had a kind",
 }
@@ -186,6 +187,7 @@ class DrillRecord(BaseModel):
     server: str = ""
     checks: list[str] = Field(default_factory=list, description="what was checked and how it went")
     problems: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list, description="what a passed drill could not prove")
 
     @property
     def passed(self) -> bool:

@@ -327,3 +327,54 @@ def test_never_run_tiers_and_never_drilled_targets_are_never_then_overdue(workdi
     assert 'pgbeat_backup_first_due_timestamp_seconds{target="erp",tier="daily"}' not in metrics
     assert 'pgbeat_backup_first_due_timestamp_seconds{target="erp",tier="weekly"}' in metrics
     assert 'pgbeat_drill_first_due_timestamp_seconds{target="erp"}' not in metrics
+
+
+def test_warnings_are_printed_with_the_result_and_reach_channels_by_default(workdir, pg, small_db, make_db, http):
+    pg.sql("CREATE TABLE audit AS SELECT i FROM generate_series(1, 10) AS i", small_db)
+    empty = make_db("empty")
+    service = Service(workdir, None, [pg.target("erp", small_db), pg.target("blank", empty)],
+                      notify=[{"url": f"json://127.0.0.1:{http.port}/default"}])  # no `events`: the default
+    for _ in range(3):
+        quiet = service.pgbeat("backup", "daily", "--target", "erp")
+        assert quiet.returncode == 0 and "⚠" not in quiet.stdout, quiet.stdout
+    pg.sql("DELETE FROM invoices WHERE id > 100; DROP TABLE audit", small_db)
+    shrunk = service.pgbeat("backup", "daily", "--target", "erp")
+    assert shrunk.returncode == 0, shrunk.stdout + shrunk.stderr
+    result_line = shrunk.stdout.index("  backup: ")
+    lines = shrunk.stdout[result_line:].splitlines()
+    assert any(line.startswith("  ⚠ warning: ") and "was data lost?" in line for line in lines), shrunk.stdout
+    assert any(line.startswith("  ⚠ warning: ") and "public.audit" in line and "missing" in line
+               for line in lines), shrunk.stdout
+
+    blank = service.pgbeat("backup", "daily", "--target", "blank")
+    assert blank.returncode == 0, blank.stdout + blank.stderr
+    assert f"⚠ warning: the database {empty} has no tables" in blank.stdout, blank.stdout
+    [backup] = [p for p in service.backups() if p.name.startswith("blank_")]
+    recorded = json.loads(backup.with_name(backup.name + ".manifest.json").read_text())["warnings"]
+    assert [w["kind"] for w in recorded] == ["empty"]
+
+    drill = service.pgbeat("drill", "--target", "blank")  # 0 tables, no assertions: passed, and says so
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert "blank: drill passed, but proved little" in drill.stdout, drill.stdout
+    assert "⚠ warning: nothing checked but integrity: the backup has 0 tables" in drill.stdout, drill.stdout
+
+    # The channel without `events` got the two warnings, and no success (successes are opt-in).
+    hooks = wait_for(lambda: (lambda got: got if len(got) >= 2 else None)(
+        [json.loads(r[2]) for r in http.requests if r[1] == "/default"]), 10, what="the warning webhooks")
+    time.sleep(1)
+    hooks = [json.loads(r[2]) for r in http.requests if r[1] == "/default"]
+    assert [h["type"] for h in hooks] == ["warning", "warning"], hooks
+    assert "was data lost?" in hooks[0]["message"] and "has no tables" in hooks[1]["message"]
+
+
+def test_warnings_of_a_run_on_a_worker_are_printed_by_pgbeat_backup(workdir, pg, make_db, redis_server):
+    empty = make_db("empty")
+    service = Service(workdir, redis_server.url, [pg.target("blank", empty)], node=f"wn-{uuid.uuid4().hex[:6]}")
+    worker = Worker(service)
+    try:
+        result = service.pgbeat("backup", "daily", timeout=120)
+    finally:
+        worker.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "blank: succeeded: " in result.stdout
+    assert f"⚠ warning: the database {empty} has no tables" in result.stdout, result.stdout
