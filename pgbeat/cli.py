@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -50,9 +52,10 @@ from pgbeat.pipeline.record import ArtifactResult, RotateResult, Run, UploadResu
 from pgbeat.runlog import human_size
 from pgbeat.settings import TIERS, Settings, get_settings
 
-# Rich wraps at 80 columns when not on a terminal; logs and pipes read better unwrapped.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+# Rich wraps at 80 columns when not on a terminal; logs and pipes read better unwrapped, unless COLUMNS
+# says how wide they are.
+out = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 log = logging.getLogger("pgbeat.cli")
@@ -239,27 +242,72 @@ def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wa
 @click.option("--tier", type=click.Choice(TIERS), help="Only this tier.")
 @click.option("--destination", type=DestinationName(),
               help="List what this destination holds (from its manifests) instead.")
+@click.option("--wide", is_flag=True, help="Also the format, SHA-256 and the full file name (at a destination: "
+                                           "the URL `pgbeat restore` takes), however narrow the terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per backup).")
-def list_cmd(target_name: str | None, tier: str | None, destination: str | None, as_json: bool) -> None:
+def list_cmd(target_name: str | None, tier: str | None, destination: str | None, wide: bool, as_json: bool) -> None:
     """List the backups on the local shelf (or at a destination), newest last, from their manifests."""
     settings = settings_or_exit(writes=bool(destination))  # a destination's manifests are read via .work
     if destination:
         entries = destination_entries(settings, destination, target_name, tier)
     else:
         entries = list_backups(settings.backup_root, target_name, tier, include_pre_restore=True)
+    where = {id(e): backup_location(settings, e, destination) for e in entries}
     if as_json:
-        out.print_json(json.dumps([{"path": str(e.path), **e.manifest.model_dump(mode="json")} for e in entries]))
+        out.print_json(json.dumps([{"path": where[id(e)], **e.manifest.model_dump(mode="json")} for e in entries]))
         return
-    title = f"Backups at {destination}" if destination else f"Backups in {settings.backup_root}"
-    table = Table(title=title)
-    for column in ("target", "tier", "taken at", "size", "format", "status", "drill", "sha256", "file"):
-        table.add_column(column)
-    for e in entries:
-        m = e.manifest
-        table.add_row(m.target, m.tier, local_time(settings, m.taken_at), human_size(m.size),
-                      f"{m.format}/{m.codec}{'+age' if m.encryption else ''}", m.status,
-                      drill_summary(settings, m), (m.sha256 or "")[:12], Path(e.path).name)
-    out.print(table)
+    out.print(f"Backups at {destination}" if destination else f"Backups in {settings.backup_root}", markup=False)
+    if not entries:
+        out.print("  none", markup=False)
+        return
+    zone = datetime.now(settings.tz).strftime("%Z")
+    # One table per target, its name as a heading: a long name is never cut to `erp_…`, and the columns an
+    # operator decides by (date, tier, size, checks, drill) fit 80 columns; --wide adds what is long.
+    for target in sorted({e.manifest.target for e in entries}):
+        table = Table(title=target, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in (f"taken at ({zone})", "tier", "size", "checks", f"drill ({zone})"):
+            table.add_column(column, overflow="fold")
+        if wide:
+            for column in ("format", "sha256", "url" if destination else "file"):
+                table.add_column(column, overflow="fold")
+        for e in (e for e in entries if e.manifest.target == target):
+            m = e.manifest
+            row = [plain_time(settings, m.taken_at), m.tier, human_size(m.size), checks_summary(m, destination),
+                   drill_summary(settings, m, zone=False)]
+            if wide:
+                row += [f"{m.format}/{m.codec}{'+age' if m.encryption else ''}", m.sha256 or "", where[id(e)]]
+            table.add_row(*(escape(cell) for cell in row))
+        # --wide: as wide as the longest name needs, so a name or URL is whole on its line (copied whole
+        # even where the terminal soft-wraps it), like `ls -l`.
+        print_whole(table) if wide else out.print(table)
+    if not wide:
+        out.print("--wide: file names" + (" and URLs" if destination else "") + "; --json: everything", markup=False)
+
+
+def print_whole(table: Table) -> None:
+    """Print `table` as wide as its longest cell needs, whatever the terminal's width."""
+    terminal = out.width
+    out.width = max(terminal, out.measure(table, options=out.options.update(width=10**4)).maximum)
+    try:
+        out.print(table)
+    finally:
+        out.width = terminal
+
+
+def backup_location(settings: Settings, entry, destination: str | None) -> str:
+    """What names a listed backup for `pgbeat restore`: its path, or at a destination its URL."""
+    if destination is None:
+        return str(entry.path)
+    from pgbeat.storage.destinations import backup_url
+
+    return backup_url(settings.target(entry.manifest.target).destination(destination), entry.path)
+
+
+def checks_summary(manifest: Manifest, destination: str | None) -> str:
+    """'verified', and which copies are not good: 'verified, s3 failed'."""
+    bad = [f"{name} {copy.status}" for name, copy in sorted(manifest.copies.items())
+           if not copy.ok and (destination is None or name == destination)]
+    return ", ".join([manifest.status, *bad])
 
 
 def local_time(settings: Settings, when: datetime | str, seconds: bool = True) -> str:
@@ -268,10 +316,19 @@ def local_time(settings: Settings, when: datetime | str, seconds: bool = True) -
     return when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z")
 
 
-def drill_summary(settings: Settings, manifest: Manifest) -> str:
-    """'passed 2025-11-23 05:00:12' for the latest drill of a backup, '-' if it was never drilled."""
+def plain_time(settings: Settings, when: datetime | str) -> str:
+    """A time in pgbeat's configured zone without the zone, for a column whose heading names it."""
+    when = datetime.fromisoformat(when) if isinstance(when, str) else when
+    return when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M")
+
+
+def drill_summary(settings: Settings, manifest: Manifest, zone: bool = True) -> str:
+    """'passed 2025-11-23 05:00:12 -03' for the latest drill of a backup ('passed 2025-11-23 05:00' under a
+    heading naming the zone), '-' if it was never drilled."""
     last = manifest.last_drill
-    return "-" if last is None else f"{last.status} {local_time(settings, last.at)}"
+    if last is None:
+        return "-"
+    return f"{last.status} {local_time(settings, last.at) if zone else plain_time(settings, last.at)}"
 
 
 @main.command()
@@ -657,8 +714,6 @@ def cron() -> None:
 @click.option("--user", type=UnixUser(), help="With --file in /etc/cron.d: the user the jobs run as.")
 def cron_install(file: Path | None, user: str | None) -> None:
     """Write one crontab line per tier (daily 02:00, weekly Sunday 03:00, monthly day 1 04:00 by default)."""
-    import os
-
     from pgbeat import cron as crontab
 
     settings = settings_or_exit()

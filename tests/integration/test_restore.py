@@ -266,7 +266,7 @@ def test_drills_pass_fail_notify_and_show_in_list(workdir, pg, make_db):
     assert any("SELECT count(*) > 0 FROM invoices" in d for d in event["details"])
     assert leftover_databases(pg) == []
 
-    listing = service.pgbeat("list").stdout
+    listing = service.pgbeat("list", "--wide").stdout
     good_row = next(line for line in listing.splitlines() if good.name in line)
     bad_row = next(line for line in listing.splitlines() if emptied.name in line)
     assert "passed" in good_row and "failed" in bad_row
