@@ -648,7 +648,8 @@ def status(as_json: bool) -> None:
             attempt_text = f"[red]failed at {attempt.get('step')}[/red]"
         warning = " [yellow]⚠ size[/yellow]" if t.size_anomaly else ""
         warning += " [yellow]⚠ dated in the future[/yellow]" if t.future else ""
-        table.add_row(t.target, t.tier, f"[{color}]{success_text(settings, t)}[/{color}]{warning}", human_size(t.size),
+        table.add_row(t.target, t.tier, f"[{color}]{success_text(settings, t)}[/{color}]{warning}",
+                      human_size(t.size) if t.size is not None else "-",
                       f"{t.duration_s:.1f}s" if t.duration_s else "-",
                       ", ".join(f"{d} ({n})" for d, n in sorted(t.kept.items())) or "-", attempt_text,
                       local_time(settings, t.next_run))
@@ -715,6 +716,7 @@ def cron() -> None:
 def cron_install(file: Path | None, user: str | None) -> None:
     """Write one crontab line per tier (daily 02:00, weekly Sunday 03:00, monthly day 1 04:00 by default)."""
     from pgbeat import cron as crontab
+    from pgbeat.settings import host_timezone
 
     settings = settings_or_exit()
     env = {k: os.environ[k] for k in ("PGBEAT_CONFIG", "BACKUP_ROOT") if os.environ.get(k)}
@@ -723,10 +725,16 @@ def cron_install(file: Path | None, user: str | None) -> None:
     except PgbeatError as exc:
         fail(exc)
     where = file or "the crontab"
-    out.print(f"Installed {len(lines)} line(s) in {where} (times in the system's time zone; pgbeat's is "
-              f"{settings.timezone}):", markup=False)
+    jobs = [line for line in lines if not line.startswith("CRON_TZ=")]
+    out.print(f"Installed {len(jobs)} line(s) in {where}, their times in pgbeat's time zone {settings.timezone} "
+              f"(CRON_TZ={settings.timezone}):", markup=False)
     for line in lines:
         out.print(f"  {line}", markup=False)
+    system = host_timezone()
+    if not crontab.same_zone(system, settings.timezone):
+        err.print(f"warning: the system's time zone is {system}: a cron without CRON_TZ (Debian's `cron` "
+                  f"package) runs these lines at {system} times; use cronie, or set timezone: {system} in "
+                  "pgbeat's config", markup=False)
 
 
 @cron.command("remove")

@@ -232,37 +232,9 @@ class Service:
         return sorted(p for p in folder.glob(f"*{suffix}")) if folder.exists() else []
 
 
-def run_in_pty(argv: list[str], cwd: Path, env: dict[str, str], columns: int = 80, rows: int = 50,
-               timeout: float = 120) -> tuple[int, str]:
-    """Run `argv` with its stdin, stdout and stderr on a pseudo-terminal `columns` wide (what an operator's
-    terminal is); return its exit code and everything it wrote (CRLF as LF)."""
-    import fcntl
-    import pty
-    import struct
-    import termios
-
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
-    env = {k: v for k, v in env.items() if k not in ("COLUMNS", "LINES")}
-    proc = subprocess.Popen(argv, cwd=cwd, env={**env, "TERM": "xterm"}, stdin=follower, stdout=follower,
-                            stderr=follower, start_new_session=True)
-    os.close(follower)
-    chunks, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:  # EIO: the process closed the terminal
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(leader)
-    code = proc.wait(max(1.0, deadline - time.monotonic()))
-    return code, b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
-
-
 def without_ansi(text: str) -> str:
-    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", text)
+    """`text` as a terminal shows it, without its colour and cursor escapes (CRLF as LF)."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", text).replace("\r\n", "\n")
 
 
 class Worker:

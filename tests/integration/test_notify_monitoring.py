@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -378,3 +379,41 @@ def test_warnings_of_a_run_on_a_worker_are_printed_by_pgbeat_backup(workdir, pg,
     assert result.returncode == 0, result.stdout + result.stderr
     assert "blank: succeeded: " in result.stdout
     assert f"⚠ warning: the database {empty} has no tables" in result.stdout, result.stdout
+
+
+def test_cron_install_writes_the_schedules_in_pgbeats_time_zone(workdir, pg, small_db):
+    from pgbeat.settings import host_timezone
+
+    service = Service(workdir, None, [pg.target("erp", small_db)], timezone="America/Sao_Paulo")
+    crontab = workdir / "crontab"
+    crontab.write_text("MAILTO=dba@example.com\n15 * * * * /usr/local/bin/something-else\n")
+    result = service.pgbeat("cron", "install", "--file", str(crontab))
+    assert result.returncode == 0, result.stderr
+    block = crontab.read_text().split("# BEGIN pgbeat")[1].splitlines()[1:]
+    system = host_timezone()  # what a cron without CRON_TZ would read the lines in (this host: not -03)
+    assert block[0] == "CRON_TZ=America/Sao_Paulo"  # before every line of pgbeat's
+    assert block[-2:] == [f"CRON_TZ={system}", "# END pgbeat"]  # lines added below the block keep the system's
+    assert [line.split()[:5] for line in block if " backup " in line] == [
+        ["0", "2", "*", "*", "*"], ["0", "3", "*", "*", "0"], ["0", "4", "1", "*", "*"]]  # pgbeat's own times
+    assert "their times in pgbeat's time zone America/Sao_Paulo (CRON_TZ=America/Sao_Paulo)" in result.stdout
+    assert f"the system's time zone is {system}" in result.stderr and "Debian's `cron`" in result.stderr
+    again = service.pgbeat("cron", "install", "--file", str(crontab))
+    assert again.returncode == 0 and crontab.read_text().count("CRON_TZ=America/Sao_Paulo") == 1
+    assert service.pgbeat("cron", "remove", "--file", str(crontab)).returncode == 0
+    assert crontab.read_text() == "MAILTO=dba@example.com\n15 * * * * /usr/local/bin/something-else\n"
+
+    service.config["timezone"] = system  # the same zone as the system's: no reset line, no warning
+    service.write_config()
+    same = service.pgbeat("cron", "install", "--file", str(crontab))
+    assert same.returncode == 0 and "system's time zone" not in same.stderr
+    block = crontab.read_text().split("# BEGIN pgbeat")[1].splitlines()[1:]
+    assert block[0] == f"CRON_TZ={system}" and block[-2].endswith("2>&1")
+
+
+def test_status_times_carry_their_zone(workdir, pg, small_db):
+    service = Service(workdir, None, [pg.target("erp", small_db)], timezone="America/Sao_Paulo")
+    assert service.pgbeat("backup", "daily").returncode == 0
+    assert service.pgbeat("drill").returncode == 0
+    text = service.pgbeat("status").stdout
+    stamps = re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d(?::\d\d)?(?: ([-+]?\w+))?", text)
+    assert stamps and all(zone == "-03" for zone in stamps), text  # next runs, first due times, drills

@@ -9,11 +9,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+import pexpect
 import pytest
 
 from tests.conftest import DATA
 from tests.storage_servers import S3_ACCESS_KEY, S3_SECRET
-from tests.support import VENV_BIN, Service, free_port, run_in_pty, without_ansi
+from tests.support import VENV_BIN, Service, free_port, without_ansi
 
 pytestmark = pytest.mark.integration
 
@@ -244,6 +245,16 @@ def test_gcs_copy_of_a_directory_backup_fetches_and_restores(workdir, pg, make_d
     assert pg.dump_text(source) == expected
 
 
+def on_terminal(service: Service, *args: str, columns: int = 80) -> tuple[int, str]:
+    """Run the real CLI on a pseudo-terminal `columns` wide; return its exit code and what the terminal shows."""
+    env = {k: v for k, v in service.env().items() if k not in ("COLUMNS", "LINES")}
+    child = pexpect.spawn(str(VENV_BIN / "pgbeat"), list(args), cwd=str(service.cwd), env=env, encoding="utf-8",
+                          timeout=120, dimensions=(50, columns))
+    text = child.read()
+    child.close()
+    return child.exitstatus, without_ansi(text)
+
+
 def test_list_is_readable_at_80_columns_and_names_what_restore_takes(workdir, pg, make_db, moto_s3):
     source = make_db("erp", DATA / "rich.sql")
     name = "erp_production_main_database_eu_west"  # far longer than a column of 80 can give it
@@ -273,19 +284,18 @@ def test_list_is_readable_at_80_columns_and_names_what_restore_takes(workdir, pg
     piped = service.pgbeat("list", COLUMNS="80")
     assert piped.returncode == 0, piped.stderr
     check_narrow(piped.stdout)
-    code, text = run_in_pty([str(VENV_BIN / "pgbeat"), "list"], service.cwd, service.env(), columns=80)
+    code, text = on_terminal(service, "list")
     assert code == 0, text
-    check_narrow(without_ansi(text))
+    check_narrow(text)
 
     wide = service.pgbeat("list", "--wide", COLUMNS="80")  # full names on request, however narrow
     assert str(daily) in wide.stdout and str(weekly) in wide.stdout, wide.stdout
     listing = json.loads(service.pgbeat("list", "--json").stdout)
     assert [b["path"] for b in listing] == [str(daily), str(weekly)]
 
-    code, text = run_in_pty([str(VENV_BIN / "pgbeat"), "list", "--destination", "offsite-s3"], service.cwd,
-                            service.env(), columns=80)
+    code, text = on_terminal(service, "list", "--destination", "offsite-s3")
     assert code == 0, text
-    check_narrow(without_ansi(text), drilled=False)
+    check_narrow(text, drilled=False)
     wide = service.pgbeat("list", "--destination", "offsite-s3", "--wide", COLUMNS="80")
     url = f"s3://{bucket}/pgbeat/daily/{daily.name}"
     assert url in wide.stdout.split(), wide.stdout

@@ -82,6 +82,7 @@ def test_typed_confirmation(workdir, pg, erp):
 
     child = pexpect.spawn(str(VENV_BIN / "pgbeat"), ["restore", str(original)], cwd=str(service.cwd),
                           env=service.env(), encoding="utf-8", timeout=60)
+    child.expect(r"taken \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\)")  # the backup's time says its zone
     child.expect("OVERWRITES ALL DATA")
     child.expect("type SIM to confirm")
     child.sendline("nao")
