@@ -328,7 +328,8 @@ def drill_summary(settings: Settings, manifest: Manifest, zone: bool = True) -> 
     last = manifest.last_drill
     if last is None:
         return "-"
-    return f"{last.status} {local_time(settings, last.at) if zone else plain_time(settings, last.at)}"
+    status = f"{last.status} (0 tables)" if last.passed and last.warnings else last.status  # proved little
+    return f"{status} {local_time(settings, last.at) if zone else plain_time(settings, last.at)}"
 
 
 @main.command()
@@ -658,8 +659,9 @@ def status(as_json: bool) -> None:
         for line in t.warnings[-1:] if t.future else []:  # the future-dated warning comes last
             out.print(f"warning: {t.target} {t.tier}: {line}", markup=False)
     for d in report.drills:
-        color = "green" if d.status == "passed" else "red"
-        out.print(f"drill {d.target}: [{color}]{d.status}[/{color}] {local_time(settings, d.at)} on {d.backup} "
+        color = "red" if d.status != "passed" else "yellow" if d.warnings else "green"
+        shown = f"{d.status}, but proved little" if d.status == "passed" and d.warnings else d.status
+        out.print(f"drill {d.target}: [{color}]{shown}[/{color}] {local_time(settings, d.at)} on {d.backup} "
                   f"({d.duration_s:.1f}s)", markup=True)
     for never in report.never_drilled:
         color = "red" if never.overdue else "yellow"

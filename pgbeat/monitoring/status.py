@@ -67,6 +67,7 @@ class DrillStatus:
     status: str
     duration_s: float
     restore_s: float | None
+    warnings: list[str] = field(default_factory=list)  # what a passed drill could not prove
 
 
 @dataclass
@@ -166,7 +167,8 @@ def build_status(settings: Settings, now: datetime) -> StatusReport:
         if drilled:
             last, entry = max(drilled, key=lambda pair: pair[0].at)
             drills.append(DrillStatus(target=name, backup=entry.path.name, at=last.at, status=last.status,
-                                      duration_s=last.duration_s, restore_s=last.restore_s))
+                                      duration_s=last.duration_s, restore_s=last.restore_s,
+                                      warnings=list(last.warnings)))
         if target.drill.enabled:
             interval = min_interval(target.drill.schedule, now, settings.tz).total_seconds()
             drill_intervals[name] = interval

@@ -315,6 +315,9 @@ def test_never_run_tiers_and_never_drilled_targets_are_never_then_overdue(workdi
     assert drilled.returncode == 0, drilled.stdout + drilled.stderr
     assert "quiet: drills disabled (drill.enabled: false), skipped" in drilled.stdout
     assert "erp: drill passed" in drilled.stdout
+    assert service.pgbeat("backup", "daily", "--target", "quiet").returncode == 0
+    asked = service.pgbeat("drill", "--target", "quiet")  # named: drilled although its drills are disabled
+    assert asked.returncode == 0 and "quiet: drill passed" in asked.stdout, asked.stdout + asked.stderr
     status = json.loads(service.pgbeat("status", "--json").stdout)
     daily = next(t for t in status["tiers"] if (t["target"], t["tier"]) == ("erp", "daily"))
     assert daily["never"] is False and daily["first_due_at"] is None and daily["overdue"] is False
@@ -358,6 +361,9 @@ def test_warnings_are_printed_with_the_result_and_reach_channels_by_default(work
     assert drill.returncode == 0, drill.stdout + drill.stderr
     assert "blank: drill passed, but proved little" in drill.stdout, drill.stdout
     assert "⚠ warning: nothing checked but integrity: the backup has 0 tables" in drill.stdout, drill.stdout
+    listed = service.pgbeat("list", "--target", "blank").stdout
+    assert "passed (0 tables)" in listed, listed
+    assert "drill blank: passed, but proved little" in service.pgbeat("status").stdout
 
     # The channel without `events` got the two warnings, and no success (successes are opt-in).
     hooks = wait_for(lambda: (lambda got: got if len(got) >= 2 else None)(
