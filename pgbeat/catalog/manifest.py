@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from pgbeat.errors import PgbeatError
-from pgbeat.fsutil import write_atomic
+from pgbeat.fsutil import private_dir, write_atomic
 
 MANIFEST_VERSION = 2  # 2: sealed, with the server's clock; 1 (unsealed) is still read
 READABLE_VERSIONS = (1, MANIFEST_VERSION)
@@ -428,7 +428,7 @@ def first_configured(backup_root: Path, keys: Iterable[str], now: datetime) -> d
     seen = read()
     if any(key not in seen for key in keys):
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(path.parent)  # BACKUP_ROOT too, 0700, if no backup made it yet
             fd = os.open(path.with_name(".configured.lock"), os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
