@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -50,9 +52,10 @@ from pgbeat.pipeline.record import ArtifactResult, RotateResult, Run, UploadResu
 from pgbeat.runlog import human_size
 from pgbeat.settings import TIERS, Settings, get_settings
 
-# Rich wraps at 80 columns when not on a terminal; logs and pipes read better unwrapped.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 200)
+# Rich wraps at 80 columns when not on a terminal; logs and pipes read better unwrapped, unless COLUMNS
+# says how wide they are.
+out = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 log = logging.getLogger("pgbeat.cli")
@@ -191,9 +194,16 @@ def backup_inprocess(settings: Settings, names: list[str], tier: str) -> int:
         print_event(run, step, state)
         if step == "notify" and state == "done" and run.status == "succeeded":
             out.print(f"  backup: {run.final_path}", markup=False)
+            print_warnings(run.steps.notify.warnings if run.steps.notify else [])
 
     done = actions.backup_here(settings, names, tier, on_start=announce, on_event=print_done)
     return next((d.exit_code for d in done if d.exit_code), errors.EXIT_OK)
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """A run's warnings (monitoring.anomaly: much smaller, tables gone, no tables, ...), with its result."""
+    for warning in warnings:
+        out.print(f"  [yellow]⚠ warning[/yellow]: {escape(warning)}", markup=True)
 
 
 def report_end(names: dict[str, str], end) -> None:
@@ -202,6 +212,8 @@ def report_end(names: dict[str, str], end) -> None:
         render_failure(end.failure, f"{name} failed at {end.failure.get('step')}:")
     elif end.status == "succeeded":
         out.print(f"  {name}: succeeded: {end.fields.get('final_path')}", markup=False)
+        with contextlib.suppress(ValueError):
+            print_warnings(json.loads(end.fields.get("warnings") or "[]"))
     else:
         out.print(f"  {name}: {end.status} ({end.fields.get('duplicate_of', '')})", markup=False)
 
@@ -230,38 +242,94 @@ def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wa
 @click.option("--tier", type=click.Choice(TIERS), help="Only this tier.")
 @click.option("--destination", type=DestinationName(),
               help="List what this destination holds (from its manifests) instead.")
+@click.option("--wide", is_flag=True, help="Also the format, SHA-256 and the full file name (at a destination: "
+                                           "the URL `pgbeat restore` takes), however narrow the terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per backup).")
-def list_cmd(target_name: str | None, tier: str | None, destination: str | None, as_json: bool) -> None:
+def list_cmd(target_name: str | None, tier: str | None, destination: str | None, wide: bool, as_json: bool) -> None:
     """List the backups on the local shelf (or at a destination), newest last, from their manifests."""
     settings = settings_or_exit(writes=bool(destination))  # a destination's manifests are read via .work
     if destination:
         entries = destination_entries(settings, destination, target_name, tier)
     else:
         entries = list_backups(settings.backup_root, target_name, tier, include_pre_restore=True)
+    where = {id(e): backup_location(settings, e, destination) for e in entries}
     if as_json:
-        out.print_json(json.dumps([{"path": str(e.path), **e.manifest.model_dump(mode="json")} for e in entries]))
+        out.print_json(json.dumps([{"path": where[id(e)], **e.manifest.model_dump(mode="json")} for e in entries]))
         return
-    title = f"Backups at {destination}" if destination else f"Backups in {settings.backup_root}"
-    table = Table(title=title)
-    for column in ("target", "tier", "taken at", "size", "format", "status", "drill", "sha256", "file"):
-        table.add_column(column)
-    for e in entries:
-        m = e.manifest
-        table.add_row(m.target, m.tier, local_time(settings, m.taken_at), human_size(m.size),
-                      f"{m.format}/{m.codec}{'+age' if m.encryption else ''}", m.status,
-                      drill_summary(settings, m), (m.sha256 or "")[:12], Path(e.path).name)
-    out.print(table)
+    out.print(f"Backups at {destination}" if destination else f"Backups in {settings.backup_root}", markup=False)
+    if not entries:
+        out.print("  none", markup=False)
+        return
+    zone = datetime.now(settings.tz).strftime("%Z")
+    # One table per target, its name as a heading: a long name is never cut to `erp_…`, and the columns an
+    # operator decides by (date, tier, size, checks, drill) fit 80 columns; --wide adds what is long.
+    for target in sorted({e.manifest.target for e in entries}):
+        table = Table(title=target, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in (f"taken at ({zone})", "tier", "size", "checks", f"drill ({zone})"):
+            table.add_column(column, overflow="fold")
+        if wide:
+            for column in ("format", "sha256", "url" if destination else "file"):
+                table.add_column(column, overflow="fold")
+        for e in (e for e in entries if e.manifest.target == target):
+            m = e.manifest
+            row = [plain_time(settings, m.taken_at), m.tier, human_size(m.size), checks_summary(m, destination),
+                   drill_summary(settings, m, zone=False)]
+            if wide:
+                row += [f"{m.format}/{m.codec}{'+age' if m.encryption else ''}", m.sha256 or "", where[id(e)]]
+            table.add_row(*(escape(cell) for cell in row))
+        # --wide: as wide as the longest name needs, so a name or URL is whole on its line (copied whole
+        # even where the terminal soft-wraps it), like `ls -l`.
+        print_whole(table) if wide else out.print(table)
+    if not wide:
+        out.print("--wide: file names" + (" and URLs" if destination else "") + "; --json: everything", markup=False)
 
 
-def local_time(settings: Settings, when: datetime | str) -> str:
+def print_whole(table: Table) -> None:
+    """Print `table` as wide as its longest cell needs, whatever the terminal's width."""
+    terminal = out.width
+    out.width = max(terminal, out.measure(table, options=out.options.update(width=10**4)).maximum)
+    try:
+        out.print(table)
+    finally:
+        out.width = terminal
+
+
+def backup_location(settings: Settings, entry, destination: str | None) -> str:
+    """What names a listed backup for `pgbeat restore`: its path, or at a destination its URL."""
+    if destination is None:
+        return str(entry.path)
+    from pgbeat.storage.destinations import backup_url
+
+    return backup_url(settings.target(entry.manifest.target).destination(destination), entry.path)
+
+
+def checks_summary(manifest: Manifest, destination: str | None) -> str:
+    """'verified', and which copies are not good: 'verified, s3 failed'."""
+    bad = [f"{name} {copy.status}" for name, copy in sorted(manifest.copies.items())
+           if not copy.ok and (destination is None or name == destination)]
+    return ", ".join([manifest.status, *bad])
+
+
+def local_time(settings: Settings, when: datetime | str, seconds: bool = True) -> str:
+    """A time for a person: in pgbeat's configured zone, and saying which (`2025-11-19 02:00:00 -03`)."""
     when = datetime.fromisoformat(when) if isinstance(when, str) else when
-    return when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S")
+    return when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M:%S %Z" if seconds else "%Y-%m-%d %H:%M %Z")
 
 
-def drill_summary(settings: Settings, manifest: Manifest) -> str:
-    """'passed 2025-11-23 05:00:12' for the latest drill of a backup, '-' if it was never drilled."""
+def plain_time(settings: Settings, when: datetime | str) -> str:
+    """A time in pgbeat's configured zone without the zone, for a column whose heading names it."""
+    when = datetime.fromisoformat(when) if isinstance(when, str) else when
+    return when.astimezone(settings.tz).strftime("%Y-%m-%d %H:%M")
+
+
+def drill_summary(settings: Settings, manifest: Manifest, zone: bool = True) -> str:
+    """'passed 2025-11-23 05:00:12 -03' for the latest drill of a backup ('passed 2025-11-23 05:00' under a
+    heading naming the zone), '-' if it was never drilled."""
     last = manifest.last_drill
-    return "-" if last is None else f"{last.status} {local_time(settings, last.at)}"
+    if last is None:
+        return "-"
+    status = f"{last.status} (0 tables)" if last.passed and last.warnings else last.status  # proved little
+    return f"{status} {local_time(settings, last.at) if zone else plain_time(settings, last.at)}"
 
 
 @main.command()
@@ -515,16 +583,25 @@ def upload(retry: bool, target_name: str | None, destination: str | None) -> Non
 def drill(target_name: str | None) -> None:
     """Restore the latest backup of each target into a scratch database now and check it."""
     settings = settings_or_exit(writes=True)
+    names = selected_targets(settings, target_name)
+    if target_name is None:  # every target whose drills are enabled; --target drills a disabled one on request
+        for name in names:
+            if not settings.target(name).drill.enabled:
+                out.print(f"{name}: drills disabled (drill.enabled: false), skipped", markup=False)
+        names = [name for name in names if settings.target(name).drill.enabled]
     failed = 0
     # A drill stopped by a signal raises (recorded, its scratch database dropped): PgbeatGroup says so.
-    for result in actions.drills(settings, selected_targets(settings, target_name)):
-        mark = "[green]passed[/green]" if result.passed else "[red]FAILED[/red]"
+    for result in actions.drills(settings, names):
+        mark = "[red]FAILED[/red]"
+        if result.passed:
+            mark = "[yellow]passed, but proved little[/yellow]" if result.warnings else "[green]passed[/green]"
         out.print(f"{result.target}: drill {mark} on {result.backup or '-'} in {result.duration_s:.1f}s "
                   f"(restore {result.restore_s or 0:.1f}s)", markup=True)
         for line in result.checks:
             out.print(f"  ✓ {line}", markup=False)
         for line in result.problems:
             out.print(f"  ✗ {line}", markup=False)
+        print_warnings(result.warnings)
         failed += not result.passed
     sys.exit(errors.EXIT_FAILED if failed else 0)
 
@@ -539,6 +616,13 @@ def age_text(seconds: float | None) -> str:
         if seconds >= size:
             return f"{seconds / size:.1f}{unit} ago"
     return f"{seconds:.0f}s ago"
+
+
+def success_text(settings: Settings, t) -> str:
+    """The "last success" cell: its age, or "never" with the first due time (monitoring.status.TierStatus)."""
+    if not t.never:
+        return age_text(t.age_s)
+    return f"never ({'was due' if t.overdue else 'first due'} {local_time(settings, t.first_due_at, seconds=False)})"
 
 
 @main.command()
@@ -558,14 +642,15 @@ def status(as_json: bool) -> None:
     for column in ("target", "tier", "last success", "size", "duration", "copies (kept)", "last attempt", "next run"):
         table.add_column(column)
     for t in report.tiers:
-        color = "red" if t.overdue else "green"
+        color = "red" if t.overdue else "yellow" if t.never else "green"
         attempt = t.last_attempt or {}
         attempt_text = attempt.get("status", "-")
         if attempt.get("status") == "failure":
             attempt_text = f"[red]failed at {attempt.get('step')}[/red]"
         warning = " [yellow]⚠ size[/yellow]" if t.size_anomaly else ""
         warning += " [yellow]⚠ dated in the future[/yellow]" if t.future else ""
-        table.add_row(t.target, t.tier, f"[{color}]{age_text(t.age_s)}[/{color}]{warning}", human_size(t.size),
+        table.add_row(t.target, t.tier, f"[{color}]{success_text(settings, t)}[/{color}]{warning}",
+                      human_size(t.size) if t.size is not None else "-",
                       f"{t.duration_s:.1f}s" if t.duration_s else "-",
                       ", ".join(f"{d} ({n})" for d, n in sorted(t.kept.items())) or "-", attempt_text,
                       local_time(settings, t.next_run))
@@ -574,9 +659,15 @@ def status(as_json: bool) -> None:
         for line in t.warnings[-1:] if t.future else []:  # the future-dated warning comes last
             out.print(f"warning: {t.target} {t.tier}: {line}", markup=False)
     for d in report.drills:
-        color = "green" if d.status == "passed" else "red"
-        out.print(f"drill {d.target}: [{color}]{d.status}[/{color}] {local_time(settings, d.at)} on {d.backup} "
+        color = "red" if d.status != "passed" else "yellow" if d.warnings else "green"
+        shown = f"{d.status}, but proved little" if d.status == "passed" and d.warnings else d.status
+        out.print(f"drill {d.target}: [{color}]{shown}[/{color}] {local_time(settings, d.at)} on {d.backup} "
                   f"({d.duration_s:.1f}s)", markup=True)
+    for never in report.never_drilled:
+        color = "red" if never.overdue else "yellow"
+        due = "was due" if never.overdue else "first due"
+        out.print(f"drill {never.target}: [{color}]never[/{color}] ({due} {local_time(settings, never.first_due_at)})",
+                  markup=True)
     out.print(f"BACKUP_ROOT uses {human_size(report.used)}; {human_size(report.disk_free)} free of "
               f"{human_size(report.disk_total)} ({100 * report.disk_free / max(report.disk_total, 1):.0f}%)",
               markup=False)
@@ -626,9 +717,8 @@ def cron() -> None:
 @click.option("--user", type=UnixUser(), help="With --file in /etc/cron.d: the user the jobs run as.")
 def cron_install(file: Path | None, user: str | None) -> None:
     """Write one crontab line per tier (daily 02:00, weekly Sunday 03:00, monthly day 1 04:00 by default)."""
-    import os
-
     from pgbeat import cron as crontab
+    from pgbeat.settings import host_timezone
 
     settings = settings_or_exit()
     env = {k: os.environ[k] for k in ("PGBEAT_CONFIG", "BACKUP_ROOT") if os.environ.get(k)}
@@ -637,10 +727,16 @@ def cron_install(file: Path | None, user: str | None) -> None:
     except PgbeatError as exc:
         fail(exc)
     where = file or "the crontab"
-    out.print(f"Installed {len(lines)} line(s) in {where} (times in the system's time zone; pgbeat's is "
-              f"{settings.timezone}):", markup=False)
+    jobs = [line for line in lines if not line.startswith("CRON_TZ=")]
+    out.print(f"Installed {len(jobs)} line(s) in {where}, their times in pgbeat's time zone {settings.timezone} "
+              f"(CRON_TZ={settings.timezone}):", markup=False)
     for line in lines:
         out.print(f"  {line}", markup=False)
+    system = host_timezone()
+    if not crontab.same_zone(system, settings.timezone):
+        err.print(f"warning: the system's time zone is {system}: a cron without CRON_TZ (Debian's `cron` "
+                  f"package) runs these lines at {system} times; use cronie, or set timezone: {system} in "
+                  "pgbeat's config", markup=False)
 
 
 @cron.command("remove")

@@ -2,6 +2,12 @@
 
 The lines live in a marked block, so installing twice changes nothing and removing takes out only what
 pgbeat wrote. Without `--file` the user's crontab is edited through `crontab -l` / `crontab -`.
+
+The schedules are pgbeat's, in pgbeat's configured time zone, so the block starts with `CRON_TZ=<zone>`
+rather than leaving cron to read them in the system's zone. cronie (and other crons with CRON_TZ) honour
+it; Debian's `cron` package (3.0pl1) does not (it passes it to the jobs as a variable and fires in the
+system's zone), which is why install says which zone the system has when the two differ. CRON_TZ holds
+for the lines after it, so the block ends by setting the system's zone back for lines added below it.
 """
 
 from __future__ import annotations
@@ -10,11 +16,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import write_atomic
-from pgbeat.settings import TIERS, Settings
+from pgbeat.settings import TIERS, Settings, host_timezone
 
 BEGIN = "# BEGIN pgbeat (managed by `pgbeat cron install`; edit the schedules in pgbeat's config)"
 END = "# END pgbeat"
@@ -35,7 +43,19 @@ def cron_lines(settings: Settings, workdir: Path, pgbeat: str, env: dict[str, st
             runs = [(schedule, f" --target {shlex.quote(name)}") for name, schedule in sorted(schedules.items())]
         lines += [f"{schedule}{who} {prefix}{shlex.quote(pgbeat)} backup {tier}{target} >> {log} 2>&1"
                   for schedule, target in runs]
-    return lines
+    system = host_timezone()
+    reset = [] if same_zone(system, settings.timezone) else [f"CRON_TZ={system}"]
+    return [f"CRON_TZ={settings.timezone}", *lines, *reset]
+
+
+def same_zone(a: str, b: str) -> bool:
+    """True when zones `a` and `b` keep the same time (UTC and Etc/UTC), judged over the next two years."""
+    if a == b:
+        return True
+    za, zb = ZoneInfo(a), ZoneInfo(b)
+    start = datetime.now(UTC)
+    return all((start + timedelta(days=d)).astimezone(za).utcoffset() == (start + timedelta(days=d)).astimezone(
+        zb).utcoffset() for d in range(0, 730, 3))
 
 
 def replace_block(text: str, lines: list[str]) -> str:

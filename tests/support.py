@@ -234,6 +234,11 @@ class Service:
         return sorted(p for p in folder.glob(f"*{suffix}")) if folder.exists() else []
 
 
+def without_ansi(text: str) -> str:
+    """`text` as a terminal shows it, without its colour and cursor escapes (CRLF as LF)."""
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", text).replace("\r\n", "\n")
+
+
 class Worker:
     """A real `celery worker` process (prefork pool) serving a Service."""
 

@@ -24,6 +24,7 @@ this guard:
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -164,7 +165,9 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
 
 def finish(state: RunState, run: Run) -> None:
     """Record how the run ended, once its last step (the one that always runs: notify) is done."""
-    state.update(run.run_id, status=run.status, final_path=run.final_path or "")
+    # The warnings go with the outcome, so `pgbeat backup` on another host prints them with the result.
+    state.update(run.run_id, status=run.status, final_path=run.final_path or "",
+                 warnings=json.dumps(run.steps.notify.warnings if run.steps.notify else []))
     if run.status == "succeeded":
         state.set_latest(run.target, run.node)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +30,8 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
-from pgbeat.fsutil import write_atomic
+from pgbeat.errors import PgbeatError
+from pgbeat.fsutil import private_dir, write_atomic
 from pgbeat.settings.fields import PHYSICAL_TIERS, TIERS
 
 MANIFEST_VERSION = 2  # 2: sealed, with the server's clock; 1 (unsealed) is still read
@@ -94,6 +96,7 @@ WARNING_KINDS = {
     "slow": "much slower than the previous backups",
     "clock": "the worker's clock was far from the database server's, or the server's was not read",
     "disk": "BACKUP_ROOT is running out of space",
+    "empty": "the database had no tables: the backup holds no data",
     "rotate": "what the rotate step reported (backups dated in the future, removals that failed)",
     "other": "a warning of an older manifest, from before warnings had a kind",
 }
@@ -207,6 +210,7 @@ class DrillRecord(BaseModel):
     server: str = ""
     checks: list[str] = Field(default_factory=list, description="what was checked and how it went")
     problems: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list, description="what a passed drill could not prove")
 
     @property
     def passed(self) -> bool:
@@ -425,6 +429,52 @@ def read_attempts(backup_root: Path) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+CONFIGURED_FILE = Path(".state") / "configured.json"
+
+
+def first_configured(backup_root: Path, keys: Iterable[str], now: datetime) -> dict[str, datetime]:
+    """Return when each of `keys` ("<target>/<tier>", "drill/<target>") was first seen in the configuration,
+    recording `now` for the keys seen for the first time.
+
+    A tier that never succeeded has no backup to be late from: its first due time is reckoned from this
+    record, so status and the overdue alert can tell "just installed" from "never ran". If the record
+    cannot be written (a read-only BACKUP_ROOT), the new keys count from `now` this time only.
+    """
+    keys = list(keys)
+    path = backup_root / CONFIGURED_FILE
+
+    def read() -> dict[str, str]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    seen = read()
+    if any(key not in seen for key in keys):
+        try:
+            private_dir(path.parent)  # BACKUP_ROOT too, 0700, if no backup made it yet
+            fd = os.open(path.with_name(".configured.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                seen = read()  # another process may have recorded some meanwhile
+                missing = {key: now.isoformat() for key in keys if key not in seen}
+                if missing:
+                    seen.update(missing)
+                    write_atomic(path, json.dumps(seen, indent=1, sort_keys=True).encode())
+            finally:
+                os.close(fd)
+        except (OSError, PgbeatError) as exc:
+            logging.getLogger(__name__).warning("cannot record the configured tiers in %s: %s", path, exc)
+    found = {}
+    for key in keys:
+        try:
+            found[key] = datetime.fromisoformat(seen[key])
+        except (KeyError, TypeError, ValueError):
+            found[key] = now
+    return found
 
 
 class Entry(BaseModel):

@@ -4,6 +4,7 @@
   table, what DBAs most often find too late), and tables that were in the previous backup but are gone;
 - much slower than usual;
 - BACKUP_ROOT running out of space;
+- a database without tables (a wrong `dbname`, or a schema-only database): a backup of nothing;
 - the clock of the worker that made it far from the database server's (or the server's not read).
 
 Each is a `BackupWarning` with a kind (catalog.manifest.WARNING_KINDS): status and metrics decide by
@@ -63,6 +64,16 @@ def comparison_warnings(current: Entry, previous: list[Entry], monitoring: Monit
     return warnings
 
 
+def empty_warnings(current: Entry) -> list[BackupWarning]:
+    """Say when the dump held no table at all: it verifies, restores, and proves nothing about the data."""
+    if current.manifest.tables:
+        return []
+    name = (current.manifest.database or {}).get("dbname") or current.manifest.target
+    return [BackupWarning(kind="empty", text=(
+        f"the database {name} has no tables: this backup "
+        "holds no data (is dbname the right database?)"))]
+
+
 def clock_warnings(current: Entry) -> list[BackupWarning]:
     """Say when the worker's clock was far from the database server's as this backup was taken."""
     m = current.manifest
@@ -89,5 +100,5 @@ def human_duration(seconds: float) -> str:
 def backup_warnings(settings: Settings, current: Entry) -> list[BackupWarning]:
     entries = list_backups(settings.backup_root, current.manifest.target, current.manifest.tier)
     previous = [e for e in entries if order_key(e) < order_key(current)]
-    return (comparison_warnings(current, previous, settings.monitoring) + clock_warnings(current)
-            + disk_warnings(settings.backup_root, settings.monitoring))
+    return (empty_warnings(current) + comparison_warnings(current, previous, settings.monitoring)
+            + clock_warnings(current) + disk_warnings(settings.backup_root, settings.monitoring))

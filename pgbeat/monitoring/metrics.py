@@ -7,6 +7,8 @@ Names (all gauges):
   pgbeat_backup_last_duration_seconds{target,tier}       of the newest verified backup
   pgbeat_backup_last_size_bytes{target,tier}
   pgbeat_backup_expected_interval_seconds{target,tier}   the tier's schedule period
+  pgbeat_backup_first_due_timestamp_seconds{target,tier} a tier that never succeeded: its first scheduled
+                                                         time since it was configured (absent once it has)
   pgbeat_backup_size_anomaly{target,tier}                1 when the newest backup is suspiciously small
   pgbeat_backups_future_dated{target,tier}               backups dated after the scrape (a wrong clock)
   pgbeat_backup_last_clock_skew_seconds{target,tier}     the newest backup's worker clock minus the server's
@@ -15,6 +17,8 @@ Names (all gauges):
   pgbeat_drill_last_status{target}                       1 = passed, 0 = failed
   pgbeat_drill_last_duration_seconds{target}
   pgbeat_drill_expected_interval_seconds{target}         the period of the target's drill schedule
+  pgbeat_drill_first_due_timestamp_seconds{target}       drills enabled, never drilled: the first drill time
+                                                         since the target was configured
   pgbeat_backup_root_free_bytes, pgbeat_backup_root_total_bytes  (BACKUP_ROOT's file system)
   pgbeat_backup_root_used_bytes                          bytes under BACKUP_ROOT
   pgbeat_runs_stuck, pgbeat_queue_oldest_age_seconds{queue}  (with a broker)
@@ -76,9 +80,13 @@ def families(report: StatusReport) -> Iterator[GaugeMetricFamily]:
     future = gauge("pgbeat_backups_future_dated", "Backups dated after now (made under a wrong clock).", tl)
     skew = gauge("pgbeat_backup_last_clock_skew_seconds",
                  "Clock of the worker that made the newest backup minus the database server's.", tl)
+    first_due = gauge("pgbeat_backup_first_due_timestamp_seconds",
+                      "A tier that never succeeded: its first scheduled time since it was configured.", tl)
     for t in report.tiers:
         labels = [t.target, t.tier]
         interval.add_metric(labels, t.interval_s)
+        if t.first_due_at:
+            first_due.add_metric(labels, timestamp(t.first_due_at))
         anomaly.add_metric(labels, 1.0 if t.size_anomaly else 0.0)
         if t.last_success_at:
             success.add_metric(labels, timestamp(t.last_success_at))
@@ -92,20 +100,25 @@ def families(report: StatusReport) -> Iterator[GaugeMetricFamily]:
         future.add_metric(labels, float(len(t.future)))
         if t.clock_skew_s is not None:
             skew.add_metric(labels, t.clock_skew_s)
-    yield from (success, attempt, status, duration, size, interval, anomaly, kept, future, skew)
+    yield from (success, attempt, status, duration, size, interval, first_due, anomaly, kept, future, skew)
 
     drill_at = gauge("pgbeat_drill_last_timestamp_seconds", "Time of the last restore drill.", ["target"])
     drill_status = gauge("pgbeat_drill_last_status", "1 if the last restore drill passed, 0 if not.", ["target"])
     drill_duration = gauge("pgbeat_drill_last_duration_seconds", "Duration of the last restore drill.", ["target"])
     drill_interval = gauge("pgbeat_drill_expected_interval_seconds", "Period of the target's drill schedule.",
                            ["target"])
+    drill_first_due = gauge("pgbeat_drill_first_due_timestamp_seconds",
+                            "Drills enabled, never drilled: the first drill time since the target was configured.",
+                            ["target"])
     for target, seconds in report.drill_intervals.items():
         drill_interval.add_metric([target], seconds)
+    for never in report.never_drilled:
+        drill_first_due.add_metric([never.target], timestamp(never.first_due_at))
     for d in report.drills:
         drill_at.add_metric([d.target], timestamp(d.at))
         drill_status.add_metric([d.target], 1.0 if d.status == "passed" else 0.0)
         drill_duration.add_metric([d.target], d.duration_s)
-    yield from (drill_at, drill_status, drill_duration, drill_interval)
+    yield from (drill_at, drill_status, drill_duration, drill_interval, drill_first_due)
 
     free = gauge("pgbeat_backup_root_free_bytes", "Free space on BACKUP_ROOT's file system.", [])
     free.add_metric([], float(report.disk_free))

@@ -4,6 +4,11 @@ Everything comes from files under BACKUP_ROOT, so the figures are right whicheve
 and survive restarts of any process: the seed's `ls -lt`, `du -sh` and `df -h` in one place. Backups
 are ordered and dated by the database server's clock (`Manifest.taken_at`, `completed_at`), so a worker
 whose clock was wrong cannot make its backup the "last success"; one dated after `now` is flagged.
+
+A tier that never succeeded (and a target with drills that was never drilled) is "never", not overdue:
+its first due time is the first scheduled time after it was first seen in the configuration
+(`catalog.manifest.first_configured`), and it is overdue once that is as far past as a tier with
+backups would be (OVERDUE_FACTOR periods after its last success is half a period after its next run).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pgbeat.catalog.manifest import Entry, from_the_future, list_backups, newest, read_attempts
+from pgbeat.catalog.manifest import Entry, first_configured, from_the_future, list_backups, newest, read_attempts
 from pgbeat.schedule import min_interval, next_runs
 from pgbeat.settings import Settings
 
@@ -35,7 +40,7 @@ class TierStatus:
     size: int | None = None
     duration_s: float | None = None
     age_s: float | None = None
-    overdue: bool = True
+    overdue: bool = False
     kept: dict[str, int] = field(default_factory=dict)  # backups kept per destination
     copies: list[str] = field(default_factory=list)  # destinations holding the newest backup
     last_attempt: dict[str, Any] | None = None
@@ -43,6 +48,11 @@ class TierStatus:
     warning_kinds: list[str] = field(default_factory=list)  # the kind of each warning (WARNING_KINDS)
     future: list[str] = field(default_factory=list)  # backups dated after `now` (made under a wrong clock)
     clock_skew_s: float | None = None  # the newest backup's worker clock minus the server's
+    first_due_at: str | None = None  # never succeeded: the first scheduled time since it was configured
+
+    @property
+    def never(self) -> bool:
+        return self.last_success_at is None
 
     @property
     def size_anomaly(self) -> bool:
@@ -57,6 +67,21 @@ class DrillStatus:
     status: str
     duration_s: float
     restore_s: float | None
+    warnings: list[str] = field(default_factory=list)  # what a passed drill could not prove
+
+
+@dataclass
+class NeverDrilled:
+    """A target whose drills are enabled and that was never drilled."""
+
+    target: str
+    first_due_at: str  # the first drill time since the target was configured
+    overdue: bool
+
+
+def overdue_since_first_due(first_due: datetime, interval_s: float, now: datetime) -> bool:
+    """True when something never done is as late as OVERDUE_FACTOR periods after a last success would be."""
+    return (now - first_due).total_seconds() > (OVERDUE_FACTOR - 1) * interval_s
 
 
 @dataclass
@@ -69,12 +94,14 @@ class StatusReport:
     tiers: list[TierStatus]
     drills: list[DrillStatus]
     drill_intervals: dict[str, float] = field(default_factory=dict)  # per target with drills enabled
+    never_drilled: list[NeverDrilled] = field(default_factory=list)
     runs: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
         for tier, raw in zip(self.tiers, data["tiers"], strict=True):
             raw["size_anomaly"] = tier.size_anomaly
+            raw["never"] = tier.never
         return data
 
 
@@ -88,7 +115,7 @@ def folder_size(path: Path) -> int:
 
 
 def tier_status(settings: Settings, target: str, tier: str, entries: list[Entry], now: datetime,
-                attempts: dict[str, dict[str, Any]]) -> TierStatus:
+                attempts: dict[str, dict[str, Any]], configured_at: datetime | None = None) -> TierStatus:
     policy = settings.target(target).tiers[tier]
     status = TierStatus(target=target, tier=tier, schedule=policy.schedule,
                         interval_s=min_interval(policy.schedule, now, settings.tz).total_seconds(),
@@ -111,6 +138,10 @@ def tier_status(settings: Settings, target: str, tier: str, entries: list[Entry]
         status.clock_skew_s = m.clock_skew_s
         status.age_s = max(0.0, (now - finished).total_seconds())
         status.overdue = status.age_s > OVERDUE_FACTOR * status.interval_s
+    else:
+        first_due = next_runs(policy.schedule, configured_at or now, settings.tz)[0]
+        status.first_due_at = first_due.isoformat()
+        status.overdue = overdue_since_first_due(first_due, status.interval_s, now)
     if status.future:
         status.warnings.append(f"{len(status.future)} backup(s) dated in the future (made under a wrong clock; "
                                f"never the last success, never removed by age): {', '.join(status.future[:5])}")
@@ -120,22 +151,33 @@ def tier_status(settings: Settings, target: str, tier: str, entries: list[Entry]
 
 def build_status(settings: Settings, now: datetime) -> StatusReport:
     attempts = read_attempts(settings.backup_root)
-    tiers, drills, drill_intervals = [], [], {}
-    for name in sorted(settings.targets):
+    names = sorted(settings.targets)
+    configured = first_configured(
+        settings.backup_root,
+        [f"{name}/{tier}" for name in names for tier in settings.target(name).enabled_tiers()]
+        + [f"drill/{name}" for name in names if settings.target(name).drill.enabled], now)
+    tiers, drills, drill_intervals, never_drilled = [], [], {}, []
+    for name in names:
         target = settings.target(name)
-        if target.drill.enabled:
-            drill_intervals[name] = min_interval(target.drill.schedule, now, settings.tz).total_seconds()
         entries = list_backups(settings.backup_root, name)
         for tier in target.enabled_tiers():
             tiers.append(tier_status(settings, name, tier, [e for e in entries if e.manifest.tier == tier], now,
-                                     attempts))
+                                     attempts, configured[f"{name}/{tier}"]))
         drilled = [(d, e) for e in entries for d in e.manifest.drills]
         if drilled:
             last, entry = max(drilled, key=lambda pair: pair[0].at)
             drills.append(DrillStatus(target=name, backup=entry.path.name, at=last.at, status=last.status,
-                                      duration_s=last.duration_s, restore_s=last.restore_s))
+                                      duration_s=last.duration_s, restore_s=last.restore_s,
+                                      warnings=list(last.warnings)))
+        if target.drill.enabled:
+            interval = min_interval(target.drill.schedule, now, settings.tz).total_seconds()
+            drill_intervals[name] = interval
+            if not drilled:
+                first_due = next_runs(target.drill.schedule, configured[f"drill/{name}"], settings.tz)[0]
+                never_drilled.append(NeverDrilled(target=name, first_due_at=first_due.isoformat(),
+                                                  overdue=overdue_since_first_due(first_due, interval, now)))
     root = settings.backup_root
     usage = shutil.disk_usage(root) if root.exists() else shutil.disk_usage(root.parent)
     return StatusReport(generated_at=now.isoformat(), backup_root=str(root), disk_total=usage.total,
                         disk_free=usage.free, used=folder_size(root) if root.exists() else 0, tiers=tiers,
-                        drills=drills, drill_intervals=drill_intervals)
+                        drills=drills, drill_intervals=drill_intervals, never_drilled=never_drilled)

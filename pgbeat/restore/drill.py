@@ -152,6 +152,9 @@ def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
                 result.checks += checks
                 result.problems = problems + failed
                 result.status = "passed" if not result.problems else "failed"
+                if not plain.manifest.tables and not policy.assertions:
+                    result.warnings.append("nothing checked but integrity: the backup has 0 tables and the drill "
+                                           "no assertions (drill.assertions); the file restores, no data was proven")
                 fault_point(CHECK.end)
             except PgbeatError as exc:
                 result.problems.append(exc.message)
@@ -181,7 +184,8 @@ def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
         tier=entry.manifest.tier if entry else "-", run_id=entry.manifest.run_id if entry else "-",
         node=settings.node, at=now().isoformat(), file=str(entry.path) if entry else None,
         duration_s=result.duration_s, step=None if result.passed else "drill",
-        reason=None if result.passed else "restore drill failed", details=result.problems[:10]))
+        reason=None if result.passed else "restore drill failed", details=result.problems[:10],
+        warnings=list(result.warnings)))
     log.log(logging.INFO if result.passed else logging.ERROR, "drill of %s %s in %.1fs", target.name,
             result.status, result.duration_s)
     if interrupted is not None:

@@ -127,8 +127,9 @@ class ChannelSpec(Strict):
     """A notification channel: an Apprise URL (mailto://, slack://, tgram://, json://, ntfys://, ...)."""
 
     url: SecretStr = Field(description="Apprise URL; it usually holds a token, so it is a secret")
-    events: list[EventCategory] = Field(default_factory=lambda: ["failure"],
-                                        description="failure is always sent; add success, warning, drill, restore")
+    events: list[EventCategory] = Field(default_factory=lambda: ["failure", "warning"],
+                                        description="failure is always sent; warning by default; add success, "
+                                                    "drill, restore")
     name: Name | None = Field(None, description="a label for logs (unset: the URL's scheme)", examples=["dba-mail"])
 
     def label(self) -> str:

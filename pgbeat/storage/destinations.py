@@ -332,6 +332,16 @@ def remove_remote(storage: Storage, entry: RemoteEntry) -> None:
 # --- addresses ---------------------------------------------------------------------------------------
 
 
+def backup_url(spec: DestinationSpec, key: str) -> str:
+    """The address of `key` at destination `spec` that `pgbeat restore` and `pgbeat fetch` take (`locate`'s
+    inverse): s3://bucket/prefix/key, gs://bucket/prefix/key, ssh://user@host:port/path/key."""
+    if spec.kind in ("s3", "gcs"):
+        prefix = spec.prefix.strip("/")
+        return f"{'s3' if spec.kind == 's3' else 'gs'}://{spec.bucket}/{prefix + '/' if prefix else ''}{key}"
+    host = f"[{spec.host}]" if ":" in spec.host else spec.host
+    return f"ssh://{spec.user}@{host}:{spec.port or 22}{spec.path.rstrip('/')}/{key}"
+
+
 def locate(settings: Settings, url: str) -> tuple[Target, DestinationSpec, str]:
     """Find which configured destination holds `url` (s3://, gs://, ssh://); return it and the key."""
     parsed = urlparse(url)

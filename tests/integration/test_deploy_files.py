@@ -38,6 +38,7 @@ PGBEAT_METRICS = frozenset({
     "pgbeat_backup_last_duration_seconds",
     "pgbeat_backup_last_size_bytes",
     "pgbeat_backup_expected_interval_seconds",
+    "pgbeat_backup_first_due_timestamp_seconds",
     "pgbeat_backup_size_anomaly",
     "pgbeat_backups_kept",
     "pgbeat_backups_future_dated",
@@ -49,6 +50,7 @@ PGBEAT_METRICS = frozenset({
     "pgbeat_backup_root_used_bytes",
     "pgbeat_backup_root_total_bytes",
     "pgbeat_drill_expected_interval_seconds",
+    "pgbeat_drill_first_due_timestamp_seconds",
     "pgbeat_runs_stuck",
     "pgbeat_queue_oldest_age_seconds",
 })

@@ -7,12 +7,14 @@ import json
 import subprocess
 import uuid
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
+import pexpect
 import pytest
 
 from tests.conftest import DATA
 from tests.storage_servers import S3_ACCESS_KEY, S3_SECRET
-from tests.support import Service, free_port
+from tests.support import VENV_BIN, Service, free_port, without_ansi
 
 pytestmark = pytest.mark.integration
 
@@ -241,3 +243,63 @@ def test_gcs_copy_of_a_directory_backup_fetches_and_restores(workdir, pg, make_d
     restored = service.pgbeat("restore", url, "--yes", "--jobs", "2")
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert pg.dump_text(source) == expected
+
+
+def on_terminal(service: Service, *args: str, columns: int = 80) -> tuple[int, str]:
+    """Run the real CLI on a pseudo-terminal `columns` wide; return its exit code and what the terminal shows."""
+    env = {k: v for k, v in service.env().items() if k not in ("COLUMNS", "LINES")}
+    child = pexpect.spawn(str(VENV_BIN / "pgbeat"), list(args), cwd=str(service.cwd), env=env, encoding="utf-8",
+                          timeout=120, dimensions=(50, columns))
+    text = child.read()
+    child.close()
+    return child.exitstatus, without_ansi(text)
+
+
+def test_list_is_readable_at_80_columns_and_names_what_restore_takes(workdir, pg, make_db, moto_s3):
+    source = make_db("erp", DATA / "rich.sql")
+    name = "erp_production_main_database_eu_west"  # far longer than a column of 80 can give it
+    bucket = moto_s3.new_bucket()
+    service = Service(workdir, None, [pg.target(name, source, destinations=[s3_destination(moto_s3, bucket)])],
+                      timezone="America/Sao_Paulo")
+    for tier in ("daily", "weekly"):
+        assert service.pgbeat("backup", tier).returncode == 0
+    assert service.pgbeat("drill").returncode == 0
+    [daily], [weekly] = service.backups("daily"), service.backups("weekly")
+
+    def check_narrow(text: str, drilled: bool = True) -> None:
+        assert all(len(line) <= 80 for line in text.splitlines()), text
+        lines = [line.strip() for line in text.splitlines()]
+        assert "…" not in text and name in lines, text  # the target's full name, as a heading
+        assert "taken at (-03)" in text and "drill (-03)" in text, text  # the zone the times are in
+        rows = [line for line in lines if " daily " in f" {line} " or " weekly " in f" {line} "]
+        assert len(rows) == 2, text
+        for row, manifest in zip(rows, (manifest_of(daily), manifest_of(weekly)), strict=True):
+            taken = datetime.fromisoformat(manifest["server_time"] or manifest["started_at"]).astimezone(
+                ZoneInfo("America/Sao_Paulo"))
+            assert row.startswith(taken.strftime("%Y-%m-%d %H:%M")), (row, text)
+            assert " verified " in row and "KB" in row, row
+        # The drill took the newest; it is recorded in the local manifest (a destination's is the upload's).
+        assert ("passed " in rows[1]) is drilled and rows[0].endswith("-"), text
+
+    piped = service.pgbeat("list", COLUMNS="80")
+    assert piped.returncode == 0, piped.stderr
+    check_narrow(piped.stdout)
+    code, text = on_terminal(service, "list")
+    assert code == 0, text
+    check_narrow(text)
+
+    wide = service.pgbeat("list", "--wide", COLUMNS="80")  # full names on request, however narrow
+    assert str(daily) in wide.stdout and str(weekly) in wide.stdout, wide.stdout
+    listing = json.loads(service.pgbeat("list", "--json").stdout)
+    assert [b["path"] for b in listing] == [str(daily), str(weekly)]
+
+    code, text = on_terminal(service, "list", "--destination", "offsite-s3")
+    assert code == 0, text
+    check_narrow(text, drilled=False)
+    wide = service.pgbeat("list", "--destination", "offsite-s3", "--wide", COLUMNS="80")
+    url = f"s3://{bucket}/pgbeat/daily/{daily.name}"
+    assert url in wide.stdout.split(), wide.stdout
+    remote = json.loads(service.pgbeat("list", "--destination", "offsite-s3", "--json").stdout)
+    assert [b["path"] for b in remote] == [url, f"s3://{bucket}/pgbeat/weekly/{weekly.name}"]
+    shown = service.pgbeat("restore", url, "--list")  # the URL the listing shows is one restore takes
+    assert shown.returncode == 0 and daily.name in shown.stdout, shown.stdout + shown.stderr

@@ -82,6 +82,7 @@ def test_typed_confirmation(workdir, pg, erp):
 
     child = pexpect.spawn(str(VENV_BIN / "pgbeat"), ["restore", str(original)], cwd=str(service.cwd),
                           env=service.env(), encoding="utf-8", timeout=60)
+    child.expect(r"taken \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC\)")  # the backup's time says its zone
     child.expect("OVERWRITES ALL DATA")
     child.expect("type SIM to confirm")
     child.sendline("nao")
@@ -266,7 +267,7 @@ def test_drills_pass_fail_notify_and_show_in_list(workdir, pg, make_db):
     assert any("SELECT count(*) > 0 FROM invoices" in d for d in event["details"])
     assert leftover_databases(pg) == []
 
-    listing = service.pgbeat("list").stdout
+    listing = service.pgbeat("list", "--wide").stdout
     good_row = next(line for line in listing.splitlines() if good.name in line)
     bad_row = next(line for line in listing.splitlines() if emptied.name in line)
     assert "passed" in good_row and "failed" in bad_row

@@ -117,3 +117,18 @@ def test_a_base_backups_wal_range_is_sealed_and_older_seals_hold_without_it(tmp_
     edited["physical"]["start_lsn"] = "0/1000000"
     path.write_text(json.dumps(edited))
     assert "does not match its seal" in read_manifest(path).seal_problem()
+
+
+def test_first_configured_keeps_the_first_sighting_of_each_tier(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from pgbeat.catalog.manifest import CONFIGURED_FILE, first_configured
+
+    root, installed = tmp_path / "backups", datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
+    assert first_configured(root, ["erp/daily"], installed) == {"erp/daily": installed}
+    later = installed + timedelta(days=30)
+    assert first_configured(root, ["erp/daily", "crm/daily"], later) == {"erp/daily": installed, "crm/daily": later}
+    assert (root / CONFIGURED_FILE).stat().st_mode & 0o777 == 0o600 and root.stat().st_mode & 0o777 == 0o700
+    (root / CONFIGURED_FILE).write_text("not json")  # a damaged record counts from now, and is rewritten
+    assert first_configured(root, ["erp/daily"], later) == {"erp/daily": later}
+    assert first_configured(root, ["erp/daily"], later + timedelta(days=1)) == {"erp/daily": later}
