@@ -66,8 +66,8 @@ def comparison_warnings(current: Entry, previous: list[Entry], monitoring: Monit
 
 def empty_warnings(current: Entry) -> list[BackupWarning]:
     """Say when the dump held no table at all: it verifies, restores, and proves nothing about the data."""
-    if current.manifest.tables:
-        return []
+    if current.manifest.tables or current.manifest.physical is not None:
+        return []  # a base backup copies files: it counts no rows (pg_verifybackup proved every file)
     name = (current.manifest.database or {}).get("dbname") or current.manifest.target
     return [BackupWarning(kind="empty", text=(
         f"the database {name} has no tables: this backup "

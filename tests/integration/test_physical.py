@@ -174,3 +174,14 @@ def test_celery_call_of_the_base_tier_runs_the_same_chain_on_a_worker(workdir, c
         assert verified.returncode == 0, verified.stdout + verified.stderr
     finally:
         worker.stop()
+
+
+def test_a_base_backup_carries_no_empty_database_warning(workdir, cluster):
+    """A base backup counts no rows per table: it must not be taken for a dump of an empty database."""
+    service = base_service(workdir, cluster)
+    result = service.pgbeat("backup", "base", "--target", "erp")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning" not in result.stdout.lower(), result.stdout
+    [backup] = service.backups("base", ".tar.gz")
+    manifest = json.loads((backup.parent / (backup.name + ".manifest.json")).read_text())
+    assert not [w for w in manifest["warnings"] if w["kind"] == "empty"], manifest["warnings"]
