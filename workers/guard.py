@@ -50,7 +50,7 @@ from pgbeat.coordination.runs import RunState
 from pgbeat.errors import LockHeldError, PgbeatError
 from pgbeat.notify import Event, send_event
 from pgbeat.pipeline.record import Run, StepContext
-from pgbeat.pipeline.runner import announce_start, execute_step, retry_delay
+from pgbeat.pipeline.runner import announce_start, execute_step, redact, retry_delay
 from pgbeat.pipeline.steps_table import STEPS, Step, step
 from pgbeat.postgres.process import CancelEvent
 from pgbeat.settings import Settings, get_settings
@@ -152,10 +152,13 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
             log.warning("%s of run %s stopped while Redis was unreachable; it will be delivered again", name,
                         run.run_id)
             raise Reject(ctx.cancel.reason, requeue=True) from None
+        # What Celery records and Flower shows of this failure (its exception text: the message and the
+        # reason in one line, e.g. pg_dump's error line) carries no configured secret.
+        exc.args = (redact(str(exc), settings),)
         delay = retry_delay(settings, row, exc, task.request.retries)
         if delay is not None:
-            state.update(run.run_id, step=name, status="retrying", last_error=exc.message)
-            state.progress(run.run_id, f"{name} will be retried in {delay}s: {exc.message}")
+            state.update(run.run_id, step=name, status="retrying", last_error=str(exc))
+            state.progress(run.run_id, f"{name} will be retried in {delay}s: {exc}")
             raise task.retry(exc=exc, countdown=delay, max_retries=settings.reliability.retries) from None
         raise
     finally:
