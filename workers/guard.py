@@ -54,6 +54,7 @@ from pgbeat.pipeline.runner import announce_start, execute_step, redact, retry_d
 from pgbeat.pipeline.steps_table import STEPS, Step, step
 from pgbeat.postgres.process import CancelEvent
 from pgbeat.settings import Settings, get_settings
+from workers.config import task_label
 
 log = logging.getLogger(__name__)
 STEP_STORED = {name: faults.declare(f"{name}.stored", f"the {name} step's result is stored in Redis; the next "
@@ -69,6 +70,14 @@ class StepTask(Task):
     default_retry_delay = 5  # after a lost pool process: retry soon, the step is idempotent
     max_retries = 5
     track_started = True
+
+    def shadow_name(self, args, kwargs, options):
+        """Shown as `dump erp/daily` (its step, target and tier) in Flower and `celery events`, every time
+        the step is sent: in its chain, by the errback, when it is retried or waits for a lock."""
+        record = (args or [{}])[0]
+        if isinstance(record, dict) and record.get("target"):
+            return task_label(self.name.removeprefix("tasks."), record["target"], record.get("tier"))
+        return None
 
 
 def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
