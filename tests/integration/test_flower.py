@@ -40,7 +40,8 @@ WRONG_PASSWORD = "wrong-Pa55-do-not-leak"
 def names():
     """Target names of this module only, so that a search for one finds nothing else."""
     tag = uuid.uuid4().hex[:6]
-    return {"ok": f"erp_ok_{tag}", "down": f"erp_down_{tag}", "badpass": f"erp_badpass_{tag}"}
+    return {"ok": f"erp_ok_{tag}", "down": f"erp_down_{tag}", "badpass": f"erp_badpass_{tag}",
+            "busy": f"erp_busy_{tag}"}
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +62,12 @@ def service(tmp_path_factory, pg, redis_server, database, names):
         {"name": names["down"], "host": "127.0.0.1", "port": closed_port, "user": "backup",
          "password": SECRET_PASSWORD, "dbname": database},
         pg.target(names["badpass"], database, user="backup", password=WRONG_PASSWORD),
+        pg.target(names["busy"], database),
     ]
-    # One retry, 4 s after the first failure: long enough to see the retry in Flower as it happens.
+    # One retry, 4 s after the first failure: long enough to see the retry in Flower as it happens. A dump
+    # waits at most 3 s for its target's lock, looking again every 3 s (lock_ttl).
     return Service(base, redis_server.url, targets, node=f"flower-{uuid.uuid4().hex[:6]}",
-                   reliability={"retries": 1, "retry_backoff": 4})
+                   reliability={"retries": 1, "retry_backoff": 4, "lock_ttl": 3, "lock_wait": 3})
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +190,22 @@ def test_a_successful_run_shows_its_six_steps_by_target_name(service, flower, wo
     assert page.returncode == 0, page.stderr[-2000:]
     for step in STEPS:
         assert f"{step} {target}/daily" in page.stdout, page.stdout[-3000:]
+
+
+def test_a_dump_that_waited_too_long_names_the_run_holding_its_target(service, flower, pg, database, names,
+                                                                     redis_server):
+    target = names["busy"]
+    with table_locked(pg, database):
+        holder = backup_no_wait(service, target)  # its pg_dump waits for the table, holding the target lock
+        wait_for(lambda: redis_server.client.exists(f"pgbeat:lock:target:{target}"), 30, 0.2, what="the target lock")
+        waiting = backup_no_wait(service, target)
+        assert wait_run(redis_server.client, waiting)["status"] == "failed"
+    assert wait_run(redis_server.client, holder)["status"] == "succeeded"
+    failed = wait_for(lambda: [t for t in search(flower, target).values() if t["state"] == "FAILURE"], 30, 0.5,
+                      what="the failed dump in Flower")
+    [dump] = failed
+    assert dump["name"] == f"dump {target}/daily"
+    assert f"{target} is being dumped by run {holder}" in dump["exception"], dump["exception"]
 
 
 def test_the_broker_tab_names_each_host_queue(service, flower, worker):
