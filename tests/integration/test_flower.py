@@ -64,10 +64,10 @@ def service(tmp_path_factory, pg, redis_server, database, names):
         pg.target(names["badpass"], database, user="backup", password=WRONG_PASSWORD),
         pg.target(names["busy"], database),
     ]
-    # One retry, 4 s after the first failure: long enough to see the retry in Flower as it happens. A dump
+    # One retry, 8 s after the first failure: long enough to see the retry in Flower as it happens. A dump
     # waits at most 3 s for its target's lock, looking again every 3 s (lock_ttl).
     return Service(base, redis_server.url, targets, node=f"flower-{uuid.uuid4().hex[:6]}",
-                   reliability={"retries": 1, "retry_backoff": 4, "lock_ttl": 3, "lock_wait": 3})
+                   reliability={"retries": 1, "retry_backoff": 8, "lock_ttl": 3, "lock_wait": 3})
 
 
 @pytest.fixture(scope="module")
