@@ -174,6 +174,8 @@ def test_a_successful_run_shows_its_six_steps_by_target_name(service, flower, wo
         return mine if len(mine) == len(STEPS) else None
 
     assert wait_for(steps_found, 30, 0.5, what="the run in Flower") == {f"{step} {target}/daily" for step in STEPS}
+    # The run's id (what `pgbeat backup` prints; tasks.backup's task id, in every step's record) finds its rows.
+    assert {t["name"] for t in search(flower, run_id).values()} == {f"{step} {target}/daily" for step in STEPS}
     # Each step's row shows its host queue (the routing_key column): pgbeat.host.<node>.
     dump = row(flower, target, "dump", "SUCCESS")
     assert dump["routing_key"] == f"pgbeat.host.{service.config['node']}"
