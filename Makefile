@@ -11,7 +11,7 @@ backup: $(VENV)/.deps .env
 	$(BIN)/pgbeat backup daily
 
 test: $(VENV)/.test-deps
-	bash scripts/system-deps.sh pg_config initdb pg_dump psql redis-server gzip sha256sum runuser promtool sshd ssh ssh-keygen age age-keygen pigz zstd faketime
+	bash scripts/system-deps.sh pg_config initdb pg_dump psql redis-server gzip sha256sum runuser promtool sshd ssh ssh-keygen age age-keygen pigz zstd faketime chromium
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

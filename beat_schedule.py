@@ -2,7 +2,8 @@
 
 Each entry sends `tasks.backup` with JSON args `[target, tier]` (plus `scheduled=True`, which makes the
 worker claim the slot, so a duplicated or redelivered message makes no second backup) and `expires`
-just short of the next run, so a backlog never stacks duplicates.
+just short of the next run, so a backlog never stacks duplicates; its shadow name (`backup erp/daily`) is
+what Flower and `celery events` show.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from celery.schedules import crontab
 
 from pgbeat.coordination import SCHEDULED_PRIORITY
+from pgbeat.coordination.dispatch import task_label
 from pgbeat.schedule import expiry_seconds
 from pgbeat.settings import Settings
 
@@ -34,14 +36,16 @@ def build_beat_schedule(settings: Settings, now: datetime | None = None) -> dict
                 "schedule": cron_schedule(expr),
                 "args": (target.name, tier),
                 "kwargs": {"scheduled": True},
-                "options": {"expires": expiry_seconds(expr, now, settings.tz), "priority": SCHEDULED_PRIORITY},
+                "options": {"expires": expiry_seconds(expr, now, settings.tz), "priority": SCHEDULED_PRIORITY,
+                            "shadow": task_label("backup", target.name, tier)},
             }
         if target.drill.enabled:
             schedule[f"drill {target.name}"] = {
                 "task": "tasks.drill",
                 "schedule": cron_schedule(target.drill.schedule),
                 "args": (target.name,),
-                "options": {"expires": expiry_seconds(target.drill.schedule, now, settings.tz)},
+                "options": {"expires": expiry_seconds(target.drill.schedule, now, settings.tz),
+                            "shadow": task_label("drill", target.name)},
             }
     if settings.targets:
         # Every minute: runs stranded on a host without a live worker are re-dispatched (workers.reconcile).

@@ -92,7 +92,7 @@ def backup_here(settings: Settings, names: list[str], tier: str, *,
 def send_backups(settings: Settings, names: list[str], tier: str) -> dict[str, str]:
     """Send `tasks.backup` of `tier` for each named target to the workers; return {run id: target}.
     Raise UnreachableError if the broker does not answer (then nothing is sent)."""
-    from pgbeat.coordination.dispatch import require_broker, send_task
+    from pgbeat.coordination.dispatch import require_broker, send_task, task_label
 
     require_broker(settings)
     runs = {}
@@ -100,7 +100,8 @@ def send_backups(settings: Settings, names: list[str], tier: str) -> dict[str, s
         run_id = uuid.uuid4().hex
         # Manual: ahead of beat's. The CLI follows pgbeat's run state, never Celery's result, so no result
         # subscription is opened (with Redis gone it would retry for 20 s, then raise).
-        send_task(settings, "tasks.backup", [name, tier], run_id, priority=MANUAL_PRIORITY, ignore_result=True)
+        send_task(settings, "tasks.backup", [name, tier], run_id, shadow=task_label("backup", name, tier),
+                  priority=MANUAL_PRIORITY, ignore_result=True)
         runs[run_id] = name
     return runs
 

@@ -23,16 +23,20 @@ class PgbeatError(Exception):
     transient = False
 
     def __init__(self, message: str, *, hint: str | None = None, step: str | None = None,
-                 details: list[str] | None = None) -> None:
-        super().__init__(message)
+                 details: list[str] | None = None, reason: str | None = None) -> None:
         self.message = message
         self.hint = hint
         self.step = step
         # Extra lines for the reader (for a dump: the last lines of pg_dump's stderr).
         self.details = details or []
+        # The cause in one line (pg_dump's error line, the first problem found); by default the first detail.
+        self.reason = reason if reason is not None else next(iter(self.details), None)
+        # The exception's text (str, repr, and what Celery records and Flower shows of a failed or retried
+        # step) is one line that says why, not only what: the message and its reason.
+        super().__init__(one_line(message, self.reason))
 
     def __str__(self) -> str:
-        return self.message
+        return self.args[0] if self.args else self.message
 
     def render(self) -> str:
         """Return the message, its details and hint as the lines a user reads."""
@@ -44,6 +48,13 @@ class PgbeatError(Exception):
     def to_json(self) -> dict:
         return {"error": type(self).__name__, "message": self.message, "hint": self.hint,
                 "step": self.step, "details": self.details, "transient": self.transient}
+
+
+def one_line(message: str, reason: str | None) -> str:
+    """Given an error's message and its reason, return them as one line (the reason left out when the
+    message says it already), every run of whitespace one space."""
+    text = message if not reason or reason in message else f"{message.rstrip(': ')}: {reason}"
+    return " ".join(text.split())
 
 
 def exit_code_of(error_name: str | None) -> int:

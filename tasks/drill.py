@@ -7,10 +7,15 @@ from pgbeat.coordination.runs import RunState
 from pgbeat.restore.drill import run_drill
 from pgbeat.settings import get_settings
 from pgbeat.startup import recover_host
-from workers.config import host_queue
+from workers.config import host_queue, task_label
 
 
-@shared_task(name="tasks.drill", bind=True)
+def shown_as(task, args, kwargs, options):
+    """`drill erp` in Flower and `celery events` (Celery's shadow name), also when routed to another host."""
+    return task_label("drill", args[0]) if args else None
+
+
+@shared_task(name="tasks.drill", bind=True, shadow_name=shown_as)
 def drill(self, target: str, node: str | None = None) -> dict:
     """Drill `target`'s latest backup (pgbeat.restore.drill); beat's message is first routed to the right host."""
     settings = get_settings()

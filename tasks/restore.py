@@ -21,13 +21,19 @@ from pgbeat.restore.restore import restore as restore_backup
 from pgbeat.settings import get_settings
 from pgbeat.startup import recover_host
 from pgbeat.steps.verify import open_backup
+from workers.config import task_label
+
+
+def shown_as(task, args, kwargs, options):
+    """`restore erp` in Flower and `celery events` (Celery's shadow name); the CLI names it so too."""
+    return task_label("restore", args[1]) if len(args or ()) >= 2 else None
 
 
 # Never redelivered nor retried (the app's task_retry_on_worker_lost would send it again 180 s after its
 # pool process died): a restore interrupted by a dying worker leaves the database as it was, and a person,
 # not a broker, decides whether to run it again. Celery then marks it failed, which the command following
 # it sees at once.
-@shared_task(name="tasks.restore", bind=True, acks_late=False, retry_on_worker_lost=False)
+@shared_task(name="tasks.restore", bind=True, acks_late=False, retry_on_worker_lost=False, shadow_name=shown_as)
 def restore(self, path: str, target: str, into: str | None = None, jobs: int = 2) -> dict:
     """Restore `path` into `target` (or database `into`), reporting each stage in the run state."""
     settings = get_settings()

@@ -272,6 +272,65 @@ class Worker:
         self.proc.wait(10)
 
 
+FLOWER_UNIT = ROOT / "deploy" / "systemd" / "pgbeat-flower.service"
+
+
+def deployed_flower_options() -> list[str]:
+    """The options pgbeat-flower.service gives Flower (what follows `celery -A workers.app flower`)."""
+    [line] = [line for line in FLOWER_UNIT.read_text().splitlines() if line.startswith("ExecStart=")]
+    return line.split(" flower ", 1)[1].split()
+
+
+class Flower:
+    """A real Flower (`celery -A workers.app flower`) serving a Service's broker on a free loopback port, with
+    basic auth from FLOWER_BASIC_AUTH (the documented way); `options` are more of Flower's options."""
+
+    AUTH = ("admin", "flower-pw")
+
+    def __init__(self, service: Service, *options: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = service.base / f"flower-{self.port}.log"
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "celery"), "-A", "workers.app", "flower", *options, f"--port={self.port}",
+             "--address=127.0.0.1"], cwd=service.cwd, env=service.env(FLOWER_BASIC_AUTH=":".join(self.AUTH)),
+            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: self.proc.poll() is not None or self.status("/healthcheck") == 200, 60, 0.2, what="Flower")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"Flower exited with {self.proc.returncode}:\n{self.log.read_text()}")
+
+    def status(self, path: str) -> int | None:
+        """The HTTP status of GET `path` without credentials (None while nothing answers)."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            return urllib.request.urlopen(self.url + path, timeout=5).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except (urllib.error.URLError, ConnectionError):
+            return None
+
+    def get_json(self, path: str) -> Any:
+        """GET `path` with the credentials; return the decoded JSON."""
+        import base64
+        import urllib.request
+
+        auth = base64.b64encode(":".join(self.AUTH).encode()).decode()
+        request = urllib.request.Request(self.url + path, headers={"Authorization": f"Basic {auth}"})
+        return json.loads(urllib.request.urlopen(request, timeout=15).read())
+
+    def stop(self) -> None:
+        """SIGTERM, as systemd stops it (Flower saves its state, with --persistent, on the way out)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
 def run_state(redis_client, run_id: str) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in redis_client.hgetall(f"pgbeat:run:{run_id}").items()}
 

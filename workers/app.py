@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from celery import Celery
+from celery.app.amqp import AMQP
 
 from pgbeat.errors import EXIT_CONFIG, ConfigError
 from pgbeat.settings import Settings, get_settings
@@ -31,8 +32,21 @@ def load_or_exit() -> Settings:
     return settings
 
 
+class ShadowedAMQP(AMQP):
+    """Celery's messages, but a task's `task-sent` event carries its shadow name (`dump erp/daily`) like its
+    other events. Celery puts the plain task name there; Flower merges a later `task-sent` (a retry or a
+    re-send while the dump waits for a lock) into the row, which then showed `tasks.dump` until the task was
+    received again."""
+
+    def as_task_v2(self, *args, **kwargs):
+        message = super().as_task_v2(*args, **kwargs)
+        if message.sent_event is not None and message.headers.get("shadow"):
+            message.sent_event["name"] = message.headers["shadow"]
+        return message
+
+
 settings = load_or_exit()
-app = Celery("pgbeat", include=TASK_MODULES)
+app = Celery("pgbeat", include=TASK_MODULES, amqp=ShadowedAMQP)
 app.conf.update(celery_config(settings))
 
 import workers.signals  # noqa: E402,F401  (registers the signal handlers)

@@ -6,10 +6,10 @@ from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from beat_schedule import build_beat_schedule
-from pgbeat.coordination.dispatch import DEFAULT_QUEUE, client_config, host_queue
+from pgbeat.coordination.dispatch import DEFAULT_QUEUE, client_config, host_queue, task_label
 from pgbeat.settings import Settings
 
-__all__ = ["DEFAULT_QUEUE", "celery_config", "host_queue", "split_credentials"]
+__all__ = ["DEFAULT_QUEUE", "celery_config", "host_queue", "split_credentials", "task_label"]
 
 
 def split_credentials(url: str) -> tuple[str, dict[str, str]]:

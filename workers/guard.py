@@ -51,10 +51,11 @@ from pgbeat.coordination.runs import RunState
 from pgbeat.errors import LockHeldError, PgbeatError
 from pgbeat.notify import Event, send_event
 from pgbeat.pipeline.record import Run, StepContext
-from pgbeat.pipeline.runner import announce_start, execute_step, retry_delay
+from pgbeat.pipeline.runner import announce_start, execute_step, redact, retry_delay
 from pgbeat.pipeline.steps_table import STEPS, Step, step
 from pgbeat.postgres.process import CancelEvent
 from pgbeat.settings import Settings, get_settings
+from workers.config import task_label
 
 log = logging.getLogger(__name__)
 STEP_STORED = {name: faults.declare(f"{name}.stored", f"the {name} step's result is stored in Redis; the next "
@@ -70,6 +71,14 @@ class StepTask(Task):
     default_retry_delay = 5  # after a lost pool process: retry soon, the step is idempotent
     max_retries = 5
     track_started = True
+
+    def shadow_name(self, args, kwargs, options):
+        """Shown as `dump erp/daily` (its step, target and tier) in Flower and `celery events`, every time
+        the step is sent: in its chain, by the errback, when it is retried or waits for a lock."""
+        record = (args or [{}])[0]
+        if isinstance(record, dict) and record.get("target"):
+            return task_label(self.name.removeprefix("tasks."), record["target"], record.get("tier"))
+        return None
 
 
 def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -153,10 +162,13 @@ def run_step(task: Task, name: str, record: dict[str, Any]) -> dict[str, Any]:
             log.warning("%s of run %s stopped while Redis was unreachable; it will be delivered again", name,
                         run.run_id)
             raise Reject(ctx.cancel.reason, requeue=True) from None
+        # What Celery records and Flower shows of this failure (its exception text: the message and the
+        # reason in one line, e.g. pg_dump's error line) carries no configured secret.
+        exc.args = (redact(str(exc), settings),)
         delay = retry_delay(settings, row, exc, task.request.retries)
         if delay is not None:
-            state.update(run.run_id, step=name, status="retrying", last_error=exc.message)
-            state.progress(run.run_id, f"{name} will be retried in {delay}s: {exc.message}")
+            state.update(run.run_id, step=name, status="retrying", last_error=str(exc))
+            state.progress(run.run_id, f"{name} will be retried in {delay}s: {exc}")
             raise task.retry(exc=exc, countdown=delay, max_retries=settings.reliability.retries) from None
         raise
     finally:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from celery import Celery
 
 from pgbeat.coordination import MANUAL_PRIORITY, redis_client
+from pgbeat.coordination.dispatch import task_label
 from pgbeat.coordination.runs import NodeRegistry, RunState
 from pgbeat.notify import Event, send_event
 from pgbeat.settings import Settings
@@ -52,7 +53,8 @@ def reconcile(app: Celery, settings: Settings) -> dict:
         state.update(run["run_id"], status="abandoned", reason=reason, replaced_by=new_id)
         state.progress(run["run_id"], f"abandoned: {reason}; re-dispatched as run {new_id}")
         app.send_task("tasks.backup", args=[run["target"], run["tier"]], task_id=new_id, priority=MANUAL_PRIORITY,
-                      kwargs={"scheduled": bool(run.get("slot")), "replaces": run["run_id"]})
+                      kwargs={"scheduled": bool(run.get("slot")), "replaces": run["run_id"]},
+                      shadow=task_label("backup", run["target"], run["tier"]))
         message = (f"run {run['run_id']} of {run['target']}/{run['tier']} was stuck at {run.get('step') or 'start'} "
                    f"({reason}): re-dispatched as run {new_id}")
         log.warning(message)

@@ -48,6 +48,14 @@ def host_queue(node: str) -> str:
     return f"pgbeat.host.{node}"
 
 
+def task_label(what: str, target: str, tier: str | None = None) -> str:
+    """The name a task of `target` shows in Flower's task list, `celery events` and `celery inspect` (its
+    Celery shadow name) instead of `tasks.<step>` beside a UUID: what it does, the target and the tier, e.g.
+    `dump erp/daily`, `backup erp/daily`, `restore erp`, `drill erp`. Flower's search box matches it, so a
+    target's name finds every step of its runs."""
+    return f"{what} {target}/{tier}" if tier else f"{what} {target}"
+
+
 def transport_options(settings: Settings) -> dict[str, Any]:
     """Given the settings, return the Redis transport options every consumer and producer must share.
 
@@ -97,9 +105,10 @@ def client_app(settings: Settings) -> Celery:
     return _apps[key]
 
 
-def send_task(settings: Settings, name: str, args: list, task_id: str, **options: Any) -> None:
-    """Send task `name` with `args` under `task_id` (options: queue, priority, expires, ignore_result...)."""
-    client_app(settings).send_task(name, args=args, task_id=task_id, **options)
+def send_task(settings: Settings, name: str, args: list, task_id: str, *, shadow: str, **options: Any) -> None:
+    """Send task `name` with `args` under `task_id`, shown as `shadow` (task_label) in Flower and `celery
+    events` (options: queue, priority, expires, ignore_result...)."""
+    client_app(settings).send_task(name, args=args, task_id=task_id, shadow=shadow, **options)
 
 
 def task_failure(settings: Settings, task_id: str) -> BaseException | None:

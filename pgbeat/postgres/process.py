@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 STDERR_TAIL_LINES = 20
+# A line of a PostgreSQL program that reports the error itself: `pg_dump: error: ...`, `psql:<stdin>:3: ERROR:
+# ...`, a server's `FATAL:` or `PANIC:` inside a connection error.
+ERROR_LINE = re.compile(r"\b(?:error|ERROR|FATAL|PANIC):")
+# Lines that only add to an error: `pg_dump: detail: ...`, `HINT:  ...`, `LINE 3: ...`, `Command was: ...`.
+SUPPORTING_LINE = re.compile(r"^(?:\S+: )?(?:detail|hint|DETAIL|HINT|CONTEXT|LINE \d+|Command was|Query was):")
 
 
 def _resolve_prctl():
@@ -65,6 +71,16 @@ def find_pg_binary(name: str, bin_dir: Path | None = None) -> str:
     from pgbeat.errors import PgbeatError
 
     raise PgbeatError(f"{name} not found", hint="install the PostgreSQL client programs or set pg_bin_dir")
+
+
+def last_error_line(stderr: Sequence[str]) -> str | None:
+    """Given the stderr lines of pg_dump, psql or pg_restore, return the last meaningful one: the last that
+    reports an error (not its detail, hint or indented continuation), else the last plain line; None if
+    there is none. `connection to server ... failed: Connection refused`, not `Is the server running...`."""
+    plain = [line.strip() for line in stderr
+             if line.strip() and not line[:1].isspace() and not SUPPORTING_LINE.match(line.strip())]
+    errors = [line for line in plain if ERROR_LINE.search(line)]
+    return (errors or plain or [None])[-1]
 
 
 class Supervised:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pgbeat.coordination import MANUAL_PRIORITY, redis_client
-from pgbeat.coordination.dispatch import host_queue, send_task, task_failure, terminate_task
+from pgbeat.coordination.dispatch import host_queue, send_task, task_failure, task_label, terminate_task
 from pgbeat.coordination.follow import RunEnd, follow_runs
 from pgbeat.coordination.runs import NodeRegistry, RunState
 from pgbeat.errors import EXIT_FAILED, PgbeatError, UnreachableError, error_from_record
@@ -81,8 +81,8 @@ def send_restore(settings: Settings, path: str, target: str, into: str | None, j
     """Send tasks.restore of `path` into `target` (or `into`) to `node`'s queue; return its run id."""
     task_id = uuid.uuid4().hex
     # `expires`: a message still queued after this command gave up is dropped by the worker that gets it.
-    send_task(settings, "tasks.restore", [path, target, into, jobs], task_id, queue=host_queue(node),
-              priority=MANUAL_PRIORITY, expires=timeout)
+    send_task(settings, "tasks.restore", [path, target, into, jobs], task_id, shadow=task_label("restore", target),
+              queue=host_queue(node), priority=MANUAL_PRIORITY, expires=timeout)
     return task_id
 
 

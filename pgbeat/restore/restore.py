@@ -53,7 +53,7 @@ from pgbeat.pipeline.runner import Plan, run_steps
 from pgbeat.pipeline.steps_table import Step, step
 from pgbeat.postgres import sqlscan
 from pgbeat.postgres.client import MAINTENANCE_DB, client_env, connect, ident
-from pgbeat.postgres.process import Supervised, find_pg_binary
+from pgbeat.postgres.process import Supervised, find_pg_binary, last_error_line
 from pgbeat.restore.journal import (
     RETIRED_PREFIX,
     TEMPORARY_PREFIX,
@@ -626,7 +626,8 @@ def load_plain(settings: Settings, target: Target, database: str, entry: Entry, 
         proc.stop()
     if rc != 0:
         raise RestoreError(f"psql stopped with exit code {rc} while restoring {entry.path.name}",
-                           details=proc.stderr_text()[-8:], hint="the original database was not touched")
+                           details=proc.stderr_text()[-8:], reason=last_error_line(proc.stderr_text()),
+                           hint="the original database was not touched")
 
 
 def load_archive(settings: Settings, target: Target, database: str, entry: Entry, jobs: int, work: Path,
@@ -646,7 +647,8 @@ def load_archive(settings: Settings, target: Target, database: str, entry: Entry
         proc.stop()
     if rc != 0:
         raise RestoreError(f"pg_restore stopped with exit code {rc} while restoring {entry.path.name}",
-                           details=proc.stderr_text()[-8:], hint="the original database was not touched")
+                           details=proc.stderr_text()[-8:], reason=last_error_line(proc.stderr_text()),
+                           hint="the original database was not touched")
 
 
 def loaded_rows(conn: psycopg.Connection) -> dict[str, int]:

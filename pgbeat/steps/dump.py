@@ -26,7 +26,7 @@ from pgbeat.fsutil import CHUNK, disk_error, open_private, private_dir, remove_p
 from pgbeat.pipeline.record import DumpResult, Run, StepContext
 from pgbeat.postgres.client import client_env
 from pgbeat.postgres.clock import SKEW_WARNING, PendingReading
-from pgbeat.postgres.process import Supervised, find_pg_binary
+from pgbeat.postgres.process import Supervised, find_pg_binary, last_error_line
 from pgbeat.postgres.sqlscan import DumpScanner
 from pgbeat.settings import Settings, Target
 from pgbeat.steps.compress import BLOCK, BlockWriter, write_block_index
@@ -74,13 +74,14 @@ def classify_failure(target: Target, rc: int, stderr: list[str], step: str = "du
     text = "\n".join(stderr).lower()
     message = f"{program} of {target.name} ({target.describe()}) failed with exit code {rc}"
     details = stderr[-8:] or [f"({program} wrote nothing on stderr)"]
+    reason = last_error_line(stderr) or details[-1]
     if "password authentication failed" in text or "no password supplied" in text:
-        return DumpError(message, step=step, details=details,
+        return DumpError(message, step=step, details=details, reason=reason,
                          hint="check the password (DB_PASSWORD, the target's password or ~/.pgpass)")
     if any(marker in text for marker in TRANSIENT_MARKERS):
-        return TransientDumpError(message, step=step, details=details,
+        return TransientDumpError(message, step=step, details=details, reason=reason,
                                   hint="the database server could not be reached; pgbeat retries with backoff")
-    return DumpError(message, step=step, details=details)
+    return DumpError(message, step=step, details=details, reason=reason)
 
 
 def widen_pipe(pipe) -> None:
@@ -175,7 +176,8 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
             raise classify_failure(target, rc, proc.stderr_text())
         if scanner is not None and not scanner.complete:
             raise DumpError(f"pg_dump of {target.name} exited 0 but its output lacks the closing "
-                            "'dump complete' line", step="dump", details=proc.stderr_text()[-8:])
+                            "'dump complete' line", step="dump", details=proc.stderr_text()[-8:],
+                            reason=last_error_line(proc.stderr_text()))
     except BaseException:
         # Includes Celery's SoftTimeLimitExceeded: stop pg_dump, then remove what it wrote.
         if writer is not None:

@@ -38,7 +38,7 @@ from pgbeat.errors import VerifyError
 from pgbeat.fsutil import CHUNK, write_atomic
 from pgbeat.hashing import hash_file
 from pgbeat.pipeline.record import Run, StepContext, VerifyResult, scratch_folder
-from pgbeat.postgres.process import Supervised, find_pg_binary
+from pgbeat.postgres.process import Supervised, find_pg_binary, last_error_line
 from pgbeat.postgres.sqlscan import COMPLETE_MARKER, DumpScanner
 from pgbeat.settings import Settings
 from pgbeat.steps.compress import codec_for_name, decompressing_reader, read_block_index
@@ -183,7 +183,8 @@ def check_archive(path: Path, settings: Settings) -> dict[str, Any]:
     scanner.finish()
     if rc != 0:
         raise VerifyError(f"pg_restore cannot read {path.name} (exit code {rc})", step="verify",
-                          details=proc.stderr_text()[-6:], hint="the archive is truncated or corrupt")
+                          details=proc.stderr_text()[-6:], reason=last_error_line(proc.stderr_text()),
+                          hint="the archive is truncated or corrupt")
     result: dict[str, Any] = {"complete": scanner.complete, "tables": scanner.tables,
                               "server_version": scanner.server_version}
     if path.is_dir():

@@ -27,7 +27,7 @@ from flower.urls import handlers as flower_handlers
 from tornado.web import RequestHandler
 
 from pgbeat.settings import load_settings
-from tests.support import VENV_BIN, Service, Worker, free_port, wait_for
+from tests.support import VENV_BIN, Flower, Service, Worker, free_port, wait_for
 from workers.config import celery_config
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.integration
 # Recognisable, and with the characters a URL must escape.
 REDIS_PASSWORD = "Redis-s3cr3t/p@ss:w0rd%"
 BACKEND_PASSWORD = "Backend-s3cr3t-pw"
-FLOWER_AUTH = ("admin", "flower-pw")
+FLOWER_AUTH = Flower.AUTH
 
 
 def forms(secret: str) -> set[str]:
@@ -135,12 +135,8 @@ def test_worker_beat_and_flower_show_no_password(workdir, redis_with_password):
     among them), `celery report`, any Flower page or API, nor the worker's, beat's and Flower's logs."""
     service = Service(workdir, redis_with_password, [{"name": "erp", "port": 1, "dbname": "erp"}],
                       node=f"sec-{uuid.uuid4().hex[:6]}")
-    port = free_port()
-    flower_log, beat_log = workdir / "flower.log", workdir / "beat.log"
-    flower = subprocess.Popen([str(VENV_BIN / "celery"), "-A", "workers.app", "flower", f"--port={port}",
-                               "--address=127.0.0.1"], cwd=service.cwd,
-                              env=service.env(FLOWER_BASIC_AUTH=":".join(FLOWER_AUTH)), stdout=flower_log.open("wb"),
-                              stderr=subprocess.STDOUT)
+    beat_log = workdir / "beat.log"
+    flower = Flower(service)
     beat = subprocess.Popen([str(VENV_BIN / "celery"), "-A", "workers.app", "beat", "-l", "INFO"], cwd=service.cwd,
                             env=service.env(), stdout=beat_log.open("wb"), stderr=subprocess.STDOUT)
     worker = Worker(service)
@@ -164,7 +160,7 @@ def test_worker_beat_and_flower_show_no_password(workdir, redis_with_password):
         assert set(celery_config(settings)) <= set(conf)  # every pgbeat setting was in the answer
         shown["celery report"] = control.bugreport()  # what `celery -A workers.app report` prints
         task_id = control.send_task("tasks.reconcile", queue="pgbeat").id
-        base = f"http://127.0.0.1:{port}"
+        base = flower.url
         wait_for(lambda: get(f"{base}/api/task/info/{task_id}")[0] == 200, 30, 0.5, what="Flower to see the task")
         assert get(f"{base}/api/workers?refresh=1")[0] == 200
         for path in flower_get_routes(worker.name, task_id):
@@ -174,14 +170,14 @@ def test_worker_beat_and_flower_show_no_password(workdir, redis_with_password):
         assert worker.name in shown["Flower /api/workers"]
         assert "redbeat_redis_url" in shown[f"Flower /worker/{worker.name}"]  # the page showed the settings
     finally:
-        for proc in (flower, beat):
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(20)
+        flower.stop()
+        beat.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            beat.wait(20)
         worker.stop()
         control.close()
     shown.update({"worker log": worker.log_text(), "beat log": beat_log.read_text(),
-                  "flower log": flower_log.read_text()})
+                  "flower log": flower.log.read_text()})
     for where, text in shown.items():
         assert_hidden(text, where, REDIS_PASSWORD)
 

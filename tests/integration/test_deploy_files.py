@@ -67,7 +67,10 @@ COMMANDS = {
     "pgbeat-worker": "celery -A workers.app worker -l INFO -n worker@%%h",
     "pgbeat-beat": "celery -A workers.app beat -l INFO",
     "pgbeat-flower": "celery -A workers.app flower --port=5555 "
-                     "--task-runtime-metric-buckets=1,10,60,300,1800,3600,7200,14400,28800,inf",
+                     "--task-runtime-metric-buckets=1,10,60,300,1800,3600,7200,14400,28800,inf "
+                     "--tasks-columns=name,state,exception,retries,received,runtime,worker,routing_key "
+                     "--natural-time=True --max-tasks=10000 --persistent=True --db=/var/lib/pgbeat-flower/flower "
+                     "--state-save-interval=60000",
     "pgbeat-metrics": "pgbeat metrics --listen 127.0.0.1:9810",
 }
 HARDENING = {
@@ -281,6 +284,35 @@ def test_flower_admits_loopback_only_and_needs_credentials():
     assert service["IPAddressDeny"] == ["any"] and service["IPAddressAllow"] == ["localhost"]
     [check] = service["ExecStartPre"]
     assert 'test -n "$$FLOWER_BASIC_AUTH"' in check, "Flower must refuse to start without credentials"
+
+
+def flower_options(command: list[str]) -> dict[str, str]:
+    """Given Flower's command line, return its options (after `flower`) as {name: value}."""
+    return dict(arg.removeprefix("--").split("=", 1) for arg in command[command.index("flower") + 1:])
+
+
+def test_flower_options_are_flowers_own_and_keep_state_in_the_state_directory():
+    """Each option of the unit is one Flower knows, with a value of its type; the columns exist; the task
+    history is bounded and saved under the unit's StateDirectory (the Compose service mounts a volume there)."""
+    from flower.options import options as known
+    from flower.views.tasks import TASK_COLUMNS
+
+    options = flower_options(COMMANDS["pgbeat-flower"].split())
+    for name, value in options.items():
+        assert name in known._options, f"--{name} is not a Flower option"
+        known._options[name].parse(value)  # raises on a value of the wrong type
+    columns = options["tasks-columns"].split(",")
+    assert set(columns) <= set(TASK_COLUMNS) and {"name", "state", "exception", "worker"} <= set(columns)
+    assert options["persistent"] == "True" and 0 < int(options["max-tasks"]) <= 100_000
+    assert 0 < int(options["state-save-interval"]) <= 300_000  # a crash loses at most 5 minutes of history
+    service = parse_unit(UNITS["pgbeat-flower"])["Service"]
+    assert service["StateDirectory"] == ["pgbeat-flower"] and service["StateDirectoryMode"] == ["0700"]
+    assert options["db"].startswith("/var/lib/pgbeat-flower/")
+    flower = load_yaml(COMPOSE)["services"]["flower"]
+    assert flower_options(flower["command"]) == options
+    assert "flower-state:/var/lib/pgbeat-flower" in flower["volumes"]
+    dockerfile = (DEPLOY / "compose" / "Dockerfile").read_text()
+    assert re.search(r"install -d -o pgbeat -g pgbeat -m 0700 [^\n]*/var/lib/pgbeat-flower", dockerfile)
 
 
 # --- Restart policies: every way a process ends brings it back -------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 
 from pgbeat.schedule import next_runs
 from tests.receivers import MailReceiver
-from tests.support import SECRET_PASSWORD, VENV_BIN, Service, Worker, free_port, wait_for, wait_run
+from tests.support import SECRET_PASSWORD, VENV_BIN, Flower, Service, Worker, free_port, wait_for, wait_run
 
 pytestmark = pytest.mark.integration
 
@@ -193,49 +193,27 @@ def test_metrics_and_status_tell_the_truth_across_restarts(workdir, pg, small_db
 def test_flower_requires_auth_and_shows_each_step(workdir, pg, small_db, redis_server):
     service = Service(workdir, redis_server.url, [pg.target("erp", small_db)], node=f"fl-{uuid.uuid4().hex[:6]}")
     worker = Worker(service)
-    port = free_port()
     # The documented way: the password comes from FLOWER_BASIC_AUTH, never from the command line.
-    flower = subprocess.Popen([str(VENV_BIN / "celery"), "-A", "workers.app", "flower", f"--port={port}",
-                               "--address=127.0.0.1"], cwd=service.cwd,
-                              env=service.env(FLOWER_BASIC_AUTH="admin:s3cret"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT)
+    flower = Flower(service)
     try:
-        wait_for(lambda: _status(f"http://127.0.0.1:{port}/api/tasks") is not None, 30, what="flower")
-        assert _status(f"http://127.0.0.1:{port}/api/tasks") == 401
+        assert flower.status("/api/tasks") == 401
         time.sleep(2)  # Flower subscribes to the workers' events
         result = service.pgbeat("backup", "daily", "--no-wait")
         run_id = result.stdout.split("queued as run ")[1].split()[0]
         assert wait_run(redis_server.client, run_id)["status"] == "succeeded"
 
         def tasks_of_run():
-            tasks = _get_json(f"http://127.0.0.1:{port}/api/tasks", "admin", "s3cret")
+            tasks = flower.get_json("/api/tasks")
             mine = {t["name"] for t in tasks.values() if run_id in (t.get("args") or "") or t["uuid"] == run_id}
             return mine if len(mine) >= 7 else None
 
         names = wait_for(tasks_of_run, 30, 0.5, what="the chain in Flower")
-        assert names == {"tasks.backup", "tasks.dump", "tasks.compress", "tasks.verify", "tasks.upload",
-                         "tasks.rotate", "tasks.notify"}
+        # Each row is named by its step, target and tier (Celery's shadow name), not tasks.<step>.
+        assert names == {f"{step} erp/daily" for step in ("backup", "dump", "compress", "verify", "upload",
+                                                          "rotate", "notify")}
     finally:
-        flower.terminate()
-        flower.wait(20)
+        flower.stop()
         worker.stop()
-
-
-def _status(url: str) -> int | None:
-    try:
-        return urllib.request.urlopen(url, timeout=3).status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, ConnectionError):
-        return None
-
-
-def _get_json(url: str, user: str, password: str):
-    import base64
-
-    request = urllib.request.Request(url, headers={
-        "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
-    return json.loads(urllib.request.urlopen(request, timeout=10).read())
 
 
 def test_cron_install_is_idempotent_and_remove_leaves_other_lines(workdir, pg, small_db):

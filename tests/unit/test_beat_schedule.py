@@ -56,6 +56,8 @@ targets:
     assert entry["task"] == "tasks.backup" and entry["args"] == ("crm", "daily")
     assert entry["kwargs"] == {"scheduled": True}
     assert entry["options"]["priority"] == 6  # behind manual runs (0) on Redis
+    # Flower, `celery events` and `celery inspect` show the step, target and tier, not tasks.backup.
+    assert entry["options"]["shadow"] == "backup crm/daily" and drill["options"]["shadow"] == "drill erp"
     cron = entry["schedule"]
     assert (cron.minute, cron.hour, cron.day_of_week) == ({30}, {1}, {1, 2, 3, 4, 5})
     assert 0 < entry["options"]["expires"] < 86400
