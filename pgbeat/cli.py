@@ -35,6 +35,7 @@ from pgbeat.clitypes import (
     BackupFile,
     BackupLocation,
     BackupURL,
+    CheckedText,
     CrontabFile,
     DatabaseName,
     DestinationName,
@@ -42,9 +43,12 @@ from pgbeat.clitypes import (
     IsoTime,
     Listen,
     LocalPath,
+    Lsn,
     NodeName,
+    RecoveryTime,
     Seconds,
     TargetName,
+    Timeline,
     UnixUser,
 )
 from pgbeat.errors import PgbeatError
@@ -471,12 +475,34 @@ def print_manifest(settings: Settings, entry) -> None:
 @click.option("--node", type=NodeName(), help="With --on-worker: the host whose worker restores (default: this host).")
 @click.option("--identity", type=IdentityFile(), help="age identity file for encrypted backups.")
 @click.option("--timeout", type=Seconds(), default=6 * 3600, show_default=True,
-              help="With --on-worker: seconds to wait for the restore; then it is stopped and undone.")
+              help="With --on-worker: seconds to wait for the restore; then it is stopped and undone. "
+                   "With --pitr --start: seconds to wait for recovery.")
+@click.option("--pitr", is_flag=True,
+              help="Point-in-time recovery of --target's cluster from a base backup and the WAL archive into "
+                   "a new --data-dir.")
+@click.option("--to", "to", type=RecoveryTime(),
+              help="With --pitr: latest (default), immediate, or a time ('2025-11-19 14:30:00', in the "
+                   "configured zone unless one is given).")
+@click.option("--to-lsn", type=Lsn(), help="With --pitr: stop at this LSN.")
+@click.option("--to-xid", type=click.IntRange(1, 2**63 - 1), help="With --pitr: stop after this transaction.")
+@click.option("--to-name", type=CheckedText(), help="With --pitr: stop at this named restore point.")
+@click.option("--timeline", type=Timeline(), default="latest", show_default=True,
+              help="With --pitr: the timeline to follow.")
+@click.option("--data-dir", type=LocalPath(folder=True), help="With --pitr: the new data directory (empty).")
+@click.option("--start", is_flag=True, help="With --pitr: start the server and wait until it is promoted.")
+@click.option("--port", type=click.IntRange(1, 65535), help="With --pitr: the restored server's port.")
+@click.option("--standby", is_flag=True, help="With --pitr: make it a standby (standby.signal) of --primary-conninfo.")
+@click.option("--primary-conninfo", type=CheckedText(), help="With --pitr --standby: how it reaches the primary.")
+@click.option("--server-pgbeat", type=LocalPath(must_exist=True),
+              help="With --pitr: the pgbeat the restored server runs for restore_command (one its user, "
+                   "postgres, can run; default: this one).")
 def restore(file: str | None, latest: bool, target_name: str | None, tier: str | None, into: str | None, yes: bool,
             jobs: int, list_only: bool, on_worker: bool, node: str | None, identity: Path | None,
-            timeout: float) -> None:
+            timeout: float, pitr: bool, to, to_lsn: str | None, to_xid: int | None, to_name: str | None,
+            timeline: str, data_dir: Path | None, start: bool, port: int | None, standby: bool,
+            primary_conninfo: str | None, server_pgbeat: Path | None) -> None:
     """Restore FILE, a copy at a destination (s3://, gs://, ssh://), or --latest: integrity check, typed
-    confirmation, safety backup.
+    confirmation, safety backup. With --pitr: a cluster as of a moment, from a base backup and the WAL.
 
     The backup is restored into a temporary database, checked against its manifest, and swapped in:
     a failure at any point leaves the existing database as it was. Emergency revert:
@@ -486,6 +512,14 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
     from pgbeat.restore import restore as restoring
     from pgbeat.steps.verify import open_backup
 
+    pitr_options = {"--to": to, "--to-lsn": to_lsn, "--to-xid": to_xid, "--to-name": to_name, "--data-dir": data_dir,
+                    "--start": start, "--port": port, "--standby": standby, "--primary-conninfo": primary_conninfo,
+                    "--server-pgbeat": server_pgbeat, "--timeline": timeline if timeline != "latest" else None}
+    if pitr:
+        sys.exit(restore_pitr_cmd(target_name, file, latest, into, identity, timeout, pitr_options))
+    given = [name for name, value in pitr_options.items() if value not in (None, False)]
+    if given:
+        fail(errors.UsageError(f"{', '.join(given)}: only with --pitr", hint="see pgbeat restore --help"))
     settings = settings_or_exit(writes=not list_only or "://" in (file or ""))
     scratch = contextlib.ExitStack()  # a fetched copy's folder, removed however this ends
     try:
@@ -529,6 +563,61 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
         out.print(f"  safety backup: {result.safety_backup}", markup=False)
     out.print(f"Restored {result.database} in {result.duration_s:.1f}s (load {result.restore_s:.1f}s); "
               f"{result.tables_checked} table(s) match the manifest's row counts", markup=False)
+
+
+def restore_pitr_cmd(target_name: str | None, file: str | None, latest: bool, into: str | None,
+                     identity: Path | None, timeout: float, options: dict) -> int:
+    """`restore --pitr`: check the options, restore, print what recovery reached; return the exit code."""
+    from pgbeat.physical.pitr import RecoveryGoal, restore_pitr
+    from pgbeat.restore.restore import identities_for
+
+    settings = settings_or_exit(writes=True)
+    try:
+        if file or latest or into:
+            raise errors.UsageError("--pitr restores a whole cluster into --data-dir; FILE, --latest and --into "
+                                    "are for logical restores")
+        if target_name is None or options["--data-dir"] is None:
+            raise errors.UsageError("--pitr needs --target and --data-dir",
+                                    hint="e.g. pgbeat restore --pitr --target erp --to '2025-11-19 14:30' "
+                                         "--data-dir /var/lib/postgresql/15/restored")
+        goals = {k: v for k, v in options.items() if k in ("--to", "--to-lsn", "--to-xid", "--to-name") and v}
+        if len(goals) > 1:
+            raise errors.UsageError(f"{' and '.join(goals)}: give one recovery target")
+        if options["--primary-conninfo"] and not options["--standby"]:
+            raise errors.UsageError("--primary-conninfo is for --standby")
+        to = options["--to"] or "latest"
+        if options["--to-lsn"]:
+            goal = RecoveryGoal("lsn", options["--to-lsn"], timeline=options["--timeline"] or "latest")
+        elif options["--to-xid"]:
+            goal = RecoveryGoal("xid", str(options["--to-xid"]), timeline=options["--timeline"] or "latest")
+        elif options["--to-name"]:
+            goal = RecoveryGoal("name", options["--to-name"], timeline=options["--timeline"] or "latest")
+        elif isinstance(to, datetime):
+            goal = RecoveryGoal("time", to if to.tzinfo else to.replace(tzinfo=settings.tz),
+                                timeline=options["--timeline"] or "latest")
+        else:
+            goal = RecoveryGoal(to, timeline=options["--timeline"] or "latest")
+        target = settings.target(target_name)
+        out.print(f"Point-in-time restore of {target.name} to {goal.describe()} into {options['--data-dir']}",
+                  markup=False)
+        result = restore_pitr(
+            settings, target, goal, options["--data-dir"], start=options["--start"], port=options["--port"],
+            standby=options["--standby"], primary_conninfo=options["--primary-conninfo"],
+            identities=identities_for(target, identity), timeout=timeout,
+            pgbeat=str(options["--server-pgbeat"]) if options["--server-pgbeat"] else None,
+            on_step=lambda step, text: out.print(f"  [green]✓ {step}[/green] {'' if text == 'done' else text}",
+                                                 markup=True))
+    except PgbeatError as exc:
+        fail(exc)
+    if not result.started:
+        out.print(f"Ready: start it with pg_ctl -D {result.data_dir} start (it recovers to {result.goal}, "
+                  "then is promoted)", markup=False)
+    elif result.promoted:
+        out.print(f"Recovered and promoted: {result.stop_line or 'the end of the archive'}; last transaction "
+                  f"replayed at {result.reached or 'unknown'}", markup=False)
+    else:
+        out.print(f"Standby running from {result.data_dir}", markup=False)
+    return errors.EXIT_OK
 
 
 def restore_on_worker(settings: Settings, entry, target: str, into: str | None, jobs: int, yes: bool,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -294,3 +295,40 @@ class Seconds(click.FloatRange):
         if not math.isfinite(number):
             self.fail(f"{shown(str(value))} is not a number of seconds", param, ctx)
         return number
+
+
+class RecoveryTime(CheckedText):
+    """Where a point-in-time recovery stops: `latest`, `immediate`, or a time (naive: in the configured
+    zone, applied by the command, which knows the settings)."""
+
+    name = "recovery target"
+
+    def check(self, value: str) -> str | datetime:
+        if value in ("latest", "immediate"):
+            return value
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("use latest, immediate, or e.g. '2025-11-19 14:30:00' or "
+                             "'2025-11-19 14:30:00-03:00'") from None
+        if not EARLIEST_TIME <= (when if when.tzinfo else when.replace(tzinfo=UTC)) < LATEST_TIME:
+            raise ValueError(f"must lie between {EARLIEST_TIME:%Y-%m-%d} and {LATEST_TIME:%Y-%m-%d}")
+        return when
+
+
+class Lsn(CheckedText):
+    name = "LSN"
+
+    def check(self, value: str) -> str:
+        if not re.match(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$", value):
+            raise ValueError("an LSN looks like 0/3000060 (as pg_current_wal_lsn() shows it)")
+        return value.upper()
+
+
+class Timeline(CheckedText):
+    name = "timeline"
+
+    def check(self, value: str) -> str:
+        if value not in ("latest", "current") and not (value.isdigit() and 0 < int(value) < 2**32):
+            raise ValueError("latest, current or a timeline number")
+        return value
