@@ -35,7 +35,7 @@ from pgbeat.fsutil import CHUNK, disk_error, open_private, private_dir, remove_p
 from pgbeat.pipeline.record import DumpResult, Run, StepContext, scratch_folder
 from pgbeat.postgres.client import client_env
 from pgbeat.postgres.clock import PendingReading, ask_server_time
-from pgbeat.postgres.process import Supervised, find_pg_binary
+from pgbeat.postgres.process import Supervised, find_pg_binary, program_version
 from pgbeat.settings import Settings, Target
 from pgbeat.steps.compress import BlockWriter, decompressing_reader, write_block_index
 from pgbeat.steps.dump import classify_failure, stream_blocks, widen_pipe
@@ -48,16 +48,6 @@ END_RE = re.compile(r"write-ahead log end point: (?P<lsn>[0-9A-F]+/[0-9A-F]+)")
 LABEL_START_RE = re.compile(r"^START WAL LOCATION: (?P<lsn>\S+) \(file (?P<file>[0-9A-F]{24})\)$", re.M)
 LABEL_TIMELINE_RE = re.compile(r"^START TIMELINE: (?P<tli>\d+)$", re.M)
 LABEL_TIME_RE = re.compile(r"^START TIME: (?P<time>.+)$", re.M)
-
-
-def program_version(settings: Settings, program: str) -> str | None:
-    try:
-        out = subprocess.run([find_pg_binary(program, settings.pg_bin_dir), "--version"], capture_output=True,
-                             text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired, PgbeatError):
-        return None
-    match = re.search(r"(\d+(?:\.\d+)+)", out.stdout)
-    return match.group(1) if match else None
 
 
 def base_backup_argv(settings: Settings, target: Target, label: str) -> list[str]:

@@ -83,6 +83,19 @@ def last_error_line(stderr: Sequence[str]) -> str | None:
     return (errors or plain or [None])[-1]
 
 
+def program_version(settings, program: str) -> str | None:
+    """The version a PostgreSQL client program reports (`pg_dump --version`: "15.19"), or None."""
+    from pgbeat.errors import PgbeatError
+
+    try:
+        out = subprocess.run([find_pg_binary(program, settings.pg_bin_dir), "--version"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired, PgbeatError):
+        return None
+    match = re.search(r"(\d+(?:\.\d+)+)", out.stdout)
+    return match.group(1) if match else None
+
+
 class Supervised:
     """A running child process with a stderr tail and a cancel hook."""
 

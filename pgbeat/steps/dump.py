@@ -13,7 +13,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from pgbeat.fsutil import CHUNK, disk_error, open_private, private_dir, remove_p
 from pgbeat.pipeline.record import DumpResult, Run, StepContext
 from pgbeat.postgres.client import client_env
 from pgbeat.postgres.clock import SKEW_WARNING, PendingReading
-from pgbeat.postgres.process import Supervised, find_pg_binary, last_error_line
+from pgbeat.postgres.process import Supervised, find_pg_binary, last_error_line, program_version
 from pgbeat.postgres.sqlscan import DumpScanner
 from pgbeat.settings import Settings, Target
 from pgbeat.steps.compress import BLOCK, BlockWriter, write_block_index
@@ -45,13 +44,6 @@ TRANSIENT_MARKERS = (
 DUMP_RUNNING = faults.declare("dump.running", "pg_dump runs; its output file may be empty")
 DUMP_STREAMING = faults.declare("dump.streaming", "part of pg_dump's output has been read: a partial dump "
                                                   "is in the work folder")
-
-
-def pg_dump_version(settings: Settings) -> str:
-    out = subprocess.run([find_pg_binary("pg_dump", settings.pg_bin_dir), "--version"], capture_output=True,
-                         text=True, timeout=30)
-    match = re.search(r"(\d+(?:\.\d+)+)", out.stdout)
-    return match.group(1) if match else out.stdout.strip()
 
 
 def dump_argv(settings: Settings, target: Target, output: Path | None) -> list[str]:
@@ -191,9 +183,8 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
     finally:
         remove_path(work / ".pgpass")
     size = tree_size(output)
-    info = DumpResult(path=str(output), size=size, started_at=started,
-                      duration_s=round(time.monotonic() - t0, 3), pg_dump_version=pg_dump_version(ctx.settings),
-                      warnings=proc.stderr_text()[-8:])
+    info = DumpResult(path=str(output), size=size, started_at=started, duration_s=round(time.monotonic() - t0, 3),
+                      pg_dump_version=program_version(ctx.settings, "pg_dump"), warnings=proc.stderr_text()[-8:])
     if clock is not None:
         info.clock, info.server_time, info.clock_skew_s = clock, clock.server_time, clock.skew_s
         if abs(clock.skew_s) > SKEW_WARNING.total_seconds():
