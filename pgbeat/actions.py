@@ -6,6 +6,8 @@ code of a failure comes from its error class.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,8 +35,7 @@ def selected_targets(settings: Settings, target: str | None) -> list[str]:
         settings.target(target)  # raises UnknownTargetError with the list of known targets
         return [target]
     if not settings.targets:
-        raise errors.ConfigError(["no target configured: set DB_NAME (and DB_HOST, ...) in .env, or list targets "
-                                  "in the file named by PGBEAT_CONFIG"])
+        raise errors.NoTargetsError
     return sorted(settings.targets)
 
 
@@ -199,3 +200,59 @@ def fetch_and_check(settings: Settings, url: str, folder: Path) -> Entry:
     entry = fetch(settings, url, folder)
     verify_backup(entry.path, settings)
     return entry
+
+
+def fetch_into(settings: Settings, url: str, folder: Path, identities: list | None = None) -> Entry:
+    """Download the copy at `url` with its sidecars, verify it (and with `identities` its plaintext), and
+    only then give it its names in `folder`; return the Entry there.
+
+    `folder` and its missing parents are created 0700. The copy is downloaded into a private staging
+    folder inside `folder` (the same file system, so the names appear by a rename), which goes however
+    this ends: a damaged, foreign or unreadable copy leaves nothing in `folder`, nor the folders this made.
+    Raise UsageError, before anything is downloaded, if `folder` already holds one of the copy's names.
+    """
+    from pgbeat.catalog.manifest import CHECKSUM_SUFFIX, MANIFEST_SUFFIX, Entry
+    from pgbeat.fsutil import DIR_MODE, publish, remove_path
+    from pgbeat.steps.verify import verify_backup
+    from pgbeat.storage.base import staging_name
+
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    names = [name + CHECKSUM_SUFFIX, name + MANIFEST_SUFFIX, name]  # the order they appear in: data last
+    taken = [n for n in names if (folder / n).exists() or (folder / n).is_symlink()]
+    if taken:
+        raise errors.UsageError(f"{folder} already holds {taken[-1]}: not overwritten",
+                                hint="fetch into another folder (--to), or move that file away first")
+    created = [f for f in (folder, *folder.parents) if not f.exists()]
+    staging = folder / staging_name(name)
+    try:
+        for made in reversed(created):  # new folders are private; an existing one keeps its mode
+            made.mkdir(mode=DIR_MODE)
+            os.chmod(made, DIR_MODE)
+        staging.mkdir(mode=DIR_MODE)
+        entry = fetch_and_check(settings, url, staging)
+        if identities and entry.manifest.encryption:
+            verify_backup(entry.path, settings, identities)
+        for n in names:
+            publish(staging / n, folder / n)
+    except BaseException:
+        remove_path(staging)
+        for made in created:  # innermost first; a folder something else wrote into meanwhile stays
+            with contextlib.suppress(OSError):
+                made.rmdir()
+        raise
+    remove_path(staging)
+    return Entry(path=folder / name, manifest=entry.manifest)
+
+
+def verify_location(settings: Settings, location: str, identities: list | None = None):
+    """Verify the backup at `location`: a file on this machine, or a copy at a destination (downloaded with
+    its sidecars into a scratch folder, checked as stored, removed afterwards). Return (its manifest, the
+    verify result); raise VerifyError (exit 3) if it does not match, NoSuchBackupError if it is not there."""
+    from pgbeat.pipeline.record import scratch_folder
+    from pgbeat.steps.verify import verify_backup
+
+    if "://" not in location:
+        return verify_backup(Path(location), settings, identities)
+    with scratch_folder(settings, "fetch") as folder:
+        entry = fetch_and_check(settings, location, folder)
+        return verify_backup(entry.path, settings, identities)

@@ -32,7 +32,6 @@ from pgbeat.actions import selected_targets
 from pgbeat.catalog.manifest import Manifest, list_backups
 from pgbeat.catalog.remote import destination_entries
 from pgbeat.clitypes import (
-    BackupFile,
     BackupLocation,
     BackupURL,
     CheckedText,
@@ -337,24 +336,23 @@ def drill_summary(settings: Settings, manifest: Manifest, zone: bool = True) -> 
 
 
 @main.command()
-@click.argument("file", type=BackupFile(), required=False)
+@click.argument("file", type=BackupLocation(), required=False)
 @click.option("--identity", type=IdentityFile(), help="Also decrypt and check an encrypted backup.")
 @click.option("--destination", type=DestinationName(),
               help="Check every copy at this destination against its manifest (a scrub).")
 @click.option("--deep", is_flag=True, help="With --destination: read each copy back and hash it.")
 def verify(file: str | None, identity: Path | None, destination: str | None, deep: bool) -> None:
-    """Verify FILE (decompression test, completeness, checksums against its manifest and .sha256), or
-    every copy at a destination."""
+    """Verify FILE or a copy at a destination (s3://, gs://, ssh://): decompression test, completeness,
+    checksums against its manifest and .sha256; or every copy at a destination."""
     from pgbeat.crypt import load_identities
-    from pgbeat.steps.verify import verify_backup
 
-    settings = settings_or_exit(writes=bool(destination or identity))
+    settings = settings_or_exit(writes=bool(destination or identity or "://" in (file or "")))
     if destination:
         sys.exit(scrub(settings, destination, deep))
     if not file:
         fail(errors.UsageError("Give a backup FILE or --destination NAME", hint="see pgbeat verify --help"))
     try:
-        manifest, result = verify_backup(Path(file), settings, load_identities(identity) if identity else None)
+        manifest, result = actions.verify_location(settings, file, load_identities(identity) if identity else None)
     except PgbeatError as exc:
         fail(exc)
     what = "complete dump" if result.get("complete") else "stored copy (encrypted; pass --identity to open it)"
@@ -638,15 +636,13 @@ def restore_on_worker(settings: Settings, entry, target: str, into: str | None, 
               help="Where to put the backup and its manifest and .sha256 (a folder; created if missing).")
 @click.option("--identity", type=IdentityFile(), help="Also decrypt-check an encrypted backup.")
 def fetch_cmd(url: str, folder: Path, identity: Path | None) -> None:
-    """Download a backup from a destination and verify it, without restoring it."""
+    """Download a backup from a destination and verify it, without restoring it: only a copy that
+    matches its manifest gets its names in the folder (a damaged one leaves nothing there)."""
     from pgbeat.crypt import load_identities
-    from pgbeat.steps.verify import verify_backup
 
-    settings = settings_or_exit()
+    settings = settings_or_exit(writes=bool(identity))  # its plaintext is checked in BACKUP_ROOT/.work
     try:
-        entry = actions.fetch_and_check(settings, url, folder)
-        if identity and entry.manifest.encryption:
-            verify_backup(entry.path, settings, load_identities(identity))
+        entry = actions.fetch_into(settings, url, folder, load_identities(identity) if identity else None)
     except PgbeatError as exc:
         fail(exc)
     out.print(f"Fetched and verified {entry.path} ({human_size(entry.manifest.size)})", markup=False)

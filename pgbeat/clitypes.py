@@ -242,7 +242,8 @@ class BackupURL(CheckedText):
 
 
 class BackupLocation(CheckedText):
-    """`restore`'s FILE: a backup file on this machine or a copy at a destination (s3://, gs://, ssh://)."""
+    """`restore`'s and `verify`'s FILE: a backup file on this machine or a copy at a destination (s3://,
+    gs://, ssh://); whether it is a backup is theirs to say, with its own exit code."""
 
     name = "backup file or address"
     max_length = PATH_MAX
@@ -252,12 +253,6 @@ class BackupLocation(CheckedText):
             return BackupURL().check(value)
         LocalPath().check(value)
         return value
-
-
-class BackupFile(LocalPath):
-    """A local backup file (`verify FILE`); whether it is one is verify's to say, with its own exit code."""
-
-    name = "backup file"
 
 
 class Listen(CheckedText):

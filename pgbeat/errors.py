@@ -90,6 +90,14 @@ class ConfigError(PgbeatError):
         self.errors = errors
 
 
+class NoTargetsError(ConfigError):
+    """No target is configured at all (a command that acts on targets has nothing to act on)."""
+
+    def __init__(self) -> None:
+        super().__init__(["no target configured: set DB_NAME (and DB_HOST, ...) in .env, or list targets in the "
+                          "file named by PGBEAT_CONFIG"])
+
+
 class UnknownTargetError(PgbeatError):
     exit_code = EXIT_CONFIG
 
@@ -98,6 +106,10 @@ class UsageError(PgbeatError):
     """The command line asks for something that cannot be done as given (a missing or conflicting argument)."""
 
     exit_code = EXIT_CONFIG
+
+
+class NoSuchBackupError(UsageError):
+    """The backup named on the command line is not there (a wrong path, not a damaged backup: exit 2)."""
 
 
 class UnreachableError(PgbeatError):

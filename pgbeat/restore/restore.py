@@ -44,7 +44,7 @@ from pgbeat.catalog.manifest import (
     newest,
     read_manifest,
 )
-from pgbeat.errors import EXIT_LOCKED, PgbeatError, UsageError, VerifyError
+from pgbeat.errors import EXIT_LOCKED, NoTargetsError, PgbeatError, UsageError, VerifyError
 from pgbeat.faults import fault_point
 from pgbeat.fsutil import CHUNK, hold_dir, private_dir, remove_path
 from pgbeat.notify import Event, send_event
@@ -162,8 +162,10 @@ def latest_backup(settings: Settings, target: str | None = None, tier: str | Non
     from pgbeat.postgres.clock import ask_server_time
 
     if target is None:
+        if not settings.targets:
+            raise NoTargetsError
         if len(settings.targets) != 1:
-            raise PgbeatError("--latest needs --target when several targets are configured",
+            raise UsageError("--latest needs --target when several targets are configured",
                               hint=f"targets: {', '.join(sorted(settings.targets))}")
         target = next(iter(settings.targets))
     config = settings.target(target)

@@ -34,7 +34,7 @@ from pgbeat.catalog.manifest import (
     manifest_path,
     write_manifest,
 )
-from pgbeat.errors import VerifyError
+from pgbeat.errors import NoSuchBackupError, VerifyError
 from pgbeat.fsutil import CHUNK, write_atomic
 from pgbeat.hashing import hash_file
 from pgbeat.pipeline.record import Run, StepContext, VerifyResult, scratch_folder
@@ -308,7 +308,7 @@ def open_backup(path: Path) -> Entry:
     damaged (its seal does not match)."""
     path = path.expanduser()
     if not path.exists():
-        raise VerifyError(f"{path}: no such file", hint="give the path of a backup, e.g. from `pgbeat list`")
+        raise NoSuchBackupError(f"{path}: no such file", hint="give the path of a backup, e.g. from `pgbeat list`")
     entry = find_backup(path.resolve())
     if entry is None:
         raise VerifyError(f"{path} is not a pgbeat backup: no manifest {manifest_path(path).name} next to it",

@@ -41,7 +41,7 @@ from pgbeat.catalog.manifest import (
     update_manifest,
     write_manifest,
 )
-from pgbeat.errors import PgbeatError, StorageError
+from pgbeat.errors import NoSuchBackupError, PgbeatError, StorageError, UsageError, VerifyError
 from pgbeat.pipeline.record import scratch_folder
 from pgbeat.settings import DestinationSpec, Settings, Target, TierPolicy
 from pgbeat.storage import Storage
@@ -347,7 +347,7 @@ def locate(settings: Settings, url: str) -> tuple[Target, DestinationSpec, str]:
     parsed = urlparse(url)
     scheme = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "ssh": "ssh"}.get(parsed.scheme)
     if scheme is None:
-        raise PgbeatError(f"{url}: not a backup address", hint="use s3://bucket/..., gs://bucket/... or "
+        raise UsageError(f"{url}: not a backup address", hint="use s3://bucket/..., gs://bucket/... or "
                                                                "ssh://user@host:port/path/...")
     for target in settings.targets.values():
         for spec in target.destinations:
@@ -365,7 +365,7 @@ def locate(settings: Settings, url: str) -> tuple[Target, DestinationSpec, str]:
             if parsed.hostname == spec.host and parsed.path.startswith(base) and (
                     parsed.port or 22) == (spec.port or 22):
                 return target, spec, parsed.path[len(base):]
-    raise PgbeatError(f"{url}: no configured destination holds this address",
+    raise UsageError(f"{url}: no configured destination holds this address",
                       hint="pgbeat fetches only from destinations in its configuration (for their credentials)")
 
 
@@ -383,11 +383,18 @@ def _fetch(storage: Storage, target: Target, url: str, key: str, folder: Path) -
     try:
         storage.get(key + MANIFEST_SUFFIX, manifest_file)
     except StorageError as exc:
-        raise StorageError(f"{url}: no pgbeat manifest next to it ({exc.message})",
-                           hint="only complete copies made by pgbeat can be fetched") from None
+        if storage.stat(key + MANIFEST_SUFFIX) is not None:
+            raise  # it is there, but could not be read: the storage's failure, not the copy's
+        if storage.stat(key) is None:
+            raise NoSuchBackupError(f"{url}: no such copy (neither it nor its manifest is there)",
+                                    hint="`pgbeat list --destination NAME` lists the copies there") from None
+        raise VerifyError(f"{url}: no pgbeat manifest next to it ({exc.message})",
+                          hint="only complete copies made by pgbeat can be fetched") from None
     manifest = read_manifest(manifest_file)
     if manifest is None or manifest.file != name or manifest.target != target.name:
-        raise StorageError(f"{url}: its manifest is not a pgbeat manifest of this backup")
+        # As for a local backup (steps.verify.open_backup): a damaged or foreign manifest fails verification.
+        raise VerifyError(f"{url}: its manifest is not a pgbeat manifest of this backup", step="verify",
+                          hint="do not restore from this copy; use another copy or backup")
     storage.get(key + CHECKSUM_SUFFIX, folder / (name + CHECKSUM_SUFFIX))
     storage.get(key, folder / name)
     return Entry(path=folder / name, manifest=manifest)

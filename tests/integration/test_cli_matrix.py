@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -38,6 +39,7 @@ from pgbeat.cli import main
 from pgbeat.clitypes import CheckedText, Seconds, shown
 from pgbeat.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_UNREACHABLE
 from tests.conftest import unique
+from tests.integration.test_offsite import s3_destination
 from tests.support import (
     VENV_BIN,
     RedisServer,
@@ -589,6 +591,54 @@ class Scene:
     db: str
     backup: Path
     pg: object
+    request: pytest.FixtureRequest  # for the servers only some scenarios need (moto's S3)
+
+    def copy_at_s3(self) -> tuple[str, str, str]:
+        """Give `erp` an S3 destination (moto) and copy the backup there; return (its URL, bucket, key)."""
+        moto = self.request.getfixturevalue("moto_s3")
+        bucket = moto.new_bucket()
+        self.service.config["targets"][0]["destinations"] = [s3_destination(moto, bucket)]
+        self.service.write_config()
+        copied = self.service.pgbeat("upload", "--retry", timeout=120)
+        assert copied.returncode == 0, copied.stdout + copied.stderr
+        key = f"pgbeat/daily/{self.backup.name}"
+        return f"s3://{bucket}/{key}", bucket, key
+
+    def damaged_copy_at_s3(self, damage: str) -> str:
+        """Copy the backup to S3, then damage the copy there (`damage`: a key of REMOTE_DAMAGE); return its URL."""
+        url, bucket, key = self.copy_at_s3()
+        client = self.request.getfixturevalue("moto_s3").client()
+        suffix, change = REMOTE_DAMAGE[damage]
+        if change is None:
+            client.delete_object(Bucket=bucket, Key=key + suffix)
+        else:
+            body = client.get_object(Bucket=bucket, Key=key + suffix)["Body"].read()
+            client.put_object(Bucket=bucket, Key=key + suffix, Body=change(body))
+        return url
+
+
+def flip_middle_byte(data: bytes) -> bytes:
+    changed = bytearray(data)
+    changed[len(changed) // 2] ^= 0xFF
+    return bytes(changed)
+
+
+def other_row_count(manifest: bytes) -> bytes:
+    """The manifest with another row count: valid JSON, but its seal no longer matches."""
+    data = json.loads(manifest)
+    data["tables"] = {table: rows + 1 for table, rows in data["tables"].items()}
+    return json.dumps(data).encode()
+
+
+# Damage done to a copy at a destination: (the object's suffix, how it is changed; None: removed).
+REMOTE_DAMAGE = {
+    "a flipped byte": ("", flip_middle_byte),
+    "a truncated file": ("", lambda data: data[: len(data) // 2]),
+    "a manifest that is not JSON": (".manifest.json", lambda data: data[:-7]),
+    "a manifest that does not match its seal": (".manifest.json", other_row_count),
+    "a damaged .sha256": (".sha256", lambda data: b"0" * 64 + data[64:]),
+    "no manifest": (".manifest.json", None),
+}
 
 
 @contextlib.contextmanager
@@ -671,14 +721,75 @@ def interrupted_while_waiting_for_the_lock(scene: Scene):
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def fetch_damaged(scene: Scene, damage: str):
+    """`pgbeat fetch` of a damaged copy into a folder it must create: nothing may be left there."""
+    url = scene.damaged_copy_at_s3(damage)
+    into = scene.service.base / "fetched" / "new"
+    result = scene.service.pgbeat("fetch", url, "--to", str(into), timeout=120)
+    assert not (scene.service.base / "fetched").exists(), sorted(scene.service.base.joinpath("fetched").rglob("*"))
+    return result
+
+
+def fetch_good(scene: Scene):
+    """`pgbeat fetch` of a good copy into folders it creates: 0700 folders, 0600 files, the same bytes."""
+    url, _bucket, _key = scene.copy_at_s3()
+    into = scene.service.base / "fetched" / "new"
+    result = scene.service.pgbeat("fetch", url, "--to", str(into), timeout=120)
+    assert sorted(p.name for p in into.iterdir()) == sorted(
+        p.name for p in scene.backup.parent.glob(f"{scene.backup.name}*")), list(into.iterdir())
+    for folder in (into, into.parent):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    for file in into.iterdir():
+        assert file.stat().st_mode & 0o777 == 0o600, file
+    assert (into / scene.backup.name).read_bytes() == scene.backup.read_bytes()
+    return result
+
+
+def fetch_over_a_file(scene: Scene):
+    """`pgbeat fetch` into a folder that already holds the backup's name: refused, the file untouched."""
+    url, _bucket, _key = scene.copy_at_s3()
+    into = scene.service.base / "fetched"
+    into.mkdir()
+    (into / scene.backup.name).write_bytes(b"mine")
+    result = scene.service.pgbeat("fetch", url, "--to", str(into), timeout=120)
+    assert [p.name for p in into.iterdir()] == [scene.backup.name]
+    assert (into / scene.backup.name).read_bytes() == b"mine"
+    return result
+
+
+def latest_of_several_targets(scene: Scene):
+    """`restore --latest` without --target when two targets are configured: which one is not ours to guess."""
+    scene.service.config["targets"].append({**scene.service.config["targets"][0], "name": "erp2"})
+    scene.service.write_config()
+    return scene.service.pgbeat("restore", "--latest", "--yes", timeout=60)
+
+
+def damaged_copy_scenarios(command: str) -> dict:
+    """One scenario per kind of damage of a copy at S3, for `command` (verify, restore or fetch)."""
+    run = {"verify": lambda s, d: s.service.pgbeat("verify", s.damaged_copy_at_s3(d), timeout=120),
+           "restore": lambda s, d: s.service.pgbeat("restore", s.damaged_copy_at_s3(d), "--into", f"{s.db}_r",
+                                                    "--yes", timeout=120),
+           "fetch": fetch_damaged}[command]
+    return {f"{command} a copy at S3 with {damage}": lambda s, d=damage: run(s, d) for damage in REMOTE_DAMAGE}
+
+
 EXIT_SCENARIOS = {
     0: {"backup": lambda s: s.service.pgbeat("backup", "daily", timeout=120),
-        "verify a good backup": lambda s: s.service.pgbeat("verify", str(s.backup), timeout=60)},
+        "verify a good backup": lambda s: s.service.pgbeat("verify", str(s.backup), timeout=60),
+        "verify a good copy at S3": lambda s: s.service.pgbeat("verify", s.copy_at_s3()[0], timeout=120),
+        "fetch a good copy into new folders": fetch_good},
     1: {"backup of a server that went away": backup_of_a_gone_server},
     2: {"a bad option value": lambda s: s.service.pgbeat("backup", "daily", "--timeout", "-5"),
         "restore into template1": lambda s: s.service.pgbeat("restore", "--latest", "--into", "template1", "--yes"),
-        "restore not confirmed": lambda s: s.service.pgbeat("restore", str(s.backup), input="", timeout=60)},
-    3: {"verify a damaged backup": verify_damaged},
+        "restore not confirmed": lambda s: s.service.pgbeat("restore", str(s.backup), input="", timeout=60),
+        "restore --latest of several targets without --target": latest_of_several_targets,
+        "verify a file that is not there": lambda s: s.service.pgbeat("verify", f"{s.backup}.gone", timeout=60),
+        "restore a file that is not there": lambda s: s.service.pgbeat("restore", f"{s.backup}.gone", "--yes"),
+        "restore a copy that is not at S3": lambda s: s.service.pgbeat("restore", s.copy_at_s3()[0] + ".gone",
+                                                                       "--yes", timeout=120),
+        "fetch into a folder that holds its name": fetch_over_a_file},
+    3: {"verify a damaged backup": verify_damaged, **damaged_copy_scenarios("verify"),
+        **damaged_copy_scenarios("restore"), **damaged_copy_scenarios("fetch")},
     4: {"backup while another run holds the target lock": backup_locked,
         "restore while another restore holds the database's lock": restore_locked},
     5: {"config check of an unreachable target": unreachable_target,
@@ -696,12 +807,14 @@ def test_every_documented_exit_code_has_a_scenario():
 
 
 @pytest.fixture
-def scene(workdir, pg, small):
+def scene(workdir, pg, small, request):
     service = Service(workdir, None, [pg.target("erp", small)], reliability={"retries": 0, "lock_wait": 0})
     made = service.pgbeat("backup", "daily", timeout=120)
     assert made.returncode == 0, made.stdout + made.stderr
     [backup] = service.backups()
-    return Scene(service, small, backup, pg)
+    scene = Scene(service, small, backup, pg, request)
+    yield scene
+    pg.dropdb(f"{small}_r")
 
 
 @pytest.mark.parametrize(("code", "name"), [(code, name) for code, cases in EXIT_SCENARIOS.items() for name in cases])

@@ -228,7 +228,7 @@ def test_bad_input_is_refused_clearly(workdir, pg, erp):
     service = service_for(workdir, pg, erp)
     stray = workdir / "stray.sql.gz"
     stray.write_bytes(gzip.compress(b"SELECT 1;"))
-    cases = [([str(workdir / "missing.sql.gz")], 3, "no such file"), ([str(stray)], 3, "not a pgbeat backup"),
+    cases = [([str(workdir / "missing.sql.gz")], 2, "no such file"), ([str(stray)], 3, "not a pgbeat backup"),
              (["--latest", "--target", "nope"], 2, "Unknown target 'nope'"), (["--latest"], 1, "No verified backup")]
     for args, code, text in cases:
         result = service.pgbeat("restore", *args, "--yes")
