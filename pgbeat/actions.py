@@ -95,7 +95,7 @@ def send_backups(settings: Settings, names: list[str], tier: str) -> dict[str, s
     Raise UnreachableError if the broker does not answer (then nothing is sent)."""
     from pgbeat.coordination.dispatch import require_broker, send_task, task_label
 
-    require_broker(settings)
+    require_broker(settings, f"`pgbeat backup {tier} --local` backs up in this process, without it")
     runs = {}
     for name in names:
         run_id = uuid.uuid4().hex

@@ -171,16 +171,22 @@ def print_event(run: Run, step: str, state: str) -> None:
 @click.option("--no-wait", is_flag=True, help="With a broker: enqueue and return at once.")
 @click.option("--timeout", type=Seconds(), default=6 * 3600, show_default=True,
               help="With a broker: seconds to wait for the chain to finish.")
-def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float) -> None:
+@click.option("--local", is_flag=True, help="Run the chain in this process even when a broker is configured "
+                                            "(the way out when Redis or the workers are down).")
+def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float, local: bool) -> None:
     """Back up TIER (daily, weekly or monthly) now.
 
-    With no broker configured the chain runs in this process; with one, it is sent to the workers and
-    this command follows its steps.
+    With no broker configured (or with --local) the chain runs in this process; with one, it is sent to
+    the workers and this command follows its steps.
     """
     settings = settings_or_exit()
-    require_backup_root(settings, writes=settings.embedded)  # with a broker, the workers write
+    here = local or settings.embedded
+    if here and no_wait:
+        fail(errors.UsageError("--no-wait is for a backup sent to the workers; in this process it runs to its end",
+                               hint="leave out --no-wait (or --local)"))
+    require_backup_root(settings, writes=here)  # through the broker, the workers write
     names = selected_targets(settings, target_name)
-    if settings.embedded:
+    if here:
         sys.exit(backup_inprocess(settings, names, tier))
     sys.exit(backup_through_broker(settings, names, tier, no_wait, timeout))
 
@@ -531,7 +537,7 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
         if on_worker and not settings.embedded:
             from pgbeat.coordination.dispatch import require_broker
 
-            require_broker(settings)
+            require_broker(settings, "`pgbeat restore` without --on-worker restores in this process, without it")
         if file and "://" in file:
             entry = actions.fetch_and_check(settings, file, scratch.enter_context(scratch_folder(settings, "fetch")))
         else:

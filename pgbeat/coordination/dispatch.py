@@ -19,6 +19,15 @@ if TYPE_CHECKING:
 DEFAULT_QUEUE = "pgbeat"
 
 
+def broker_address(settings: Settings) -> str:
+    """Where the broker is (host:port, or a socket's path), without the credentials its URL may carry."""
+    from urllib.parse import urlsplit
+
+    assert settings.broker_url is not None
+    parts = urlsplit(settings.broker_url.get_secret_value())
+    return parts.netloc.rpartition("@")[2] or parts.path
+
+
 def broker_problem(settings: Settings) -> str | None:
     """Ping the broker once, without redis-py's retries, so that a broker that is down is said at once;
     return the problem, or None."""
@@ -32,15 +41,16 @@ def broker_problem(settings: Settings) -> str | None:
                                   socket_timeout=5, retry=Retry(NoBackoff(), 0)) as client:
             client.ping()
     except redis.RedisError as exc:
-        return f"cannot reach Redis: {type(exc).__name__}"
+        return f"cannot reach Redis at {broker_address(settings)} ({type(exc).__name__})"
     return None
 
 
-def require_broker(settings: Settings) -> None:
-    """Raise UnreachableError (exit 5) unless the broker answers, before anything is sent to it."""
+def require_broker(settings: Settings, way_out: str) -> None:
+    """Raise UnreachableError (exit 5) unless the broker answers, before anything is sent to it. Its one
+    line says that nothing was sent and `way_out`: what the user can do without the broker."""
     problem = broker_problem(settings)
     if problem is not None:
-        raise UnreachableError(f"The broker: {problem}", hint="start Redis, or check CELERY_BROKER_URL / broker_url")
+        raise UnreachableError(f"The broker: {problem}; nothing was sent. {way_out}")
 
 
 def host_queue(node: str) -> str:

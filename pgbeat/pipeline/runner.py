@@ -173,12 +173,17 @@ def discard_work(settings: Settings, run: Run) -> None:
             remove_path(run.work())
 
 
-def fail_run(ctx: StepContext, run: Run, step: str, exc: BaseException) -> Run:
-    """Mark `run` failed at `step`, remove its temporary files, and write the failure to its log."""
+def fail_run(ctx: StepContext, run: Run, step: str, exc: BaseException, *, shown: bool = False) -> Run:
+    """Mark `run` failed at `step`, remove its temporary files, and write the failure to its log.
+
+    `shown`: the caller prints the failure itself (the CLI's in-process backup), so the log has it at
+    INFO only; printed twice on a terminal, one failure would read as two.
+    """
     run.status = "failed"
     run.failure = failure_info(exc, step, ctx.settings)
     discard_work(ctx.settings, run)
-    log.error("run %s of %s/%s failed at %s: %s", run.run_id, run.target, run.tier, step, run.failure.message)
+    log.log(logging.INFO if shown else logging.ERROR, "run %s of %s/%s failed at %s: %s", run.run_id, run.target,
+            run.tier, step, run.failure.message)
     return run
 
 
@@ -249,17 +254,18 @@ def run_inprocess(settings: Settings, target_name: str, tier: str, *,
     emit = on_event or (lambda *_: None)
     # The work folder is held from its creation to the end: between two steps too, nothing may sweep it.
     with hold_dir(run.work(), create=True):
-        return _run_chain(ctx, run, plan, emit, sleep)
+        return _run_chain(ctx, run, plan, emit, sleep, shown=on_event is not None)
 
 
-def _run_chain(ctx: StepContext, run: Run, plan: Plan, emit, sleep) -> Run:
+def _run_chain(ctx: StepContext, run: Run, plan: Plan, emit, sleep, *, shown: bool) -> Run:
     for row in plan.main_steps:
         emit(run, row.name, "started")
         try:
             run = run_step(ctx, run, row, plan, sleep=sleep)
         except BaseException as exc:
-            run = fail_run(ctx, run, row.name, exc)
-            emit(run, row.name, "failed")
+            run = fail_run(ctx, run, row.name, exc, shown=shown)
+            if isinstance(exc, Exception):  # an interruption is said once, by whoever catches it below
+                emit(run, row.name, "failed")
             for final in plan.final_steps:
                 run_step(ctx, run, final, plan, sleep=sleep)
             if not isinstance(exc, Exception):
