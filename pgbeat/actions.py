@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -90,12 +91,25 @@ def backup_here(settings: Settings, names: list[str], tier: str, *,
     return done
 
 
-def send_backups(settings: Settings, names: list[str], tier: str) -> dict[str, str]:
+def no_worker(tier: str, what: str) -> errors.NoWorkerError:
+    """The error of a backup through the broker that no live worker would take: `what` became of it."""
+    from pgbeat.coordination.dispatch import DEFAULT_QUEUE
+
+    return errors.NoWorkerError(
+        f"No live worker consumes queue {DEFAULT_QUEUE} (none has a heartbeat in Redis that names it, none "
+        f"answered): {what}. Start one (celery -A workers.app worker), or `pgbeat backup {tier} --local` backs up "
+        "in this process")
+
+
+def send_backups(settings: Settings, names: list[str], tier: str, *, need_worker: bool = True) -> dict[str, str]:
     """Send `tasks.backup` of `tier` for each named target to the workers; return {run id: target}.
-    Raise UnreachableError if the broker does not answer (then nothing is sent)."""
-    from pgbeat.coordination.dispatch import require_broker, send_task, task_label
+    Raise UnreachableError if the broker does not answer, and (`need_worker`) NoWorkerError if no live
+    worker consumes the queue tasks.backup goes to; then nothing is sent."""
+    from pgbeat.coordination.dispatch import DEFAULT_QUEUE, queue_consumers, require_broker, send_task, task_label
 
     require_broker(settings, f"`pgbeat backup {tier} --local` backs up in this process, without it")
+    if need_worker and not queue_consumers(settings, DEFAULT_QUEUE):
+        raise no_worker(tier, "nothing was sent")
     runs = {}
     for name in names:
         run_id = uuid.uuid4().hex
@@ -107,16 +121,32 @@ def send_backups(settings: Settings, names: list[str], tier: str) -> dict[str, s
     return runs
 
 
-def follow_backups(settings: Settings, run_ids: list[str], timeout: float, *,
+# How often a followed backup that no worker has taken yet checks that one still could.
+NO_WORKER_CHECK_EVERY = 2.0
+
+
+def follow_backups(settings: Settings, run_ids: list[str], tier: str, timeout: float, *,
                    show: Callable[[str, str], None] = lambda run_id, line: None,
                    on_end: Callable[[RunEnd], None] = lambda end: None) -> dict[str, RunEnd]:
     """Follow the backup runs `run_ids` on the workers until each ends or `timeout` seconds pass (those
-    go on); return how each ended."""
+    go on); return how each ended. Raise NoWorkerError when a run that no worker has taken yet waits in
+    a queue that no live worker consumes any more (it stays queued)."""
     from pgbeat.coordination import redis_client
+    from pgbeat.coordination.dispatch import DEFAULT_QUEUE, queue_consumers
     from pgbeat.coordination.follow import follow_runs
     from pgbeat.coordination.runs import RunState
 
-    return follow_runs(RunState(redis_client(settings)), run_ids, timeout, show=show, on_end=on_end)
+    last_check = time.monotonic()  # send_backups has just checked
+
+    def watch(run_id: str, fields: dict[str, str]) -> None:
+        nonlocal last_check
+        if fields.get("status") is not None or time.monotonic() - last_check < NO_WORKER_CHECK_EVERY:
+            return  # a worker took it (the reconciler looks after its host), or checked a moment ago
+        last_check = time.monotonic()
+        if not queue_consumers(settings, DEFAULT_QUEUE):
+            raise no_worker(tier, f"run {run_id} stays queued there, and starts when a worker does")
+
+    return follow_runs(RunState(redis_client(settings)), run_ids, timeout, show=show, on_end=on_end, watch=watch)
 
 
 def backups_exit_code(ends: list[RunEnd]) -> int:

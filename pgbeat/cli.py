@@ -87,7 +87,7 @@ def require_backup_root(settings: Settings, writes: bool) -> None:
 
 
 def fail(exc: PgbeatError) -> None:
-    err.print(exc.render(), markup=False)
+    err.print(exc.render(), markup=False, soft_wrap=True)  # one line stays one line in a log or a pipe
     sys.exit(exc.exit_code)
 
 
@@ -229,12 +229,12 @@ def report_end(names: dict[str, str], end) -> None:
 
 def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wait: bool, timeout: float) -> int:
     """Send the chains to the workers and follow them (unless `no_wait`); return the exit code."""
-    runs = actions.send_backups(settings, names, tier)
+    runs = actions.send_backups(settings, names, tier, need_worker=not no_wait)
     for run_id, name in runs.items():
         out.print(f"{name}: {tier} backup queued as run {run_id}")
     if no_wait:
         return errors.EXIT_OK
-    ends = actions.follow_backups(settings, list(runs), timeout,
+    ends = actions.follow_backups(settings, list(runs), tier, timeout,
                                   show=lambda run_id, line: out.print(f"  {runs[run_id]}: {line}", markup=False),
                                   on_end=lambda end: report_end(runs, end))
     late = [end for end in ends.values() if end.timed_out]
@@ -766,12 +766,14 @@ def status(as_json: bool) -> None:
         if report.runs.get(kind):
             out.print(f"{kind}: " + ", ".join(f"{r['target']}/{r['tier']} ({r['run_id'][:8]})"
                                                for r in report.runs[kind]), markup=False)
+    for queue, waiting in sorted(report.runs.get("queue_lengths", {}).items()):
+        out.print(f"queue {queue}: {waiting} message(s) waiting for a worker", markup=False)
 
 
 def run_overview(settings: Settings) -> dict:
     """Queued, running and stuck runs from Redis (empty when the broker cannot be reached)."""
     from pgbeat.coordination import redis_client
-    from pgbeat.coordination.dispatch import broker_problem
+    from pgbeat.coordination.dispatch import broker_problem, queued_messages
     from pgbeat.coordination.runs import NodeRegistry, RunState
 
     problem = broker_problem(settings)
@@ -780,7 +782,9 @@ def run_overview(settings: Settings) -> dict:
         return {}
     try:
         client = redis_client(settings)
-        return RunState(client).overview(settings.reliability.lock_ttl, NodeRegistry(client).alive_nodes())
+        messages, lengths = queued_messages(settings)
+        return RunState(client).overview(settings.reliability.lock_ttl, NodeRegistry(client).alive_nodes(),
+                                         messages, lengths)
     except Exception as exc:  # status must still show the shelf when Redis is down
         err.print(f"cannot read run states from the broker: {type(exc).__name__}", markup=False)
         return {}

@@ -118,6 +118,10 @@ class UnreachableError(PgbeatError):
     exit_code = EXIT_UNREACHABLE
 
 
+class NoWorkerError(UnreachableError):
+    """No live worker consumes the queue a task is (or would be) waiting in."""
+
+
 class DumpError(PgbeatError):
     """pg_dump failed; `details` holds the last lines of its stderr."""
 

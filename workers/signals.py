@@ -49,16 +49,23 @@ def announce_and_clean(sender, **kwargs):
     process holds and no active run needs), then start this worker's heartbeat."""
     settings = get_settings()
     recover_host(settings, "worker")
-    worker = sender.hostname
-    threading.Thread(target=_heartbeat, args=(settings.node, worker), name="pgbeat-heartbeat", daemon=True).start()
+    threading.Thread(target=_heartbeat, args=(settings.node, sender), name="pgbeat-heartbeat", daemon=True).start()
 
 
-def _heartbeat(node: str, worker: str) -> None:
-    """Tell the reconciler this host has a live worker (a host without one has its runs re-dispatched)."""
+def consumed_queues(consumer) -> list[str] | None:
+    """The queues the worker's consumer reads now (`-Q`, the host queue, any added by `add_consumer`), or
+    None while it has no task consumer (reconnecting)."""
+    task_consumer = getattr(consumer, "task_consumer", None)
+    return None if task_consumer is None else [queue.name for queue in task_consumer.queues]
+
+
+def _heartbeat(node: str, consumer) -> None:
+    """Tell the reconciler this host has a live worker (a host without one has its runs re-dispatched),
+    and the CLI which queues it consumes (a backup sent where no live worker reads is said at once)."""
     registry = NodeRegistry(redis_client(get_settings()))
     while not _stop_heartbeat.is_set():
         try:
-            registry.beat(node, worker, ttl=3 * HEARTBEAT_EVERY)
+            registry.beat(node, consumer.hostname, ttl=3 * HEARTBEAT_EVERY, queues=consumed_queues(consumer))
         except RedisError as exc:
             log.warning("heartbeat to Redis failed: %s", exc)
         _stop_heartbeat.wait(HEARTBEAT_EVERY)

@@ -7,6 +7,10 @@ inside the functions that send, so the core (and `pgbeat --help`) never loads it
 
 from __future__ import annotations
 
+import base64
+import json
+import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pgbeat.errors import UnreachableError
@@ -51,6 +55,20 @@ def require_broker(settings: Settings, way_out: str) -> None:
     problem = broker_problem(settings)
     if problem is not None:
         raise UnreachableError(f"The broker: {problem}; nothing was sent. {way_out}")
+
+
+def queue_consumers(settings: Settings, queue: str) -> list[str]:
+    """The live workers that consume `queue`: from the workers' heartbeats in Redis (one read), else from
+    the workers themselves, asked with a one-second broadcast (a worker that started a moment ago and has
+    not beaten yet, a busy one whose heartbeat is late)."""
+    from pgbeat.coordination import redis_client
+    from pgbeat.coordination.runs import NodeRegistry
+
+    found = NodeRegistry(redis_client(settings)).consumers_of(queue)
+    if found:
+        return found
+    replies = client_app(settings).control.inspect(timeout=1.0).active_queues() or {}
+    return [worker for worker, queues in replies.items() if any(q.get("name") == queue for q in queues or [])]
 
 
 def host_queue(node: str) -> str:
@@ -134,3 +152,73 @@ def task_failure(settings: Settings, task_id: str) -> BaseException | None:
 def terminate_task(settings: Settings, task_id: str, signal: str = "SIGTERM") -> None:
     """Ask the worker running `task_id` to send its process `signal` (a task not yet started is dropped)."""
     client_app(settings).control.revoke(task_id, terminate=True, signal=signal)
+
+
+# --- what waits in the queues ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A task message waiting in one of the queues' Redis lists: sent, and taken by no worker yet."""
+
+    queue: str
+    task: str
+    task_id: str
+    run_id: str | None  # the run it belongs to: the task's own id, or the id in a chain step's record
+    target: str | None
+    tier: str | None
+    priority: int
+
+
+# Where the tasks that are not chain steps name their target and tier among their args (a chain step's
+# first arg is its run's record, which names both).
+TASK_ARGS = {"tasks.backup": {"target": 0, "tier": 1}, "tasks.drill": {"target": 0}, "tasks.restore": {"target": 1}}
+
+
+def queue_of_list(key: str, settings: Settings) -> tuple[str, int] | None:
+    """Given a Redis key, return (the queue, the priority) whose list it is, or None for any other key.
+    With the shared transport options a queue is one list per priority: `pgbeat` (priority 0), `pgbeat:6`..."""
+    sep = re.escape(transport_options(settings)["sep"])
+    found = re.fullmatch(rf"({re.escape(DEFAULT_QUEUE)}|{re.escape(host_queue(''))}[^:]+)(?:{sep}(\d))?", key)
+    return None if found is None else (found.group(1), int(found.group(2) or 0))
+
+
+def read_message(raw: bytes, queue: str, priority: int) -> QueuedMessage:
+    """Given a message as kombu keeps it in a Redis list (JSON: Celery's headers, a base64 body), return
+    what it is; a message that cannot be read is still counted, as task '?'."""
+    try:
+        message = json.loads(raw)
+        headers = message.get("headers") or {}
+        body = message.get("body", "")
+        if (message.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0] if headers.get("task") else []
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return QueuedMessage(queue, "?", "?", None, None, None, priority)
+    task, task_id = str(headers.get("task")), str(headers.get("id"))
+    if args and isinstance(args[0], dict):  # a chain step: its run's record
+        record = args[0]
+        return QueuedMessage(queue, task, task_id, record.get("run_id"), record.get("target"), record.get("tier"),
+                             priority)
+    where = TASK_ARGS.get(task, {})
+    named = {what: str(args[i]) if i < len(args) else None for what, i in where.items()}
+    return QueuedMessage(queue, task, task_id, task_id, named.get("target"), named.get("tier"), priority)
+
+
+def queued_messages(settings: Settings, limit: int = 1000) -> tuple[list[QueuedMessage], dict[str, int]]:
+    """Return the task messages waiting in the queues' lists in Redis, oldest first (at most `limit` per
+    list), and how many wait per queue (all of them)."""
+    from pgbeat.coordination import redis_client
+
+    client = redis_client(settings)
+    messages: list[QueuedMessage] = []
+    counts: dict[str, int] = {}
+    for key in sorted(k.decode() for k in client.scan_iter(match=f"{DEFAULT_QUEUE}*", count=500, _type="list")):
+        where = queue_of_list(key, settings)
+        if where is None:
+            continue
+        queue, priority = where
+        counts[queue] = counts.get(queue, 0) + client.llen(key)
+        # kombu pushes on the left and takes from the right: the oldest message is the last.
+        messages += [read_message(raw, queue, priority) for raw in reversed(client.lrange(key, -limit, -1))]
+    return messages, counts

@@ -10,32 +10,57 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from pgbeat.coordination import PREFIX, RUN_TTL
+from pgbeat.coordination.dispatch import host_queue
+
+if TYPE_CHECKING:
+    from pgbeat.coordination.dispatch import QueuedMessage
 
 
 class NodeRegistry:
-    """Which worker hosts are alive: each worker refreshes its entry every few seconds."""
+    """Which worker hosts are alive, and which queues each worker consumes: each worker refreshes its entry
+    every few seconds (`KEY`: `node|worker` scored by when it expires; `QUEUES`: its queues, as JSON)."""
 
     KEY = f"{PREFIX}:workers"
+    QUEUES = f"{PREFIX}:workers:queues"
+    FORGET_AFTER = 86400  # an entry not refreshed for a day is removed
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
 
-    def beat(self, node: str, worker: str, ttl: float) -> None:
+    def beat(self, node: str, worker: str, ttl: float, queues: list[str] | None = None) -> None:
+        member, now = f"{node}|{worker}", time.time()
+        forgotten = self.client.zrangebyscore(self.KEY, "-inf", now - self.FORGET_AFTER)
         pipe = self.client.pipeline()
-        pipe.zadd(self.KEY, {f"{node}|{worker}": time.time() + ttl})
-        pipe.zremrangebyscore(self.KEY, "-inf", time.time() - 86400)
+        pipe.zadd(self.KEY, {member: now + ttl})
+        if queues is not None:
+            pipe.hset(self.QUEUES, member, json.dumps(sorted(queues)))
+        if forgotten:
+            pipe.zrem(self.KEY, *forgotten)
+            pipe.hdel(self.QUEUES, *forgotten)
         pipe.execute()
 
     def leave(self, node: str, worker: str) -> None:
-        self.client.zrem(self.KEY, f"{node}|{worker}")
+        pipe = self.client.pipeline()
+        pipe.zrem(self.KEY, f"{node}|{worker}")
+        pipe.hdel(self.QUEUES, f"{node}|{worker}")
+        pipe.execute()
 
     def alive_nodes(self) -> set[str]:
         return {m.decode().split("|", 1)[0] for m in self.client.zrangebyscore(self.KEY, time.time(), "+inf")}
+
+    def consumers_of(self, queue: str) -> list[str]:
+        """The live workers (`node|worker`) that consume `queue`. A live worker that did not say which
+        queues it consumes (an older pgbeat) counts: it may."""
+        members = [m.decode() for m in self.client.zrangebyscore(self.KEY, time.time(), "+inf")]
+        queues = self.client.hmget(self.QUEUES, members) if members else []
+        return [member for member, raw in zip(members, queues, strict=True)
+                if raw is None or queue in json.loads(raw)]
 
 
 class RunState:
@@ -108,10 +133,14 @@ class RunState:
                 runs.append({"run_id": name.split(":", 2)[2], **fields})
         return runs
 
-    def overview(self, heartbeat_ttl: int, alive_nodes: set[str] | None = None) -> dict[str, Any]:
+    def overview(self, heartbeat_ttl: int, alive_nodes: set[str] | None = None,
+                 messages: Iterable[QueuedMessage] = (), queue_lengths: dict[str, int] | None = None) -> dict[str, Any]:
         """Runs that are queued, running, or stuck (silent for longer than 3 heartbeats, or on a dead host),
-        and per host queue the age of its oldest queued run."""
-        groups: dict[str, Any] = {"queued": [], "running": [], "stuck": [], "queue_ages": {}}
+        and per host queue the age of its oldest queued run. `messages` (pgbeat.coordination.dispatch.
+        queued_messages) adds what waits in the queues without a run state yet (a `tasks.backup` no worker
+        took), and `queue_lengths` how many messages wait per queue."""
+        groups: dict[str, Any] = {"queued": [], "running": [], "stuck": [], "queue_ages": {},
+                                  "queue_lengths": dict(queue_lengths or {})}
         now = time.time()
         for fields in self.active_runs():
             info = {k: fields.get(k, "?") for k in ("run_id", "target", "tier", "node", "step", "status")}
@@ -119,11 +148,21 @@ class RunState:
             dead_host = alive_nodes is not None and fields.get("node") not in alive_nodes
             if fields["status"] in ("claimed", "queued"):
                 groups["stuck" if dead_host else "queued"].append(info)
-                queue = f"pgbeat.host.{fields.get('node', '?')}"
+                queue = host_queue(fields.get("node", "?"))
                 groups["queue_ages"][queue] = max(groups["queue_ages"].get(queue, 0.0), silent)
             else:
                 stuck = dead_host or silent > 3 * max(heartbeat_ttl, 60)
                 groups["stuck" if stuck else "running"].append(info)
+        known = {info["run_id"] for kind in ("queued", "running", "stuck") for info in groups[kind]}
+        for message in messages:
+            run_id = message.run_id or message.task_id
+            if run_id in known:
+                continue  # its run state says more
+            known.add(run_id)
+            node = message.queue.removeprefix(host_queue("")) if message.queue.startswith(host_queue("")) else "-"
+            groups["queued"].append({"run_id": run_id, "target": message.target or "?", "tier": message.tier or "?",
+                                     "node": node, "step": message.task.removeprefix("tasks."), "status": "queued",
+                                     "queue": message.queue})
         return groups
 
     def set_latest(self, target: str, node: str) -> None:

@@ -44,6 +44,7 @@ from tests.support import (
     VENV_BIN,
     RedisServer,
     Service,
+    Worker,
     clear_pgbeat_env,
     free_port,
     pg_dump_processes,
@@ -461,6 +462,13 @@ def follow(service: Service, argv: list[str], until) -> subprocess.Popen:
     return proc
 
 
+def busy_worker(redis: RedisServer, service: Service, ttl: float = 600, queues: list[str] | None = None) -> None:
+    """Give `service`'s host a worker that is alive (its heartbeat is in Redis) but never takes a task."""
+    from pgbeat.coordination.runs import NodeRegistry
+
+    NodeRegistry(redis.client).beat(service.config["node"], "busy@worker", ttl=ttl, queues=queues)
+
+
 def queued(redis: RedisServer):
     """True once a message waits in one of Redis' lists (the queue of a run nobody works on)."""
     return lambda: any(redis.client.type(key) == b"list" for key in redis.client.keys("*"))
@@ -474,12 +482,9 @@ def test_a_broker_that_goes_away_while_the_cli_follows_is_one_line_and_exit_5(wo
         service = Service(workdir, redis.url, [pg.target("erp", world.db)], node=f"gone-{unique('n')}")
         argv = ["backup", "daily"] if how == "backup through the broker" else [
             "restore", str(world.backup), "--yes", "--on-worker"]
-        if how == "restore --on-worker":
-            # A worker of that host is alive but busy (its heartbeat is there): the restore is sent and
-            # waits in its queue (with no live worker the CLI refuses to send it at all).
-            from pgbeat.coordination.runs import NodeRegistry
-
-            NodeRegistry(redis.client).beat(service.config["node"], "busy@worker", ttl=600)
+        # A worker of that host is alive but busy (its heartbeat is there): the run is sent and waits in
+        # its queue (with no live worker the CLI refuses to send it at all).
+        busy_worker(redis, service)
         proc = follow(service, argv, queued(redis))
         redis.stop()
         out, err = proc.communicate(timeout=60)
@@ -518,10 +523,86 @@ def test_a_broker_that_is_down_before_anything_is_sent(workdir, pg, small, monke
     assert code == EXIT_UNREACHABLE and "The broker" in err and "Traceback" not in err, err
 
 
+def queue_lists(redis: RedisServer) -> dict[str, int]:
+    """Every Redis list that holds task messages (kombu's queues: not pgbeat's progress lists), with its length."""
+    return {key.decode(): redis.client.llen(key) for key in redis.client.keys("*")
+            if redis.client.type(key) == b"list" and not key.endswith(b":progress")}
+
+
+def test_a_backup_that_no_worker_would_take_is_said_at_once_and_status_shows_what_waits(workdir, pg, small):
+    redis = RedisServer(workdir)  # its own: no worker of another test may take what is queued here
+    try:
+        targets = [pg.target(name, small) for name in ("erp", "crm", "hr")]
+        service = Service(workdir, redis.url, targets, node=f"idle-{unique('n')}")
+        started = time.monotonic()
+        result = service.pgbeat("backup", "daily", "--target", "erp")
+        assert time.monotonic() - started < 10, "said within seconds, not after the 6 h timeout"
+        assert result.returncode == EXIT_UNREACHABLE and no_internals(result.stdout + result.stderr), result.stderr
+        [line] = [line for line in result.stderr.splitlines() if line.strip()]
+        assert "No live worker consumes queue pgbeat" in line and "nothing was sent" in line, line
+        assert "`pgbeat backup daily --local`" in line, line
+        assert queue_lists(redis) == {}
+
+        # Sent anyway (--no-wait): status shows the three messages that really wait in Redis.
+        sent = service.pgbeat("backup", "daily", "--no-wait")
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        runs = dict(re.findall(r"^(\w+): daily backup queued as run (\w+)$", sent.stdout, re.M))
+        assert set(runs) == {"erp", "crm", "hr"}
+        assert queue_lists(redis) == {"pgbeat": 3}
+        status = service.pgbeat("status", "--json")
+        assert status.returncode == 0, status.stderr
+        overview = json.loads(status.stdout)["runs"]
+        assert {(r["target"], r["tier"], r["run_id"], r["queue"]) for r in overview["queued"]} == {
+            (name, "daily", run_id, "pgbeat") for name, run_id in runs.items()}
+        assert overview["queue_lengths"] == {"pgbeat": 3}
+        text = service.pgbeat("status").stdout
+        assert "queue pgbeat: 3 message(s) waiting" in text and f"erp/daily ({runs['erp'][:8]})" in text, text
+    finally:
+        redis.stop()
+
+
+def test_a_followed_backup_whose_last_worker_goes_is_said_and_stays_queued(workdir, pg, small):
+    redis = RedisServer(workdir)
+    try:
+        service = Service(workdir, redis.url, [pg.target("erp", small)], node=f"going-{unique('n')}")
+        busy_worker(redis, service, ttl=3, queues=["pgbeat"])  # its heartbeat runs out 3 s from now
+        started = time.monotonic()
+        result = service.pgbeat("backup", "daily", timeout=60)
+        assert result.returncode == EXIT_UNREACHABLE and no_internals(result.stdout + result.stderr), result.stderr
+        assert time.monotonic() - started < 15
+        [line] = [line for line in result.stderr.splitlines() if line.strip()]
+        run_id = result.stdout.split("queued as run ")[1].split()[0]
+        assert f"run {run_id} stays queued there" in line, line
+        assert queue_lists(redis) == {"pgbeat": 1}
+    finally:
+        redis.stop()
+
+
+def test_a_worker_of_another_queue_does_not_count_and_a_live_one_without_a_heartbeat_does(workdir, pg, small):
+    """Which queue a worker consumes is what counts; and a worker whose heartbeat is missing from Redis
+    (lost, or not yet written) is found by asking the workers themselves."""
+    redis = RedisServer(workdir)
+    try:
+        service = Service(workdir, redis.url, [pg.target("erp", small)], node=f"q-{unique('n')}")
+        busy_worker(redis, service, queues=["pgbeat.host.elsewhere"])
+        assert service.pgbeat("backup", "daily").returncode == EXIT_UNREACHABLE
+        redis.client.delete("pgbeat:workers", "pgbeat:workers:queues")
+        worker = Worker(service)
+        try:
+            redis.client.delete("pgbeat:workers", "pgbeat:workers:queues")  # as if its heartbeat were lost
+            result = service.pgbeat("backup", "daily", timeout=120)
+        finally:
+            worker.stop()
+        assert result.returncode == 0 and "succeeded" in result.stdout, result.stdout + result.stderr
+    finally:
+        redis.stop()
+
+
 def test_ctrl_c_while_following_a_run_is_one_line(workdir, pg, small):
     redis = RedisServer(workdir)  # its own: the queued run must not reach another test's worker
     try:
         service = Service(workdir, redis.url, [pg.target("erp", small)], node=f"intr-{unique('n')}")
+        busy_worker(redis, service)
         proc = follow(service, ["backup", "daily"], queued(redis))
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
@@ -724,6 +805,20 @@ def broker_down(scene: Scene):
     return scene.service.pgbeat("backup", "daily", timeout=60)
 
 
+def backup_local_with_the_broker_down(scene: Scene):
+    scene.service.redis_url = f"redis://127.0.0.1:{free_port()}/0"
+    return scene.service.pgbeat("backup", "daily", "--local", timeout=120)
+
+
+def backup_with_no_worker(scene: Scene):
+    redis = RedisServer(scene.service.base)  # its own: no other test's worker is alive there
+    try:
+        scene.service.redis_url = redis.url
+        return scene.service.pgbeat("backup", "daily", timeout=60)
+    finally:
+        redis.stop()
+
+
 def backup_of_a_gone_server(scene: Scene):
     scene.service.config["targets"][0]["port"] = free_port()
     scene.service.write_config()
@@ -802,7 +897,8 @@ EXIT_SCENARIOS = {
     0: {"backup": lambda s: s.service.pgbeat("backup", "daily", timeout=120),
         "verify a good backup": lambda s: s.service.pgbeat("verify", str(s.backup), timeout=60),
         "verify a good copy at S3": lambda s: s.service.pgbeat("verify", s.copy_at_s3()[0], timeout=120),
-        "fetch a good copy into new folders": fetch_good},
+        "fetch a good copy into new folders": fetch_good,
+        "backup --local with the broker down": backup_local_with_the_broker_down},
     1: {"backup of a server that went away": backup_of_a_gone_server},
     2: {"a bad option value": lambda s: s.service.pgbeat("backup", "daily", "--timeout", "-5"),
         "restore into template1": lambda s: s.service.pgbeat("restore", "--latest", "--into", "template1", "--yes"),
@@ -818,7 +914,8 @@ EXIT_SCENARIOS = {
     4: {"backup while another run holds the target lock": backup_locked,
         "restore while another restore holds the database's lock": restore_locked},
     5: {"config check of an unreachable target": unreachable_target,
-        "backup with the broker down": broker_down},
+        "backup with the broker down": broker_down,
+        "backup with no live worker": backup_with_no_worker},
     EXIT_INTERRUPTED: {"Ctrl-C while backup waits for the lock": interrupted_while_waiting_for_the_lock},
 }
 
