@@ -612,6 +612,25 @@ def test_ctrl_c_while_following_a_run_is_one_line(workdir, pg, small):
     assert err.strip() == "pgbeat: interrupted", err
 
 
+def test_ctrl_c_at_every_step_of_a_local_backup_is_one_line(workdir, pg, small):
+    """SIGINT at the start and the end of every step of `backup --local` (the broker down): one line, exit
+    130, none of pgbeat's insides (traceback, work folder, passfile) shown, no work folder left."""
+    from pgbeat.pipeline.steps_table import STEPS
+
+    service = Service(workdir, f"redis://127.0.0.1:{free_port()}/0", [pg.target("erp", small)])
+    problems = []
+    for point in [f"{step}.{end}" for step in STEPS for end in ("start", "end")]:
+        result = service.pgbeat("backup", "daily", "--local", timeout=60, PGBEAT_FAULTS=f"{point}=int")
+        output = result.stdout + result.stderr
+        if result.returncode != EXIT_INTERRUPTED or result.stderr.strip() != "pgbeat: interrupted":
+            problems.append(f"{point}: exit {result.returncode}, stderr {result.stderr[-300:]!r}")
+        if not no_internals(output) or "✗" in output:
+            problems.append(f"{point}: {output[-300:]!r}")
+        if list((service.backup_root / ".work").glob("*")):
+            problems.append(f"{point}: left {list((service.backup_root / '.work').iterdir())}")
+    assert not problems, "\n".join(problems)
+
+
 def test_an_empty_broker_url_backs_up_in_this_process(workdir, pg, small):
     """`CELERY_BROKER_URL=` (empty, in the environment) is no broker: the chain runs here."""
     service = Service(workdir, None, [pg.target("erp", small)])
@@ -926,6 +945,25 @@ def test_every_documented_exit_code_has_a_scenario():
     assert set(EXIT_SCENARIOS) == set(documented), "give each documented exit code a scenario in EXIT_SCENARIOS"
     assert {errors.EXIT_OK, errors.EXIT_FAILED, errors.EXIT_CONFIG, errors.EXIT_VERIFY, errors.EXIT_LOCKED,
             errors.EXIT_UNREACHABLE, errors.EXIT_INTERRUPTED} == set(documented)
+
+
+def test_every_error_class_exits_with_a_documented_code():
+    """Each PgbeatError subclass anywhere in the core carries one of the README's exit codes."""
+    import importlib
+    import pkgutil
+
+    import pgbeat
+
+    for module in pkgutil.walk_packages(pgbeat.__path__, "pgbeat."):
+        importlib.import_module(module.name)
+    classes, pending = [], [errors.PgbeatError]
+    while pending:
+        cls = pending.pop()
+        classes.append(cls)
+        pending += cls.__subclasses__()
+    assert len(classes) > 20
+    documented = documented_exit_codes()
+    assert {c.__name__: c.exit_code for c in classes if c.exit_code not in documented} == {}
 
 
 @pytest.fixture
