@@ -565,11 +565,11 @@ def test_a_followed_backup_whose_last_worker_goes_is_said_and_stays_queued(workd
     redis = RedisServer(workdir)
     try:
         service = Service(workdir, redis.url, [pg.target("erp", small)], node=f"going-{unique('n')}")
-        busy_worker(redis, service, ttl=3, queues=["pgbeat"])  # its heartbeat runs out 3 s from now
+        busy_worker(redis, service, ttl=8, queues=["pgbeat"])  # its heartbeat runs out 8 s from now
         started = time.monotonic()
         result = service.pgbeat("backup", "daily", timeout=60)
         assert result.returncode == EXIT_UNREACHABLE and no_internals(result.stdout + result.stderr), result.stderr
-        assert time.monotonic() - started < 15
+        assert time.monotonic() - started < 8 + 10  # within a few seconds of the heartbeat's end
         [line] = [line for line in result.stderr.splitlines() if line.strip()]
         run_id = result.stdout.split("queued as run ")[1].split()[0]
         assert f"run {run_id} stays queued there" in line, line
@@ -927,7 +927,9 @@ EXIT_SCENARIOS = {
         "restore a file that is not there": lambda s: s.service.pgbeat("restore", f"{s.backup}.gone", "--yes"),
         "restore a copy that is not at S3": lambda s: s.service.pgbeat("restore", s.copy_at_s3()[0] + ".gone",
                                                                        "--yes", timeout=120),
-        "fetch into a folder that holds its name": fetch_over_a_file},
+        "fetch into a folder that holds its name": fetch_over_a_file,
+        "verify a copy at a destination that is not configured": lambda s: s.service.pgbeat(
+            "verify", f"s3://not-configured/daily/{s.backup.name}", timeout=60)},
     3: {"verify a damaged backup": verify_damaged, **damaged_copy_scenarios("verify"),
         **damaged_copy_scenarios("restore"), **damaged_copy_scenarios("fetch")},
     4: {"backup while another run holds the target lock": backup_locked,
