@@ -213,9 +213,10 @@ def test_verify_refuses_files_that_are_not_pgbeat_backups(workdir, pg, rich_db):
     service = Service(workdir, None, [pg.target("erp", rich_db)])
     stray = workdir / "stray.sql.gz"
     stray.write_bytes(b"\x1f\x8b not really")
-    for path in (stray, workdir / "missing.sql.gz"):
+    # A file that is not a backup fails verification; one that is not there is a usage error, not damage.
+    for path, code in ((stray, 3), (workdir / "missing.sql.gz", 2)):
         result = service.pgbeat("verify", str(path))
-        assert result.returncode == 3 and str(path) in result.stderr and "Traceback" not in result.stderr
+        assert result.returncode == code and str(path) in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize(("codec", "suffix", "tester"), [("gzip", ".sql.gz", "gzip"), ("zstd", ".sql.zst", "zstd")])
