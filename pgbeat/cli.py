@@ -20,12 +20,9 @@ import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from pgbeat import actions, errors
 from pgbeat.actions import selected_targets
@@ -49,29 +46,76 @@ from pgbeat.clitypes import (
     TargetName,
     Timeline,
     UnixUser,
+    WalFileName,
 )
 from pgbeat.errors import PgbeatError
 from pgbeat.pipeline.record import ArtifactResult, RotateResult, Run, UploadResult
 from pgbeat.runlog import human_size
 from pgbeat.settings import TIERS, Settings, get_settings
 
-# Rich wraps at 80 columns when not on a terminal; logs and pipes read better unwrapped, unless COLUMNS
-# says how wide they are.
-out = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
-err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 200)
+if TYPE_CHECKING:
+    from rich.table import Table
+
+
+class LazyConsole:
+    """A rich Console made on first use: `wal-push` and `wal-fetch` run once per WAL file from PostgreSQL
+    and never print through rich, so they do not pay for importing it."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console = None
+
+    def _made(self):
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self._stderr else sys.stdout
+            # Rich wraps at 80 columns when not on a terminal; logs and pipes read better unwrapped, unless
+            # COLUMNS says how wide they are.
+            wide = stream.isatty() or os.environ.get("COLUMNS")
+            self._console = Console(stderr=self._stderr, highlight=False, width=None if wide else 200)
+        return self._console
+
+    def __getattr__(self, attribute: str):
+        return getattr(self._made(), attribute)
+
+    def __setattr__(self, attribute: str, value) -> None:
+        if attribute.startswith("_"):
+            object.__setattr__(self, attribute, value)
+        else:
+            setattr(self._made(), attribute, value)  # `out.width = ...` sets the console's
+
+
+out = LazyConsole()
+err = LazyConsole(stderr=True)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
+def new_table(**options):
+    from rich.table import Table
+
+    return Table(**options)
 
 
 log = logging.getLogger("pgbeat.cli")
 
 
-def settings_or_exit(writes: bool = False) -> Settings:
+def settings_or_exit(writes: bool = False, recover: bool = True) -> Settings:
     """Load the settings (or exit 2 with the configuration's errors), check that BACKUP_ROOT is a folder
-    (and, for a command that `writes` there, writable), then recover what a killed run left behind."""
+    (and, for a command that `writes` there, writable), then (`recover`) recover what a killed run left
+    behind (not for the commands PostgreSQL runs once per WAL file: they leave nothing of the kind)."""
     try:
         settings = get_settings()
     except PgbeatError as exc:
         fail(exc)
     require_backup_root(settings, writes)
+    if not recover:
+        return settings
     from pgbeat.startup import recover_host
 
     recover_host(settings, "cli")  # finish or undo what a killed run left on this host
@@ -272,8 +316,10 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
     zone = datetime.now(settings.tz).strftime("%Z")
     # One table per target, its name as a heading: a long name is never cut to `erp_…`, and the columns an
     # operator decides by (date, tier, size, checks, drill) fit 80 columns; --wide adds what is long.
+    from rich import box
+
     for target in sorted({e.manifest.target for e in entries}):
-        table = Table(title=target, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        table = new_table(title=target, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
         for column in (f"taken at ({zone})", "tier", "size", "checks", f"drill ({zone})"):
             table.add_column(column, overflow="fold")
         if wide:
@@ -455,7 +501,7 @@ def print_manifest(settings: Settings, entry) -> None:
     out.print(f"{entry.path}\n  target {m.target}, tier {m.tier}, taken {local_time(settings, m.started_at)}, "
               f"{human_size(m.size)}, {m.format}/{m.codec}, PostgreSQL {m.server_version}, status {m.status}, "
               f"drill {drill_summary(settings, m)}", markup=False)
-    table = Table(title=f"{len(m.tables)} table(s)")
+    table = new_table(title=f"{len(m.tables)} table(s)")
     table.add_column("table")
     table.add_column("rows", justify="right")
     for name, rows in sorted(m.tables.items()):
@@ -697,6 +743,70 @@ def drill(target_name: str | None) -> None:
     sys.exit(errors.EXIT_FAILED if failed else 0)
 
 
+# --- WAL archiving -----------------------------------------------------------------------------------
+
+
+@main.command("wal-push")
+@click.argument("wal_file", type=LocalPath(must_exist=True))
+@click.option("--target", "target_name", type=TargetName(), required=True, help="The target whose WAL this is.")
+@click.option("--no-ahead", is_flag=True, help="Archive only WAL_FILE, not the other files marked ready.")
+def wal_push(wal_file: Path, target_name: str, no_ahead: bool) -> None:
+    """Archive one WAL file: archive_command = 'pgbeat wal-push %p --target NAME'.
+
+    Exit 0 only once the file is fsync'ed in BACKUP_ROOT/wal/NAME and copied and checked at every
+    destination of the target; the same file again is a success, other content under its name a failure.
+    """
+    from pgbeat.wal.archive import push
+
+    settings = settings_or_exit(writes=True, recover=False)
+    result = push(settings, settings.target(target_name), wal_file, ahead=not no_ahead)
+    if result.error is not None:
+        fail(result.error)
+
+
+@main.command("wal-fetch")
+@click.argument("wal_name", type=WalFileName())
+@click.argument("dest", type=LocalPath(writable_file=True))
+@click.option("--target", "target_name", type=TargetName(), required=True, help="The target whose WAL this is.")
+def wal_fetch(wal_name: str, dest: Path, target_name: str) -> None:
+    """Fetch one WAL file: restore_command = 'pgbeat wal-fetch %f %p --target NAME'.
+
+    From the local archive, else each destination in order; checked against its SHA-256, written to DEST
+    atomically. Exit 1 when the archive has no such file (the normal end of recovery), 128 when it could
+    not be read (damaged, a destination down), so that PostgreSQL stops rather than end recovery early.
+    """
+    from pgbeat.wal.archive import EXIT_FETCH_FAILED, WalMissing, fetch
+
+    # Any failure but "not in the archive" exits above 125: for PostgreSQL, 1 to 125 end recovery.
+    try:
+        settings = get_settings()
+        fetch(settings, settings.target(target_name), wal_name, dest)
+    except WalMissing as exc:
+        fail(exc)
+    except PgbeatError as exc:
+        err.print(exc.render(), markup=False)
+        sys.exit(EXIT_FETCH_FAILED)
+    except Exception as exc:
+        log.debug("unexpected error", exc_info=True)
+        err.print(without_credentials(f"pgbeat wal-fetch failed unexpectedly: {type(exc).__name__}: {exc}"),
+                  markup=False)
+        sys.exit(EXIT_FETCH_FAILED)
+
+
+@main.command("check")
+@click.option("--target", "target_name", type=TargetName(), required=True, help="The target to check.")
+@click.option("--timeout", type=Seconds(), default=60, show_default=True,
+              help="Seconds to wait for the segment to reach the archive.")
+def check_cmd(target_name: str, timeout: float) -> None:
+    """Check WAL archiving: force a segment switch on the target and wait for it in the archive."""
+    from pgbeat.wal.check import check_archiving
+
+    settings = settings_or_exit()
+    result = check_archiving(settings, settings.target(target_name), timeout)
+    out.print(f"OK {target_name}: {result.segment} archived ({result.where}) in {result.seconds:.1f}s",
+              markup=False)
+
+
 # --- status, metrics, cron ---------------------------------------------------------------------------
 
 
@@ -729,7 +839,7 @@ def status(as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(report.as_json()))
         return
-    table = Table(title=f"pgbeat status ({settings.backup_root})")
+    table = new_table(title=f"pgbeat status ({settings.backup_root})")
     for column in ("target", "tier", "last success", "size", "duration", "copies (kept)", "last attempt", "next run"):
         table.add_column(column)
     for t in report.tiers:
@@ -866,7 +976,7 @@ def config_check(no_connect: bool) -> None:
     out.print(f"Configuration OK ({len(settings.targets)} target(s)); BACKUP_ROOT {settings.backup_root}; "
               f"time zone {settings.timezone}; "
               f"{'embedded (no broker)' if settings.embedded else 'Celery with a broker'}", markup=False)
-    table = Table()
+    table = new_table()
     for column in ("target", "database", "format", "tier", "schedule", "keep", "next run"):
         table.add_column(column)
     for target in settings.targets.values():

@@ -84,6 +84,20 @@ class TargetName(CheckedText):
         return validate_target_name(value)
 
 
+class WalFileName(CheckedText):
+    """A WAL file's name as PostgreSQL passes it (%f): a segment, its .partial or .backup file, a .history."""
+
+    name = "WAL file name"
+    max_length = 64
+
+    def check(self, value: str) -> str:
+        from pgbeat.wal.archive import WAL_NAME
+
+        if not WAL_NAME.fullmatch(value):
+            raise ValueError("a segment (24 hex digits), its .partial or .backup file, or a timeline's .history")
+        return value
+
+
 class DestinationName(CheckedText):
     name = "destination name"
 

@@ -62,6 +62,7 @@ from pgbeat.settings.schema import (
     Target,
     TargetOptions,
     TierPolicy,
+    WalSpec,
     quote_conninfo,
 )
 
@@ -72,7 +73,7 @@ __all__ = [
     "ChannelSpec", "Codec", "Compression", "ConfigPath", "DatabaseName", "DestinationBase", "DestinationSpec",
     "DrillPolicy", "DumpFormat", "EncryptionSpec", "EnvSettings", "FileConfig", "GCSDestination", "Listen",
     "MonitoringSpec", "Name", "NodeName", "Reliability", "RetentionSpec", "S3Destination", "SSHDestination",
-    "Settings", "Target", "TargetOptions", "Tier", "TierPolicy", "_path_not_blank", "_validate_listen",
+    "Settings", "Target", "TargetOptions", "Tier", "TierPolicy", "WalSpec", "_path_not_blank", "_validate_listen",
     "format_loc", "get_settings", "host_timezone", "load_settings", "merge_target", "parse_listen",
     "quote_conninfo", "read_config_file", "read_text_file", "validate_cron", "validate_database_name",
     "validate_node_name", "validate_not_blank", "validate_target_name", "validate_timezone",

@@ -274,6 +274,14 @@ class Compression(Strict):
         return data
 
 
+class WalSpec(Strict):
+    """Continuous WAL archiving (`archive_command = 'pgbeat wal-push %p --target NAME'`, see README)."""
+
+    push_ahead: int = Field(8, ge=0, le=64, description="each wal-push also archives up to this many other "
+                                                        "segments PostgreSQL has marked .ready, in parallel, so "
+                                                        "that the calls for them find them done (0 = only its own)")
+
+
 class TargetOptions(Strict):
     """Everything a target can set; also the shape of the file's `defaults` section."""
 
@@ -308,6 +316,7 @@ class TargetOptions(Strict):
                                                 description="off-site copies besides the local shelf: kind s3, "
                                                             "gcs or ssh, each with its own keys")
     encryption: EncryptionSpec | None = Field(None, description="age encryption of every copy")
+    wal: WalSpec = Field(default_factory=lambda: WalSpec())
 
     _tiers = field_validator("tiers", mode="before")(_with_tier_defaults)
 

@@ -1,0 +1,69 @@
+"""`pgbeat check`: prove that a target's WAL reaches the archive, end to end, through PostgreSQL's own
+archive_command.
+
+It connects to the target, writes a restore point (so that there is WAL to switch away from even on an
+idle server), forces a segment switch (`pg_switch_wal()`), and waits for that segment to appear in the
+archive (locally, or at a destination when this host has no local archive of the target). While it waits
+it reads `pg_stat_archiver`: a failure of archive_command reported after the switch ends the wait at
+once, with the WAL file and time of the last failure.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from pgbeat.settings import Settings, Target
+from pgbeat.wal.archive import WalError, stored_anywhere, wal_root
+
+POLL_S = 0.5
+DESTINATION_POLL_S = 5.0
+
+
+@dataclass
+class CheckResult:
+    segment: str
+    where: str  # "local" or a destination's name
+    seconds: float
+
+
+def check_archiving(settings: Settings, target: Target, timeout: float) -> CheckResult:
+    """Switch `target`'s WAL and wait up to `timeout` seconds for the finished segment to be archived;
+    return where it was found. Raise WalError saying why it was not (archiving off, archive_command
+    failing, with what pg_stat_archiver says, or too slow); PgbeatError if the target cannot be reached."""
+    from pgbeat.postgres.client import connect
+
+    t0 = time.monotonic()
+    with connect(target) as conn:
+        mode = conn.execute("SHOW archive_mode").fetchone()[0]
+        if mode == "off":
+            raise WalError(f"{target.name}: archive_mode is off on {target.describe()}",
+                           hint=f"set archive_mode = on and archive_command = 'pgbeat wal-push %p --target "
+                                f"{target.name}' in postgresql.conf, then restart PostgreSQL")
+        conn.execute("SELECT pg_create_restore_point('pgbeat check')")
+        segment, switched_at = conn.execute("SELECT pg_walfile_name(pg_switch_wal()), now()").fetchone()
+        local_only = wal_root(settings, target.name).is_dir()
+        last_remote_look = 0.0
+        while True:
+            remote = not local_only and time.monotonic() - last_remote_look >= DESTINATION_POLL_S
+            where = stored_anywhere(settings, target, segment, destinations=remote)
+            if remote:
+                last_remote_look = time.monotonic()
+            if where is not None:
+                return CheckResult(segment, where, round(time.monotonic() - t0, 2))
+            failed_wal, failed_at, failures, archived = conn.execute(
+                "SELECT last_failed_wal, last_failed_time, failed_count, last_archived_wal FROM pg_stat_archiver"
+            ).fetchone()
+            if failed_at is not None and failed_at >= switched_at:
+                raise WalError(f"{target.name}: archive_command is failing: {failed_wal} failed at "
+                               f"{failed_at:%Y-%m-%d %H:%M:%S %Z} ({failures} failure(s) since the statistics "
+                               f"were reset; last archived: {archived or 'none'})",
+                               hint="the PostgreSQL server's log has the command's own message; check "
+                                    "archive_command, PGBEAT_CONFIG and the rights of the postgres user on "
+                                    "BACKUP_ROOT (README, WAL archiving)")
+            if time.monotonic() - t0 > timeout:
+                raise WalError(f"{target.name}: {segment} did not reach the archive within {timeout:.0f} s "
+                               f"(last archived: {archived or 'none'}; no failure reported by pg_stat_archiver)",
+                               hint="is archive_command set to `pgbeat wal-push %p --target "
+                                    f"{target.name}`? The archiver may also be behind: see pg_stat_archiver")
+            time.sleep(POLL_S)

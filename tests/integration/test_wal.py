@@ -1,0 +1,475 @@
+"""Continuous WAL archiving: `pgbeat wal-push` as a real PostgreSQL's archive_command, run by the server as
+the postgres user from a venv of Debian's own Python; `pgbeat wal-fetch`'s exit codes as restore_command
+reads them; `pgbeat check`; pushes that are repeated, conflicting, killed, or meet a destination that is
+down; encryption; the light import path.
+
+The cluster tests run pgbeat as the server runs it: the postgres user, through the venv built by the
+`postgres_venv` fixture (Debian's /usr/bin/python3, which postgres can read, with this tree's packages).
+The other tests push WAL-named files of their own with the test venv's pgbeat, which is the same code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pgbeat.wal.archive import EXIT_FETCH_FAILED, EXIT_MISSING, STORED_NAME
+from tests.shelf import make_age_key
+from tests.storage_servers import S3_ACCESS_KEY, S3_SECRET
+from tests.support import VENV_BIN, PgCluster, free_port, make_tempdir, wait_for
+
+pytestmark = pytest.mark.integration
+
+SEGMENT = "000000010000000000000003"
+OTHER_SEGMENT = "000000010000000000000004"
+
+
+def postgres_ids() -> tuple[int, int]:
+    pw = pwd.getpwnam("postgres")
+    return pw.pw_uid, pw.pw_gid
+
+
+def chown_postgres(path: Path) -> None:
+    uid, gid = postgres_ids()
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            os.chown(Path(root) / name, uid, gid)
+    os.chown(path, uid, gid)
+
+
+# --- a world: targets file, BACKUP_ROOT, WAL files -----------------------------------------------------
+
+
+class WalWorld:
+    """A targets file and a BACKUP_ROOT for WAL tests; `pgbeat(...)` runs the CLI with them."""
+
+    def __init__(self, base: Path, targets: list[dict]) -> None:
+        self.base = base
+        self.backup_root = base / "backups"
+        self.backup_root.mkdir(parents=True, exist_ok=True)
+        self.config_path = base / "pgbeat.yaml"
+        self.targets = targets
+        self.write_config()
+
+    def write_config(self) -> None:
+        config = {"backup_root": str(self.backup_root), "timezone": "UTC", "node": "walhost", "targets": self.targets}
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.config_path.chmod(0o644)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "CELERY_", "PGBEAT_", "AWS_"))}
+        env.pop("BACKUP_ROOT", None)
+        env.update(PGBEAT_CONFIG=str(self.config_path), **extra)
+        return env
+
+    def pgbeat(self, *args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(VENV_BIN / "pgbeat"), *args], cwd=self.base, env=self.env(**env),
+                              capture_output=True, text=True, timeout=120)
+
+    def archive(self, target: str = "wal") -> Path:
+        return self.backup_root / "wal" / target
+
+    def stored(self, wal_name: str, target: str = "wal") -> list[Path]:
+        """The final (not hidden) files of `wal_name` in the local archive."""
+        return sorted(p for p in self.archive(target).rglob(f"{wal_name}-*") if not p.name.startswith("."))
+
+
+def wal_file(folder: Path, name: str, content: bytes | None = None) -> Path:
+    """A file named like a WAL file in `folder` (a stand-in pg_wal), with `content` or 1 MiB of WAL-like bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(content if content is not None else (name.encode() + os.urandom(4096)) * 256)
+    return path
+
+
+@pytest.fixture
+def world(workdir):
+    return WalWorld(workdir, [{"name": "wal", "dbname": "postgres", "host": "127.0.0.1", "port": 5432,
+                               "user": "postgres", "compression": {"codec": "zstd"}}])
+
+
+def fetch(world: WalWorld, wal_name: str, dest: Path, target: str = "wal") -> subprocess.CompletedProcess:
+    return world.pgbeat("wal-fetch", wal_name, str(dest), "--target", target)
+
+
+# --- push: stored once, never overwritten, the same again is fine ------------------------------------
+
+
+def test_a_pushed_segment_is_stored_compressed_private_and_named_by_its_content(world):
+    source = wal_file(world.base / "pg_wal", SEGMENT)
+    done = world.pgbeat("wal-push", str(source), "--target", "wal")
+    assert done.returncode == 0, done.stderr
+    [stored] = world.stored(SEGMENT)
+    assert stored.parent.name == SEGMENT[:16]
+    match = STORED_NAME.fullmatch(stored.name)
+    assert match and match["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest() and match["codec"] == ".zst"
+    assert subprocess.run(["zstd", "-dc", str(stored)], capture_output=True, check=True).stdout == source.read_bytes()
+    assert stored.stat().st_mode & 0o777 == 0o600
+    for folder in (stored.parent, world.archive(), world.backup_root / "wal"):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+    assert not [p for p in world.archive().rglob(".*") if p.name != ".lock"], "a staging file was left"
+
+    back = fetch(world, SEGMENT, world.base / "RECOVERYXLOG")
+    assert back.returncode == 0, back.stderr
+    assert (world.base / "RECOVERYXLOG").read_bytes() == source.read_bytes()
+
+
+def test_the_same_segment_again_succeeds_and_other_content_fails_naming_it(world):
+    source = wal_file(world.base / "pg_wal", SEGMENT)
+    assert world.pgbeat("wal-push", str(source), "--target", "wal").returncode == 0
+    [stored] = world.stored(SEGMENT)
+    before = stored.read_bytes()
+
+    again = world.pgbeat("wal-push", str(source), "--target", "wal")
+    assert again.returncode == 0, again.stderr
+
+    wal_file(world.base / "other_pg_wal", SEGMENT)  # another cluster's segment of the same name
+    other = world.pgbeat("wal-push", str(world.base / "other_pg_wal" / SEGMENT), "--target", "wal")
+    assert other.returncode != 0
+    assert SEGMENT in other.stderr and "other content" in other.stderr, other.stderr
+    assert world.stored(SEGMENT) == [stored] and stored.read_bytes() == before
+
+
+def test_a_history_file_is_never_overwritten_and_partial_and_backup_files_are_archived(world):
+    pg_wal = world.base / "pg_wal"
+    history = wal_file(pg_wal, "00000002.history", b"1\t0/3000000\tno recovery target specified\n")
+    partial = wal_file(pg_wal, f"{SEGMENT}.partial")
+    backup = wal_file(pg_wal, f"{SEGMENT}.00000028.backup", b"START WAL LOCATION: 0/3000028 (file " +
+                      SEGMENT.encode() + b")\nSTOP WAL LOCATION: 0/3000100\nLABEL: base\n")
+    for path in (history, partial, backup):
+        done = world.pgbeat("wal-push", str(path), "--target", "wal")
+        assert done.returncode == 0, done.stderr
+        assert len(world.stored(path.name)) == 1, path.name
+    assert world.stored("00000002.history")[0].parent.name == "history"
+    [kept] = world.stored("00000002.history")
+
+    history.write_bytes(b"1\t0/3000000\tno recovery target specified\n2\t0/5000000\tanother\n")
+    refused = world.pgbeat("wal-push", str(history), "--target", "wal")
+    assert refused.returncode != 0 and "00000002.history" in refused.stderr
+    assert world.stored("00000002.history") == [kept]
+
+    for path in (partial, backup):
+        out = world.base / f"fetched-{path.name}"
+        assert fetch(world, path.name, out).returncode == 0
+        assert out.read_bytes() == path.read_bytes()
+
+
+def test_a_push_also_archives_the_other_ready_segments_ahead(world):
+    pg_wal = world.base / "pg_wal"
+    (pg_wal / "archive_status").mkdir(parents=True)
+    names = [f"0000000100000000000000{n:02X}" for n in range(10, 14)]
+    for name in names:
+        wal_file(pg_wal, name)
+        (pg_wal / "archive_status" / f"{name}.ready").touch()
+    done = world.pgbeat("wal-push", str(pg_wal / names[0]), "--target", "wal")
+    assert done.returncode == 0, done.stderr
+    assert all(len(world.stored(name)) == 1 for name in names)
+    # PostgreSQL's own calls for the others find them archived, and say so with exit 0.
+    for name in names[1:]:
+        again = world.pgbeat("wal-push", str(pg_wal / name), "--target", "wal", "--no-ahead")
+        assert again.returncode == 0, again.stderr
+
+
+def test_bad_wal_names_are_refused_naming_them(world):
+    stray = wal_file(world.base / "pg_wal", "postgresql.conf", b"x")
+    done = world.pgbeat("wal-push", str(stray), "--target", "wal")
+    assert done.returncode == 2 and "'postgresql.conf' is not the name of a WAL file" in done.stderr
+    done = fetch(world, "../../etc/passwd", world.base / "x")
+    assert done.returncode == 2 and "WAL file name" in done.stderr
+    assert not (world.base / "x").exists()
+
+
+# --- a push killed on the way ------------------------------------------------------------------------
+
+
+def test_a_push_killed_before_its_final_name_leaves_none_and_the_next_completes(world):
+    source = wal_file(world.base / "pg_wal", SEGMENT)
+    killed = world.pgbeat("wal-push", str(source), "--target", "wal", PGBEAT_FAULTS="wal.push-staged=kill")
+    assert killed.returncode == -9, killed.stderr
+    assert world.stored(SEGMENT) == []  # written under a hidden staging name only
+    assert [p for p in world.archive().rglob(f".{SEGMENT}-*")], "the kill came after the staging file was written"
+    gone = fetch(world, SEGMENT, world.base / "RECOVERYXLOG")
+    assert gone.returncode == EXIT_MISSING, gone.stderr
+
+    done = world.pgbeat("wal-push", str(source), "--target", "wal")
+    assert done.returncode == 0, done.stderr
+    assert len(world.stored(SEGMENT)) == 1
+    assert fetch(world, SEGMENT, world.base / "RECOVERYXLOG").returncode == 0
+    assert (world.base / "RECOVERYXLOG").read_bytes() == source.read_bytes()
+
+
+# --- fetch's exit codes ------------------------------------------------------------------------------
+
+
+def test_wal_fetch_says_missing_with_1_and_damaged_above_125(world):
+    dest = world.base / "pg_wal" / "RECOVERYXLOG"
+    dest.parent.mkdir()
+    missing = fetch(world, OTHER_SEGMENT, dest)
+    assert missing.returncode == EXIT_MISSING and OTHER_SEGMENT in missing.stderr, missing.stderr
+    missing_history = fetch(world, "00000005.history", dest)
+    assert missing_history.returncode == EXIT_MISSING
+
+    source = wal_file(world.base / "src", SEGMENT)
+    assert world.pgbeat("wal-push", str(source), "--target", "wal").returncode == 0
+    [stored] = world.stored(SEGMENT)
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    damaged = fetch(world, SEGMENT, dest)
+    assert damaged.returncode == EXIT_FETCH_FAILED > 125, damaged.stderr
+    assert SEGMENT in damaged.stderr
+    assert not dest.exists() and list(dest.parent.iterdir()) == [], "nothing half-written beside DEST"
+
+    truncated = stored.read_bytes()[:100]
+    stored.write_bytes(truncated)
+    assert fetch(world, SEGMENT, dest).returncode == EXIT_FETCH_FAILED
+
+
+def test_an_unusable_configuration_makes_wal_fetch_stop_recovery_not_end_it(world):
+    world.config_path.write_text("targets: [")
+    done = fetch(world, SEGMENT, world.base / "RECOVERYXLOG")
+    assert done.returncode == EXIT_FETCH_FAILED, done.stderr
+
+
+# --- encryption --------------------------------------------------------------------------------------
+
+
+def test_an_encrypted_target_stores_age_files_and_fetches_them_back(world):
+    identity, recipient = make_age_key(world.base)
+    world.targets[0]["encryption"] = {"recipients": [recipient], "identity_file": str(identity)}
+    world.write_config()
+    source = wal_file(world.base / "pg_wal", SEGMENT)
+    assert world.pgbeat("wal-push", str(source), "--target", "wal").returncode == 0
+    [stored] = world.stored(SEGMENT)
+    assert stored.name.endswith(".zst.age")
+    assert stored.read_bytes().startswith(b"age-encryption.org/v1")
+    plain = subprocess.run(["age", "-d", "-i", str(identity), str(stored)], capture_output=True, check=True).stdout
+    assert subprocess.run(["zstd", "-dc"], input=plain, capture_output=True, check=True).stdout == source.read_bytes()
+
+    assert fetch(world, SEGMENT, world.base / "RECOVERYXLOG").returncode == 0
+    assert (world.base / "RECOVERYXLOG").read_bytes() == source.read_bytes()
+
+    other, _ = make_age_key(world.base)
+    world.targets[0]["encryption"]["identity_file"] = str(other)
+    world.write_config()
+    wrong = fetch(world, SEGMENT, world.base / "RECOVERYXLOG2")
+    assert wrong.returncode == EXIT_FETCH_FAILED and "decrypt" in wrong.stderr, wrong.stderr
+
+
+# --- destinations ------------------------------------------------------------------------------------
+
+
+def s3_destination(url: str, bucket: str) -> dict:
+    return {"name": "offsite", "kind": "s3", "bucket": bucket, "prefix": "pg", "endpoint_url": url,
+            "region": "us-east-1", "access_key_id": S3_ACCESS_KEY, "secret_access_key": S3_SECRET, "retries": 1}
+
+
+def s3_keys(moto_s3, bucket: str) -> list[str]:
+    listing = moto_s3.client().list_objects_v2(Bucket=bucket, Prefix="pg/wal/")
+    return sorted(obj["Key"] for obj in listing.get("Contents", []))
+
+
+def test_a_destination_that_is_down_fails_the_push_and_nothing_is_lost_when_it_is_back(world, moto_s3):
+    bucket = moto_s3.new_bucket()
+    world.targets[0]["destinations"] = [s3_destination(f"http://127.0.0.1:{free_port()}", bucket)]
+    world.write_config()
+    source = wal_file(world.base / "pg_wal", SEGMENT)
+    down = world.pgbeat("wal-push", str(source), "--target", "wal")
+    assert down.returncode != 0 and "offsite" in down.stderr, down.stderr
+    assert S3_SECRET not in down.stderr
+    [stored] = world.stored(SEGMENT)  # kept locally, fsync'ed, for the retry
+
+    world.targets[0]["destinations"] = [s3_destination(moto_s3.url, bucket)]  # the destination is back
+    world.write_config()
+    back = world.pgbeat("wal-push", str(source), "--target", "wal")
+    assert back.returncode == 0, back.stderr
+    key = f"pg/wal/wal/{SEGMENT[:16]}/{stored.name}"
+    assert s3_keys(moto_s3, bucket) == [key]
+    assert moto_s3.client().get_object(Bucket=bucket, Key=key)["Body"].read() == stored.read_bytes()
+
+    # Fetch from the destination when the local archive lacks it; the destination's copy is checked too.
+    shutil.rmtree(world.archive())
+    dest = world.base / "RECOVERYXLOG"
+    assert fetch(world, SEGMENT, dest).returncode == 0
+    assert dest.read_bytes() == source.read_bytes()
+    assert fetch(world, OTHER_SEGMENT, dest).returncode == EXIT_MISSING
+    moto_s3.client().put_object(Bucket=bucket, Key=key, Body=b"not a zstd frame")
+    assert fetch(world, SEGMENT, world.base / "again").returncode == EXIT_FETCH_FAILED
+
+    world.targets[0]["destinations"] = [s3_destination(f"http://127.0.0.1:{free_port()}", bucket)]
+    world.write_config()
+    unreachable = fetch(world, OTHER_SEGMENT, dest)
+    assert unreachable.returncode == EXIT_FETCH_FAILED, unreachable.stderr  # it might be there: never "missing"
+
+
+def test_a_push_killed_before_the_destination_copy_is_completed_by_the_next(world, moto_s3):
+    bucket = moto_s3.new_bucket()
+    world.targets[0]["destinations"] = [s3_destination(moto_s3.url, bucket)]
+    world.write_config()
+    source = wal_file(world.base / "pg_wal", SEGMENT)
+    killed = world.pgbeat("wal-push", str(source), "--target", "wal", PGBEAT_FAULTS="wal.push-local=kill")
+    assert killed.returncode == -9
+    assert len(world.stored(SEGMENT)) == 1 and s3_keys(moto_s3, bucket) == []
+    assert world.pgbeat("wal-push", str(source), "--target", "wal").returncode == 0
+    assert len(s3_keys(moto_s3, bucket)) == 1
+
+    # Another cluster's segment of the same name at the destination only: refused there, loudly.
+    other = wal_file(world.base / "other", OTHER_SEGMENT)
+    sha = hashlib.sha256(b"another cluster").hexdigest()
+    moto_s3.client().put_object(Bucket=bucket, Key=f"pg/wal/wal/{OTHER_SEGMENT[:16]}/{OTHER_SEGMENT}-{sha}.zst",
+                                Body=b"x")
+    refused = world.pgbeat("wal-push", str(other), "--target", "wal")
+    assert refused.returncode != 0 and OTHER_SEGMENT in refused.stderr and "offsite" in refused.stderr
+
+
+# --- the import path ---------------------------------------------------------------------------------
+
+
+def test_wal_push_imports_neither_celery_nor_rich_nor_an_unused_sdk(world):
+    source = wal_file(world.base / "pg_wal", SEGMENT)
+    probe = ("import sys\nfrom pgbeat.cli import main\n"
+             f"try:\n    main(['wal-push', {str(source)!r}, '--target', 'wal'])\nexcept SystemExit as exc:\n"
+             "    assert not exc.code, exc.code\n"
+             "heavy = ('celery', 'kombu', 'boto3', 'botocore', 'google', 'paramiko', 'rich')\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=world.base, env=world.env(), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert len(world.stored(SEGMENT)) == 1
+
+
+# --- a real cluster, as the postgres user ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def postgres_venv(tmp_path_factory):
+    """A venv of Debian's own Python (postgres cannot read /root, where the tests' Python lives), seeing this
+    tree's packages, with a `pgbeat` command: what the server's archive_command runs."""
+    base = make_tempdir("pgbeat-walvenv-")
+    venv = base / "venv"
+    made = subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        subprocess.run(["apt-get", "install", "-y", "python3-venv"], capture_output=True, timeout=600)
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True,
+                       capture_output=True)
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                                "['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
+    ours = sysconfig.get_paths()["purelib"]  # the test venv's packages, pgbeat (editable: this tree) among them
+    (site / "pgbeat-tree.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+    script = venv / "bin" / "pgbeat"
+    script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom pgbeat.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    check = subprocess.run(["runuser", "-u", "postgres", "--", str(script), "--version"], capture_output=True,
+                           text=True, cwd="/")
+    assert check.returncode == 0, f"postgres cannot run pgbeat from {venv}: {check.stderr}"
+    yield script
+    shutil.rmtree(base, ignore_errors=True)
+
+
+class ArchivingCluster:
+    """A throwaway cluster started as postgres with archive_mode on and archive_command = pgbeat wal-push."""
+
+    def __init__(self, base: Path, pgbeat: Path) -> None:
+        self.base = base
+        self.pgbeat_script = pgbeat
+        self.cluster = PgCluster(base, "walpg")
+        self.world = WalWorld(base / "cfg", [])
+        self.world.base.chmod(0o755)
+        self.world.targets.append({"name": "walpg", "dbname": "postgres", "host": "127.0.0.1",
+                                   "port": self.cluster.port, "user": "postgres"})
+        self.world.write_config()
+        chown_postgres(self.world.backup_root)
+        with open(self.cluster.data / "postgresql.conf", "a") as f:
+            f.write(f"\narchive_mode = on\narchive_command = '{self.archive_command('walpg')}'\n")
+        self.cluster.stop()
+        self.cluster.start()
+
+    def archive_command(self, target: str) -> str:
+        return f"PGBEAT_CONFIG={self.world.config_path} {self.pgbeat_script} wal-push %p --target {target}"
+
+    def as_postgres(self, *args: str) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/bin:/bin", "PGBEAT_CONFIG": str(self.world.config_path), "LANG": "C.UTF-8"}
+        return subprocess.run(["runuser", "-u", "postgres", "--", "env", *(f"{k}={v}" for k, v in env.items()),
+                               str(self.pgbeat_script), *args], capture_output=True, text=True, cwd="/",
+                              timeout=120)
+
+    def archived_count(self) -> int:
+        return int(self.cluster.sql("SELECT archived_count FROM pg_stat_archiver"))
+
+    def destroy(self) -> None:
+        self.cluster.destroy()
+
+
+@pytest.fixture(scope="module")
+def archiving(postgres_venv):
+    base = make_tempdir("pgbeat-walpg-")
+    cluster = ArchivingCluster(base, postgres_venv)
+    yield cluster
+    cluster.destroy()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_real_archive_command_archives_segments_and_wal_fetch_brings_them_back(archiving):
+    pg = archiving.cluster
+    before = archiving.archived_count()
+    pg.sql("CREATE TABLE IF NOT EXISTS filler (id int, v text)")
+    pg.sql("INSERT INTO filler SELECT i, md5(i::text) FROM generate_series(1, 20000) i")
+    segment = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
+    wait_for(lambda: archiving.archived_count() > before, 60, what="archive_command to archive a segment")
+    assert pg.sql("SELECT failed_count FROM pg_stat_archiver") == "0"
+    [stored] = archiving.world.stored(segment, "walpg")
+    uid, _ = postgres_ids()
+    assert stored.stat().st_uid == uid and stored.stat().st_mode & 0o777 == 0o600
+    assert stored.name.endswith(".gz")  # the target's codec: gzip by default
+
+    dest = archiving.base / "restore-pg_wal"
+    dest.mkdir(exist_ok=True)
+    chown_postgres(dest)
+    fetched = archiving.as_postgres("wal-fetch", segment, str(dest / "RECOVERYXLOG"), "--target", "walpg")
+    assert fetched.returncode == 0, fetched.stderr
+    raw = (dest / "RECOVERYXLOG").read_bytes()
+    assert len(raw) == 16 << 20 and hashlib.sha256(raw).hexdigest() == STORED_NAME.fullmatch(stored.name)["sha256"]
+    live = pg.data / "pg_wal" / segment
+    if live.exists():  # not recycled yet: byte for byte the server's own segment
+        assert raw == live.read_bytes()
+
+
+def test_check_reports_ok_when_archiving_works(archiving):
+    done = archiving.world.pgbeat("check", "--target", "walpg", "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("OK walpg: ") and "archived (local)" in done.stdout
+
+
+def test_check_says_why_when_archive_command_fails(archiving):
+    pg = archiving.cluster
+    pg.sql(f"ALTER SYSTEM SET archive_command = '{archiving.archive_command('nosuchtarget')}'")
+    pg.sql("SELECT pg_reload_conf()")
+    try:
+        done = archiving.world.pgbeat("check", "--target", "walpg", "--timeout", "60")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "archive_command is failing" in done.stderr and "failed at" in done.stderr, done.stderr
+    finally:
+        pg.sql("ALTER SYSTEM RESET archive_command")
+        pg.sql("SELECT pg_reload_conf()")
+    # Once archive_command works again, the segments it failed on are archived: nothing was lost.
+    wait_for(lambda: archiving.world.pgbeat("check", "--target", "walpg", "--timeout", "30").returncode == 0, 90,
+             interval=1, what="archiving to recover")
+
+
+def test_check_says_so_when_archiving_is_off(pg, workdir):
+    world = WalWorld(workdir, [{"name": "plain", "dbname": "postgres", "host": pg.host, "port": pg.port,
+                                "user": "postgres"}])
+    done = world.pgbeat("check", "--target", "plain", "--timeout", "5")
+    assert done.returncode == 1 and "archive_mode is off" in done.stderr, done.stderr
+
