@@ -406,3 +406,29 @@ def run_cli(service: Service, *args: str):
     finally:
         os.chdir(before)
         get_settings.cache_clear()
+
+
+def postgres_user_pgbeat(base: Path) -> Path:
+    """Build in `base` (a folder the postgres user can read) a venv of Debian's own Python that sees the
+    test venv's packages (pgbeat among them, editable: this tree), with a `pgbeat` command; return that
+    command. The tests' own Python lives under /root, which postgres cannot read, and PostgreSQL runs
+    archive_command and restore_command as postgres. Raise RuntimeError if postgres cannot run it."""
+    import sysconfig
+
+    venv = base / "venv"
+    made = subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], capture_output=True)
+    if made.returncode != 0:  # Debian splits venv out of python3
+        subprocess.run(["apt-get", "install", "-y", "python3-venv"], capture_output=True, timeout=600)
+        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                           "['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
+    ours = sysconfig.get_paths()["purelib"]
+    # addsitedir, not a plain path: the editable install's own .pth (this tree) must be read too.
+    Path(site, "pgbeat-tests.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+    script = venv / "bin" / "pgbeat"
+    script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom pgbeat.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
+    check = subprocess.run([*_as_postgres(), str(script), "--version"], capture_output=True, text=True, cwd="/")
+    if check.returncode != 0:
+        raise RuntimeError(f"postgres cannot run pgbeat from {venv}: {check.stderr}")
+    return script

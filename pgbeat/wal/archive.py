@@ -227,7 +227,10 @@ def push(settings: Settings, target: Target, source: Path, ahead: bool = True) -
     check_wal_name(source.name)
     if not source.is_file():
         raise WalError(f"{source}: no such WAL file", hint="archive_command passes %p, the path PostgreSQL gives")
-    others = ready_files(source, target.wal.push_ahead) if ahead else []
+    others = []
+    if ahead and target.wal.push_ahead:
+        waiting = not_stored(settings, target.name, ready_files(source))
+        others = [path for path in waiting if path.is_file()][:target.wal.push_ahead]
     storages = StoragePerThread()
     try:
         if not others:
@@ -245,11 +248,9 @@ def push(settings: Settings, target: Target, source: Path, ahead: bool = True) -
     return result
 
 
-def ready_files(source: Path, limit: int) -> list[Path]:
-    """The WAL files other than `source` that PostgreSQL has marked ready to archive, oldest first, at most
-    `limit` (PostgreSQL archives in name order: the next calls are for these)."""
-    if limit <= 0:
-        return []
+def ready_files(source: Path) -> list[Path]:
+    """The WAL files other than `source` that PostgreSQL has marked ready to archive, in the order it
+    archives them (timeline history files first, then by name: the next calls are for these)."""
     status = source.parent / "archive_status"
     try:
         names = sorted(n.removesuffix(".ready") for n in os.listdir(status) if n.endswith(".ready"))
@@ -257,8 +258,25 @@ def ready_files(source: Path, limit: int) -> list[Path]:
         return []
     # PostgreSQL archives timeline history files first; segments in name order.
     names.sort(key=lambda n: (not n.endswith(".history"), n))
-    picked = [source.parent / n for n in names if n != source.name and WAL_NAME.fullmatch(n)]
-    return [p for p in picked if p.is_file()][:limit]
+    return [source.parent / n for n in names if n != source.name and WAL_NAME.fullmatch(n)]
+
+
+def not_stored(settings: Settings, target: str, files: list[Path]) -> list[Path]:
+    """The files of `files` of which the local archive holds no copy at all, by name alone: a file pushed
+    ahead already is not hashed again by every later call (its own call compares its content)."""
+    stored: dict[str, set[str]] = {}  # folder -> the WAL names it holds
+    left = []
+    for path in files:
+        folder = folder_of(path.name)
+        if folder not in stored:
+            try:
+                names = os.listdir(wal_root(settings, target) / folder)
+            except FileNotFoundError:
+                names = []
+            stored[folder] = {match["wal"] for name in names if (match := STORED_NAME.fullmatch(name))}
+        if path.name not in stored[folder]:
+            left.append(path)
+    return left
 
 
 def push_one(settings: Settings, target: Target, source: Path, storages: StoragePerThread) -> PushResult:

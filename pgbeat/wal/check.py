@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from pgbeat.errors import PgbeatError, UnreachableError
 from pgbeat.settings import Settings, Target
 from pgbeat.wal.archive import WalError, stored_anywhere, wal_root
 
@@ -34,7 +35,11 @@ def check_archiving(settings: Settings, target: Target, timeout: float) -> Check
     from pgbeat.postgres.client import connect
 
     t0 = time.monotonic()
-    with connect(target) as conn:
+    try:
+        conn = connect(target)
+    except PgbeatError as exc:
+        raise UnreachableError(exc.message) from None
+    with conn:
         mode = conn.execute("SHOW archive_mode").fetchone()[0]
         if mode == "off":
             raise WalError(f"{target.name}: archive_mode is off on {target.describe()}",

@@ -38,6 +38,7 @@ from pgbeat import errors
 from pgbeat.cli import main
 from pgbeat.clitypes import CheckedText, Seconds, shown
 from pgbeat.errors import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_UNREACHABLE
+from pgbeat.wal.archive import EXIT_FETCH_FAILED
 from tests.conftest import unique
 from tests.integration.test_offsite import s3_destination
 from tests.support import (
@@ -54,7 +55,7 @@ from tests.support import (
 
 pytestmark = pytest.mark.integration
 
-DOCUMENTED = {0, 1, 2, 3, 4, 5, EXIT_INTERRUPTED}
+DOCUMENTED = {0, 1, 2, 3, 4, 5, EXIT_INTERRUPTED, EXIT_FETCH_FAILED}  # the last: wal-fetch only
 # The values no parameter may take: each is a usage error, exit 2.
 MUST_REFUSE = {
     "empty": "",
@@ -172,6 +173,9 @@ def world(tmp_path_factory, pg):
     (sandbox / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
     (sandbox / "cron.d").mkdir()
     (sandbox / "fetched").mkdir()
+    (sandbox / "pg_wal").mkdir()
+    (sandbox / "pg_wal" / "000000010000000000000001").write_bytes(b"wal" * 1000)
+    (sandbox / "pg_wal" / "not-a-wal-file").write_bytes(b"x")
     closed = [free_port() for _ in range(3)]  # nothing listens: database, Redis, S3
     config = {
         "backup_root": str(service.backup_root), "timezone": "UTC", "node": "matrixhost",
@@ -252,8 +256,13 @@ def baselines(world: World) -> dict[tuple[str, ...], tuple[dict, dict]]:
         ("cron", "remove"): {"file": cron_file},
         ("config", "check"): {},
         ("config", "example"): {},
+        ("wal-push",): {"wal_file": str(world.sandbox / "pg_wal" / "000000010000000000000001"), "target_name": "erp"},
+        ("wal-fetch",): {"wal_name": "000000010000000000000001", "dest": str(world.sandbox / "fetched" / "WAL"),
+                         "target_name": "down"},
+        ("check",): {"target_name": "down", "timeout": "5"},
     }
-    safe = {**armed, ("rotate",): {"dry_run": True}, ("restore",): {"file": str(world.backup), "list_only": True}}
+    safe = {**armed, ("rotate",): {"dry_run": True}, ("restore",): {"file": str(world.backup), "list_only": True},
+            ("wal-push",): {"wal_file": str(world.sandbox / "pg_wal" / "not-a-wal-file"), "target_name": "erp"}}
     return {path: (armed[path], safe[path]) for path in armed}
 
 

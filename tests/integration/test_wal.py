@@ -16,7 +16,6 @@ import pwd
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ import yaml
 from pgbeat.wal.archive import EXIT_FETCH_FAILED, EXIT_MISSING, STORED_NAME
 from tests.shelf import make_age_key
 from tests.storage_servers import S3_ACCESS_KEY, S3_SECRET
-from tests.support import VENV_BIN, PgCluster, free_port, make_tempdir, wait_for
+from tests.support import VENV_BIN, PgCluster, free_port, make_tempdir, postgres_user_pgbeat, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -352,28 +351,9 @@ def test_wal_push_imports_neither_celery_nor_rich_nor_an_unused_sdk(world):
 
 
 @pytest.fixture(scope="module")
-def postgres_venv(tmp_path_factory):
-    """A venv of Debian's own Python (postgres cannot read /root, where the tests' Python lives), seeing this
-    tree's packages, with a `pgbeat` command: what the server's archive_command runs."""
+def postgres_venv():
     base = make_tempdir("pgbeat-walvenv-")
-    venv = base / "venv"
-    made = subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], capture_output=True,
-                          text=True)
-    if made.returncode != 0:
-        subprocess.run(["apt-get", "install", "-y", "python3-venv"], capture_output=True, timeout=600)
-        subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True,
-                       capture_output=True)
-    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                                "['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
-    ours = sysconfig.get_paths()["purelib"]  # the test venv's packages, pgbeat (editable: this tree) among them
-    (site / "pgbeat-tree.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
-    script = venv / "bin" / "pgbeat"
-    script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom pgbeat.cli import main\nsys.exit(main())\n")
-    script.chmod(0o755)
-    check = subprocess.run(["runuser", "-u", "postgres", "--", str(script), "--version"], capture_output=True,
-                           text=True, cwd="/")
-    assert check.returncode == 0, f"postgres cannot run pgbeat from {venv}: {check.stderr}"
-    yield script
+    yield postgres_user_pgbeat(base)
     shutil.rmtree(base, ignore_errors=True)
 
 
