@@ -1,7 +1,9 @@
 """The `pgbeat` command.
 
 Exit codes: 0 success; 1 a backup or step failed; 2 invalid configuration or usage; 3 verification
-failed; 4 the target is locked by another run; 5 a target or the broker is unreachable; 130 interrupted.
+failed; 4 the target is locked by another run; 5 a target or the broker is unreachable; 130 interrupted;
+`wal-fetch` only: 128 the WAL file could not be fetched (for PostgreSQL's restore_command, 1 means "not in
+the archive" and ends recovery, so every other failure is above 125).
 Every option and argument has a type of pgbeat/clitypes.py, and every error ends in one message and one
 of these codes, never a traceback (`PgbeatGroup`; -vv logs the traceback of an unexpected one). The code
 of a failure is its error class's (pgbeat/errors.py), for a failed run too (`error_from_record`).

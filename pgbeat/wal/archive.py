@@ -191,7 +191,6 @@ class PushResult:
     stored: StoredWal | None = None
     error: PgbeatError | None = None
     ahead: list[PushResult] = field(default_factory=list)
-    already: bool = False  # archived before this call, everywhere
 
 
 class StoragePerThread:
@@ -284,10 +283,9 @@ def push_one(settings: Settings, target: Target, source: Path, storages: Storage
     push-ahead's failure never hides the outcome of the file PostgreSQL asked for)."""
     result = PushResult(source.name)
     try:
-        result.stored, local_new = store_locally(settings, target, source)
+        result.stored = store_locally(settings, target, source)
         faults.fault_point(PUSH_LOCAL)
-        copied = copy_to_destinations(settings, target, result.stored, storages)
-        result.already = not local_new and not copied
+        copy_to_destinations(settings, target, result.stored, storages)
     except PgbeatError as exc:
         result.error = exc
     except OSError as exc:
@@ -295,15 +293,15 @@ def push_one(settings: Settings, target: Target, source: Path, storages: Storage
     return result
 
 
-def store_locally(settings: Settings, target: Target, source: Path) -> tuple[StoredWal, bool]:
+def store_locally(settings: Settings, target: Target, source: Path) -> StoredWal:
     """Put `source` in the local archive unless it is there with the same content; return its stored
-    copy and whether this call wrote it. Raise WalConflictError if it is there with other content."""
+    copy. Raise WalConflictError if it is there with other content."""
     wal_name = source.name
     root = private_dir(wal_root(settings, target.name))
     sha256 = sha256_file(source)
     found = same_or_conflict(local_copies(settings, target.name, wal_name), wal_name, sha256, "the local archive")
     if found is not None:
-        return found, False  # the fast path: pushed before (ahead, or by a call whose answer was lost)
+        return found  # the fast path: pushed before (ahead, or by a call whose answer was lost)
     folder = root / folder_of(wal_name)
     if not folder.is_dir():
         private_dir(folder)
@@ -325,9 +323,7 @@ def store_locally(settings: Settings, target: Target, source: Path) -> tuple[Sto
                 publish(staged, folder / name)  # never replaces a name; fsyncs the folder
     finally:
         remove_path(staged)
-    if found is not None:
-        return found, False  # another push published it meanwhile
-    return parse_stored(name, folder.name), True
+    return found or parse_stored(name, folder.name)  # found: another push published it meanwhile
 
 
 def write_stored(source: Path, dest: Path, codec: str, level: int, recipients: list[str] | None) -> str:
@@ -356,14 +352,13 @@ def write_stored(source: Path, dest: Path, codec: str, level: int, recipients: l
     return raw.hexdigest()
 
 
-def copy_to_destinations(settings: Settings, target: Target, stored: StoredWal, storages: StoragePerThread) -> bool:
+def copy_to_destinations(settings: Settings, target: Target, stored: StoredWal, storages: StoragePerThread) -> None:
     """Copy the local `stored` file to each destination of `target` that has not got it, checked where it
-    landed (size and SHA-256 of the stored bytes); return whether any was copied. Raise WalConflictError
+    landed (size and SHA-256 of the stored bytes). Raise WalConflictError
     if a destination holds the WAL file with other content, StorageError if one cannot take it (naming
     it; the local copy stays, and the next push goes on from there)."""
     root = wal_root(settings, target.name)
     local = root / stored.relpath
-    copied = False
     for spec in target.destinations:
         marker = root / COPIED_DIR / spec.name / stored.name
         if marker.exists():
@@ -384,8 +379,6 @@ def copy_to_destinations(settings: Settings, target: Target, stored: StoredWal, 
         private_dir(marker.parent)
         with open_private(marker):
             pass  # not fsync'ed: a marker lost in a crash only costs one more check at the destination
-        copied = True
-    return copied
 
 
 # --- fetch -------------------------------------------------------------------------------------------

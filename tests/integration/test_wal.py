@@ -295,9 +295,13 @@ def test_a_destination_that_is_down_fails_the_push_and_nothing_is_lost_when_it_i
     assert s3_keys(moto_s3, bucket) == [key]
     assert moto_s3.client().get_object(Bucket=bucket, Key=key)["Body"].read() == stored.read_bytes()
 
-    # Fetch from the destination when the local archive lacks it; the destination's copy is checked too.
-    shutil.rmtree(world.archive())
+    # A damaged local copy is passed over for the destination's good one; so is a local archive without it.
+    stored.write_bytes(stored.read_bytes()[:1000])
     dest = world.base / "RECOVERYXLOG"
+    assert fetch(world, SEGMENT, dest).returncode == 0
+    assert dest.read_bytes() == source.read_bytes()
+    shutil.rmtree(world.archive())
+    dest.unlink()
     assert fetch(world, SEGMENT, dest).returncode == 0
     assert dest.read_bytes() == source.read_bytes()
     assert fetch(world, OTHER_SEGMENT, dest).returncode == EXIT_MISSING
@@ -320,6 +324,13 @@ def test_a_push_killed_before_the_destination_copy_is_completed_by_the_next(worl
     assert len(world.stored(SEGMENT)) == 1 and s3_keys(moto_s3, bucket) == []
     assert world.pgbeat("wal-push", str(source), "--target", "wal").returncode == 0
     assert len(s3_keys(moto_s3, bucket)) == 1
+
+    # PostgreSQL's next call for it (after a push-ahead, say) takes the fast path: no destination contacted.
+    world.targets[0]["destinations"] = [s3_destination(f"http://127.0.0.1:{free_port()}", bucket)]
+    world.write_config()
+    assert world.pgbeat("wal-push", str(source), "--target", "wal").returncode == 0
+    world.targets[0]["destinations"] = [s3_destination(moto_s3.url, bucket)]
+    world.write_config()
 
     # Another cluster's segment of the same name at the destination only: refused there, loudly.
     other = wal_file(world.base / "other", OTHER_SEGMENT)
