@@ -297,7 +297,11 @@ def store_locally(settings: Settings, target: Target, source: Path) -> StoredWal
     """Put `source` in the local archive unless it is there with the same content; return its stored
     copy. Raise WalConflictError if it is there with other content."""
     wal_name = source.name
-    root = private_dir(wal_root(settings, target.name))
+    root = wal_root(settings, target.name)
+    if not root.is_dir():  # the first push of the target: its folders' entries made durable too
+        private_dir(root)
+        fsync_dir(root.parent)
+        fsync_dir(root.parent.parent)
     sha256 = sha256_file(source)
     found = same_or_conflict(local_copies(settings, target.name, wal_name), wal_name, sha256, "the local archive")
     if found is not None:
