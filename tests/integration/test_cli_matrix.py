@@ -921,6 +921,19 @@ def damaged_copy_scenarios(command: str) -> dict:
     return {f"{command} a copy at S3 with {damage}": lambda s, d=damage: run(s, d) for damage in REMOTE_DAMAGE}
 
 
+def wal_fetch_damaged(s: Scene):
+    """restore_command's real error: a damaged WAL file is 128, never 1 (which would end recovery)."""
+    wal = s.service.base / "pg_wal" / "000000010000000000000001"
+    wal.parent.mkdir()
+    wal.write_bytes(b"wal" * 1000)
+    pushed = s.service.pgbeat("wal-push", str(wal), "--target", "erp")
+    assert pushed.returncode == 0, pushed.stderr
+    [stored] = (s.service.backup_root / "wal" / "erp").rglob("000000010000000000000001-*")
+    stored.write_bytes(b"damaged")
+    return s.service.pgbeat("wal-fetch", "000000010000000000000001", str(s.service.base / "RECOVERYXLOG"),
+                            "--target", "erp")
+
+
 EXIT_SCENARIOS = {
     0: {"backup": lambda s: s.service.pgbeat("backup", "daily", timeout=120),
         "verify a good backup": lambda s: s.service.pgbeat("verify", str(s.backup), timeout=60),
@@ -947,6 +960,7 @@ EXIT_SCENARIOS = {
         "backup with the broker down": broker_down,
         "backup with no live worker": backup_with_no_worker},
     EXIT_INTERRUPTED: {"Ctrl-C while backup waits for the lock": interrupted_while_waiting_for_the_lock},
+    EXIT_FETCH_FAILED: {"wal-fetch of a damaged WAL file": wal_fetch_damaged},
 }
 
 
@@ -955,7 +969,7 @@ def test_every_documented_exit_code_has_a_scenario():
     assert set(documented) == DOCUMENTED, documented
     assert set(EXIT_SCENARIOS) == set(documented), "give each documented exit code a scenario in EXIT_SCENARIOS"
     assert {errors.EXIT_OK, errors.EXIT_FAILED, errors.EXIT_CONFIG, errors.EXIT_VERIFY, errors.EXIT_LOCKED,
-            errors.EXIT_UNREACHABLE, errors.EXIT_INTERRUPTED} == set(documented)
+            errors.EXIT_UNREACHABLE, errors.EXIT_INTERRUPTED, EXIT_FETCH_FAILED} == set(documented)
 
 
 def test_every_error_class_exits_with_a_documented_code():
