@@ -193,27 +193,30 @@ class PushResult:
     ahead: list[PushResult] = field(default_factory=list)
 
 
-class StoragePerThread:
-    """The destinations' storages of a push, one set per thread (an SFTP session is not to be shared
-    between threads), all closed at the end."""
+class DestinationStorages:
+    """The destinations' storages of one push: one per destination, opened on first use and used by one
+    thread at a time (an SFTP session must not be shared between threads, and making a boto3 client
+    per thread costs more CPU than a segment's upload), all closed at the end. The local work of the
+    files pushed ahead (hashing, compressing, fsync) runs in parallel; their uploads take turns."""
 
     def __init__(self) -> None:
-        self.local = threading.local()
-        self.opened: list = []
+        self.storages: dict[str, object] = {}
+        self.locks: dict[str, threading.Lock] = {}
         self.lock = threading.Lock()
 
-    def get(self, spec):
-        from pgbeat.storage.destinations import open_storage  # the SDK of a destination only when there is one
+    @contextlib.contextmanager
+    def use(self, spec) -> Iterator:
+        with self.lock:
+            lock = self.locks.setdefault(spec.name, threading.Lock())
+        with lock:
+            if spec.name not in self.storages:
+                from pgbeat.storage.destinations import open_storage  # a destination's SDK only when it is used
 
-        storages = self.local.__dict__.setdefault("storages", {})
-        if spec.name not in storages:
-            storages[spec.name] = open_storage(spec)
-            with self.lock:
-                self.opened.append(storages[spec.name])
-        return storages[spec.name]
+                self.storages[spec.name] = open_storage(spec)
+            yield self.storages[spec.name]
 
     def close(self) -> None:
-        for storage in self.opened:
+        for storage in self.storages.values():
             with contextlib.suppress(Exception):  # a close that fails must not hide the push's outcome
                 storage.close()
 
@@ -230,7 +233,7 @@ def push(settings: Settings, target: Target, source: Path, ahead: bool = True) -
     if ahead and target.wal.push_ahead:
         waiting = not_stored(settings, target.name, ready_files(source))
         others = [path for path in waiting if path.is_file()][:target.wal.push_ahead]
-    storages = StoragePerThread()
+    storages = DestinationStorages()
     try:
         if not others:
             return push_one(settings, target, source, storages)
@@ -278,7 +281,7 @@ def not_stored(settings: Settings, target: str, files: list[Path]) -> list[Path]
     return left
 
 
-def push_one(settings: Settings, target: Target, source: Path, storages: StoragePerThread) -> PushResult:
+def push_one(settings: Settings, target: Target, source: Path, storages: DestinationStorages) -> PushResult:
     """Archive one WAL file everywhere; return the result (an error is returned, not raised, so that a
     push-ahead's failure never hides the outcome of the file PostgreSQL asked for)."""
     result = PushResult(source.name)
@@ -356,7 +359,7 @@ def write_stored(source: Path, dest: Path, codec: str, level: int, recipients: l
     return raw.hexdigest()
 
 
-def copy_to_destinations(settings: Settings, target: Target, stored: StoredWal, storages: StoragePerThread) -> None:
+def copy_to_destinations(settings: Settings, target: Target, stored: StoredWal, storages: DestinationStorages) -> None:
     """Copy the local `stored` file to each destination of `target` that has not got it, checked where it
     landed (size and SHA-256 of the stored bytes). Raise WalConflictError
     if a destination holds the WAL file with other content, StorageError if one cannot take it (naming
@@ -367,19 +370,19 @@ def copy_to_destinations(settings: Settings, target: Target, stored: StoredWal, 
         marker = root / COPIED_DIR / spec.name / stored.name
         if marker.exists():
             continue
-        storage = storages.get(spec)
         key = stored.key(target.name)
-        there = same_or_conflict(remote_copies(storage, target.name, stored.wal), stored.wal, stored.sha256,
-                                 spec.name)
         size, sha256 = local.stat().st_size, sha256_file(local)
-        if there is not None and there.name != stored.name:
-            # The same WAL content stored another way (codec or encryption changed since): it is archived.
-            log.info("%s: %s holds %s as %s", stored.wal, spec.name, stored.wal, there.name)
-        elif there is None:
-            storage.put(local, key, sha256=sha256)
-            storage.verify(key, size, sha256)
-        else:
-            storage.verify(key, size, sha256)  # an earlier push stored it; its marker was not written
+        with storages.use(spec) as storage:
+            there = same_or_conflict(remote_copies(storage, target.name, stored.wal), stored.wal, stored.sha256,
+                                     spec.name)
+            if there is not None and there.name != stored.name:
+                # The same WAL content stored another way (codec or encryption changed since): it is archived.
+                log.info("%s: %s holds %s as %s", stored.wal, spec.name, stored.wal, there.name)
+            elif there is None:
+                storage.put(local, key, sha256=sha256)
+                storage.verify(key, size, sha256)
+            else:
+                storage.verify(key, size, sha256)  # an earlier push stored it; its marker was not written
         private_dir(marker.parent)
         with open_private(marker):
             pass  # not fsync'ed: a marker lost in a crash only costs one more check at the destination
