@@ -24,7 +24,7 @@ import yaml
 from pgbeat.wal.archive import EXIT_FETCH_FAILED, EXIT_MISSING, STORED_NAME
 from tests.shelf import make_age_key
 from tests.storage_servers import S3_ACCESS_KEY, S3_SECRET
-from tests.support import VENV_BIN, PgCluster, free_port, make_tempdir, postgres_user_pgbeat, wait_for
+from tests.support import PG_BIN, VENV_BIN, PgCluster, free_port, make_tempdir, postgres_user_pgbeat, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -383,6 +383,8 @@ class ArchivingCluster:
         chown_postgres(self.world.backup_root)
         with open(self.cluster.data / "postgresql.conf", "a") as f:
             f.write(f"\narchive_mode = on\narchive_command = '{self.archive_command('walpg')}'\n")
+        with open(self.cluster.data / "pg_hba.conf", "a") as f:
+            f.write("host replication postgres 127.0.0.1/32 trust\n")  # pg_basebackup
         self.cluster.stop()
         self.cluster.start()
 
@@ -464,3 +466,52 @@ def test_check_says_so_when_archiving_is_off(pg, workdir):
     done = world.pgbeat("check", "--target", "plain", "--timeout", "5")
     assert done.returncode == 1 and "archive_mode is off" in done.stderr, done.stderr
 
+
+
+def test_a_base_backup_without_wal_recovers_through_wal_fetch_to_the_end_of_the_archive(archiving):
+    """restore_command = wal-fetch, with a real PostgreSQL reading its exit codes: every segment since the
+    base backup comes from the archive, and exit 1 for the first file the archive lacks ends recovery."""
+    pg = archiving.cluster
+    pg.sql("DROP TABLE IF EXISTS pitr; CREATE TABLE pitr (id int)")
+    pg.sql("INSERT INTO pitr SELECT generate_series(1, 100)")
+    replica = archiving.base / "replica"
+    replica.mkdir()
+    chown_postgres(replica)
+    data = replica / "data"
+    made = subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_basebackup"), "-h", pg.host, "-p",
+                           str(pg.port), "-U", "postgres", "-D", str(data), "-X", "none", "--no-sync"],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    pg.sql("INSERT INTO pitr SELECT generate_series(101, 250)")
+    last = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
+    wait_for(lambda: archiving.world.stored(last, "walpg"), 60, what=f"{last} in the archive")
+    assert not list((data / "pg_wal").glob("0*")), "the base backup holds no WAL: all of it must come from the archive"
+
+    port = free_port()
+    fetch_command = (f"PGBEAT_CONFIG={archiving.world.config_path} {archiving.pgbeat_script} wal-fetch %f %p "
+                     "--target walpg")
+    with open(data / "postgresql.conf", "a") as f:
+        f.write(f"\nport = {port}\nunix_socket_directories = '{replica}'\narchive_mode = off\n"
+                f"restore_command = '{fetch_command}'\n")
+    (data / "recovery.signal").touch()
+    chown_postgres(replica)
+    log = replica / "server.log"
+    started = subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "-l",
+                              str(log), "-w", "-t", "120", "start"], capture_output=True, text=True)
+    try:
+        assert started.returncode == 0, started.stderr + (log.read_text() if log.exists() else "")
+
+        def sql(query: str) -> str:
+            return subprocess.run([str(PG_BIN / "psql"), "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(port), "-U",
+                                   "postgres", "-d", "postgres", "-c", query], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+
+        # pg_ctl returns once hot standby accepts reads; recovery ends when wal-fetch says "missing" (exit 1).
+        wait_for(lambda: sql("SELECT pg_is_in_recovery()") == "f", 120, 0.2, what="the end of recovery")
+        assert sql("SELECT count(*) FROM pitr") == "250", log.read_text()[-4000:]
+        server_log = log.read_text()
+        assert f'restored log file "{last}" from archive' in server_log, server_log[-3000:]
+        assert "archive recovery complete" in server_log
+    finally:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "-m",
+                        "immediate", "-w", "stop"], capture_output=True)
