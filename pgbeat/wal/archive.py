@@ -32,6 +32,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -330,7 +331,23 @@ def store_locally(settings: Settings, target: Target, source: Path) -> StoredWal
                 publish(staged, folder / name)  # never replaces a name; fsyncs the folder
     finally:
         remove_path(staged)
+    sweep_staging(folder, wal_name)
     return found or parse_stored(name, folder.name)  # found: another push published it meanwhile
+
+
+STALE_STAGING_S = 3600  # no live push takes this long to write one WAL file
+
+
+def sweep_staging(folder: Path, wal_name: str) -> None:
+    """Remove what killed pushes of `wal_name` left in `folder` (hidden staging files), once they are
+    old enough that no live push can still be writing them (each writer has a name of its own)."""
+    now = time.time()
+    for name in os.listdir(folder):
+        if name.startswith(f".{wal_name}-") and is_staging(name):
+            with contextlib.suppress(FileNotFoundError):
+                if now - (folder / name).stat().st_mtime > STALE_STAGING_S:
+                    remove_path(folder / name)
+                    log.info("removed %s, left by a killed push", name)
 
 
 def write_stored(source: Path, dest: Path, codec: str, level: int, recipients: list[str] | None) -> str:

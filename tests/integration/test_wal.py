@@ -16,6 +16,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -199,9 +200,13 @@ def test_a_push_killed_before_its_final_name_leaves_none_and_the_next_completes(
     gone = fetch(world, SEGMENT, world.base / "RECOVERYXLOG")
     assert gone.returncode == EXIT_MISSING, gone.stderr
 
+    [left] = [p for p in world.archive().rglob(f".{SEGMENT}-*")]
+    hour_ago = time.time() - 3700
+    os.utime(left, (hour_ago, hour_ago))  # what a push killed over an hour ago left: no live push writes it
     done = world.pgbeat("wal-push", str(source), "--target", "wal")
     assert done.returncode == 0, done.stderr
     assert len(world.stored(SEGMENT)) == 1
+    assert not left.exists(), "the killed push's staging file was not swept"
     assert fetch(world, SEGMENT, world.base / "RECOVERYXLOG").returncode == 0
     assert (world.base / "RECOVERYXLOG").read_bytes() == source.read_bytes()
 
