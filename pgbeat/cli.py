@@ -760,7 +760,8 @@ def wal_push(wal_file: Path, target_name: str, no_ahead: bool) -> None:
     """
     from pgbeat.wal.archive import push
 
-    settings = settings_or_exit(writes=True, recover=False)
+    # Only BACKUP_ROOT/wal need be the postgres user's (README): a folder it cannot write is named by the push.
+    settings = settings_or_exit(recover=False)
     result = push(settings, settings.target(target_name), wal_file, ahead=not no_ahead)
     if result.error is not None:
         fail(result.error)

@@ -385,7 +385,8 @@ class ArchivingCluster:
         self.world.targets.append({"name": "walpg", "dbname": "postgres", "host": "127.0.0.1",
                                    "port": self.cluster.port, "user": "postgres"})
         self.world.write_config()
-        chown_postgres(self.world.backup_root)
+        (self.world.backup_root / "wal").mkdir()
+        chown_postgres(self.world.backup_root / "wal")  # as the README asks: BACKUP_ROOT/wal is postgres's
         with open(self.cluster.data / "postgresql.conf", "a") as f:
             f.write(f"\narchive_mode = on\narchive_command = '{self.archive_command('walpg')}'\n")
         with open(self.cluster.data / "pg_hba.conf", "a") as f:
@@ -520,3 +521,21 @@ def test_a_base_backup_without_wal_recovers_through_wal_fetch_to_the_end_of_the_
     finally:
         subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "-m",
                         "immediate", "-w", "stop"], capture_output=True)
+
+
+def test_an_archive_folder_the_postgres_user_cannot_write_is_named(archiving):
+    world = archiving.world
+    world.targets.append({**world.targets[0], "name": "locked"})
+    world.write_config()
+    try:
+        (world.backup_root / "wal" / "locked").mkdir(mode=0o700)  # root's: postgres may not enter it
+        segment = wal_file(archiving.base / "locked_pg_wal", SEGMENT)
+        (archiving.base / "locked_pg_wal").chmod(0o755)
+        segment.chmod(0o644)
+        done = archiving.as_postgres("wal-push", str(segment), "--target", "locked")
+        assert done.returncode == 1, done.stderr
+        assert "Permission denied" in done.stderr and str(world.backup_root / "wal" / "locked") in done.stderr
+        assert "Traceback" not in done.stderr
+    finally:
+        world.targets.pop()
+        world.write_config()
