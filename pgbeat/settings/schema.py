@@ -280,6 +280,10 @@ class WalSpec(Strict):
     push_ahead: int = Field(8, ge=0, le=64, description="each wal-push also archives up to this many other "
                                                         "segments PostgreSQL has marked .ready, in parallel, so "
                                                         "that the calls for them find them done (0 = only its own)")
+    prefetch: int = Field(8, ge=0, le=64, description="when wal-fetch gets a segment from a destination, it also "
+                                                      "downloads up to this many following segments into the "
+                                                      "local archive, if it may write there, so that the next "
+                                                      "calls find them (0 = none)")
 
 
 class TargetOptions(Strict):

@@ -439,6 +439,8 @@ def fetch(settings: Settings, target: Target, wal_name: str, dest: Path) -> Fetc
                 continue
             if problems:
                 log.warning("%s: fetched from %s after: %s", wal_name, where, "; ".join(problems))
+            if where != "local":
+                prefetch(settings, target, wal_name, where)
             return FetchResult(wal_name, where, size)
     if problems:
         raise WalFetchError(f"{wal_name} could not be fetched: " + "; ".join(problems),
@@ -492,6 +494,67 @@ def remote_copies(storage, target: str, wal_name: str) -> list[StoredWal]:
     """The copies of `wal_name` a destination holds (one listing of its folder)."""
     folder_key = f"{WAL_DIR}/{target}/{folder_of(wal_name)}"
     return stored_copies([info.key.rsplit("/", 1)[-1] for info in storage.list(folder_key)], wal_name)
+
+
+SEGMENTS_PER_LOG = 256  # with PostgreSQL's default 16 MiB segments
+
+
+def following_segments(wal_name: str, count: int) -> list[str]:
+    """The names of the `count` segments after `wal_name` on its timeline (none for other WAL files).
+    With segments other than 16 MiB a guess may name no segment: it is then not found, which costs nothing."""
+    if len(wal_name) != 24 or not WAL_NAME.fullmatch(wal_name):
+        return []
+    timeline, number = wal_name[:8], int(wal_name[8:16], 16) * SEGMENTS_PER_LOG + int(wal_name[16:], 16)
+    return [f"{timeline}{n // SEGMENTS_PER_LOG:08X}{n % SEGMENTS_PER_LOG:08X}" for n in range(number + 1,
+                                                                                         number + 1 + count)]
+
+
+def prefetch(settings: Settings, target: Target, wal_name: str, destination: str) -> list[str]:
+    """After `wal_name` came from `destination`, copy the stored files of up to `target.wal.prefetch`
+    following segments from there into the local archive (as they are stored: fetching one checks it),
+    so that PostgreSQL's next calls find them without starting a download each. Only where this user may
+    write the local archive; a failure only logs (the call for that segment tries again). Return the
+    names copied."""
+    names = following_segments(wal_name, target.wal.prefetch)
+    root = wal_root(settings, target.name)
+    try:
+        private_dir(root)
+    except OSError:
+        return []  # a restore host without a local archive of its own: every call downloads its segment
+    if not os.access(root, os.W_OK):
+        return []
+    spec = target.destination(destination)
+    copied = []
+    storages = DestinationStorages()
+    try:
+        with storages.use(spec) as storage:
+            listings: dict[str, list[StoredWal]] = {}
+            for name in names:
+                if local_copies(settings, target.name, name):
+                    continue
+                folder = folder_of(name)
+                if folder not in listings:
+                    listings[folder] = [parse_stored(i.key.rsplit("/", 1)[-1], folder)
+                                        for i in storage.list(f"{WAL_DIR}/{target.name}/{folder}")]
+                there = [s for s in listings[folder] if s is not None and s.wal == name]
+                if len(there) != 1:
+                    break  # the end of the archive (or a conflict, for that segment's own call to report)
+                local_folder = private_dir(root / folder)
+                staged = local_folder / staging_name(there[0].name)
+                try:
+                    storage.get(there[0].key(target.name), staged)
+                    fsync_file(staged)
+                    with archive_lock(root):
+                        if not local_copies(settings, target.name, name):
+                            publish(staged, local_folder / there[0].name)
+                            copied.append(name)
+                finally:
+                    remove_path(staged)
+    except (PgbeatError, OSError) as exc:
+        log.warning("prefetching after %s from %s stopped: %s", wal_name, destination, message_of(exc))
+    finally:
+        storages.close()
+    return copied
 
 
 def decode_into(path: Path, stored: StoredWal, dest: Path, target: Target) -> int:

@@ -539,3 +539,26 @@ def test_an_archive_folder_the_postgres_user_cannot_write_is_named(archiving):
     finally:
         world.targets.pop()
         world.write_config()
+
+
+def test_a_segment_fetched_from_a_destination_brings_the_following_ones_into_the_local_archive(world, moto_s3):
+    bucket = moto_s3.new_bucket()
+    world.targets[0]["destinations"] = [s3_destination(moto_s3.url, bucket)]
+    world.targets[0]["wal"] = {"prefetch": 2}
+    world.write_config()
+    names = ["0000000100000000000000FE", "0000000100000000000000FF", "000000010000000100000000",
+             "000000010000000100000001"]  # across a log boundary
+    sources = {name: wal_file(world.base / "pg_wal", name) for name in names}
+    for name in names:
+        assert world.pgbeat("wal-push", str(sources[name]), "--target", "wal", "--no-ahead").returncode == 0
+    shutil.rmtree(world.archive())  # a restore host: the destination has it all, the local archive nothing
+
+    dest = world.base / "RECOVERYXLOG"
+    assert fetch(world, names[0], dest).returncode == 0
+    assert [bool(world.stored(name)) for name in names] == [False, True, True, False]  # the next two, as stored
+    world.targets[0]["destinations"] = [s3_destination(f"http://127.0.0.1:{free_port()}", bucket)]
+    world.write_config()
+    for name in names[1:3]:  # PostgreSQL's next calls: from the local archive, the destination not needed
+        done = fetch(world, name, dest)
+        assert done.returncode == 0, done.stderr
+        assert dest.read_bytes() == sources[name].read_bytes()

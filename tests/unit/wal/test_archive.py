@@ -10,6 +10,7 @@ from pgbeat.wal.archive import (
     WalConflictError,
     check_wal_name,
     folder_of,
+    following_segments,
     parse_stored,
     ready_files,
     same_or_conflict,
@@ -70,3 +71,11 @@ def test_push_ahead_takes_ready_files_in_postgresql_order_without_its_own(tmp_pa
     assert [p.name for p in picked] == ["00000002.history", "000000010000000000000002.00000028.backup",
                                         "000000010000000000000004", "000000020000000000000005"]
     assert ready_files(tmp_path / "nowhere" / "000000010000000000000003") == []
+
+
+def test_prefetch_names_the_following_segments_across_a_log_boundary():
+    assert following_segments("0000000200000000000000FE", 3) == [
+        "0000000200000000000000FF", "000000020000000100000000", "000000020000000100000001"]
+    assert following_segments("00000002.history", 3) == []
+    assert following_segments("000000010000000000000003.partial", 3) == []
+    assert following_segments("000000010000000000000003", 0) == []
