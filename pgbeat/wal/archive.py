@@ -396,7 +396,12 @@ def copy_to_destinations(settings: Settings, target: Target, stored: StoredWal, 
                 # The same WAL content stored another way (codec or encryption changed since): it is archived.
                 log.info("%s: %s holds %s as %s", stored.wal, spec.name, stored.wal, there.name)
             elif there is None:
-                storage.put(local, key, sha256=sha256)
+                try:
+                    storage.put(local, key, sha256=sha256)
+                except StorageError:
+                    # Another push of the same file (a second pgbeat process) may have stored it meanwhile.
+                    if stored.name not in [c.name for c in remote_copies(storage, target.name, stored.wal)]:
+                        raise
                 storage.verify(key, size, sha256)
             else:
                 storage.verify(key, size, sha256)  # an earlier push stored it; its marker was not written
