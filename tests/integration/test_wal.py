@@ -562,3 +562,19 @@ def test_a_segment_fetched_from_a_destination_brings_the_following_ones_into_the
         done = fetch(world, name, dest)
         assert done.returncode == 0, done.stderr
         assert dest.read_bytes() == sources[name].read_bytes()
+
+
+def test_check_on_a_host_without_the_local_archive_looks_at_the_destinations(archiving, moto_s3, workdir):
+    world = archiving.world
+    bucket = moto_s3.new_bucket()
+    world.targets[0]["destinations"] = [s3_destination(moto_s3.url, bucket)]
+    world.write_config()  # archive_command reads it on its next call
+    try:
+        elsewhere = WalWorld(workdir, [dict(world.targets[0])])  # another host: same target, no local archive
+        done = elsewhere.pgbeat("check", "--target", "walpg", "--timeout", "60")
+        assert done.returncode == 0, done.stderr
+        assert "archived (offsite)" in done.stdout, done.stdout
+        assert not (elsewhere.backup_root / "wal").exists()
+    finally:
+        del world.targets[0]["destinations"]
+        world.write_config()
