@@ -578,3 +578,45 @@ def test_check_on_a_host_without_the_local_archive_looks_at_the_destinations(arc
     finally:
         del world.targets[0]["destinations"]
         world.write_config()
+
+
+def test_restore_pitr_recovers_a_base_backup_to_a_moment_through_this_archive(archiving, workdir):
+    """The whole path: `pgbeat backup base`, WAL archived by wal-push as the server's archive_command, then
+    `pgbeat restore --pitr --to TIME --start` whose restore_command is wal-fetch: the rows of that moment."""
+    pg, world = archiving.cluster, archiving.world
+    world.targets[0]["tiers"] = {"base": {"enabled": True}}
+    world.write_config()
+    try:
+        pg.sql("DROP TABLE IF EXISTS moments; CREATE TABLE moments (id int, at timestamptz DEFAULT now())")
+        based = world.pgbeat("backup", "base", "--target", "walpg")
+        assert based.returncode == 0, based.stdout + based.stderr
+        pg.sql("INSERT INTO moments (id) SELECT generate_series(1, 10)")
+        moment = pg.sql("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')")
+        time.sleep(1.5)
+        pg.sql("INSERT INTO moments (id) SELECT generate_series(11, 30)")
+        last = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
+        wait_for(lambda: archiving.world.stored(last, "walpg"), 60, what=f"{last} in the archive")
+
+        data = make_tempdir("pgbeat-pitr-") / "data"
+        port = free_port()
+        restored = world.pgbeat("restore", "--pitr", "--target", "walpg", "--to", moment, "--data-dir", str(data),
+                                "--start", "--port", str(port), "--server-pgbeat", str(archiving.pgbeat_script),
+                                "--timeout", "120")
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+
+        def sql(query: str) -> subprocess.CompletedProcess:
+            return subprocess.run([str(PG_BIN / "psql"), "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(port), "-U",
+                                   "postgres", "-d", "postgres", "-c", query], capture_output=True, text=True)
+
+        # Waited for here too: `restore --pitr --start` can return while the server is still recovering (its
+        # wait reads pg_control's "in production", which the base backup copied from the running primary).
+        wait_for(lambda: sql("SELECT pg_is_in_recovery()").stdout.strip() == "f", 120, 0.2, what="promotion")
+        count = sql("SELECT count(*) FROM moments")
+        assert count.stdout.strip() == "10", count.stdout + count.stderr + restored.stdout
+    finally:
+        world.targets[0].pop("tiers", None)
+        world.write_config()
+        if "data" in locals() and data.exists():
+            subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "-m",
+                            "immediate", "-w", "stop"], capture_output=True)
+            shutil.rmtree(data.parent, ignore_errors=True)
