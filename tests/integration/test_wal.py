@@ -620,3 +620,32 @@ def test_restore_pitr_recovers_a_base_backup_to_a_moment_through_this_archive(ar
             subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "-m",
                             "immediate", "-w", "stop"], capture_output=True)
             shutil.rmtree(data.parent, ignore_errors=True)
+
+
+def test_check_names_the_grants_a_user_without_the_right_to_switch_the_wal_needs(archiving, workdir):
+    from tests.support import SECRET_PASSWORD
+
+    pg, world = archiving.cluster, archiving.world
+    pg.sql("DROP OWNED BY walcheck CASCADE; DROP ROLE walcheck", check=False)
+    pg.sql(f"CREATE ROLE walcheck LOGIN PASSWORD '{SECRET_PASSWORD}'")
+    kept = dict(world.targets[0])
+    world.targets[0].update(user="walcheck", password=SECRET_PASSWORD)
+    world.write_config()
+    try:
+        done = world.pgbeat("check", "--target", "walpg", "--timeout", "10")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "walcheck may not switch the WAL" in done.stderr, done.stderr
+        assert "GRANT EXECUTE ON FUNCTION pg_switch_wal()" in done.stderr
+        assert SECRET_PASSWORD not in done.stdout + done.stderr
+        pg.sql("GRANT EXECUTE ON FUNCTION pg_switch_wal(), pg_create_restore_point(text) TO walcheck")
+        granted = world.pgbeat("check", "--target", "walpg", "--timeout", "60")
+        assert granted.returncode == 0, granted.stderr
+        assert "archived (local)" in granted.stdout
+
+        # Checked from a host whose BACKUP_ROOT is not where archive_command writes: said so, not a timeout.
+        elsewhere = WalWorld(workdir, [dict(world.targets[0])])
+        lost = elsewhere.pgbeat("check", "--target", "walpg", "--timeout", "60")
+        assert lost.returncode == 1 and "but it is not in this host's archive" in lost.stderr, lost.stderr
+    finally:
+        world.targets[0] = kept
+        world.write_config()
