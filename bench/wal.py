@@ -67,12 +67,36 @@ def drain(pg: PgCluster, command: str, backlog: list[str], timeout: float) -> fl
     return elapsed
 
 
+def live(pg: PgCluster, command: str, seconds: float, timeout: float) -> tuple[int, int, int, float]:
+    """With archive_command set, write WAL with bulk INSERTs for `seconds`; return the segments written,
+    those archived meanwhile, the backlog (.ready) left at the end, and the seconds it then took to drain."""
+    archived = "SELECT archived_count FROM pg_stat_archiver"
+    pg.sql(f"ALTER SYSTEM SET archive_command = '{command}'")
+    pg.sql("SELECT pg_reload_conf()")
+    start_lsn, start_count = pg.sql("SELECT pg_current_wal_lsn()"), int(pg.sql(archived))
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pg.sql("INSERT INTO filler SELECT i, repeat(md5(i::text), 8) FROM generate_series(1, 40000) i")
+    written = int(pg.sql(f"SELECT ((pg_current_wal_lsn() - '{start_lsn}') / 16777216)::bigint"))
+    during = int(pg.sql(archived)) - start_count
+    status = pg.data / "pg_wal" / "archive_status"
+    backlog = len(list(status.glob("*.ready")))
+    t0 = time.monotonic()
+    wait_for(lambda: not list(status.glob("*.ready")), timeout, 0.1, what="the backlog to drain")
+    drained = time.monotonic() - t0
+    pg.sql("ALTER SYSTEM SET archive_command = ''")
+    pg.sql("SELECT pg_reload_conf()")
+    return written, during, backlog, drained
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--segments", type=int, default=32, help="segments in each backlog (16 MiB each)")
     parser.add_argument("--codec", choices=("gzip", "zstd", "none"), default="gzip")
     parser.add_argument("--push-ahead", default="0,8", help="the wal.push_ahead values to measure, comma-separated")
     parser.add_argument("--s3", action="store_true", help="give the target an S3 destination (a local moto_server)")
+    parser.add_argument("--live", type=float, default=0, help="also: seconds of bulk INSERTs with each "
+                        "archive_command active (segments written and archived meanwhile, the backlog left)")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -89,12 +113,13 @@ def main() -> int:
             f.write("\narchive_mode = on\narchive_command = ''\nmax_wal_size = 8GB\nwal_compression = off\n")
         pg.stop()
         pg.start()
-        rows = []
+        rows, commands = [], []
         copies = base / "cp-archive"
         copies.mkdir()
         chown_postgres(copies)
         backlog = build_backlog(pg, args.segments)
         rows.append(("cp (no fsync, no checks)", len(backlog), drain(pg, f"cp %p {copies}/%f", backlog, args.timeout)))
+        commands.append(("cp (no fsync, no checks)", f"cp %p {copies}/%f"))
         for ahead in [int(n) for n in args.push_ahead.split(",")]:
             cfg = base / f"ahead-{ahead}"
             (cfg / "backups").mkdir(parents=True)
@@ -114,10 +139,17 @@ def main() -> int:
             seconds = drain(pg, command, backlog, args.timeout)
             where = " + S3" if s3 is not None else ""
             rows.append((f"pgbeat wal-push, {args.codec}{where}, push_ahead {ahead}", len(backlog), seconds))
+            commands.append((rows[-1][0], command))
         print(f"backlogs of about {args.segments} segments of 16 MiB, {os.cpu_count()} CPU(s)")
         print(f"{'archive_command':48} {'segments':>8} {'seconds':>8} {'segments/s':>11} {'MiB/s':>8}")
         for name, count, seconds in rows:
             print(f"{name:48} {count:8d} {seconds:8.2f} {count / seconds:11.2f} {16 * count / seconds:8.1f}")
+        if args.live:
+            print(f"\nlive: {args.live:.0f} s of bulk INSERTs with archive_command active")
+            print(f"{'archive_command':48} {'written':>8} {'archived':>8} {'backlog':>8} {'drain s':>8}")
+            for name, command in commands:
+                written, during, backlog, drained = live(pg, command, args.live, args.timeout)
+                print(f"{name:48} {written:8d} {during:8d} {backlog:8d} {drained:8.1f}")
         return 0
     finally:
         if pg is not None:
