@@ -229,7 +229,9 @@ def start_and_wait(settings: Settings, data: Path, standby: bool, timeout: float
         state = cluster_state(settings, data)
         running = subprocess.run([*server_user(), pg_ctl, "-D", str(data), "status"],
                                  capture_output=True).returncode == 0
-        if state == "in production" and running:
+        # pg_control says "in production" from the start (the backup copied it from a running primary):
+        # promotion is when the server has removed recovery.signal and runs in production.
+        if state == "in production" and running and not (data / "recovery.signal").exists() and not standby:
             return True, text
         if standby and running and ("started streaming WAL" in text or "consistent recovery state" in text):
             return False, text
