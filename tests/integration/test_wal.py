@@ -649,3 +649,103 @@ def test_check_names_the_grants_a_user_without_the_right_to_switch_the_wal_needs
     finally:
         world.targets[0] = kept
         world.write_config()
+
+
+# --- every recovery target restore --pitr offers --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pitr_history(archiving):
+    """A base backup, then 10 rows (with the time, LSN, transaction id and a restore point right after
+    them), then 20 more; all of it archived. Yields what each recovery target names."""
+    pg, world = archiving.cluster, archiving.world
+    world.targets[0]["tiers"] = {"base": {"enabled": True}}
+    world.write_config()
+    pg.sql("DROP TABLE IF EXISTS history; CREATE TABLE history (id int)")
+    based = world.pgbeat("backup", "base", "--target", "walpg")
+    assert based.returncode == 0, based.stdout + based.stderr
+    xid = pg.sql("WITH ten AS (INSERT INTO history SELECT generate_series(1, 10) RETURNING id) "
+                 "SELECT txid_current() FROM ten LIMIT 1")
+    lsn = pg.sql("SELECT pg_current_wal_insert_lsn()")
+    pg.sql("SELECT pg_create_restore_point('after_ten')")
+    moment = pg.sql("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')")
+    time.sleep(1.2)
+    pg.sql("INSERT INTO history SELECT generate_series(11, 30)")
+    last = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
+    wait_for(lambda: world.stored(last, "walpg"), 60, what=f"{last} in the archive")
+    yield {"--to": moment, "--to-lsn": lsn, "--to-xid": xid.strip(), "--to-name": "after_ten"}
+    world.targets[0].pop("tiers", None)
+    world.write_config()
+
+
+class Restored:
+    """A cluster restored by `pgbeat restore --pitr ... --start`, on a port of its own."""
+
+    def __init__(self, archiving, *args: str) -> None:
+        self.data = make_tempdir("pgbeat-pitr-") / "data"
+        self.port = free_port()
+        self.result = archiving.world.pgbeat("restore", "--pitr", "--target", "walpg", "--data-dir", str(self.data),
+                                             "--start", "--port", str(self.port), "--server-pgbeat",
+                                             str(archiving.pgbeat_script), "--timeout", "120", *args)
+
+    def sql(self, query: str) -> str:
+        out = subprocess.run([str(PG_BIN / "psql"), "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                              "postgres", "-d", "postgres", "-c", query], capture_output=True, text=True)
+        return out.stdout.strip() or out.stderr.strip()
+
+    def destroy(self) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m",
+                        "immediate", "-w", "stop"], capture_output=True)
+        shutil.rmtree(self.data.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("option", "rows"), [("--to", 10), ("--to-lsn", 10), ("--to-xid", 10), ("--to-name", 10),
+                                              ("latest", 30), ("immediate", 0)])
+def test_restore_pitr_reaches_each_kind_of_recovery_target(archiving, pitr_history, option, rows):
+    args = ("--to", option) if option in ("latest", "immediate") else (option, pitr_history[option])
+    restored = Restored(archiving, *args)
+    try:
+        assert restored.result.returncode == 0, restored.result.stdout + restored.result.stderr
+        assert "Recovered and promoted" in restored.result.stdout, restored.result.stdout
+        assert restored.sql("SELECT pg_is_in_recovery()") == "f"  # promoted when the command returned
+        assert restored.sql("SELECT count(*) FROM history") == str(rows)
+        assert (restored.data / "recovery.signal").exists() is False
+        conf = (restored.data / "postgresql.auto.conf").read_text()
+        assert "archive_mode = 'off'" in conf and "wal-fetch %f %p --target walpg" in conf
+    finally:
+        restored.destroy()
+
+
+def test_restore_pitr_refuses_a_moment_before_the_oldest_base_backup_naming_the_window(archiving, pitr_history):
+    restored = Restored(archiving, "--to", "2001-01-01 00:00:00")
+    assert restored.result.returncode == 2, restored.result.stdout + restored.result.stderr
+    assert "before the restorable window" in restored.result.stderr
+    assert "the earliest restorable point is" in restored.result.stderr
+    assert not restored.data.exists() or not any(restored.data.iterdir())
+    shutil.rmtree(restored.data.parent, ignore_errors=True)
+
+
+def test_restore_pitr_never_writes_into_a_folder_that_holds_anything(archiving, pitr_history):
+    data = make_tempdir("pgbeat-pitr-used-")
+    (data / "PG_VERSION").write_text("15\n")
+    done = archiving.world.pgbeat("restore", "--pitr", "--target", "walpg", "--data-dir", str(data))
+    assert done.returncode == 2 and "not an empty folder" in done.stderr, done.stdout + done.stderr
+    assert [p.name for p in data.iterdir()] == ["PG_VERSION"]
+    shutil.rmtree(data, ignore_errors=True)
+
+
+def test_restore_pitr_standby_streams_from_the_primary(archiving, pitr_history):
+    pg = archiving.cluster
+    restored = Restored(archiving, "--standby", "--primary-conninfo",
+                        f"host=127.0.0.1 port={pg.port} user=postgres application_name=pgbeat_standby")
+    try:
+        assert restored.result.returncode == 0, restored.result.stdout + restored.result.stderr
+        assert "Standby running" in restored.result.stdout
+        wait_for(lambda: pg.sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = "
+                                "'pgbeat_standby'") == "1", 60, what="the standby to stream from the primary")
+        assert restored.sql("SELECT pg_is_in_recovery()") == "t"
+        pg.sql("INSERT INTO history SELECT generate_series(31, 35)")
+        wait_for(lambda: restored.sql("SELECT count(*) FROM history") == pg.sql("SELECT count(*) FROM history"),
+                 30, what="a new row to reach the standby")
+    finally:
+        restored.destroy()
