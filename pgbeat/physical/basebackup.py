@@ -38,7 +38,7 @@ from pgbeat.postgres.clock import PendingReading, ask_server_time
 from pgbeat.postgres.process import Supervised, find_pg_binary, program_version
 from pgbeat.settings import Settings, Target
 from pgbeat.steps.compress import BlockWriter, decompressing_reader, write_block_index
-from pgbeat.steps.dump import classify_failure, stream_blocks, widen_pipe
+from pgbeat.steps.dump import abandon, classify_failure, stream_blocks, widen_pipe
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,7 @@ def base_backup_step(ctx: StepContext, run: Run) -> Run:
             raise classify_failure(target, rc, proc.stderr_text(), program="pg_basebackup")
         start_lsn, timeline, end_lsn = wal_range(proc.stderr_text())
     except BaseException:
-        if writer is not None:
-            writer.abort()
-        if proc is not None:
-            proc.stop()
-        if reading is not None:
-            reading.stop()
-        remove_path(output)
+        abandon(output, writer, proc, reading)
         raise
     finally:
         remove_path(work / ".pgpass")

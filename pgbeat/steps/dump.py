@@ -119,6 +119,17 @@ def stream_blocks(pipe, writer: BlockWriter, scanner: DumpScanner | None = None)
             return crc
 
 
+def abandon(output: Path, writer: BlockWriter | None, proc: Supervised | None, reading) -> None:
+    """Stop what still runs of a failed dump (the block writer, the client program, the clock reading),
+    then remove what it wrote."""
+    if writer is not None:
+        writer.abort()
+    for running in (proc, reading):
+        if running is not None:
+            running.stop()
+    remove_path(output)
+
+
 def dump_step(ctx: StepContext, run: Run) -> Run:
     """Dump the run's target into its work folder; return the record with `steps.dump` filled in.
 
@@ -172,13 +183,7 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
                             reason=last_error_line(proc.stderr_text()))
     except BaseException:
         # Includes Celery's SoftTimeLimitExceeded: stop pg_dump, then remove what it wrote.
-        if writer is not None:
-            writer.abort()
-        if proc is not None:
-            proc.stop()
-        if reading is not None:
-            reading.stop()
-        remove_path(output)
+        abandon(output, writer, proc, reading)
         raise
     finally:
         remove_path(work / ".pgpass")
