@@ -608,9 +608,9 @@ def test_restore_pitr_recovers_a_base_backup_to_a_moment_through_this_archive(ar
             return subprocess.run([str(PG_BIN / "psql"), "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(port), "-U",
                                    "postgres", "-d", "postgres", "-c", query], capture_output=True, text=True)
 
-        # Waited for here too: `restore --pitr --start` can return while the server is still recovering (its
-        # wait reads pg_control's "in production", which the base backup copied from the running primary).
-        wait_for(lambda: sql("SELECT pg_is_in_recovery()").stdout.strip() == "f", 120, 0.2, what="promotion")
+        # --start returns once the server is promoted (not while it still recovers: it read pg_control's
+        # "in production", which the base backup copied from the running primary, before 5fba2b4).
+        assert sql("SELECT pg_is_in_recovery()").stdout.strip() == "f", restored.stdout
         count = sql("SELECT count(*) FROM moments")
         assert count.stdout.strip() == "10", count.stdout + count.stderr + restored.stdout
     finally:
