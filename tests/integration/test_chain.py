@@ -136,7 +136,11 @@ def test_failed_dump_notifies_and_leaves_no_file(service, worker, redis_server):
     assert result.returncode == 1
     assert "password authentication failed" in result.stdout
     assert not [p for p in service.backups() if p.name.startswith("erp_badpass")]
-    failures = [e for e in service.events() if e["target"] == "erp_badpass"]
+    # The errback marks the run failed, then sends notify: the outcome may arrive a moment after the CLI ends.
+    failures = wait_for(lambda: [e for e in service.events() if e["target"] == "erp_badpass"], 30,
+                        what="the failure notification")
+    time.sleep(1)  # and it comes once
+    assert failures == [e for e in service.events() if e["target"] == "erp_badpass"]
     assert len(failures) == 1 and failures[0]["kind"] == "failure" and failures[0]["step"] == "dump"
     assert any("password authentication failed" in line for line in failures[0]["details"])
     # The password is neither in the notification nor in anything Redis holds.

@@ -61,6 +61,15 @@ def events_of(service: Service, run_id: str) -> list[str]:
     return [e["kind"] for e in service.events() if e["run_id"] == run_id]
 
 
+def wait_failed(redis_client, service: Service, run_id: str, timeout: float = 60) -> dict:
+    """Wait until run `run_id` failed and its notify step told so: the errback marks the run failed, then
+    sends notify, so the worker must not be stopped between the two."""
+    state = wait_run(redis_client, run_id, timeout)
+    if state["status"] == "failed":
+        wait_for(lambda: "failure" in events_of(service, run_id), 60, what="the failure notification")
+    return state
+
+
 def test_1_sigkill_of_the_worker_mid_dump(workdir, pg, redis_server, locked_db):
     service = service_for(workdir, redis_server.url, pg, locked_db)
     worker = Worker(service)
@@ -189,7 +198,7 @@ def test_5_redis_restarted_mid_chain(workdir, pg, locked_db):
         redis.restart()
         wait_for(lambda: not pg_dump_processes(locked_db), 20, what="the cut-off dump to stop")  # no orphan
     try:
-        state = wait_run(redis.client, run_id, 120)
+        state = wait_failed(redis.client, service, run_id, 120)
     finally:
         supervisor.stop()
         redis.stop()
@@ -213,7 +222,7 @@ def test_6_unreachable_database_retries_then_one_failure(workdir, pg, redis_serv
         worker.stop()
         worker = Worker(service, name="w2")
         run_id = call(service)
-        assert wait_run(redis_server.client, run_id, 60)["status"] == "failed"
+        assert wait_failed(redis_server.client, service, run_id, 60)["status"] == "failed"
     finally:
         worker.stop()
     assert worker.log_text().count("Retry in") == FAST["retries"]  # with backoff, then give up
@@ -274,7 +283,7 @@ def test_8_upload_failure_never_rotates_and_notifies_once(workdir, pg, redis_ser
         worker.stop()
         worker = Worker(service, name="w2")
         run_id = call(service)
-        state = wait_run(redis_server.client, run_id, 60)
+        state = wait_failed(redis_server.client, service, run_id, 60)
     finally:
         worker.stop()
     assert state["status"] == "failed" and json.loads(state["failure"])["step"] == "upload"
@@ -291,7 +300,7 @@ def test_10_lost_lock_aborts_the_dump(workdir, pg, redis_server, locked_db):
             run_id = call(service)
             wait_for(lambda: pg_dump_processes(locked_db), 20, what="pg_dump")
             redis_server.client.delete("pgbeat:lock:target:erp")
-            state = wait_run(redis_server.client, run_id, 30)
+            state = wait_failed(redis_server.client, service, run_id, 30)
             assert not pg_dump_processes(locked_db)
     finally:
         worker.stop()
