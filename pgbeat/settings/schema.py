@@ -302,8 +302,9 @@ class TargetOptions(Strict):
                                                     "directory")
     jobs: int = Field(1, ge=1, le=64, description="parallel pg_dump jobs (directory format only)")
     compression: Compression = Field(default_factory=lambda: Compression())
-    streaming: bool = Field(False, description="plain format: compress while dumping, in one pass, with no "
-                                               "uncompressed copy on disk (see README)")
+    streaming: bool = Field(True, description="plain format: compress while dumping, in one pass, with no "
+                                              "uncompressed copy on disk; false: dump to a plain file first, "
+                                              "then compress it (releases the server sooner; see README)")
     pg_dump_options: list[str] = Field(default_factory=list, description="extra pg_dump options from an "
                                                                          "allow-list (pgbeat/postgres/options.py), "
                                                                          "passed spelled out",

@@ -14,7 +14,7 @@ from tests.support import ROOT, make_tempdir
 pytestmark = pytest.mark.integration
 
 EXPECTED_ROWS = (
-    "ceiling", "seed", "gzip_pipe", "pigz_pipe", "zstd_pipe", "pgbeat_default", "pgbeat_stream_gzip",
+    "ceiling", "seed", "gzip_pipe", "pigz_pipe", "zstd_pipe", "pgbeat_default", "pgbeat_dump_first",
     "pgbeat_stream_zstd", "pg_dump_custom", "pgbeat_custom", "pg_dump_dir_j2", "pg_dump_dir_j2_z0",
     "pgbeat_directory_j2", "restore_psql", "pgbeat_restore_plain", "pg_restore_custom_j2",
     "pgbeat_restore_custom_j2", "pg_restore_dir_j2", "pgbeat_restore_dir_j2",

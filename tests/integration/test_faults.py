@@ -246,14 +246,16 @@ def tmpfs(workdir):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-@pytest.mark.parametrize(("size", "step"), [("256k", "dump"), ("1200k", "compress")])
-def test_7_8_disk_full_fails_cleanly_and_rotates_nothing(workdir, pg, locked_db, tmpfs, size, step):
-    # About 1 MB of dump that compresses to about half: 256k fills during the dump, 1200k during compression.
+@pytest.mark.parametrize(("size", "step", "streaming"), [("256k", "dump", True), ("256k", "dump", False),
+                                                       ("1200k", "compress", False)])
+def test_7_8_disk_full_fails_cleanly_and_rotates_nothing(workdir, pg, locked_db, tmpfs, size, step, streaming):
+    # About 1 MB of dump that compresses to about half: 256k fills during the dump (compressed as it streams
+    # or not), 1200k during the compress step of a dump written out first.
     pg.sql("CREATE TABLE noise AS SELECT md5(i::text) || md5((i * 7)::text) AS h FROM generate_series(1, 14000) i",
            locked_db)
     root = tmpfs(size)
     service = service_for(workdir, None, pg, locked_db, backup_root=str(root),
-                          target={"tiers": {"daily": {"keep_days": 0}}})
+                          target={"tiers": {"daily": {"keep_days": 0}}, "streaming": streaming})
     old = root / "daily" / "erp_backup_daily_20200101_020000.sql.gz"
     old.parent.mkdir(mode=0o700)
     old.write_bytes(b"\x1f\x8b" + b"0" * 100)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import signal
 import threading
 import uuid
+from collections.abc import Callable
 
 import pytest
 import redis
@@ -82,13 +83,16 @@ class Shelf:
     """A service whose targets each have one older plaintext backup, then get an S3 destination (half of
     them encryption too) and an expired backup locally and at the destination, for rotation to remove."""
 
-    def __init__(self, base, pg, redis_url, make_db, moto_s3, recipient, count: int, **destination) -> None:
+    def __init__(self, base, pg, redis_url, make_db, moto_s3, recipient, count: int,
+                 streaming: Callable[[int], bool] = lambda i: i % 3 != 1, **destination) -> None:
         self.pg, self.s3, self.bucket = pg, moto_s3.client(), moto_s3.new_bucket()
         self.dbs = {f"t{i}": make_db("kill") for i in range(count)}
         for db in self.dbs.values():
             pg.sql(f"CREATE TABLE t AS SELECT i, md5(i::text) AS h FROM generate_series(1, {50}) AS i", db)
         self.encrypted = {name for i, name in enumerate(self.dbs) if i % 2 == 0}
-        targets = [pg.target(name, db) for name, db in self.dbs.items()]
+        # Both ways of a plain dump: compressed as it streams (the default) and dumped first, then compressed
+        # (every third target), so that the points of the compress step are reached too.
+        targets = [pg.target(name, db, streaming=streaming(i)) for i, (name, db) in enumerate(self.dbs.items())]
         self.service = Service(base, redis_url, targets, node=f"km-{uuid.uuid4().hex[:6]}",
                                reliability=dict(RELIABILITY))
         first = self.service.pgbeat("backup", "daily", CELERY_BROKER_URL="")  # in-process: plaintext, no copies
@@ -293,11 +297,14 @@ def test_inprocess_kill_matrix(workdir, pg, make_db, moto_s3, monkeypatch):
     key, recipient = make_age_key(workdir)
     points = inprocess_points()
     interrupts = [p for p in middle_points() if p.startswith(("upload.staged", "upload.published"))]
-    plans = [[(p, "kill") for p in points[0::2]] + [(p, "int") for p in interrupts[0::2]],
-             [(p, "kill") for p in points[1::2]] + [(p, "int") for p in interrupts[1::2]]]
+    # The first shelf dumps then compresses and takes the compress step's points; the second streams.
+    compress = [p for p in points if p.startswith("compress.")]
+    others = [p for p in points if p not in compress]
+    plans = [[(p, "kill") for p in compress + others[0::2]] + [(p, "int") for p in interrupts[0::2]],
+             [(p, "kill") for p in others[1::2]] + [(p, "int") for p in interrupts[1::2]]]
     # At S3 only the newest copy is kept and one older backup is copied per run: what these points need
     # (a killed run's copy completed by the next), without a growing catalog to read back on every run.
-    shelves = [Shelf(workdir / f"inproc{i}", pg, None, make_db, moto_s3, recipient, 1,
+    shelves = [Shelf(workdir / f"inproc{i}", pg, None, make_db, moto_s3, recipient, 1, lambda _, i=i: i == 1,
                      retention={"daily": {"keep_days": 0, "min_keep": 1}}) for i in range(len(plans))]
     settings = []
     for shelf in shelves:

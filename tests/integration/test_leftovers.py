@@ -41,6 +41,11 @@ def locked_db(pg):
     pg.dropdb(name)
 
 
+def partial_dumps(folder: Path) -> list[Path]:
+    """What a run's dump has written so far: `dump.sql`, or the backup a streaming dump compresses into."""
+    return [p for p in folder.iterdir() if p.name == "dump.sql" or p.name.endswith(".sql.gz")]
+
+
 def plant_leftovers(work: Path) -> dict[str, Path]:
     """What killed runs leave (as today's main leaves it too): a run's folder with a partial dump and a
     cleartext passfile, an off-site scratch folder, a half-created folder; and a restore's folder, which
@@ -84,7 +89,7 @@ def test_a_killed_backup_leaves_nothing_after_the_next_command(workdir, pg, lock
     killed = service.pgbeat("backup", "daily", PGBEAT_FAULTS="dump.streaming=kill", PGBEAT_FAULTS_DIR=str(faults))
     assert killed.returncode == -signal.SIGKILL
     [folder] = (service.backup_root / ".work").iterdir()
-    assert (folder / "dump.sql").exists() and not (folder / ".pgpass").exists()
+    assert partial_dumps(folder) and not (folder / ".pgpass").exists()
     assert service.pgbeat("list").returncode == 0
     assert not folder.exists()
     again = service.pgbeat("backup", "daily")
@@ -102,7 +107,7 @@ def test_a_live_runs_folder_survives_a_sweep_started_while_it_runs(workdir, pg, 
             [folder] = (service.backup_root / ".work").iterdir()
             for command in (("list",), ("status",)):
                 assert service.pgbeat(*command).returncode == 0
-            assert (folder / "dump.sql").exists()
+            assert partial_dumps(folder)
         except BaseException:
             proc.kill()
             raise
@@ -243,10 +248,10 @@ def test_a_sweep_between_the_safety_backups_steps_keeps_its_folder(workdir, pg, 
     try:
         wait_for(lambda: (faults / "restore.safety.middle.reached").exists(), 60, what="the pause point")
         work = service.backup_root / ".work"
-        folders = [p for p in work.iterdir() if (p / "dump.sql").exists()]
+        folders = [p for p in work.iterdir() if partial_dumps(p)]
         assert len(folders) == 1, list(work.iterdir())
         assert service.pgbeat("list").returncode == 0  # sweeps what no live process holds
-        assert (folders[0] / "dump.sql").exists(), "a live restore's safety backup folder was swept"
+        assert partial_dumps(folders[0]), "a live restore's safety backup folder was swept"
     finally:
         restoring.kill()
         restoring.wait(10)

@@ -101,15 +101,17 @@ def decode_event(raw: bytes) -> str:
         return raw.decode("utf-8", "replace")
 
 
-def test_temporary_files_are_private_too(workdir, pg, locked_db):
-    service = Service(workdir, None, [pg.target("erp", locked_db)])
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "dump-then-compress"])
+def test_temporary_files_are_private_too(workdir, pg, locked_db, streaming):
+    service = Service(workdir, None, [pg.target("erp", locked_db, streaming=streaming)])
     with table_locked(pg, locked_db):
         proc = subprocess.Popen([str(service.env()["PATH"].split(":")[0] + "/pgbeat"), "backup", "daily"],
                                 cwd=service.cwd, env=service.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             work = service.backup_root / ".work"
             # pg_dump runs (blocked by the lock) once its output file exists: the file may come an instant after
-            [partial] = wait_for(lambda: pg_dump_processes(locked_db) and list(work.glob("*/dump.sql")), 20,
+            pattern = "*/erp_*" if streaming else "*/dump.sql"
+            [partial] = wait_for(lambda: pg_dump_processes(locked_db) and list(work.glob(pattern)), 20,
                                  what="pg_dump writing its partial dump")
             run_dir = partial.parent
             for folder in (service.backup_root, work, run_dir):
