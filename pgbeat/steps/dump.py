@@ -29,6 +29,7 @@ from pgbeat.postgres.process import Supervised, find_pg_binary, last_error_line,
 from pgbeat.postgres.sqlscan import DumpScanner
 from pgbeat.settings import Settings, Target
 from pgbeat.steps.compress import BLOCK, BlockWriter, write_block_index
+from pgbeat.steps.tablefiles import TableFileCompressor, facts_path
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,20 @@ DUMP_STREAMING = faults.declare("dump.streaming", "part of pg_dump's output has 
                                                   "is in the work folder")
 
 
+def compresses_table_files(target: Target) -> bool:
+    """A gzip directory archive: pg_dump writes its table files plain and pgbeat compresses them
+    (pgbeat.steps.tablefiles), faster than pg_dump's zlib and on the cores pg_dump leaves idle."""
+    return target.format == "directory" and target.compression.codec == "gzip"
+
+
 def dump_argv(settings: Settings, target: Target, output: Path | None) -> list[str]:
     argv = [find_pg_binary("pg_dump", settings.pg_bin_dir), "--dbname", target.conninfo(), "--no-password",
             "--format", FORMAT_FLAGS[target.format]]
     if target.format != "plain":
         codec, level = target.compression.codec, target.compression.level
-        # Custom and directory archives compress themselves; PG 15's pg_dump knows gzip only.
-        argv += ["--compress", "0" if codec == "none" else (f"zstd:{level}" if codec == "zstd" else str(level))]
+        # A custom archive compresses itself (PG 15's pg_dump knows gzip only); see compresses_table_files.
+        plain_files = codec == "none" or compresses_table_files(target)
+        argv += ["--compress", "0" if plain_files else (f"zstd:{level}" if codec == "zstd" else str(level))]
         argv += ["--file", str(output)]
     if target.format == "directory":
         argv += ["--jobs", str(target.jobs)]
@@ -119,15 +127,17 @@ def stream_blocks(pipe, writer: BlockWriter, scanner: DumpScanner | None = None)
             return crc
 
 
-def abandon(output: Path, writer: BlockWriter | None, proc: Supervised | None, reading) -> None:
-    """Stop what still runs of a failed dump (the block writer, the client program, the clock reading),
-    then remove what it wrote."""
+def abandon(output: Path, writer: BlockWriter | None, proc: Supervised | None, reading,
+            compressor: TableFileCompressor | None = None) -> None:
+    """Stop what still runs of a failed dump (the block writer, the client program, the clock reading, the
+    table files' compressor), then remove what it wrote."""
     if writer is not None:
         writer.abort()
-    for running in (proc, reading):
+    for running in (proc, reading, compressor):
         if running is not None:
             running.stop()
     remove_path(output)
+    remove_path(facts_path(output))
 
 
 def dump_step(ctx: StepContext, run: Run) -> Run:
@@ -144,13 +154,18 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
     streaming = target.format == "plain" and target.streaming and run.codec != "none"
     output = run.work(run.name) if target.format != "plain" or streaming else run.work("dump.sql")
     remove_path(output)  # a previous, interrupted attempt of this run
+    remove_path(facts_path(output))
     env = client_env(target, work)
     started, t0 = ctx.now(), time.monotonic()
     scanner = DumpScanner() if target.format == "plain" else None
     crc = 0
-    proc = writer = reading = None
+    proc = writer = reading = compressor = None
     try:
         argv = dump_argv(ctx.settings, target, output)
+        if compresses_table_files(target):
+            # pg_dump fills an empty folder that exists; the watch on it must be there before the first file.
+            compressor = TableFileCompressor(private_dir(output), run.codec, run.level, target.compression.threads)
+            compressor.start()
         proc = Supervised(argv, env=env, cancel=ctx.cancel, name="pg_dump",
                           stdout=subprocess.PIPE if scanner else subprocess.DEVNULL)
         # The server's clock dates the backup; read beside pg_dump, so the dump never waits for it.
@@ -181,9 +196,14 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
             raise DumpError(f"pg_dump of {target.name} exited 0 but its output lacks the closing "
                             "'dump complete' line", step="dump", details=proc.stderr_text()[-8:],
                             reason=last_error_line(proc.stderr_text()))
+        if compressor is not None:
+            try:
+                compressor.finish()
+            except OSError as exc:
+                raise disk_error(exc, output) from None
     except BaseException:
         # Includes Celery's SoftTimeLimitExceeded: stop pg_dump, then remove what it wrote.
-        abandon(output, writer, proc, reading)
+        abandon(output, writer, proc, reading, compressor)
         raise
     finally:
         remove_path(work / ".pgpass")
