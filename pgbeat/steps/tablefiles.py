@@ -71,39 +71,74 @@ class Stopped(Exception):
     """The dump failed or was cancelled while a data file was being compressed."""
 
 
+class GrowingFile:
+    """One data file compressed into `<name>.gz` (0600) while pg_dump still writes it: each whole block
+    pg_dump has written is compressed as it appears, the rest once pg_dump has closed the file."""
+
+    def __init__(self, path: Path, codec: str, level: int, threads: int, stopped: threading.Event) -> None:
+        self.path, self.stopped = path, stopped
+        self.src = open(path, "rb")  # noqa: SIM115  (closed by close() or abort())
+        self.dest = path.with_name(path.name + ".gz")
+        try:
+            self.out = open_private(self.dest)
+        except BaseException:
+            self.src.close()
+            raise
+        self.writer = BlockWriter(self.out, codec, level, threads, check=True)
+        self.crc, self.raw, self.newlines, self.tail = 0, 0, 0, b""
+
+    def pump(self, closed: bool = False) -> None:
+        """Compress the whole blocks written so far; once pg_dump has `closed` the file, everything."""
+        while closed or os.fstat(self.src.fileno()).st_size - self.raw >= BLOCK:
+            if self.stopped.is_set():
+                raise Stopped(self.path.name)
+            block = self.src.read(BLOCK)
+            if not block:
+                return
+            self.crc, self.raw = isal_zlib.crc32(block, self.crc), self.raw + len(block)
+            self.newlines += block.count(b"\n")
+            self.tail = (self.tail + block[-len(COPY_END):])[-len(COPY_END):]
+            self.writer.write_block(block)
+
+    def close(self) -> DataFile:
+        """pg_dump has closed the file: compress the rest, make the .gz durable, remove the plain file."""
+        self.pump(closed=True)
+        self.writer.close()
+        self.out.flush()
+        os.fsync(self.out.fileno())
+        self.out.close()
+        self.src.close()
+        self.path.unlink()
+        return DataFile(name=self.dest.name, raw_size=self.raw, raw_crc32=f"{self.crc:08x}",
+                        newlines=self.newlines, closed=self.tail == COPY_END, sha256=self.writer.sha256.hexdigest())
+
+    def abort(self) -> None:
+        self.writer.abort()
+        self.out.close()
+        self.src.close()
+
+
 def compress_data_file(path: Path, codec: str, level: int, threads: int,
                        stopped: threading.Event | None = None) -> DataFile:
     """Compress one closed data file into `<name>.gz` (0600, fsynced), then remove it; return its facts.
     Raise Stopped if `stopped` is set on the way (a failed dump does not wait for its biggest table)."""
-    dest = path.with_name(path.name + ".gz")
-    crc, raw, newlines, tail = 0, 0, 0, b""
-    with open(path, "rb") as src, open_private(dest) as out:
-        writer = BlockWriter(out, codec, level, threads, check=True)
-        try:
-            while block := src.read(BLOCK):
-                if stopped is not None and stopped.is_set():
-                    raise Stopped(path.name)
-                crc, raw = isal_zlib.crc32(block, crc), raw + len(block)
-                newlines += block.count(b"\n")
-                tail = (tail + block[-len(COPY_END):])[-len(COPY_END):]
-                writer.write_block(block)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        out.flush()
-        os.fsync(out.fileno())
-    path.unlink()
-    return DataFile(name=dest.name, raw_size=raw, raw_crc32=f"{crc:08x}", newlines=newlines,
-                    closed=tail == COPY_END, sha256=writer.sha256.hexdigest())
+    growing = GrowingFile(path, codec, level, threads, stopped or threading.Event())
+    try:
+        return growing.close()
+    except BaseException:
+        growing.abort()
+        raise
 
 
 class TableFileCompressor:
-    """Compress the data files pg_dump writes into `folder` as it closes them, on a thread of its own.
+    """Compress the data files pg_dump writes into `folder` while it writes them, on a thread of its own.
 
     Use: create the (empty) folder, `start()` before pg_dump starts, `finish()` once it has exited 0 (it
-    compresses what is left and writes the facts file), `stop()` on failure.
+    compresses what is left and writes the facts file), `stop()` on failure. The folder is watched for
+    files created and closed (inotify); between events, every open file's new whole blocks are compressed.
     """
+
+    POLL_MS = 50
 
     def __init__(self, folder: Path, codec: str, level: int, threads: int) -> None:
         self.folder, self.codec, self.level, self.threads = folder, codec, level, threads
@@ -112,6 +147,7 @@ class TableFileCompressor:
         self._done, self._stopped = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self._inotify = None
+        self._growing: dict[str, GrowingFile] = {}
 
     def start(self) -> None:
         try:
@@ -119,7 +155,8 @@ class TableFileCompressor:
         except (ImportError, OSError):  # not Linux: everything is compressed after pg_dump exits
             return
         self._inotify = INotify()
-        self._inotify.add_watch(self.folder, flags.CLOSE_WRITE)
+        self._inotify.add_watch(self.folder, flags.CREATE | flags.CLOSE_WRITE)
+        self._created, self._closed = flags.CREATE, flags.CLOSE_WRITE
         self._thread = threading.Thread(target=self._follow, name="table-files", daemon=True)
         self._thread.start()
 
@@ -127,20 +164,23 @@ class TableFileCompressor:
         try:
             while True:
                 done = self._done.is_set()  # read before the last wait, so no close is missed after it
-                for event in self._inotify.read(timeout=100):
-                    if DATA_FILE.fullmatch(event.name):
-                        self._compress(self.folder / event.name)
+                for event in self._inotify.read(timeout=self.POLL_MS):
+                    if not DATA_FILE.fullmatch(event.name):
+                        continue
+                    if event.mask & self._created and event.name not in self._growing:
+                        self._growing[event.name] = GrowingFile(self.folder / event.name, self.codec, self.level,
+                                                                self.threads, self._stopped)
+                    if event.mask & self._closed and event.name in self._growing:
+                        fact = self._growing.pop(event.name).close()
+                        self.facts[fact.name] = fact
+                for growing in self._growing.values():
+                    growing.pump()
                 if done:
                     return
         except Stopped:
             pass
         except BaseException as exc:  # handed to finish()
             self.error = exc
-
-    def _compress(self, path: Path) -> None:
-        if path.exists():
-            fact = compress_data_file(path, self.codec, self.level, self.threads, self._stopped)
-            self.facts[fact.name] = fact
 
     def _join(self) -> None:
         self._done.set()
@@ -153,18 +193,29 @@ class TableFileCompressor:
         """pg_dump has exited 0: compress what is left, write the facts file beside the folder, return them."""
         self._join()
         if self.error is not None:
+            self._abort_growing()
             raise self.error
+        for name, growing in sorted(self._growing.items()):  # closed after the last event was read
+            self.facts[f"{name}.gz"] = growing.close()
+        self._growing.clear()
         for path in sorted(self.folder.iterdir()):
-            if DATA_FILE.fullmatch(path.name):  # closed before the watch saw it, or no inotify here
-                self._compress(path)
+            if DATA_FILE.fullmatch(path.name):  # written before the watch saw it, or no inotify here
+                fact = compress_data_file(path, self.codec, self.level, self.threads, self._stopped)
+                self.facts[fact.name] = fact
         write_atomic(facts_path(self.folder),
                      DataFiles(files=sorted(self.facts.values(), key=lambda f: f.name)).model_dump_json().encode())
         log.debug("compressed %d data files of %s", len(self.facts), self.folder.name)
         return self.facts
 
+    def _abort_growing(self) -> None:
+        for growing in self._growing.values():
+            growing.abort()
+        self._growing.clear()
+
     def stop(self) -> None:
         self._stopped.set()
         self._join()
+        self._abort_growing()
 
 
 class ArchiveListing(BaseModel):

@@ -24,24 +24,30 @@ def wait_for(predicate, timeout: float = 10):
         time.sleep(0.02)
 
 
-def test_files_are_compressed_once_closed_and_only_data_files(tmp_path):
+def test_files_are_compressed_while_written_and_only_data_files(tmp_path):
     folder = tmp_path / "x.dir"
     folder.mkdir()
     compressor = TableFileCompressor(folder, "gzip", 6, 2)
     compressor.start()
+    rows = table_data(2_000_000)
+    assert len(rows) > 5 * BLOCK
     with open(folder / "3001.dat", "wb") as open_file:
-        open_file.write(table_data(10))
+        open_file.write(rows[: 4 * BLOCK + 10])  # the writer keeps one block per thread in flight
         open_file.flush()
-        time.sleep(0.3)
-        assert not (folder / "3001.dat.gz").exists()  # still open: pg_dump may write more
-    wait_for(lambda: (folder / "3001.dat.gz").exists() and not (folder / "3001.dat").exists())
+        # Whole blocks are compressed while pg_dump still writes; the plain file stays until it is closed.
+        wait_for(lambda: (folder / "3001.dat.gz").stat().st_size > 0)
+        time.sleep(0.2)
+        assert (folder / "3001.dat").exists()
+        open_file.write(rows[4 * BLOCK + 10:])
+    wait_for(lambda: not (folder / "3001.dat").exists())
     (folder / "toc.dat").write_bytes(b"PGDMP")
     (folder / "blobs.toc").write_bytes(b"1 blob_1.dat\n")
     (folder / "blob_1.dat").write_bytes(b"\x00binary")
     facts = compressor.finish()
     assert sorted(p.name for p in folder.iterdir()) == ["3001.dat.gz", "blob_1.dat.gz", "blobs.toc", "toc.dat"]
-    assert gzip.decompress((folder / "3001.dat.gz").read_bytes()) == table_data(10)
-    assert facts["3001.dat.gz"].closed and facts["3001.dat.gz"].newlines == 13
+    assert gzip.decompress((folder / "3001.dat.gz").read_bytes()) == rows
+    assert facts["3001.dat.gz"].closed and facts["3001.dat.gz"].newlines == 2_000_003
+    assert facts["3001.dat.gz"].raw_size == len(rows)
     assert not facts["blob_1.dat.gz"].closed
     assert read_facts(folder) == facts
 
