@@ -78,6 +78,15 @@ class LazyConsole:
             self._console = Console(stderr=self._stderr, highlight=False, width=None if wide else 200)
         return self._console
 
+    def print_json(self, data: object) -> None:
+        """Print `data` as JSON: indented and coloured on a terminal; compact to a pipe, where rich's
+        rendering would cost seconds for a fleet's status or list."""
+        stream = sys.stderr if self._stderr else sys.stdout
+        if stream.isatty():
+            self._made().print_json(json.dumps(data))
+        else:
+            stream.write(json.dumps(data, ensure_ascii=False) + "\n")  # compact: the C encoder
+
     def __getattr__(self, attribute: str):
         return getattr(self._made(), attribute)
 
@@ -309,7 +318,7 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
         entries = list_backups(settings.backup_root, target_name, tier, include_pre_restore=True)
     where = {id(e): backup_location(settings, e, destination) for e in entries}
     if as_json:
-        out.print_json(json.dumps([{"path": where[id(e)], **e.manifest.model_dump(mode="json")} for e in entries]))
+        out.print_json([{"path": where[id(e)], **e.manifest.model_dump(mode="json")} for e in entries])
         return
     out.print(f"Backups at {destination}" if destination else f"Backups in {settings.backup_root}", markup=False)
     if not entries:
@@ -840,7 +849,7 @@ def status(as_json: bool) -> None:
     if not settings.embedded:
         report.runs = run_overview(settings)
     if as_json:
-        out.print_json(json.dumps(report.as_json()))
+        out.print_json(report.as_json())
         return
     table = new_table(title=f"pgbeat status ({settings.backup_root})")
     for column in ("target", "tier", "last success", "size", "duration", "copies (kept)", "last attempt", "next run"):

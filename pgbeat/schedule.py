@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -11,8 +12,15 @@ from cronsim import CronSim
 
 def next_runs(expr: str, now: datetime, tz: ZoneInfo, count: int = 1) -> list[datetime]:
     """Return the next `count` fire times of `expr` after `now`, in `tz`."""
-    it = CronSim(expr, now.astimezone(tz).replace(microsecond=0) + timedelta(seconds=1))
-    return [next(it) for _ in range(count)]
+    return list(fire_times(expr, now.astimezone(tz).replace(microsecond=0) + timedelta(seconds=1), count))
+
+
+# Memoised: `pgbeat status` and a metrics scrape ask the same few schedules at the same `now` for every
+# target of a fleet.
+@functools.lru_cache(maxsize=1024)
+def fire_times(expr: str, start: datetime, count: int) -> tuple[datetime, ...]:
+    it = CronSim(expr, start)
+    return tuple(next(it) for _ in range(count))
 
 
 def slot_of(expr: str, now: datetime, tz: ZoneInfo) -> datetime:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -522,22 +523,71 @@ def newest(entries: Iterable[D], now: datetime) -> D | None:
     return (settled or ordered)[-1] if ordered else None
 
 
-def iter_manifests(backup_root: Path, tiers: tuple[str, ...] = TIERS) -> Iterator[Entry]:
-    """Yield an Entry per pgbeat manifest under the tier folders (whether or not its data file exists)."""
+# A folder's listing is reused only while the folder's own stamp is unchanged, and only when it was taken
+# this long after the folder last changed: within one tick of a file system's timestamps a second change
+# could leave the stamp as it was (git's "racily clean" rule).
+RACY_S = 2.0
+
+
+class FolderListing:
+    """The manifests of one tier folder, grouped by the target their file name names: read once per
+    change of the folder, so a command that looks at every target of a fleet lists each folder once
+    instead of once per target, and opens only the manifests of the targets it is asked about."""
+
+    def __init__(self, stamp: tuple[int, ...], names: list[str]) -> None:
+        self.stamp = stamp
+        self.by_target: dict[str | None, list[str]] = {}
+        for name in sorted(names):
+            if name.endswith(MANIFEST_SUFFIX) and not name.startswith("."):
+                parsed = NAME_RE.match(name.removesuffix(MANIFEST_SUFFIX))
+                self.by_target.setdefault(parsed["target"] if parsed else None, []).append(name)
+
+    def names(self, target: str | None) -> list[str]:
+        """The manifest names of `target` (every one with None), plus those whose name parses as no
+        target's (their manifest says whose they are)."""
+        if target is None:
+            return sorted(n for names in self.by_target.values() for n in names)
+        return self.by_target.get(target, []) + self.by_target.get(None, [])
+
+
+_listings: dict[Path, FolderListing] = {}
+
+
+def folder_listing(folder: Path) -> FolderListing | None:
+    """The listing of `folder`, from memory while the folder is unchanged since it was read; None if the
+    folder does not exist."""
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        _listings.pop(folder, None)
+        return None
+    stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+    known = _listings.get(folder)
+    if known is not None and known.stamp == stamp:
+        return known
+    listing = FolderListing(stamp, os.listdir(folder))
+    if time.time() - max(st.st_mtime, st.st_ctime) > RACY_S:
+        _listings[folder] = listing
+    else:
+        _listings.pop(folder, None)
+    return listing
+
+
+def iter_manifests(backup_root: Path, tiers: tuple[str, ...] = TIERS, target: str | None = None) -> Iterator[Entry]:
+    """Yield an Entry per pgbeat manifest under the tier folders (whether or not its data file exists);
+    with `target`, only that target's, and only its manifests are opened."""
     for tier in tiers:
         folder = backup_root / tier
-        try:
-            names = os.listdir(folder)
-        except FileNotFoundError:
+        listing = folder_listing(folder)
+        if listing is None:
             continue
-        for name in sorted(names):
-            if not name.endswith(MANIFEST_SUFFIX):
-                continue
+        for name in listing.names(target):
             manifest = read_manifest(folder / name)
             data_name = name.removesuffix(MANIFEST_SUFFIX)
             if manifest is None or manifest.file != data_name or manifest.tier != tier:
                 continue
-            yield Entry(path=folder / data_name, manifest=manifest)
+            if target is None or manifest.target == target:
+                yield Entry(path=folder / data_name, manifest=manifest)
 
 
 def iter_pre_restore(backup_root: Path) -> Iterator[Entry]:
@@ -560,7 +610,7 @@ def list_backups(backup_root: Path, target: str | None = None, tier: str | None 
     tiers = (tier,) if tier else TIERS
     if kind is not None:
         tiers = tuple(t for t in tiers if (t in PHYSICAL_TIERS) == (kind == "physical"))
-    found = list(iter_manifests(backup_root, tiers))
+    found = list(iter_manifests(backup_root, tiers, target))
     if include_pre_restore and tier is None and kind != "physical":
         found += iter_pre_restore(backup_root)
     entries = [e for e in found if e.exists and (target is None or e.manifest.target == target)]

@@ -107,7 +107,7 @@ def remove_backup(entry: Entry) -> None:
 
 def rotate_target(settings: Settings, target: str, tier: str, now: datetime, dry_run: bool = False) -> RotationPlan:
     policy = settings.target(target).tiers[tier]
-    entries = [e for e in iter_manifests(settings.backup_root, (tier,)) if e.manifest.target == target]
+    entries = list(iter_manifests(settings.backup_root, (tier,), target))
     plan = plan_rotation(entries, policy, now, target, tier)
     if not dry_run:
         for entry in [*plan.remove, *plan.orphans]:
