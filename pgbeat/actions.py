@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -177,12 +177,20 @@ def rotate(settings: Settings, names: list[str], tier: str | None, *, now: datet
     """Rotate `tier` (or every enabled tier) of each named target at the database server's time (or at
     `now`), exactly as the rotate step does: the local shelf, then each destination. A target whose
     server's clock cannot be read is skipped, nothing removed: a host's clock alone never decides."""
+    from pgbeat.postgres.clock import ServerReading, boot_id
     from pgbeat.steps.rotate import rotate_tier, rotation_now
 
+    # One reading per database server, carried forward by this host's monotonic clock: a fleet of
+    # databases on a few servers is rotated at their servers' time without one connection per target.
+    readings: dict[tuple[str, int], ServerReading] = {}
     done = []
     for name in names:
+        server = (settings.target(name).host, settings.target(name).port)
         try:
-            when = now or rotation_now(settings, name)
+            when = now or rotation_now(settings, name, readings.get(server))
+            if now is None and server not in readings:
+                readings[server] = ServerReading(server_time=when.isoformat(), local_time=datetime.now(UTC).isoformat(),
+                                                 monotonic=time.monotonic(), boot_id=boot_id())
         except errors.PgbeatError as exc:
             done.append(TargetRotation(name, skipped=f"the database server's clock could not be read ({exc.message})"))
             continue
