@@ -10,6 +10,10 @@ import yaml
 
 from pgbeat.settings.fields import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_VALUES
 
+# libyaml's parser where PyYAML was built with it: a fleet's targets file of thousands of entries loads ten
+# times faster than with the pure-Python one (same documents, same safe constructors).
+SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 def read_text_file(path: Path, what: str) -> tuple[str | None, str | None]:
     """Given a configuration file, return (its text, None) or (None, one line saying why it cannot be used:
@@ -98,7 +102,7 @@ def read_config_file(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
         else:
             # Depth first, from the parser's events (iterative): the composer recurses once per level.
             depth = 0
-            for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            for event in yaml.parse(text, Loader=SafeLoader):
                 if isinstance(event, yaml.CollectionStartEvent):
                     depth += 1
                     if depth > MAX_CONFIG_DEPTH:
@@ -106,7 +110,7 @@ def read_config_file(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
                                       f"{MAX_CONFIG_DEPTH} levels deep"]
                 elif isinstance(event, yaml.CollectionEndEvent):
                     depth -= 1
-            loader = yaml.SafeLoader(text)
+            loader = SafeLoader(text)
             try:
                 node = loader.get_single_node()
                 problem = _yaml_problem(node) if node is not None else None
@@ -118,6 +122,9 @@ def read_config_file(path: Path) -> tuple[dict[str, Any] | None, list[str]]:
     except tomllib.TOMLDecodeError as exc:
         return None, [f"{path}: not valid TOML: {exc}"]
     except yaml.YAMLError as exc:
+        if "maximum nesting depth" in str(exc):  # libyaml's own bound, below ours
+            return None, [f"{path}: not a usable targets file: it is nested more than {MAX_CONFIG_DEPTH} "
+                          "levels deep"]
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
