@@ -173,17 +173,17 @@ class TargetRotation:
 
 
 def rotate(settings: Settings, names: list[str], tier: str | None, *, now: datetime | None = None,
-           dry_run: bool = False) -> list[TargetRotation]:
+           dry_run: bool = False) -> Iterator[TargetRotation]:
     """Rotate `tier` (or every enabled tier) of each named target at the database server's time (or at
     `now`), exactly as the rotate step does: the local shelf, then each destination. A target whose
-    server's clock cannot be read is skipped, nothing removed: a host's clock alone never decides."""
+    server's clock cannot be read is skipped, nothing removed: a host's clock alone never decides.
+    Yield one target's rotation at a time, so a fleet's plans are not all held at once."""
     from pgbeat.postgres.clock import ServerReading, boot_id
     from pgbeat.steps.rotate import rotate_tier, rotation_now
 
     # One reading per database server, carried forward by this host's monotonic clock: a fleet of
     # databases on a few servers is rotated at their servers' time without one connection per target.
     readings: dict[tuple[str, int], ServerReading] = {}
-    done = []
     for name in names:
         server = (settings.target(name).host, settings.target(name).port)
         try:
@@ -192,11 +192,10 @@ def rotate(settings: Settings, names: list[str], tier: str | None, *, now: datet
                 readings[server] = ServerReading(server_time=when.isoformat(), local_time=datetime.now(UTC).isoformat(),
                                                  monotonic=time.monotonic(), boot_id=boot_id())
         except errors.PgbeatError as exc:
-            done.append(TargetRotation(name, skipped=f"the database server's clock could not be read ({exc.message})"))
+            yield TargetRotation(name, skipped=f"the database server's clock could not be read ({exc.message})")
             continue
         tiers = [tier] if tier else settings.target(name).enabled_tiers()
-        done.append(TargetRotation(name, [rotate_tier(settings, name, t, when, dry_run=dry_run) for t in tiers]))
-    return done
+        yield TargetRotation(name, [rotate_tier(settings, name, t, when, dry_run=dry_run) for t in tiers])
 
 
 # --- copies, drills ----------------------------------------------------------------------------------

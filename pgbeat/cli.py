@@ -78,6 +78,15 @@ class LazyConsole:
             self._console = Console(stderr=self._stderr, highlight=False, width=None if wide else 200)
         return self._console
 
+    def line(self, text: str) -> None:
+        """Print one line of plain text: through rich on a terminal; to a pipe as it is (no markup, no
+        wrapping), where rich would cost seconds for a fleet's thousands of lines."""
+        stream = sys.stderr if self._stderr else sys.stdout
+        if stream.isatty():
+            self._made().print(text, markup=False)
+        else:
+            stream.write(text + "\n")
+
     def print_json(self, data: object) -> None:
         """Print `data` as JSON: indented and coloured on a terminal; compact to a pipe, where rich's
         rendering would cost seconds for a fleet's status or list."""
@@ -329,14 +338,17 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
     # operator decides by (date, tier, size, checks, drill) fit 80 columns; --wide adds what is long.
     from rich import box
 
-    for target in sorted({e.manifest.target for e in entries}):
+    by_target: dict[str, list] = {}
+    for e in entries:
+        by_target.setdefault(e.manifest.target, []).append(e)
+    for target, own in sorted(by_target.items()):
         table = new_table(title=target, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
         for column in (f"taken at ({zone})", "tier", "size", "checks", f"drill ({zone})"):
             table.add_column(column, overflow="fold")
         if wide:
             for column in ("format", "sha256", "url" if destination else "file"):
                 table.add_column(column, overflow="fold")
-        for e in (e for e in entries if e.manifest.target == target):
+        for e in own:
             m = e.manifest
             row = [plain_time(settings, m.taken_at), m.tier, human_size(m.size), checks_summary(m, destination),
                    drill_summary(settings, m, zone=False)]
@@ -451,13 +463,14 @@ def rotate(target_name: str | None, tier: str | None, dry_run: bool, pretend_now
     settings = settings_or_exit(writes=not dry_run)
     names = selected_targets(settings, target_name)
     verb = "would remove" if dry_run else "removed"
-    done = actions.rotate(settings, names, tier, now=pretend_now, dry_run=dry_run)
-    for target in done:
+    skipped = False
+    for target in actions.rotate(settings, names, tier, now=pretend_now, dry_run=dry_run):
         if target.skipped:
+            skipped = True
             err.print(f"{target.target}: not rotated, nothing removed: {target.skipped}", markup=False)
         for r in target.tiers:
             print_rotation(settings, r, verb)
-    if any(target.skipped for target in done):
+    if skipped:
         sys.exit(errors.EXIT_FAILED)
 
 
@@ -467,21 +480,21 @@ def print_rotation(settings: Settings, r, verb: str) -> None:
 
     name, t = r.target, r.tier
     for entry in r.local.remove:
-        out.print(f"{name} {t}: {verb} {entry.path.name}", markup=False)
+        out.line(f"{name} {t}: {verb} {entry.path.name}")
     for entry in r.local.protected:
-        out.print(f"{name} {t}: kept {entry.path.name} (expired, but among the newest "
-                  f"{settings.target(name).tiers[t].min_keep} verified)", markup=False)
+        out.line(f"{name} {t}: kept {entry.path.name} (expired, but among the newest "
+                 f"{settings.target(name).tiers[t].min_keep} verified)")
     for line in future_warning(r.local):
-        err.print(f"warning: {line}", markup=False)
+        err.line(f"warning: {line}")
     for destination in r.order:
         if destination in r.failed:
-            err.print(f"{name} {t} at {destination}: {r.failed[destination]}", markup=False)
+            err.line(f"{name} {t} at {destination}: {r.failed[destination]}")
             continue
         for entry in r.destinations[destination].remove:
-            out.print(f"{name} {t}: {verb} {entry.path} at {destination}", markup=False)
+            out.line(f"{name} {t}: {verb} {entry.path} at {destination}")
         for line in future_warning(r.destinations[destination], f" at {destination}"):
-            err.print(f"warning: {line}", markup=False)
-    out.print(f"{name} {t}: {len(r.local.remove)} {verb}, {r.local.kept} kept", markup=False)
+            err.line(f"warning: {line}")
+    out.line(f"{name} {t}: {len(r.local.remove)} {verb}, {r.local.kept} kept")
 
 
 # --- restore and drills ------------------------------------------------------------------------------

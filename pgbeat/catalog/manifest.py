@@ -267,6 +267,13 @@ class Manifest(BaseModel):
     physical: PhysicalInfo | None = Field(None, description="a base backup (tier base): its WAL range")
     seal: str | None = Field(None, description="SHA-256 of the sealed fields (all but UNSEALED)")
 
+    @field_validator("pgbeat_manifest", mode="before")
+    @classmethod
+    def _readable_version(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value not in READABLE_VERSIONS:  # JSON's true would read as 1
+            raise ValueError(f"not a manifest version this pgbeat reads ({', '.join(map(str, READABLE_VERSIONS))})")
+        return value
+
     @field_validator("warnings", mode="before")
     @classmethod
     def _upgrade_warnings(cls, value: Any) -> Any:
@@ -392,17 +399,15 @@ def update_manifest(path: Path, change: Callable[[Manifest], None]) -> Manifest:
         os.close(fd)
 
 
-def read_manifest(path: Path) -> Manifest | None:
+def read_manifest(path: Path | str) -> Manifest | None:
     """Return the manifest at `path`, or None if it is missing, unreadable or not pgbeat's."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("pgbeat_manifest") not in READABLE_VERSIONS \
-            or isinstance(data.get("pgbeat_manifest"), bool):
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError:
         return None
     try:
-        return Manifest.model_validate(data)
+        return Manifest.model_validate_json(raw)  # one pass: a fleet's status reads thousands
     except ValueError:
         return None
 
@@ -523,34 +528,51 @@ def newest(entries: Iterable[D], now: datetime) -> D | None:
     return (settled or ordered)[-1] if ordered else None
 
 
-# A folder's listing is reused only while the folder's own stamp is unchanged, and only when it was taken
-# this long after the folder last changed: within one tick of a file system's timestamps a second change
-# could leave the stamp as it was (git's "racily clean" rule).
+# A folder's listing is reused while the folder's own stamp is unchanged. Within one tick of a file
+# system's timestamps a second change could leave the stamp as it was (git's "racily clean" case), so a
+# listing taken less than RACY_S after the folder changed is reused only for RACY_S: a command going over
+# a fleet while backups land still lists each folder about once, and nothing is missed for longer.
 RACY_S = 2.0
 
 
 class FolderListing:
-    """The manifests of one tier folder, grouped by the target their file name names: read once per
-    change of the folder, so a command that looks at every target of a fleet lists each folder once
-    instead of once per target, and opens only the manifests of the targets it is asked about."""
+    """The backups' manifests in one tier folder, read once per change of the folder (a manifest whose file
+    name is not a backup's name, `NAME_RE`, is not a backup). Questions about one target scan the names
+    for its prefix (a backup's rotate step asks about one); a question about a second target groups every
+    name by the target it names, so a command that looks at every target of a fleet reads the folder once
+    instead of once per target, and opens only the manifests of the targets it asks about."""
 
     def __init__(self, stamp: tuple[int, ...], names: list[str]) -> None:
         self.stamp = stamp
-        self.by_target: dict[str | None, list[str]] = {}
-        for name in sorted(names):
-            if name.endswith(MANIFEST_SUFFIX) and not name.startswith("."):
-                parsed = NAME_RE.match(name.removesuffix(MANIFEST_SUFFIX))
-                self.by_target.setdefault(parsed["target"] if parsed else None, []).append(name)
+        self.manifests = [n for n in names if n.endswith(MANIFEST_SUFFIX) and not n.startswith(".")]
+        self.asked: str | None = None  # the one target asked about so far
+        self.by_target: dict[str, list[str]] | None = None
+
+    @staticmethod
+    def target_of(name: str) -> str | None:
+        parsed = NAME_RE.match(name.removesuffix(MANIFEST_SUFFIX))
+        return parsed["target"] if parsed else None
 
     def names(self, target: str | None) -> list[str]:
-        """The manifest names of `target` (every one with None), plus those whose name parses as no
-        target's (their manifest says whose they are)."""
+        """The manifest names of `target`'s backups (every target's with None), sorted."""
         if target is None:
-            return sorted(n for names in self.by_target.values() for n in names)
-        return self.by_target.get(target, []) + self.by_target.get(None, [])
+            return sorted(n for n in self.manifests if self.target_of(n) is not None)
+        if self.by_target is None and self.asked in (None, target):
+            self.asked = target
+            prefix = f"{target}_backup_"  # also another's whose name starts so: told apart by target_of
+            return sorted(n for n in self.manifests if n.startswith(prefix) and self.target_of(n) == target)
+        if self.by_target is None:
+            self.by_target = {}
+            for name in self.manifests:
+                owner = self.target_of(name)
+                if owner is not None:
+                    self.by_target.setdefault(owner, []).append(name)
+            for group in self.by_target.values():
+                group.sort()
+        return self.by_target.get(target, [])
 
 
-_listings: dict[Path, FolderListing] = {}
+_listings: dict[Path, tuple[FolderListing, float | None]] = {}  # with the deadline of a racy one
 
 
 def folder_listing(folder: Path) -> FolderListing | None:
@@ -562,14 +584,12 @@ def folder_listing(folder: Path) -> FolderListing | None:
         _listings.pop(folder, None)
         return None
     stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-    known = _listings.get(folder)
-    if known is not None and known.stamp == stamp:
+    known, until = _listings.get(folder, (None, None))
+    if known is not None and known.stamp == stamp and (until is None or time.monotonic() < until):
         return known
     listing = FolderListing(stamp, os.listdir(folder))
-    if time.time() - max(st.st_mtime, st.st_ctime) > RACY_S:
-        _listings[folder] = listing
-    else:
-        _listings.pop(folder, None)
+    racy = time.time() - max(st.st_mtime, st.st_ctime) <= RACY_S
+    _listings[folder] = (listing, time.monotonic() + RACY_S if racy else None)
     return listing
 
 
@@ -581,8 +601,9 @@ def iter_manifests(backup_root: Path, tiers: tuple[str, ...] = TIERS, target: st
         listing = folder_listing(folder)
         if listing is None:
             continue
+        where = f"{folder}{os.sep}"
         for name in listing.names(target):
-            manifest = read_manifest(folder / name)
+            manifest = read_manifest(where + name)
             data_name = name.removesuffix(MANIFEST_SUFFIX)
             if manifest is None or manifest.file != data_name or manifest.tier != tier:
                 continue

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -98,19 +98,28 @@ class StatusReport:
     runs: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for tier, raw in zip(self.tiers, data["tiers"], strict=True):
-            raw["size_anomaly"] = tier.size_anomaly
-            raw["never"] = tier.never
+        # Field by field rather than dataclasses.asdict, whose deep copy of every value is most of the cost
+        # of a fleet's status; the records hold only JSON values.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["tiers"] = [{**vars(t), "size_anomaly": t.size_anomaly, "never": t.never} for t in self.tiers]
+        data["drills"] = [dict(vars(d)) for d in self.drills]
+        data["never_drilled"] = [dict(vars(n)) for n in self.never_drilled]
         return data
 
 
-def folder_size(path: Path) -> int:
+def folder_size(path: Path | str) -> int:
+    """The bytes of every file under `path` (what `du` would count, by apparent size)."""
     total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.lstat(os.path.join(root, name)).st_size
+    try:
+        entries = list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        with contextlib.suppress(FileNotFoundError):
+            if entry.is_dir(follow_symlinks=False):
+                total += folder_size(entry.path)
+            else:
+                total += entry.stat(follow_symlinks=False).st_size
     return total
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import datetime
 from pathlib import Path
@@ -130,6 +131,8 @@ CRON_MONTHS = {"jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "o
 CRON_DAYS = {"sun", "mon", "tue", "wed", "thu", "fri", "sat"}
 
 
+# Memoised: a fleet's targets file repeats the same few schedules thousands of times.
+@functools.lru_cache(maxsize=256)
 def validate_cron(expr: str) -> str:
     """Given a 5-field cron expression, return it normalised; raise ValueError if cronsim rejects it, or if
     it uses what beat (Celery's crontab) cannot read: L, W, #, ? and 7 for Sunday."""
