@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -432,3 +434,34 @@ def postgres_user_pgbeat(base: Path) -> Path:
     if check.returncode != 0:
         raise RuntimeError(f"postgres cannot run pgbeat from {venv}: {check.stderr}")
     return script
+
+
+# --- the metrics endpoint ----------------------------------------------------------------------------
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Return {'name{label="value",...}': value} with labels sorted by name, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return {k: v for k, v in values.items() if k.startswith("pgbeat_")}
+
+
+def start_metrics(service: Service, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([str(VENV_BIN / "pgbeat"), "metrics", "--listen", f"127.0.0.1:{port}"], cwd=service.cwd,
+                            env=service.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: _answers(port), 20, what="the metrics endpoint")
+    return proc
+
+
+def _answers(port: int) -> bool:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+        return True
+    except (urllib.error.URLError, ConnectionError):
+        return False

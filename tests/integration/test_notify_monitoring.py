@@ -7,8 +7,6 @@ import re
 import shutil
 import subprocess
 import time
-import urllib.error
-import urllib.request
 import uuid
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
@@ -17,7 +15,18 @@ import pytest
 
 from pgbeat.schedule import next_runs
 from tests.receivers import MailReceiver
-from tests.support import SECRET_PASSWORD, VENV_BIN, Flower, Service, Worker, free_port, wait_for, wait_run
+from tests.support import (
+    SECRET_PASSWORD,
+    VENV_BIN,
+    Flower,
+    Service,
+    Worker,
+    free_port,
+    scrape,
+    start_metrics,
+    wait_for,
+    wait_run,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -113,34 +122,6 @@ def test_low_disk_warns(workdir, pg, small_db):
     assert service.pgbeat("backup", "daily").returncode == 0
     [warning] = [e for e in service.events() if e["kind"] == "warning"]
     assert "free on" in warning["warnings"][0]
-
-
-def scrape(port: int) -> dict[str, float]:
-    """Return {'name{label="value",...}': value} with labels sorted by name, parsed by prometheus_client."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return {k: v for k, v in values.items() if k.startswith("pgbeat_")}
-
-
-def start_metrics(service: Service, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([str(VENV_BIN / "pgbeat"), "metrics", "--listen", f"127.0.0.1:{port}"], cwd=service.cwd,
-                            env=service.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: _answers(port), 20, what="the metrics endpoint")
-    return proc
-
-
-def _answers(port: int) -> bool:
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
-        return True
-    except (urllib.error.URLError, ConnectionError):
-        return False
 
 
 def test_metrics_and_status_tell_the_truth_across_restarts(workdir, pg, small_db, make_db):
