@@ -19,7 +19,7 @@ from pgbeat.coordination import MANUAL_PRIORITY, redis_client
 from pgbeat.coordination.dispatch import host_queue, send_task, task_failure, task_label, terminate_task
 from pgbeat.coordination.follow import RunEnd, follow_runs
 from pgbeat.coordination.runs import NodeRegistry, RunState
-from pgbeat.errors import EXIT_FAILED, PgbeatError, UnreachableError, error_from_record
+from pgbeat.errors import EXIT_FAILED, NoWorkerError, PgbeatError, UnreachableError, error_from_record
 from pgbeat.restore.restore import RestoreInfo
 from pgbeat.settings import Settings
 
@@ -97,7 +97,7 @@ def follow(settings: Settings, run_id: str, node: str, timeout: float, show: Cal
     def watch(run_id: str, fields: dict[str, str]) -> dict[str, str] | None:
         if fields.get("status") is None:  # no worker has taken it yet
             if node not in NodeRegistry(state.client).alive_nodes() and state.once(run_id, "start"):
-                said[run_id] = Outcome(EXIT_FAILED, [
+                said[run_id] = Outcome(NoWorkerError.exit_code, [
                     f"No live worker on host {node} (none has a heartbeat in Redis): the restore was not "
                     "started, and never will be", "HINT: start a worker there (celery -A workers.app worker), "
                     "or name another host with --node"])

@@ -612,7 +612,7 @@ def test_on_worker_without_a_worker_then_timed_out_then_with_the_whole_worker_ki
     try:
         t0 = time.monotonic()
         nobody = service.pgbeat("restore", str(backup), "--yes", "--on-worker", "--timeout", "60")
-        assert nobody.returncode == 1 and "No live worker on host" in nobody.stderr, nobody.stderr
+        assert nobody.returncode == 5 and "No live worker on host" in nobody.stderr, nobody.stderr
         assert time.monotonic() - t0 < 20
 
         worker = Worker(service, concurrency=1)
