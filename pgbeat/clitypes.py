@@ -77,11 +77,32 @@ class CheckedText(click.ParamType):
         return value
 
 
+def configured_names(kind: str, incomplete: str) -> list:
+    """Shell completion: the configured targets' (or destinations') names that start with `incomplete`;
+    none when the configuration cannot be read (a completion must never print an error)."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        from pgbeat.settings import get_settings
+
+        settings = get_settings()
+    except Exception:
+        return []
+    if kind == "target":
+        names = set(settings.targets)
+    else:
+        names = {d.name for name in settings.targets for d in settings.target(name).destinations}
+    return [CompletionItem(name) for name in sorted(names) if name.startswith(incomplete)]
+
+
 class TargetName(CheckedText):
     name = "target name"
 
     def check(self, value: str) -> str:
         return validate_target_name(value)
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+        return configured_names("target", incomplete)
 
 
 class WalFileName(CheckedText):
@@ -103,6 +124,9 @@ class DestinationName(CheckedText):
 
     def check(self, value: str) -> str:
         return validate_target_name(value)  # destinations follow the targets' naming rule (settings)
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+        return configured_names("destination", incomplete)
 
 
 class DatabaseName(CheckedText):
