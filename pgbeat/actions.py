@@ -174,12 +174,12 @@ class TargetRotation:
 
 def rotate(settings: Settings, names: list[str], tier: str | None, *, now: datetime | None = None,
            dry_run: bool = False) -> Iterator[TargetRotation]:
-    """Rotate `tier` (or every enabled tier) of each named target at the database server's time (or at
-    `now`), exactly as the rotate step does: the local shelf, then each destination. A target whose
+    """Rotate `tier` (or every enabled tier, and the safety backups) of each named target at the database
+    server's time (or at `now`), exactly as the rotate step does: the local shelf, then each destination. A target whose
     server's clock cannot be read is skipped, nothing removed: a host's clock alone never decides.
     Yield one target's rotation at a time, so a fleet's plans are not all held at once."""
     from pgbeat.postgres.clock import ServerReading, boot_id
-    from pgbeat.steps.rotate import rotate_tier, rotation_now
+    from pgbeat.steps.rotate import TierRotation, rotate_safety_backups, rotate_tier, rotation_now
 
     # One reading per database server, carried forward by this host's monotonic clock: a fleet of
     # databases on a few servers is rotated at their servers' time without one connection per target.
@@ -195,7 +195,11 @@ def rotate(settings: Settings, names: list[str], tier: str | None, *, now: datet
             yield TargetRotation(name, skipped=f"the database server's clock could not be read ({exc.message})")
             continue
         tiers = [tier] if tier else settings.target(name).enabled_tiers()
-        yield TargetRotation(name, [rotate_tier(settings, name, t, when, dry_run=dry_run) for t in tiers])
+        done = [rotate_tier(settings, name, t, when, dry_run=dry_run) for t in tiers]
+        if tier is None:  # and its safety backups, kept by count
+            plan = rotate_safety_backups(settings, name, when, dry_run=dry_run)
+            done.append(TierRotation(target=name, tier=plan.tier, now=when, local=plan))
+        yield TargetRotation(name, done)
 
 
 # --- copies, drills ----------------------------------------------------------------------------------

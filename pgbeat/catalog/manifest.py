@@ -612,7 +612,8 @@ def iter_manifests(backup_root: Path, tiers: tuple[str, ...] = TIERS, target: st
 
 
 def iter_pre_restore(backup_root: Path) -> Iterator[Entry]:
-    """Yield the safety backups a restore took (`BACKUP_ROOT/pre_restore_*`); rotation never touches them."""
+    """Yield the safety backups a restore took (`BACKUP_ROOT/pre_restore_*`); tier rotation never touches
+    them, they are kept by count (pgbeat/steps/rotate.py `rotate_safety_backups`)."""
     try:
         names = sorted(os.listdir(backup_root))
     except FileNotFoundError:

@@ -972,6 +972,8 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
         remove_path(work)  # scratch files, e.g. a decrypted copy
     duration = round(time.monotonic() - t0, 3)
     logline(f"SUCCESS: Restauração concluída em {duration}s ({len(entry.manifest.tables)} tabelas conferidas)")
+    if safety_path is not None:  # only now: a failed attempt never costs an older safety backup
+        prune_safety_backups(settings, target.name, logline)
     send_event(settings, Event(kind="restore_succeeded", target=target.name, tier=entry.manifest.tier,
                                run_id=entry.manifest.run_id, node=settings.node, at=now().isoformat(),
                                file=str(stored.path), duration_s=duration, size=stored.manifest.size,
@@ -979,6 +981,21 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
     return RestoreResult(backup=stored.path, database=database, server=target.describe(), created=not exists,
                          safety_backup=safety_path, tables_checked=len(entry.manifest.tables), restore_s=restore_s,
                          duration_s=duration, steps=timings)
+
+
+def prune_safety_backups(settings: Settings, target: str, logline: Callable[..., None]) -> None:
+    """Keep `target`'s newest `safety_backups` safety backups, by the server's clock; never fail the restore
+    that called it (what could not be removed now goes at the next one, or at `pgbeat rotate`)."""
+    from pgbeat.steps.rotate import rotate_safety_backups, rotation_now
+
+    try:
+        plan = rotate_safety_backups(settings, target, rotation_now(settings, target))
+    except (PgbeatError, OSError) as exc:
+        logline(f"WARNING: safety backups not rotated ({getattr(exc, 'message', exc)})")
+        return
+    if plan.remove:
+        logline(f"Removidos {len(plan.remove)} backup(s) de segurança antigo(s): "
+                f"{', '.join(e.path.name for e in plan.remove)}")
 
 
 def _settle_own(server: Target, journal: Journal, guard: InterruptGuard,

@@ -322,6 +322,9 @@ class TargetOptions(Strict):
                                                             "gcs or ssh, each with its own keys")
     encryption: EncryptionSpec | None = Field(None, description="age encryption of every copy")
     wal: WalSpec = Field(default_factory=lambda: WalSpec())
+    safety_backups: int = Field(3, ge=1, le=MAX_KEEP_COUNT,
+                                description="safety backups (pre_restore_*) kept per target: after a restore "
+                                            "succeeds, and at `pgbeat rotate`, the oldest beyond this are removed")
 
     _tiers = field_validator("tiers", mode="before")(_with_tier_defaults)
 

@@ -11,6 +11,9 @@ Rules (retention that deletes the last good backups is what users of backup tool
 - a backup dated in the future (made under a wrong clock) is never removed by age and does not count
   towards the floor; it is flagged (`RotationPlan.future`) for a human to look at;
 - a clock moved backwards makes backups look younger, never older: nothing extra is removed.
+
+The safety backups a restore takes (`BACKUP_ROOT/pre_restore_*`) are kept by count, not age: the newest
+`safety_backups` of a target (and any dated in the future), after a restore succeeds and at `pgbeat rotate`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pgbeat.catalog.manifest import (
     checksum_path,
     from_the_future,
     iter_manifests,
+    iter_pre_restore,
     manifest_lock_path,
     manifest_path,
     order_key,
@@ -38,6 +42,7 @@ from pgbeat.postgres.clock import ServerReading, ask_server_time, server_now
 from pgbeat.settings import Settings, TierPolicy
 
 log = logging.getLogger(__name__)
+SAFETY_TIER = "pre_restore"  # the tier a safety backup's manifest records
 ROTATE_REMOVED_DATA = faults.declare("rotate.removed-data", "an expired backup's data file is gone, its sidecars "
                                                             "not yet (the next rotation removes them)")
 
@@ -113,6 +118,28 @@ def rotate_target(settings: Settings, target: str, tier: str, now: datetime, dry
         for entry in [*plan.remove, *plan.orphans]:
             remove_backup(entry)
             log.info("removed %s", entry.path)
+    return plan
+
+
+def plan_safety_rotation(entries: list[Entry], keep: int, now: datetime, target: str) -> RotationPlan:
+    """Given one target's safety backups and the server's time `now`, keep the newest `keep` (by
+    `order_key`) and every one dated in the future; remove the others."""
+    plan = RotationPlan(target=target, tier=SAFETY_TIER)
+    present = sorted((e for e in entries if e.exists), key=order_key)
+    plan.future = [e for e in present if from_the_future(e, now)]
+    settled = [e for e in present if not from_the_future(e, now)]
+    plan.keep, plan.remove = settled[-keep:], settled[:-keep]
+    return plan
+
+
+def rotate_safety_backups(settings: Settings, target: str, now: datetime, dry_run: bool = False) -> RotationPlan:
+    """Remove `target`'s safety backups beyond its `safety_backups` newest (`dry_run`: decide only)."""
+    entries = [e for e in iter_pre_restore(settings.backup_root) if e.manifest.target == target]
+    plan = plan_safety_rotation(entries, settings.target(target).safety_backups, now, target)
+    if not dry_run:
+        for entry in plan.remove:
+            remove_backup(entry)
+            log.info("removed safety backup %s", entry.path)
     return plan
 
 
