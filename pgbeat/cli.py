@@ -318,11 +318,21 @@ def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wa
 @click.option("--wide", is_flag=True, help="Also the format, SHA-256 and the full file name (at a destination: "
                                            "the URL `pgbeat restore` takes), however narrow the terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per backup).")
-def list_cmd(target_name: str | None, tier: str | None, destination: str | None, wide: bool, as_json: bool) -> None:
+@click.option("--orphans", is_flag=True, help="Only the backups of targets no longer in the configuration.")
+def list_cmd(target_name: str | None, tier: str | None, destination: str | None, wide: bool, as_json: bool,
+             orphans: bool) -> None:
     """List the backups on the local shelf (or at a destination), newest last, from their manifests."""
     settings = settings_or_exit(writes=bool(destination))  # a destination's manifests are read via .work
+    if orphans and (destination or target_name):
+        fail(errors.UsageError("--orphans lists the local shelf's backups of targets that are not configured",
+                               hint="leave out --target and --destination"))
     if destination:
         entries = destination_entries(settings, destination, target_name, tier)
+    elif orphans:
+        from pgbeat.catalog.manifest import shelf_census
+
+        entries = [e for name in sorted(set(shelf_census(settings.backup_root)) - set(settings.targets))
+                   for e in list_backups(settings.backup_root, name, tier)]
     else:
         entries = list_backups(settings.backup_root, target_name, tier, include_pre_restore=True)
     where = {id(e): backup_location(settings, e, destination) for e in entries}
@@ -894,6 +904,9 @@ def status(as_json: bool) -> None:
         due = "was due" if never.overdue else "first due"
         out.print(f"drill {never.target}: [{color}]never[/{color}] ({due} {local_time(settings, never.first_due_at)})",
                   markup=True)
+    if report.orphans:
+        out.line("not in the configuration (kept, never rotated; `pgbeat list --orphans`): "
+                 + ", ".join(f"{name} ({count} backups)" for name, count in report.orphans.items()))
     out.print(f"BACKUP_ROOT uses {human_size(report.used)}; {human_size(report.disk_free)} free of "
               f"{human_size(report.disk_total)} ({100 * report.disk_free / max(report.disk_total, 1):.0f}%)",
               markup=False)

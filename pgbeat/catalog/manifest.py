@@ -593,6 +593,18 @@ def folder_listing(folder: Path) -> FolderListing | None:
     return listing
 
 
+def shelf_census(backup_root: Path) -> dict[str, int]:
+    """Given a shelf, return how many backups each target has in the tier folders, from the file names
+    alone (no manifest opened): what `pgbeat status` needs to find targets no longer configured."""
+    counts: dict[str, int] = {}
+    for tier in TIERS:
+        listing = folder_listing(backup_root / tier)
+        for name in listing.names(None) if listing is not None else []:
+            owner = FolderListing.target_of(name)
+            counts[owner] = counts.get(owner, 0) + 1
+    return counts
+
+
 def iter_manifests(backup_root: Path, tiers: tuple[str, ...] = TIERS, target: str | None = None) -> Iterator[Entry]:
     """Yield an Entry per pgbeat manifest under the tier folders (whether or not its data file exists);
     with `target`, only that target's, and only its manifests are opened."""

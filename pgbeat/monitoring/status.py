@@ -21,7 +21,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pgbeat.catalog.manifest import Entry, first_configured, from_the_future, list_backups, newest, read_attempts
+from pgbeat.catalog.manifest import (
+    Entry,
+    first_configured,
+    from_the_future,
+    list_backups,
+    newest,
+    read_attempts,
+    shelf_census,
+)
 from pgbeat.schedule import min_interval, next_runs
 from pgbeat.settings import Settings
 
@@ -95,6 +103,7 @@ class StatusReport:
     drills: list[DrillStatus]
     drill_intervals: dict[str, float] = field(default_factory=dict)  # per target with drills enabled
     never_drilled: list[NeverDrilled] = field(default_factory=list)
+    orphans: dict[str, int] = field(default_factory=dict)  # backups per target no longer in the configuration
     runs: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -189,4 +198,6 @@ def build_status(settings: Settings, now: datetime) -> StatusReport:
     usage = shutil.disk_usage(root) if root.exists() else shutil.disk_usage(root.parent)
     return StatusReport(generated_at=now.isoformat(), backup_root=str(root), disk_total=usage.total,
                         disk_free=usage.free, used=folder_size(root) if root.exists() else 0, tiers=tiers,
-                        drills=drills, drill_intervals=drill_intervals, never_drilled=never_drilled)
+                        drills=drills, drill_intervals=drill_intervals, never_drilled=never_drilled,
+                        orphans={name: n for name, n in sorted(shelf_census(root).items())
+                                 if name not in settings.targets})

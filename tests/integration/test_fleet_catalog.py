@@ -163,3 +163,22 @@ def test_the_fleet_bench_runs(workdir, pg):
     assert [f["targets"] for f in figures] == [3, 5] and [f["backups"] for f in figures] == [12, 20]
     assert all(value > 0 for f in figures for key, value in f.items() if key.startswith(("status", "scrape")))
     wait_for(lambda: not any(workdir.glob("pgbeat-fleet-*")), 5, what="the bench's shelves removed")
+
+
+def test_backups_of_targets_no_longer_configured_are_listed_as_orphans(fleet):
+    service, written = fleet
+    gone = ["t01", "x.y"]  # t01_backup_daily_x and t01-x stay: their names start with t01
+    service.config["targets"] = [t for t in service.config["targets"] if t["name"] not in gone]
+    service.write_config()
+    status = json.loads(service.pgbeat("status", "--json").stdout)
+    assert status["orphans"] == {name: BACKUPS for name in gone}
+    text = service.pgbeat("status")
+    assert "not in the configuration" in text.stdout and "t01 (10 backups)" in text.stdout, text.stdout
+    listed = json.loads(service.pgbeat("list", "--orphans", "--json").stdout)
+    assert sorted(b["file"] for b in listed) == sorted(p.name for name in gone for p in written[name])
+    for conflicting in (("--target", "t02"), ("--destination", "vault")):
+        refused = service.pgbeat("list", "--orphans", *conflicting)
+        assert refused.returncode == 2 and "--orphans" in refused.stderr, refused.stderr
+    # Nothing of theirs is rotated away meanwhile.
+    assert service.pgbeat("rotate").returncode == 0
+    assert all(p.exists() for name in gone for p in written[name])
