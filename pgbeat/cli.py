@@ -539,8 +539,26 @@ def print_manifest(settings: Settings, entry) -> None:
     table.add_column("table")
     table.add_column("rows", justify="right")
     for name, rows in sorted(m.tables.items()):
-        table.add_row(name, f"{rows:,}")
+        table.add_row(escape(name), f"{rows:,}")
     out.print(table)
+    if m.encryption is not None:
+        out.line("other objects: not listed, the backup is encrypted (restore it to see them)")
+        return
+    from collections import Counter
+
+    from pgbeat.restore.contents import BOOKKEEPING, backup_objects
+
+    objects = backup_objects(entry, settings.pg_bin_dir)
+    counts = Counter(o.kind for o in objects)
+    out.line("objects: " + ", ".join(f"{kind.lower()} {n}" for kind, n in counts.items()))
+    shown = [o for o in objects if o.kind not in BOOKKEEPING and o.kind != "TABLE"]
+    if shown:
+        table = new_table(title=f"{len(shown)} other object(s)")
+        for column in ("kind", "schema", "name"):
+            table.add_column(column)
+        for o in sorted(shown, key=lambda o: (o.kind, o.schema or "", o.name)):
+            table.add_row(o.kind.lower(), escape(o.schema or "-"), escape(o.name))
+        out.print(table)
 
 
 @main.command()
