@@ -520,9 +520,17 @@ def confirm_restore(yes: bool):
         if not sys.stdin.isatty():
             raise RestoreRefused("Refusing to restore without confirmation: there is no terminal to ask on",
                                  hint="type SIM at the prompt in a terminal, or pass --yes in scripts")
-        out.print(f"[bold red]ATENÇÃO / WARNING[/bold red]: restoring [bold]{info.backup.name}[/bold] "
+        out.print(f"[bold red]ATENÇÃO / WARNING[/bold red]: restoring [bold]{escape(info.backup.name)}[/bold] "
                   f"({human_size(info.size)}, taken {local_time(settings_or_exit(), info.taken_at)})", markup=True)
-        out.print(f"into database [bold]{info.database}[/bold] on {info.server}.", markup=True)
+        out.print(f"into database [bold]{escape(info.database)}[/bold] on {escape(info.server)}.", markup=True)
+        if info.foreign:
+            of = f" (database {info.backup_database})" if info.backup_database else ""
+            out.print(f"[bold yellow]This backup is of target {escape(info.backup_of)}{escape(of)}, not of "
+                      f"{escape(info.target)}[/bold yellow]: check that this is the database it belongs in.",
+                      markup=True)
+        if info.sessions:
+            out.print(f"{info.sessions} session(s) connected to {escape(info.database)} now will be disconnected "
+                      "when the restored copy is swapped in.", markup=True)
         out.print("This OVERWRITES ALL DATA in that database. A safety backup of its current state is taken first.")
         answer = click.prompt("Digite SIM para confirmar / type SIM to confirm", default="", show_default=False)
         return answer.strip() == "SIM"

@@ -61,8 +61,7 @@ def restore_on_worker(settings: Settings, entry: Entry, target: str, into: str |
         raise PgbeatError("--on-worker needs a broker (CELERY_BROKER_URL)")
     node = node or settings.node
     config = settings.target(target)
-    info = RestoreInfo(backup=entry.path, target=target, database=into or config.dbname, server=config.describe(),
-                       taken_at=entry.manifest.started_at, size=entry.manifest.size, exists=True)
+    info = RestoreInfo.of(entry, config, into or config.dbname, exists=True)
     if not confirm(info):
         raise RestoreRefused("Restore cancelled: not confirmed", hint="type SIM to confirm, or pass --yes")
     run_id = send_restore(settings, str(entry.path), target, into, jobs, node, timeout)

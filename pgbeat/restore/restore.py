@@ -138,9 +138,24 @@ class RestoreInfo:
     target: str
     database: str
     server: str
-    taken_at: datetime
+    taken_at: datetime  # by the database server's clock (Manifest.taken_at)
     size: int
     exists: bool
+    backup_of: str = ""  # the target the backup was taken of (its manifest's)
+    backup_database: str | None = None  # and that target's database then
+    sessions: int | None = None  # sessions connected to `database` now (None: not known here)
+
+    @classmethod
+    def of(cls, entry: Entry, target: Target, database: str, exists: bool, sessions: int | None = None) -> RestoreInfo:
+        m = entry.manifest
+        return cls(backup=entry.path, target=target.name, database=database, server=target.describe(),
+                   taken_at=m.taken_at, size=m.size, exists=exists, backup_of=m.target,
+                   backup_database=m.database.get("dbname"), sessions=sessions)
+
+    @property
+    def foreign(self) -> bool:
+        """True when the backup is of another target than the one it is restored into."""
+        return bool(self.backup_of) and self.backup_of != self.target
 
 
 @dataclass
@@ -854,10 +869,11 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
             with connect(target, MAINTENANCE_DB) as admin:
                 original = database_properties(admin, database)
                 check_rights(admin, database, original, f"restore into database {database!r}", where)
+                sessions = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
+                                         "AND pid <> pg_backend_pid()", (database,)).fetchone()[0]
             exists = original is not None
             lock = hold_restore_lock(settings, target, database)
-            info = RestoreInfo(backup=entry.path, target=target.name, database=database, server=target.describe(),
-                               taken_at=entry.manifest.started_at, size=entry.manifest.size, exists=exists)
+            info = RestoreInfo.of(entry, target, database, exists, sessions)
             if exists and not confirm(info):
                 raise RestoreRefused("Restore cancelled: not confirmed", hint="type SIM to confirm, or pass --yes")
             retired = f"{RETIRED_PREFIX}{run_id}" if exists else None

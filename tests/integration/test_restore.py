@@ -103,6 +103,36 @@ def test_typed_confirmation(workdir, pg, erp):
     assert "public.teste_restore" not in tables(pg, erp)
 
 
+def test_the_prompt_counts_the_sessions_and_warns_of_another_targets_backup(workdir, pg, erp, make_db):
+    other = make_db("crm")
+    pg.sql("CREATE TABLE crm_only (id INT)", other)
+    service = Service(workdir, None, [pg.target("erp", erp), pg.target("crm", other)],
+                      timezone="America/Sao_Paulo")
+    assert service.pgbeat("backup", "daily", "--target", "crm").returncode == 0
+    [crm_backup] = service.backups()
+    sleepers = [subprocess.Popen([str(PG_BIN / "psql"), "-h", pg.host, "-p", str(pg.port), "-U", "postgres", "-d", erp,
+                                  "-c", "SELECT pg_sleep(120)"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for _ in range(2)]
+    try:
+        wait_for(lambda: pg.sql(f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{erp}'") == "2", 20)
+        child = pexpect.spawn(str(VENV_BIN / "pgbeat"), ["restore", str(crm_backup), "--target", "erp"],
+                              cwd=str(service.cwd), env=service.env(), encoding="utf-8", timeout=60,
+                              dimensions=(50, 200))
+        child.expect(r"taken \d{4}-\d\d-\d\d \d\d:\d\d:\d\d -03\)")  # in pgbeat's zone, and saying which
+        child.expect(f"This backup is of target crm \\(database {other}\\), not of erp")
+        child.expect(f"2 session\\(s\\) connected to {erp} now will be disconnected")
+        child.expect("type SIM to confirm")
+        child.sendline("nao")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 2
+    finally:
+        for sleeper in sleepers:
+            sleeper.terminate()
+            sleeper.wait(10)
+    assert "public.crm_only" not in tables(pg, erp)
+
+
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "wrong checksum"])
 def test_damaged_backup_is_refused_before_anything_changes(workdir, pg, erp, damage):
     service = service_for(workdir, pg, erp)
