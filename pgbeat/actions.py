@@ -91,6 +91,55 @@ def backup_here(settings: Settings, names: list[str], tier: str, *,
     return done
 
 
+@dataclass
+class PlannedBackup:
+    """What `pgbeat backup --dry-run` says one target's backup would be, changing nothing."""
+
+    target: str
+    tier: str
+    enabled: bool
+    server: str = ""
+    file: str = ""  # the name it would get now
+    format: str = ""
+    destinations: list[str] = field(default_factory=list)  # "name (kind)"
+    encrypted: bool = False
+    schedule: str = ""
+    next_run: datetime | None = None
+    would_remove: list[str] = field(default_factory=list)  # by the rotation after it, at the server's time
+    rotation: str | None = None  # why no rotation could be previewed
+
+
+def plan_backups(settings: Settings, names: list[str], tier: str) -> Iterator[PlannedBackup]:
+    """Say what backing up `tier` of each named target now would do: its file, destinations, and what the
+    rotation after it would remove (this backup not counted: a preview removes at most that). Reads the
+    database servers' clocks; changes nothing."""
+    from pgbeat.pipeline.record import new_run
+    from pgbeat.schedule import next_runs
+    from pgbeat.steps.rotate import rotate_tier, rotation_now
+
+    for name in names:
+        target = settings.target(name)
+        policy = target.tiers[tier]
+        if not policy.enabled:
+            yield PlannedBackup(name, tier, enabled=False)
+            continue
+        run = new_run(settings, target, tier)
+        plan = PlannedBackup(name, tier, enabled=True, server=target.describe(), file=run.name,
+                             format=f"{run.format}/{run.codec}", encrypted=target.encryption is not None,
+                             destinations=[f"{d.name} ({d.kind})" for d in target.destinations],
+                             schedule=policy.schedule, next_run=next_runs(policy.schedule, run.started_at,
+                                                                          settings.tz)[0])
+        try:
+            rotation = rotate_tier(settings, name, tier, rotation_now(settings, name), dry_run=True)
+        except errors.PgbeatError as exc:
+            plan.rotation = f"the database server's clock could not be read ({exc.message})"
+        else:
+            plan.would_remove = [e.path.name for e in rotation.local.remove]
+            plan.would_remove += [f"{e.path} at {where}" for where, remote in rotation.destinations.items()
+                                  for e in remote.remove]
+        yield plan
+
+
 def no_worker(tier: str, what: str) -> errors.NoWorkerError:
     """The error of a backup through the broker that no live worker would take: `what` became of it."""
     from pgbeat.coordination.dispatch import DEFAULT_QUEUE

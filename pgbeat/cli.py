@@ -237,13 +237,19 @@ def print_event(run: Run, step: str, state: str) -> None:
               help="With a broker: seconds to wait for the chain to finish.")
 @click.option("--local", is_flag=True, help="Run the chain in this process even when a broker is configured "
                                             "(the way out when Redis or the workers are down).")
-def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float, local: bool) -> None:
+@click.option("--dry-run", is_flag=True, help="Show what would run (targets, files, destinations, what "
+                                              "retention would remove afterwards); change nothing.")
+def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float, local: bool, dry_run: bool) -> None:
     """Back up TIER (daily, weekly or monthly) now.
 
     With no broker configured (or with --local) the chain runs in this process; with one, it is sent to
     the workers and this command follows its steps.
     """
     settings = settings_or_exit()
+    if dry_run:
+        if no_wait:
+            fail(errors.UsageError("--no-wait sends a backup; --dry-run sends nothing", hint="pick one"))
+        sys.exit(backup_dry_run(settings, selected_targets(settings, target_name), tier, local))
     here = local or settings.embedded
     if here and no_wait:
         fail(errors.UsageError("--no-wait is for a backup sent to the workers; in this process it runs to its end",
@@ -253,6 +259,31 @@ def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float, lo
     if here:
         sys.exit(backup_inprocess(settings, names, tier))
     sys.exit(backup_through_broker(settings, names, tier, no_wait, timeout))
+
+
+def backup_dry_run(settings: Settings, names: list[str], tier: str, local: bool) -> int:
+    """Print what backing up would do, changing nothing; return 1 if a rotation could not be previewed."""
+    from pgbeat.coordination.dispatch import DEFAULT_QUEUE
+
+    where = "in this process" if local or settings.embedded else f"through the broker, on queue {DEFAULT_QUEUE}"
+    out.line(f"dry run: nothing is dumped, sent or removed; the chain would run {where}")
+    code = errors.EXIT_OK
+    for plan in actions.plan_backups(settings, names, tier):
+        if not plan.enabled:
+            out.line(f"{plan.target}: tier {tier} is disabled, would be skipped")
+            continue
+        out.line(f"{plan.target} {tier}: {plan.server} -> {settings.backup_root / tier / plan.file} ({plan.format}"
+                 f"{', encrypted with age' if plan.encrypted else ''})")
+        out.line(f"  copies: local{''.join(', ' + d for d in plan.destinations)}")
+        out.line(f"  schedule {plan.schedule}, next run {local_time(settings, plan.next_run, seconds=False)}")
+        if plan.rotation:
+            out.line(f"  retention: not previewed: {plan.rotation}")
+            code = errors.EXIT_FAILED
+        elif plan.would_remove:
+            out.line(f"  retention would then remove {len(plan.would_remove)}: {', '.join(plan.would_remove)}")
+        else:
+            out.line("  retention would then remove nothing")
+    return code
 
 
 def backup_inprocess(settings: Settings, names: list[str], tier: str) -> int:
