@@ -46,18 +46,6 @@ def run_exit_code(failure: dict | None) -> int:
     return errors.error_from_record(failure or {}).exit_code
 
 
-def check_connection(target: Target) -> tuple[str | None, str | None]:
-    """Given a target, connect to it; return (the problem, None) or (None, the server's version). The
-    password never leaves libpq."""
-    from pgbeat.postgres.client import connect
-
-    try:
-        with connect(target) as conn:
-            return None, conn.execute("SHOW server_version").fetchone()[0]
-    except errors.PgbeatError as exc:
-        return exc.message, None
-
-
 # --- backup ------------------------------------------------------------------------------------------
 
 

@@ -1087,24 +1087,21 @@ def config_check(no_connect: bool) -> None:
         out.print(f"[yellow]warning[/yellow]: {warning}", markup=True)
     if no_connect:
         return
-    unreachable = 0
-    for target in settings.targets.values():
-        problem, version = actions.check_connection(target)
-        if problem:
-            unreachable += 1
-            out.print(f"  [red]✗[/red] {target.name}: {problem}", markup=True)
-        else:
-            out.print(f"  [green]✓[/green] {target.name}: connected, PostgreSQL {version}", markup=True)
-    if not settings.embedded:
-        from pgbeat.coordination.dispatch import broker_problem
+    from pgbeat.checks import run_checks
 
-        problem = broker_problem(settings)
-        if problem:
-            unreachable += 1
-            out.print(f"  [red]✗[/red] broker: {problem}", markup=True)
+    failed = unreachable = False
+    for check in run_checks(settings):
+        if check.ok:
+            out.print(f"  [green]✓[/green] {escape(check.subject)}: {escape(check.what)}: {escape(check.detail)}",
+                      markup=True)
+        elif check.warning:
+            out.print(f"  [yellow]![/yellow] {escape(check.subject)}: {escape(check.what)}: {escape(check.problem)}",
+                      markup=True)
         else:
-            out.print("  [green]✓[/green] broker: Redis answers", markup=True)
-    sys.exit(errors.EXIT_UNREACHABLE if unreachable else 0)
+            failed, unreachable = True, unreachable or check.unreachable
+            out.print(f"  [red]✗[/red] {escape(check.subject)}: {escape(check.what)}: {escape(check.problem)}",
+                      markup=True)
+    sys.exit(errors.EXIT_UNREACHABLE if unreachable else errors.EXIT_FAILED if failed else 0)
 
 
 @config.command("example")

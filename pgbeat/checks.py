@@ -1,0 +1,181 @@
+"""`pgbeat config check`: what a run will need, checked before a run needs it.
+
+Each check is a plain function returning `Check` records, so the command line only renders them:
+- BACKUP_ROOT: a writable folder (checked when the settings are loaded) with free space above the
+  monitoring thresholds;
+- each target: its server answers; the client programs are of a major that can dump it (pg_dump refuses a
+  newer server); its user can read every table, sequence and schema pg_dump will lock and copy; the rights
+  a restore into it and a drill on the drill server need (the same `missing_rights` the restore checks);
+- each destination: reachable with its credentials, its bucket or folder there, by writing, reading back
+  and deleting a small probe object under the destination's prefix (nothing else is touched);
+- with a broker: Redis answers, and a live worker consumes the queue backups are sent to.
+
+A check that could not reach something says so with `unreachable` (the command exits 5); any other
+problem exits 1; `warning` is printed and does not fail the command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgbeat.errors import PgbeatError
+from pgbeat.runlog import human_size
+from pgbeat.settings import DestinationSpec, Settings, Target
+
+PROBE_PREFIX = ".pgbeat-probe-"
+# Relations pg_dump reads (tables, partitioned tables, sequences, materialized views) that the user cannot.
+UNREADABLE = """
+SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'S', 'm') AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%'
+  AND NOT (has_schema_privilege(n.oid, 'USAGE') AND has_table_privilege(c.oid, 'SELECT'))
+ORDER BY 1
+"""
+
+
+@dataclass
+class Check:
+    subject: str  # "BACKUP_ROOT", a target's name, "erp -> vault", "broker"
+    what: str  # what was checked
+    problem: str | None = None  # None: passed
+    detail: str = ""  # what was found (a version, the free space)
+    unreachable: bool = False
+    warning: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def check_backup_root(settings: Settings) -> Check:
+    root = settings.backup_root
+    existing = next(p for p in (root, *root.parents) if p.exists())  # the first run creates the rest
+    usage = shutil.disk_usage(existing)
+    percent = 100.0 * usage.free / usage.total if usage.total else 100.0
+    found = f"{human_size(usage.free)} free ({percent:.0f}%)" + ("" if existing == root else
+                                                                f", created by the first run in {existing}")
+    monitoring = settings.monitoring
+    if percent < monitoring.min_free_percent or usage.free < monitoring.min_free_bytes:
+        return Check("BACKUP_ROOT", "free space", f"only {found} on {settings.backup_root}", warning=True)
+    return Check("BACKUP_ROOT", "free space", detail=f"{settings.backup_root}: {found}")
+
+
+def major_of(version: str) -> int:
+    """The major of a version string: "15.19" -> 15, "9.6.24" -> 9 (near enough for what dumps what)."""
+    return int(version.split(".")[0])
+
+
+def check_target(settings: Settings, target: Target) -> Iterator[Check]:
+    from pgbeat.postgres.client import connect
+    from pgbeat.postgres.process import program_version
+
+    try:
+        conn = connect(target)
+    except PgbeatError as exc:
+        yield Check(target.name, "connection", exc.message, unreachable=True)
+        return
+    with conn:
+        version = conn.execute("SHOW server_version").fetchone()[0]
+        user = conn.execute("SELECT current_user").fetchone()[0]
+        yield Check(target.name, "connection", detail=f"{target.describe()}, PostgreSQL {version}")
+        client = program_version(settings, "pg_dump")
+        if client is None:
+            yield Check(target.name, "client programs", "pg_dump was not found (PostgreSQL's client package)")
+        elif major_of(client) < major_of(version):
+            yield Check(target.name, "client programs",
+                        f"pg_dump {client} cannot dump PostgreSQL {version} (it refuses a newer server): install "
+                        f"the client of PostgreSQL {major_of(version)} and set pg_bin_dir")
+        else:
+            yield Check(target.name, "client programs", detail=f"pg_dump {client}")
+        unreadable = [row[0] for row in conn.execute(UNREADABLE).fetchall()]
+        if unreadable:
+            shown = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+            yield Check(target.name, "dump rights", f"{user} cannot read {len(unreadable)} relation(s) pg_dump "
+                                                    f"would dump: {shown} (GRANT SELECT, and USAGE on the schema, "
+                                                    "or make it a member of pg_read_all_data)")
+        else:
+            yield Check(target.name, "dump rights", detail=f"{user} reads every table")
+    yield from rights_check(target, target.name, "restore rights", like=True)
+    if target.drill.enabled:
+        yield from rights_check(target.drill_server(), target.name, "drill rights", like=False)
+
+
+def rights_check(server: Target, subject: str, what: str, *, like: bool) -> Iterator[Check]:
+    """The rights a restore in place (`like`) or a drill (a new scratch database) needs on `server`."""
+    from pgbeat.postgres.client import MAINTENANCE_DB, connect
+    from pgbeat.restore.restore import database_properties, missing_rights
+
+    try:
+        with connect(server, MAINTENANCE_DB) as admin:
+            properties = database_properties(admin, server.dbname) if like else None
+            problems = missing_rights(admin, server.dbname if like else None, properties)
+    except PgbeatError as exc:
+        yield Check(subject, what, exc.message, unreachable=True)
+        return
+    where = f"on {server.describe()}"
+    if problems:
+        yield Check(subject, what, f"{len(problems)} missing {where}: " + "; ".join(problems))
+    else:
+        yield Check(subject, what, detail=where)
+
+
+def check_destination(spec: DestinationSpec, subject: str) -> Check:
+    """Write, read back and delete a small probe object at `spec` (its own retries left out: a check says
+    at once what a run would retry for minutes)."""
+    from pgbeat.storage.destinations import open_storage
+
+    key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    payload = f"pgbeat config check {key}\n".encode()
+    with tempfile.TemporaryDirectory(prefix="pgbeat-probe-") as scratch:
+        source, back = Path(scratch) / "probe", Path(scratch) / "back"
+        source.write_bytes(payload)
+        try:
+            with open_storage(spec.model_copy(update={"retries": 1})) as storage:
+                storage.put(source, key, hashlib.sha256(payload).hexdigest())
+                try:
+                    storage.get(key, back)
+                finally:
+                    storage.delete(key)
+        except PgbeatError as exc:
+            return Check(subject, "write, read, delete", exc.message, unreachable=True)
+        except Exception as exc:  # an SDK's own error class: said in one line, never a traceback
+            return Check(subject, "write, read, delete", f"{type(exc).__name__}: {exc}", unreachable=True)
+        if back.read_bytes() != payload:
+            return Check(subject, "write, read, delete", "what was read back differs from what was written")
+    return Check(subject, "write, read, delete", detail=f"{spec.kind} {storage.describe('')}")
+
+
+def check_broker(settings: Settings) -> Iterator[Check]:
+    from pgbeat.coordination import redis_client
+    from pgbeat.coordination.dispatch import DEFAULT_QUEUE, broker_problem
+    from pgbeat.coordination.runs import NodeRegistry
+
+    problem = broker_problem(settings)
+    if problem:
+        yield Check("broker", "Redis answers", problem, unreachable=True)
+        return
+    yield Check("broker", "Redis answers", detail="yes")
+    alive = NodeRegistry(redis_client(settings)).alive_nodes()
+    if not alive:
+        yield Check("broker", f"a live worker on queue {DEFAULT_QUEUE}",
+                    "no worker has a heartbeat in Redis: backups sent now would wait (start one: celery -A "
+                    "workers.app worker)", unreachable=True)
+    else:
+        yield Check("broker", f"a live worker on queue {DEFAULT_QUEUE}", detail=", ".join(sorted(alive)))
+
+
+def run_checks(settings: Settings) -> Iterator[Check]:
+    """Every check of `pgbeat config check`, in the order they are printed."""
+    yield check_backup_root(settings)
+    for target in settings.targets.values():
+        yield from check_target(settings, target)
+        for spec in target.destinations:
+            yield check_destination(spec, f"{target.name} -> {spec.name}")
+    if not settings.embedded:
+        yield from check_broker(settings)
