@@ -65,9 +65,12 @@ class TargetBackup:
 
 def backup_here(settings: Settings, names: list[str], tier: str, *,
                 on_start: Callable[[Target, bool], None] = lambda target, enabled: None,
-                on_event: Callable[[Run, str, str], None] | None = None) -> list[TargetBackup]:
+                on_event: Callable[[Run, str, str], None] | None = None,
+                on_wait: Callable[[str], None] | None = None) -> list[TargetBackup]:
     """Back up `tier` of each named target in this process (the embedded default), one after the other;
-    `on_start(target, enabled)` is told before each, `on_event` of each step. Return each target's run."""
+    `on_start(target, enabled)` is told before each, `on_event` of each step, `on_wait` of what a run
+    waits for (a busy target, a retry). Return each target's run."""
+    from pgbeat.pipeline.record import StepContext
     from pgbeat.pipeline.runner import run_inprocess
 
     done = []
@@ -75,7 +78,9 @@ def backup_here(settings: Settings, names: list[str], tier: str, *,
         target = settings.target(name)
         enabled = target.tiers[tier].enabled
         on_start(target, enabled)
-        done.append(TargetBackup(name, run_inprocess(settings, name, tier, on_event=on_event) if enabled else None))
+        ctx = StepContext(settings, on_wait=on_wait)
+        done.append(TargetBackup(name, run_inprocess(settings, name, tier, on_event=on_event, ctx=ctx)
+                                 if enabled else None))
     return done
 
 

@@ -300,7 +300,11 @@ def backup_inprocess(settings: Settings, names: list[str], tier: str) -> int:
             out.print(f"  backup: {run.final_path}", markup=False)
             print_warnings(run.steps.notify.warnings if run.steps.notify else [])
 
-    done = actions.backup_here(settings, names, tier, on_start=announce, on_event=print_done)
+    def print_wait(text: str) -> None:
+        out.print(f"  [yellow]… {escape(text)}[/yellow] (since {local_time(settings, datetime.now(UTC))})",
+                  markup=True, soft_wrap=True)  # one line, however long the reason
+
+    done = actions.backup_here(settings, names, tier, on_start=announce, on_event=print_done, on_wait=print_wait)
     return next((d.exit_code for d in done if d.exit_code), errors.EXIT_OK)
 
 

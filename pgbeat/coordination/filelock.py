@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pgbeat.errors import LockHeldError
@@ -18,10 +19,13 @@ class FileLock:
         self.path = backup_root / ".locks" / f"{name}.lock"
         self._fd: int | None = None
 
-    def acquire(self, wait: float = 0.0) -> bool:
+    def acquire(self, wait: float = 0.0, on_busy: Callable[[str | None], None] | None = None) -> bool:
+        """Take the lock, waiting up to `wait` seconds; return whether it was taken. `on_busy(holder)` is
+        told once, with the holder's pid as it wrote it, when the lock is not free at once."""
         private_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         deadline = time.monotonic() + wait
+        told = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -30,6 +34,9 @@ class FileLock:
                 os.write(fd, f"{os.getpid()}\n".encode())
                 return True
             except BlockingIOError:
+                if on_busy is not None and not told:
+                    told = True
+                    on_busy(os.pread(fd, 32, 0).decode(errors="replace").strip() or None)
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     return False
@@ -48,9 +55,14 @@ class FileLock:
         self.release()
 
 
-def hold_file_lock(backup_root: Path, target: str, wait: float) -> FileLock:
+def hold_file_lock(backup_root: Path, target: str, wait: float,
+                   on_wait: Callable[[str], None] | None = None) -> FileLock:
+    """Take `target`'s lock, waiting up to `wait` seconds (`on_wait` is told what it waits for, once)."""
     lock = FileLock(backup_root, f"target-{target}")
-    if not lock.acquire(wait):
+    busy = None if on_wait is None else lambda holder: on_wait(
+        f"waiting for the lock of {target}: another run holds it{f' (pid {holder})' if holder else ''}; "
+        f"up to {wait:.0f}s")
+    if not lock.acquire(wait, busy):
         raise LockHeldError(f"Another backup of {target} is running on this host (lock {lock.path})",
                             hint="wait for it to finish; pgbeat never runs two dumps of one target at once")
     return lock

@@ -213,6 +213,9 @@ class StepContext:
     # step may be delivered again (Celery), so that a side effect outside BACKUP_ROOT (a notification)
     # is not repeated. None in-process, where a step runs once.
     once: Callable[[str], bool] | None = None
+    # Told what the run waits for (a busy target, a retry after a failure), when someone is watching: the
+    # in-process runner on a terminal. None: only logged.
+    on_wait: Callable[[str], None] | None = None
 
     def target(self, run: Run) -> Target:
         return self.target_override or self.settings.target(run.target)

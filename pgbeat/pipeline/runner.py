@@ -195,7 +195,7 @@ def hold_step_locks(ctx: StepContext, run: Run, row: Step) -> Iterator[None]:
     transient error: retried like any other) if the target is still busy after lock_wait.
     """
     if "target" in row.locks:
-        with hold_file_lock(ctx.settings.backup_root, run.target, ctx.settings.reliability.lock_wait):
+        with hold_file_lock(ctx.settings.backup_root, run.target, ctx.settings.reliability.lock_wait, ctx.on_wait):
             yield
     else:
         yield
@@ -221,6 +221,9 @@ def run_step(ctx: StepContext, run: Run, row: Step, plan: Plan = BACKUP, *,
             if plan.announce:
                 runlog.write(ctx.settings, run, ctx.now(), f"WARNING: {exc.message}; nova tentativa em {delay}s")
             log.warning("run %s: %s failed (%s); retrying in %ss", run.run_id, row.name, exc.message, delay)
+            if ctx.on_wait is not None:
+                why = f"{exc.message} ({exc.reason})" if exc.reason else exc.message
+                ctx.on_wait(f"{row.name} failed: {why}; retry {retries_done + 1} in {delay:.0f}s")
             sleep(delay)
             retries_done += 1
 

@@ -25,6 +25,7 @@ from pgbeat.fsutil import CHUNK, disk_error, open_private, private_dir, remove_p
 from pgbeat.pipeline.record import DumpResult, Run, StepContext
 from pgbeat.postgres.client import client_env
 from pgbeat.postgres.clock import SKEW_WARNING, PendingReading
+from pgbeat.postgres.lockwatch import LockWatch
 from pgbeat.postgres.process import Supervised, find_pg_binary, last_error_line, program_version
 from pgbeat.postgres.sqlscan import DumpScanner
 from pgbeat.settings import Settings, Target
@@ -159,7 +160,7 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
     started, t0 = ctx.now(), time.monotonic()
     scanner = DumpScanner() if target.format == "plain" else None
     crc = 0
-    proc = writer = reading = compressor = None
+    proc = writer = reading = compressor = watch = None
     try:
         argv = dump_argv(ctx.settings, target, output)
         if compresses_table_files(target):
@@ -170,6 +171,8 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
                           stdout=subprocess.PIPE if scanner else subprocess.DEVNULL)
         # The server's clock dates the backup; read beside pg_dump, so the dump never waits for it.
         reading = PendingReading(ctx.settings, target, env, ctx.now, argv[0])
+        if ctx.on_wait is not None:  # someone watches: say it if pg_dump is blocked on a lock
+            watch = LockWatch(target, ctx.on_wait).start()
         faults.fault_point(DUMP_RUNNING)
         if scanner is not None:
             widen_pipe(proc.stdout)
@@ -206,6 +209,8 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
         abandon(output, writer, proc, reading, compressor)
         raise
     finally:
+        if watch is not None:
+            watch.stop()
         remove_path(work / ".pgpass")
     size = tree_size(output)
     info = DumpResult(path=str(output), size=size, started_at=started, duration_s=round(time.monotonic() - t0, 3),
