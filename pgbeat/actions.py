@@ -66,10 +66,11 @@ class TargetBackup:
 def backup_here(settings: Settings, names: list[str], tier: str, *,
                 on_start: Callable[[Target, bool], None] = lambda target, enabled: None,
                 on_event: Callable[[Run, str, str], None] | None = None,
-                on_wait: Callable[[str], None] | None = None) -> list[TargetBackup]:
+                on_wait: Callable[[str], None] | None = None,
+                on_progress: Callable[[str], None] | None = None) -> list[TargetBackup]:
     """Back up `tier` of each named target in this process (the embedded default), one after the other;
     `on_start(target, enabled)` is told before each, `on_event` of each step, `on_wait` of what a run
-    waits for (a busy target, a retry). Return each target's run."""
+    waits for (a busy target, a retry), `on_progress` how far a dump is. Return each target's run."""
     from pgbeat.pipeline.record import StepContext
     from pgbeat.pipeline.runner import run_inprocess
 
@@ -78,7 +79,7 @@ def backup_here(settings: Settings, names: list[str], tier: str, *,
         target = settings.target(name)
         enabled = target.tiers[tier].enabled
         on_start(target, enabled)
-        ctx = StepContext(settings, on_wait=on_wait)
+        ctx = StepContext(settings, on_wait=on_wait, on_progress=on_progress)
         done.append(TargetBackup(name, run_inprocess(settings, name, tier, on_event=on_event, ctx=ctx)
                                  if enabled else None))
     return done

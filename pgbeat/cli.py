@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -300,12 +302,45 @@ def backup_inprocess(settings: Settings, names: list[str], tier: str) -> int:
             out.print(f"  backup: {run.final_path}", markup=False)
             print_warnings(run.steps.notify.warnings if run.steps.notify else [])
 
+    progress = ProgressLine()
+
     def print_wait(text: str) -> None:
+        progress.clear()
         out.print(f"  [yellow]… {escape(text)}[/yellow] (since {local_time(settings, datetime.now(UTC))})",
                   markup=True, soft_wrap=True)  # one line, however long the reason
 
-    done = actions.backup_here(settings, names, tier, on_start=announce, on_event=print_done, on_wait=print_wait)
+    def print_step(run: Run, step: str, state: str) -> None:
+        progress.clear()
+        print_done(run, step, state)
+
+    done = actions.backup_here(settings, names, tier, on_start=announce, on_event=print_step, on_wait=print_wait,
+                               on_progress=progress.show if progress.enabled else None)
+    progress.clear()
     return next((d.exit_code for d in done if d.exit_code), errors.EXIT_OK)
+
+
+class ProgressLine:
+    """One line of progress on a terminal, rewritten in place and cleared before anything else is printed;
+    off when stdout is not a terminal (a log gets the steps' lines, not a line a second)."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stdout.isatty()
+        self._shown = False
+        self._lock = threading.Lock()  # the dump's progress thread and the steps' lines
+
+    def show(self, text: str) -> None:
+        with self._lock:
+            width = max(20, shutil.get_terminal_size().columns) - 1  # never wrapped: \r must reach its start
+            sys.stdout.write("\r\x1b[K" + f"  {text}"[:width])
+            sys.stdout.flush()
+            self._shown = True
+
+    def clear(self) -> None:
+        with self._lock:
+            if self._shown:
+                sys.stdout.write("\r\x1b[K")
+                sys.stdout.flush()
+                self._shown = False
 
 
 def print_warnings(warnings: list[str]) -> None:

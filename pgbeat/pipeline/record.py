@@ -216,6 +216,8 @@ class StepContext:
     # Told what the run waits for (a busy target, a retry after a failure), when someone is watching: the
     # in-process runner on a terminal. None: only logged.
     on_wait: Callable[[str], None] | None = None
+    # Told how far a long step is, every second (on a terminal only: nothing noisy in a log).
+    on_progress: Callable[[str], None] | None = None
 
     def target(self, run: Run) -> Target:
         return self.target_override or self.settings.target(run.target)

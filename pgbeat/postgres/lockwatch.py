@@ -1,4 +1,8 @@
-"""Telling a person watching a dump that pg_dump is blocked on a lock, and by whom.
+"""Telling a person watching a dump how far it is, and that pg_dump is blocked on a lock, and by whom.
+
+`DumpProgress` reads what the dump step already counts (the bytes and rows its scanner has seen, or the
+size written so far for an archive) once a second, on a thread of its own: nothing is added to the
+stream's path.
 
 pg_dump takes an ACCESS SHARE lock on every table it dumps; a session holding a stronger lock (an
 ALTER TABLE, a TRUNCATE, a long VACUUM FULL) makes it wait, silently, for as long as that session lives.
@@ -58,3 +62,31 @@ class LockWatch:
                         self.on_wait(f"dump: pg_dump waits for a lock held by {who}")
         except Exception:  # a watch must never fail the dump it watches
             return
+
+
+PROGRESS_S = 1.0
+
+
+class DumpProgress:
+    """A thread calling `on_progress(text)` every PROGRESS_S with `measure()`'s text; `stop()` ends it."""
+
+    def __init__(self, measure: Callable[[], str], on_progress: Callable[[str], None],
+                 every_s: float = PROGRESS_S) -> None:
+        self.measure, self.on_progress, self.every_s = measure, on_progress, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._report, name="dump-progress", daemon=True)
+
+    def start(self) -> DumpProgress:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _report(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.on_progress(self.measure())
+            except Exception:  # a progress line must never fail the dump
+                return

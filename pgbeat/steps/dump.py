@@ -25,9 +25,10 @@ from pgbeat.fsutil import CHUNK, disk_error, open_private, private_dir, remove_p
 from pgbeat.pipeline.record import DumpResult, Run, StepContext
 from pgbeat.postgres.client import client_env
 from pgbeat.postgres.clock import SKEW_WARNING, PendingReading
-from pgbeat.postgres.lockwatch import LockWatch
+from pgbeat.postgres.lockwatch import DumpProgress, LockWatch
 from pgbeat.postgres.process import Supervised, find_pg_binary, last_error_line, program_version
 from pgbeat.postgres.sqlscan import DumpScanner
+from pgbeat.runlog import human_size
 from pgbeat.settings import Settings, Target
 from pgbeat.steps.compress import BLOCK, BlockWriter, write_block_index
 from pgbeat.steps.tablefiles import TableFileCompressor, facts_path
@@ -141,6 +142,13 @@ def abandon(output: Path, writer: BlockWriter | None, proc: Supervised | None, r
     remove_path(facts_path(output))
 
 
+def dump_progress(scanner: DumpScanner | None, output: Path) -> str:
+    """How far a dump is: the SQL read and rows counted so far (plain), else what is on disk."""
+    if scanner is not None:
+        return f"dump: {human_size(scanner.size)} of SQL, {sum(list(scanner.tables.values())):,} rows so far"
+    return f"dump: {human_size(tree_size(output))} written so far"
+
+
 def dump_step(ctx: StepContext, run: Run) -> Run:
     """Dump the run's target into its work folder; return the record with `steps.dump` filled in.
 
@@ -160,7 +168,7 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
     started, t0 = ctx.now(), time.monotonic()
     scanner = DumpScanner() if target.format == "plain" else None
     crc = 0
-    proc = writer = reading = compressor = watch = None
+    proc = writer = reading = compressor = watch = progress = None
     try:
         argv = dump_argv(ctx.settings, target, output)
         if compresses_table_files(target):
@@ -173,6 +181,8 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
         reading = PendingReading(ctx.settings, target, env, ctx.now, argv[0])
         if ctx.on_wait is not None:  # someone watches: say it if pg_dump is blocked on a lock
             watch = LockWatch(target, ctx.on_wait).start()
+        if ctx.on_progress is not None:
+            progress = DumpProgress(lambda: dump_progress(scanner, output), ctx.on_progress).start()
         faults.fault_point(DUMP_RUNNING)
         if scanner is not None:
             widen_pipe(proc.stdout)
@@ -209,8 +219,9 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
         abandon(output, writer, proc, reading, compressor)
         raise
     finally:
-        if watch is not None:
-            watch.stop()
+        for thread in (watch, progress):
+            if thread is not None:
+                thread.stop()
         remove_path(work / ".pgpass")
     size = tree_size(output)
     info = DumpResult(path=str(output), size=size, started_at=started, duration_s=round(time.monotonic() - t0, 3),

@@ -4,6 +4,7 @@ began; never silent for minutes."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -69,3 +70,21 @@ def test_a_dump_blocked_on_a_lock_names_the_blocking_session(workdir, pg, make_d
     assert f"held by pid {locker_pid} (postgres, psql: 'BEGIN; LOCK TABLE big" in line and "since " in line, line
     [backup] = service.backups()
     assert service.pgbeat("verify", str(backup)).returncode == 0
+
+
+def test_a_long_dump_shows_its_progress_on_a_terminal_only(workdir, pg, make_db):
+    import pexpect
+
+    from tests.support import VENV_BIN, without_ansi
+
+    db = make_db("progress")
+    pg.sql("CREATE TABLE big AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 3000000) AS g", db)
+    service = Service(workdir, None, [pg.target("erp", db)])
+    child = pexpect.spawn(str(VENV_BIN / "pgbeat"), ["backup", "daily"], cwd=str(service.cwd), env=service.env(),
+                          encoding="utf-8", timeout=300, dimensions=(40, 120))
+    shown = without_ansi(child.read())
+    child.close()
+    assert child.exitstatus == 0, shown
+    assert re.search(r"dump: [\d.]+ [KMG]?B of SQL, [\d,]+ rows so far", shown), shown
+    piped = service.pgbeat("backup", "daily")
+    assert piped.returncode == 0 and "so far" not in piped.stdout  # nothing noisy in a pipe or a log
