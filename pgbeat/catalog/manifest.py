@@ -512,7 +512,7 @@ D = TypeVar("D", bound=Dated)
 
 def order_key(entry: Dated) -> tuple[datetime, str]:
     """The one order of backups, oldest first: by point in time (the server's clock), then by name."""
-    return entry.manifest.taken_at, Path(entry.path).name
+    return entry.manifest.taken_at, os.path.basename(entry.path)  # a Path or a key: no Path built per call
 
 
 def from_the_future(entry: Dated, now: datetime) -> bool:
