@@ -574,6 +574,10 @@ def print_rotation(settings: Settings, r, verb: str) -> None:
             out.line(f"{name} {t}: {verb} {entry.path} at {destination}")
         for line in future_warning(r.destinations[destination], f" at {destination}"):
             err.line(f"warning: {line}")
+    if r.wal is not None and r.wal.files:
+        names = r.wal.wal_names
+        out.line(f"{name} {t}: {verb} {len(names)} WAL file(s) no kept base backup needs ({names[0]} .. {names[-1]}, "
+                 f"before {r.wal.oldest_needed})")
     out.line(f"{name} {t}: {len(r.local.remove)} {verb}, {r.local.kept} kept")
 
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pgbeat import faults
 from pgbeat.catalog.manifest import (
@@ -39,7 +40,10 @@ from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import remove_path
 from pgbeat.pipeline.record import RotateResult, Run, StepContext
 from pgbeat.postgres.clock import ServerReading, ask_server_time, server_now
-from pgbeat.settings import Settings, TierPolicy
+
+if TYPE_CHECKING:
+    from pgbeat.wal.retention import WalRemoval
+from pgbeat.settings import PHYSICAL_TIERS, Settings, TierPolicy
 
 log = logging.getLogger(__name__)
 SAFETY_TIER = "pre_restore"  # the tier a safety backup's manifest records
@@ -172,6 +176,7 @@ class TierRotation:
     order: list[str] = field(default_factory=list)
     destinations: dict[str, RotationPlan] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict, metadata={"doc": "destination: why it was not rotated"})
+    wal: WalRemoval | None = None  # a physical tier: the archived WAL no kept base backup needs
 
     def warnings(self) -> list[str]:
         """The lines a person should read: backups dated in the future, destinations not rotated."""
@@ -190,6 +195,11 @@ def rotate_tier(settings: Settings, target: str, tier: str, now: datetime, dry_r
     A destination that fails is named in `failed` (rotated next time); the others go on."""
     plan = rotate_target(settings, target, tier, now, dry_run=dry_run)
     rotation = TierRotation(target=target, tier=tier, now=now, local=plan)
+    if tier in PHYSICAL_TIERS:
+        from pgbeat.wal.retention import remove_unneeded_wal
+
+        rotation.wal = remove_unneeded_wal(settings, target, [*plan.keep, *plan.protected, *plan.future],
+                                           dry_run=dry_run)
     for spec in settings.target(target).destinations:
         rotation.order.append(spec.name)
         try:

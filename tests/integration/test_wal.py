@@ -11,12 +11,14 @@ The other tests push WAL-named files of their own with the test venv's pgbeat, w
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pwd
 import shutil
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -749,3 +751,73 @@ def test_restore_pitr_standby_streams_from_the_primary(archiving, pitr_history):
                  30, what="a new row to reach the standby")
     finally:
         restored.destroy()
+
+
+def test_rotating_base_backups_removes_exactly_the_wal_no_kept_one_needs(postgres_venv, workdir):
+    """Two base backups with WAL between and after them; rotating the base tier 40 days later keeps the
+    newest (min_keep) and removes the older with every WAL file before the kept one's start segment, no
+    other; a dry run removes nothing; the kept base backup still recovers to the end of the archive."""
+    base = make_tempdir("pgbeat-walret-")
+    archiving = ArchivingCluster(base, postgres_venv)
+    pg, world = archiving.cluster, archiving.world
+    world.targets[0]["tiers"] = {"base": {"enabled": True, "keep_days": 30, "min_keep": 1}}
+    world.write_config()
+    data = None
+    try:
+        pg.sql("CREATE TABLE kept (id int)")
+
+        def switch() -> str:
+            pg.sql("INSERT INTO kept SELECT generate_series(1, 1000)")
+            last = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
+            wait_for(lambda: world.stored(last, "walpg"), 60, what=f"{last} in the archive")
+            return last
+
+        for _ in range(2):
+            switch()
+        assert world.pgbeat("backup", "base", "--target", "walpg").returncode == 0
+        switch()
+        assert world.pgbeat("backup", "base", "--target", "walpg").returncode == 0
+        switch()
+        first, second = sorted(p for p in world.backup_root.glob("base/*") if p.name.endswith((".tar.gz", ".tar")))
+        start = json.loads(second.with_name(second.name + ".manifest.json").read_text())["physical"]["start_wal"]
+        archive = world.archive("walpg")
+
+        def stored_wal() -> list[str]:
+            return sorted(p.name.split("-", 1)[0] for p in archive.rglob("*-*") if not p.name.startswith("."))
+
+        before = stored_wal()
+        doomed = [n for n in before if not n.endswith(".history") and n[8:24] < start[8:24]]
+        assert doomed and any(n[8:24] >= start[8:24] for n in before)
+        later = (datetime.now(UTC) + timedelta(days=40)).isoformat()
+
+        dry = world.pgbeat("rotate", "--tier", "base", "--target", "walpg", "--dry-run", "--now", later)
+        assert dry.returncode == 0, dry.stdout + dry.stderr
+        assert f"would remove {len(doomed)} WAL file(s) no kept base backup needs" in dry.stdout, dry.stdout
+        assert stored_wal() == before and first.exists()
+
+        done = world.pgbeat("rotate", "--tier", "base", "--target", "walpg", "--now", later)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert not first.exists() and second.exists()
+        assert stored_wal() == [n for n in before if n not in doomed]
+        again = world.pgbeat("rotate", "--tier", "base", "--target", "walpg", "--now", later)  # twice: no more goes
+        assert again.returncode == 0 and stored_wal() == [n for n in before if n not in doomed]
+
+        # What stays is enough: the kept base backup recovers to the end of the archive, every row there.
+        rows = pg.sql("SELECT count(*) FROM kept")
+        data = make_tempdir("pgbeat-walret-pitr-") / "data"
+        port = free_port()
+        restored = world.pgbeat("restore", "--pitr", "--target", "walpg", "--to", "latest", "--data-dir", str(data),
+                                "--start", "--port", str(port), "--server-pgbeat", str(archiving.pgbeat_script),
+                                "--timeout", "120")
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        count = subprocess.run([str(PG_BIN / "psql"), "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(port), "-U",
+                                "postgres", "-d", "postgres", "-c", "SELECT count(*) FROM kept"],
+                               capture_output=True, text=True)
+        assert count.stdout.strip() == rows, count.stdout + count.stderr
+    finally:
+        if data is not None and data.exists():
+            subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "-m",
+                            "immediate", "-w", "stop"], capture_output=True)
+            shutil.rmtree(data.parent, ignore_errors=True)
+        archiving.destroy()
+        shutil.rmtree(base, ignore_errors=True)
