@@ -1004,6 +1004,16 @@ def status(as_json: bool) -> None:
         due = "was due" if never.overdue else "first due"
         out.print(f"drill {never.target}: [{color}]never[/{color}] ({due} {local_time(settings, never.first_due_at)})",
                   markup=True)
+    for w in report.wal:
+        window = (f"{local_time(settings, w.window_start) if w.window_start else '?'} to "
+                  f"{local_time(settings, w.window_end) if w.window_end else '?'}")
+        timelines = f", timelines {'->'.join(map(str, w.timelines))}" if len(w.timelines) > 1 else ""
+        if w.gap_count:
+            out.print(f"wal {escape(w.target)}: [red]{w.gap_count} segment(s) missing[/red] from {w.gaps[0]}: "
+                      f"restorable {window} only (the archive holds up to {w.newest_segment})", markup=True)
+        else:
+            out.print(f"wal {escape(w.target)}: [green]restorable {window}[/green] ({w.segments} segment(s) up to "
+                      f"{w.end_segment}{timelines})", markup=True)
     if report.orphans:
         out.line("not in the configuration (kept, never rotated; `pgbeat list --orphans`): "
                  + ", ".join(f"{name} ({count} backups)" for name, count in report.orphans.items()))

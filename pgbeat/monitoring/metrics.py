@@ -120,6 +120,20 @@ def families(report: StatusReport) -> Iterator[GaugeMetricFamily]:
         drill_duration.add_metric([d.target], d.duration_s)
     yield from (drill_at, drill_status, drill_duration, drill_interval, drill_first_due)
 
+    gaps = gauge("pgbeat_wal_archive_gaps", "Segments missing in the WAL archive after the oldest base backup.",
+                 ["target"])
+    window_start = gauge("pgbeat_wal_window_start_timestamp_seconds",
+                         "Earliest point a PITR can reach: the oldest base backup's consistent point.", ["target"])
+    window_end = gauge("pgbeat_wal_window_end_timestamp_seconds",
+                       "Latest point a PITR can reach: when the last segment before any gap was archived.", ["target"])
+    for w in report.wal:
+        gaps.add_metric([w.target], float(w.gap_count))
+        if w.window_start:
+            window_start.add_metric([w.target], timestamp(w.window_start))
+        if w.window_end:
+            window_end.add_metric([w.target], timestamp(w.window_end))
+    yield from (gaps, window_start, window_end)
+
     free = gauge("pgbeat_backup_root_free_bytes", "Free space on BACKUP_ROOT's file system.", [])
     free.add_metric([], float(report.disk_free))
     total = gauge("pgbeat_backup_root_total_bytes", "Size of BACKUP_ROOT's file system.", [])

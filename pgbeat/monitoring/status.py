@@ -93,6 +93,36 @@ def overdue_since_first_due(first_due: datetime, interval_s: float, now: datetim
 
 
 @dataclass
+class WalStatus:
+    """A target with base backups: what its WAL archive lets it restore (pgbeat/wal/walk.py)."""
+
+    target: str
+    window_start: str | None  # the oldest base backup's consistent point (the server's clock)
+    window_end: str | None  # when the last segment reached without a gap was archived
+    end_segment: str | None
+    newest_segment: str | None
+    segments: int
+    gap_count: int
+    gaps: list[str] = field(default_factory=list)
+    timelines: list[int] = field(default_factory=list)
+
+
+def wal_status(settings: Settings, target: str) -> WalStatus | None:
+    from pgbeat.physical.pitr import base_backups
+    from pgbeat.wal.walk import walk_archive
+
+    bases = base_backups(settings, target)
+    if not bases:
+        return None
+    walk = walk_archive(settings, target, bases)
+    stops = [e.manifest.physical.stop_time for e in bases if e.manifest.physical and e.manifest.physical.stop_time]
+    return WalStatus(target=target, window_start=min(stops).isoformat() if stops else None,
+                     window_end=walk.end_at.isoformat() if walk.end_at else None, end_segment=walk.end,
+                     newest_segment=walk.newest, segments=walk.segments, gap_count=walk.gap_count, gaps=walk.gaps,
+                     timelines=walk.timelines)
+
+
+@dataclass
 class StatusReport:
     generated_at: str
     backup_root: str
@@ -104,6 +134,7 @@ class StatusReport:
     drill_intervals: dict[str, float] = field(default_factory=dict)  # per target with drills enabled
     never_drilled: list[NeverDrilled] = field(default_factory=list)
     orphans: dict[str, int] = field(default_factory=dict)  # backups per target no longer in the configuration
+    wal: list[WalStatus] = field(default_factory=list)  # targets with base backups
     runs: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -113,6 +144,7 @@ class StatusReport:
         data["tiers"] = [{**vars(t), "size_anomaly": t.size_anomaly, "never": t.never} for t in self.tiers]
         data["drills"] = [dict(vars(d)) for d in self.drills]
         data["never_drilled"] = [dict(vars(n)) for n in self.never_drilled]
+        data["wal"] = [dict(vars(w)) for w in self.wal]
         return data
 
 
@@ -200,4 +232,6 @@ def build_status(settings: Settings, now: datetime) -> StatusReport:
                         disk_free=usage.free, used=folder_size(root) if root.exists() else 0, tiers=tiers,
                         drills=drills, drill_intervals=drill_intervals, never_drilled=never_drilled,
                         orphans={name: n for name, n in sorted(shelf_census(root).items())
-                                 if name not in settings.targets})
+                                 if name not in settings.targets},
+                        wal=[w for name in names if settings.target(name).tiers["base"].enabled
+                             for w in [wal_status(settings, name)] if w is not None])

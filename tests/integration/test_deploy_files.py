@@ -53,6 +53,9 @@ PGBEAT_METRICS = frozenset({
     "pgbeat_drill_first_due_timestamp_seconds",
     "pgbeat_runs_stuck",
     "pgbeat_queue_oldest_age_seconds",
+    "pgbeat_wal_archive_gaps",
+    "pgbeat_wal_window_start_timestamp_seconds",
+    "pgbeat_wal_window_end_timestamp_seconds",
 })
 FLOWER_METRICS = frozenset({
     "flower_worker_online",

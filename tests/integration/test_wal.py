@@ -55,7 +55,7 @@ class WalWorld:
     """A targets file and a BACKUP_ROOT for WAL tests; `pgbeat(...)` runs the CLI with them."""
 
     def __init__(self, base: Path, targets: list[dict]) -> None:
-        self.base = base
+        self.base = self.cwd = base
         self.backup_root = base / "backups"
         self.backup_root.mkdir(parents=True, exist_ok=True)
         self.config_path = base / "pgbeat.yaml"
@@ -821,3 +821,47 @@ def test_rotating_base_backups_removes_exactly_the_wal_no_kept_one_needs(postgre
             shutil.rmtree(data.parent, ignore_errors=True)
         archiving.destroy()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_status_and_metrics_show_the_restorable_window_and_a_gap(world):
+    """A base backup starting in segment 2, the archive holding 1-4 and 6-7: status and /metrics say the
+    window ends at segment 4 and that one segment is missing; pushing it closes the gap."""
+    from pgbeat.catalog.manifest import Manifest, PhysicalInfo, backup_name, manifest_path, write_manifest
+    from tests.support import scrape, start_metrics
+
+    world.targets[0]["tiers"] = {"base": {"enabled": True}}
+    world.write_config()
+    name = backup_name("wal", "base", "20261201_010000", ".tar.gz")
+    data = world.backup_root / "base" / name
+    data.parent.mkdir(parents=True)
+    data.write_bytes(b"a tar")
+    write_manifest(manifest_path(data), Manifest(
+        run_id="r", target="wal", tier="base", file=name, format="tar", codec="gzip", size=5, sha256="0" * 64,
+        complete=True, started_at="2026-12-01T01:00:00Z", physical=PhysicalInfo(
+            timeline=1, start_lsn="0/2000028", end_lsn="0/2000100", start_wal="000000010000000000000002",
+            stop_time="2026-12-01T01:00:05Z")))
+    pg_wal = world.base / "pg_wal"
+    for n in (1, 2, 3, 4, 6, 7):
+        segment = f"00000001000000000000000{n}"
+        assert world.pgbeat("wal-push", str(wal_file(pg_wal, segment)), "--target", "wal").returncode == 0
+
+    status = json.loads(world.pgbeat("status", "--json").stdout)
+    [wal] = status["wal"]
+    assert wal["gap_count"] == 1 and wal["gaps"] == ["000000010000000000000005"]
+    assert wal["end_segment"] == "000000010000000000000004" and wal["window_start"].startswith("2026-12-01T01:00:05")
+    text = world.pgbeat("status").stdout
+    assert "wal wal: 1 segment(s) missing from 000000010000000000000005" in text, text
+
+    port = free_port()
+    proc = start_metrics(world, port)
+    try:
+        assert scrape(port)['pgbeat_wal_archive_gaps{target="wal"}'] == 1
+        assert world.pgbeat("wal-push", str(wal_file(pg_wal, "000000010000000000000005")), "--target",
+                            "wal").returncode == 0
+        metrics = scrape(port)
+        assert metrics['pgbeat_wal_archive_gaps{target="wal"}'] == 0
+        assert metrics['pgbeat_wal_window_end_timestamp_seconds{target="wal"}'] > 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "restorable" in world.pgbeat("status").stdout
