@@ -29,64 +29,71 @@ ORDER BY b.pid
 """
 
 
-class LockWatch:
-    """A thread saying, through `on_wait`, which sessions block `target`'s dump; `stop()` ends it."""
+class Watcher:
+    """A daemon thread running `watch(stopped)` from `start()` until `stop()`; what it raises ends it
+    quietly, since a watcher must never fail the dump it watches."""
 
-    def __init__(self, target: Target, on_wait: Callable[[str], None], poll_s: float = POLL_S) -> None:
-        self.target, self.on_wait, self.poll_s = target, on_wait, poll_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="lock-watch", daemon=True)
+    name = "watcher"
 
-    def start(self) -> LockWatch:
+    def __init__(self) -> None:
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> Watcher:
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopped.set()
         self._thread.join(timeout=10)
 
-    def _watch(self) -> None:
+    def _run(self) -> None:
+        try:
+            self.watch(self._stopped)
+        except Exception:
+            return
+
+    def watch(self, stopped: threading.Event) -> None:
+        raise NotImplementedError
+
+
+class LockWatch(Watcher):
+    """Says, through `on_wait`, which sessions block `target`'s dump, once per blocking session."""
+
+    name = "lock-watch"
+
+    def __init__(self, target: Target, on_wait: Callable[[str], None], poll_s: float = POLL_S) -> None:
+        super().__init__()
+        self.target, self.on_wait, self.poll_s = target, on_wait, poll_s
+
+    def watch(self, stopped: threading.Event) -> None:
         from pgbeat.postgres.client import connect
 
         said: set[int] = set()
-        try:
-            with connect(self.target) as conn:
-                conn.autocommit = True
-                while not self._stop.wait(self.poll_s):
-                    blockers = conn.execute(BLOCKED).fetchall()
-                    new = [b for b in blockers if b[0] not in said]
-                    if new:
-                        said.update(b[0] for b in new)
-                        who = "; ".join(f"pid {pid} ({user}{', ' + app if app else ''}: {query!r})"
-                                        for pid, user, app, query in new)
-                        self.on_wait(f"dump: pg_dump waits for a lock held by {who}")
-        except Exception:  # a watch must never fail the dump it watches
-            return
+        with connect(self.target) as conn:
+            conn.autocommit = True
+            while not stopped.wait(self.poll_s):
+                new = [b for b in conn.execute(BLOCKED).fetchall() if b[0] not in said]
+                if new:
+                    said.update(b[0] for b in new)
+                    who = "; ".join(f"pid {pid} ({user}{', ' + app if app else ''}: {query!r})"
+                                    for pid, user, app, query in new)
+                    self.on_wait(f"dump: pg_dump waits for a lock held by {who}")
 
 
 PROGRESS_S = 1.0
 
 
-class DumpProgress:
-    """A thread calling `on_progress(text)` every PROGRESS_S with `measure()`'s text; `stop()` ends it."""
+class DumpProgress(Watcher):
+    """Calls `on_progress(measure())` every `every_s` seconds."""
+
+    name = "dump-progress"
 
     def __init__(self, measure: Callable[[], str], on_progress: Callable[[str], None],
                  every_s: float = PROGRESS_S) -> None:
+        super().__init__()
         self.measure, self.on_progress, self.every_s = measure, on_progress, every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._report, name="dump-progress", daemon=True)
 
-    def start(self) -> DumpProgress:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _report(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                self.on_progress(self.measure())
-            except Exception:  # a progress line must never fail the dump
-                return
+    def watch(self, stopped: threading.Event) -> None:
+        while not stopped.wait(self.every_s):
+            self.on_progress(self.measure())
