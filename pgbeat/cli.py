@@ -851,18 +851,38 @@ def upload(retry: bool, target_name: str | None, destination: str | None) -> Non
 
 @main.command()
 @click.option("--target", "target_name", type=TargetName(), help="Drill only this target (default: every target).")
-def drill(target_name: str | None) -> None:
+@click.option("--pitr", is_flag=True, help="Drill the newest base backup with the WAL archive: recover it in a "
+                                           "scratch cluster to the end of the archive, then check it.")
+@click.option("--server-pgbeat", type=LocalPath(must_exist=True),
+              help="With --pitr: the pgbeat the scratch server's restore_command runs (as the server's user).")
+@click.option("--timeout", type=Seconds(), default=3600, show_default=True, help="With --pitr: seconds for recovery.")
+def drill(target_name: str | None, pitr: bool, server_pgbeat: Path | None, timeout: float) -> None:
     """Restore the latest backup of each target into a scratch database now and check it."""
     settings = settings_or_exit(writes=True)
     names = selected_targets(settings, target_name)
+    if pitr:
+        from pgbeat.physical.drill import run_pitr_drill
+
+        if target_name is None:  # the targets with base backups
+            names = [name for name in names if settings.target(name).tiers["base"].enabled]
+        results = (run_pitr_drill(settings, name, pgbeat=str(server_pgbeat) if server_pgbeat else None,
+                                  timeout=timeout) for name in names)
+        sys.exit(print_drills(results))
+    elif server_pgbeat is not None:
+        fail(errors.UsageError("--server-pgbeat is for --pitr drills", hint="add --pitr, or leave it out"))
     if target_name is None:  # every target whose drills are enabled; --target drills a disabled one on request
         for name in names:
             if not settings.target(name).drill.enabled:
                 out.print(f"{name}: drills disabled (drill.enabled: false), skipped", markup=False)
         names = [name for name in names if settings.target(name).drill.enabled]
-    failed = 0
     # A drill stopped by a signal raises (recorded, its scratch database dropped): PgbeatGroup says so.
-    for result in actions.drills(settings, names):
+    sys.exit(print_drills(actions.drills(settings, names)))
+
+
+def print_drills(results) -> int:
+    """Print each drill (pgbeat.restore.drill.DrillResult) as it ends; return the exit code."""
+    failed = 0
+    for result in results:
         mark = "[red]FAILED[/red]"
         if result.passed:
             mark = "[yellow]passed, but proved little[/yellow]" if result.warnings else "[green]passed[/green]"
@@ -874,7 +894,7 @@ def drill(target_name: str | None) -> None:
             out.print(f"  ✗ {line}", markup=False)
         print_warnings(result.warnings)
         failed += not result.passed
-    sys.exit(errors.EXIT_FAILED if failed else 0)
+    return errors.EXIT_FAILED if failed else 0
 
 
 # --- WAL archiving -----------------------------------------------------------------------------------

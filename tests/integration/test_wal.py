@@ -17,6 +17,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -865,3 +866,32 @@ def test_status_and_metrics_show_the_restorable_window_and_a_gap(world):
         proc.terminate()
         proc.wait(10)
     assert "restorable" in world.pgbeat("status").stdout
+
+
+def test_a_pitr_drill_recovers_the_newest_base_backup_to_the_end_of_the_archive_and_checks_it(archiving):
+    pg, world = archiving.cluster, archiving.world
+    pg.sql("DROP TABLE IF EXISTS drilled; CREATE TABLE drilled (id int)")
+    world.targets[0]["tiers"] = {"base": {"enabled": True}}
+    world.targets[0]["drill"] = {"assertions": ["SELECT count(*) = 25 FROM drilled"]}
+    world.write_config()
+    try:
+        assert world.pgbeat("backup", "base", "--target", "walpg").returncode == 0
+        pg.sql("INSERT INTO drilled SELECT generate_series(1, 25)")  # after the base backup: only in the WAL
+        last = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
+        wait_for(lambda: world.stored(last, "walpg"), 60, what=f"{last} in the archive")
+        passed = world.pgbeat("drill", "--pitr", "--server-pgbeat", str(archiving.pgbeat_script), "--timeout", "120")
+        assert passed.returncode == 0, passed.stdout + passed.stderr
+        assert "walpg: drill passed" in passed.stdout and "assertion holds: SELECT count(*) = 25" in passed.stdout
+        newest = sorted(p for p in world.backup_root.glob("base/*") if p.name.endswith(".tar.gz"))[-1]
+        [record] = json.loads(newest.with_name(newest.name + ".manifest.json").read_text())["drills"]
+        assert record["status"] == "passed" and record["restore_s"] > 0 and record["reached"]
+        assert not list(Path(tempfile.gettempdir()).glob("pgbeat-pitr-drill-*"))  # the scratch cluster is gone
+
+        world.targets[0]["drill"] = {"assertions": ["SELECT count(*) = 26 FROM drilled"]}
+        world.write_config()
+        failed = world.pgbeat("drill", "--pitr", "--target", "walpg", "--server-pgbeat", str(archiving.pgbeat_script))
+        assert failed.returncode == 1 and "FAILED" in failed.stdout and "does not hold" in failed.stdout
+    finally:
+        world.targets[0].pop("tiers", None)
+        world.targets[0].pop("drill", None)
+        world.write_config()
