@@ -27,18 +27,9 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pgbeat.errors import ConfigError
-from pgbeat.settings.fields import (
-    LEVEL_RANGES,
-    SECRET_KEY_HINTS,
-    ConfigPath,
-    DatabaseName,
-    Name,
-    NodeName,
-    host_timezone,
-    validate_target_name,
-    validate_timezone,
-)
+from pgbeat.settings.fields import ConfigPath, DatabaseName, Name, NodeName
 from pgbeat.settings.files import read_config_file, read_text_file
+from pgbeat.settings.rules import LEVEL_RANGES, SECRET_KEY_HINTS, host_timezone, validate_target_name, validate_timezone
 from pgbeat.settings.schema import DESTINATION_KINDS, ChannelSpec, FileConfig, Settings, Target
 
 # The target keys whose mappings merge key by key over `defaults`; any other key a target sets replaces
