@@ -9,8 +9,8 @@
 - `example`: `deploy/pgbeat.example.yaml`, rendered from the schema.
 
 Importing this package loads only `rules`: every other name is imported on first use (PEP 562), so that
-`pgbeat --help` and the command line's checks of its arguments do not pay for pydantic and
-pydantic-settings (~150 ms); `from pgbeat.settings import Settings` works as before.
+`pgbeat --help` and the command line's checks of its arguments do not pay for pydantic and the models
+(~100 ms); `from pgbeat.settings import Settings` works as before.
 """
 
 import importlib
