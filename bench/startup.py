@@ -8,7 +8,8 @@ minimums). Two conditions:
   exists: site-packages has it from pip, pgbeat's own tree only if it was compiled);
 - `bytecode`: every module's bytecode in a private PYTHONPYCACHEPREFIX, written by one unmeasured run
   first, as an installed pgbeat has it.
-`imports ms` is the sum of the top-level imports that PYTHONPROFILEIMPORTTIME reports (bytecode).
+`imports ms` is the sum of the top-level imports that PYTHONPROFILEIMPORTTIME reports (bytecode; the
+median of 3 runs).
 
 The backup rows back up an empty database of a throwaway cluster (initdb in a temporary folder, as in
 bench/wal.py) into a fresh BACKUP_ROOT: `outside steps` is the wall time less the steps' own durations
@@ -66,16 +67,19 @@ def run(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, subproc
     return time.perf_counter() - start, done
 
 
-def import_ms(argv: list[str], env: dict[str, str], cwd: Path) -> float:
-    """The sum of the top-level imports' cumulative times of one run, in ms."""
-    _, done = run(argv, {**env, "PYTHONPROFILEIMPORTTIME": "1"}, cwd)
-    total = 0
-    for line in done.stderr.splitlines():
-        if line.startswith("import time:"):
-            _own, cumulative, name = line.removeprefix("import time:").split("|")
-            if cumulative.strip().isdigit() and not name.startswith("  "):  # one level under the root
-                total += int(cumulative)
-    return total / 1000
+def import_ms(argv: list[str], env: dict[str, str], cwd: Path, runs: int = 3) -> float:
+    """The median over `runs` runs of the sum of the top-level imports' cumulative times, in ms."""
+    totals = []
+    for _ in range(runs):
+        _, done = run(argv, {**env, "PYTHONPROFILEIMPORTTIME": "1"}, cwd)
+        total = 0
+        for line in done.stderr.splitlines():
+            if line.startswith("import time:"):
+                _own, cumulative, name = line.removeprefix("import time:").split("|")
+                if cumulative.strip().isdigit() and not name.startswith("  "):  # one level under the root
+                    total += int(cumulative)
+        totals.append(total / 1000)
+    return statistics.median(totals)
 
 
 def measure(argv: list[str], envs: dict[str, dict[str, str]], runs: int, cwd: Path) -> dict:
