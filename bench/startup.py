@@ -34,24 +34,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import click
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pgbeat.cli import main as pgbeat_main  # noqa: E402
-from tests.support import PgCluster, make_tempdir  # noqa: E402
+from tests.support import PgCluster, command_tree, make_tempdir  # noqa: E402
 
 STEP_LINE = re.compile(r"✓ \w+ ([0-9.]+)s")
-
-
-def command_paths(command: click.Command, path: tuple[str, ...] = ()):
-    """Every command of the click tree as the words that name it: (), ("backup",), ("cron", "install"), ..."""
-    yield path
-    if isinstance(command, click.Group):
-        for name, sub in sorted(command.commands.items()):
-            yield from command_paths(sub, (*path, name))
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -115,7 +106,7 @@ def main() -> int:
     print(f"{'command':40} {'no bytecode s':>16} {'bytecode s':>16} {'imports ms':>10}")
     pg = None
     try:
-        for path in command_paths(pgbeat_main):
+        for path, _command in command_tree(pgbeat_main):
             row = measure([args.pgbeat, *path, "--help"], envs, args.runs, base)
             cells = [f"{row[c][0]:.3f} ({row[c][1]:.3f})" for c in envs]
             print(f"{' '.join(('pgbeat', *path, '--help')):40} {cells[0]:>16} {cells[1]:>16} {row['imports ms']:10.0f}")

@@ -16,12 +16,11 @@ import os
 import subprocess
 from pathlib import Path
 
-import click
 import pytest
 import yaml
 
 from pgbeat.cli import main
-from tests.support import VENV_BIN
+from tests.support import VENV_BIN, command_tree
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +31,7 @@ NOT_FOR_WAL_PUSH = (*BACKENDS, *SERVICE, "rich")
 SEGMENT = "000000010000000000000003"
 
 
-def command_paths(command: click.Command, path: tuple[str, ...] = ()):
-    """Every command of the tree under `command` as the words that name it: (), ("backup",), ("cron",),
-    ("cron", "install"), ..."""
-    yield path
-    if isinstance(command, click.Group):
-        for name, sub in sorted(command.commands.items()):
-            yield from command_paths(sub, (*path, name))
-
-
-COMMANDS = list(command_paths(main))
+COMMANDS = [path for path, _command in command_tree(main)]  # groups too: `pgbeat cron --help`
 
 
 def clean_env(**extra: str) -> dict[str, str]:
