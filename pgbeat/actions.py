@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING
 
 from pgbeat import errors
 from pgbeat.coordination import MANUAL_PRIORITY
-from pgbeat.settings import Settings
 
+# Annotations only: each action imports what it works with, so that importing this module (the CLI does,
+# for every command, --help among them) costs no pydantic.
 if TYPE_CHECKING:
     from pgbeat.catalog.manifest import Entry
     from pgbeat.coordination.follow import RunEnd
     from pgbeat.pipeline.record import Run
     from pgbeat.restore.drill import DrillResult
-    from pgbeat.settings import Target
+    from pgbeat.settings import Settings, Target
     from pgbeat.steps.rotate import TierRotation
 
 

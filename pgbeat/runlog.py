@@ -11,10 +11,13 @@ import logging
 import os
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pgbeat.fsutil import FILE_MODE, private_dir
-from pgbeat.pipeline.record import Run
-from pgbeat.settings import Settings
+
+if TYPE_CHECKING:  # annotations only: the CLI's human_size must not import the pipeline's models
+    from pgbeat.pipeline.record import Run
+    from pgbeat.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,14 @@ SECRET_PASSWORD = "s3cr3t-Pa55w0rd-do-not-leak"
 PGBEAT_ENV_PREFIXES = ("DB_", "CELERY_", "PGBEAT_", "TARGET_NAME", "BACKUP_ROOT")
 
 
+def command_tree(command, path: tuple[str, ...] = ()):
+    """(words that name it, command) for a click command and, below a group, every command and subcommand:
+    ((), main), (("backup",), backup), ..., (("cron",), cron), (("cron", "install"), install), ..."""
+    yield path, command
+    for name in sorted(getattr(command, "commands", {})):  # a click.Group's subcommands
+        yield from command_tree(command.commands[name], (*path, name))
+
+
 def clear_pgbeat_env(monkeypatch) -> None:
     """Remove from this process's environment (for the test) every variable pgbeat reads."""
     for key in list(os.environ):

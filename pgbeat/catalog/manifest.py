@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import private_dir, write_atomic
-from pgbeat.settings.fields import PHYSICAL_TIERS, TIERS
+from pgbeat.settings.rules import PHYSICAL_TIERS, TIERS
 
 MANIFEST_VERSION = 2  # 2: sealed, with the server's clock; 1 (unsealed) is still read
 READABLE_VERSIONS = (1, MANIFEST_VERSION)

@@ -156,11 +156,15 @@ class Supervised:
         """Make sure the child is gone and its pipes closed (call from `finally`)."""
         self.terminate()
         self._done.set()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+        if self.proc.stdout is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdout.close()
+        # The child is gone, so its stderr ends and the drain thread with it: closing the pipe under that
+        # thread's readline instead makes it raise (its buffer freed) and print a traceback to the terminal.
         self._stderr_thread.join(timeout=5)
+        if self.proc.stderr is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stderr.close()
 
     def stderr_text(self) -> list[str]:
         return list(self.stderr_tail)

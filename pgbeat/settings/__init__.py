@@ -4,11 +4,18 @@
   resolved `Settings` the rest of pgbeat reads;
 - `load`: the environment, `.env` and the targets file merged as plain data, then validated once;
 - `files`: reading the targets file safely (bounded, UTF-8, no alias bombs);
-- `fields`: limits and checks shared by the models;
+- `rules`: the tiers, steps, limits and checks of names and values, in plain Python (no pydantic);
+- `fields`: those checks as pydantic field types of the models;
 - `example`: `deploy/pgbeat.example.yaml`, rendered from the schema.
+
+Importing this package loads only `rules`: every other name is imported on first use (PEP 562), so that
+`pgbeat --help` and the command line's checks of its arguments do not pay for pydantic and the models
+(~100 ms); `from pgbeat.settings import Settings` works as before.
 """
 
-from pgbeat.settings.fields import (
+import sys
+
+from pgbeat.settings.rules import (
     DEFAULT_LEVELS,
     LEVEL_RANGES,
     MAX_BYTES,
@@ -22,12 +29,7 @@ from pgbeat.settings.fields import (
     STEPS,
     TIERS,
     Codec,
-    ConfigPath,
-    DatabaseName,
     DumpFormat,
-    Listen,
-    Name,
-    NodeName,
     Tier,
     _path_not_blank,
     _validate_listen,
@@ -40,31 +42,36 @@ from pgbeat.settings.fields import (
     validate_target_name,
     validate_timezone,
 )
-from pgbeat.settings.files import read_config_file, read_text_file
-from pgbeat.settings.load import EnvSettings, format_loc, get_settings, load_settings, merge_target
-from pgbeat.settings.schema import (
-    DEFAULT_TIERS,
-    DESTINATION_KINDS,
-    ChannelSpec,
-    Compression,
-    DestinationBase,
-    DestinationSpec,
-    DrillPolicy,
-    EncryptionSpec,
-    FileConfig,
-    GCSDestination,
-    MonitoringSpec,
-    Reliability,
-    RetentionSpec,
-    S3Destination,
-    Settings,
-    SSHDestination,
-    Target,
-    TargetOptions,
-    TierPolicy,
-    WalSpec,
-    quote_conninfo,
-)
+
+# The names of the modules that import pydantic, loaded when one of them is first asked for.
+LAZY = {
+    "pgbeat.settings.fields": ("ConfigPath", "DatabaseName", "Listen", "Name", "NodeName"),
+    "pgbeat.settings.files": ("read_config_file", "read_text_file"),
+    "pgbeat.settings.load": ("EnvSettings", "format_loc", "get_settings", "load_settings", "merge_target"),
+    "pgbeat.settings.schema": (
+        "DEFAULT_TIERS", "DESTINATION_KINDS", "ChannelSpec", "Compression", "DestinationBase", "DestinationSpec",
+        "DrillPolicy", "EncryptionSpec", "FileConfig", "GCSDestination", "MonitoringSpec", "Reliability",
+        "RetentionSpec", "S3Destination", "SSHDestination", "Settings", "Target", "TargetOptions", "TierPolicy",
+        "WalSpec", "quote_conninfo",
+    ),
+}
+MODULE_OF = {name: module for module, names in LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    """Import the module that defines `name` (pgbeat.settings.schema for `Settings`, ...) and return it."""
+    module = MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    __import__(module)  # not importlib.import_module: -X importtime shows what goes through __import__ only
+    value = getattr(sys.modules[module], name)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *MODULE_OF])
+
 
 __all__ = [
     "DEFAULT_LEVELS", "DEFAULT_TIERS", "DESTINATION_KINDS", "LEVEL_RANGES", "MAX_BYTES", "MAX_CONFIG_BYTES",

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from pgbeat.settings.fields import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_VALUES
+from pgbeat.settings.rules import MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_VALUES
 
 # libyaml's parser where PyYAML was built with it: a fleet's targets file of thousands of entries loads ten
 # times faster than with the pure-Python one (same documents, same safe constructors).

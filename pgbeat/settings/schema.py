@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field
 
 from pgbeat.errors import UnknownTargetError
 from pgbeat.postgres.options import check_pg_dump_options
-from pgbeat.settings.fields import (
+from pgbeat.settings.fields import ConfigPath, DatabaseName, Listen, Name, NodeName
+from pgbeat.settings.rules import (
     DEFAULT_LEVELS,
     MAX_BYTES,
     MAX_KEEP_COUNT,
@@ -27,12 +28,7 @@ from pgbeat.settings.fields import (
     STEPS,
     TIERS,
     Codec,
-    ConfigPath,
-    DatabaseName,
     DumpFormat,
-    Listen,
-    Name,
-    NodeName,
     Tier,
     validate_cron,
     validate_target_name,

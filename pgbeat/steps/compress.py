@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import zstandard
 from isal import igzip, igzip_threaded, isal_zlib
@@ -35,7 +35,9 @@ from isal import igzip, igzip_threaded, isal_zlib
 from pgbeat import faults
 from pgbeat.errors import VerifyError
 from pgbeat.fsutil import disk_error, fsync_dir, open_private, remove_path
-from pgbeat.pipeline.record import CompressResult, Run, StepContext
+
+if TYPE_CHECKING:  # the codecs serve wal-push too, which needs none of the pipeline's records
+    from pgbeat.pipeline.record import Run, StepContext
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,8 @@ def compress_step(ctx: StepContext, run: Run) -> Run:
 
     Raise VerifyError if neither the dump nor a compressed file made from it is there.
     """
+    from pgbeat.pipeline.record import CompressResult
+
     t0 = time.monotonic()
     dump = run.steps.dump
     if dump is None:

@@ -47,6 +47,7 @@ from tests.support import (
     Service,
     Worker,
     clear_pgbeat_env,
+    command_tree,
     free_port,
     pg_dump_processes,
     table_locked,
@@ -78,23 +79,13 @@ NOT_IN_ARGV = {"nul"}  # a real argv cannot hold NUL: in-process only
 CASE_TIMEOUT_S = 20
 
 
-def walk(group: click.Group, path: tuple[str, ...] = ()):
-    """(command path, command) for every command of the tree, groups opened."""
-    for name in sorted(group.commands):
-        command = group.commands[name]
-        if isinstance(command, click.Group):
-            yield from walk(command, (*path, name))
-        else:
-            yield (*path, name), command
-
-
 def valued_params(command: click.Command) -> list[click.Parameter]:
     """The parameters that take a value (not flags, counts, or --help)."""
     return [p for p in command.params
             if not (isinstance(p, click.Option) and (p.is_flag or p.count)) and p.name != "help"]
 
 
-COMMANDS = dict(walk(main))
+COMMANDS = {path: command for path, command in command_tree(main) if not isinstance(command, click.Group)}
 
 
 # --- the structure: no plain str, every named thing refuses blanks -------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from pgbeat.cli import main
 from pgbeat.clitypes import DestinationName, TargetName
 from pgbeat.settings import TIERS
-from tests.support import VENV_BIN, Service
+from tests.support import VENV_BIN, Service, command_tree
 
 pytestmark = pytest.mark.integration
 
@@ -20,18 +20,10 @@ TARGETS = ["erp", "erp-2", "crm"]
 DESTINATIONS = ["vault"]
 
 
-def commands(group: click.Group, path: tuple[str, ...] = ()):
-    for name, command in sorted(group.commands.items()):
-        if isinstance(command, click.Group):
-            yield from commands(command, (*path, name))
-        else:
-            yield (*path, name), command
-
-
 def completed_params():
     """(words before the value, what it must complete to) for every parameter naming a target,
     a destination or a tier."""
-    for path, command in commands(main):
+    for path, command in command_tree(main):
         for param in command.params:
             if isinstance(param.type, TargetName):
                 expected = sorted(TARGETS)

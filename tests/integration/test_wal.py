@@ -1,7 +1,7 @@
 """Continuous WAL archiving: `pgbeat wal-push` as a real PostgreSQL's archive_command, run by the server as
 the postgres user from a venv of Debian's own Python; `pgbeat wal-fetch`'s exit codes as restore_command
 reads them; `pgbeat check`; pushes that are repeated, conflicting, killed, or meet a destination that is
-down; encryption; the light import path.
+down; encryption. What wal-push imports: tests/integration/test_startup_imports.py.
 
 The cluster tests run pgbeat as the server runs it: the postgres user, through the venv built by the
 `postgres_venv` fixture (Debian's /usr/bin/python3, which postgres can read, with this tree's packages).
@@ -16,7 +16,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -347,23 +346,6 @@ def test_a_push_killed_before_the_destination_copy_is_completed_by_the_next(worl
                                 Body=b"x")
     refused = world.pgbeat("wal-push", str(other), "--target", "wal")
     assert refused.returncode != 0 and OTHER_SEGMENT in refused.stderr and "offsite" in refused.stderr
-
-
-# --- the import path ---------------------------------------------------------------------------------
-
-
-def test_wal_push_imports_neither_celery_nor_rich_nor_an_unused_sdk(world):
-    source = wal_file(world.base / "pg_wal", SEGMENT)
-    probe = ("import sys\nfrom pgbeat.cli import main\n"
-             f"try:\n    main(['wal-push', {str(source)!r}, '--target', 'wal'])\nexcept SystemExit as exc:\n"
-             "    assert not exc.code, exc.code\n"
-             "heavy = ('celery', 'kombu', 'boto3', 'botocore', 'google', 'paramiko', 'rich')\n"
-             "print(sorted({m.split('.')[0] for m in sys.modules} & set(heavy)))\n")
-    done = subprocess.run([sys.executable, "-c", probe], cwd=world.base, env=world.env(), capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"
-    assert len(world.stored(SEGMENT)) == 1
 
 
 # --- a real cluster, as the postgres user ------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgbeat.postgres.sqlscan import DumpScanner
+from pgbeat.postgres.sqlscan import IDENTIFIER_FIRST, IDENTIFIER_REST, DumpScanner
 
 DUMP = (
     b"--\n-- PostgreSQL database dump\n--\n\n-- Dumped from database version 15.20 (Debian)\n"
@@ -141,3 +143,12 @@ def test_every_recorded_name_is_one_restore_can_check():
         assert TABLE_NAME_RE.fullmatch(name), name
     for bad in ("public.t; DROP TABLE x", 'public."open', "a.b.c", "x --", ""):
         assert not TABLE_NAME_RE.fullmatch(bad), bad
+
+
+def test_the_identifier_classes_are_the_plain_ones_spelt_cheaply():
+    """IDENTIFIER's classes match exactly the characters of their plain spelling, every code point."""
+    every = "".join(map(chr, range(0x110000)))
+    for cheap, plain in ((IDENTIFIER_FIRST, r"[A-Za-z_\u0080-\U0010ffff]"),
+                         (IDENTIFIER_REST, r"[A-Za-z0-9_$\u0080-\U0010ffff]")):
+        assert re.sub(cheap, "", every) == re.sub(plain, "", every)
+        assert len(re.sub(cheap, "", every)) == 128 - len(re.findall(plain, every[:128]))

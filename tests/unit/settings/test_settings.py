@@ -51,6 +51,24 @@ def test_target_name_overrides_and_environment_beats_dotenv(clean_env, monkeypat
     assert list(s.targets) == ["erp_db"] and s.targets["erp_db"].port == 6543
 
 
+def test_environment_names_in_any_case_empty_is_unset_and_others_are_ignored(clean_env, monkeypatch):
+    """What pydantic-settings did (case_sensitive=False, env_ignore_empty=True), EnvSettings does itself."""
+    monkeypatch.setenv("db_host", "db9")
+    monkeypatch.setenv("DB_USER", "")  # empty: unset, .env's value stands
+    monkeypatch.setenv("SOMETHING_ELSE", "x")
+    s = load(clean_env, "Db_Name=erp\nDB_USER=bk\nDB_PASSWORD=\nDB_PORT\nNOT_OURS=1\n", monkeypatch=monkeypatch)
+    t = s.target("erp")
+    assert (t.host, t.user, t.password, t.port) == ("db9", "bk", None, 5432)
+
+
+def test_a_blank_environment_value_is_an_error_naming_the_variable(clean_env, monkeypatch):
+    monkeypatch.setenv("DB_HOST", "  ")
+    with pytest.raises(ConfigError) as exc_info:
+        load(clean_env, "DB_NAME=erp\n", monkeypatch=monkeypatch)
+    assert any(line.startswith("DB_HOST in the environment: must not be empty or blank")
+               for line in errors_of(exc_info))
+
+
 def test_targets_file_defaults_and_overrides_merge(clean_env, monkeypatch):
     s = load(clean_env, file_text="""
 timezone: America/Sao_Paulo
