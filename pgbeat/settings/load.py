@@ -1,7 +1,7 @@
 """Loading: the raw layers merged as plain data, then validated once against the schema.
 
 Two sources, merged into one `Settings`:
-- the environment and `.env` in the working directory (`EnvSettings`): the seed's `DB_HOST DB_PORT
+- the environment and `.env` in the working directory (pydantic-settings): the seed's `DB_HOST DB_PORT
   DB_NAME DB_USER DB_PASSWORD BACKUP_ROOT` define one target named `TARGET_NAME` (default: `DB_NAME`),
   plus the global `PGBEAT_CONFIG`, `CELERY_BROKER_URL`, `CELERY_RESULT_BACKEND`, `PGBEAT_TIMEZONE`,
   `PGBEAT_NODE`, `PGBEAT_PG_BIN_DIR`, `PGBEAT_NOTIFY_URLS`;
@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pgbeat.errors import ConfigError
 from pgbeat.settings.fields import ConfigPath, DatabaseName, Name, NodeName
@@ -41,10 +42,11 @@ ENV_GLOBALS = {"backup_root": "backup_root", "pgbeat_timezone": "timezone", "cel
                "celery_result_backend": "result_backend", "pgbeat_node": "node", "pgbeat_pg_bin_dir": "pg_bin_dir"}
 
 
-class EnvSettings(BaseModel):
-    """The environment and `.env`: the seed's variables plus pgbeat's globals (`from_environment`)."""
+class EnvSettings(BaseSettings):
+    """The environment and `.env`: the seed's variables plus pgbeat's globals."""
 
-    model_config = ConfigDict(extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      case_sensitive=False, env_ignore_empty=True)
 
     # An empty variable (`DB_PASSWORD=`, as in .env.example) is unset; a blank one ("  ") is an error.
     db_host: Name | None = None
@@ -64,22 +66,6 @@ class EnvSettings(BaseModel):
     db_healthcheck_url: SecretStr | None = None
 
     _tz = field_validator("pgbeat_timezone")(lambda v: None if v is None else validate_timezone(v))
-
-    @classmethod
-    def from_environment(cls, env_file: Path | None = Path(".env")) -> EnvSettings:
-        """Validate the variables of `env_file` (when it is a file) with the environment's over them, their
-        names in any case; an empty value is unset. Raise ValidationError.
-
-        What pydantic-settings did with case_sensitive=False and env_ignore_empty=True, for these flat
-        fields; without its ~60 ms of imports (asyncio among them) that every command paid.
-        """
-        layers = [os.environ]
-        if env_file is not None and (env_file.is_file() or env_file.is_fifo()):
-            layers.insert(0, dotenv_values(env_file, encoding="utf-8"))
-        values: dict[str, str | None] = {}
-        for layer in layers:  # a later name wins, in any case; `KEY` alone in .env is None: unset
-            values.update((name.lower(), value) for name, value in layer.items() if value != "")
-        return cls.model_validate(values)
 
 
 # --- merging the raw layers -----------------------------------------------------------------------------
@@ -245,7 +231,7 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
     in_environ = {k.upper() for k, v in os.environ.items() if v != ""}
     names = {key: ("the environment" if key in in_environ else env_label) for key in dotenv | in_environ}
     try:
-        env = EnvSettings.from_environment(env_path)
+        env = EnvSettings(_env_file=env_path)
     except ValidationError as exc:
         errors.extend(_error_lines(exc, "the environment", names))
         env = None
