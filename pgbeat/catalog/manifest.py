@@ -407,9 +407,11 @@ def read_manifest(path: Path | str) -> Manifest | None:
     except OSError:
         return None
     try:
-        return Manifest.model_validate_json(raw)  # one pass: a fleet's status reads thousands
+        manifest = Manifest.model_validate_json(raw)  # one pass: a fleet's status reads thousands
     except ValueError:
         return None
+    # The version must be written, not defaulted: a JSON file without it is not pgbeat's manifest.
+    return manifest if "pgbeat_manifest" in manifest.model_fields_set else None
 
 
 ATTEMPTS_FILE = Path(".state") / "attempts.json"

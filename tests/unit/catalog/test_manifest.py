@@ -132,3 +132,18 @@ def test_first_configured_keeps_the_first_sighting_of_each_tier(tmp_path):
     (root / CONFIGURED_FILE).write_text("not json")  # a damaged record counts from now, and is rewritten
     assert first_configured(root, ["erp/daily"], later) == {"erp/daily": later}
     assert first_configured(root, ["erp/daily"], later + timedelta(days=1)) == {"erp/daily": later}
+
+
+@pytest.mark.parametrize("version", ["missing", True, 0, 3, "2"])
+def test_a_manifest_is_read_only_with_a_written_readable_version(tmp_path, version):
+    import json
+
+    from pgbeat.catalog.manifest import read_manifest
+
+    fields = {"run_id": "r", "target": "erp", "tier": "daily", "file": "f.sql.gz", "format": "plain",
+              "codec": "gzip", "size": 1, "complete": True, "started_at": "2026-01-01T00:00:00Z"}
+    path = tmp_path / "f.sql.gz.manifest.json"
+    path.write_text(json.dumps(fields if version == "missing" else {**fields, "pgbeat_manifest": version}))
+    assert read_manifest(path) is None
+    path.write_text(json.dumps({**fields, "pgbeat_manifest": 2}))
+    assert read_manifest(path) is not None
