@@ -66,13 +66,18 @@ class RotationPlan:
         return len(self.keep) + len(self.protected) + len(self.future)
 
 
+def settled_and_future(entries: list, now: datetime) -> tuple[list, list]:
+    """Given backups, return those whose data file is there, oldest first, split into the settled ones and
+    those dated in the future at `now` (made under a wrong clock: never removed by age, never counted)."""
+    present = sorted((e for e in entries if e.exists), key=order_key)
+    return [e for e in present if not from_the_future(e, now)], [e for e in present if from_the_future(e, now)]
+
+
 def plan_rotation(entries: list, policy: TierPolicy, now: datetime, target: str, tier: str) -> RotationPlan:
     """Given one target/tier's backups (local Entries or RemoteEntries) and the server's time `now`,
     decide what to keep: see the module's rules."""
     plan = RotationPlan(target=target, tier=tier)
-    present = sorted((e for e in entries if e.exists), key=order_key)
-    plan.future = [e for e in present if from_the_future(e, now)]
-    settled = [e for e in present if not from_the_future(e, now)]
+    settled, plan.future = settled_and_future(entries, now)
     verified = [e for e in settled if e.verified]
     floor = {e.path for e in verified[-policy.min_keep:]} if policy.min_keep else set()
     cutoff = now - timedelta(days=policy.keep_days)
@@ -129,9 +134,7 @@ def plan_safety_rotation(entries: list[Entry], keep: int, now: datetime, target:
     """Given one target's safety backups and the server's time `now`, keep the newest `keep` (by
     `order_key`) and every one dated in the future; remove the others."""
     plan = RotationPlan(target=target, tier=SAFETY_TIER)
-    present = sorted((e for e in entries if e.exists), key=order_key)
-    plan.future = [e for e in present if from_the_future(e, now)]
-    settled = [e for e in present if not from_the_future(e, now)]
+    settled, plan.future = settled_and_future(entries, now)
     plan.keep, plan.remove = settled[-keep:], settled[:-keep]
     return plan
 
