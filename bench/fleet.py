@@ -75,6 +75,15 @@ def seed_manifest(pgbeat: Path, work: Path, pg: dict[str, str]) -> Path:
     return data
 
 
+def drop_seed(pg: dict[str, str]) -> None:
+    """Drop the seed database (the shelves are built from its one backup): the server is left as it was."""
+    try:
+        with psycopg.connect(dbname="postgres", autocommit=True, **pg) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {SEED_DB} WITH (FORCE)")
+    except psycopg.Error as exc:
+        print(f"bench/fleet.py: could not drop {SEED_DB}: {exc}", file=sys.stderr)
+
+
 def build_shelf(root: Path, seed: Path, targets: list[str], backups: int, now: datetime) -> dict[str, list[Path]]:
     """Write `backups` backups per target from the seed (7 daily, then weekly, then monthly; newest first):
     real manifests, re-sealed by pgbeat's own code. Return each target's data files, newest first."""
@@ -230,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench/fleet.py: {exc}", file=sys.stderr)
         return 1
     finally:
+        drop_seed(pg)
         if args.keep:
             print(f"shelves kept in {work}", file=sys.stderr)
         else:

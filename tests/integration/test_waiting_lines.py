@@ -78,12 +78,18 @@ def test_a_long_dump_shows_its_progress_on_a_terminal_only(workdir, pg, make_db)
     from tests.support import VENV_BIN, without_ansi
 
     db = make_db("progress")
-    pg.sql("CREATE TABLE big AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 3000000) AS g", db)
+    pg.sql("CREATE TABLE big AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 300000) AS g", db)
     service = Service(workdir, None, [pg.target("erp", db)])
-    child = pexpect.spawn(str(VENV_BIN / "pgbeat"), ["backup", "daily"], cwd=str(service.cwd), env=service.env(),
-                          encoding="utf-8", timeout=300, dimensions=(40, 120))
-    shown = without_ansi(child.read())
-    child.close()
+    # A lock held for 3 s keeps pg_dump from starting its COPY: the dump lasts longer than a progress tick
+    # however fast this machine is.
+    locker = hold_lock(pg, db, 3)
+    try:
+        child = pexpect.spawn(str(VENV_BIN / "pgbeat"), ["backup", "daily"], cwd=str(service.cwd),
+                              env=service.env(), encoding="utf-8", timeout=300, dimensions=(40, 120))
+        shown = without_ansi(child.read())
+        child.close()
+    finally:
+        locker.wait(30)
     assert child.exitstatus == 0, shown
     assert re.search(r"dump: [\d.]+ [KMG]?B of SQL, [\d,]+ rows so far", shown), shown
     piped = service.pgbeat("backup", "daily")
