@@ -84,28 +84,31 @@ def drop_seed(pg: dict[str, str]) -> None:
         print(f"bench/fleet.py: could not drop {SEED_DB}: {exc}", file=sys.stderr)
 
 
-def build_shelf(root: Path, seed: Path, targets: list[str], backups: int, now: datetime) -> dict[str, list[Path]]:
-    """Write `backups` backups per target from the seed (7 daily, then weekly, then monthly; newest first):
-    real manifests, re-sealed by pgbeat's own code. Return each target's data files, newest first."""
+def build_shelf(root: Path, seed: Path, targets: list[str], backups: int, now: datetime, tier: str | None = None,
+                every: timedelta = timedelta(hours=1)) -> dict[str, list[Path]]:
+    """Write `backups` backups per target from the seed (7 daily, then weekly, then monthly; with `tier`, all
+    of that tier, `every` apart; newest first): real manifests, re-sealed by pgbeat's own code. Return each
+    target's data files, newest first."""
     from pgbeat.catalog.manifest import Manifest, backup_name, write_manifest
 
     template = json.loads(seed.with_name(seed.name + ".manifest.json").read_text())
-    tiers = (["daily"] * 7 + ["weekly"] * 2 + ["monthly"] * backups)[:backups]
-    for tier in TIER_DAYS:
-        (root / tier).mkdir(parents=True, exist_ok=True, mode=0o700)
+    tiers = [tier] * backups if tier else (["daily"] * 7 + ["weekly"] * 2 + ["monthly"] * backups)[:backups]
+    spacing = {tier: every} if tier else {t: timedelta(days=days) for t, days in TIER_DAYS.items()}
+    for folder in spacing:
+        (root / folder).mkdir(parents=True, exist_ok=True, mode=0o700)
     written: dict[str, list[Path]] = {}
     for t, name in enumerate(targets):
         seen: dict[str, int] = {}
-        for tier in tiers:
-            k = seen[tier] = seen.get(tier, -1) + 1
-            taken = now - timedelta(days=TIER_DAYS[tier] * k, hours=1, minutes=t % 60)
-            file = backup_name(name, tier, taken.strftime("%Y%m%d_%H%M%S"), ".sql.gz")
-            data = root / tier / file
+        for shelf_tier in tiers:
+            k = seen[shelf_tier] = seen.get(shelf_tier, -1) + 1
+            taken = now - spacing[shelf_tier] * k - timedelta(hours=1, minutes=t % 60)
+            file = backup_name(name, shelf_tier, taken.strftime("%Y%m%d_%H%M%S"), ".sql.gz")
+            data = root / shelf_tier / file
             os.link(seed, data)
             data.with_name(file + ".sha256").write_text(f"{template['sha256']}  {file}\n")
             iso = taken.isoformat().replace("+00:00", "Z")
             manifest = Manifest.model_validate({
-                **template, "target": name, "tier": tier, "file": file, "started_at": iso, "server_time": iso,
+                **template, "target": name, "tier": shelf_tier, "file": file, "started_at": iso, "server_time": iso,
                 "finished_at": iso, "copies": {"local": {**template["copies"]["local"], "location": str(data)}}})
             write_manifest(data.with_name(file + ".manifest.json"), manifest)
             written.setdefault(name, []).append(data)

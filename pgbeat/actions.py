@@ -52,7 +52,8 @@ def run_exit_code(failure: dict | None) -> int:
 
 @dataclass
 class TargetBackup:
-    """One target's backup of a tier in this process: `run` is None when the tier is disabled there."""
+    """One target's backup of a tier in this process: `run` is None when the target does not run the tier
+    (not one of its tiers, or disabled)."""
 
     target: str
     run: Run | None = None
@@ -78,7 +79,7 @@ def backup_here(settings: Settings, names: list[str], tier: str, *,
     done = []
     for name in names:
         target = settings.target(name)
-        enabled = target.tiers[tier].enabled
+        enabled = target.runs_tier(tier)
         on_start(target, enabled)
         ctx = StepContext(settings, on_wait=on_wait, on_progress=on_progress)
         done.append(TargetBackup(name, run_inprocess(settings, name, tier, on_event=on_event, ctx=ctx)
@@ -114,10 +115,10 @@ def plan_backups(settings: Settings, names: list[str], tier: str) -> Iterator[Pl
 
     for name in names:
         target = settings.target(name)
-        policy = target.tiers[tier]
-        if not policy.enabled:
+        if not target.runs_tier(tier):
             yield PlannedBackup(name, tier, enabled=False)
             continue
+        policy = target.tiers[tier]
         run = new_run(settings, target, tier)
         plan = PlannedBackup(name, tier, enabled=True, server=target.describe(), file=run.name,
                              format=f"{run.format}/{run.codec}", encrypted=target.encryption is not None,
@@ -238,7 +239,8 @@ def rotate(settings: Settings, names: list[str], tier: str | None, *, now: datet
         except errors.PgbeatError as exc:
             yield TargetRotation(name, skipped=f"the database server's clock could not be read ({exc.message})")
             continue
-        tiers = [tier] if tier else settings.target(name).enabled_tiers()
+        target = settings.target(name)
+        tiers = ([tier] if tier in target.tiers else []) if tier else target.enabled_tiers()
         done = [rotate_tier(settings, name, t, when, dry_run=dry_run) for t in tiers]
         if tier is None:  # and its safety backups, kept by count
             plan = rotate_safety_backups(settings, name, when, dry_run=dry_run)

@@ -48,13 +48,13 @@ from pgbeat.clitypes import (
     RecoveryTime,
     Seconds,
     TargetName,
+    TierName,
     Timeline,
     UnixUser,
     WalFileName,
 )
 from pgbeat.errors import PgbeatError
 from pgbeat.runlog import human_size
-from pgbeat.settings import TIERS
 
 # Only for annotations: a command imports the settings' models, the catalog, the pipeline's records and
 # rich when it runs, so that `--help` (and `wal-push`, once per WAL file) never pays for pydantic.
@@ -248,7 +248,7 @@ def print_event(run: Run, step: str, state: str) -> None:
 
 
 @main.command()
-@click.argument("tier", type=click.Choice(TIERS))
+@click.argument("tier", type=TierName())
 @click.option("--target", "target_name", type=TargetName(), help="Back up only this target (default: all targets).")
 @click.option("--no-wait", is_flag=True, help="With a broker: enqueue and return at once.")
 @click.option("--timeout", type=Seconds(), default=6 * 3600, show_default=True,
@@ -258,12 +258,13 @@ def print_event(run: Run, step: str, state: str) -> None:
 @click.option("--dry-run", is_flag=True, help="Show what would run (targets, files, destinations, what "
                                               "retention would remove afterwards); change nothing.")
 def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float, local: bool, dry_run: bool) -> None:
-    """Back up TIER (daily, weekly or monthly) now.
+    """Back up TIER (daily, weekly, monthly, base, or a tier the config adds) now.
 
     With no broker configured (or with --local) the chain runs in this process; with one, it is sent to
     the workers and this command follows its steps.
     """
     settings = settings_or_exit()
+    require_configured_tier(settings, tier)
     if dry_run:
         if no_wait:
             fail(errors.UsageError("--no-wait sends a backup; --dry-run sends nothing", hint="pick one"))
@@ -279,6 +280,17 @@ def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float, lo
     sys.exit(backup_through_broker(settings, names, tier, no_wait, timeout))
 
 
+def require_configured_tier(settings: Settings, tier: str) -> None:
+    """Exit with a usage error naming the configured tiers when no target has `tier`."""
+    if tier not in settings.tier_names():
+        fail(errors.UsageError(f"Unknown tier {tier!r}", hint=f"configured tiers: {', '.join(settings.tier_names())}"))
+
+
+def tier_not_run(settings: Settings, name: str, tier: str) -> str:
+    """Why target `name` does not run `tier`: it is not one of its tiers, or it is disabled there."""
+    return f"tier {tier} is disabled" if tier in settings.target(name).tiers else f"no tier {tier}"
+
+
 def backup_dry_run(settings: Settings, names: list[str], tier: str, local: bool) -> int:
     """Print what backing up would do, changing nothing; return 1 if a rotation could not be previewed."""
     from pgbeat.coordination.dispatch import DEFAULT_QUEUE
@@ -288,7 +300,7 @@ def backup_dry_run(settings: Settings, names: list[str], tier: str, local: bool)
     code = errors.EXIT_OK
     for plan in actions.plan_backups(settings, names, tier):
         if not plan.enabled:
-            out.line(f"{plan.target}: tier {tier} is disabled, would be skipped")
+            out.line(f"{plan.target}: {tier_not_run(settings, plan.target, tier)}, would be skipped")
             continue
         out.line(f"{plan.target} {tier}: {plan.server} -> {settings.backup_root / tier / plan.file} ({plan.format}"
                  f"{', encrypted with age' if plan.encrypted else ''})")
@@ -308,7 +320,7 @@ def backup_inprocess(settings: Settings, names: list[str], tier: str) -> int:
     """Run the chains here, printing each step; return the exit code."""
     def announce(target, enabled: bool) -> None:
         if not enabled:
-            out.print(f"{target.name}: tier {tier} is disabled, skipped")
+            out.print(f"{target.name}: {tier_not_run(settings, target.name, tier)}, skipped")
         else:
             out.print(f"[bold]{escape(target.name)}[/bold] {tier} backup of {escape(target.describe())}", markup=True)
 
@@ -379,6 +391,11 @@ def report_end(names: dict[str, str], end) -> None:
 
 def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wait: bool, timeout: float) -> int:
     """Send the chains to the workers and follow them (unless `no_wait`); return the exit code."""
+    for name in [n for n in names if not settings.target(n).runs_tier(tier)]:
+        out.print(f"{name}: {tier_not_run(settings, name, tier)}, skipped")
+    names = [n for n in names if settings.target(n).runs_tier(tier)]
+    if not names:
+        return errors.EXIT_OK
     runs = actions.send_backups(settings, names, tier, need_worker=not no_wait)
     for run_id, name in runs.items():
         out.print(f"{name}: {tier} backup queued as run {run_id}")
@@ -398,7 +415,7 @@ def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wa
 
 @main.command("list")
 @click.option("--target", "target_name", type=TargetName(), help="Only this target.")
-@click.option("--tier", type=click.Choice(TIERS), help="Only this tier.")
+@click.option("--tier", type=TierName(), help="Only this tier.")
 @click.option("--destination", type=DestinationName(),
               help="List what this destination holds (from its manifests) instead.")
 @click.option("--wide", is_flag=True, help="Also the format, SHA-256 and the full file name (at a destination: "
@@ -551,7 +568,7 @@ def scrub(settings: Settings, destination: str, deep: bool) -> int:
 
 @main.command()
 @click.option("--target", "target_name", type=TargetName(), help="Only this target.")
-@click.option("--tier", type=click.Choice(TIERS), help="Only this tier.")
+@click.option("--tier", type=TierName(), help="Only this tier.")
 @click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
 @click.option("--now", "pretend_now", type=IsoTime(), hidden=True,
               help="Pretend it is this ISO time (tests, previews).")
@@ -560,6 +577,8 @@ def rotate(target_name: str | None, tier: str | None, dry_run: bool, pretend_now
     server's time: a target whose server cannot be reached is skipped (exit 1), never rotated by this
     host's clock alone."""
     settings = settings_or_exit(writes=not dry_run)
+    if tier:
+        require_configured_tier(settings, tier)
     names = selected_targets(settings, target_name)
     verb = "would remove" if dry_run else "removed"
     skipped = False
@@ -667,7 +686,7 @@ def print_manifest(settings: Settings, entry) -> None:
 @click.option("--latest", is_flag=True, help="Restore the newest verified backup (of --target, --tier).")
 @click.option("--target", "target_name", type=TargetName(),
               help="The target to restore into (default: the backup's own).")
-@click.option("--tier", type=click.Choice(TIERS), help="With --latest: only this tier.")
+@click.option("--tier", type=TierName(), help="With --latest: only this tier.")
 @click.option("--into", type=DatabaseName(),
               help="Restore into this database instead (created if missing); the source is untouched.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")

@@ -30,6 +30,7 @@ from pgbeat.settings import (
     validate_node_name,
     validate_not_blank,
     validate_target_name,
+    validate_tier_name,
 )
 
 # --now: a preview may look decades ahead or back, not to the year 1 (where `now - keep_days` overflows).
@@ -78,7 +79,7 @@ class CheckedText(click.ParamType):
 
 
 def configured_names(kind: str, incomplete: str) -> list:
-    """Shell completion: the configured targets' (or destinations') names that start with `incomplete`;
+    """Shell completion: the configured targets' (tiers', destinations') names that start with `incomplete`;
     none when the configuration cannot be read (a completion must never print an error)."""
     from click.shell_completion import CompletionItem
 
@@ -90,6 +91,8 @@ def configured_names(kind: str, incomplete: str) -> list:
         return []
     if kind == "target":
         names = set(settings.targets)
+    elif kind == "tier":
+        names = set(settings.tier_names())
     else:
         names = {d.name for name in settings.targets for d in settings.target(name).destinations}
     return [CompletionItem(name) for name in sorted(names) if name.startswith(incomplete)]
@@ -103,6 +106,19 @@ class TargetName(CheckedText):
 
     def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
         return configured_names("target", incomplete)
+
+
+class TierName(CheckedText):
+    """A tier's name as the config's rules allow it; whether it is configured is the command's to say
+    (`list --tier` also lists a tier no longer configured)."""
+
+    name = "tier"
+
+    def check(self, value: str) -> str:
+        return validate_tier_name(value)
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str) -> list:
+        return configured_names("tier", incomplete)
 
 
 class WalFileName(CheckedText):

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import write_atomic
-from pgbeat.settings import TIERS, Settings, host_timezone
+from pgbeat.settings import Settings, host_timezone
 
 BEGIN = "# BEGIN pgbeat (managed by `pgbeat cron install`; edit the schedules in pgbeat's config)"
 END = "# END pgbeat"
@@ -35,8 +35,10 @@ def cron_lines(settings: Settings, workdir: Path, pgbeat: str, env: dict[str, st
     log = shlex.quote(str(settings.backup_root / "logs" / "cron.log"))
     who = f" {user}" if user else ""  # /etc/cron.d lines name the user
     lines = []
-    for tier in TIERS:
-        schedules = {t.name: t.tiers[tier].schedule for t in settings.targets.values() if t.tiers[tier].enabled}
+    for tier in settings.tier_names():
+        schedules = {t.name: t.tiers[tier].schedule for t in settings.targets.values() if t.runs_tier(tier)}
+        if not schedules:
+            continue
         if len(set(schedules.values())) == 1:
             runs = [(next(iter(schedules.values())), "")]
         else:

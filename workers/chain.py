@@ -20,7 +20,7 @@ from pgbeat.notify import Event, send_event
 from pgbeat.pipeline.record import Run, new_run
 from pgbeat.pipeline.steps_table import STEP_TABLE
 from pgbeat.schedule import min_interval, slot_id, slot_of
-from pgbeat.settings import TIERS, Settings
+from pgbeat.settings import Settings
 from workers.config import host_queue
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def start_backup(app: Celery, settings: Settings, task_id: str, target_name: str
     """
     target = settings.target(target_name)
     if tier not in target.tiers:
-        raise ValueError(f"unknown tier {tier!r}; tiers are {', '.join(TIERS)}")
+        raise ValueError(f"unknown tier {tier!r}; {target.name}'s tiers are {', '.join(target.tiers)}")
     now = now or datetime.now(UTC)
     state = RunState(redis_client(settings))
     seen = state.get(task_id)

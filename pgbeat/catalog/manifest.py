@@ -33,14 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import private_dir, write_atomic
-from pgbeat.settings.rules import PHYSICAL_TIERS, TIERS
+from pgbeat.settings.rules import PHYSICAL_TIERS, RESERVED_TIER_NAMES, TIER_NAME_RE, TIERS
 
 MANIFEST_VERSION = 2  # 2: sealed, with the server's clock; 1 (unsealed) is still read
 READABLE_VERSIONS = (1, MANIFEST_VERSION)
 MANIFEST_SUFFIX = ".manifest.json"
 CHECKSUM_SUFFIX = ".sha256"
 STAMP_FORMAT = "%Y%m%d_%H%M%S"
-NAME_RE = re.compile(r"^(?P<target>.+)_backup_(?P<tier>daily|weekly|monthly|base)_(?P<stamp>\d{8}_\d{6})"
+NAME_RE = re.compile(rf"^(?P<target>.+)_backup_(?P<tier>{TIER_NAME_RE.pattern[1:-1]})_(?P<stamp>\d{{8}}_\d{{6}})"
                      r"(?P<ext>\..+)$")
 # A backup dated more than this after "now" was made under a wrong clock ("from the future").
 FUTURE_TOLERANCE = timedelta(minutes=5)
@@ -595,11 +595,32 @@ def folder_listing(folder: Path) -> FolderListing | None:
     return listing
 
 
+_shelf_tiers: dict[Path, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+
+
+def shelf_tiers(backup_root: Path) -> tuple[str, ...]:
+    """The tier folders of a shelf: the built-in tiers, then every other folder with a tier's name (a tier
+    added to the config, or one since removed from it, whose backups are still there), sorted."""
+    try:
+        st = os.stat(backup_root)
+    except FileNotFoundError:
+        return TIERS
+    stamp = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    known = _shelf_tiers.get(backup_root)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    with os.scandir(backup_root) as entries:
+        extra = sorted(e.name for e in entries if e.name not in TIERS and e.name not in RESERVED_TIER_NAMES
+                       and TIER_NAME_RE.match(e.name) and e.is_dir())
+    _shelf_tiers[backup_root] = (stamp, (*TIERS, *extra))
+    return _shelf_tiers[backup_root][1]
+
+
 def shelf_census(backup_root: Path) -> dict[str, int]:
     """Given a shelf, return how many backups each target has in the tier folders, from the file names
     alone (no manifest opened): what `pgbeat status` needs to find targets no longer configured."""
     counts: dict[str, int] = {}
-    for tier in TIERS:
+    for tier in shelf_tiers(backup_root):
         listing = folder_listing(backup_root / tier)
         for name in listing.names(None) if listing is not None else []:
             owner = FolderListing.target_of(name)
@@ -607,10 +628,11 @@ def shelf_census(backup_root: Path) -> dict[str, int]:
     return counts
 
 
-def iter_manifests(backup_root: Path, tiers: tuple[str, ...] = TIERS, target: str | None = None) -> Iterator[Entry]:
-    """Yield an Entry per pgbeat manifest under the tier folders (whether or not its data file exists);
-    with `target`, only that target's, and only its manifests are opened."""
-    for tier in tiers:
+def iter_manifests(backup_root: Path, tiers: tuple[str, ...] | None = None,
+                   target: str | None = None) -> Iterator[Entry]:
+    """Yield an Entry per pgbeat manifest under the tier folders (all of the shelf's unless `tiers`), whether
+    or not its data file exists; with `target`, only that target's, and only its manifests are opened."""
+    for tier in shelf_tiers(backup_root) if tiers is None else tiers:
         folder = backup_root / tier
         listing = folder_listing(folder)
         if listing is None:
@@ -643,7 +665,7 @@ def list_backups(backup_root: Path, target: str | None = None, tier: str | None 
                  include_pre_restore: bool = False, kind: str | None = None) -> list[Entry]:
     """Return the backups on the shelf (data file present), oldest first (`order_key`); with `kind`
     ("logical" or "physical"), only the backups of that kind."""
-    tiers = (tier,) if tier else TIERS
+    tiers = (tier,) if tier else shelf_tiers(backup_root)
     if kind is not None:
         tiers = tuple(t for t in tiers if (t in PHYSICAL_TIERS) == (kind == "physical"))
     found = list(iter_manifests(backup_root, tiers, target))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from pgbeat import errors
 from pgbeat.catalog.manifest import order_key
-from pgbeat.settings import TIERS, Settings
+from pgbeat.settings import Settings
 
 if TYPE_CHECKING:
     from pgbeat.storage.destinations import RemoteEntry
@@ -29,7 +29,7 @@ def destination_entries(settings: Settings, destination: str, target: str | None
         if target and config.name != target:
             continue
         with open_storage(config.destination(destination)) as storage:
-            for t in [tier] if tier else TIERS:
+            for t in [tier] if tier else config.tiers:
                 entries += [e for e in remote_entries(settings, storage, destination, config.name, t) if e.exists]
     return sorted(entries, key=order_key)
 

@@ -30,7 +30,6 @@ from pgbeat.settings.rules import (
     TIERS,
     Codec,
     DumpFormat,
-    Tier,
     _path_not_blank,
     _validate_listen,
     host_timezone,
@@ -40,12 +39,13 @@ from pgbeat.settings.rules import (
     validate_node_name,
     validate_not_blank,
     validate_target_name,
+    validate_tier_name,
     validate_timezone,
 )
 
 # The names of the modules that import pydantic, loaded when one of them is first asked for.
 LAZY = {
-    "pgbeat.settings.fields": ("ConfigPath", "DatabaseName", "Listen", "Name", "NodeName"),
+    "pgbeat.settings.fields": ("ConfigPath", "DatabaseName", "Listen", "Name", "NodeName", "TierName"),
     "pgbeat.settings.files": ("read_config_file", "read_text_file"),
     "pgbeat.settings.load": ("EnvSettings", "format_loc", "get_settings", "load_settings", "merge_target"),
     "pgbeat.settings.schema": (
@@ -80,8 +80,8 @@ __all__ = [
     "ChannelSpec", "Codec", "Compression", "ConfigPath", "DatabaseName", "DestinationBase", "DestinationSpec",
     "DrillPolicy", "DumpFormat", "EncryptionSpec", "EnvSettings", "FileConfig", "GCSDestination", "Listen",
     "MonitoringSpec", "Name", "NodeName", "Reliability", "RetentionSpec", "S3Destination", "SSHDestination",
-    "Settings", "Target", "TargetOptions", "Tier", "TierPolicy", "WalSpec", "_path_not_blank", "_validate_listen",
+    "Settings", "Target", "TargetOptions", "TierName", "TierPolicy", "WalSpec", "_path_not_blank", "_validate_listen",
     "format_loc", "get_settings", "host_timezone", "load_settings", "merge_target", "parse_listen",
     "quote_conninfo", "read_config_file", "read_text_file", "validate_cron", "validate_database_name",
-    "validate_node_name", "validate_not_blank", "validate_target_name", "validate_timezone",
+    "validate_node_name", "validate_not_blank", "validate_target_name", "validate_tier_name", "validate_timezone",
 ]

@@ -39,7 +39,8 @@ EXAMPLE: dict[str, Any] = {
     "targets": [
         {"name": "erp_db", "dbname": "erp", "host": "db1.internal", "port": 5432,
          "healthcheck_url": "https://hc-ping.com/your-uuid",
-         "tiers": {"daily": {"keep_days": 14, "min_keep": 3}},
+         "tiers": {"daily": {"keep_days": 14, "min_keep": 3},
+                   "hourly": {"schedule": "30 8-18 * * 1-5", "keep_days": 2}},
          "encryption": {"recipients": [EXAMPLE_RECIPIENT], "identity_file": "/etc/pgbeat/restore-key.txt"},
          "destinations": [
              {"name": "offsite-s3", "kind": "s3", "bucket": "company-pg-backups", "prefix": "erp/",

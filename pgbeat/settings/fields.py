@@ -13,10 +13,12 @@ from pgbeat.settings.rules import (
     validate_database_name,
     validate_node_name,
     validate_not_blank,
+    validate_tier_name,
 )
 
 Name = Annotated[str, AfterValidator(validate_not_blank)]
 DatabaseName = Annotated[str, AfterValidator(validate_database_name)]
 NodeName = Annotated[str, AfterValidator(validate_node_name)]
+TierName = Annotated[str, AfterValidator(validate_tier_name)]
 ConfigPath = Annotated[Path, BeforeValidator(_path_not_blank)]
 Listen = Annotated[str, AfterValidator(_validate_listen)]

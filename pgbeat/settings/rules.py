@@ -12,10 +12,16 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
+# The built-in tiers, always configured (each with its schedule and retention in schema.DEFAULT_TIERS); a
+# config may add its own (`hourly`, `quarterly`...), each with a schedule and a retention of its own.
 TIERS = ("daily", "weekly", "monthly", "base")
-Tier = Literal["daily", "weekly", "monthly", "base"]
 # The tiers whose backups are physical (a base backup of the whole cluster, for PITR), not pg_dump's.
 PHYSICAL_TIERS = ("base",)
+# A tier's name is a folder under BACKUP_ROOT and a part of every backup's file name,
+# `<target>_backup_<tier>_<stamp>`: lower-case letters and digits only, so no `_` makes that name ambiguous.
+TIER_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,23}$")
+# BACKUP_ROOT's other folders: a tier of one of these names would mix its backups with the logs or the WAL.
+RESERVED_TIER_NAMES = {"logs": "the logs", "wal": "the WAL archive"}
 DumpFormat = Literal["plain", "custom", "directory"]
 Codec = Literal["gzip", "zstd", "none"]
 
@@ -62,6 +68,16 @@ def validate_not_blank(value: str, leave_out: str = "the key") -> str:
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValueError("must not contain control characters")
     return value
+
+
+def validate_tier_name(name: str) -> str:
+    """Given a tier's name, return it; raise ValueError if it cannot name a tier folder and file names."""
+    if not TIER_NAME_RE.match(name):
+        raise ValueError("must be 1-24 lower-case letters or digits, starting with a letter (it names a "
+                         "folder under BACKUP_ROOT and is part of every backup's file name)")
+    if name in RESERVED_TIER_NAMES:
+        raise ValueError(f"is reserved: BACKUP_ROOT/{name} holds {RESERVED_TIER_NAMES[name]}")
+    return name
 
 
 def validate_database_name(name: str) -> str:

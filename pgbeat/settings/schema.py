@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field
 
 from pgbeat.errors import UnknownTargetError
 from pgbeat.postgres.options import check_pg_dump_options
-from pgbeat.settings.fields import ConfigPath, DatabaseName, Listen, Name, NodeName
+from pgbeat.settings.fields import ConfigPath, DatabaseName, Listen, Name, NodeName, TierName
 from pgbeat.settings.rules import (
     DEFAULT_LEVELS,
     MAX_BYTES,
@@ -29,7 +29,6 @@ from pgbeat.settings.rules import (
     TIERS,
     Codec,
     DumpFormat,
-    Tier,
     validate_cron,
     validate_target_name,
     validate_timezone,
@@ -55,7 +54,8 @@ class Strict(BaseModel):
 class TierPolicy(Strict):
     """One tier: when it runs and how long its backups are kept. Unset keys come from `defaults`, then
     from the tier's built-in schedule (daily 02:00 keep 7, weekly Sunday 03:00 keep 30, monthly day 1
-    04:00 keep 365)."""
+    04:00 keep 365). A tier of another name (`hourly`) is a logical tier of its own, and sets both its
+    `schedule` and its `keep_days`."""
 
     enabled: bool = True
     schedule: str = Field(description="cron expression in the configured time zone")
@@ -66,15 +66,16 @@ class TierPolicy(Strict):
 
 
 def _with_tier_defaults(value: Any) -> Any:
-    """Given the raw `tiers` mapping, return it with every tier present and each tier's built-in schedule
-    and retention under the keys it leaves out (anything else is left for validation to report)."""
+    """Given the raw `tiers` mapping, return it with every built-in tier present, first and in their order,
+    each with its built-in schedule and retention under the keys it leaves out; then the extra tiers as
+    given (anything else is left for validation to report)."""
     if not isinstance(value, dict):
         return value
-    filled = dict(value)
+    filled = {}
     for tier in TIERS:
-        given = filled.get(tier, {})
+        given = value.get(tier, {})
         filled[tier] = {**DEFAULT_TIERS[tier], **given} if isinstance(given, dict) else given
-    return filled
+    return {**filled, **{tier: given for tier, given in value.items() if tier not in filled}}
 
 
 def _default_tiers() -> dict[str, TierPolicy]:
@@ -87,7 +88,7 @@ class DrillPolicy(Strict):
     enabled: bool = True
     schedule: str = Field("0 5 * * 0", description="cron expression; weekly, Sunday 05:00: after the weekly "
                                                    "backup of 03:00")
-    tier: Tier | None = Field(None, description="drill the latest backup of this tier; unset: any tier",
+    tier: TierName | None = Field(None, description="drill the latest backup of this tier; unset: any tier",
                               examples=["weekly"])
 
     @field_validator("tier")
@@ -162,7 +163,7 @@ class DestinationBase(Strict):
 
     name: str = Field(description="letters, digits, . _ - (not 'local', the name of the local shelf)")
     enabled: bool = Field(True, description="false: kept in the file, not copied to")
-    retention: dict[Tier, RetentionSpec] | None = Field(None, description="this destination's own retention",
+    retention: dict[TierName, RetentionSpec] | None = Field(None, description="this destination's own retention",
                                                         examples=[{"daily": {"keep_days": 35}}])
     bandwidth_limit: int | None = Field(None, ge=1024, le=1 << 40, description="bytes per second",
                                         examples=[20971520])
@@ -305,8 +306,11 @@ class TargetOptions(Strict):
                                                                          "allow-list (pgbeat/postgres/options.py), "
                                                                          "passed spelled out",
                                        examples=[["--exclude-table-data=audit_log"]])
-    tiers: dict[Tier, TierPolicy] = Field(default_factory=_default_tiers,
-                                          description="daily, weekly, monthly; a tier sets only what differs")
+    tiers: dict[TierName, TierPolicy] = Field(default_factory=_default_tiers,
+                                              description="daily, weekly, monthly, base: a tier sets only what "
+                                                          "differs; another name (hourly) adds a logical tier "
+                                                          "with its own schedule and keep_days",
+                                              examples=[{"hourly": {"schedule": "0 * * * *", "keep_days": 2}}])
     drill: DrillPolicy = Field(default_factory=lambda: DrillPolicy())
     notify: list[ChannelSpec] = Field(default_factory=list,
                                       description="channels for this target, besides the global ones")
@@ -361,8 +365,23 @@ class Target(TargetOptions):
     def describe(self) -> str:
         return f"{self.user + '@' if self.user else ''}{self.host or 'local socket'}:{self.port}/{self.dbname}"
 
+    @model_validator(mode="after")
+    def _configured_tiers(self) -> Target:
+        # A tier named elsewhere in the target must be one of its tiers: a typo would otherwise drill
+        # nothing, or keep a destination's copies by the tier's retention instead of the one written.
+        named = [("drill.tier", self.drill.tier)] if self.drill.tier else []
+        named += [(f"destinations.{d.name}.retention", tier) for d in self.destinations for tier in d.retention or {}]
+        for where, tier in named:
+            if tier not in self.tiers:
+                raise ValueError(f"{where}: {tier!r} is not one of this target's tiers ({', '.join(self.tiers)})")
+        return self
+
     def enabled_tiers(self) -> list[str]:
-        return [tier for tier in TIERS if self.tiers[tier].enabled]
+        return [tier for tier, policy in self.tiers.items() if policy.enabled]
+
+    def runs_tier(self, tier: str) -> bool:
+        """True when `tier` is one of this target's tiers and enabled."""
+        return tier in self.tiers and self.tiers[tier].enabled
 
     def destination(self, name: str) -> DestinationSpec:
         for spec in self.destinations:
@@ -536,6 +555,10 @@ class Settings(BaseModel):
             what = "is not writable" if existing == root else f"cannot be created: {existing} is not writable"
             return f"BACKUP_ROOT {root} {what} by this user"
         return None
+
+    def tier_names(self) -> list[str]:
+        """Every tier some target has: the built-in ones, then the extra ones in the order first configured."""
+        return list(dict.fromkeys([*TIERS, *(tier for target in self.targets.values() for tier in target.tiers)]))
 
     def target(self, name: str) -> Target:
         try:

@@ -10,7 +10,7 @@ import click
 import pytest
 
 from pgbeat.cli import main
-from pgbeat.clitypes import DestinationName, TargetName
+from pgbeat.clitypes import DestinationName, TargetName, TierName
 from pgbeat.settings import TIERS
 from tests.support import VENV_BIN, Service, command_tree
 
@@ -18,6 +18,7 @@ pytestmark = pytest.mark.integration
 
 TARGETS = ["erp", "erp-2", "crm"]
 DESTINATIONS = ["vault"]
+HOURLY = {"schedule": "0 * * * *", "keep_days": 2}  # a tier of crm's own: completed too
 
 
 def completed_params():
@@ -29,8 +30,8 @@ def completed_params():
                 expected = sorted(TARGETS)
             elif isinstance(param.type, DestinationName):
                 expected = DESTINATIONS
-            elif isinstance(param.type, click.Choice) and list(param.type.choices) == list(TIERS):
-                expected = list(TIERS)
+            elif isinstance(param.type, TierName):
+                expected = sorted([*TIERS, "hourly"])
             else:
                 continue
             if isinstance(param, click.Option):
@@ -50,8 +51,8 @@ def complete(service: Service, words: tuple[str, ...], **env: str) -> subprocess
 def service(tmp_path_factory):
     base = tmp_path_factory.mktemp("completion")
     vault = {"name": "vault", "kind": "s3", "bucket": "b", "endpoint_url": "http://127.0.0.1:9"}
-    return Service(base, None, [{"name": name, "dbname": "db", "destinations": [vault] if name == "erp" else []}
-                                for name in TARGETS])
+    return Service(base, None, [{"name": name, "dbname": "db", "destinations": [vault] if name == "erp" else [],
+                                 **({"tiers": {"hourly": HOURLY}} if name == "crm" else {})} for name in TARGETS])
 
 
 @pytest.mark.parametrize(("words", "expected"), list(completed_params()))
