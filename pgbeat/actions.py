@@ -22,7 +22,7 @@ from pgbeat.coordination import MANUAL_PRIORITY
 # Annotations only: each action imports what it works with, so that importing this module (the CLI does,
 # for every command, --help among them) costs no pydantic.
 if TYPE_CHECKING:
-    from pgbeat.catalog.manifest import Entry
+    from pgbeat.catalog.manifest import Entry, Manifest
     from pgbeat.coordination.follow import RunEnd
     from pgbeat.pipeline.record import Run
     from pgbeat.restore.drill import DrillResult
@@ -218,13 +218,22 @@ class TargetRotation:
 
 
 def rotate(settings: Settings, names: list[str], tier: str | None, *, now: datetime | None = None,
-           dry_run: bool = False) -> Iterator[TargetRotation]:
+           dry_run: bool = False, orphans: bool = False) -> Iterator[TargetRotation]:
     """Rotate `tier` (or every enabled tier, and the safety backups) of each named target at the database
     server's time (or at `now`), exactly as the rotate step does: the local shelf, then each destination. A target whose
-    server's clock cannot be read is skipped, nothing removed: a host's clock alone never decides.
+    server's clock cannot be read is skipped, nothing removed: a host's clock alone never decides. With
+    `orphans`, then the local backups of targets no longer configured, by `defaults`, at a configured
+    server's time (skipped when none could be read).
     Yield one target's rotation at a time, so a fleet's plans are not all held at once."""
-    from pgbeat.postgres.clock import ServerReading, boot_id
+    from pgbeat.catalog.manifest import orphan_census, shelf_tiers
+    from pgbeat.postgres.clock import ServerReading, boot_id, server_now
     from pgbeat.steps.rotate import TierRotation, rotate_safety_backups, rotate_tier, rotation_now
+
+    def with_safety_backups(name: str, when: datetime, done: list[TierRotation]) -> TargetRotation:
+        if tier is None:  # and its safety backups, kept by count
+            plan = rotate_safety_backups(settings, name, when, dry_run=dry_run)
+            done.append(TierRotation(target=name, tier=plan.tier, now=when, local=plan))
+        return TargetRotation(name, done)
 
     # One reading per database server, carried forward by this host's monotonic clock: a fleet of
     # databases on a few servers is rotated at their servers' time without one connection per target.
@@ -241,11 +250,34 @@ def rotate(settings: Settings, names: list[str], tier: str | None, *, now: datet
             continue
         target = settings.target(name)
         tiers = ([tier] if tier in target.tiers else []) if tier else target.enabled_tiers()
-        done = [rotate_tier(settings, name, t, when, dry_run=dry_run) for t in tiers]
-        if tier is None:  # and its safety backups, kept by count
-            plan = rotate_safety_backups(settings, name, when, dry_run=dry_run)
-            done.append(TierRotation(target=name, tier=plan.tier, now=when, local=plan))
-        yield TargetRotation(name, done)
+        yield with_safety_backups(name, when, [rotate_tier(settings, name, t, when, dry_run=dry_run) for t in tiers])
+    if not orphans:
+        return
+    for name in orphan_census(settings.backup_root, settings.targets):
+        when = now or next((server_now(r) for r in readings.values() if server_now(r) is not None), None)
+        if when is None:
+            yield TargetRotation(name, skipped="not in the configuration, rotated by `defaults` at a configured "
+                                               "database server's time, and no server's clock could be read")
+            continue
+        policies = {t: settings.retention_of(name, t) for t in ([tier] if tier else shelf_tiers(settings.backup_root))}
+        tiers = [t for t, policy in policies.items() if policy is not None and policy.enabled]
+        yield with_safety_backups(name, when, [rotate_tier(settings, name, t, when, dry_run=dry_run) for t in tiers])
+
+
+def pin(settings: Settings, path: Path, note: str | None, pinned: bool = True) -> Manifest:
+    """Pin the backup at `path` (every rotation keeps it, locally and at every destination) with `note`,
+    or unpin it; return its manifest. Raise NoSuchBackupError if there is no such file, VerifyError if it
+    is not a pgbeat backup or its manifest is damaged."""
+    from pgbeat.catalog.manifest import PinRecord, manifest_path, update_manifest
+    from pgbeat.steps.verify import open_backup
+
+    entry = open_backup(path)
+    record = PinRecord(at=datetime.now(settings.tz).isoformat(timespec="seconds"), note=note or "")
+
+    def change(manifest: Manifest) -> None:
+        manifest.pinned = record if pinned else None
+
+    return update_manifest(manifest_path(entry.path), change)
 
 
 # --- copies, drills ----------------------------------------------------------------------------------

@@ -435,9 +435,9 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
     if destination:
         entries = destination_entries(settings, destination, target_name, tier)
     elif orphans:
-        from pgbeat.catalog.manifest import shelf_census
+        from pgbeat.catalog.manifest import orphan_census
 
-        entries = [e for name in sorted(set(shelf_census(settings.backup_root)) - set(settings.targets))
+        entries = [e for name in orphan_census(settings.backup_root, settings.targets)
                    for e in list_backups(settings.backup_root, name, tier)]
     else:
         entries = list_backups(settings.backup_root, target_name, tier, include_pre_restore=True)
@@ -498,10 +498,10 @@ def backup_location(settings: Settings, entry, destination: str | None) -> str:
 
 
 def checks_summary(manifest: Manifest, destination: str | None) -> str:
-    """'verified', and which copies are not good: 'verified, s3 failed'."""
+    """'verified', which copies are not good, and a pin: 'verified, s3 failed, pinned'."""
     bad = [f"{name} {copy.status}" for name, copy in sorted(manifest.copies.items())
            if not copy.ok and (destination is None or name == destination)]
-    return ", ".join([manifest.status, *bad])
+    return ", ".join([manifest.status, *bad, *(["pinned"] if manifest.pinned else [])])
 
 
 def local_time(settings: Settings, when: datetime | str, seconds: bool = True) -> str:
@@ -552,6 +552,27 @@ def verify(file: str | None, identity: Path | None, destination: str | None, dee
         out.print(f"  MD5     {result['md5']}\n  SHA-256 {result['sha256']}", markup=False)
 
 
+@main.command()
+@click.argument("file", type=LocalPath())
+@click.option("--note", type=CheckedText(), help="Why it is kept (shown by rotate and list --json).")
+@click.option("--remove", is_flag=True, help="Unpin it: its tier's retention applies again.")
+def pin(file: Path, note: str | None, remove: bool) -> None:
+    """Keep backup FILE whatever its tier's retention says, on the local shelf and at every destination
+    (and if its target leaves the configuration), until `pgbeat pin --remove FILE`."""
+    settings = settings_or_exit(writes=True)
+    if remove and note:
+        fail(errors.UsageError("--note says why a backup is pinned; --remove unpins it", hint="pick one"))
+    try:
+        manifest = actions.pin(settings, file, note, pinned=not remove)
+    except PgbeatError as exc:
+        fail(exc)
+    if remove:
+        out.print(f"unpinned {manifest.file}: the {manifest.tier} tier's retention applies to it again", markup=False)
+    else:
+        out.print(f"pinned {manifest.file}: every rotation keeps it, here and at every destination, until "
+                  f"`pgbeat pin --remove`", markup=False)
+
+
 def scrub(settings: Settings, destination: str, deep: bool) -> int:
     """Check each copy at `destination`, printing each as it is checked; return the exit code."""
     from pgbeat.catalog.remote import scrub as scrub_destination
@@ -582,7 +603,8 @@ def rotate(target_name: str | None, tier: str | None, dry_run: bool, pretend_now
     names = selected_targets(settings, target_name)
     verb = "would remove" if dry_run else "removed"
     skipped = False
-    for target in actions.rotate(settings, names, tier, now=pretend_now, dry_run=dry_run):
+    for target in actions.rotate(settings, names, tier, now=pretend_now, dry_run=dry_run,
+                                 orphans=target_name is None):
         if target.skipped:
             skipped = True
             err.print(f"{target.target}: not rotated, nothing removed: {target.skipped}", markup=False)
@@ -601,7 +623,10 @@ def print_rotation(settings: Settings, r, verb: str) -> None:
         out.line(f"{name} {t}: {verb} {entry.path.name}")
     for entry in r.local.protected:
         out.line(f"{name} {t}: kept {entry.path.name} (expired, but among the newest "
-                 f"{settings.target(name).tiers[t].min_keep} verified)")
+                 f"{settings.retention_of(name, t).min_keep} verified)")
+    for entry in r.local.pinned:
+        note = entry.manifest.pinned.note
+        out.line(f"{name} {t}: kept {entry.path.name} (expired, but pinned{': ' + note if note else ''})")
     for line in future_warning(r.local):
         err.line(f"warning: {line}")
     for destination in r.order:
@@ -1074,7 +1099,8 @@ def status(as_json: bool) -> None:
             out.print(f"wal {escape(w.target)}: [green]restorable {window}[/green] ({w.segments} segment(s) up to "
                       f"{w.end_segment}{timelines})", markup=True)
     if report.orphans:
-        out.line("not in the configuration (kept, never rotated; `pgbeat list --orphans`): "
+        out.line("not in the configuration (rotated by `defaults` at `pgbeat rotate` unless pinned; "
+                 "`pgbeat list --orphans`): "
                  + ", ".join(f"{name} ({count} backups)" for name, count in report.orphans.items()))
     out.print(f"BACKUP_ROOT uses {human_size(report.used)}; {human_size(report.disk_free)} free of "
               f"{human_size(report.disk_total)} ({100 * report.disk_free / max(report.disk_total, 1):.0f}%)",

@@ -47,7 +47,7 @@ FUTURE_TOLERANCE = timedelta(minutes=5)
 # Fields pgbeat annotates after the verify step wrote the manifest, or that no check depends on: they
 # are outside the seal, so recording a drill or a copy never needs the rest to be re-proven.
 UNSEALED = frozenset({"seal", "run_id", "level", "server_version", "pg_dump_version", "database", "finished_at",
-                      "duration_s", "steps", "node", "slot", "copies", "drills", "warnings"})
+                      "duration_s", "steps", "node", "slot", "copies", "drills", "warnings", "pinned"})
 
 # Sealed fields added after version 2's seal: sealed only when set, so that older seals still hold.
 SEALED_WHEN_SET = ("physical",)
@@ -218,6 +218,13 @@ class DrillRecord(BaseModel):
         return self.status == "passed"
 
 
+class PinRecord(BaseModel):
+    """A backup kept whatever its tier's retention says, until unpinned (`pgbeat pin`)."""
+
+    at: str = Field(description="when it was pinned (ISO 8601, with its zone)")
+    note: str = Field("", description="why, in the DBA's words")
+
+
 def upgrade_warning(value: Any) -> Any:
     """Given a warning as a manifest of any version holds it, return it as a BackupWarning's fields."""
     if isinstance(value, str):
@@ -262,6 +269,7 @@ class Manifest(BaseModel):
     slot: str | None = Field(None, description="the scheduled slot this backup served (beat runs)")
     copies: dict[str, Copy] = Field(default_factory=dict)
     drills: list[DrillRecord] = Field(default_factory=list)
+    pinned: PinRecord | None = Field(None, description="kept by every rotation until unpinned")
     warnings: list[BackupWarning] = Field(default_factory=list)
     encryption: EncryptionInfo | None = Field(None, description="age recipients and the plaintext's checksums")
     physical: PhysicalInfo | None = Field(None, description="a base backup (tier base): its WAL range")
@@ -626,6 +634,13 @@ def shelf_census(backup_root: Path) -> dict[str, int]:
             owner = FolderListing.target_of(name)
             counts[owner] = counts.get(owner, 0) + 1
     return counts
+
+
+def orphan_census(backup_root: Path, configured: Iterable[str]) -> dict[str, int]:
+    """The targets with backups on the shelf that are not `configured` (removed or renamed), with how many
+    backups each has, by name."""
+    known = set(configured)
+    return {name: count for name, count in sorted(shelf_census(backup_root).items()) if name not in known}
 
 
 def iter_manifests(backup_root: Path, tiers: tuple[str, ...] | None = None,

@@ -27,8 +27,8 @@ from pgbeat.catalog.manifest import (
     from_the_future,
     list_backups,
     newest,
+    orphan_census,
     read_attempts,
-    shelf_census,
 )
 from pgbeat.schedule import min_interval, next_runs
 from pgbeat.settings import Settings
@@ -231,7 +231,6 @@ def build_status(settings: Settings, now: datetime) -> StatusReport:
     return StatusReport(generated_at=now.isoformat(), backup_root=str(root), disk_total=usage.total,
                         disk_free=usage.free, used=folder_size(root) if root.exists() else 0, tiers=tiers,
                         drills=drills, drill_intervals=drill_intervals, never_drilled=never_drilled,
-                        orphans={name: n for name, n in sorted(shelf_census(root).items())
-                                 if name not in settings.targets},
+                        orphans=orphan_census(root, settings.targets),
                         wal=[w for name in names if settings.target(name).tiers["base"].enabled
                              for w in [wal_status(settings, name)] if w is not None])

@@ -318,6 +318,7 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
         pg_bin_dir=file_cfg.pg_bin_dir,
         reliability=file_cfg.reliability,
         targets=targets,
+        defaults=file_cfg.defaults,
         notify=notify,
         monitoring=file_cfg.monitoring,
         config_file=config_path,

@@ -521,6 +521,9 @@ class Settings(BaseModel):
     pg_bin_dir: Path | None
     reliability: Reliability
     targets: dict[str, Target] = Field(description="by name: the file's targets and the .env target")
+    defaults: TargetOptions = Field(default_factory=lambda: TargetOptions(),
+                                    description="the file's defaults: what rotates backups of targets no longer "
+                                                "configured")
     notify: list[ChannelSpec] = Field(description="the file's channels, then PGBEAT_NOTIFY_URLS")
     monitoring: MonitoringSpec
     config_file: Path | None = Field(description="the targets file, if any")
@@ -555,6 +558,12 @@ class Settings(BaseModel):
             what = "is not writable" if existing == root else f"cannot be created: {existing} is not writable"
             return f"BACKUP_ROOT {root} {what} by this user"
         return None
+
+    def retention_of(self, target: str, tier: str) -> TierPolicy | None:
+        """The retention `target`'s backups of `tier` are rotated by: the target's own; for a target no
+        longer configured, the tier's in `defaults` (None when neither has the tier: never rotated)."""
+        options = self.targets.get(target, self.defaults)
+        return options.tiers.get(tier)
 
     def tier_names(self) -> list[str]:
         """Every tier some target has: the built-in ones, then the extra ones in the order first configured."""

@@ -10,7 +10,12 @@ Rules (retention that deletes the last good backups is what users of backup tool
   monotonic time elapsed since, or asked afresh), never only a worker's clock, which may be years off;
 - a backup dated in the future (made under a wrong clock) is never removed by age and does not count
   towards the floor; it is flagged (`RotationPlan.future`) for a human to look at;
-- a clock moved backwards makes backups look younger, never older: nothing extra is removed.
+- a clock moved backwards makes backups look younger, never older: nothing extra is removed;
+- a pinned backup (`pgbeat pin`, recorded in its local manifest) is kept, locally and at every destination,
+  however old, until unpinned;
+- the backups of a target no longer in the configuration are rotated by `defaults` (its tiers and
+  `safety_backups`) at `pgbeat rotate`, on the local shelf only (its destinations' keys went with it), at
+  the clock of a configured target's server.
 
 The safety backups a restore takes (`BACKUP_ROOT/pre_restore_*`) are kept by count, not age: the newest
 `safety_backups` of a target (and any dated in the future), after a restore succeeds and at `pgbeat rotate`.
@@ -60,10 +65,11 @@ class RotationPlan:
     protected: list[Entry] = field(default_factory=list, metadata={"doc": "expired but kept by min_keep"})
     orphans: list[Entry] = field(default_factory=list, metadata={"doc": "sidecars whose data file is gone"})
     future: list[Entry] = field(default_factory=list, metadata={"doc": "dated after now: kept, flagged"})
+    pinned: list[Entry] = field(default_factory=list, metadata={"doc": "expired but pinned (`pgbeat pin`)"})
 
     @property
     def kept(self) -> int:
-        return len(self.keep) + len(self.protected) + len(self.future)
+        return len(self.keep) + len(self.protected) + len(self.future) + len(self.pinned)
 
 
 def settled_and_future(entries: list, now: datetime) -> tuple[list, list]:
@@ -73,9 +79,15 @@ def settled_and_future(entries: list, now: datetime) -> tuple[list, list]:
     return [e for e in present if not from_the_future(e, now)], [e for e in present if from_the_future(e, now)]
 
 
-def plan_rotation(entries: list, policy: TierPolicy, now: datetime, target: str, tier: str) -> RotationPlan:
-    """Given one target/tier's backups (local Entries or RemoteEntries) and the server's time `now`,
-    decide what to keep: see the module's rules."""
+def pinned_names(entries: list[Entry]) -> set[str]:
+    """The file names of the pinned backups among local `entries` (a destination's copies are kept by these)."""
+    return {e.path.name for e in entries if e.manifest.pinned is not None}
+
+
+def plan_rotation(entries: list, policy: TierPolicy, now: datetime, target: str, tier: str,
+                  pinned: set[str] | frozenset[str] = frozenset()) -> RotationPlan:
+    """Given one target/tier's backups (local Entries or RemoteEntries), the server's time `now` and the
+    names of the pinned backups, decide what to keep: see the module's rules."""
     plan = RotationPlan(target=target, tier=tier)
     settled, plan.future = settled_and_future(entries, now)
     verified = [e for e in settled if e.verified]
@@ -85,6 +97,8 @@ def plan_rotation(entries: list, policy: TierPolicy, now: datetime, target: str,
         expired = entry.manifest.taken_at < cutoff
         if not expired:
             plan.keep.append(entry)
+        elif Path(entry.path).name in pinned:
+            plan.pinned.append(entry)
         elif entry.path in floor:
             plan.protected.append(entry)
         else:
@@ -120,9 +134,13 @@ def remove_backup(entry: Entry) -> None:
 
 
 def rotate_target(settings: Settings, target: str, tier: str, now: datetime, dry_run: bool = False) -> RotationPlan:
-    policy = settings.target(target).tiers[tier]
+    """Rotate `target`'s backups of `tier` on the local shelf by its retention (`Settings.retention_of`);
+    a tier without one is kept whole."""
+    policy = settings.retention_of(target, tier)
     entries = list(iter_manifests(settings.backup_root, (tier,), target))
-    plan = plan_rotation(entries, policy, now, target, tier)
+    if policy is None:
+        return RotationPlan(target=target, tier=tier, keep=[e for e in entries if e.exists])
+    plan = plan_rotation(entries, policy, now, target, tier, pinned_names(entries))
     if not dry_run:
         for entry in [*plan.remove, *plan.orphans]:
             remove_backup(entry)
@@ -135,14 +153,17 @@ def plan_safety_rotation(entries: list[Entry], keep: int, now: datetime, target:
     `order_key`) and every one dated in the future; remove the others."""
     plan = RotationPlan(target=target, tier=SAFETY_TIER)
     settled, plan.future = settled_and_future(entries, now)
-    plan.keep, plan.remove = settled[-keep:], settled[:-keep]
+    plan.pinned = [e for e in settled if e.manifest.pinned is not None]
+    counted = [e for e in settled if e.manifest.pinned is None]
+    plan.keep, plan.remove = counted[-keep:], counted[:-keep]
     return plan
 
 
 def rotate_safety_backups(settings: Settings, target: str, now: datetime, dry_run: bool = False) -> RotationPlan:
     """Remove `target`'s safety backups beyond its `safety_backups` newest (`dry_run`: decide only)."""
     entries = [e for e in iter_pre_restore(settings.backup_root) if e.manifest.target == target]
-    plan = plan_safety_rotation(entries, settings.target(target).safety_backups, now, target)
+    keep = settings.targets.get(target, settings.defaults).safety_backups  # a removed target's: the defaults'
+    plan = plan_safety_rotation(entries, keep, now, target)
     if not dry_run:
         for entry in plan.remove:
             remove_backup(entry)
@@ -151,15 +172,16 @@ def rotate_safety_backups(settings: Settings, target: str, now: datetime, dry_ru
 
 
 def rotate_destination(settings: Settings, target: str, tier: str, destination: str, now: datetime,
-                       dry_run: bool = False) -> RotationPlan:
-    """Apply the destination's own retention (same floor rule) to what pgbeat stored there."""
+                       dry_run: bool = False, pinned: set[str] | frozenset[str] = frozenset()) -> RotationPlan:
+    """Apply the destination's own retention (same floor rule) to what pgbeat stored there, keeping the
+    copies of the `pinned` backups."""
     from pgbeat.storage.destinations import open_storage, remote_entries, remove_remote, retention
 
     config = settings.target(target)
     spec = config.destination(destination)
     with open_storage(spec) as storage:
         plan = plan_rotation(remote_entries(settings, storage, spec.name, target, tier),
-                             retention(config, spec, tier), now, target, tier)
+                             retention(config, spec, tier), now, target, tier, pinned)
         if not dry_run:
             for entry in [*plan.remove, *plan.orphans]:
                 remove_remote(storage, entry)
@@ -198,16 +220,17 @@ def rotate_tier(settings: Settings, target: str, tier: str, now: datetime, dry_r
     A destination that fails is named in `failed` (rotated next time); the others go on."""
     plan = rotate_target(settings, target, tier, now, dry_run=dry_run)
     rotation = TierRotation(target=target, tier=tier, now=now, local=plan)
-    if tier in PHYSICAL_TIERS:
+    if tier in PHYSICAL_TIERS and target in settings.targets:  # a removed target's WAL is left alone
         from pgbeat.wal.retention import remove_unneeded_wal
 
-        rotation.wal = remove_unneeded_wal(settings, target, [*plan.keep, *plan.protected, *plan.future],
-                                           dry_run=dry_run)
-    for spec in settings.target(target).destinations:
+        rotation.wal = remove_unneeded_wal(settings, target, [*plan.keep, *plan.protected, *plan.future,
+                                                              *plan.pinned], dry_run=dry_run)
+    pinned = pinned_names([*plan.keep, *plan.pinned, *plan.protected])
+    for spec in settings.targets[target].destinations if target in settings.targets else []:
         rotation.order.append(spec.name)
         try:
             rotation.destinations[spec.name] = rotate_destination(settings, target, tier, spec.name, now,
-                                                                  dry_run=dry_run)
+                                                                  dry_run=dry_run, pinned=pinned)
         except PgbeatError as exc:  # a destination that is down: rotate it next time, say so now
             rotation.failed[spec.name] = exc.message
     return rotation

@@ -236,6 +236,7 @@ def baselines(world: World) -> dict[tuple[str, ...], tuple[dict, dict]]:
         ("backup",): {"tier": "daily", "timeout": "5"},
         ("list",): {},
         ("verify",): {"file": str(world.backup)},
+        ("pin",): {"file": str(world.backup), "note": "year-end close"},
         ("rotate",): {},
         ("restore",): {"file": str(world.backup), "yes": True},
         ("fetch",): {"url": world.url, "folder": str(world.sandbox / "fetched")},
@@ -252,7 +253,8 @@ def baselines(world: World) -> dict[tuple[str, ...], tuple[dict, dict]]:
                          "target_name": "down"},
         ("check",): {"target_name": "down", "timeout": "5"},
     }
-    safe = {**armed, ("rotate",): {"dry_run": True}, ("restore",): {"file": str(world.backup), "list_only": True},
+    safe = {**armed, ("rotate",): {"dry_run": True}, ("pin",): {"file": str(world.sandbox / "none.sql.gz")},
+            ("restore",): {"file": str(world.backup), "list_only": True},
             ("wal-push",): {"wal_file": str(world.sandbox / "pg_wal" / "not-a-wal-file"), "target_name": "erp"}}
     return {path: (armed[path], safe[path]) for path in armed}
 

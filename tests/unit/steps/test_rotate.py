@@ -243,3 +243,15 @@ def test_the_rotate_step_removes_nothing_when_the_server_clock_cannot_be_read(tm
     run = rotate_step(StepContext(settings, now=lambda: NOW + YEARS), run)
     assert run.steps.rotate.removed == [] and all(p.exists() for p in old)
     assert "nothing removed" in run.steps.rotate.errors[0]
+
+
+def test_a_pinned_safety_backup_is_kept_and_not_counted():
+    from pgbeat.catalog.manifest import PinRecord
+    from pgbeat.steps.rotate import plan_safety_rotation
+
+    entries = [shelved(f"pre_restore_erp_{day}.sql.gz", NOW - timedelta(days=day)) for day in range(6, 0, -1)]
+    entries[0].manifest.pinned = PinRecord(at=NOW.isoformat(), note="before the migration")
+    result = plan_safety_rotation(entries, 3, NOW, "erp")
+    assert paths(result.pinned) == [entries[0].path]
+    assert paths(result.keep) == paths(entries[-3:]) and paths(result.remove) == paths(entries[1:3])
+    assert result.kept == 4
