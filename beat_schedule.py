@@ -1,4 +1,5 @@
-"""The beat schedule, built from the settings: one entry per (target, tier) and one restore drill per target.
+"""The beat schedule, built from the settings: one entry per (target, tier), one restore drill per target, and
+one PITR drill per target with the base tier (`drill erp pitr`).
 
 Each entry sends `tasks.backup` with JSON args `[target, tier]` (plus `scheduled=True`, which makes the
 worker claim the slot, so a duplicated or redelivered message makes no second backup) and `expires`
@@ -46,6 +47,15 @@ def build_beat_schedule(settings: Settings, now: datetime | None = None) -> dict
                 "args": (target.name,),
                 "options": {"expires": expiry_seconds(target.drill.schedule, now, settings.tz),
                             "shadow": task_label("drill", target.name)},
+            }
+        if target.drill.enabled and target.runs_tier("base"):
+            schedule[f"drill {target.name} pitr"] = {
+                "task": "tasks.drill",
+                "schedule": cron_schedule(target.drill.pitr_schedule),
+                "args": (target.name,),
+                "kwargs": {"pitr": True},
+                "options": {"expires": expiry_seconds(target.drill.pitr_schedule, now, settings.tz),
+                            "shadow": task_label("drill", target.name, "pitr")},
             }
     if settings.targets:
         # Every minute: runs stranded on a host without a live worker are re-dispatched (workers.reconcile).

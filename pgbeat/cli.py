@@ -917,7 +917,8 @@ def upload(retry: bool, target_name: str | None, destination: str | None) -> Non
 @click.option("--pitr", is_flag=True, help="Drill the newest base backup with the WAL archive: recover it in a "
                                            "scratch cluster to the end of the archive, then check it.")
 @click.option("--server-pgbeat", type=LocalPath(must_exist=True),
-              help="With --pitr: the pgbeat the scratch server's restore_command runs (as the server's user).")
+              help="With --pitr: the pgbeat the scratch server's restore_command runs (as the server's user; "
+                   "default: the target's drill.server_pgbeat).")
 @click.option("--timeout", type=Seconds(), default=3600, show_default=True, help="With --pitr: seconds for recovery.")
 def drill(target_name: str | None, pitr: bool, server_pgbeat: Path | None, timeout: float) -> None:
     """Restore the latest backup of each target into a scratch database now and check it."""
@@ -928,8 +929,11 @@ def drill(target_name: str | None, pitr: bool, server_pgbeat: Path | None, timeo
 
         if target_name is None:  # the targets with base backups
             names = [name for name in names if settings.target(name).tiers["base"].enabled]
-        results = (run_pitr_drill(settings, name, pgbeat=str(server_pgbeat) if server_pgbeat else None,
-                                  timeout=timeout) for name in names)
+        def server_side(name: str) -> str | None:  # the option, else the target's drill.server_pgbeat
+            chosen = server_pgbeat or settings.target(name).drill.server_pgbeat
+            return str(chosen) if chosen else None
+
+        results = (run_pitr_drill(settings, name, pgbeat=server_side(name), timeout=timeout) for name in names)
         sys.exit(print_drills(results))
     elif server_pgbeat is not None:
         fail(errors.UsageError("--server-pgbeat is for --pitr drills", hint="add --pitr, or leave it out"))

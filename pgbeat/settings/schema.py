@@ -107,8 +107,16 @@ class DrillPolicy(Strict):
     assertions: list[str] = Field(default_factory=list, description="SQL returning one boolean, e.g. "
                                                                     "'SELECT count(*) > 0 FROM invoices'")
     statement_timeout: int = Field(300, ge=1, le=86_400, description="seconds per check query")
+    pitr_schedule: str = Field("0 6 * * 0", description="cron expression of the PITR drill of a target with the "
+                                                        "base tier: its newest base backup and the WAL archive "
+                                                        "recovered in a scratch cluster, then checked; weekly, "
+                                                        "Sunday 06:00: after the base backup of 01:00")
+    server_pgbeat: ConfigPath | None = Field(None, description="the pgbeat a PITR drill's scratch server runs as "
+                                                               "restore_command (as the server's user); unset: "
+                                                               "the one beside the worker's Python",
+                                             examples=["/opt/pgbeat-server/bin/pgbeat"])
 
-    _cron = field_validator("schedule")(lambda v: validate_cron(v))
+    _cron = field_validator("schedule", "pitr_schedule")(lambda v: validate_cron(v))
 
     @property
     def server(self) -> dict[str, Any]:

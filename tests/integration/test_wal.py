@@ -877,3 +877,53 @@ def test_a_pitr_drill_recovers_the_newest_base_backup_to_the_end_of_the_archive_
         world.targets[0].pop("tiers", None)
         world.targets[0].pop("drill", None)
         world.write_config()
+
+
+def test_beats_pitr_drill_runs_on_a_worker_and_records_the_point_reached(archiving, redis_server, monkeypatch):
+    """Beat's `drill NAME pitr` entry, sent as beat sends it, is run by a real worker: the newest base backup
+    and the WAL recovered in a scratch cluster by the configured drill.server_pgbeat, checked, recorded."""
+    import uuid
+
+    from beat_schedule import build_beat_schedule
+    from pgbeat.settings import load_settings
+    from tests.support import Service, Worker, clear_pgbeat_env
+
+    pg, world = archiving.cluster, archiving.world
+    base = archiving.base / f"beat-drill-{uuid.uuid4().hex[:6]}"
+    base.mkdir(mode=0o755)
+    target = {**world.targets[0], "tiers": {"base": {"enabled": True}},
+              "drill": {"assertions": ["SELECT count(*) = 7 FROM beat_drilled"],
+                        "server_pgbeat": str(archiving.pgbeat_script)}}
+    service = Service(base, redis_server.url, [target], backup_root=str(world.backup_root),
+                      node=f"pitrdrill-{uuid.uuid4().hex[:6]}")
+    service.config_path.chmod(0o644)  # the scratch server's restore_command reads it as postgres
+    clear_pgbeat_env(monkeypatch)
+    monkeypatch.setenv("PGBEAT_CONFIG", str(service.config_path))
+    entry = build_beat_schedule(load_settings(env_file=None))["drill walpg pitr"]
+    assert entry["kwargs"] == {"pitr": True} and entry["options"]["shadow"] == "drill walpg/pitr"
+    assert (entry["schedule"].hour, entry["schedule"].day_of_week) == ({6}, {0})  # after the base backup
+
+    pg.sql("DROP TABLE IF EXISTS beat_drilled; CREATE TABLE beat_drilled (id int)")
+    done = service.pgbeat("backup", "base", "--target", "walpg", "--local")
+    assert done.returncode == 0, done.stdout + done.stderr
+    pg.sql("INSERT INTO beat_drilled SELECT generate_series(1, 7)")  # after the base backup: only in the WAL
+    last = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
+    wait_for(lambda: world.stored(last, "walpg"), 60, what=f"{last} in the archive")
+    newest = sorted(p for p in world.backup_root.glob("base/*") if p.name.endswith(".tar.gz"))[-1]
+
+    def drills() -> list[dict]:
+        return json.loads(newest.with_name(newest.name + ".manifest.json").read_text())["drills"]
+
+    worker = Worker(service, concurrency=1)
+    try:
+        called = service.celery("call", entry["task"], f"--args={json.dumps(list(entry['args']))}",
+                                f"--kwargs={json.dumps(entry['kwargs'])}")
+        assert called.returncode == 0, called.stderr
+        wait_for(lambda: drills(), 180, what="the PITR drill's record on the newest base backup")
+    finally:
+        worker.stop()
+    [record] = drills()
+    assert record["status"] == "passed", record
+    assert record["reached"] and record["restore_s"] > 0
+    assert any("assertion holds: SELECT count(*) = 7" in line for line in record["checks"]), record
+    assert not list(Path(tempfile.gettempdir()).glob("pgbeat-pitr-drill-*"))

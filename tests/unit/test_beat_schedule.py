@@ -63,3 +63,23 @@ targets:
     assert 0 < entry["options"]["expires"] < 86400
     weekly = schedule["backup erp weekly"]["schedule"]
     assert weekly.day_of_week == {0} and weekly.hour == {3}
+
+
+def test_a_target_with_the_base_tier_gets_a_pitr_drill_on_its_own_schedule(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("""
+timezone: UTC
+targets:
+  - {name: erp, dbname: erp, tiers: {base: {enabled: true}}, drill: {pitr_schedule: "30 7 * * 6"}}
+  - {name: crm, dbname: crm}
+  - {name: nodrill, dbname: nodrill, tiers: {base: {enabled: true}}, drill: {enabled: false}}
+""")
+    for key in ("DB_NAME", "CELERY_BROKER_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PGBEAT_CONFIG", str(config))
+    schedule = build_beat_schedule(load_settings(env_file=None), datetime(2025, 11, 19, tzinfo=UTC))
+    assert [name for name in schedule if name.endswith(" pitr")] == ["drill erp pitr"]
+    entry = schedule["drill erp pitr"]
+    assert entry["task"] == "tasks.drill" and entry["args"] == ("erp",) and entry["kwargs"] == {"pitr": True}
+    assert (entry["schedule"].minute, entry["schedule"].hour, entry["schedule"].day_of_week) == ({30}, {7}, {6})
+    assert entry["options"]["shadow"] == "drill erp/pitr"
