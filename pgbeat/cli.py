@@ -635,13 +635,19 @@ def print_rotation(settings: Settings, r, verb: str) -> None:
             continue
         for entry in r.destinations[destination].remove:
             out.line(f"{name} {t}: {verb} {entry.path} at {destination}")
+        print_wal_removal(name, t, verb, r.destinations[destination].wal, f" at {destination}")
         for line in future_warning(r.destinations[destination], f" at {destination}"):
             err.line(f"warning: {line}")
-    if r.wal is not None and r.wal.files:
-        names = r.wal.wal_names
-        out.line(f"{name} {t}: {verb} {len(names)} WAL file(s) no kept base backup needs ({names[0]} .. {names[-1]}, "
-                 f"before {r.wal.oldest_needed})")
+    print_wal_removal(name, t, verb, r.wal)
     out.line(f"{name} {t}: {len(r.local.remove)} {verb}, {r.local.kept} kept")
+
+
+def print_wal_removal(name: str, tier: str, verb: str, wal, where: str = "") -> None:
+    """One line for the WAL a rotation removed (pgbeat.wal.retention.WalRemoval), locally or `where`."""
+    if wal is not None and wal.files:
+        names = wal.wal_names
+        out.line(f"{name} {tier}: {verb} {len(names)} WAL file(s){where} no kept base backup needs ({names[0]} .. "
+                 f"{names[-1]}, before {wal.oldest_needed})")
 
 
 # --- restore and drills ------------------------------------------------------------------------------

@@ -66,6 +66,12 @@ class RotationPlan:
     orphans: list[Entry] = field(default_factory=list, metadata={"doc": "sidecars whose data file is gone"})
     future: list[Entry] = field(default_factory=list, metadata={"doc": "dated after now: kept, flagged"})
     pinned: list[Entry] = field(default_factory=list, metadata={"doc": "expired but pinned (`pgbeat pin`)"})
+    wal: WalRemoval | None = None  # a physical tier: the archived WAL no base backup kept here needs
+
+    @property
+    def retained(self) -> list[Entry]:
+        """Every backup this plan leaves in place."""
+        return [*self.keep, *self.protected, *self.future, *self.pinned]
 
     @property
     def kept(self) -> int:
@@ -186,6 +192,10 @@ def rotate_destination(settings: Settings, target: str, tier: str, destination: 
             for entry in [*plan.remove, *plan.orphans]:
                 remove_remote(storage, entry)
                 log.info("removed %s from %s", entry.path, destination)
+        if tier in PHYSICAL_TIERS:
+            from pgbeat.wal.retention import remove_unneeded_remote_wal
+
+            plan.wal = remove_unneeded_remote_wal(storage, target, plan.retained, dry_run=dry_run)
     return plan
 
 
@@ -201,7 +211,11 @@ class TierRotation:
     order: list[str] = field(default_factory=list)
     destinations: dict[str, RotationPlan] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict, metadata={"doc": "destination: why it was not rotated"})
-    wal: WalRemoval | None = None  # a physical tier: the archived WAL no kept base backup needs
+
+    @property
+    def wal(self) -> WalRemoval | None:
+        """A physical tier: the local archive's WAL that no base backup kept on the shelf needs."""
+        return self.local.wal
 
     def warnings(self) -> list[str]:
         """The lines a person should read: backups dated in the future, destinations not rotated."""
@@ -223,8 +237,7 @@ def rotate_tier(settings: Settings, target: str, tier: str, now: datetime, dry_r
     if tier in PHYSICAL_TIERS and target in settings.targets:  # a removed target's WAL is left alone
         from pgbeat.wal.retention import remove_unneeded_wal
 
-        rotation.wal = remove_unneeded_wal(settings, target, [*plan.keep, *plan.protected, *plan.future,
-                                                              *plan.pinned], dry_run=dry_run)
+        plan.wal = remove_unneeded_wal(settings, target, plan.retained, dry_run=dry_run)
     pinned = pinned_names([*plan.keep, *plan.pinned, *plan.protected])
     for spec in settings.targets[target].destinations if target in settings.targets else []:
         rotation.order.append(spec.name)

@@ -162,6 +162,19 @@ class LocalStorage(Closing):
                 infos.append(info)
         return infos
 
+    def walk(self, prefix: str) -> list[ObjectInfo]:
+        folder = self.path(prefix)
+        infos = []
+        for parent, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not is_staging(d))
+            for name in sorted(files):
+                if not is_staging(name):
+                    path = Path(parent) / name
+                    st = path.stat()
+                    infos.append(ObjectInfo(key=path.relative_to(self.root).as_posix(), size=st.st_size,
+                                            modified=datetime.fromtimestamp(st.st_mtime, UTC)))
+        return infos
+
     def delete(self, key: str) -> None:
         remove_path(self.path(key))
 

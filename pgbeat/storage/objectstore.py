@@ -231,6 +231,13 @@ class ObjectStore(Closing):
             folder = self._read_folder(name)
             return ObjectInfo(key=key, size=folder["size"], modified=marker.modified)
 
+    def walk(self, prefix: str) -> list[ObjectInfo]:
+        base = self._name(prefix) + "/"
+        with self._errors("list", prefix):
+            objects, _ = self._list(base, recursive=True)
+        return sorted((self._info(self._key(obj.name), obj) for obj in objects if not obj.name.endswith(f"/{MARKER}")),
+                      key=lambda info: info.key)
+
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         clean = check_key(self.name, prefix, allow_empty=True)
         base = self._name(clean) + "/" if clean else (f"{self.prefix}/" if self.prefix else "")

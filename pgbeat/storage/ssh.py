@@ -425,6 +425,17 @@ class SSHStorage(Closing):
                 infos.append(self._info(sftp, key, posixpath.join(folder, entry.filename), entry))
         return sorted(infos, key=lambda info: info.key)
 
+    def walk(self, prefix: str) -> list[ObjectInfo]:
+        folder = self._full(prefix)
+        with self._session("list", prefix) as sftp:
+            try:
+                found = list(self._walk(sftp, folder))
+            except FileNotFoundError:
+                return []
+        return [ObjectInfo(key=f"{prefix}/{rel}", size=attrs.st_size,
+                           modified=datetime.fromtimestamp(attrs.st_mtime, UTC))
+                for rel, attrs in found if not any(is_staging(part) for part in rel.split("/"))]
+
     def delete(self, key: str) -> None:
         path = self._full(key)
         with self._session("delete", key) as sftp:

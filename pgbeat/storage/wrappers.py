@@ -123,6 +123,9 @@ class RetryingStorage(_Wrapper):
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         return self._retry("list", prefix, lambda _: self.inner.list(prefix))
 
+    def walk(self, prefix: str) -> list[ObjectInfo]:
+        return self._retry("list", prefix, lambda _: self.inner.walk(prefix))
+
     def delete(self, key: str) -> None:
         return self._retry("delete", key, lambda _: self.inner.delete(key))
 

@@ -6,8 +6,9 @@ hex digits of a segment's name) is at or after the start segment of the oldest b
 timeline. Everything before that position serves no restore pgbeat can do: it goes, segments, `.partial`
 and `.backup` files alike. Timeline `.history` files are never removed (they are tiny, and a restore to a
 later timeline reads them all). With no base backup kept, nothing is removed: the archive is never
-emptied because its base backups are gone. The local archive only; a destination's WAL stays (its
-retention is the bucket's lifecycle, as the README says).
+emptied because its base backups are gone. Each destination's WAL is judged the same way by the base
+backups that destination keeps (its own copies, rotated by its own retention), so a destination that
+keeps base backups longer keeps their WAL as long.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pgbeat.catalog.manifest import Entry
 from pgbeat.fsutil import fsync_dir, remove_path
 from pgbeat.settings import Settings
-from pgbeat.wal.archive import HISTORY_DIR, archive_lock, parse_stored, wal_root
+from pgbeat.wal.archive import HISTORY_DIR, WAL_DIR, StoredWal, archive_lock, parse_stored, wal_root
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,12 @@ def oldest_start(kept: Iterable[Entry]) -> str | None:
     return min(starts, key=position) if starts else None
 
 
+def needless(stored: StoredWal | None, start: str) -> bool:
+    """True when `stored` is a WAL file (not a timeline's history) from before the segment `start`."""
+    return (stored is not None and stored.folder != HISTORY_DIR and not stored.wal.endswith(".history")
+            and position(stored.wal) < position(start))
+
+
 def plan_wal_removal(settings: Settings, target: str, kept: Iterable[Entry]) -> WalRemoval:
     """Given the base backups of `target` that stay, list the stored WAL files that none of them needs."""
     start = oldest_start(kept)
@@ -61,8 +68,30 @@ def plan_wal_removal(settings: Settings, target: str, kept: Iterable[Entry]) -> 
             continue
         for name in sorted(os.listdir(root / folder)):
             stored = parse_stored(name, folder)
-            if stored is not None and not stored.wal.endswith(".history") and position(stored.wal) < position(start):
+            if needless(stored, start):
                 removal.files.append(stored.relpath)
+    return removal
+
+
+def remove_unneeded_remote_wal(storage, target: str, kept: Iterable, dry_run: bool = False) -> WalRemoval:
+    """Remove (`dry_run`: only list) the WAL of `target` at a destination that none of the base backups kept
+    there (`kept`: its RemoteEntries) needs; one listing of its archive there."""
+    start = oldest_start(kept)
+    removal = WalRemoval(target=target, oldest_needed=start)
+    if start is None:
+        return removal
+    prefix = f"{WAL_DIR}/{target}"
+    for info in storage.walk(prefix):
+        folder, _, name = info.key[len(prefix) + 1:].rpartition("/")
+        stored = parse_stored(name, folder)
+        if needless(stored, start):
+            removal.files.append(stored.relpath)
+    if not dry_run:
+        for relpath in removal.files:
+            storage.delete(f"{prefix}/{relpath}")
+        if removal.files:
+            log.info("removed %d WAL file(s) of %s at %s before %s, which no base backup kept there needs",
+                     len(removal.files), target, storage.name, start)
     return removal
 
 

@@ -233,6 +233,20 @@ def test_file_round_trip(backend, src, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_walk_lists_every_file_under_a_folder_at_any_depth(backend, src):
+    storage = backend.storage
+    keys = ["wal/erp/0000000100000000/a.gz", "wal/erp/0000000100000001/b.gz", "wal/erp/history/00000002.history",
+            "wal/erp-2/0000000100000000/c.gz", "daily/x.sql.gz"]
+    for key in keys:
+        storage.put(src(1000)[0], key)  # a source each: the local backend may move its source into place
+    found = storage.walk("wal/erp")
+    assert [i.key for i in found] == sorted(keys[:3]) and {i.size for i in found} == {1000}
+    assert storage.walk("wal/nothing") == []
+    storage.delete(keys[0])
+    assert [i.key for i in storage.walk("wal/erp")] == sorted(keys[1:3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_refuses_to_overwrite(backend, src, tmp_path):
     storage = backend.storage
     key = "daily/a.sql.gz"

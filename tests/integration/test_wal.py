@@ -806,6 +806,72 @@ def test_rotating_base_backups_removes_exactly_the_wal_no_kept_one_needs(postgre
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_a_destination_keeps_the_wal_its_own_base_backups_need_and_no_more(postgres_venv, moto_s3):
+    """An S3 destination that keeps base backups 60 days (the shelf: 30) keeps their WAL as long: rotating
+    40 days later removes the older base backup and its WAL on the shelf only; 75 days later the destination
+    drops that base backup and exactly the WAL before its kept one's start segment; a dry run says so first."""
+    base = make_tempdir("pgbeat-walret-s3-")
+    archiving = ArchivingCluster(base, postgres_venv)
+    pg, world = archiving.cluster, archiving.world
+    bucket = moto_s3.new_bucket()
+    world.targets[0]["tiers"] = {"base": {"enabled": True, "keep_days": 30, "min_keep": 1}}
+    world.targets[0]["destinations"] = [{
+        "name": "offsite", "kind": "s3", "bucket": bucket, "prefix": "pg", "endpoint_url": moto_s3.url,
+        "region": "us-east-1", "access_key_id": S3_ACCESS_KEY, "secret_access_key": S3_SECRET, "retries": 2,
+        "retention": {"base": {"keep_days": 60}}}]
+    world.write_config()
+
+    def at_s3(folder: str) -> list[str]:
+        pages = moto_s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"pg/{folder}/")
+        return sorted(o["Key"].rsplit("/", 1)[1] for page in pages for o in page.get("Contents", []))
+
+    def remote_wal() -> list[str]:
+        return [name.split("-", 1)[0] for name in at_s3("wal/walpg")]
+
+    def rotate(days: int, *extra: str):
+        later = (datetime.now(UTC) + timedelta(days=days)).isoformat()
+        done = world.pgbeat("rotate", "--tier", "base", "--target", "walpg", "--now", later, *extra)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    try:
+        pg.sql("CREATE TABLE kept (id int)")
+
+        def switch() -> None:
+            pg.sql("INSERT INTO kept SELECT generate_series(1, 1000)")
+            last = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
+            wait_for(lambda: last in remote_wal(), 60, what=f"{last} at the destination")
+
+        for _ in range(2):
+            switch()
+        assert world.pgbeat("backup", "base", "--target", "walpg").returncode == 0
+        switch()
+        assert world.pgbeat("backup", "base", "--target", "walpg").returncode == 0
+        switch()
+        first, second = sorted(p for p in world.backup_root.glob("base/*") if p.name.endswith((".tar.gz", ".tar")))
+        start = json.loads(second.with_name(second.name + ".manifest.json").read_text())["physical"]["start_wal"]
+        before = remote_wal()
+        doomed = [n for n in before if not n.endswith(".history") and n[8:24] < start[8:24]]
+        assert doomed and any(n[8:24] >= start[8:24] for n in before)
+        assert {first.name, second.name} <= set(at_s3("base"))
+
+        rotate(40)
+        assert not first.exists() and second.exists()
+        assert remote_wal() == before and first.name in at_s3("base")  # the destination keeps 60 days
+
+        dry = rotate(75, "--dry-run")
+        assert f"would remove {len(doomed)} WAL file(s) at offsite no kept base backup needs" in dry.stdout, dry.stdout
+        assert remote_wal() == before
+        rotate(75)
+        assert remote_wal() == [n for n in before if n not in doomed]
+        assert first.name not in at_s3("base") and second.name in at_s3("base")
+        rotate(75)  # twice: nothing more goes
+        assert remote_wal() == [n for n in before if n not in doomed]
+    finally:
+        archiving.destroy()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_status_and_metrics_show_the_restorable_window_and_a_gap(world):
     """A base backup starting in segment 2, the archive holding 1-4 and 6-7: status and /metrics say the
     window ends at segment 4 and that one segment is missing; pushing it closes the gap."""
