@@ -872,6 +872,72 @@ def test_a_destination_keeps_the_wal_its_own_base_backups_need_and_no_more(postg
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_after_losing_the_host_pitr_recovers_from_the_encrypted_s3_copies_alone(postgres_venv, moto_s3):
+    """The whole way through a destination: base backup and WAL go to S3 age-encrypted; the host is lost (a
+    new, empty BACKUP_ROOT, the same configuration); `list --destination` names the base backup, `fetch`
+    brings it onto the new shelf, and `restore --pitr --start` recovers every row through wal-fetch, which
+    reads the WAL from S3 and decrypts it as the postgres user."""
+    base = make_tempdir("pgbeat-pitr-s3-")
+    archiving = ArchivingCluster(base, postgres_venv)
+    pg, world = archiving.cluster, archiving.world
+    bucket = moto_s3.new_bucket()
+    identity, recipient = make_age_key(base)
+    chown_postgres(identity)  # wal-fetch runs as the server's user and decrypts with it (0600, its own)
+    world.targets[0]["tiers"] = {"base": {"enabled": True}}
+    world.targets[0]["encryption"] = {"recipients": [recipient], "identity_file": str(identity)}
+    world.targets[0]["destinations"] = [{
+        "name": "offsite", "kind": "s3", "bucket": bucket, "prefix": "pg", "endpoint_url": moto_s3.url,
+        "region": "us-east-1", "access_key_id": S3_ACCESS_KEY, "secret_access_key": S3_SECRET, "retries": 2}]
+    world.write_config()
+    data = None
+
+    def at_s3(folder: str) -> list[str]:
+        pages = moto_s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"pg/{folder}/")
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    try:
+        pg.sql("DROP TABLE IF EXISTS ledger; CREATE TABLE ledger (id int, note text)")
+        pg.sql("SELECT pg_switch_wal()")  # the segments from before encryption was configured stay behind
+        done = world.pgbeat("backup", "base", "--target", "walpg")
+        assert done.returncode == 0, done.stdout + done.stderr
+        pg.sql("INSERT INTO ledger SELECT g, md5(g::text) FROM generate_series(1, 300) g")
+        digest = pg.sql("SELECT md5(string_agg(id || ':' || note, ',' ORDER BY id)) FROM ledger")
+        last = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
+        wait_for(lambda: any(f"/{last}-" in key for key in at_s3("wal/walpg")), 60, what=f"{last} at S3")
+        assert all(key.endswith(".age") for key in at_s3("wal/walpg") if f"/{last}-" in key)
+        [copy] = json.loads(world.pgbeat("list", "--destination", "offsite", "--json").stdout)
+        assert copy["tier"] == "base" and copy["path"].startswith(f"s3://{bucket}/pg/base/")
+
+        # The host is lost: its shelf and local archive with it. A new host has the configuration only.
+        lost = world.backup_root
+        world.backup_root = base / "newhost" / "backups"
+        (world.backup_root / "wal").mkdir(parents=True)
+        chown_postgres(world.backup_root / "wal")
+        world.write_config()
+        shutil.rmtree(lost)
+        fetched = world.pgbeat("fetch", copy["path"], "--to", str(world.backup_root / "base"))
+        assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+
+        data = make_tempdir("pgbeat-pitr-s3-data-") / "data"
+        port = free_port()
+        restored = world.pgbeat("restore", "--pitr", "--target", "walpg", "--to", "latest", "--data-dir", str(data),
+                                "--start", "--port", str(port), "--server-pgbeat", str(archiving.pgbeat_script),
+                                "--identity", str(identity), "--timeout", "120")
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        recovered = subprocess.run([str(PG_BIN / "psql"), "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(port), "-U",
+                                    "postgres", "-d", "postgres", "-c",
+                                    "SELECT md5(string_agg(id || ':' || note, ',' ORDER BY id)) FROM ledger"],
+                                   capture_output=True, text=True)
+        assert recovered.stdout.strip() == digest, recovered.stdout + recovered.stderr
+    finally:
+        if data is not None and data.exists():
+            subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "-m",
+                            "immediate", "-w", "stop"], capture_output=True)
+            shutil.rmtree(data.parent, ignore_errors=True)
+        archiving.destroy()
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_status_and_metrics_show_the_restorable_window_and_a_gap(world):
     """A base backup starting in segment 2, the archive holding 1-4 and 6-7: status and /metrics say the
     window ends at segment 4 and that one segment is missing; pushing it closes the gap."""
