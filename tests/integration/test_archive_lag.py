@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import time
 
 import pytest
 
-from tests.integration.test_wal import ArchivingCluster, postgres_venv  # noqa: F401 - the fixture
-from tests.support import free_port, make_tempdir, scrape, start_metrics, wait_for
+from pgbeat.wal.archiver import READ_CONNECT_TIMEOUT_S
+from tests.integration.test_wal import (  # noqa: F401 - postgres_venv: the fixture
+    ArchivingCluster,
+    WalWorld,
+    chown_postgres,
+    postgres_venv,
+)
+from tests.support import PG_BIN, free_port, make_tempdir, scrape, start_metrics, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -97,6 +106,39 @@ def test_a_failing_archive_command_shows_the_failed_segment_failing_and_a_growin
     assert f"failing: last failed {failed} at " in line, text
 
 
+def test_a_standby_is_read_without_asking_for_its_current_wal(cluster):
+    """pg_current_wal_lsn() raises in recovery: the one query must not call it on a standby."""
+    pg = cluster.cluster
+    folder = cluster.base / "standby"
+    folder.mkdir()
+    chown_postgres(folder)
+    data, port = folder / "data", free_port()
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    made = subprocess.run([*as_postgres, str(PG_BIN / "pg_basebackup"), "-h", pg.host, "-p", str(pg.port), "-U",
+                           "postgres", "-D", str(data), "-R", "--no-sync"], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    with open(data / "postgresql.conf", "a") as f:
+        f.write(f"\nport = {port}\nunix_socket_directories = '{folder}'\n")
+    started = subprocess.run([*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w",
+                              "-t", "60", "start"], capture_output=True, text=True)
+    world = cluster.world
+    world.targets.append({**world.targets[0], "name": "standby", "port": port})
+    world.write_config()
+    try:
+        assert started.returncode == 0, started.stderr
+        done = world.pgbeat("status", "--json")
+        assert done.returncode == 0, done.stderr
+        [standby] = [w["archiving"] for w in json.loads(done.stdout)["wal"] if w["target"] == "standby"]
+        assert standby["reachable"] and standby["standby"], standby
+        assert standby["current_wal"] is None and standby["lag_segments"] is None
+        assert "archiving standby: standby (no WAL file of its own" in world.pgbeat("status").stdout
+    finally:
+        world.targets.pop()
+        world.write_config()
+        subprocess.run([*as_postgres, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                       capture_output=True)
+
+
 def test_a_server_down_is_unreachable_in_one_line_without_a_traceback(cluster, metrics):
     cluster.cluster.stop()
     try:
@@ -112,3 +154,24 @@ def test_a_server_down_is_unreachable_in_one_line_without_a_traceback(cluster, m
         assert f"pgbeat_wal_archive_failing{LABEL}" not in values  # unknown, not "not failing"
     finally:
         cluster.cluster.start()
+
+
+def test_servers_that_never_answer_cost_status_one_short_connect_timeout_in_all(workdir):
+    """Three base-tier targets on a port that accepts TCP and never answers (a hung host): read at once,
+    each within the short timeout, not the targets' own connect_timeout of 10 s one after another."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        port = silent.getsockname()[1]
+        world = WalWorld(workdir, [{"name": f"hung{n}", "dbname": "postgres", "host": "127.0.0.1", "port": port,
+                                    "user": "postgres", "tiers": {"base": {"enabled": True}}} for n in range(3)])
+        started = time.monotonic()
+        done = world.pgbeat("status")
+        elapsed = time.monotonic() - started
+    finally:
+        silent.close()
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("archiving hung")]
+    assert len(lines) == 3 and all("server not reachable" in line and "timeout" in line for line in lines), lines
+    assert READ_CONNECT_TIMEOUT_S <= elapsed < 2 * READ_CONNECT_TIMEOUT_S, elapsed

@@ -107,16 +107,28 @@ def test_status_connects_to_no_server_of_a_target_without_the_base_tier(tmp_path
     assert build_status(load_settings(env_file=None), NOW).wal == []
 
 
-@pytest.mark.parametrize("archiving", [
-    archiving_status(ArchiverReading(reachable=False, error="Cannot connect to [db]: refused"), None),
-    archiving_status(reading(failed_count=1, last_failed_wal=name(1, 0, 10), last_failed_time=NOW), name(1, 0, 9)),
+@pytest.mark.parametrize(("archiving", "expected"), [
+    (archiving_status(ArchiverReading(reachable=False, error="Cannot connect to [db]: refused"), None),
+     "[red]server not reachable[/red]: Cannot connect to \\[db]: refused"),
+    (archiving_status(reading(archive_mode="off"), None),
+     "[red]archive_mode is off[/red] on the server: no WAL reaches the archive"),
+    (archiving_status(reading(), name(1, 0, 9)),
+     "[green]1 segment(s) behind[/green] (server at 00000001000000000000000A); last archived "
+     "000000010000000000000009 1.0m ago; no failure"),
+    (archiving_status(reading(current_wal=name(1, 0, 12)), name(1, 0, 9)), "[yellow]3 segment(s) behind[/yellow]"),
+    (archiving_status(reading(), None), "[yellow]lag unknown[/yellow] (server at 00000001000000000000000A, "
+                                        "the archive here holds nothing)"),
+    (archiving_status(reading(in_recovery=True, current_wal=None), name(1, 0, 9)), "standby (no WAL file"),
+    (archiving_status(reading(failed_count=1, last_failed_wal=name(1, 0, 10), last_failed_time=NOW),
+                      name(1, 0, 9)),
+     "; [red]failing: last failed 00000001000000000000000A at 2026-12-04 12:00:00 UTC[/red] (1 failure(s))"),
+    (archiving_status(reading(failed_count=4, last_failed_wal=name(1, 0, 5),
+                              last_failed_time=NOW - timedelta(hours=2)), name(1, 0, 9)),
+     "; last failed 000000010000000000000005 at 2026-12-04 10:00:00 UTC (4 failure(s))"),
 ])
-def test_the_archiving_line_is_one_line_naming_the_failure_or_the_reason(settings, archiving):  # noqa: F811
+def test_the_archiving_line_says_the_lag_the_failure_or_the_reason_in_one_line(settings, archiving,  # noqa: F811
+                                                                                 expected):
     from pgbeat.cli import archiving_text
 
     text = archiving_text(settings, archiving)
-    assert "\n" not in text
-    if archiving.reachable:
-        assert "[red]failing: last failed 00000001000000000000000A at 2026-12-04 12:00:00 UTC[/red]" in text
-    else:
-        assert text == "[red]server not reachable[/red]: Cannot connect to \\[db]: refused"
+    assert "\n" not in text and expected in text, text
