@@ -1,12 +1,14 @@
 """What `pgbeat status` and `/metrics` report, computed from the manifests and the attempts record.
 
 Everything comes from files under BACKUP_ROOT, so the figures are right whichever worker ran a backup
-and survive restarts of any process: the seed's `ls -lt`, `du -sh` and `df -h` in one place. The one
-exception is WAL archiving, which only the server can tell about (is archive_command failing, which WAL
-file is it writing): for each target with the base tier, one query to its server (pgbeat/wal/archiver.py);
-the other targets' servers are never connected to. Backups
+and survive restarts of any process: the seed's `ls -lt`, `du -sh` and `df -h` in one place. Backups
 are ordered and dated by the database server's clock (`Manifest.taken_at`, `completed_at`), so a worker
 whose clock was wrong cannot make its backup the "last success"; one dated after `now` is flagged.
+
+The one exception is WAL archiving, which only the server can tell about (is archive_command failing,
+which WAL file is it writing): for each target with the base tier, one query to its server
+(pgbeat/wal/archiver.py), beside the walk of this host's archive. The other targets' servers are never
+connected to.
 
 A tier that never succeeded (and a target with drills that was never drilled) is "never", not overdue:
 its first due time is the first scheduled time after it was first seen in the configuration
