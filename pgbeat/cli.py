@@ -1055,6 +1055,33 @@ def success_text(settings: Settings, t) -> str:
     return f"never ({'was due' if t.overdue else 'first due'} {local_time(settings, t.first_due_at, seconds=False)})"
 
 
+def archiving_text(settings: Settings, a) -> str:
+    """The "archiving" line of a target with the base tier (monitoring.status.ArchivingStatus), in rich
+    markup: the lag, the last success, the last failure (red while archiving is failing), or, in one line,
+    why the server could not be read."""
+    if not a.reachable:
+        return f"[red]server not reachable[/red]: {escape(a.error or 'no reason given')}"
+    if a.archive_mode == "off":
+        return "[red]archive_mode is off[/red] on the server: no WAL reaches the archive"
+    if a.standby:
+        lag = "standby (no WAL file of its own to compare with)"
+    elif a.lag_segments is None:
+        lag = f"[yellow]lag unknown[/yellow] (server at {a.current_wal}, the archive here holds " \
+              f"{a.newest_archived or 'nothing'})"
+    else:
+        color = "green" if a.lag_segments <= 1 else "yellow"
+        lag = f"[{color}]{a.lag_segments} segment(s) behind[/{color}] (server at {a.current_wal})"
+    archived = (f"last archived {a.last_archived_wal} {age_text(a.lag_seconds)}" if a.last_archived_wal
+                else "nothing archived since the statistics were reset")
+    if a.last_failed_wal is None:
+        failed = "no failure"
+    else:
+        last = f"{a.last_failed_wal} at {local_time(settings, a.last_failed_at)}"
+        failed = (f"[red]failing: last failed {last}[/red]" if a.failing else f"last failed {last}") \
+            + f" ({a.failed_count} failure(s))"
+    return f"{lag}; {archived}; {failed}"
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(as_json: bool) -> None:
@@ -1105,9 +1132,14 @@ def status(as_json: bool) -> None:
         if w.gap_count:
             out.print(f"wal {escape(w.target)}: [red]{w.gap_count} segment(s) missing[/red] from {w.gaps[0]}: "
                       f"restorable {window} only (the archive holds up to {w.newest_segment})", markup=True)
+        elif not w.base_backups:
+            out.print(f"wal {escape(w.target)}: [yellow]no base backup yet[/yellow]: nothing is restorable "
+                      f"(the archive holds up to {w.newest_segment or 'nothing'})", markup=True)
         else:
             out.print(f"wal {escape(w.target)}: [green]restorable {window}[/green] ({w.segments} segment(s) up to "
                       f"{w.end_segment}{timelines})", markup=True)
+        if w.archiving is not None:
+            out.print(f"archiving {escape(w.target)}: {archiving_text(settings, w.archiving)}", markup=True)
     if report.orphans:
         out.line("not in the configuration (rotated by `defaults` at `pgbeat rotate` unless pinned; "
                  "`pgbeat list --orphans`): "

@@ -19,6 +19,16 @@ Names (all gauges):
   pgbeat_drill_expected_interval_seconds{target}         the period of the target's drill schedule
   pgbeat_drill_first_due_timestamp_seconds{target}       drills enabled, never drilled: the first drill time
                                                          since the target was configured
+  pgbeat_wal_archive_gaps{target}                        segments missing after the oldest base backup
+  pgbeat_wal_window_start_timestamp_seconds{target}      the earliest point a PITR can reach
+  pgbeat_wal_window_end_timestamp_seconds{target}        the latest point a PITR can reach
+  pgbeat_wal_server_reachable{target}                    base tier: 1 = its server's pg_stat_archiver was read
+  pgbeat_wal_archive_lag_segments{target}                the server's current WAL file minus the newest
+                                                         segment in this host's archive (0-1 keeps up)
+  pgbeat_wal_archive_lag_seconds{target}                 since the server last archived a WAL file
+  pgbeat_wal_archive_failing{target}                     1 = archive_command's last failure is newer than
+                                                         its last success (archiving is failing now)
+  pgbeat_wal_archive_failed_count{target}                pg_stat_archiver.failed_count (since stats_reset)
   pgbeat_backup_root_free_bytes, pgbeat_backup_root_total_bytes  (BACKUP_ROOT's file system)
   pgbeat_backup_root_used_bytes                          bytes under BACKUP_ROOT
   pgbeat_runs_stuck, pgbeat_queue_oldest_age_seconds{queue}  (with a broker)
@@ -126,13 +136,35 @@ def families(report: StatusReport) -> Iterator[GaugeMetricFamily]:
                          "Earliest point a PITR can reach: the oldest base backup's consistent point.", ["target"])
     window_end = gauge("pgbeat_wal_window_end_timestamp_seconds",
                        "Latest point a PITR can reach: when the last segment before any gap was archived.", ["target"])
+    reachable = gauge("pgbeat_wal_server_reachable", "1 if the target's pg_stat_archiver could be read.", ["target"])
+    lag_segments = gauge("pgbeat_wal_archive_lag_segments",
+                         "The server's current WAL file minus the newest segment in this host's archive.", ["target"])
+    lag_seconds = gauge("pgbeat_wal_archive_lag_seconds", "Seconds since the server last archived a WAL file.",
+                        ["target"])
+    failing = gauge("pgbeat_wal_archive_failing", "1 if archive_command's last failure is newer than its last "
+                                                  "success.", ["target"])
+    failed = gauge("pgbeat_wal_archive_failed_count", "Failed archive_command runs since the server's statistics "
+                                                      "were reset (pg_stat_archiver.failed_count).", ["target"])
     for w in report.wal:
-        gaps.add_metric([w.target], float(w.gap_count))
+        if w.base_backups:
+            gaps.add_metric([w.target], float(w.gap_count))
         if w.window_start:
             window_start.add_metric([w.target], timestamp(w.window_start))
         if w.window_end:
             window_end.add_metric([w.target], timestamp(w.window_end))
-    yield from (gaps, window_start, window_end)
+        a = w.archiving
+        if a is None:
+            continue
+        reachable.add_metric([w.target], 1.0 if a.reachable else 0.0)
+        if not a.reachable:
+            continue  # unknown, not 0: a server that cannot be read has its own alert (reachable = 0)
+        if a.lag_segments is not None:
+            lag_segments.add_metric([w.target], float(a.lag_segments))
+        if a.lag_seconds is not None:
+            lag_seconds.add_metric([w.target], a.lag_seconds)
+        failing.add_metric([w.target], 1.0 if a.failing else 0.0)
+        failed.add_metric([w.target], float(a.failed_count))
+    yield from (gaps, window_start, window_end, reachable, lag_segments, lag_seconds, failing, failed)
 
     free = gauge("pgbeat_backup_root_free_bytes", "Free space on BACKUP_ROOT's file system.", [])
     free.add_metric([], float(report.disk_free))

@@ -5,6 +5,11 @@ and survive restarts of any process: the seed's `ls -lt`, `du -sh` and `df -h` i
 are ordered and dated by the database server's clock (`Manifest.taken_at`, `completed_at`), so a worker
 whose clock was wrong cannot make its backup the "last success"; one dated after `now` is flagged.
 
+The one exception is WAL archiving, which only the server can tell about (is archive_command failing,
+which WAL file is it writing): for each target with the base tier, one query to its server
+(pgbeat/wal/archiver.py), beside the walk of this host's archive. The other targets' servers are never
+connected to.
+
 A tier that never succeeded (and a target with drills that was never drilled) is "never", not overdue:
 its first due time is the first scheduled time after it was first seen in the configuration
 (`catalog.manifest.first_configured`), and it is overdue once that is as far past as a tier with
@@ -32,6 +37,7 @@ from pgbeat.catalog.manifest import (
 )
 from pgbeat.schedule import min_interval, next_runs
 from pgbeat.settings import Settings
+from pgbeat.wal.archiver import ArchiverReading, read_archivers
 
 OVERDUE_FACTOR = 1.5
 
@@ -93,8 +99,59 @@ def overdue_since_first_due(first_due: datetime, interval_s: float, now: datetim
 
 
 @dataclass
+class ArchivingStatus:
+    """A target with the base tier: its server's own account of archiving (pgbeat/wal/archiver.py), beside
+    the newest segment this host's archive holds."""
+
+    reachable: bool
+    error: str | None = None  # why the server could not be read
+    archive_mode: str | None = None  # off, on, always
+    standby: bool = False  # in recovery: no WAL file of its own being written to compare with
+    current_wal: str | None = None  # the WAL file the server is writing
+    newest_archived: str | None = None  # the newest segment in this host's archive
+    # The current WAL file minus the archive's newest segment: 0 or 1 when archiving keeps up (the file
+    # being written is archived once it is finished); None when either is unknown.
+    lag_segments: int | None = None
+    lag_seconds: float | None = None  # since the server last archived a file, by its own clock
+    last_archived_wal: str | None = None
+    last_archived_at: str | None = None
+    failed_count: int | None = None  # since the server's statistics were reset (stats_reset)
+    last_failed_wal: str | None = None
+    last_failed_at: str | None = None
+    failing: bool = False  # the last failure is newer than the last success: archiving is failing now
+    stats_reset: str | None = None
+
+
+def archiving_status(reading: ArchiverReading, newest_archived: str | None) -> ArchivingStatus:
+    """Given a reading of a server's archiver and the newest segment of its archive here, return what
+    status and /metrics show: the lag in segments and seconds, and whether archive_command is failing."""
+    from pgbeat.wal.walk import segments_after
+
+    def iso(moment: datetime | None) -> str | None:
+        return moment.isoformat() if moment is not None else None
+
+    if not reading.reachable:
+        return ArchivingStatus(reachable=False, error=reading.error, newest_archived=newest_archived)
+    lag_segments = None
+    if reading.current_wal and newest_archived and reading.segment_size:
+        # An archive ahead of the server (one restored from a copy, a new timeline) is not behind.
+        lag_segments = max(0, segments_after(newest_archived, reading.current_wal, reading.segment_size))
+    lag_seconds = None
+    if reading.last_archived_time is not None and reading.server_time is not None:
+        lag_seconds = max(0.0, round((reading.server_time - reading.last_archived_time).total_seconds(), 3))
+    return ArchivingStatus(
+        reachable=True, archive_mode=reading.archive_mode, standby=reading.in_recovery,
+        current_wal=reading.current_wal, newest_archived=newest_archived, lag_segments=lag_segments,
+        lag_seconds=lag_seconds, last_archived_wal=reading.last_archived_wal,
+        last_archived_at=iso(reading.last_archived_time), failed_count=reading.failed_count,
+        last_failed_wal=reading.last_failed_wal, last_failed_at=iso(reading.last_failed_time),
+        failing=reading.failing, stats_reset=iso(reading.stats_reset))
+
+
+@dataclass
 class WalStatus:
-    """A target with base backups: what its WAL archive lets it restore (pgbeat/wal/walk.py)."""
+    """A target with the base tier: what its WAL archive lets it restore (pgbeat/wal/walk.py), and how its
+    server's archiving is doing."""
 
     target: str
     window_start: str | None  # the oldest base backup's consistent point (the server's clock)
@@ -105,21 +162,23 @@ class WalStatus:
     gap_count: int
     gaps: list[str] = field(default_factory=list)
     timelines: list[int] = field(default_factory=list)
+    base_backups: int = 0  # none yet: nothing is restorable, whatever the archive holds
+    archiving: ArchivingStatus | None = None
 
 
-def wal_status(settings: Settings, target: str) -> WalStatus | None:
+def wal_status(settings: Settings, target: str, reading: ArchiverReading | None = None) -> WalStatus:
+    """Given a target with the base tier and a reading of its server's archiver, return its WAL status."""
     from pgbeat.physical.pitr import base_backups
     from pgbeat.wal.walk import walk_archive
 
     bases = base_backups(settings, target)
-    if not bases:
-        return None
     walk = walk_archive(settings, target, bases)
     stops = [e.manifest.physical.stop_time for e in bases if e.manifest.physical and e.manifest.physical.stop_time]
     return WalStatus(target=target, window_start=min(stops).isoformat() if stops else None,
                      window_end=walk.end_at.isoformat() if walk.end_at else None, end_segment=walk.end,
                      newest_segment=walk.newest, segments=walk.segments, gap_count=walk.gap_count, gaps=walk.gaps,
-                     timelines=walk.timelines)
+                     timelines=walk.timelines, base_backups=len(bases),
+                     archiving=archiving_status(reading, walk.newest) if reading is not None else None)
 
 
 @dataclass
@@ -134,7 +193,7 @@ class StatusReport:
     drill_intervals: dict[str, float] = field(default_factory=dict)  # per target with drills enabled
     never_drilled: list[NeverDrilled] = field(default_factory=list)
     orphans: dict[str, int] = field(default_factory=dict)  # backups per target no longer in the configuration
-    wal: list[WalStatus] = field(default_factory=list)  # targets with base backups
+    wal: list[WalStatus] = field(default_factory=list)  # targets with the base tier
     runs: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
@@ -144,7 +203,7 @@ class StatusReport:
         data["tiers"] = [{**vars(t), "size_anomaly": t.size_anomaly, "never": t.never} for t in self.tiers]
         data["drills"] = [dict(vars(d)) for d in self.drills]
         data["never_drilled"] = [dict(vars(n)) for n in self.never_drilled]
-        data["wal"] = [dict(vars(w)) for w in self.wal]
+        data["wal"] = [{**vars(w), "archiving": dict(vars(w.archiving)) if w.archiving else None} for w in self.wal]
         return data
 
 
@@ -226,11 +285,13 @@ def build_status(settings: Settings, now: datetime) -> StatusReport:
                 first_due = next_runs(target.drill.schedule, configured[f"drill/{name}"], settings.tz)[0]
                 never_drilled.append(NeverDrilled(target=name, first_due_at=first_due.isoformat(),
                                                   overdue=overdue_since_first_due(first_due, interval, now)))
+    # Only the targets with the base tier archive WAL: the others' servers are never connected to.
+    archived = [name for name in names if settings.target(name).tiers["base"].enabled]
+    readings = read_archivers([settings.target(name) for name in archived]) if archived else {}
     root = settings.backup_root
     usage = shutil.disk_usage(root) if root.exists() else shutil.disk_usage(root.parent)
     return StatusReport(generated_at=now.isoformat(), backup_root=str(root), disk_total=usage.total,
                         disk_free=usage.free, used=folder_size(root) if root.exists() else 0, tiers=tiers,
                         drills=drills, drill_intervals=drill_intervals, never_drilled=never_drilled,
                         orphans=orphan_census(root, settings.targets),
-                        wal=[w for name in names if settings.target(name).tiers["base"].enabled
-                             for w in [wal_status(settings, name)] if w is not None])
+                        wal=[wal_status(settings, name, readings[name]) for name in archived])

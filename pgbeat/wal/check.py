@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pgbeat.errors import PgbeatError, UnreachableError
 from pgbeat.settings import Settings, Target
 from pgbeat.wal.archive import WalError, stored_anywhere, wal_root
+from pgbeat.wal.archiver import query_archiver
 
 POLL_S = 0.5
 DESTINATION_POLL_S = 5.0
@@ -58,13 +59,12 @@ def check_archiving(settings: Settings, target: Target, timeout: float) -> Check
                 last_remote_look = time.monotonic()
             if where is not None:
                 return CheckResult(segment, where, round(time.monotonic() - t0, 2))
-            failed_wal, failed_at, failures, archived = conn.execute(
-                "SELECT last_failed_wal, last_failed_time, failed_count, last_archived_wal FROM pg_stat_archiver"
-            ).fetchone()
+            archiver = query_archiver(conn)
+            failed_at, archived = archiver.last_failed_time, archiver.last_archived_wal
             if failed_at is not None and failed_at >= switched_at:
-                raise WalError(f"{target.name}: archive_command is failing: {failed_wal} failed at "
-                               f"{failed_at:%Y-%m-%d %H:%M:%S %Z} ({failures} failure(s) since the statistics "
-                               f"were reset; last archived: {archived or 'none'})",
+                raise WalError(f"{target.name}: archive_command is failing: {archiver.last_failed_wal} failed at "
+                               f"{failed_at:%Y-%m-%d %H:%M:%S %Z} ({archiver.failed_count} failure(s) since the "
+                               f"statistics were reset; last archived: {archived or 'none'})",
                                hint="the PostgreSQL server's log has the command's own message; check "
                                     "archive_command, PGBEAT_CONFIG and the rights of the postgres user on "
                                     "BACKUP_ROOT (README, WAL archiving)")

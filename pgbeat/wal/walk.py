@@ -36,7 +36,7 @@ class ArchiveWalk:
     target: str
     start: str | None = None  # the oldest base backup's start segment
     end: str | None = None  # the last segment reached without a gap
-    newest: str | None = None  # the newest segment stored (after a gap, beyond `end`)
+    newest: str | None = None  # the newest segment stored (after a gap, beyond `end`; also with no base backup)
     end_at: datetime | None = None  # when `end` was archived (its stored file's time)
     segments: int = 0  # segments walked from `start` to `end`
     gaps: list[str] = field(default_factory=list)  # missing segments (the first MAX_GAPS_LISTED)
@@ -57,12 +57,20 @@ def name(tli: int, log: int, seg: int) -> str:
     return f"{tli:08X}{log:08X}{seg:08X}"
 
 
+def segments_after(older: str, newer: str, segment_size: int) -> int:
+    """How many segments `newer` is after `older` in the WAL, whatever their timelines (negative when it is
+    before), for the server's `segment_size` in bytes."""
+    per_log = (1 << 32) // segment_size
+    (_, old_log, old_seg), (_, new_log, new_seg) = split(older), split(newer)
+    return (new_log - old_log) * per_log + new_seg - old_seg
+
+
 def walk_archive(settings: Settings, target: str, bases: list[Entry]) -> ArchiveWalk:
     """Walk `target`'s archive from the start of the oldest of `bases` (its physical base backups)."""
     walk = ArchiveWalk(target=target)
     starts = [e.manifest.physical.start_wal for e in bases if e.manifest.physical and e.manifest.physical.start_wal]
     root = wal_root(settings, target)
-    if not starts or not root.is_dir():
+    if not root.is_dir():
         return walk
     stored: dict[str, float] = {}  # segment -> when its file was stored
     for folder in os.listdir(root):
@@ -79,12 +87,14 @@ def walk_archive(settings: Settings, target: str, bases: list[Entry]) -> Archive
     for segment in stored:
         tli, log, seg = split(segment)
         timelines_at.setdefault((log, seg), []).append(tli)
+    last = max(timelines_at)
+    walk.newest = name(max(timelines_at[last]), *last)  # with or without a base backup: how far archiving got
+    if not starts:
+        return walk
     highest = max(seg for _, seg in timelines_at)
     per_log = DEFAULT_PER_LOG if highest < DEFAULT_PER_LOG else 1 << highest.bit_length()
     walk.start = min(starts, key=lambda s: s[8:])
     tli, log, seg = split(walk.start)
-    last = max(timelines_at)
-    walk.newest = name(max(timelines_at[last]), *last)
     walk.timelines = [tli]
     while (log, seg) <= last:
         there = [t for t in timelines_at.get((log, seg), []) if t >= tli]

@@ -56,6 +56,11 @@ PGBEAT_METRICS = frozenset({
     "pgbeat_wal_archive_gaps",
     "pgbeat_wal_window_start_timestamp_seconds",
     "pgbeat_wal_window_end_timestamp_seconds",
+    "pgbeat_wal_server_reachable",
+    "pgbeat_wal_archive_lag_segments",
+    "pgbeat_wal_archive_lag_seconds",
+    "pgbeat_wal_archive_failing",
+    "pgbeat_wal_archive_failed_count",
 })
 FLOWER_METRICS = frozenset({
     "flower_worker_online",
@@ -192,6 +197,15 @@ def test_rules_and_dashboard_use_only_known_metrics():
     assert unknown == {}
     # Every pgbeat metric shows somewhere (alert or panel): a new metric needs a place.
     assert PGBEAT_METRICS - set(used) == set()
+
+
+def test_the_known_metrics_are_those_pgbeat_metrics_serves_and_documents():
+    """PGBEAT_METRICS above, the gauges metrics.py makes and the list in its docstring: one set of names."""
+    import pgbeat.monitoring.metrics as metrics
+
+    served = set(re.findall(r'gauge\(\s*"(pgbeat_[a-z0-9_]+)"', Path(metrics.__file__).read_text()))
+    assert served == PGBEAT_METRICS
+    assert set(METRIC_NAME.findall(metrics.__doc__)) == PGBEAT_METRICS
 
 
 # --- Grafana ----------------------------------------------------------------------------------------------
