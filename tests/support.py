@@ -436,7 +436,7 @@ def postgres_user_pgbeat(base: Path) -> Path:
     # addsitedir, not a plain path: the editable install's own .pth (this tree) must be read too.
     Path(site, "pgbeat-tests.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
     script = venv / "bin" / "pgbeat"
-    script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom pgbeat.cli import main\nsys.exit(main())\n")
+    script.write_text(f"#!{venv / 'bin' / 'python'}\nimport sys\nfrom pgbeat.entry import main\nsys.exit(main())\n")
     script.chmod(0o755)
     check = subprocess.run([*_as_postgres(), str(script), "--version"], capture_output=True, text=True, cwd="/")
     if check.returncode != 0:

@@ -44,6 +44,7 @@ from pgbeat.fsutil import CHUNK, fsync_dir, fsync_file, open_private, private_di
 from pgbeat.hashing import sha256_file
 from pgbeat.settings import Settings, Target
 from pgbeat.storage.base import is_staging, staging_name
+from pgbeat.wal.acked import sweep_acks, write_ack
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,9 @@ def push(settings: Settings, target: Target, source: Path, ahead: bool = True) -
         raise WalError(f"{source}: no such WAL file", hint="archive_command passes %p, the path PostgreSQL gives")
     others = []
     if ahead and target.wal.push_ahead:
-        waiting = not_stored(settings, target.name, ready_files(source))
+        ready = ready_files(source)
+        sweep_acks(source.parent, {path.name for path in ready})
+        waiting = not_stored(settings, target.name, ready)
         others = [path for path in waiting if path.is_file()][:target.wal.push_ahead]
     storages = DestinationStorages()
     try:
@@ -245,9 +248,14 @@ def push(settings: Settings, target: Target, source: Path, ahead: bool = True) -
             result.ahead = [f.result() for f in theirs]
     finally:
         storages.close()
-    for done in result.ahead:
+    for other, done in zip(others, result.ahead, strict=True):
         if done.error is not None:
             log.warning("pushing %s ahead failed (PostgreSQL will ask again): %s", done.wal, done.error.message)
+        elif done.stored is not None:
+            try:  # its own call then answers at once (pgbeat.wal.acked); without it, by the full path
+                write_ack(other, target.name, done.stored.sha256)
+            except OSError as exc:
+                log.warning("cannot acknowledge %s pushed ahead (its call takes the full path): %s", done.wal, exc)
     return result
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -179,6 +180,51 @@ def test_a_push_also_archives_the_other_ready_segments_ahead(world):
     for name in names[1:]:
         again = world.pgbeat("wal-push", str(pg_wal / name), "--target", "wal", "--no-ahead")
         assert again.returncode == 0, again.stderr
+
+
+def test_a_call_for_a_file_pushed_ahead_is_answered_by_its_acknowledgement_and_only_for_its_bytes(world):
+    """The fast path: the files pushed ahead are acknowledged in pg_wal/pgbeat_pushed; PostgreSQL's call for
+    one answers 0 from the acknowledgement (no settings loaded: no pydantic imported) and consumes it. An
+    acknowledgement for other bytes, for another target, or beside another option is never taken: the full
+    path decides (a changed file under an archived name fails, as always)."""
+    pg_wal = world.base / "pg_wal"
+    (pg_wal / "archive_status").mkdir(parents=True)
+    names = [f"0000000100000000000000{n:02X}" for n in range(0x20, 0x25)]
+    for name in names:
+        wal_file(pg_wal, name)
+        (pg_wal / "archive_status" / f"{name}.ready").touch()
+    stale = pg_wal / "pgbeat_pushed" / "000000010000000000000001"  # of a file no longer ready: swept
+    stale.parent.mkdir(mode=0o700)
+    stale.write_text("wal\n" + "0" * 64 + "\n")
+    done = world.pgbeat("wal-push", str(pg_wal / names[0]), "--target", "wal")
+    assert done.returncode == 0, done.stderr
+    acks = pg_wal / "pgbeat_pushed"
+    assert sorted(p.name for p in acks.iterdir()) == names[1:] and not stale.exists()
+    assert stat.S_IMODE(acks.stat().st_mode) == 0o700
+    first = acks / names[1]
+    assert first.read_text() == f"wal\n{hashlib.sha256((pg_wal / names[1]).read_bytes()).hexdigest()}\n"
+
+    env = {k: v for k, v in world.env().items()}
+    fast = subprocess.run([str(VENV_BIN / "python"), "-X", "importtime", str(VENV_BIN / "pgbeat"), "wal-push",
+                           str(pg_wal / names[1]), "--target", "wal"], cwd=world.base, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert fast.returncode == 0, fast.stderr
+    assert "pydantic" not in fast.stderr and "click" not in fast.stderr  # answered before the CLI loads
+    assert not first.exists()
+    again = world.pgbeat("wal-push", str(pg_wal / names[1]), "--target", "wal")  # no acknowledgement: full path
+    assert again.returncode == 0, again.stderr
+
+    # Other bytes under an acknowledged name: the acknowledgement does not answer; the full path refuses.
+    wal_file(pg_wal, names[2])
+    changed = world.pgbeat("wal-push", str(pg_wal / names[2]), "--target", "wal")
+    assert changed.returncode == 1 and "already holds this WAL file with other content" in changed.stderr
+    # Another target's call, or another option, never takes an acknowledgement.
+    other = world.pgbeat("wal-push", str(pg_wal / names[3]), "--target", "nosuch")
+    assert other.returncode == 2 and (acks / names[3]).exists(), other.stderr
+    with_option = world.pgbeat("wal-push", "--no-ahead", str(pg_wal / names[3]), "--target", "wal")
+    assert with_option.returncode == 0 and (acks / names[3]).exists()
+    assert world.pgbeat("wal-push", "--target=wal", str(pg_wal / names[4])).returncode == 0
+    assert not (acks / names[4]).exists()
 
 
 def test_bad_wal_names_are_refused_naming_them(world):
