@@ -77,7 +77,8 @@ def classify_failure(target: Target, rc: int | None, stderr: list[str], step: st
     the server's version), into a transient (retry later) or permanent error naming the target."""
     text = "\n".join(stderr).lower()
     message = (f"{program} of {target.name} ({target.describe()}) failed with exit code {rc}" if rc is not None
-               else f"Cannot connect to {target.name} ({target.describe()}) to choose its {program}")
+               else f"{program} of {target.name} ({target.describe()}) did not start: the server could not be "
+                    "asked its version")
     details = stderr[-8:] or [f"({program} wrote nothing on stderr)"]
     reason = last_error_line(stderr) or details[-1]
     if "password authentication failed" in text or "no password supplied" in text:
