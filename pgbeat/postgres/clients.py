@@ -97,6 +97,9 @@ def server_version(conn: psycopg.Connection) -> str:
 _versions: dict[tuple[str, int, int, int], str | None] = {}
 # (pg_config's path, inode, mtime) -> the folder it names.
 _pg_config_dirs: dict[tuple[str, int, int], Path | None] = {}
+# (a template, the inode and mtime of the folder its majors are listed in) -> the folders it matched: a
+# major installed or removed changes that folder's mtime, and so the key.
+_listings: dict[tuple[str, int, int], list[Path]] = {}
 
 
 def program_version_at(path: Path) -> str | None:
@@ -145,10 +148,17 @@ def candidate_dirs(entry: str, program: str) -> list[Path]:
         return [Path(entry).expanduser()]
     # `{major}` stands for the digits of one installed major: list the folders, never run anything here.
     head, tail = entry.split(MAJOR_FIELD, 1)
-    pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail.replace(MAJOR_FIELD, "")) + r"/?$")
-    found = [(int(m.group(1)), Path(p)) for p in glob.glob(glob.escape(head) + "*" + glob.escape(tail))
-             if (m := pattern.match(p))]
-    return [path for _major, path in sorted(found, key=lambda item: -item[0])]
+    try:
+        listed = os.stat(os.path.dirname(head) or ".")
+    except OSError:
+        return []
+    key = (entry, listed.st_ino, listed.st_mtime_ns)
+    if key not in _listings:
+        pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail.replace(MAJOR_FIELD, "")) + r"/?$")
+        found = [(int(m.group(1)), Path(p)) for p in glob.glob(glob.escape(head) + "*" + glob.escape(tail))
+                 if (m := pattern.match(p))]
+        _listings[key] = [path for _major, path in sorted(found, key=lambda item: -item[0])]
+    return _listings[key]
 
 
 def client_at(bin_dir: Path, program: str = "pg_dump") -> Client | None:

@@ -159,3 +159,10 @@ def test_pg_bin_dir_per_target_in_defaults_and_globally(tmp_path, monkeypatch):
     settings = load_settings(env_file=None)
     assert pinned_dir(settings, settings.target("a")) == Path("/opt/global/bin")
     assert pinned_dir(settings, None) == Path("/opt/global/bin")
+
+
+def test_a_major_installed_after_a_discovery_is_found(tmp_path, roots):
+    install(tmp_path / "debian/15/bin", "15.8")
+    assert [c.major for c in installed_clients(roots)] == [15]
+    install(tmp_path / "debian/18/bin", "18.1")  # the listed folder changed: listed again
+    assert [c.major for c in installed_clients(roots)] == [18, 15]
