@@ -3,9 +3,11 @@
 Each check is a plain function returning `Check` records, so the command line only renders them:
 - BACKUP_ROOT: a writable folder (checked when the settings are loaded) with free space above the
   monitoring thresholds;
-- each target: its server answers; the client programs are of a major that can dump it (pg_dump refuses a
-  newer server); its user can read every table, sequence and schema pg_dump will lock and copy; the rights
-  a restore into it and a drill on the drill server need (the same `missing_rights` the restore checks);
+- each target: its server answers, and its version; the client programs chosen for that major
+  (pgbeat.postgres.clients: a warning when none of its own major is installed and a newer one runs, a
+  problem when none can dump it); its user can read every table, sequence and schema pg_dump will lock
+  and copy; the rights a restore into it and a drill on the drill server need (the same `missing_rights`
+  the restore checks);
 - each destination: reachable with its credentials, its bucket or folder there, by writing, reading back
   and deleting a small probe object under the destination's prefix (nothing else is touched);
 - with a broker: Redis answers, and a live worker consumes the queue backups are sent to.
