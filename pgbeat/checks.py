@@ -3,9 +3,11 @@
 Each check is a plain function returning `Check` records, so the command line only renders them:
 - BACKUP_ROOT: a writable folder (checked when the settings are loaded) with free space above the
   monitoring thresholds;
-- each target: its server answers; the client programs are of a major that can dump it (pg_dump refuses a
-  newer server); its user can read every table, sequence and schema pg_dump will lock and copy; the rights
-  a restore into it and a drill on the drill server need (the same `missing_rights` the restore checks);
+- each target: its server answers, and its version; the client programs chosen for that major
+  (pgbeat.postgres.clients: a warning when none of its own major is installed and a newer one runs, a
+  problem when none can dump it); its user can read every table, sequence and schema pg_dump will lock
+  and copy; the rights a restore into it and a drill on the drill server need (the same `missing_rights`
+  the restore checks);
 - each destination: reachable with its credentials, its bucket or folder there, by writing, reading back
   and deleting a small probe object under the destination's prefix (nothing else is touched);
 - with a broker: Redis answers, and a live worker consumes the queue backups are sent to.
@@ -66,14 +68,9 @@ def check_backup_root(settings: Settings) -> Check:
     return Check("BACKUP_ROOT", "free space", detail=f"{settings.backup_root}: {found}")
 
 
-def major_of(version: str) -> int:
-    """The major of a version string: "15.19" -> 15, "9.6.24" -> 9 (near enough for what dumps what)."""
-    return int(version.split(".")[0])
-
-
 def check_target(settings: Settings, target: Target) -> Iterator[Check]:
     from pgbeat.postgres.client import connect
-    from pgbeat.postgres.process import program_version
+    from pgbeat.postgres.clients import client_for_server, server_version
 
     try:
         conn = connect(target)
@@ -81,18 +78,19 @@ def check_target(settings: Settings, target: Target) -> Iterator[Check]:
         yield Check(target.name, "connection", exc.message, unreachable=True)
         return
     with conn:
-        version = conn.execute("SHOW server_version").fetchone()[0]
+        version = server_version(conn)
         user = conn.execute("SELECT current_user").fetchone()[0]
         yield Check(target.name, "connection", detail=f"{target.describe()}, PostgreSQL {version}")
-        client = program_version(settings, "pg_dump")
-        if client is None:
-            yield Check(target.name, "client programs", "pg_dump was not found (PostgreSQL's client package)")
-        elif major_of(client) < major_of(version):
-            yield Check(target.name, "client programs",
-                        f"pg_dump {client} cannot dump PostgreSQL {version} (it refuses a newer server): install "
-                        f"the client of PostgreSQL {major_of(version)} and set pg_bin_dir")
+        try:
+            choice = client_for_server(settings, target, conn)
+        except PgbeatError as exc:
+            yield Check(target.name, "client programs", exc.message + (f" ({exc.hint})" if exc.hint else ""))
         else:
-            yield Check(target.name, "client programs", detail=f"pg_dump {client}")
+            used = f"pg_dump {choice.client.version} in {choice.client.bin_dir}"
+            if choice.note:
+                yield Check(target.name, "client programs", choice.note, detail=used, warning=True)
+            else:
+                yield Check(target.name, "client programs", detail=used)
         unreadable = [row[0] for row in conn.execute(UNREADABLE).fetchall()]
         if unreadable:
             shown = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")

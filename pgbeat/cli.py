@@ -699,7 +699,7 @@ def print_manifest(settings: Settings, entry) -> None:
 
     from pgbeat.restore.contents import BOOKKEEPING, backup_objects
 
-    objects = backup_objects(entry, settings.pg_bin_dir)
+    objects = backup_objects(entry, settings)
     counts = Counter(o.kind for o in objects)
     out.line("objects: " + ", ".join(f"{kind.lower()} {n}" for kind, n in counts.items()))
     shown = [o for o in objects if o.kind not in BOOKKEEPING and o.kind != "TABLE"]
@@ -724,6 +724,9 @@ def print_manifest(settings: Settings, entry) -> None:
 @click.option("--jobs", type=click.IntRange(1, 64), default=2, show_default=True,
               help="pg_restore -j for custom/directory backups.")
 @click.option("--list", "list_only", is_flag=True, help="Show what the backup holds; restore nothing.")
+@click.option("--force-older", is_flag=True,
+              help="Restore into a server older than the pg_dump that made the backup (refused without it: "
+                   "the dump may use what the older server rejects).")
 @click.option("--on-worker", is_flag=True, help="Run the restore as tasks.restore on a worker (needs a broker).")
 @click.option("--node", type=NodeName(), help="With --on-worker: the host whose worker restores (default: this host).")
 @click.option("--identity", type=IdentityFile(), help="age identity file for encrypted backups.")
@@ -750,7 +753,7 @@ def print_manifest(settings: Settings, entry) -> None:
               help="With --pitr: the pgbeat the restored server runs for restore_command (one its user, "
                    "postgres, can run; default: this one).")
 def restore(file: str | None, latest: bool, target_name: str | None, tier: str | None, into: str | None, yes: bool,
-            jobs: int, list_only: bool, on_worker: bool, node: str | None, identity: Path | None,
+            jobs: int, list_only: bool, force_older: bool, on_worker: bool, node: str | None, identity: Path | None,
             timeout: float, pitr: bool, to, to_lsn: str | None, to_xid: int | None, to_name: str | None,
             timeline: str, data_dir: Path | None, start: bool, port: int | None, standby: bool,
             primary_conninfo: str | None, server_pgbeat: Path | None) -> None:
@@ -780,6 +783,9 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
             restoring.refuse_reserved(into)  # before anything is downloaded, asked or sent
         if bool(file) == latest:
             raise errors.UsageError("Give either a backup FILE or --latest", hint="see pgbeat restore --help")
+        if force_older and on_worker:
+            raise errors.UsageError("--force-older restores in this process only",
+                                    hint="leave out --on-worker, or restore into a server of the backup's major")
         if node and not on_worker:
             raise errors.UsageError("--node names the worker of --on-worker",
                                     hint="add --on-worker, or leave out --node")
@@ -806,7 +812,8 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
 
         out.print(f"Restoring {file or entry.path} into {into or target.dbname} on {target.describe()}", markup=False)
         result = restoring.restore(settings, entry, target, into=into, jobs=jobs, confirm=confirm_restore(yes),
-                                   on_step=on_step, identities=restoring.identities_for(target, identity))
+                                   on_step=on_step, identities=restoring.identities_for(target, identity),
+                                   force_older=force_older)
     except PgbeatError as exc:
         fail(exc)
     finally:

@@ -77,7 +77,8 @@ def _as_postgres() -> list[str]:
 class PgCluster:
     """A PostgreSQL cluster of its own, playing another database host."""
 
-    def __init__(self, base: Path, name: str) -> None:
+    def __init__(self, base: Path, name: str, bin_dir: Path = PG_BIN) -> None:
+        self.bin = bin_dir  # the installation it runs under (and whose client programs the helpers use)
         self.dir = base / name
         self.data = self.dir / "data"
         self.port = free_port()
@@ -86,7 +87,7 @@ class PgCluster:
         if os.geteuid() == 0:
             pw = pwd.getpwnam("postgres")
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-        run = [*_as_postgres(), str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
+        run = [*_as_postgres(), str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "-E", "UTF8",
                "--locale=C.UTF-8", "-A", "trust", "--no-sync"]
         subprocess.run(run, check=True, capture_output=True)
         with open(self.data / "postgresql.conf", "a") as f:
@@ -104,15 +105,15 @@ class PgCluster:
         self.sql(f"CREATE ROLE backup LOGIN SUPERUSER PASSWORD '{SECRET_PASSWORD}'")
 
     def start(self) -> None:
-        subprocess.run([*_as_postgres(), str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l",
+        subprocess.run([*_as_postgres(), str(self.bin / "pg_ctl"), "-D", str(self.data), "-l",
                         str(self.dir / "server.log"), "-w", "-t", "60", "start"], check=True, capture_output=True)
 
     def stop(self, mode: str = "fast") -> None:
-        subprocess.run([*_as_postgres(), str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
+        subprocess.run([*_as_postgres(), str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
                        capture_output=True)
 
     def psql(self, sql: str, db: str = "postgres", *, check: bool = True, user: str = "postgres") -> str:
-        out = subprocess.run([str(PG_BIN / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", self.host,
+        out = subprocess.run([str(self.bin / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", self.host,
                               "-p", str(self.port), "-U", user, "-d", db, "-c", sql],
                              capture_output=True, text=True)
         if check and out.returncode != 0:
@@ -122,7 +123,7 @@ class PgCluster:
     sql = psql
 
     def psql_file(self, path: Path, db: str) -> None:
-        subprocess.run([str(PG_BIN / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", self.host, "-p",
+        subprocess.run([str(self.bin / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", self.host, "-p",
                         str(self.port), "-U", "postgres", "-d", db, "-f", str(path)], check=True, capture_output=True)
 
     def createdb(self, name: str) -> str:
@@ -134,13 +135,13 @@ class PgCluster:
 
     def restore_plain_gz(self, backup: Path, db: str) -> None:
         """Restore a .sql.gz the seed's way: `gunzip -c FILE | psql` (with ON_ERROR_STOP)."""
-        cmd = (f"gunzip -c {shlex_quote(backup)} | {PG_BIN / 'psql'} -X -q -v ON_ERROR_STOP=1 -h {self.host} "
+        cmd = (f"gunzip -c {shlex_quote(backup)} | {self.bin / 'psql'} -X -q -v ON_ERROR_STOP=1 -h {self.host} "
                f"-p {self.port} -U postgres -d {shlex_quote(db)}")
         subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, capture_output=True)
 
     def dump_text(self, db: str) -> str:
         """A plain dump of `db` for comparisons, without the lines that differ between any two dumps."""
-        out = subprocess.run([str(PG_BIN / "pg_dump"), "-h", self.host, "-p", str(self.port), "-U", "postgres",
+        out = subprocess.run([str(self.bin / "pg_dump"), "-h", self.host, "-p", str(self.port), "-U", "postgres",
                               "--no-owner", db], capture_output=True, text=True, check=True).stdout
         return "\n".join(line for line in out.splitlines() if not re.match(r"\\(un)?restrict ", line))
 

@@ -34,11 +34,12 @@ from pgbeat.errors import CancelledError, DumpError, PgbeatError, VerifyError
 from pgbeat.fsutil import CHUNK, disk_error, open_private, private_dir, remove_path, tree_size
 from pgbeat.pipeline.record import DumpResult, Run, StepContext, scratch_folder
 from pgbeat.postgres.client import client_env
+from pgbeat.postgres.clients import client_for_major, major_of
 from pgbeat.postgres.clock import PendingReading, ask_server_time
-from pgbeat.postgres.process import Supervised, find_pg_binary, program_version
+from pgbeat.postgres.process import Supervised
 from pgbeat.settings import Settings, Target
 from pgbeat.steps.compress import BlockWriter, decompressing_reader, write_block_index
-from pgbeat.steps.dump import abandon, classify_failure, stream_blocks, widen_pipe
+from pgbeat.steps.dump import abandon, classify_failure, client_for_target, stream_blocks, widen_pipe
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ LABEL_TIMELINE_RE = re.compile(r"^START TIMELINE: (?P<tli>\d+)$", re.M)
 LABEL_TIME_RE = re.compile(r"^START TIME: (?P<time>.+)$", re.M)
 
 
-def base_backup_argv(settings: Settings, target: Target, label: str) -> list[str]:
-    return [find_pg_binary("pg_basebackup", settings.pg_bin_dir), "--dbname", target.conninfo(), "--no-password",
+def base_backup_argv(pg_basebackup: str, target: Target, label: str) -> list[str]:
+    return [pg_basebackup, "--dbname", target.conninfo(), "--no-password",
             "--pgdata", "-", "--format", "tar", "--wal-method", "fetch", "--checkpoint", "fast",
             "--manifest-checksums", "SHA256", "--label", label, "--verbose"]
 
@@ -92,12 +93,14 @@ def base_backup_step(ctx: StepContext, run: Run) -> Run:
     remove_path(output)  # a previous, interrupted attempt of this run
     env = client_env(target, work)
     started, t0 = ctx.now(), time.monotonic()
-    proc = writer = reading = None
+    proc = writer = reading = client = None
     sha256 = None
     try:
-        argv = base_backup_argv(ctx.settings, target, f"pgbeat {run.name}")
+        # pg_basebackup, like pg_dump, must be of the server's major or newer.
+        client = client_for_target(ctx.settings, target, "pg_basebackup")
+        argv = base_backup_argv(client.program("pg_basebackup"), target, f"pgbeat {run.name}")
         proc = Supervised(argv, env=env, cancel=ctx.cancel, name="pg_basebackup", stdout=subprocess.PIPE)
-        reading = PendingReading(ctx.settings, target, env, ctx.now, argv[0])
+        reading = PendingReading(target, env, ctx.now, argv[0])
         faults.fault_point(BASE_RUNNING)
         widen_pipe(proc.stdout)
         try:
@@ -136,7 +139,8 @@ def base_backup_step(ctx: StepContext, run: Run) -> Run:
                       codec=run.codec, sha256=sha256, blocks_checked=writer is not None,
                       physical=PhysicalInfo(timeline=timeline, start_lsn=start_lsn, end_lsn=end_lsn,
                                             stop_time=stop_time,
-                                            client_version=program_version(ctx.settings, "pg_basebackup")))
+                                            client_version=client.client.version),
+                      client_dir=str(client.client.bin_dir), client_note=client.note)
     if writer is not None:
         write_block_index(output, writer.sizes)
         info.blocks = len(writer.sizes)
@@ -199,8 +203,12 @@ def read_label(data: Path) -> dict[str, Any]:
 
 
 def verifybackup(settings: Settings, data: Path) -> None:
-    """Run pg_verifybackup on the unpacked backup `data`; raise VerifyError with its complaints."""
-    argv = [find_pg_binary("pg_verifybackup", settings.pg_bin_dir), "--quiet", str(data)]
+    """Run pg_verifybackup (of the backup's major or newer) on the unpacked backup `data`; raise
+    VerifyError with its complaints."""
+    major = major_of((data / "PG_VERSION").read_text()) if (data / "PG_VERSION").exists() else 0
+    pg_verifybackup = client_for_major(settings, None, major, f"a base backup of PostgreSQL {major}",
+                                       "pg_verifybackup").program("pg_verifybackup")
+    argv = [pg_verifybackup, "--quiet", str(data)]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         lines = [line for line in (out.stderr + out.stdout).splitlines() if line.strip()]

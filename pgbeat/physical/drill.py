@@ -26,9 +26,8 @@ from pgbeat.catalog.manifest import manifest_path, update_manifest
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import remove_path
 from pgbeat.notify import Event, send_event
-from pgbeat.physical.pitr import RecoveryGoal, base_backups, restore_pitr, server_user
+from pgbeat.physical.pitr import RecoveryGoal, base_backups, restore_pitr, server_program, server_user
 from pgbeat.postgres.client import connect
-from pgbeat.postgres.process import find_pg_binary
 from pgbeat.restore.drill import DrillResult, run_assertions
 from pgbeat.restore.restore import identities_for
 from pgbeat.settings import Settings
@@ -105,5 +104,5 @@ def run_pitr_drill(settings: Settings, target_name: str, *, pgbeat: str | None =
 def stop_scratch(settings: Settings, data) -> None:
     """Stop the scratch cluster if it runs (immediately: it is thrown away)."""
     if (data / "postmaster.pid").exists():
-        subprocess.run([*server_user(), find_pg_binary("pg_ctl", settings.pg_bin_dir), "-D", str(data), "-m",
+        subprocess.run([*server_user(), server_program(settings, data, "pg_ctl"), "-D", str(data), "-m",
                         "immediate", "-w", "stop"], capture_output=True, timeout=120)

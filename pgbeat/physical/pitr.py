@@ -31,7 +31,7 @@ from pgbeat.catalog.manifest import Entry, list_backups
 from pgbeat.errors import PgbeatError, UsageError
 from pgbeat.fsutil import private_dir
 from pgbeat.physical.basebackup import unpack_base, verifybackup
-from pgbeat.postgres.process import find_pg_binary
+from pgbeat.postgres.clients import major_of, server_programs
 from pgbeat.settings import Settings, Target
 
 log = logging.getLogger(__name__)
@@ -195,19 +195,21 @@ def hand_to_server_user(data: Path) -> None:
 
 
 def check_major(settings: Settings, entry: Entry) -> None:
-    """Raise PgbeatError if the server programs found are of another major than the base backup's."""
-    out = subprocess.run([find_pg_binary("pg_ctl", settings.pg_bin_dir), "--version"], capture_output=True,
-                         text=True, timeout=30)
-    found = re.search(r"(\d+)(?:\.\d+)?", out.stdout)
-    wanted = (entry.manifest.server_version or "").split(".")[0]
-    if found and wanted and found.group(1) != wanted:
-        raise PgbeatError(f"{entry.path.name} is a base backup of PostgreSQL {wanted}; the server programs "
-                          f"found are PostgreSQL {found.group(1)}",
-                          hint=f"install PostgreSQL {wanted} and point pg_bin_dir at its bin folder")
+    """Raise PgbeatError if no server programs of the base backup's major are installed (a cluster starts
+    only under the binaries of its own major)."""
+    wanted = entry.manifest.server_version
+    if wanted:
+        server_programs(settings, major_of(wanted), f"{entry.path.name} (a base backup of PostgreSQL {wanted})")
+
+
+def server_program(settings: Settings, data: Path, name: str) -> str:
+    """The path of server program `name` (pg_ctl, pg_controldata) of the major of the cluster in `data`."""
+    major = int((data / "PG_VERSION").read_text().strip())
+    return server_programs(settings, major, f"the cluster in {data}").program(name)
 
 
 def cluster_state(settings: Settings, data: Path) -> str:
-    out = subprocess.run([*server_user(), find_pg_binary("pg_controldata", settings.pg_bin_dir), str(data)],
+    out = subprocess.run([*server_user(), server_program(settings, data, "pg_controldata"), str(data)],
                          capture_output=True, text=True, timeout=30)
     match = re.search(r"^Database cluster state:\s+(.+)$", out.stdout, re.M)
     return match.group(1).strip() if match else "unknown"
@@ -217,7 +219,7 @@ def start_and_wait(settings: Settings, data: Path, standby: bool, timeout: float
     """Start the restored cluster and wait until it is promoted (or, a standby, until it runs); return
     (promoted, the server log). Raise RecoveryError if it stops or the wait runs out first."""
     log_file = data / "pgbeat-recovery.log"
-    pg_ctl = find_pg_binary("pg_ctl", settings.pg_bin_dir)
+    pg_ctl = server_program(settings, data, "pg_ctl")
     started = subprocess.run([*server_user(), pg_ctl, "-D", str(data), "-l", str(log_file), "-W", "start"],
                              capture_output=True, text=True, timeout=120)
     if started.returncode != 0:

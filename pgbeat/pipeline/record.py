@@ -73,7 +73,9 @@ class ArtifactResult(StepResult):
 
 class DumpResult(ArtifactResult):
     started_at: datetime
-    pg_dump_version: str | None = None
+    pg_dump_version: str | None = Field(None, description="the version of the client program that ran")
+    client_dir: str | None = Field(None, description="its bin folder (pgbeat.postgres.clients)")
+    client_note: str | None = Field(None, description="why a client of another major than the server's ran")
     warnings: list[str] = Field(default_factory=list, description="pg_dump's last lines on stderr")
     # The server's clock as pg_dump started (pgbeat.postgres.clock), or why it could not be read.
     clock: ServerReading | None = None

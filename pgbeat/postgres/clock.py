@@ -18,8 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pgbeat.errors import PgbeatError
-from pgbeat.postgres.process import find_pg_binary
-from pgbeat.settings import Settings, Target
+from pgbeat.settings import Target
 
 # A worker this far from the server's clock gets a warning on its run (file names and logs use its clock).
 SKEW_WARNING = timedelta(minutes=5)
@@ -71,22 +70,22 @@ class PendingReading:
     it asks one question and exits, bounded by the target's connect_timeout and READ_TIMEOUT_S.
     """
 
-    def __init__(self, settings: Settings, target: Target, env: dict[str, str], local_now, pg_dump: str) -> None:
+    def __init__(self, target: Target, env: dict[str, str], local_now, pg_dump: str) -> None:
         self.error: str | None = None
         self.proc: subprocess.Popen | None = None
         self._answer: tuple[int, bytes, bytes] | None = None
         self.local_time, self.monotonic = local_now(), time.monotonic()
-        sibling = Path(pg_dump).with_name("psql")  # no second `pg_config` call on the dump's path
+        sibling = Path(pg_dump).with_name("psql")  # the psql of the client chosen for this server
         argv = [str(sibling), "-X", "-A", "-t", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
                 "--dbname", target.conninfo(), "-c", QUERY]
-        self._thread = threading.Thread(target=self._read, args=(settings, argv, env), name="pgbeat-server-clock",
+        self._thread = threading.Thread(target=self._read, args=(argv, env), name="pgbeat-server-clock",
                                         daemon=True)
         self._thread.start()
 
-    def _read(self, settings: Settings, argv: list[str], env: dict[str, str]) -> None:
+    def _read(self, argv: list[str], env: dict[str, str]) -> None:
         try:
-            if not Path(argv[0]).is_file():
-                argv[0] = find_pg_binary("psql", settings.pg_bin_dir)
+            if not Path(argv[0]).is_file():  # a client folder without psql: the dump goes on without a reading
+                raise PgbeatError(f"no psql beside pg_dump in {Path(argv[0]).parent}")
             self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, start_new_session=True)
             out, err = self.proc.communicate(timeout=READ_TIMEOUT_S)

@@ -15,7 +15,6 @@ import ctypes
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -50,29 +49,6 @@ def _child_setup() -> None:  # runs in the forked child, before exec
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def find_pg_binary(name: str, bin_dir: Path | None = None) -> str:
-    """Return the path of a PostgreSQL client program: from `bin_dir`, `pg_config --bindir`, or PATH."""
-    candidates = []
-    if bin_dir:
-        candidates.append(Path(bin_dir) / name)
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        try:
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True)
-            candidates.append(Path(out.stdout.strip()) / name)
-        except (subprocess.SubprocessError, OSError):
-            pass
-    for candidate in candidates:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    found = shutil.which(name)
-    if found:
-        return found
-    from pgbeat.errors import PgbeatError
-
-    raise PgbeatError(f"{name} not found", hint="install the PostgreSQL client programs or set pg_bin_dir")
-
-
 def last_error_line(stderr: Sequence[str]) -> str | None:
     """Given the stderr lines of pg_dump, psql or pg_restore, return the last meaningful one: the last that
     reports an error (not its detail, hint or indented continuation), else the last plain line; None if
@@ -81,19 +57,6 @@ def last_error_line(stderr: Sequence[str]) -> str | None:
              if line.strip() and not line[:1].isspace() and not SUPPORTING_LINE.match(line.strip())]
     errors = [line for line in plain if ERROR_LINE.search(line)]
     return (errors or plain or [None])[-1]
-
-
-def program_version(settings, program: str) -> str | None:
-    """The version a PostgreSQL client program reports (`pg_dump --version`: "15.19"), or None."""
-    from pgbeat.errors import PgbeatError
-
-    try:
-        out = subprocess.run([find_pg_binary(program, settings.pg_bin_dir), "--version"], capture_output=True,
-                             text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired, PgbeatError):
-        return None
-    match = re.search(r"(\d+(?:\.\d+)+)", out.stdout)
-    return match.group(1) if match else None
 
 
 class Supervised:

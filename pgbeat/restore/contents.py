@@ -16,12 +16,15 @@ import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from pgbeat.catalog.manifest import Entry
 from pgbeat.errors import PgbeatError
-from pgbeat.postgres.process import find_pg_binary
+from pgbeat.postgres.clients import archive_reader
 from pgbeat.steps.compress import codec_for_name, decompressing_reader
+
+if TYPE_CHECKING:
+    from pgbeat.settings import Settings
 
 HEADER = re.compile(rb"^-- (?:Data for )?Name: (?P<name>.*); Type: (?P<kind>[A-Z][A-Z ]*[A-Z]); "
                     rb"Schema: (?P<schema>.*?)(?:; Owner: .*)?$")
@@ -75,14 +78,14 @@ def lines_of(stream: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
         yield b"".join(pieces)
 
 
-def backup_objects(entry: Entry, pg_bin_dir: str | None = None) -> list[DumpObject]:
-    """Given a local, unencrypted backup, return every object it holds. Raise PgbeatError if it cannot
-    be read."""
+def backup_objects(entry: Entry, settings: Settings) -> list[DumpObject]:
+    """Given a local, unencrypted backup, return every object it holds (an archive read by a pg_restore
+    of its pg_dump's major or newer). Raise PgbeatError if it cannot be read."""
     m = entry.manifest
     if m.format == "plain":
         with decompressing_reader(entry.path, m.codec or codec_for_name(entry.path.name)) as stream:
             return objects_in(lines_of(stream))
-    pg_restore = find_pg_binary("pg_restore", pg_bin_dir)
+    pg_restore = archive_reader(settings, None, m.pg_dump_version).program("pg_restore")
     toc = run_pg_restore([pg_restore, "--list", str(entry.path)], entry)
     with tempfile.NamedTemporaryFile("wb", prefix="pgbeat-toc-", suffix=".list") as listing:
         listing.write(b"".join(line + b"\n" for line in lines_of(io.BytesIO(toc)) if not DATA_ENTRY.match(line)))

@@ -44,6 +44,7 @@ from pgbeat.restore.restore import (
     latest_backup,
     load_archive,
     load_plain,
+    loading_client,
     plaintext_of,
 )
 from pgbeat.settings import Settings
@@ -129,6 +130,7 @@ def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
                                      + (" (after decryption)" if plain is not entry else ""))
                 journal.write("create")  # from here on the scratch database may exist
                 with connect(server, MAINTENANCE_DB) as admin:
+                    client = loading_client(settings, server, admin, plain.manifest)
                     fault_point(CREATE.start)
                     admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(ident(scratch)))
                     fault_point(CREATE.middle)
@@ -137,9 +139,9 @@ def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
                 fault_point(LOAD.start)
                 t_restore = time.monotonic()
                 if plain.manifest.format == "plain":
-                    load_plain(settings, server, scratch, plain, work, midway=LOAD.middle)
+                    load_plain(client, server, scratch, plain, work, midway=LOAD.middle)
                 else:
-                    load_archive(settings, server, scratch, plain, 2, work, midway=LOAD.middle)
+                    load_archive(client, server, scratch, plain, 2, work, midway=LOAD.middle)
                 result.restore_s = round(time.monotonic() - t_restore, 3)
                 fault_point(LOAD.end)
                 journal.write("check")

@@ -39,6 +39,7 @@ from pgbeat import runlog
 from pgbeat.catalog.manifest import (
     STAMP_FORMAT,
     Entry,
+    Manifest,
     list_backups,
     manifest_path,
     newest,
@@ -53,7 +54,8 @@ from pgbeat.pipeline.runner import Plan, run_steps
 from pgbeat.pipeline.steps_table import Step, step
 from pgbeat.postgres import sqlscan
 from pgbeat.postgres.client import MAINTENANCE_DB, client_env, connect, ident
-from pgbeat.postgres.process import Supervised, find_pg_binary, last_error_line
+from pgbeat.postgres.clients import ClientChoice, client_for_major, major_of, server_major
+from pgbeat.postgres.process import Supervised, last_error_line
 from pgbeat.restore.journal import (
     RETIRED_PREFIX,
     TEMPORARY_PREFIX,
@@ -237,7 +239,8 @@ def plaintext_of(settings: Settings, entry: Entry, identities: list | None, work
     manifest = entry.manifest.model_copy(update={"file": plain.file, "size": plain.size,
                                                  "sha256": plain.sha256, "md5": plain.md5, "encryption": None})
     codec = manifest.codec if manifest.format == "plain" else codec_for_name(path.name)
-    problems = plaintext_problems(check_backup(path, manifest.format, codec, settings), manifest)
+    problems = plaintext_problems(check_backup(path, manifest.format, codec, settings, manifest.pg_dump_version),
+                                  manifest)
     if problems:
         raise VerifyError(f"{plain.file} (decrypted) failed verification", details=problems)
     return Entry(path=path, manifest=manifest)
@@ -617,12 +620,34 @@ def hold_restore_lock(settings: Settings, server: Target, database: str) -> psyc
 # --- loading into a temporary database ---------------------------------------------------------------
 
 
-def load_plain(settings: Settings, target: Target, database: str, entry: Entry, work: Path,
+def loading_client(settings: Settings, server: Target, conn: psycopg.Connection, manifest: Manifest,
+                   force_older: bool = False) -> ClientChoice:
+    """Given a connection to the server a backup is loaded into, return the client that loads it: of the
+    server's major and the backup's pg_dump's, or newer (psql and pg_restore work with older servers).
+
+    Raise RestoreRefused if the server is older than the pg_dump that made the backup, unless
+    `force_older`: a newer pg_dump writes what an older server may reject (pg_dump 17 and newer write
+    `SET transaction_timeout`, unknown to PostgreSQL 16 and older), and ON_ERROR_STOP stops there."""
+    major = server_major(conn)
+    dumped = major_of(manifest.pg_dump_version) if manifest.pg_dump_version else 0
+    where = server.describe().rsplit("/", 1)[0]
+    if major < dumped and not force_older:
+        raise RestoreRefused(
+            f"Refusing to restore {manifest.file} into PostgreSQL {major} on {where}: it was dumped by pg_dump "
+            f"{manifest.pg_dump_version}, of a newer major ({dumped}), whose output older servers may reject "
+            "(pg_dump 17 and newer write SET transaction_timeout); nothing was changed",
+            hint=f"restore into a server of PostgreSQL {dumped} or newer, or pass --force-older to try anyway")
+    program = "psql" if manifest.format == "plain" else "pg_restore"
+    return client_for_major(settings, server, max(major, dumped), f"a restore into PostgreSQL {major} on {where} "
+                            f"of a backup made by pg_dump {manifest.pg_dump_version or '(unrecorded)'}", program)
+
+
+def load_plain(client: ClientChoice, target: Target, database: str, entry: Entry, work: Path,
                midway: str | None = None) -> None:
-    """Feed the decompressed dump to `psql -v ON_ERROR_STOP=1` connected to `database` (fault point
-    `midway` after the first block)."""
+    """Feed the decompressed dump to `client`'s `psql -v ON_ERROR_STOP=1` connected to `database` (fault
+    point `midway` after the first block)."""
     into = target.model_copy(update={"dbname": database})
-    argv = [find_pg_binary("psql", settings.pg_bin_dir), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password",
+    argv = [client.program("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--no-password",
             "--dbname", into.conninfo()]
     codec = entry.manifest.codec or codec_for_name(entry.path.name)
     proc = Supervised(argv, env=client_env(target, work), stdin=subprocess.PIPE,
@@ -647,12 +672,12 @@ def load_plain(settings: Settings, target: Target, database: str, entry: Entry, 
                            hint="the original database was not touched")
 
 
-def load_archive(settings: Settings, target: Target, database: str, entry: Entry, jobs: int, work: Path,
+def load_archive(client: ClientChoice, target: Target, database: str, entry: Entry, jobs: int, work: Path,
                  midway: str | None = None) -> None:
-    """Restore a custom or directory archive with `pg_restore -j N --exit-on-error` (fault point `midway`
-    while it runs)."""
+    """Restore a custom or directory archive with `client`'s `pg_restore -j N --exit-on-error` (fault point
+    `midway` while it runs)."""
     into = target.model_copy(update={"dbname": database})
-    argv = [find_pg_binary("pg_restore", settings.pg_bin_dir), "--exit-on-error", "--no-password",
+    argv = [client.program("pg_restore"), "--exit-on-error", "--no-password",
             "--jobs", str(jobs), "--dbname", into.conninfo(), str(entry.path)]
     proc = Supervised(argv, env=client_env(target, work), stdout=subprocess.DEVNULL,
                       name="pg_restore")
@@ -804,13 +829,14 @@ def refuse_reserved(database: str) -> None:
 
 def restore(settings: Settings, entry: Entry, target: Target, *, into: str | None = None, jobs: int = 1,
             confirm: Callable[[RestoreInfo], bool], on_step: Callable[[str, str], None] | None = None,
-            safety: bool = True, identities: list | None = None,
+            safety: bool = True, identities: list | None = None, force_older: bool = False,
             now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> RestoreResult:
     """Restore `entry` into `into` (default: the target's database) on `target`'s server, as described above.
 
     Raise RestoreRefused for a reserved database name or a "no" from `confirm`, VerifyError if the backup
     is damaged, MissingRights if the user lacks a right, RestoreBusy if another restore of the database
-    runs, RestoreInterrupted on SIGTERM, SIGHUP or SIGINT, RestoreError if the restore or a check fails.
+    runs, RestoreInterrupted on SIGTERM, SIGHUP or SIGINT, RestoreError if the restore or a check fails;
+    RestoreRefused too for a server older than the backup's pg_dump, unless `force_older`.
     Until the swap commits, the existing database is left as it was in every case.
     """
     database = target.dbname if into is None else into
@@ -818,12 +844,13 @@ def restore(settings: Settings, entry: Entry, target: Target, *, into: str | Non
     refuse_physical(entry)
     with interruptible() as guard:
         return _restore(settings, entry, target, database, jobs, confirm, on_step or (lambda step, text: None),
-                        safety, identities, now, guard)
+                        safety, identities, force_older, now, guard)
 
 
 def _restore(settings: Settings, entry: Entry, target: Target, database: str, jobs: int,
              confirm: Callable[[RestoreInfo], bool], note: Callable[[str, str], None], safety: bool,
-             identities: list | None, now: Callable[[], datetime], guard: InterruptGuard) -> RestoreResult:
+             identities: list | None, force_older: bool, now: Callable[[], datetime],
+             guard: InterruptGuard) -> RestoreResult:
     started, t0 = now(), time.monotonic()
     timings: dict[str, float] = {}
     log_file = settings.backup_root / "logs" / f"{target.name}_restore_{started.astimezone(settings.tz):%Y%m%d}.log"
@@ -869,6 +896,7 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
             with connect(target, MAINTENANCE_DB) as admin:
                 original = database_properties(admin, database)
                 check_rights(admin, database, original, f"restore into database {database!r}", where)
+                client = loading_client(settings, target, admin, entry.manifest, force_older)
                 sessions = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
                                          "AND pid <> pg_backend_pid()", (database,)).fetchone()[0]
             exists = original is not None
@@ -911,9 +939,9 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
             fault_point(LOAD.start)
             t_restore = time.monotonic()
             if entry.manifest.format == "plain":
-                timed("load", lambda: load_plain(settings, target, temporary, entry, work, midway=LOAD.middle))
+                timed("load", lambda: load_plain(client, target, temporary, entry, work, midway=LOAD.middle))
             else:
-                timed("load", lambda: load_archive(settings, target, temporary, entry, jobs, work, midway=LOAD.middle))
+                timed("load", lambda: load_archive(client, target, temporary, entry, jobs, work, midway=LOAD.middle))
             restore_s = round(time.monotonic() - t_restore, 3)
             fault_point(LOAD.end)
 

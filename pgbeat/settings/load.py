@@ -316,6 +316,7 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
         result_backend=file_cfg.result_backend,
         node=file_cfg.node or socket.gethostname(),
         pg_bin_dir=file_cfg.pg_bin_dir,
+        pg_bin_dirs=file_cfg.pg_bin_dirs,
         reliability=file_cfg.reliability,
         targets=targets,
         defaults=file_cfg.defaults,

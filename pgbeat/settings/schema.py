@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from pgbeat.errors import UnknownTargetError
+from pgbeat.postgres.clients import DEFAULT_PG_BIN_DIRS
 from pgbeat.postgres.options import check_pg_dump_options
 from pgbeat.settings.fields import ConfigPath, DatabaseName, Listen, Name, NodeName, TierName
 from pgbeat.settings.rules import (
@@ -314,6 +315,11 @@ class TargetOptions(Strict):
                                                                          "allow-list (pgbeat/postgres/options.py), "
                                                                          "passed spelled out",
                                        examples=[["--exclude-table-data=audit_log"]])
+    pg_bin_dir: ConfigPath | None = Field(None, description="the bin folder of the PostgreSQL client programs "
+                                                            "for this target (its pg_dump must be of the server's "
+                                                            "major or newer); unset: the global pg_bin_dir, else "
+                                                            "the server's major from pg_bin_dirs",
+                                          examples=["/usr/lib/postgresql/18/bin"])
     tiers: dict[TierName, TierPolicy] = Field(default_factory=_default_tiers,
                                               description="daily, weekly, monthly, base: a tier sets only what "
                                                           "differs; another name (hourly) adds a logical tier "
@@ -499,9 +505,16 @@ class FileConfig(Strict):
                                              examples=["redis://:password@redis.internal:6379/1"])
     node: NodeName | None = Field(None, description="this host's queue name; unset: the host name; "
                                                     "PGBEAT_NODE wins", examples=["db-backup-1"])
-    pg_bin_dir: ConfigPath | None = Field(None, description="the folder of pg_dump, psql, pg_restore; unset: "
-                                                            "the PATH; PGBEAT_PG_BIN_DIR wins",
+    pg_bin_dir: ConfigPath | None = Field(None, description="the folder of pg_dump, psql, pg_restore for every "
+                                                            "target that sets none; unset: chosen per server "
+                                                            "major from pg_bin_dirs; PGBEAT_PG_BIN_DIR wins",
                                           examples=["/usr/lib/postgresql/16/bin"])
+    pg_bin_dirs: list[Name] = Field(list(DEFAULT_PG_BIN_DIRS),
+                                    description="where PostgreSQL installations are looked for, in order: bin "
+                                                "folders, templates with {major}, and the words pg_config "
+                                                "(`pg_config --bindir`) and PATH; a server of major N gets the "
+                                                "client of major N, else the newest newer one",
+                                    examples=[["/usr/lib/postgresql/{major}/bin", "/opt/pg18/bin", "PATH"]])
     notify: list[ChannelSpec] = Field(default_factory=list, description="channels for every target "
                                                                         "(PGBEAT_NOTIFY_URLS adds more)")
     monitoring: MonitoringSpec = Field(default_factory=lambda: MonitoringSpec())
@@ -527,6 +540,7 @@ class Settings(BaseModel):
     result_backend: SecretStr | None
     node: str
     pg_bin_dir: Path | None
+    pg_bin_dirs: list[str]
     reliability: Reliability
     targets: dict[str, Target] = Field(description="by name: the file's targets and the .env target")
     defaults: TargetOptions = Field(default_factory=lambda: TargetOptions(),

@@ -24,9 +24,10 @@ from pgbeat.errors import CancelledError, DumpError, PgbeatError, TransientDumpE
 from pgbeat.fsutil import CHUNK, disk_error, open_private, private_dir, remove_path, tree_size
 from pgbeat.pipeline.record import DumpResult, Run, StepContext
 from pgbeat.postgres.client import client_env
+from pgbeat.postgres.clients import ClientChoice, client_for_server
 from pgbeat.postgres.clock import SKEW_WARNING, PendingReading
 from pgbeat.postgres.lockwatch import DumpProgress, LockWatch
-from pgbeat.postgres.process import Supervised, find_pg_binary, last_error_line, program_version
+from pgbeat.postgres.process import Supervised, last_error_line
 from pgbeat.postgres.sqlscan import DumpScanner
 from pgbeat.runlog import human_size
 from pgbeat.settings import Settings, Target
@@ -55,8 +56,9 @@ def compresses_table_files(target: Target) -> bool:
     return target.format == "directory" and target.compression.codec == "gzip"
 
 
-def dump_argv(settings: Settings, target: Target, output: Path | None) -> list[str]:
-    argv = [find_pg_binary("pg_dump", settings.pg_bin_dir), "--dbname", target.conninfo(), "--no-password",
+def dump_argv(pg_dump: str, target: Target, output: Path | None) -> list[str]:
+    """The command line of `pg_dump` (the client chosen for the target's server) dumping `target`."""
+    argv = [pg_dump, "--dbname", target.conninfo(), "--no-password",
             "--format", FORMAT_FLAGS[target.format]]
     if target.format != "plain":
         codec, level = target.compression.codec, target.compression.level
@@ -69,12 +71,14 @@ def dump_argv(settings: Settings, target: Target, output: Path | None) -> list[s
     return [*argv, *target.pg_dump_options]
 
 
-def classify_failure(target: Target, rc: int, stderr: list[str], step: str = "dump",
+def classify_failure(target: Target, rc: int | None, stderr: list[str], step: str = "dump",
                      program: str = "pg_dump") -> PgbeatError:
-    """Turn a failed pg_dump (or pg_basebackup) into a transient (retry later) or permanent error naming
-    the target."""
+    """Turn a failed pg_dump (or pg_basebackup), or with `rc` None a failed connection before it (asking
+    the server's version), into a transient (retry later) or permanent error naming the target."""
     text = "\n".join(stderr).lower()
-    message = f"{program} of {target.name} ({target.describe()}) failed with exit code {rc}"
+    message = (f"{program} of {target.name} ({target.describe()}) failed with exit code {rc}" if rc is not None
+               else f"{program} of {target.name} ({target.describe()}) did not start: the server could not be "
+                    "asked its version")
     details = stderr[-8:] or [f"({program} wrote nothing on stderr)"]
     reason = last_error_line(stderr) or details[-1]
     if "password authentication failed" in text or "no password supplied" in text:
@@ -84,6 +88,21 @@ def classify_failure(target: Target, rc: int, stderr: list[str], step: str = "du
         return TransientDumpError(message, step=step, details=details, reason=reason,
                                   hint="the database server could not be reached; pgbeat retries with backoff")
     return DumpError(message, step=step, details=details, reason=reason)
+
+
+def client_for_target(settings: Settings, target: Target, program: str = "pg_dump",
+                      step: str = "dump") -> ClientChoice:
+    """Ask `target`'s server its major and return the client programs for it (pgbeat.postgres.clients).
+    A server that cannot be reached fails like pg_dump failing to connect: transient or not by libpq's
+    words, which are kept in the details."""
+    try:
+        return client_for_server(settings, target)
+    except PgbeatError as exc:
+        libpq = exc.__context__  # connect() keeps libpq's last line; the whole text says what happened
+        if libpq is None:
+            raise  # no client fits the server: said by the chooser
+        lines = [line.strip() for line in str(libpq).strip().splitlines() if line.strip()]
+        raise classify_failure(target, None, lines or [exc.message], step, program) from None
 
 
 def widen_pipe(pipe) -> None:
@@ -168,9 +187,12 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
     started, t0 = ctx.now(), time.monotonic()
     scanner = DumpScanner() if target.format == "plain" else None
     crc = 0
-    proc = writer = reading = compressor = watch = progress = None
+    proc = writer = reading = compressor = watch = progress = client = None
     try:
-        argv = dump_argv(ctx.settings, target, output)
+        client = client_for_target(ctx.settings, target)
+        if client.note:
+            log.info("%s: %s", target.name, client.note)
+        argv = dump_argv(client.program("pg_dump"), target, output)
         if compresses_table_files(target):
             # pg_dump fills an empty folder that exists; the watch on it must be there before the first file.
             compressor = TableFileCompressor(private_dir(output), run.codec, run.level, target.compression.threads)
@@ -178,7 +200,7 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
         proc = Supervised(argv, env=env, cancel=ctx.cancel, name="pg_dump",
                           stdout=subprocess.PIPE if scanner else subprocess.DEVNULL)
         # The server's clock dates the backup; read beside pg_dump, so the dump never waits for it.
-        reading = PendingReading(ctx.settings, target, env, ctx.now, argv[0])
+        reading = PendingReading(target, env, ctx.now, argv[0])
         if ctx.on_wait is not None:  # someone watches: say it if pg_dump is blocked on a lock
             watch = LockWatch(target, ctx.on_wait).start()
         if ctx.on_progress is not None:
@@ -225,7 +247,8 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
         remove_path(work / ".pgpass")
     size = tree_size(output)
     info = DumpResult(path=str(output), size=size, started_at=started, duration_s=round(time.monotonic() - t0, 3),
-                      pg_dump_version=program_version(ctx.settings, "pg_dump"), warnings=proc.stderr_text()[-8:])
+                      pg_dump_version=client.client.version, client_dir=str(client.client.bin_dir),
+                      client_note=client.note, warnings=proc.stderr_text()[-8:])
     if clock is not None:
         info.clock, info.server_time, info.clock_skew_s = clock, clock.server_time, clock.skew_s
         if abs(clock.skew_s) > SKEW_WARNING.total_seconds():

@@ -38,7 +38,8 @@ from pgbeat.errors import NoSuchBackupError, VerifyError
 from pgbeat.fsutil import CHUNK, write_atomic
 from pgbeat.hashing import hash_file
 from pgbeat.pipeline.record import Run, StepContext, VerifyResult, scratch_folder
-from pgbeat.postgres.process import Supervised, find_pg_binary, last_error_line
+from pgbeat.postgres.clients import archive_reader
+from pgbeat.postgres.process import Supervised, last_error_line
 from pgbeat.postgres.sqlscan import COMPLETE_MARKER, DumpScanner
 from pgbeat.settings import Settings
 from pgbeat.steps.compress import codec_for_name, decompressing_reader, read_block_index
@@ -46,7 +47,7 @@ from pgbeat.steps.tablefiles import COPY_END, list_archive, read_data_file, read
 
 log = logging.getLogger(__name__)
 # What the manifest keeps of each step's result: when it ran, how long it took, what it made.
-MANIFEST_STEP_FIELDS = {"started_at", "duration_s", "size", "ratio", "passthrough"}
+MANIFEST_STEP_FIELDS = {"started_at", "duration_s", "size", "ratio", "passthrough", "client_dir", "client_note"}
 VERIFY_WROTE_MANIFEST = faults.declare("verify.wrote-manifest", "the manifest is in the work folder, not yet "
                                                                 "the .sha256")
 
@@ -170,11 +171,10 @@ def folder_digests(path: Path) -> dict[str, Any]:
     return {"files": files, "size": sum(f["size"] for f in files)}
 
 
-def check_archive(path: Path, settings: Settings) -> dict[str, Any]:
+def check_archive(path: Path, pg_restore: str) -> dict[str, Any]:
     """Read a custom or directory archive through `pg_restore -f -`; return what the scan saw."""
     scanner = DumpScanner()
-    proc = Supervised([find_pg_binary("pg_restore", settings.pg_bin_dir), "--file", "-", str(path)],
-                      name="pg_restore")
+    proc = Supervised([pg_restore, "--file", "-", str(path)], name="pg_restore")
     try:
         while chunk := proc.stdout.read(CHUNK):
             scanner.feed(chunk)
@@ -195,7 +195,7 @@ def check_archive(path: Path, settings: Settings) -> dict[str, Any]:
     return result
 
 
-def check_directory(path: Path, settings: Settings) -> dict[str, Any]:
+def check_directory(path: Path, pg_restore: str) -> dict[str, Any]:
     """Check a directory archive file by file: its table of contents reads (`pg_restore -l`), every table's
     data file is there, decompresses (each in parallel) and ends with pg_dump's closing line; count rows.
 
@@ -203,7 +203,6 @@ def check_directory(path: Path, settings: Settings) -> dict[str, Any]:
     block by block as they were written: reading each back to the SHA-256 of what was written proves it
     decompresses to what pg_dump wrote, so only the others are decompressed here.
     """
-    pg_restore = find_pg_binary("pg_restore", settings.pg_bin_dir)
     listing = list_archive(path, pg_restore)
     result: dict[str, Any] = {**folder_digests(path), "server_version": listing.server_version}
     stored = {f["name"]: f["sha256"] for f in result["files"]}
@@ -234,16 +233,20 @@ def check_directory(path: Path, settings: Settings) -> dict[str, Any]:
     return result
 
 
-def check_backup(path: Path, dump_format: str, codec: str, settings: Settings) -> dict[str, Any]:
+def check_backup(path: Path, dump_format: str, codec: str, settings: Settings,
+                 dumped_with: str | None = None) -> dict[str, Any]:
+    """Check a backup's file(s) by its format; an archive is read by a pg_restore of the major of
+    `dumped_with` (the pg_dump version that wrote it) or newer."""
     if dump_format == "plain":
         return check_plain(path, codec)
-    if dump_format == "directory":
-        return check_directory(path, settings)
     if dump_format == "tar":
         from pgbeat.physical.basebackup import check_base
 
         return check_base(path, codec, settings)
-    return check_archive(path, settings)
+    pg_restore = archive_reader(settings, None, dumped_with).program("pg_restore")
+    if dump_format == "directory":
+        return check_directory(path, pg_restore)
+    return check_archive(path, pg_restore)
 
 
 def verify_step(ctx: StepContext, run: Run) -> Run:
@@ -260,7 +263,7 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
         result = {**file_digests(path), "raw_size": dump.raw_size, "raw_crc32": dump.raw_crc32,
                   "complete": dump.complete}
     else:
-        result = check_backup(path, run.format, run.codec, ctx.settings)
+        result = check_backup(path, run.format, run.codec, ctx.settings, dump.pg_dump_version)
     problems = []
     if not result["complete"]:
         problems.append("the dump lacks pg_dump's closing 'dump complete' line (truncated)")
@@ -387,7 +390,7 @@ def verify_backup(path: Path, settings: Settings, identities: list | None = None
         if manifest.encryption and identities is not None and not problems:
             problems += decrypted_problems(entry, settings, identities, codec, result)
     else:
-        result = check_backup(entry.path, manifest.format, codec, settings)
+        result = check_backup(entry.path, manifest.format, codec, settings, manifest.pg_dump_version)
         problems = stored_problems(result, manifest) + plaintext_problems(result, manifest)
         if manifest.format == "tar":
             from pgbeat.physical.basebackup import physical_problems
@@ -422,6 +425,6 @@ def decrypted_problems(entry, settings: Settings, identities: list, codec: str, 
         digests = crypt.decrypt_file(entry.path, scratch, identities)
         if digests["sha256"] != plaintext.sha256:
             return ["the decrypted content does not match the plaintext SHA-256 in the manifest"]
-        checked = check_backup(scratch, entry.manifest.format, codec, settings)
+        checked = check_backup(scratch, entry.manifest.format, codec, settings, entry.manifest.pg_dump_version)
         result.update(complete=checked["complete"], plaintext_sha256=digests["sha256"])
         return plaintext_problems(checked, entry.manifest)

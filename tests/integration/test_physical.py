@@ -50,7 +50,7 @@ def start_copy(data, base) -> PgCluster:
     subprocess.run([*_as_postgres(), str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"),
                     "-w", "-t", "60", "start"], check=True, capture_output=True)
     copy = PgCluster.__new__(PgCluster)
-    copy.dir, copy.data, copy.port, copy.host = base, data, port, "127.0.0.1"
+    copy.dir, copy.data, copy.port, copy.host, copy.bin = base, data, port, "127.0.0.1", PG_BIN
     return copy
 
 

@@ -204,7 +204,7 @@ def test_the_target_gets_the_canonical_spelling(tmp_path, monkeypatch):
     assert settings.target("b").pg_dump_options == ["--no-owner"]
     from pgbeat.steps.dump import dump_argv
 
-    argv = dump_argv(settings, settings.target("a"), None)
+    argv = dump_argv("pg_dump", settings.target("a"), None)
     assert argv[-3:] == ["--no-privileges", "--exclude-table=audit", "--no-comments"]
 
 
