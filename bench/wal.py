@@ -6,10 +6,13 @@ archive_command PostgreSQL keeps every finished segment, marked .ready, while bu
 Then archive_command is set and the time the archiver takes to drain the backlog is measured: the
 sustained rate of one archiver process calling the command once per segment. Each configuration runs on
 its own backlog: `cp` (the floor: a copy, no fsync, no checks), pgbeat with `wal.push_ahead: 0` (one
-Python process per segment, nothing ahead) and pgbeat with push-ahead (default 8).
+Python process per segment, nothing ahead) and pgbeat with push-ahead (default 8); with `--pgbackrest`,
+pgBackRest's `archive-push` too, synchronous and asynchronous (process-max 2), into a repository of its own
+(bench/pgbackrest_peer.py).
 
     .venv/bin/python bench/wal.py --segments 32
     .venv/bin/python bench/wal.py --segments 64 --codec zstd --push-ahead 0,4,8
+    .venv/bin/python bench/wal.py --segments 32 --pgbackrest
 
 The machine's other load shows in the figures: run it on a quiet machine, and compare rows of one run.
 Uses the tests' helpers (tests/support.py) for the cluster and for the venv postgres can run pgbeat from.
@@ -30,6 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.pgbackrest_peer import PgBackRest, available  # noqa: E402
 from tests.storage_servers import S3_ACCESS_KEY, S3_SECRET, MotoS3  # noqa: E402
 from tests.support import PgCluster, make_tempdir, postgres_user_pgbeat, wait_for  # noqa: E402
 
@@ -97,8 +101,12 @@ def main() -> int:
     parser.add_argument("--s3", action="store_true", help="give the target an S3 destination (a local moto_server)")
     parser.add_argument("--live", type=float, default=0, help="also: seconds of bulk INSERTs with each "
                         "archive_command active (segments written and archived meanwhile, the backlog left)")
+    parser.add_argument("--pgbackrest", action="store_true", help="also pgBackRest's archive-push, sync and async")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
+    if args.pgbackrest and not available():
+        print("--pgbackrest: pgbackrest is not installed (apt-get install pgbackrest)", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("run as root: the cluster and pgbeat run as the postgres user", file=sys.stderr)
         return 2
@@ -140,6 +148,13 @@ def main() -> int:
             where = " + S3" if s3 is not None else ""
             rows.append((f"pgbeat wal-push, {args.codec}{where}, push_ahead {ahead}", len(backlog), seconds))
             commands.append((rows[-1][0], command))
+        if args.pgbackrest:
+            peer = PgBackRest(base, pg)
+            for mode in ("sync", "async"):
+                backlog = build_backlog(pg, args.segments)
+                name = f"pgbackrest archive-push, gz 6, {mode}" + (", process-max 2" if mode == "async" else "")
+                rows.append((name, len(backlog), drain(pg, peer.archive_command(mode), backlog, args.timeout)))
+                commands.append((name, peer.archive_command(mode)))
         print(f"backlogs of about {args.segments} segments of 16 MiB, {os.cpu_count()} CPU(s)")
         print(f"{'archive_command':48} {'segments':>8} {'seconds':>8} {'segments/s':>11} {'MiB/s':>8}")
         for name, count, seconds in rows:
