@@ -101,7 +101,8 @@ def client_for_target(settings: Settings, target: Target, program: str = "pg_dum
         libpq = exc.__context__  # connect() keeps libpq's last line; the whole text says what happened
         if libpq is None:
             raise  # no client fits the server: said by the chooser
-        lines = [line.strip() for line in str(libpq).strip().splitlines() if line.strip()]
+        # Indentation kept: it marks libpq's continuation lines, which last_error_line passes over.
+        lines = [line.rstrip() for line in str(libpq).splitlines() if line.strip()]
         raise classify_failure(target, None, lines or [exc.message], step, program) from None
 
 
