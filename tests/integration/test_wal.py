@@ -921,8 +921,8 @@ def test_a_destination_keeps_the_wal_its_own_base_backups_need_and_no_more(postg
 def test_after_losing_the_host_pitr_recovers_from_the_encrypted_s3_copies_alone(postgres_venv, moto_s3):
     """The whole way through a destination: base backup and WAL go to S3 age-encrypted; the host is lost (a
     new, empty BACKUP_ROOT, the same configuration); `list --destination` names the base backup, `fetch`
-    brings it onto the new shelf, and `restore --pitr --start` recovers every row through wal-fetch, which
-    reads the WAL from S3 and decrypts it as the postgres user."""
+    brings it onto the new shelf, and `restore --pitr --to TIME --start` recovers the rows committed at t1
+    and t2 and not those of t3, through wal-fetch reading the WAL from S3 and decrypting it as postgres."""
     base = make_tempdir("pgbeat-pitr-s3-")
     archiving = ArchivingCluster(base, postgres_venv)
     pg, world = archiving.cluster, archiving.world
@@ -946,8 +946,14 @@ def test_after_losing_the_host_pitr_recovers_from_the_encrypted_s3_copies_alone(
         pg.sql("SELECT pg_switch_wal()")  # the segments from before encryption was configured stay behind
         done = world.pgbeat("backup", "base", "--target", "walpg")
         assert done.returncode == 0, done.stdout + done.stderr
-        pg.sql("INSERT INTO ledger SELECT g, md5(g::text) FROM generate_series(1, 300) g")
+        pg.sql("INSERT INTO ledger SELECT g, md5(g::text) FROM generate_series(1, 200) g")  # t1
+        pg.sql("SELECT pg_switch_wal()")
+        pg.sql("INSERT INTO ledger SELECT g, md5(g::text) FROM generate_series(201, 300) g")  # t2
         digest = pg.sql("SELECT md5(string_agg(id || ':' || note, ',' ORDER BY id)) FROM ledger")
+        moment = pg.sql("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')")
+        time.sleep(1.5)
+        pg.sql("SELECT pg_switch_wal()")
+        pg.sql("INSERT INTO ledger SELECT g, 'after the moment' FROM generate_series(301, 350) g")  # t3
         last = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
         wait_for(lambda: any(f"/{last}-" in key for key in at_s3("wal/walpg")), 60, what=f"{last} at S3")
         assert all(key.endswith(".age") for key in at_s3("wal/walpg") if f"/{last}-" in key)
@@ -966,7 +972,7 @@ def test_after_losing_the_host_pitr_recovers_from_the_encrypted_s3_copies_alone(
 
         data = make_tempdir("pgbeat-pitr-s3-data-") / "data"
         port = free_port()
-        restored = world.pgbeat("restore", "--pitr", "--target", "walpg", "--to", "latest", "--data-dir", str(data),
+        restored = world.pgbeat("restore", "--pitr", "--target", "walpg", "--to", moment, "--data-dir", str(data),
                                 "--start", "--port", str(port), "--server-pgbeat", str(archiving.pgbeat_script),
                                 "--identity", str(identity), "--timeout", "120")
         assert restored.returncode == 0, restored.stdout + restored.stderr
@@ -974,7 +980,7 @@ def test_after_losing_the_host_pitr_recovers_from_the_encrypted_s3_copies_alone(
                                     "postgres", "-d", "postgres", "-c",
                                     "SELECT md5(string_agg(id || ':' || note, ',' ORDER BY id)) FROM ledger"],
                                    capture_output=True, text=True)
-        assert recovered.stdout.strip() == digest, recovered.stdout + recovered.stderr
+        assert recovered.stdout.strip() == digest, recovered.stdout + recovered.stderr  # t1 and t2, not t3
     finally:
         if data is not None and data.exists():
             subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "-m",
