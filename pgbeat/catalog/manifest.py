@@ -99,6 +99,7 @@ WARNING_KINDS = {
     "disk": "BACKUP_ROOT is running out of space",
     "empty": "the database had no tables: the backup holds no data",
     "rotate": "what the rotate step reported (backups dated in the future, removals that failed)",
+    "standby": "the standby it prefers could not be used: the backup was taken from the primary",
     "other": "a warning of an older manifest, from before warnings had a kind",
 }
 # How a manifest of version 2 or older spelled the warnings that status tells apart (upgrade only).

@@ -5,7 +5,8 @@
 - much slower than usual;
 - BACKUP_ROOT running out of space;
 - a database without tables (a wrong `dbname`, or a schema-only database): a backup of nothing;
-- the clock of the worker that made it far from the database server's (or the server's not read).
+- the clock of the worker that made it far from the database server's (or the server's not read);
+- the standby the target prefers passed over: the backup read the primary.
 
 Each is a `BackupWarning` with a kind (catalog.manifest.WARNING_KINDS): status and metrics decide by
 the kind, the text is for people. "Previous" is by the one order of backups (`catalog.order_key`: the
@@ -90,6 +91,12 @@ def clock_warnings(current: Entry) -> list[BackupWarning]:
     return []
 
 
+def standby_warnings(current: Entry) -> list[BackupWarning]:
+    """Say when the standby the target prefers was passed over and the primary was read instead."""
+    note = current.manifest.steps.get("dump", {}).get("source_note")
+    return [BackupWarning(kind="standby", text=note)] if note else []
+
+
 def human_duration(seconds: float) -> str:
     for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
         if seconds >= size:
@@ -101,4 +108,5 @@ def backup_warnings(settings: Settings, current: Entry) -> list[BackupWarning]:
     entries = list_backups(settings.backup_root, current.manifest.target, current.manifest.tier)
     previous = [e for e in entries if order_key(e) < order_key(current)]
     return (empty_warnings(current) + comparison_warnings(current, previous, settings.monitoring)
-            + clock_warnings(current) + disk_warnings(settings.backup_root, settings.monitoring))
+            + clock_warnings(current) + standby_warnings(current)
+            + disk_warnings(settings.backup_root, settings.monitoring))

@@ -37,6 +37,7 @@ from pgbeat.postgres.client import client_env
 from pgbeat.postgres.clients import client_for_major, major_of
 from pgbeat.postgres.clock import PendingReading, ask_server_time
 from pgbeat.postgres.process import Supervised
+from pgbeat.postgres.standby import backup_source
 from pgbeat.settings import Settings, Target
 from pgbeat.steps.compress import BlockWriter, decompressing_reader, write_block_index
 from pgbeat.steps.dump import abandon, classify_failure, client_for_target, stream_blocks, widen_pipe
@@ -87,7 +88,10 @@ def base_backup_step(ctx: StepContext, run: Run) -> Run:
     Raise DumpError (TransientDumpError for a server that is down) if pg_basebackup fails, CancelledError
     if the run was cancelled; in every case no partial output is left behind.
     """
-    target = ctx.target(run)
+    source = backup_source(ctx.target(run))
+    if source.note:
+        log.warning("%s: %s", run.target, source.note)
+    target = source.server  # the standby prefer_standby chose (pg_basebackup reads a standby too), or the primary
     work = private_dir(run.work())
     output = run.work(run.name)
     remove_path(output)  # a previous, interrupted attempt of this run
@@ -140,7 +144,8 @@ def base_backup_step(ctx: StepContext, run: Run) -> Run:
                       physical=PhysicalInfo(timeline=timeline, start_lsn=start_lsn, end_lsn=end_lsn,
                                             stop_time=stop_time,
                                             client_version=client.client.version),
-                      client_dir=str(client.client.bin_dir), client_note=client.note)
+                      client_dir=str(client.client.bin_dir), client_note=client.note,
+                      source=target.describe(), source_note=source.note)
     if writer is not None:
         write_block_index(output, writer.sizes)
         info.blocks = len(writer.sizes)

@@ -76,6 +76,8 @@ class DumpResult(ArtifactResult):
     pg_dump_version: str | None = Field(None, description="the version of the client program that ran")
     client_dir: str | None = Field(None, description="its bin folder (pgbeat.postgres.clients)")
     client_note: str | None = Field(None, description="why a client of another major than the server's ran")
+    source: str | None = Field(None, description="the server read (a standby's, when prefer_standby chose it)")
+    source_note: str | None = Field(None, description="why the preferred standby was not read")
     warnings: list[str] = Field(default_factory=list, description="pg_dump's last lines on stderr")
     # The server's clock as pg_dump started (pgbeat.postgres.clock), or why it could not be read.
     clock: ServerReading | None = None

@@ -280,6 +280,27 @@ class Compression(Strict):
         return data
 
 
+class StandbySpec(Strict):
+    """A standby of the target's server that backups prefer (`prefer_standby`): dumps and base backups read
+    it instead of the primary while it replays close enough behind; otherwise they read the primary and
+    say why. Unset connection keys are the target's."""
+
+    host: Name = Field(examples=["db1-replica.internal"])
+    port: int | None = Field(None, ge=1, le=65535, description="unset: the target's", examples=[5432])
+    user: Name | None = Field(None, description="unset: the target's")
+    password: SecretStr | None = Field(None, description="unset: the target's (prefer a passfile)")
+    passfile: ConfigPath | None = Field(None, examples=["/etc/pgbeat/replica.pgpass"])
+    sslmode: SslMode | None = Field(None, examples=["require"])
+    max_lag_bytes: int = Field(16 << 20, ge=0, le=MAX_BYTES, description="how far the standby's replay may be "
+                                                                          "behind the primary's WAL; further "
+                                                                          "behind, the primary is backed up")
+
+    def connection(self) -> dict[str, Any]:
+        """The connection fields that differ from the target's."""
+        keys = ("host", "port", "user", "password", "passfile", "sslmode")
+        return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
+
+
 class WalSpec(Strict):
     """Continuous WAL archiving (`archive_command = 'pgbeat wal-push %p --target NAME'`, see README)."""
 
@@ -336,6 +357,9 @@ class TargetOptions(Strict):
                                                             "gcs or ssh, each with its own keys")
     encryption: EncryptionSpec | None = Field(None, description="age encryption of every copy")
     wal: WalSpec = Field(default_factory=lambda: WalSpec())
+    prefer_standby: StandbySpec | None = Field(None, description="take dumps and base backups from this standby "
+                                                                 "while it is in sync (max_lag_bytes); else "
+                                                                 "from the primary, with a warning")
     safety_backups: int = Field(3, ge=1, le=MAX_KEEP_COUNT,
                                 description="safety backups (pre_restore_*) kept per target: after a restore "
                                             "succeeds, and at `pgbeat rotate`, the oldest beyond this are removed")
@@ -407,6 +431,12 @@ class Target(TargetOptions):
     def drill_server(self) -> Target:
         """The connection drills restore into: this target with the drill's server overrides."""
         return self.model_copy(update=self.drill.server)
+
+    def standby_server(self) -> Target | None:
+        """The connection to the standby backups prefer (`prefer_standby`), or None."""
+        if self.prefer_standby is None:
+            return None
+        return self.model_copy(update={**self.prefer_standby.connection(), "prefer_standby": None})
 
 
 def quote_conninfo(value: str) -> str:

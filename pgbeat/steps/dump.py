@@ -29,6 +29,7 @@ from pgbeat.postgres.clock import SKEW_WARNING, PendingReading
 from pgbeat.postgres.lockwatch import DumpProgress, LockWatch
 from pgbeat.postgres.process import Supervised, last_error_line
 from pgbeat.postgres.sqlscan import DumpScanner
+from pgbeat.postgres.standby import backup_source
 from pgbeat.runlog import human_size
 from pgbeat.settings import Settings, Target
 from pgbeat.steps.compress import BLOCK, BlockWriter, write_block_index
@@ -178,7 +179,10 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
     Raise DumpError (or TransientDumpError) if pg_dump fails or the dump is incomplete, CancelledError
     if the run was cancelled; in every case no partial output is left behind.
     """
-    target = ctx.target(run)
+    source = backup_source(ctx.target(run))
+    if source.note:
+        log.warning("%s: %s", run.target, source.note)
+    target = source.server  # the standby prefer_standby chose, or the target's own server
     work = private_dir(run.work())
     streaming = target.format == "plain" and target.streaming and run.codec != "none"
     output = run.work(run.name) if target.format != "plain" or streaming else run.work("dump.sql")
@@ -249,7 +253,8 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
     size = tree_size(output)
     info = DumpResult(path=str(output), size=size, started_at=started, duration_s=round(time.monotonic() - t0, 3),
                       pg_dump_version=client.client.version, client_dir=str(client.client.bin_dir),
-                      client_note=client.note, warnings=proc.stderr_text()[-8:])
+                      client_note=client.note, warnings=proc.stderr_text()[-8:], source=target.describe(),
+                      source_note=source.note)
     if clock is not None:
         info.clock, info.server_time, info.clock_skew_s = clock, clock.server_time, clock.skew_s
         if abs(clock.skew_s) > SKEW_WARNING.total_seconds():

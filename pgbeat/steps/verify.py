@@ -47,7 +47,8 @@ from pgbeat.steps.tablefiles import COPY_END, list_archive, read_data_file, read
 
 log = logging.getLogger(__name__)
 # What the manifest keeps of each step's result: when it ran, how long it took, what it made.
-MANIFEST_STEP_FIELDS = {"started_at", "duration_s", "size", "ratio", "passthrough", "client_dir", "client_note"}
+MANIFEST_STEP_FIELDS = {"started_at", "duration_s", "size", "ratio", "passthrough", "client_dir", "client_note",
+                        "source", "source_note"}
 VERIFY_WROTE_MANIFEST = faults.declare("verify.wrote-manifest", "the manifest is in the work folder, not yet "
                                                                 "the .sha256")
 
