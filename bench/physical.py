@@ -34,12 +34,15 @@ sys.path.insert(0, str(ROOT))
 from bench.pgbackrest_peer import PgBackRest, available  # noqa: E402
 from tests.support import VENV_BIN, PgCluster, free_port, make_tempdir, postgres_user_pgbeat, wait_for  # noqa: E402
 
+OUTPUTS: dict[str, str] = {}  # the last stdout of each pgbeat command, for its own phase timings
+
 
 def timed(argv: list[str], env: dict[str, str] | None = None, cwd: str = "/") -> float:
     start = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:6])} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    OUTPUTS[" ".join(argv[1:3])] = done.stdout
     return time.monotonic() - start
 
 
@@ -122,6 +125,8 @@ def main() -> int:
         backups: dict[str, list[tuple[float, int]]] = {}
         for run in range(args.runs):
             folder = base / f"basebackup-{run}"
+            folder.mkdir()
+            subprocess.run(["chown", "postgres:postgres", str(folder)], check=True)
             seconds = timed(as_postgres(str(pg.bin / "pg_basebackup"), "-h", pg.host, "-p", str(pg.port), "-U",
                                         "postgres", "-D", str(folder), "-Ft", "-z", "-X", "fetch",
                                         "--checkpoint=fast"))
@@ -200,6 +205,9 @@ def main() -> int:
         print(f"\n{'restore (RTO)':56} {'seconds':>16} {'x pgBackRest':>13}")
         for name, runs in restores.items():
             print(f"{name:56} {', '.join(f'{s:.1f}' for s in runs):>16} {min(runs) / peer_best:13.2f}")
+        phases = [line.strip() for line in OUTPUTS.get("restore --pitr", "").splitlines() if line.startswith("  ")]
+        if phases:
+            print(f"\npgbeat restore --pitr, its phases: {phases[-1]}")
         return 0
     finally:
         if pg is not None:

@@ -869,6 +869,7 @@ def restore_pitr_cmd(target_name: str | None, file: str | None, latest: bool, in
                                                  markup=True))
     except PgbeatError as exc:
         fail(exc)
+    out.print("  " + ", ".join(f"{step} {seconds:.1f}s" for step, seconds in result.steps.items()), markup=False)
     if not result.started:
         out.print(f"Ready: start it with pg_ctl -D {result.data_dir} start (it recovers to {result.goal}, "
                   "then is promoted)", markup=False)
