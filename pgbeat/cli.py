@@ -1029,6 +1029,45 @@ def wal_fetch(wal_name: str, dest: Path, target_name: str) -> None:
         sys.exit(EXIT_FETCH_FAILED)
 
 
+@main.command("receive")
+@click.option("--target", "target_name", type=TargetName(), help="Only this target (default: every target with "
+                                                                  "wal.receiver).")
+def receive_cmd(target_name: str | None) -> None:
+    """Stream the WAL of the targets with wal.receiver (pg_receivewal) and archive it, in the foreground.
+
+    One receiver per target across the fleet holds a Redis lease; the others wait to take over. The
+    worker runs the same in a thread; this command is for a host without one. Ctrl-C or SIGTERM stops it.
+    """
+    import signal
+
+    from pgbeat.wal.receiver import receiver_targets, run_receivers
+
+    settings = settings_or_exit(writes=True)
+    if settings.broker_url is None:
+        fail(errors.UsageError("pgbeat receive needs the broker's Redis (broker_url) for its lease",
+                               hint="one receiver per target across the fleet is kept by a Redis lease"))
+    if target_name is not None:
+        settings.target(target_name)  # an unknown name is said as everywhere else
+    targets = receiver_targets(settings, target_name)
+    if not targets:
+        fail(errors.UsageError(f"{target_name} does not have wal.receiver set" if target_name
+                               else "no target has wal.receiver set",
+                               hint="set `wal: {receiver: true}` on the target (README, WAL receiver)"))
+    stop = threading.Event()
+    # SIGTERM (systemd, kill) stops as Ctrl-C does: pg_receivewal stopped, the lease released.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threads = run_receivers(settings, targets, stop)
+    err.print(f"pgbeat receive: {', '.join(t.name for t in targets)} on {settings.node}", markup=False)
+    try:
+        while not stop.wait(1):
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    err.print("pgbeat receive: stopped", markup=False)
+
+
 @main.command("check")
 @click.option("--target", "target_name", type=TargetName(), required=True, help="The target to check.")
 @click.option("--timeout", type=Seconds(), default=60, show_default=True,
