@@ -1,0 +1,176 @@
+"""The WAL receiver (`wal.receiver`, `pgbeat receive`) against real parts: a throwaway cluster with no
+archive_command, a real Redis, and two `pgbeat receive` processes playing two worker hosts (PGBEAT_NODE).
+Exactly one holds the lease and streams; its segments land in the local archive as wal-push stores them;
+SIGKILLed, the other takes over within a minute with no segment missing; a base backup plus the received
+WAL recovers to a moment between two commits through `restore --pitr` (wal-fetch as postgres).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pgbeat.coordination.leases import parse_token, receiver_lease_key
+from pgbeat.wal.archive import STORED_NAME, following_segments
+from pgbeat.wal.receiver import completed_files, slot_name
+from tests.integration.test_wal import (  # noqa: F401 - postgres_venv: the fixture
+    WalWorld,
+    chown_postgres,
+    postgres_ids,
+    postgres_venv,
+)
+from tests.support import PG_BIN, VENV_BIN, PgCluster, free_port, make_tempdir, wait_for
+
+pytestmark = pytest.mark.integration
+
+TARGET = "recv"
+
+
+def test_slot_names_are_what_postgresql_accepts():
+    assert slot_name("erp_db") == "pgbeat_erp_db"
+    assert slot_name("ERP-db.1") == "pgbeat_erp_db_1"
+    assert len(slot_name("x" * 200)) == 63
+
+
+def test_only_completed_wal_files_are_archived_history_first(tmp_path):
+    for name in ("000000010000000000000004", "000000010000000000000003", "000000010000000000000005.partial",
+                 "00000002.history", ".pgpass", "000000010000000000000006.tmp"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in completed_files(tmp_path)] == [
+        "00000002.history", "000000010000000000000003", "000000010000000000000004"]
+    assert completed_files(tmp_path / "absent") == []
+
+
+class Receiving:
+    """A cluster without archive_command, a WalWorld for it, and `pgbeat receive` processes as hosts."""
+
+    def __init__(self, base, redis_url: str, pgbeat_script) -> None:
+        self.base, self.redis_url, self.pgbeat_script = base, redis_url, pgbeat_script
+        self.cluster = PgCluster(base, "recvpg")
+        self.world = WalWorld(base / "cfg", [{"name": TARGET, "dbname": "postgres", "host": "127.0.0.1",
+                                              "port": self.cluster.port, "user": "postgres",
+                                              "wal": {"receiver": True}, "tiers": {"base": {"enabled": True}}}])
+        self.world.base.chmod(0o755)
+        (self.world.backup_root / "wal").mkdir()
+        chown_postgres(self.world.backup_root / "wal")  # the restored server's wal-fetch reads it as postgres
+        self.hosts: dict[str, subprocess.Popen] = {}
+
+    def start(self, node: str) -> subprocess.Popen:
+        env = self.world.env(PGBEAT_NODE=node, CELERY_BROKER_URL=self.redis_url)
+        with open(self.base / f"receive-{node}.log", "w") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen([str(VENV_BIN / "pgbeat"), "-v", "receive"], cwd=self.world.base, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
+        self.hosts[node] = proc
+        return proc
+
+    def log(self, node: str) -> str:
+        return (self.base / f"receive-{node}.log").read_text()
+
+    def holder(self) -> dict | None:
+        import redis
+
+        return parse_token(redis.Redis.from_url(self.redis_url).get(receiver_lease_key(TARGET)))
+
+    def slot_active(self) -> bool:
+        return self.cluster.sql(f"SELECT active FROM pg_replication_slots WHERE slot_name = '{slot_name(TARGET)}'") \
+            == "t"
+
+    def switch(self) -> str:
+        return self.cluster.sql("SELECT pg_walfile_name(pg_switch_wal())")
+
+    def stored_segments(self) -> list[str]:
+        names = [m["wal"] for p in self.world.archive(TARGET).rglob("*")
+                 if not p.name.startswith(".") and (m := STORED_NAME.fullmatch(p.name))]
+        return sorted(n for n in names if len(n) == 24)
+
+    def destroy(self) -> None:
+        for proc in self.hosts.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.cluster.destroy()
+
+
+@pytest.fixture
+def receiving(redis_server, postgres_venv):  # noqa: F811
+    base = make_tempdir("pgbeat-recv-")
+    world = Receiving(base, redis_server.url, postgres_venv)
+    yield world
+    world.destroy()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_one_receiver_streams_another_takes_over_without_a_gap_and_pitr_recovers(receiving):
+    pg, world = receiving.cluster, receiving.world
+    first, second = receiving.start("hosta"), receiving.start("hostb")
+    holder = wait_for(receiving.holder, 30, what="a receiver to take the lease")
+    wait_for(receiving.slot_active, 30, what="pg_receivewal streaming from the slot")
+    procs = {"hosta": first, "hostb": second}
+    holding, standing_by = holder["node"], ({"hosta", "hostb"} - {holder["node"]}).pop()
+    assert int(holder["pid"]) == procs[holding].pid
+    assert int(pg.sql("SELECT count(*) FROM pg_stat_replication")) == 1  # only one streams
+
+    based = world.pgbeat("backup", "base", "--target", TARGET)
+    assert based.returncode == 0, based.stdout + based.stderr
+
+    pg.sql("CREATE TABLE moments (id int, at timestamptz DEFAULT clock_timestamp())")
+    pg.sql("INSERT INTO moments (id) VALUES (1)")  # t1
+    t0 = time.monotonic()
+    one = receiving.switch()
+    wait_for(lambda: world.stored(one, TARGET), 20, what=f"{one} received and archived")
+    assert time.monotonic() - t0 < 10
+    [stored] = world.stored(one, TARGET)
+    assert stored.stat().st_uid == postgres_ids()[0] and stored.stat().st_mode & 0o777 == 0o600
+    assert not (world.backup_root / ".work" / f"receive-{TARGET}" / one).exists()  # removed once archived
+
+    # The holder's host dies: the other takes the lease once it expires, and its pg_receivewal goes on
+    # from the slot.
+    procs[holding].send_signal(signal.SIGKILL)
+    procs[holding].wait()
+    killed = time.monotonic()
+    taken = wait_for(lambda: (h := receiving.holder()) and h["node"] == standing_by and h, 60,
+                     what=f"{standing_by} to take over the lease")
+    assert int(taken["pid"]) == procs[standing_by].pid
+    wait_for(receiving.slot_active, 30, what="the new holder's pg_receivewal streaming")
+    assert time.monotonic() - killed < 60
+
+    pg.sql("INSERT INTO moments (id) VALUES (2)")  # t2
+    moment = pg.sql("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')")
+    time.sleep(1.2)
+    pg.sql("INSERT INTO moments (id) VALUES (3)")  # t3
+    two = receiving.switch()
+    wait_for(lambda: world.stored(two, TARGET), 30, what=f"{two} archived by the new holder")
+
+    # No gap: every segment from the first received to the last is in the archive.
+    segments = receiving.stored_segments()
+    assert segments[-1] == two and one in segments
+    assert segments == [segments[0], *following_segments(segments[0], len(segments) - 1)], segments
+
+    data = make_tempdir("pgbeat-recv-pitr-") / "data"
+    port = free_port()
+    try:
+        restored = world.pgbeat("restore", "--pitr", "--target", TARGET, "--to", moment, "--data-dir", str(data),
+                                "--start", "--port", str(port), "--server-pgbeat", str(receiving.pgbeat_script),
+                                "--timeout", "120")
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        rows = subprocess.run([str(PG_BIN / "psql"), "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(port), "-U",
+                               "postgres", "-d", "postgres", "-c", "SELECT string_agg(id::text, ',' ORDER BY id) "
+                               "FROM moments"], capture_output=True, text=True)
+        assert rows.stdout.strip() == "1,2", rows.stdout + rows.stderr + restored.stdout
+    finally:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_ctl"), "-D", str(data), "-m",
+                        "immediate", "-w", "stop"], capture_output=True)
+        shutil.rmtree(data.parent, ignore_errors=True)
+
+    # A clean stop: one line, pg_receivewal gone, the lease released for another host at once.
+    procs[standing_by].send_signal(signal.SIGTERM)
+    assert procs[standing_by].wait(40) == 0
+    assert receiving.log(standing_by).rstrip().endswith("pgbeat receive: stopped"), receiving.log(standing_by)
+    assert receiving.holder() is None
+    wait_for(lambda: not receiving.slot_active(), 10, what="pg_receivewal to stop")
+    assert os.path.isdir(world.backup_root / ".work" / f"receive-{TARGET}")
