@@ -1128,6 +1128,18 @@ def archiving_text(settings: Settings, a) -> str:
     return f"{lag}; {archived}; {failed}"
 
 
+def receiver_text(settings: Settings, r) -> str:
+    """The "receiver" line of a target with wal.receiver (pgbeat.wal.receiver.ReceiverStatus), in rich markup."""
+    if r.error:
+        return f"[yellow]unknown[/yellow]: {escape(r.error)}"
+    last = (f"last archived {r.last_segment} at {local_time(settings, r.last_at)}" if r.last_segment
+            else "nothing archived yet")
+    if r.holder is None:
+        return f"[red]no host streams[/red] (the slot keeps the WAL on the server); {last}"
+    since = f" since {local_time(settings, r.since)}" if r.since else ""
+    return f"[green]streaming on {escape(r.holder)}[/green]{since}; {last}"
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(as_json: bool) -> None:
@@ -1184,7 +1196,10 @@ def status(as_json: bool) -> None:
         else:
             out.print(f"wal {escape(w.target)}: [green]restorable {window}[/green] ({w.segments} segment(s) up to "
                       f"{w.end_segment}{timelines})", markup=True)
-        if w.archiving is not None:
+        if w.receiver is not None:
+            out.print(f"receiver {escape(w.target)}: {receiver_text(settings, w.receiver)}", markup=True)
+        # A receiver streams the WAL: archive_mode is rightly off then, and pg_stat_archiver says nothing.
+        if w.archiving is not None and not (settings.target(w.target).wal.receiver and w.archiving.reachable):
             out.print(f"archiving {escape(w.target)}: {archiving_text(settings, w.archiving)}", markup=True)
     if report.orphans:
         out.line("not in the configuration (rotated by `defaults` at `pgbeat rotate` unless pinned; "

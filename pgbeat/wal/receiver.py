@@ -268,14 +268,30 @@ def run_receivers(settings: Settings, targets: list[Target], stop: threading.Eve
     return threads
 
 
-def read_state(client, target: str) -> dict | None:
-    """The receiver of `target` as Redis knows it: who holds the lease now (None: nobody), and what the
-    last holder recorded (since, last segment archived)."""
+@dataclass
+class ReceiverStatus:
+    """A target's receiver as `pgbeat status` shows it: who holds the lease now (None: nobody streams), since
+    when, the last WAL file archived by a holder, or why Redis could not say."""
+
+    holder: str | None = None
+    since: str | None = None
+    last_segment: str | None = None
+    last_at: str | None = None
+    error: str | None = None
+
+
+def receiver_status(client, target: str) -> ReceiverStatus:
+    """Read `target`'s receiver lease and the state its holders recorded."""
+    from redis.exceptions import RedisError
+
     from pgbeat.coordination.leases import parse_token, receiver_lease_key, receiver_state_key
 
-    holder = parse_token(client.get(receiver_lease_key(target)))
-    raw = client.get(receiver_state_key(target))
+    try:
+        holder = parse_token(client.get(receiver_lease_key(target)))
+        raw = client.get(receiver_state_key(target))
+    except RedisError as exc:
+        return ReceiverStatus(error=f"Redis cannot be reached: {exc}")
     state = json.loads(raw) if raw else {}
     current = holder is not None and (state.get("node"), str(state.get("pid"))) == (holder["node"], holder["pid"])
-    return {"holder": holder["node"] if holder else None, "since": state.get("since") if current else None,
-            "last_segment": state.get("last_segment"), "last_at": state.get("last_at")}
+    return ReceiverStatus(holder=holder["node"] if holder else None, since=state.get("since") if current else None,
+                          last_segment=state.get("last_segment"), last_at=state.get("last_at"))

@@ -7,6 +7,7 @@ WAL recovers to a moment between two commits through `restore --pitr` (wal-fetch
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -150,6 +151,15 @@ def test_one_receiver_streams_another_takes_over_without_a_gap_and_pitr_recovers
     segments = receiving.stored_segments()
     assert segments[-1] == two and one in segments
     assert segments == [segments[0], *following_segments(segments[0], len(segments) - 1)], segments
+
+    shown = world.pgbeat("status", "--json", CELERY_BROKER_URL=receiving.redis_url)
+    assert shown.returncode == 0, shown.stderr
+    [wal] = json.loads(shown.stdout)["wal"]
+    assert wal["receiver"]["holder"] == standing_by and wal["receiver"]["since"], wal
+    assert wal["receiver"]["last_segment"] == two and wal["gap_count"] == 0, wal
+    text = world.pgbeat("status", CELERY_BROKER_URL=receiving.redis_url, COLUMNS="200")
+    assert f"receiver {TARGET}: streaming on {standing_by} since" in text.stdout, text.stdout
+    assert "archive_mode is off" not in text.stdout, text.stdout
 
     data = make_tempdir("pgbeat-recv-pitr-") / "data"
     port = free_port()
