@@ -48,6 +48,7 @@ STEADY_S = 60.0  # pg_receivewal ran this long: it was working, its exit starts 
 STATE_TTL_S = 30 * 86400
 SLOT_PREFIX = "pgbeat_"
 SLOT_MAX = 63  # NAMEDATALEN - 1
+SLOT_TIMEOUT_S = 60
 
 
 @dataclass
@@ -154,29 +155,38 @@ class TargetReceiver:
         self.state: ReceiverState | None = None
 
     def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.round()
+            except Exception:  # a thread that died would leave the target without a receiver on this host
+                log.exception("%s: the receiver failed unexpectedly; trying again in %.0f s", self.target.name,
+                              ACQUIRE_EVERY_S)
+                self.stop.wait(ACQUIRE_EVERY_S)
+
+    def round(self) -> None:
+        """Archive what is left in the receive folder, try for the lease, and while it is held receive."""
         from redis.exceptions import RedisError
 
         from pgbeat.coordination.leases import RedisLease, holder_gone
 
-        while not self.stop.is_set():
-            self.archive()  # what a receiver killed on this host left: archiving it again is harmless
-            cancel = CancelEvent()
-            lease = RedisLease(self.client, self.lease_key, LEASE_TTL_S, self.settings.node, "receiver",
-                               on_lost=lambda reason, cancel=cancel: cancel.cancel(f"lease lost: {reason}"))
-            try:
-                held = lease.acquire(take_over=holder_gone(self.settings.node))
-            except RedisError as exc:
-                log.warning("%s: cannot reach Redis for the receiver lease: %s", self.target.name, exc)
-                held = False
-            if not held:
-                self.stop.wait(ACQUIRE_EVERY_S)
-                continue
-            try:
-                log.info("%s: holding the receiver lease on %s", self.target.name, self.settings.node)
-                self.hold(cancel)
-            finally:
-                lease.release()
-                self.archive()  # what pg_receivewal completed before it was stopped
+        self.archive()  # what a receiver killed on this host left: archiving it again is harmless
+        cancel = CancelEvent()
+        lease = RedisLease(self.client, self.lease_key, LEASE_TTL_S, self.settings.node, "receiver",
+                           on_lost=lambda reason: cancel.cancel(f"lease lost: {reason}"))
+        try:
+            held = lease.acquire(take_over=holder_gone(self.settings.node))
+        except RedisError as exc:
+            log.warning("%s: cannot reach Redis for the receiver lease: %s", self.target.name, exc)
+            held = False
+        if not held:
+            self.stop.wait(ACQUIRE_EVERY_S)
+            return
+        try:
+            log.info("%s: holding the receiver lease on %s", self.target.name, self.settings.node)
+            self.hold(cancel)
+        finally:
+            lease.release()
+            self.archive()  # what pg_receivewal completed before it was stopped
 
     def hold(self, cancel: CancelEvent) -> None:
         """Run pg_receivewal until `cancel` (the lease lost) or `stop`, starting it again with a backoff
@@ -212,8 +222,11 @@ class TargetReceiver:
         except PgbeatError as exc:
             return f"cannot start pg_receivewal: {exc.message}"
         env = client_env(self.target, self.folder)
-        made = subprocess.run(create_slot_argv(program, self.target), env=env, capture_output=True, text=True,
-                              timeout=60)
+        try:
+            made = subprocess.run(create_slot_argv(program, self.target), env=env, capture_output=True, text=True,
+                                  timeout=SLOT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return f"creating the replication slot {slot_name(self.target.name)} took over {SLOT_TIMEOUT_S} s"
         if made.returncode != 0:
             return (f"cannot create the replication slot {slot_name(self.target.name)}: "
                     f"{last_error_line(made.stderr.splitlines()) or f'exit code {made.returncode}'}")

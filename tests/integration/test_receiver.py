@@ -168,6 +168,9 @@ def test_one_receiver_streams_another_takes_over_without_a_gap_and_pitr_recovers
     assert f"receiver {target}: streaming on {standing_by} since" in text.stdout, text.stdout
     assert "archive_mode is off" not in text.stdout, text.stdout
 
+    checked = world.pgbeat("check", "--target", target, "--timeout", "30")  # archive_mode is off: no matter
+    assert checked.returncode == 0 and "archived (local)" in checked.stdout, checked.stdout + checked.stderr
+
     data = make_tempdir("pgbeat-recv-pitr-") / "data"
     port = free_port()
     try:
@@ -209,15 +212,16 @@ def test_a_lost_lease_stops_pg_receivewal_at_once_and_a_failed_push_stays_for_th
     assert "tried again in the next round" in receiving.log("hosta")
 
     key = receiver_lease_key(target)
-    receiving.redis().set(key, "elsewhere|1|receiver|0123456789ab", px=20_000)
+    receiving.redis().set(key, "elsewhere|1|receiver|0123456789ab", px=90_000)  # outlasts the test
     stopped = wait_for(lambda: not receiving.slot_active() and time.monotonic(), 15,
                        what="pg_receivewal to stop once the lease is lost")
     assert "lost " in receiving.log("hosta") or "lease lost" in receiving.log("hosta"), receiving.log("hosta")
     time.sleep(3)
     assert not receiving.slot_active() and receiving.holder()["node"] == "elsewhere"
     assert failing.poll() is None  # it waits to take the lease again
-    failing.send_signal(signal.SIGTERM)
+    failing.send_signal(signal.SIGINT)  # Ctrl-C
     assert failing.wait(40) == 0
+    assert receiving.log("hosta").rstrip().endswith("pgbeat receive: stopped"), receiving.log("hosta")
     assert time.monotonic() - stopped < 40
 
     receiving.redis().delete(key)
