@@ -14,7 +14,8 @@ be installed for archive_command.
   `.history` file is archived with `push_one` (local archive, then every destination) and removed from
   the receive folder only after that succeeded. A failed push leaves it there for the next round.
 - pg_receivewal runs with `--no-loop`: when the connection drops it exits and is started again here with
-  a backoff, so that each attempt is made under the lease and with the slot checked again.
+  pgbeat's one backoff (1 s doubling to 30 s), so that each attempt is made under the lease and with the
+  slot checked again.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pgbeat.backoff import Backoff
 from pgbeat.errors import PgbeatError
 from pgbeat.fsutil import private_dir
 from pgbeat.pipeline.record import WORK_DIR
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 LEASE_TTL_S = 30  # RedisLease renews every TTL/3: 10 s
 ACQUIRE_EVERY_S = 5.0  # how often a process without the lease tries for it: takeover within TTL + this
 POLL_S = 0.5  # how often the receive folder is looked at for completed segments
-RESTART_BACKOFF_S = (1, 2, 5, 10, 30)  # pg_receivewal exited: wait this long before the next start
+RESTART_BACKOFF = Backoff(base=1.0, cap=30.0)  # pg_receivewal exited: the wait before its next start
 STEADY_S = 60.0  # pg_receivewal ran this long: it was working, its exit starts the backoff anew
 STATE_TTL_S = 30 * 86400
 SLOT_PREFIX = "pgbeat_"
@@ -203,8 +205,8 @@ class TargetReceiver:
             if cancel.is_set() or self.stop.is_set():
                 break
             failures = 0 if time.monotonic() - started > STEADY_S else failures + 1
-            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S)) - 1] if failures else 0
-            log.warning("%s: %s; starting it again in %d s", self.target.name, problem, delay)
+            delay = RESTART_BACKOFF.delay(failures) if failures else 0.0
+            log.warning("%s: %s; starting it again in %.0f s", self.target.name, problem, delay)
             deadline = time.monotonic() + delay
             while time.monotonic() < deadline and not cancel.is_set() and not self.stop.wait(POLL_S):
                 pass

@@ -19,7 +19,7 @@ import pytest
 
 from pgbeat.coordination.leases import parse_token, receiver_lease_key
 from pgbeat.wal.archive import STORED_NAME, following_segments
-from pgbeat.wal.receiver import completed_files, slot_name
+from pgbeat.wal.receiver import slot_name
 from tests.integration.test_wal import (  # noqa: F401 - postgres_venv: the fixture
     WalWorld,
     chown_postgres,
@@ -30,21 +30,6 @@ from tests.support import PG_BIN, VENV_BIN, PgCluster, free_port, make_tempdir, 
 
 pytestmark = pytest.mark.integration
 
-
-
-def test_slot_names_are_what_postgresql_accepts():
-    assert slot_name("erp_db") == "pgbeat_erp_db"
-    assert slot_name("ERP-db.1") == "pgbeat_erp_db_1"
-    assert len(slot_name("x" * 200)) == 63
-
-
-def test_only_completed_wal_files_are_archived_history_first(tmp_path):
-    for name in ("000000010000000000000004", "000000010000000000000003", "000000010000000000000005.partial",
-                 "00000002.history", ".pgpass", "000000010000000000000006.tmp"):
-        (tmp_path / name).write_bytes(b"x")
-    assert [p.name for p in completed_files(tmp_path)] == [
-        "00000002.history", "000000010000000000000003", "000000010000000000000004"]
-    assert completed_files(tmp_path / "absent") == []
 
 
 class Receiving:
