@@ -5,8 +5,10 @@ be installed for archive_command.
 - One receiver per target across the fleet: a Redis lease `pgbeat:receiver:<target>` (TTL 30 s, renewed
   every 10 s by a compare-and-renew, pgbeat.coordination.leases.RedisLease) is held while pg_receivewal
   runs; when it is lost (taken, expired, Redis gone longer than its TTL) pg_receivewal is stopped at once,
-  so that two receivers never stream one slot. Every other process with the target tries for the lease
-  every few seconds: a host that dies is replaced within TTL + a retry (under a minute).
+  so that two receivers never stream one slot (PostgreSQL refuses a second stream of an active slot too,
+  which covers the seconds before a lease lost to a Redis failover is noticed). Every other process with
+  the target tries for the lease every few seconds: a host that dies is replaced within TTL + a retry
+  (under a minute).
 - The server keeps the WAL in a physical replication slot `pgbeat_<target>` (created if missing), so a
   receiver that is down, or taken over, loses nothing: the next one starts where the slot says.
 - pg_receivewal writes into `BACKUP_ROOT/.work/receive-<target>` (`--synchronous`: each write flushed
