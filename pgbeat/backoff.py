@@ -1,8 +1,9 @@
 """The one backoff of every retry in pgbeat: exponential, capped, optionally jittered.
 
 Storage operations (`storage.wrappers.RetryingStorage`), notification deliveries, healthcheck pings and
-the pipeline's step retries (in-process and Celery countdowns, `pipeline.runner.backoff_delays`) all wait
-by `Backoff.delay`, and the loops that call again use `retry`.
+the pipeline's step retries (in-process and Celery countdowns, `pipeline.runner.backoff_delays`) and the
+WAL receiver's restarts of pg_receivewal all wait by `Backoff.delay`, and the loops that call again use
+`retry`.
 """
 
 from __future__ import annotations

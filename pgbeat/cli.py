@@ -1030,6 +1030,45 @@ def wal_fetch(wal_name: str, dest: Path, target_name: str) -> None:
         sys.exit(EXIT_FETCH_FAILED)
 
 
+@main.command("receive")
+@click.option("--target", "target_name", type=TargetName(), help="Only this target (default: every target with "
+                                                                  "wal.receiver).")
+def receive_cmd(target_name: str | None) -> None:
+    """Stream the WAL of the targets with wal.receiver (pg_receivewal) and archive it, in the foreground.
+
+    One receiver per target across the fleet holds a Redis lease; the others wait to take over. The
+    worker runs the same in a thread; this command is for a host without one. Ctrl-C or SIGTERM stops it.
+    """
+    import signal
+
+    from pgbeat.wal.receiver import receiver_targets, run_receivers
+
+    settings = settings_or_exit(writes=True)
+    if settings.broker_url is None:
+        fail(errors.UsageError("pgbeat receive needs the broker's Redis (broker_url) for its lease",
+                               hint="one receiver per target across the fleet is kept by a Redis lease"))
+    if target_name is not None:
+        settings.target(target_name)  # an unknown name is said as everywhere else
+    targets = receiver_targets(settings, target_name)
+    if not targets:
+        fail(errors.UsageError(f"{target_name} does not have wal.receiver set" if target_name
+                               else "no target has wal.receiver set",
+                               hint="set `wal: {receiver: true}` on the target (README, WAL receiver)"))
+    stop = threading.Event()
+    # SIGTERM (systemd, kill) stops as Ctrl-C does: pg_receivewal stopped, the lease released.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    threads = run_receivers(settings, targets, stop)
+    err.print(f"pgbeat receive: {', '.join(t.name for t in targets)} on {settings.node}", markup=False)
+    try:
+        while not stop.wait(1):
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    err.print("pgbeat receive: stopped", markup=False)
+
+
 @main.command("check")
 @click.option("--target", "target_name", type=TargetName(), required=True, help="The target to check.")
 @click.option("--timeout", type=Seconds(), default=60, show_default=True,
@@ -1090,6 +1129,18 @@ def archiving_text(settings: Settings, a) -> str:
     return f"{lag}; {archived}; {failed}"
 
 
+def receiver_text(settings: Settings, r) -> str:
+    """The "receiver" line of a target with wal.receiver (pgbeat.wal.receiver.ReceiverStatus), in rich markup."""
+    if r.error:
+        return f"[yellow]unknown[/yellow]: {escape(r.error)}"
+    last = (f"last archived {r.last_segment} at {local_time(settings, r.last_at)}" if r.last_segment
+            else "nothing archived yet")
+    if r.holder is None:
+        return f"[red]no host streams[/red] (the slot keeps the WAL on the server); {last}"
+    since = f" since {local_time(settings, r.since)}" if r.since else ""
+    return f"[green]streaming on {escape(r.holder)}[/green]{since}; {last}"
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(as_json: bool) -> None:
@@ -1146,7 +1197,10 @@ def status(as_json: bool) -> None:
         else:
             out.print(f"wal {escape(w.target)}: [green]restorable {window}[/green] ({w.segments} segment(s) up to "
                       f"{w.end_segment}{timelines})", markup=True)
-        if w.archiving is not None:
+        if w.receiver is not None:
+            out.print(f"receiver {escape(w.target)}: {receiver_text(settings, w.receiver)}", markup=True)
+        # A receiver streams the WAL: archive_mode is rightly off then, and pg_stat_archiver says nothing.
+        if w.archiving is not None and not (settings.target(w.target).wal.receiver and w.archiving.reachable):
             out.print(f"archiving {escape(w.target)}: {archiving_text(settings, w.archiving)}", markup=True)
     if report.orphans:
         out.line("not in the configuration (rotated by `defaults` at `pgbeat rotate` unless pinned; "

@@ -50,6 +50,21 @@ def announce_and_clean(sender, **kwargs):
     settings = get_settings()
     recover_host(settings, "worker")
     threading.Thread(target=_heartbeat, args=(settings.node, sender), name="pgbeat-heartbeat", daemon=True).start()
+    start_receivers(settings)
+
+
+_stop_receivers = threading.Event()
+_receiver_threads: list[threading.Thread] = []
+
+
+def start_receivers(settings) -> None:
+    """Run the WAL receivers of the targets with wal.receiver in this worker's main process (one thread
+    each; the fleet-wide lease lets one worker host stream each target, the others stand by)."""
+    from pgbeat.wal.receiver import receiver_targets, run_receivers
+
+    targets = receiver_targets(settings)
+    if targets:
+        _receiver_threads.extend(run_receivers(settings, targets, _stop_receivers))
 
 
 def consumed_queues(consumer) -> list[str] | None:
@@ -73,6 +88,11 @@ def _heartbeat(node: str, consumer) -> None:
 
 @worker_shutdown.connect
 def leave(sender, **kwargs):
+    """Stop the heartbeat and the receivers (pg_receivewal stopped, their leases released for another
+    host to take at once), and leave the registry."""
     _stop_heartbeat.set()
+    _stop_receivers.set()
+    for thread in _receiver_threads:
+        thread.join(timeout=30)
     with contextlib.suppress(RedisError, AttributeError):
         NodeRegistry(redis_client(get_settings())).leave(get_settings().node, sender.hostname)

@@ -225,3 +225,13 @@ GLOBAL_SLOTS_KEY = f"{PREFIX}:slots:global"
 
 def step_lease_key(run_id: str, step: str) -> str:
     return f"{PREFIX}:lease:{run_id}:{step}"
+
+
+def receiver_lease_key(target: str) -> str:
+    """The lease of `target`'s WAL receiver: held by the one process in the fleet that streams its WAL."""
+    return f"{PREFIX}:receiver:{target}"
+
+
+def receiver_state_key(target: str) -> str:
+    """What the holder of `target`'s receiver lease last said: since when, and the last segment archived."""
+    return f"{PREFIX}:receiver:{target}:state"

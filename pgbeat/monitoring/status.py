@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgbeat.catalog.manifest import (
     Entry,
@@ -38,6 +38,9 @@ from pgbeat.catalog.manifest import (
 from pgbeat.schedule import min_interval, next_runs
 from pgbeat.settings import Settings
 from pgbeat.wal.archiver import ArchiverReading, read_archivers
+
+if TYPE_CHECKING:
+    from pgbeat.wal.receiver import ReceiverStatus
 
 OVERDUE_FACTOR = 1.5
 
@@ -164,6 +167,7 @@ class WalStatus:
     timelines: list[int] = field(default_factory=list)
     base_backups: int = 0  # none yet: nothing is restorable, whatever the archive holds
     archiving: ArchivingStatus | None = None
+    receiver: ReceiverStatus | None = None  # a target with wal.receiver, when a broker is configured
 
 
 def wal_status(settings: Settings, target: str, reading: ArchiverReading | None = None) -> WalStatus:
@@ -178,7 +182,18 @@ def wal_status(settings: Settings, target: str, reading: ArchiverReading | None 
                      window_end=walk.end_at.isoformat() if walk.end_at else None, end_segment=walk.end,
                      newest_segment=walk.newest, segments=walk.segments, gap_count=walk.gap_count, gaps=walk.gaps,
                      timelines=walk.timelines, base_backups=len(bases),
-                     archiving=archiving_status(reading, walk.newest) if reading is not None else None)
+                     archiving=archiving_status(reading, walk.newest) if reading is not None else None,
+                     receiver=receiver_of(settings, target))
+
+
+def receiver_of(settings: Settings, target: str) -> ReceiverStatus | None:
+    """The receiver's lease and state in Redis, for a target with wal.receiver (none without a broker)."""
+    if not settings.target(target).wal.receiver or settings.embedded:
+        return None
+    from pgbeat.coordination import redis_client
+    from pgbeat.wal.receiver import receiver_status
+
+    return receiver_status(redis_client(settings), target)
 
 
 @dataclass
@@ -203,7 +218,8 @@ class StatusReport:
         data["tiers"] = [{**vars(t), "size_anomaly": t.size_anomaly, "never": t.never} for t in self.tiers]
         data["drills"] = [dict(vars(d)) for d in self.drills]
         data["never_drilled"] = [dict(vars(n)) for n in self.never_drilled]
-        data["wal"] = [{**vars(w), "archiving": dict(vars(w.archiving)) if w.archiving else None} for w in self.wal]
+        data["wal"] = [{**vars(w), "archiving": dict(vars(w.archiving)) if w.archiving else None,
+                        "receiver": dict(vars(w.receiver)) if w.receiver else None} for w in self.wal]
         return data
 
 

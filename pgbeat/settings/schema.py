@@ -302,7 +302,8 @@ class StandbySpec(Strict):
 
 
 class WalSpec(Strict):
-    """Continuous WAL archiving (`archive_command = 'pgbeat wal-push %p --target NAME'`, see README)."""
+    """Continuous WAL archiving (`archive_command = 'pgbeat wal-push %p --target NAME'`, or a receiver; see
+    README)."""
 
     push_ahead: int = Field(8, ge=0, le=64, description="each wal-push also archives up to this many other "
                                                         "segments PostgreSQL has marked .ready, in parallel, so "
@@ -311,6 +312,12 @@ class WalSpec(Strict):
                                                       "downloads up to this many following segments into the "
                                                       "local archive, if it may write there, so that the next "
                                                       "calls find them (0 = none)")
+    receiver: bool = Field(False, description="stream the WAL with pg_receivewal over the replication protocol "
+                                              "instead of archive_command, from the worker pool (or `pgbeat "
+                                              "receive`): one receiver per target across the fleet (a Redis "
+                                              "lease), each completed segment archived as wal-push would; needs a "
+                                              "REPLICATION role, a pg_hba replication line and the broker's "
+                                              "Redis, and creates the slot pgbeat_<target> (README)")
 
 
 class TargetOptions(Strict):

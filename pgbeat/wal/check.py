@@ -45,7 +45,7 @@ def check_archiving(settings: Settings, target: Target, timeout: float) -> Check
         raise UnreachableError(exc.message) from None
     with conn:
         mode = conn.execute("SHOW archive_mode").fetchone()[0]
-        if mode == "off":
+        if mode == "off" and not target.wal.receiver:  # a receiver streams the WAL: no archiver needed
             raise WalError(f"{target.name}: archive_mode is off on {target.describe()}",
                            hint=f"set archive_mode = on and archive_command = 'pgbeat wal-push %p --target "
                                 f"{target.name}' in postgresql.conf, then restart PostgreSQL")

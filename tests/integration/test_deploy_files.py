@@ -80,6 +80,7 @@ COMMANDS = {
                      "--natural-time=True --max-tasks=10000 --persistent=True --db=/var/lib/pgbeat-flower/flower "
                      "--state-save-interval=60000",
     "pgbeat-metrics": "pgbeat metrics --listen 127.0.0.1:9810",
+    "pgbeat-receive": "pgbeat receive",
 }
 HARDENING = {
     "NoNewPrivileges": "yes", "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectSystem": "strict",
@@ -262,7 +263,7 @@ def seconds(span: str) -> int:
     return sum(int(number) * units[unit] for number, unit in re.findall(r"(\d+)\s*(min|h|m|s)", span))
 
 
-def test_units_are_the_four_services():
+def test_units_are_the_five_services():
     assert set(UNITS) == set(COMMANDS)
 
 
@@ -291,6 +292,8 @@ def test_worker_stops_warm_and_waits_for_the_longest_step():
                if line and not line.startswith("#"))
     assert service["ReadWritePaths"] == [env["BACKUP_ROOT"]]
     assert env["PGPASSFILE"] and env["FLOWER_ADDRESS"] == "127.0.0.1"
+    # The receiver archives WAL into the backup root, as the worker does.
+    assert parse_unit(UNITS["pgbeat-receive"])["Service"]["ReadWritePaths"] == [env["BACKUP_ROOT"]]
     for other in ("pgbeat-beat", "pgbeat-flower", "pgbeat-metrics"):
         paths = parse_unit(UNITS[other])["Service"].get("ReadWritePaths", [])
         assert all(path == env["BACKUP_ROOT"] + "/.state" for path in paths), other
