@@ -29,6 +29,9 @@ Names (all gauges):
   pgbeat_wal_archive_failing{target}                     1 = archive_command's last failure is newer than
                                                          its last success (archiving is failing now)
   pgbeat_wal_archive_failed_count{target}                pg_stat_archiver.failed_count (since stats_reset)
+  pgbeat_wal_receiver_streaming{target}                  wal.receiver: 1 = a host holds the receiver's lease
+                                                         and streams, 0 = no host does (absent: Redis unread)
+  pgbeat_wal_receiver_last_segment_timestamp_seconds{target}  when a receiver last archived a WAL file
   pgbeat_backup_root_free_bytes, pgbeat_backup_root_total_bytes  (BACKUP_ROOT's file system)
   pgbeat_backup_root_used_bytes                          bytes under BACKUP_ROOT
   pgbeat_runs_stuck, pgbeat_queue_oldest_age_seconds{queue}  (with a broker)
@@ -145,7 +148,16 @@ def families(report: StatusReport) -> Iterator[GaugeMetricFamily]:
                                                   "success.", ["target"])
     failed = gauge("pgbeat_wal_archive_failed_count", "Failed archive_command runs since the server's statistics "
                                                       "were reset (pg_stat_archiver.failed_count).", ["target"])
+    streaming = gauge("pgbeat_wal_receiver_streaming", "1 if a host holds the target's WAL receiver lease and "
+                                                       "streams, 0 if no host does.", ["target"])
+    received = gauge("pgbeat_wal_receiver_last_segment_timestamp_seconds",
+                     "When the target's WAL receiver last archived a WAL file.", ["target"])
     for w in report.wal:
+        r = w.receiver
+        if r is not None and r.error is None:  # Redis unread: unknown, not "down"
+            streaming.add_metric([w.target], 1.0 if r.holder else 0.0)
+            if r.last_at:
+                received.add_metric([w.target], timestamp(r.last_at))
         if w.base_backups:
             gaps.add_metric([w.target], float(w.gap_count))
         if w.window_start:
@@ -164,7 +176,8 @@ def families(report: StatusReport) -> Iterator[GaugeMetricFamily]:
             lag_seconds.add_metric([w.target], a.lag_seconds)
         failing.add_metric([w.target], 1.0 if a.failing else 0.0)
         failed.add_metric([w.target], float(a.failed_count))
-    yield from (gaps, window_start, window_end, reachable, lag_segments, lag_seconds, failing, failed)
+    yield from (gaps, window_start, window_end, reachable, lag_segments, lag_seconds, failing, failed, streaming,
+                received)
 
     free = gauge("pgbeat_backup_root_free_bytes", "Free space on BACKUP_ROOT's file system.", [])
     free.add_metric([], float(report.disk_free))

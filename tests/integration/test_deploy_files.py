@@ -32,6 +32,8 @@ VENV_BIN = Path(sys.executable).parent
 
 # The metrics the rules and the dashboard may use: what `pgbeat metrics` serves and what Flower exports.
 PGBEAT_METRICS = frozenset({
+    "pgbeat_wal_receiver_streaming",
+    "pgbeat_wal_receiver_last_segment_timestamp_seconds",
     "pgbeat_backup_last_success_timestamp_seconds",
     "pgbeat_backup_last_attempt_timestamp_seconds",
     "pgbeat_backup_last_status",

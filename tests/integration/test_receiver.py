@@ -26,7 +26,7 @@ from tests.integration.test_wal import (  # noqa: F401 - postgres_venv: the fixt
     postgres_ids,
     postgres_venv,
 )
-from tests.support import PG_BIN, VENV_BIN, PgCluster, free_port, make_tempdir, wait_for
+from tests.support import PG_BIN, VENV_BIN, PgCluster, clear_pgbeat_env, free_port, make_tempdir, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,23 @@ def receiving(redis_server, postgres_venv, request):  # noqa: F811
     shutil.rmtree(base, ignore_errors=True)
 
 
-def test_one_receiver_streams_another_takes_over_without_a_gap_and_pitr_recovers(receiving):
+def receiver_gauges(monkeypatch, receiving: Receiving) -> dict[str, float]:
+    """The pgbeat_wal_receiver_* samples /metrics would serve now, from settings loaded as the service's."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pgbeat.monitoring.metrics import registry_for
+    from pgbeat.settings import load_settings
+
+    clear_pgbeat_env(monkeypatch)
+    monkeypatch.setenv("PGBEAT_CONFIG", str(receiving.world.config_path))
+    monkeypatch.setenv("CELERY_BROKER_URL", receiving.redis_url)
+    text = generate_latest(registry_for(load_settings(env_file=None))).decode()
+    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith("pgbeat_wal_receiver_")}
+
+
+def test_one_receiver_streams_another_takes_over_without_a_gap_and_pitr_recovers(receiving, monkeypatch):
     pg, world, target = receiving.cluster, receiving.world, receiving.target
     first, second = receiving.start("hosta"), receiving.start("hostb")
     holder = wait_for(receiving.holder, 30, what="a receiver to take the lease")
@@ -152,6 +168,9 @@ def test_one_receiver_streams_another_takes_over_without_a_gap_and_pitr_recovers
     text = world.pgbeat("status", CELERY_BROKER_URL=receiving.redis_url, COLUMNS="200")
     assert f"receiver {target}: streaming on {standing_by} since" in text.stdout, text.stdout
     assert "archive_mode is off" not in text.stdout, text.stdout
+    gauges = receiver_gauges(monkeypatch, receiving)
+    assert gauges["pgbeat_wal_receiver_streaming"] == 1
+    assert abs(gauges["pgbeat_wal_receiver_last_segment_timestamp_seconds"] - time.time()) < 300
 
     checked = world.pgbeat("check", "--target", target, "--timeout", "30")  # archive_mode is off: no matter
     assert checked.returncode == 0 and "archived (local)" in checked.stdout, checked.stdout + checked.stderr
@@ -177,6 +196,7 @@ def test_one_receiver_streams_another_takes_over_without_a_gap_and_pitr_recovers
     assert procs[standing_by].wait(40) == 0
     assert receiving.log(standing_by).rstrip().endswith("pgbeat receive: stopped"), receiving.log(standing_by)
     assert receiving.holder() is None
+    assert receiver_gauges(monkeypatch, receiving)["pgbeat_wal_receiver_streaming"] == 0  # the alert's input
     wait_for(lambda: not receiving.slot_active(), 10, what="pg_receivewal to stop")
     assert os.path.isdir(receiving.received())
 
