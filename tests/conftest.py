@@ -79,3 +79,18 @@ def pg3(session_dir):
     cluster = PgCluster(session_dir, "pg3")
     yield cluster
     cluster.destroy()
+
+
+@pytest.fixture
+def own_celery_app():
+    """A Celery app of the test's own, current while it runs: the `tasks.*` modules' shared tasks resolve to
+    it whatever app an earlier test left current (an integration test's `Celery(broker=...)`)."""
+    from celery import Celery
+    from celery._state import get_current_app
+
+    before = get_current_app()
+    app = Celery("pgbeat-unit-tests", set_as_current=True)
+    app.finalize()
+    yield app
+    app.close()
+    before.set_current()

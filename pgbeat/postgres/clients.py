@@ -80,6 +80,15 @@ def major_of(version: str) -> int:
     return int(match.group())
 
 
+def recorded_major(version: str | None) -> int:
+    """The major of the pg_dump version a manifest records, 0 when unknown: the field is outside the seal
+    (pgbeat.catalog.manifest.UNSEALED), so a missing or damaged value means "not known", never a crash."""
+    try:
+        return major_of(version) if version else 0
+    except ValueError:
+        return 0
+
+
 def server_major(conn: psycopg.Connection) -> int:
     """The major of the server `conn` is connected to, from server_version_num (which libpq learns at
     connection time: no query)."""
@@ -239,7 +248,7 @@ def archive_reader(settings: Settings, target: Target | None, dumped_with: str |
     """The client whose pg_restore reads an archive written by pg_dump `dumped_with` ("18.1"): of that
     major or newer (pg_restore refuses an archive of a newer format). A backup whose pg_dump version is
     not recorded gets the newest installed client, which reads every older archive."""
-    wanted = major_of(dumped_with) if dumped_with else 0
+    wanted = recorded_major(dumped_with)
     what = f"a backup made by pg_dump {dumped_with}" if dumped_with else "a backup of an unrecorded pg_dump"
     return client_for_major(settings, target, wanted, what, "pg_restore")
 

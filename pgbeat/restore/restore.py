@@ -54,7 +54,7 @@ from pgbeat.pipeline.runner import Plan, run_steps
 from pgbeat.pipeline.steps_table import Step, step
 from pgbeat.postgres import sqlscan
 from pgbeat.postgres.client import MAINTENANCE_DB, client_env, connect, ident
-from pgbeat.postgres.clients import ClientChoice, client_for_major, major_of, server_major
+from pgbeat.postgres.clients import ClientChoice, client_for_major, recorded_major, server_major
 from pgbeat.postgres.process import Supervised, last_error_line
 from pgbeat.restore.journal import (
     RETIRED_PREFIX,
@@ -629,7 +629,7 @@ def loading_client(settings: Settings, server: Target, conn: psycopg.Connection,
     `force_older`: a newer pg_dump writes what an older server may reject (pg_dump 17 and newer write
     `SET transaction_timeout`, unknown to PostgreSQL 16 and older), and ON_ERROR_STOP stops there."""
     major = server_major(conn)
-    dumped = major_of(manifest.pg_dump_version) if manifest.pg_dump_version else 0
+    dumped = recorded_major(manifest.pg_dump_version)
     where = server.describe().rsplit("/", 1)[0]
     if major < dumped and not force_older:
         raise RestoreRefused(

@@ -19,7 +19,7 @@ def task(name: str):
     return getattr(importlib.import_module(f"tasks.{name}"), name)
 
 
-def test_each_task_of_a_target_names_its_target_and_tier(monkeypatch, tmp_path):
+def test_each_task_of_a_target_names_its_target_and_tier(monkeypatch, tmp_path, own_celery_app):
     for key in list(os.environ):
         if key.startswith(("DB_", "CELERY_", "PGBEAT_", "TARGET_NAME", "BACKUP_ROOT")):
             monkeypatch.delenv(key)

@@ -53,7 +53,7 @@ def settings(monkeypatch, tmp_path) -> Settings:
     return load_settings(env_file=None)
 
 
-def test_the_table_is_the_one_definition_of_the_chain(settings):
+def test_the_table_is_the_one_definition_of_the_chain(settings, own_celery_app):
     """STEPS, the settings' names, the Celery tasks and the Celery chain all come from the table."""
     from workers.chain import build_chain
 
