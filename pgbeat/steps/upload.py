@@ -32,9 +32,11 @@ from pgbeat.catalog.manifest import (
     MANIFEST_SUFFIX,
     STAMP_FORMAT,
     Entry,
+    GlobalsInfo,
     Manifest,
     backup_name,
     checksum_path,
+    is_globals_name,
     manifest_lock_path,
     manifest_path,
     parse_name,
@@ -43,6 +45,7 @@ from pgbeat.catalog.manifest import (
 )
 from pgbeat.errors import StorageError, VerifyError
 from pgbeat.fsutil import fsync_file, open_private, private_dir, publish, remove_path, tree_size, write_atomic
+from pgbeat.hashing import hash_file
 from pgbeat.pipeline.record import Run, StepContext, UploadResult
 from pgbeat.settings import Settings
 from pgbeat.storage import LocalStorage
@@ -106,7 +109,7 @@ def shelf_name(backup_root: Path, tier: str, manifest: Manifest) -> str:
     while True:
         final = backup_root / tier / name
         stem = name.removesuffix(parse_name(name)["ext"])
-        others = any(data.startswith(stem + ".") and data != name for data in
+        others = any(data.startswith(stem + ".") and data != name and not is_globals_name(data) for data in
                      (entry.removesuffix(MANIFEST_SUFFIX).removesuffix(CHECKSUM_SUFFIX) for entry in present))
         taken = any(os.path.lexists(p) for p in (final, manifest_path(final), checksum_path(final)))
         if not others and (not taken or _ours_on_shelf(final, manifest)):
@@ -151,14 +154,31 @@ def seal(artifact: Path, manifest: Manifest, recipients: list[str]) -> tuple[Pat
     faults.fault_point(UPLOAD_ENCRYPTED)
     os.replace(partial, sealed)
     manifest = manifest.encrypted_as(sealed.name, stored["size"], stored["sha256"], stored["md5"], recipients)
+    if manifest.globals is not None:
+        manifest.globals = seal_globals(artifact.parent, manifest.globals, recipients)
     write_manifest(manifest_path(sealed), manifest)  # from here on, the sealed file is the backup
     faults.fault_point(UPLOAD_SEALED)
     _drop_plaintext(artifact)
     return sealed, manifest
 
 
+def seal_globals(work: Path, record: GlobalsInfo, recipients: list[str]) -> GlobalsInfo:
+    """Encrypt the globals file `record` in `work` for `recipients` into `<name>.age` (the plaintext stays
+    until the sealed manifest is written); return the encrypted file's record."""
+    plain = work / record.file
+    sealed = plain.with_name(plain.name + crypt.SUFFIX)
+    stored = crypt.encrypt_file(plain, sealed, recipients)  # a new file: one left by a killed attempt goes first
+    fsync_file(sealed)
+    return record.model_copy(update={"file": sealed.name, "size": stored["size"], "sha256": stored["sha256"],
+                                     "encrypted": True, "plaintext_sha256": record.sha256,
+                                     "plaintext_size": record.size})
+
+
 def _drop_plaintext(artifact: Path) -> None:
-    for old in (artifact, checksum_path(artifact), manifest_path(artifact)):
+    """Remove the plaintext backup in the work folder, its sidecars and its globals (once sealed)."""
+    plain_globals = [p for p in artifact.parent.iterdir() if is_globals_name(p.name)
+                     and not p.name.endswith(crypt.SUFFIX)] if artifact.parent.is_dir() else []
+    for old in (artifact, checksum_path(artifact), manifest_path(artifact), *plain_globals):
         remove_path(old)
 
 
@@ -197,6 +217,17 @@ def _publish_copy(final: Path, data: bytes, ours) -> None:
         remove_path(tmp)
 
 
+def _publish_globals(staged: Path, shelved: Path, record: GlobalsInfo) -> None:
+    """Put the globals file `staged` in the work folder on the shelf as `shelved` (0600, never over another
+    file); one there already with the recorded SHA-256 is this run's (an earlier attempt)."""
+    def ours(path: Path) -> bool:
+        return hash_file(path, "sha256") == (record.sha256, record.size)
+
+    if os.path.lexists(shelved) and ours(shelved):
+        return
+    _publish_copy(shelved, staged.read_bytes(), ours)
+
+
 def publish_local(ctx: StepContext, run: Run, artifact: Path, manifest: Manifest) -> Entry:
     """Give the staged backup its final name in its tier's folder on the shelf (see `shelve`)."""
     name = shelf_name(ctx.settings.backup_root, run.tier, manifest)
@@ -212,7 +243,11 @@ def shelve(settings: Settings, run_id: str, artifact: Path, manifest: Manifest, 
     final = local.path(key)
     here = manifest.copy_at("local")
     if manifest.file != final.name or here is None or here.location != str(final):
+        staged_globals = manifest.globals.file if manifest.globals is not None else None
         manifest.publish_as(final.name, str(final), now.isoformat())
+        if staged_globals is not None and os.path.lexists(artifact.with_name(staged_globals)):
+            # Renamed before the manifest says so: a rerun finds it under the name the manifest gives.
+            os.replace(artifact.with_name(staged_globals), artifact.with_name(manifest.globals.file))
         write_manifest(manifest_path(artifact), manifest)  # the choice of name outlives this attempt
     checksums = manifest.checksum_lines()
     write_atomic(checksum_path(artifact), checksums.encode())
@@ -222,6 +257,9 @@ def shelve(settings: Settings, run_id: str, artifact: Path, manifest: Manifest, 
     faults.fault_point(UPLOAD_CHECKSUM)
     _publish_copy(manifest_path(final), manifest.model_dump_json(indent=2).encode() + b"\n",
                   lambda p: getattr(read_manifest(p), "run_id", None) == run_id)
+    if manifest.globals is not None:  # before the data file: a backup under its final name is whole
+        _publish_globals(artifact.with_name(manifest.globals.file), final.with_name(manifest.globals.file),
+                         manifest.globals)
     faults.fault_point(UPLOAD_SIDECARS)
     if not final.exists():
         local.put(artifact, key, sha256=None if manifest.files else manifest.sha256)  # moves it: no second read
@@ -241,7 +279,8 @@ def undo_partial_publish(settings: Settings, work: Path, run_id: str) -> list[st
         final = settings.backup_root / manifest.tier / manifest.file
         if os.path.lexists(final) or not _ours_on_shelf(final, manifest):
             continue
-        for sidecar in (checksum_path(final), manifest_path(final)):  # the manifest, the marker, last
+        globals_file = [final.with_name(manifest.globals.file)] if manifest.globals is not None else []
+        for sidecar in (*globals_file, checksum_path(final), manifest_path(final)):  # the manifest, the marker, last
             if os.path.lexists(sidecar):
                 remove_path(sidecar)
                 done.append(f"removed {sidecar}: its run {run_id} never published the data file")
