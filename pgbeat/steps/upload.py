@@ -3,8 +3,9 @@
 1. With `encryption` configured, the verified `.sql.gz` is encrypted with age into `.sql.gz.age` before
    anything leaves the worker; the manifest keeps the plaintext's checksums (what restores) and records
    the encrypted file's (what is stored).
-2. The local shelf, `BACKUP_ROOT/<tier>/`: the sidecars (`.sha256`, then the manifest) are published first
-   and the data file last, so a backup under its final name always has its manifest.
+2. The local shelf, `BACKUP_ROOT/<tier>/`: the sidecars (`.sha256`, then the manifest, then the server's
+   globals file, encrypted too) are published first and the data file last, so a backup under its final
+   name always has its manifest and globals.
 3. Each off-site destination gets a checked copy (pgbeat.storage.destinations). One that keeps failing does not
    cost the local copy or the other destinations: the step fails naming it (so rotation waits and a
    failure notice goes out), and `pgbeat upload --retry` or the target's next run completes the copy.
@@ -61,8 +62,8 @@ UPLOAD_STAGED = faults.declare("upload.staged", "the final name is chosen and ke
                                                 "manifest; nothing is on the shelf yet")
 UPLOAD_CHECKSUM = faults.declare("upload.published-checksum", "the shelf has the .sha256 under the final name, "
                                                               "not the manifest nor the data")
-UPLOAD_SIDECARS = faults.declare("upload.published-sidecars", "the shelf has both sidecars under the final name, "
-                                                              "not the data file")
+UPLOAD_SIDECARS = faults.declare("upload.published-sidecars", "the shelf has both sidecars (and the globals file) "
+                                                              "under the final name, not the data file")
 UPLOAD_PUBLISHED = faults.declare("upload.published", "the backup is whole on the shelf; the work folder is "
                                                       "still there")
 
@@ -217,14 +218,21 @@ def _publish_copy(final: Path, data: bytes, ours) -> None:
         remove_path(tmp)
 
 
-def _publish_globals(staged: Path, shelved: Path, record: GlobalsInfo) -> None:
-    """Put the globals file `staged` in the work folder on the shelf as `shelved` (0600, never over another
-    file); one there already with the recorded SHA-256 is this run's (an earlier attempt)."""
+def _publish_globals(work: Path, shelved: Path, record: GlobalsInfo) -> None:
+    """Put the globals file of `record` on the shelf as `shelved` (0600, never over another file); one there
+    already with the recorded SHA-256 is this run's (an earlier attempt).
+
+    In the work folder it keeps the name the dump gave it (the final name may have moved on by a second),
+    so it is found there as the one file with its SHA-256: a name is never needed to survive a kill."""
     def ours(path: Path) -> bool:
         return hash_file(path, "sha256") == (record.sha256, record.size)
 
     if os.path.lexists(shelved) and ours(shelved):
         return
+    staged = next((p for p in sorted(work.iterdir()) if is_globals_name(p.name) and ours(p)), None)
+    if staged is None:
+        raise VerifyError(f"{record.file}: the verified globals file is not in the work folder {work}",
+                          step="upload")
     _publish_copy(shelved, staged.read_bytes(), ours)
 
 
@@ -243,11 +251,7 @@ def shelve(settings: Settings, run_id: str, artifact: Path, manifest: Manifest, 
     final = local.path(key)
     here = manifest.copy_at("local")
     if manifest.file != final.name or here is None or here.location != str(final):
-        staged_globals = manifest.globals.file if manifest.globals is not None else None
         manifest.publish_as(final.name, str(final), now.isoformat())
-        if staged_globals is not None and os.path.lexists(artifact.with_name(staged_globals)):
-            # Renamed before the manifest says so: a rerun finds it under the name the manifest gives.
-            os.replace(artifact.with_name(staged_globals), artifact.with_name(manifest.globals.file))
         write_manifest(manifest_path(artifact), manifest)  # the choice of name outlives this attempt
     checksums = manifest.checksum_lines()
     write_atomic(checksum_path(artifact), checksums.encode())
@@ -258,8 +262,7 @@ def shelve(settings: Settings, run_id: str, artifact: Path, manifest: Manifest, 
     _publish_copy(manifest_path(final), manifest.model_dump_json(indent=2).encode() + b"\n",
                   lambda p: getattr(read_manifest(p), "run_id", None) == run_id)
     if manifest.globals is not None:  # before the data file: a backup under its final name is whole
-        _publish_globals(artifact.with_name(manifest.globals.file), final.with_name(manifest.globals.file),
-                         manifest.globals)
+        _publish_globals(artifact.parent, final.with_name(manifest.globals.file), manifest.globals)
     faults.fault_point(UPLOAD_SIDECARS)
     if not final.exists():
         local.put(artifact, key, sha256=None if manifest.files else manifest.sha256)  # moves it: no second read
