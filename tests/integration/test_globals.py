@@ -60,6 +60,7 @@ def globals_of(backup):
 
 
 def test_backup_has_globals_verified_and_damage_fails(workdir, source):
+    """The globals file beside the backup: 0600, in the manifest and the .sha256, checked by verify."""
     db = owned_db(source)
     service = Service(workdir, None, [source.target("app", db)])
     result = service.pgbeat("backup", "daily")
@@ -90,6 +91,8 @@ def roles_on(cluster: PgCluster) -> set[str]:
 
 
 def test_restore_onto_a_fresh_server_with_globals_twice(workdir, source, destination):
+    """Without --with-globals the pre-check names the missing roles; with it, roles, membership, role
+    setting, ownership and grants arrive; a second time the roles exist, are named, and nothing fails."""
     db = owned_db(source)
     service = Service(workdir, None, [source.target("app", db),
                                       destination.target("fresh", "postgres", user="backup",
@@ -100,7 +103,6 @@ def test_restore_onto_a_fresh_server_with_globals_twice(workdir, source, destina
     assert listed.returncode == 0 and f"{globals_of(backup).name}" in listed.stdout, listed.stdout + listed.stderr
     assert "role(s), with role passwords" in listed.stdout
 
-    # Without --with-globals the pre-check names the roles the destination lacks, and changes nothing.
     into = unique("newdb")
     refused = service.pgbeat("restore", str(backup), "--target", "fresh", "--into", into, "--yes")
     assert refused.returncode != 0
@@ -144,11 +146,13 @@ def test_a_backup_user_that_is_not_superuser_gets_globals_without_passwords(work
     assert service.pgbeat("verify", str(backup)).returncode == 0
 
 
-def test_an_encrypted_target_encrypts_its_globals(workdir, source):
+def test_an_encrypted_target_encrypts_its_globals(workdir, source, session_dir):
     db = owned_db(source)
     key_file, recipient = make_age_key(workdir)
-    service = Service(workdir, None, [source.target("app", db, encryption={"recipients": [recipient]})])
-    assert service.pgbeat("backup", "daily").returncode == 0
+    fresh = PgCluster(session_dir, unique("globals_fresh"))
+    service = Service(workdir, None, [source.target("app", db, encryption={"recipients": [recipient]}),
+                                      fresh.target("fresh", "postgres", user="backup", password=SECRET_PASSWORD)])
+    assert service.pgbeat("backup", "daily", "--target", "app").returncode == 0
     [backup] = service.backups("daily", ".sql.gz.age")
     record = manifest_of(backup)["globals"]
     path = globals_of(backup)
@@ -159,6 +163,13 @@ def test_an_encrypted_target_encrypts_its_globals(workdir, source):
     assert "CREATE ROLE app_owner;" in gzip.decompress(plain).decode()
     assert service.pgbeat("verify", str(backup)).returncode == 0
     assert service.pgbeat("verify", str(backup), "--identity", str(key_file)).returncode == 0
+    try:  # the globals are decrypted with the backup's identity
+        restored = service.pgbeat("restore", str(backup), "--target", "fresh", "--into", "newdb", "--yes",
+                                  "--with-globals", "--identity", str(key_file))
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert fresh.sql("SELECT tableowner FROM pg_tables WHERE tablename = 'items'", "newdb") == "app_owner"
+    finally:
+        fresh.destroy()
     path.write_bytes(path.read_bytes()[:-1] + b"!")
     assert service.pgbeat("verify", str(backup)).returncode == 3
 
