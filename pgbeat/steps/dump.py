@@ -31,7 +31,7 @@ from pgbeat.postgres.clients import ClientChoice, client_for_server
 from pgbeat.postgres.clock import SKEW_WARNING, PendingReading
 from pgbeat.postgres.globals import NO_PASSWORDS_WARNING, dump_globals, is_superuser, used_roles
 from pgbeat.postgres.lockwatch import DumpProgress, LockWatch
-from pgbeat.postgres.process import Supervised, last_error_line
+from pgbeat.postgres.process import CancelEvent, Supervised, last_error_line
 from pgbeat.postgres.sqlscan import DumpScanner
 from pgbeat.postgres.standby import backup_source
 from pgbeat.runlog import human_size
@@ -175,7 +175,7 @@ def dump_progress(scanner: DumpScanner | None, output: Path) -> str:
 
 
 def dump_server_globals(target: Target, run: Run, client: ClientChoice, env: dict[str, str],
-                        cancel) -> tuple[GlobalsInfo | None, str | None]:
+                        cancel: CancelEvent | None) -> tuple[GlobalsInfo | None, str | None]:
     """Dump the globals of `target`'s server into the run's work folder (pgbeat.postgres.globals); return
     their record, or None and why they could not be dumped: the backup itself still restores onto a server
     that has its roles, so that is a warning on it, not a failure of the run."""
@@ -188,8 +188,8 @@ def dump_server_globals(target: Target, run: Run, client: ClientChoice, env: dic
                             passwords=superuser, used=needed, cancel=cancel)
     except PgbeatError as exc:
         remove_path(path)
-        if isinstance(exc, CancelledError):
-            raise
+        if cancel is not None and cancel.is_set():  # pg_dumpall was stopped: the run is cancelled, not warned
+            raise CancelledError(f"Dump of {target.name} cancelled: {cancel.reason}", step="dump") from None
         log.warning("%s: the server's globals could not be dumped: %s", target.name, exc.message)
         return None, f"the server's globals could not be dumped: {exc.message}"
     if not superuser:

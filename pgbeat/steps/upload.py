@@ -168,7 +168,7 @@ def seal_globals(work: Path, record: GlobalsInfo, recipients: list[str]) -> Glob
     until the sealed manifest is written); return the encrypted file's record."""
     plain = work / record.file
     sealed = plain.with_name(plain.name + crypt.SUFFIX)
-    stored = crypt.encrypt_file(plain, sealed, recipients)  # a new file: one left by a killed attempt goes first
+    stored = crypt.encrypt_file(plain, sealed, recipients)  # truncates what a killed attempt left there
     fsync_file(sealed)
     return record.model_copy(update={"file": sealed.name, "size": stored["size"], "sha256": stored["sha256"],
                                      "encrypted": True, "plaintext_sha256": record.sha256,

@@ -205,3 +205,19 @@ def test_globals_go_off_site_come_back_and_rotate_with_their_backup(workdir, sou
     left = remote()
     assert older_globals.name not in left and older.name not in left
     assert {newer.name, newer_globals.name} <= left
+
+
+def test_a_custom_archive_has_its_globals_too_a_safety_backup_none(workdir, source):
+    db = owned_db(source)
+    service = Service(workdir, None, [source.target("app", db, format="custom")])
+    assert service.pgbeat("backup", "daily").returncode == 0
+    [backup] = service.backups("daily", ".dump")
+    assert globals_of(backup).name == backup.name.replace(".dump", ".globals.sql.gz")
+    assert service.pgbeat("verify", str(backup)).returncode == 0
+    listed = service.pgbeat("restore", str(backup), "--list")
+    assert globals_of(backup).name in listed.stdout, listed.stdout + listed.stderr
+    # In place: the safety backup of the database it replaces goes back onto this server, without globals.
+    restored = service.pgbeat("restore", str(backup), "--yes")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    [safety] = service.backup_root.glob("pre_restore_app_*.sql.gz")
+    assert manifest_of(safety)["globals"] is None and service.pgbeat("verify", str(safety)).returncode == 0
