@@ -7,8 +7,9 @@ from pg_authid, which only a superuser may read: for any other backup user the f
 `--no-role-passwords`, and the backup says so in a warning.
 
 Applying them (`pgbeat restore --with-globals`) never drops or alters what the destination has: the
-`CREATE ROLE` and `ALTER ROLE ... WITH` lines of roles that exist there, and the `CREATE TABLESPACE` of
-tablespaces that exist, are left out; memberships and role settings are added.
+`CREATE ROLE` and `ALTER ROLE` lines (attributes, password, settings) of roles that exist there, and the
+`CREATE TABLESPACE` of tablespaces that exist, are left out; the roles it lacks are created with their
+settings, and memberships are added.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ NO_PASSWORDS_WARNING = ("the backup user is not a superuser: the globals were du
 # A role or tablespace name as pg_dumpall writes it: bare, or double-quoted with "" for a quote.
 _NAME = r'(?P<name>"(?:[^"]|"")+"|[^\s";]+)'
 CREATE_ROLE_RE = re.compile(rf"^CREATE ROLE {_NAME};$")
-ALTER_ROLE_WITH_RE = re.compile(rf"^ALTER ROLE {_NAME} WITH ")
+ALTER_ROLE_RE = re.compile(rf"^ALTER ROLE {_NAME} ")  # WITH attributes, SET settings (IN DATABASE too)
 CREATE_TABLESPACE_RE = re.compile(rf"^CREATE TABLESPACE {_NAME} ")
 # The roles and objects of the database whose owner or grantees a restore needs (system schemas aside).
 USED_ROLES_SQL = """
@@ -143,10 +144,11 @@ class GlobalsApplied:
 
 def without_existing(text: str, roles: set[str], tablespaces: set[str]) -> tuple[str, list[str]]:
     """Given a globals file's text and the roles and tablespaces a server has, return the text without the
-    lines that would create or redefine them, and the existing roles it names."""
+    lines that would create or change them (pg_dumpall writes each such statement on one line), and the
+    existing roles it names."""
     kept, existing = [], []
     for line in text.splitlines(keepends=True):
-        role = CREATE_ROLE_RE.match(line.rstrip("\n")) or ALTER_ROLE_WITH_RE.match(line)
+        role = CREATE_ROLE_RE.match(line.rstrip("\n")) or ALTER_ROLE_RE.match(line)
         space = CREATE_TABLESPACE_RE.match(line)
         if role and unquote(role["name"]) in roles:
             if line.startswith("CREATE"):
