@@ -970,7 +970,8 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
                                 temporary=temporary, phase="verify", backup=str(stored.path), database=database,
                                 work=[str(work), str(settings.backup_root / WORK_DIR / safety_run)])
         try:
-            timed("verify", lambda: verify_backup(stored.path, settings, checksums_only=True))
+            timed("verify", lambda: verify_backup(stored.path, settings, checksums_only=True,
+                                                  with_globals=with_globals))
             if stored.manifest.encryption:
                 entry = timed("decrypt", lambda: plaintext_of(settings, stored, identities, work))
             logline("SUCCESS: Backup íntegro (checksums, descompressão, dump completo)")

@@ -393,7 +393,7 @@ def open_backup(path: Path) -> Entry:
 
 
 def verify_backup(path: Path, settings: Settings, identities: list | None = None,
-                  checksums_only: bool = False) -> tuple[Manifest, dict[str, Any]]:
+                  checksums_only: bool = False, with_globals: bool = True) -> tuple[Manifest, dict[str, Any]]:
     """Verify a backup on disk against its manifest and `.sha256`; raise VerifyError naming what is wrong.
 
     An encrypted backup is checked as stored (size, checksums); with `identities` it is also decrypted,
@@ -401,6 +401,8 @@ def verify_backup(path: Path, settings: Settings, identities: list | None = None
     `checksums_only` (restore's pre-check): the stored bytes must hash to what the manifest recorded when
     the backup was fully verified, which proves them identical to that verified file; the restore that
     follows decompresses everything again anyway.
+    The server's globals file beside it is checked too, unless not `with_globals`: a restore that does not
+    apply them (or a drill) needs only the backup itself, which may have been copied without them.
     """
     entry = open_backup(path)
     manifest = entry.manifest
@@ -433,7 +435,8 @@ def verify_backup(path: Path, settings: Settings, identities: list | None = None
             {manifest.file: result.get("sha256")}
         if any(sums.get(name) != digest for name, digest in listed.items()):
             problems.append(f"{sums_file.name} does not match the file's SHA-256")
-    problems += globals_problems(entry.path.parent, manifest.globals)
+    if with_globals:
+        problems += globals_problems(entry.path.parent, manifest.globals)
     if problems:
         raise VerifyError(f"{path.name} failed verification", step="verify", details=problems,
                           hint="do not restore from this file; use an older backup or a remote copy")

@@ -84,6 +84,11 @@ def test_backup_has_globals_verified_and_damage_fails(workdir, source):
     assert path.name in damaged.stdout + damaged.stderr
     path.unlink()
     assert service.pgbeat("verify", str(backup)).returncode == 3
+    # Copied without it, the backup still restores where its roles are; only --with-globals needs it.
+    restored = service.pgbeat("restore", str(backup), "--into", unique("copy"), "--yes")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    refused = service.pgbeat("restore", str(backup), "--into", unique("copy"), "--yes", "--with-globals")
+    assert refused.returncode == 3 and path.name in refused.stdout + refused.stderr
 
 
 def roles_on(cluster: PgCluster) -> set[str]:
