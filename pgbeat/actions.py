@@ -322,8 +322,8 @@ def fetch_and_check(settings: Settings, url: str, folder: Path) -> Entry:
 
 
 def fetch_into(settings: Settings, url: str, folder: Path, identities: list | None = None) -> Entry:
-    """Download the copy at `url` with its sidecars, verify it (and with `identities` its plaintext), and
-    only then give it its names in `folder`; return the Entry there.
+    """Download the copy at `url` with its sidecars and globals file, verify it (and with `identities` its
+    plaintext), and only then give it its names in `folder`; return the Entry there.
 
     `folder` and its missing parents are created 0700. The copy is downloaded into a private staging
     folder inside `folder` (the same file system, so the names appear by a rename), which goes however
@@ -351,6 +351,11 @@ def fetch_into(settings: Settings, url: str, folder: Path, identities: list | No
         entry = fetch_and_check(settings, url, staging)
         if identities and entry.manifest.encryption:
             verify_backup(entry.path, settings, identities)
+        if entry.manifest.globals is not None:  # its name is known from the manifest only
+            if os.path.lexists(folder / entry.manifest.globals.file):
+                raise errors.UsageError(f"{folder} already holds {entry.manifest.globals.file}: not overwritten",
+                                        hint="fetch into another folder (--to), or move that file away first")
+            names.insert(0, entry.manifest.globals.file)
         for n in names:
             publish(staging / n, folder / n)
     except BaseException:

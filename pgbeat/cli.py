@@ -692,6 +692,11 @@ def print_manifest(settings: Settings, entry) -> None:
     for name, rows in sorted(m.tables.items()):
         table.add_row(escape(name), f"{rows:,}")
     out.print(table)
+    if m.globals is not None:
+        g = m.globals
+        out.print(f"globals: {g.file}, {human_size(g.size)}, {len(g.roles)} role(s), "
+                  f"{'with' if g.passwords else 'without'} role passwords{', encrypted' if g.encrypted else ''}"
+                  " (restore with --with-globals to create them)", markup=False)
     if m.encryption is not None:
         out.line("other objects: not listed, the backup is encrypted (restore it to see them)")
         return
@@ -724,6 +729,9 @@ def print_manifest(settings: Settings, entry) -> None:
 @click.option("--jobs", type=click.IntRange(1, 64), default=2, show_default=True,
               help="pg_restore -j for custom/directory backups.")
 @click.option("--list", "list_only", is_flag=True, help="Show what the backup holds; restore nothing.")
+@click.option("--with-globals", is_flag=True,
+              help="First create the roles, memberships, role settings and tablespaces of the backup's server "
+                   "from its globals file (those the server has are left as they are; nothing is dropped).")
 @click.option("--force-older", is_flag=True,
               help="Restore into a server older than the pg_dump that made the backup (refused without it: "
                    "the dump may use what the older server rejects).")
@@ -753,9 +761,9 @@ def print_manifest(settings: Settings, entry) -> None:
               help="With --pitr: the pgbeat the restored server runs for restore_command (one its user, "
                    "postgres, can run; default: this one).")
 def restore(file: str | None, latest: bool, target_name: str | None, tier: str | None, into: str | None, yes: bool,
-            jobs: int, list_only: bool, force_older: bool, on_worker: bool, node: str | None, identity: Path | None,
-            timeout: float, pitr: bool, to, to_lsn: str | None, to_xid: int | None, to_name: str | None,
-            timeline: str, data_dir: Path | None, start: bool, port: int | None, standby: bool,
+            jobs: int, list_only: bool, with_globals: bool, force_older: bool, on_worker: bool, node: str | None,
+            identity: Path | None, timeout: float, pitr: bool, to, to_lsn: str | None, to_xid: int | None,
+            to_name: str | None, timeline: str, data_dir: Path | None, start: bool, port: int | None, standby: bool,
             primary_conninfo: str | None, server_pgbeat: Path | None) -> None:
     """Restore FILE, a copy at a destination (s3://, gs://, ssh://), or --latest: integrity check, typed
     confirmation, safety backup. With --pitr: a cluster as of a moment, from a base backup and the WAL.
@@ -786,6 +794,9 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
         if force_older and on_worker:
             raise errors.UsageError("--force-older restores in this process only",
                                     hint="leave out --on-worker, or restore into a server of the backup's major")
+        if with_globals and on_worker:
+            raise errors.UsageError("--with-globals restores in this process only",
+                                    hint="leave out --on-worker, or apply the globals with a restore here first")
         if node and not on_worker:
             raise errors.UsageError("--node names the worker of --on-worker",
                                     hint="add --on-worker, or leave out --node")
@@ -813,7 +824,7 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
         out.print(f"Restoring {file or entry.path} into {into or target.dbname} on {target.describe()}", markup=False)
         result = restoring.restore(settings, entry, target, into=into, jobs=jobs, confirm=confirm_restore(yes),
                                    on_step=on_step, identities=restoring.identities_for(target, identity),
-                                   force_older=force_older)
+                                   force_older=force_older, with_globals=with_globals)
     except PgbeatError as exc:
         fail(exc)
     finally:

@@ -1,5 +1,6 @@
 """What a backup root and a destination must hold after any run, killed or not: every backup whole (data,
-manifest, `.sha256`), nothing half-published, no work folders, no partial files; and backups that restore.
+manifest, `.sha256`, the globals file its manifest names), nothing half-published, no work folders, no
+partial files; and backups that restore.
 
 The kill tests (tests/integration/test_kill_matrix.py and others) check these after every recovery.
 """
@@ -32,7 +33,14 @@ def shelf_problems(backup_root: Path) -> list[str]:
         if not folder.is_dir():
             continue
         names = set(os.listdir(folder))
+        globals_files = {data["globals"]["file"] for name in names if name.endswith(MANIFEST)
+                         and not name.startswith(".") and (data := _json_or_none(folder / name)) is not None
+                         and data.get("globals")}
         for name in sorted(names):
+            if ".globals." in name and not name.startswith("."):  # part of the backup whose manifest names it
+                if name not in globals_files:
+                    problems.append(f"{tier}/{name}: a globals file no backup's manifest names")
+                continue
             if name.startswith("."):
                 if name.endswith(MANIFEST + ".lock") and name[1:].removesuffix(".lock") in names:
                     continue  # the lock update_manifest keeps beside a manifest
@@ -46,6 +54,14 @@ def shelf_problems(backup_root: Path) -> list[str]:
     return problems
 
 
+def _json_or_none(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def manifest_of(path: Path) -> dict:
     return json.loads(path.with_name(path.name + MANIFEST).read_text())
 
@@ -56,7 +72,7 @@ def backups_of(backup_root: Path, target: str, tier: str = "daily") -> list[Path
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.name.startswith(f"{target}_backup_{tier}_")
-                  and not p.name.endswith((MANIFEST, SUMS)))
+                  and not p.name.endswith((MANIFEST, SUMS)) and ".globals." not in p.name)
 
 
 def sha256_of(path: Path) -> str:
@@ -76,16 +92,26 @@ def remote_keys(s3_client, bucket: str, prefix: str) -> list[str]:
 
 def remote_problems(s3_client, bucket: str, prefix: str, encrypted: set[str] = frozenset()) -> list[str]:
     """Return what is wrong at an S3 destination, read with boto3 (not pgbeat's code): a data object
-    without its sidecars or the reverse, and, for the `encrypted` targets, any data object that is not
-    age-encrypted."""
+    without its sidecars or the reverse, a globals object no manifest names, and, for the `encrypted`
+    targets, any data object that is not age-encrypted."""
     keys = set(remote_keys(s3_client, bucket, prefix))
+    named = set()  # the globals objects the manifests there name (each beside its backup)
+    for key in keys:
+        if key.endswith(MANIFEST):
+            data = json.loads(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
+            if data.get("globals"):
+                named.add(f"{key.rsplit('/', 1)[0]}/{data['globals']['file']}")
     problems = []
     for key in sorted(keys):
         if key.endswith((MANIFEST, SUMS)):
             if key.removesuffix(MANIFEST).removesuffix(SUMS) not in keys:
                 problems.append(f"{key} without its data object")
             continue
-        problems += [f"{key} without {side}" for side in (MANIFEST, SUMS) if key + side not in keys]
+        if ".globals." in key:
+            if key not in named:
+                problems.append(f"{key}: a globals object no manifest names")
+        else:
+            problems += [f"{key} without {side}" for side in (MANIFEST, SUMS) if key + side not in keys]
         target = key.rsplit("/", 1)[-1].split("_backup_")[0]
         if target in encrypted:
             head = s3_client.get_object(Bucket=bucket, Key=key, Range="bytes=0-63")["Body"].read()

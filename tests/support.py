@@ -242,7 +242,8 @@ class Service:
 
     def backups(self, tier: str = "daily", suffix: str = ".sql.gz") -> list[Path]:
         folder = self.backup_root / tier
-        return sorted(p for p in folder.glob(f"*{suffix}")) if folder.exists() else []
+        # A backup's globals file (`X.globals.sql.gz`) is part of it, not a backup of its own.
+        return sorted(p for p in folder.glob(f"*{suffix}") if ".globals." not in p.name) if folder.exists() else []
 
 
 def without_ansi(text: str) -> str:

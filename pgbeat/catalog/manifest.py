@@ -50,7 +50,9 @@ UNSEALED = frozenset({"seal", "run_id", "level", "server_version", "pg_dump_vers
                       "duration_s", "steps", "node", "slot", "copies", "drills", "warnings", "pinned"})
 
 # Sealed fields added after version 2's seal: sealed only when set, so that older seals still hold.
-SEALED_WHEN_SET = ("physical",)
+SEALED_WHEN_SET = ("physical", "globals")
+# The extension of a backup's globals file comes after this mark: `<stem>.globals.sql.gz[.age]`.
+GLOBALS_MARK = ".globals"
 
 
 def extension(dump_format: str, codec: str) -> str:
@@ -71,6 +73,25 @@ def backup_name(target: str, tier: str, stamp: str, ext: str) -> str:
 def parse_name(name: str) -> dict[str, str] | None:
     match = NAME_RE.match(name)
     return match.groupdict() if match else None
+
+
+def globals_name(backup: str, globals_file: str) -> str:
+    """Given a backup's file name and its globals file's (of any name), return the globals file's name beside
+    that backup: the backup's stem with the globals' extension (`X.sql.gz` -> `X.globals.sql.gz`)."""
+    backup_parts, globals_parts = parse_name(backup), parse_name(globals_file)
+    assert backup_parts is not None and globals_parts is not None, (backup, globals_file)
+    return backup.removesuffix(backup_parts["ext"]) + globals_parts["ext"]
+
+
+def new_globals_name(backup: str, codec: str) -> str:
+    """The name of the globals file made beside backup `backup`, compressed with `codec`."""
+    return globals_name(backup, backup_name("x", "daily", "00000000_000000", GLOBALS_MARK + extension("plain", codec)))
+
+
+def is_globals_name(name: str) -> bool:
+    """Whether `name` is a backup's globals file (never a backup of its own)."""
+    parts = parse_name(name)
+    return parts is not None and parts["ext"].startswith(GLOBALS_MARK + ".")
 
 
 def manifest_path(backup: Path) -> Path:
@@ -100,6 +121,7 @@ WARNING_KINDS = {
     "empty": "the database had no tables: the backup holds no data",
     "rotate": "what the rotate step reported (backups dated in the future, removals that failed)",
     "standby": "the standby it prefers could not be used: the backup was taken from the primary",
+    "globals": "the server's globals were dumped without role passwords, or could not be dumped",
     "other": "a warning of an older manifest, from before warnings had a kind",
 }
 # How a manifest of version 2 or older spelled the warnings that status tells apart (upgrade only).
@@ -137,6 +159,25 @@ class PhysicalInfo(BaseModel):
     start_time: datetime | None = Field(None, description="START TIME of backup_label (the server's clock)")
     stop_time: datetime | None = Field(None, description="when the backup was consistent (the server's clock)")
     client_version: str | None = Field(None, description="pg_basebackup's version")
+
+
+class GlobalsInfo(BaseModel):
+    """The globals of the backup's database server (`pg_dumpall --globals-only`: roles, memberships, role
+    settings, tablespaces), stored beside a logical backup as a file of its own (`globals_name`).
+
+    Encrypted like the backup (`encryption` of the target): then `plaintext_sha256` is what decrypts.
+    """
+
+    file: str
+    size: int
+    sha256: str
+    passwords: bool = Field(description="role passwords included (the backup user was a superuser)")
+    roles: list[str] = Field(default_factory=list, description="the roles the file creates")
+    used_roles: list[str] = Field(default_factory=list, description="the roles that own objects of the database "
+                                                                    "or hold grants on them: a restore needs them")
+    encrypted: bool = False
+    plaintext_sha256: str | None = None
+    plaintext_size: int | None = None
 
 
 class Copy(BaseModel):
@@ -274,6 +315,7 @@ class Manifest(BaseModel):
     warnings: list[BackupWarning] = Field(default_factory=list)
     encryption: EncryptionInfo | None = Field(None, description="age recipients and the plaintext's checksums")
     physical: PhysicalInfo | None = Field(None, description="a base backup (tier base): its WAL range")
+    globals: GlobalsInfo | None = Field(None, description="the server's globals file beside a logical backup")
     seal: str | None = Field(None, description="SHA-256 of the sealed fields (all but UNSEALED)")
 
     @field_validator("pgbeat_manifest", mode="before")
@@ -348,6 +390,8 @@ class Manifest(BaseModel):
     def publish_as(self, name: str, location: str, at: str) -> None:
         """Give this backup its final file name on the shelf, at `location` (the shelf's copy, "local")."""
         self.file = name
+        if self.globals is not None:
+            self.globals.file = globals_name(name, self.globals.file)
         self.record_copy("local", Copy(status="ok", location=location, stored_at=at))
 
     def record_warnings(self, warnings: list[BackupWarning]) -> None:
@@ -374,9 +418,10 @@ class Manifest(BaseModel):
 
     def checksum_lines(self) -> str:
         """Return the `.sha256` file's text: `sha256sum -c` checks it from the backup's folder."""
+        extra = f"{self.globals.sha256}  {self.globals.file}\n" if self.globals is not None else ""
         if self.files:
-            return "".join(f"{f.sha256}  {self.file}/{f.name}\n" for f in self.files)
-        return f"{self.sha256}  {self.file}\n"
+            return "".join(f"{f.sha256}  {self.file}/{f.name}\n" for f in self.files) + extra
+        return f"{self.sha256}  {self.file}\n" + extra
 
 
 def write_manifest(path: Path, manifest: Manifest, reseal: bool = True) -> None:

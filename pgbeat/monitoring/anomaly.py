@@ -6,7 +6,8 @@
 - BACKUP_ROOT running out of space;
 - a database without tables (a wrong `dbname`, or a schema-only database): a backup of nothing;
 - the clock of the worker that made it far from the database server's (or the server's not read);
-- the standby the target prefers passed over: the backup read the primary.
+- the standby the target prefers passed over: the backup read the primary;
+- the server's globals dumped without role passwords (the backup user is not a superuser), or not at all.
 
 Each is a `BackupWarning` with a kind (catalog.manifest.WARNING_KINDS): status and metrics decide by
 the kind, the text is for people. "Previous" is by the one order of backups (`catalog.order_key`: the
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from pgbeat.catalog.manifest import BackupWarning, Entry, list_backups, order_key
 from pgbeat.postgres.clock import SKEW_WARNING
+from pgbeat.postgres.globals import NO_PASSWORDS_WARNING
 from pgbeat.runlog import human_size
 from pgbeat.settings import MonitoringSpec, Settings
 
@@ -97,6 +99,16 @@ def standby_warnings(current: Entry) -> list[BackupWarning]:
     return [BackupWarning(kind="standby", text=note)] if note else []
 
 
+def globals_warnings(current: Entry) -> list[BackupWarning]:
+    """Say when a logical backup's globals have no role passwords (a backup user that is not a superuser),
+    or could not be dumped at all (pgbeat.postgres.globals)."""
+    m = current.manifest
+    if m.globals is not None:
+        return [] if m.globals.passwords else [BackupWarning(kind="globals", text=NO_PASSWORDS_WARNING)]
+    note = m.steps.get("dump", {}).get("globals_note")
+    return [BackupWarning(kind="globals", text=note)] if note else []
+
+
 def human_duration(seconds: float) -> str:
     for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
         if seconds >= size:
@@ -108,5 +120,5 @@ def backup_warnings(settings: Settings, current: Entry) -> list[BackupWarning]:
     entries = list_backups(settings.backup_root, current.manifest.target, current.manifest.tier)
     previous = [e for e in entries if order_key(e) < order_key(current)]
     return (empty_warnings(current) + comparison_warnings(current, previous, settings.monitoring)
-            + clock_warnings(current) + standby_warnings(current)
+            + clock_warnings(current) + standby_warnings(current) + globals_warnings(current)
             + disk_warnings(settings.backup_root, settings.monitoring))

@@ -29,7 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from pgbeat import faults
-from pgbeat.catalog.manifest import STAMP_FORMAT, PhysicalInfo, backup_name, extension
+from pgbeat.catalog.manifest import STAMP_FORMAT, GlobalsInfo, PhysicalInfo, backup_name, extension, parse_name
 from pgbeat.postgres.clock import ServerReading
 from pgbeat.postgres.process import CancelEvent
 from pgbeat.settings import PHYSICAL_TIERS, Settings, Target
@@ -96,6 +96,9 @@ class DumpResult(ArtifactResult):
     blocks: int | None = None
     blocks_checked: bool = False
     physical: PhysicalInfo | None = Field(None, description="a base backup: its WAL range (pg_basebackup)")
+    # The server's globals (pgbeat.postgres.globals), in the work folder beside the dump, or why not.
+    globals: GlobalsInfo | None = None
+    globals_note: str | None = None
 
 
 class CompressResult(ArtifactResult):
@@ -184,6 +187,13 @@ class Run(BaseModel):
     def kind(self) -> str:
         """"physical" for a base backup of the whole cluster (the `base` tier), else "logical" (pg_dump)."""
         return "physical" if self.tier in PHYSICAL_TIERS else "logical"
+
+    @property
+    def keeps_globals(self) -> bool:
+        """Whether the backup carries its server's globals (pgbeat.postgres.globals): a logical backup of a
+        tier does; a base backup holds them already, and a restore's safety backup (not named like a tier's
+        backup) goes back onto the server they came from."""
+        return self.kind == "logical" and parse_name(self.name) is not None
 
     def work(self, *parts: str) -> Path:
         return Path(self.work_dir, *parts)

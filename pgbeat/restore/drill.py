@@ -119,7 +119,7 @@ def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
             try:
                 entry = entry or latest_backup(settings, target.name, policy.tier)
                 result.backup = entry.path.name
-                verify_backup(entry.path, settings)
+                verify_backup(entry.path, settings, with_globals=False)  # a drill restores onto a server with its roles
                 with connect(server, MAINTENANCE_DB) as admin:
                     check_rights(admin, None, None, "create a scratch database for the drill", result.server)
                 journal = Journal.begin(settings, run_id, kind="drill", target=target, server="drill",

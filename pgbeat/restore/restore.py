@@ -55,6 +55,7 @@ from pgbeat.pipeline.steps_table import Step, step
 from pgbeat.postgres import sqlscan
 from pgbeat.postgres.client import MAINTENANCE_DB, client_env, connect, ident
 from pgbeat.postgres.clients import ClientChoice, client_for_major, recorded_major, server_major
+from pgbeat.postgres.globals import GlobalsApplied
 from pgbeat.postgres.process import Supervised, last_error_line
 from pgbeat.restore.journal import (
     RETIRED_PREFIX,
@@ -171,6 +172,7 @@ class RestoreResult:
     restore_s: float
     duration_s: float
     steps: dict[str, float] = field(default_factory=dict)
+    globals: GlobalsApplied | None = None  # with --with-globals: what applying them did
 
 
 def latest_backup(settings: Settings, target: str | None = None, tier: str | None = None) -> Entry:
@@ -577,6 +579,83 @@ def check_rights(conn: psycopg.Connection, database: str | None, like: DatabaseP
                                                    "it again")
 
 
+# --- the server's globals (pgbeat.postgres.globals) ---------------------------------------------------
+
+
+def missing_roles(conn: psycopg.Connection, manifest: Manifest) -> list[str]:
+    """The roles that own the backup's objects or hold grants on them and that the server lacks. Empty for
+    a backup without globals: it does not record which roles it needs."""
+    if manifest.globals is None:
+        return []
+    have = {row[0] for row in conn.execute("SELECT rolname FROM pg_roles")}
+    return sorted(set(manifest.globals.used_roles) - have)
+
+
+def check_roles(conn: psycopg.Connection, manifest: Manifest, with_globals: bool, where: str) -> None:
+    """Raise MissingRights naming the roles the backup needs that the server lacks, unless `with_globals`
+    and its globals file creates them; raise RestoreRefused for `with_globals` without a globals file."""
+    if with_globals and manifest.globals is None:
+        raise RestoreRefused(f"{manifest.file} has no globals file to apply",
+                             hint="it was made before pgbeat stored the server's globals, or they could not be "
+                                  "dumped (see its warnings); restore without --with-globals")
+    missing = missing_roles(conn, manifest)
+    if with_globals:
+        missing = [name for name in missing if name not in manifest.globals.roles]
+    if missing:
+        raise MissingRights(f"{where} lacks {len(missing)} role(s) that own objects of the backup or hold grants "
+                            "on them; nothing was changed", details=[f"role {name}" for name in missing],
+                            hint="restore with --with-globals to create them from the backup's globals file"
+                                 if not with_globals else "create them (the globals file does not)")
+
+
+def globals_text(stored: Entry, identities: list | None, work: Path) -> str:
+    """The SQL of the globals file beside the backup `stored` (decrypted into `work` if encrypted)."""
+    from pgbeat import crypt
+    from pgbeat.postgres.globals import read_globals
+
+    record = stored.manifest.globals
+    assert record is not None
+    path = stored.path.with_name(record.file)
+    if record.encrypted:
+        if identities is None:
+            crypt.load_identities(None)  # raises the error that says what to pass
+        plain = private_dir(work) / record.file.removesuffix(crypt.SUFFIX)
+        digests = crypt.decrypt_file(path, plain, identities)
+        if digests["sha256"] != record.plaintext_sha256:
+            raise VerifyError(f"{record.file}: the decrypted content does not match the manifest's plaintext",
+                              hint="the globals file is damaged; use another copy")
+        path = plain
+    return read_globals(path, codec_for_name(path.name))
+
+
+def globals_summary(applied: GlobalsApplied) -> str:
+    """One line on what applying the globals did."""
+    parts = [f"roles created: {', '.join(applied.created) or 'none'}"]
+    if applied.existing:
+        parts.append(f"existed, left as they were: {', '.join(applied.existing)}")
+    if applied.errors:
+        parts.append(f"{len(applied.errors)} statement(s) failed: {applied.errors[-1]}")
+    return "; ".join(parts)
+
+
+def restore_globals(client: ClientChoice, target: Target, stored: Entry, identities: list | None,
+                    work: Path) -> GlobalsApplied:
+    """Apply the backup's globals to `target`'s server (roles it has are left as they are); raise
+    RestoreError if a role the backup needs is still missing afterwards."""
+    from pgbeat.postgres.globals import apply_globals
+
+    text = globals_text(stored, identities, work)
+    server = target.model_copy(update={"dbname": MAINTENANCE_DB})
+    with connect(target, MAINTENANCE_DB) as admin:
+        applied = apply_globals(client.program("psql"), server, client_env(target, work), text, admin)
+        missing = missing_roles(admin, stored.manifest)
+    if missing:
+        raise RestoreError(f"After applying the globals, {len(missing)} role(s) the backup needs are missing",
+                           details=[f"role {name}" for name in missing] + applied.errors[-5:],
+                           hint="the original database was not touched")
+    return applied
+
+
 # --- the restore lock --------------------------------------------------------------------------------
 
 
@@ -830,26 +909,28 @@ def refuse_reserved(database: str) -> None:
 def restore(settings: Settings, entry: Entry, target: Target, *, into: str | None = None, jobs: int = 1,
             confirm: Callable[[RestoreInfo], bool], on_step: Callable[[str, str], None] | None = None,
             safety: bool = True, identities: list | None = None, force_older: bool = False,
-            now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> RestoreResult:
+            with_globals: bool = False, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> RestoreResult:
     """Restore `entry` into `into` (default: the target's database) on `target`'s server, as described above.
 
     Raise RestoreRefused for a reserved database name or a "no" from `confirm`, VerifyError if the backup
     is damaged, MissingRights if the user lacks a right, RestoreBusy if another restore of the database
     runs, RestoreInterrupted on SIGTERM, SIGHUP or SIGINT, RestoreError if the restore or a check fails;
     RestoreRefused too for a server older than the backup's pg_dump, unless `force_older`.
-    Until the swap commits, the existing database is left as it was in every case.
+    Until the swap commits, the existing database is left as it was in every case. With `with_globals`,
+    the backup's globals (roles, memberships, role settings, tablespaces) are applied to the server first,
+    once confirmed: the roles they create stay, whatever happens next (nothing is ever dropped).
     """
     database = target.dbname if into is None else into
     refuse_reserved(database)
     refuse_physical(entry)
     with interruptible() as guard:
         return _restore(settings, entry, target, database, jobs, confirm, on_step or (lambda step, text: None),
-                        safety, identities, force_older, now, guard)
+                        safety, identities, force_older, with_globals, now, guard)
 
 
 def _restore(settings: Settings, entry: Entry, target: Target, database: str, jobs: int,
              confirm: Callable[[RestoreInfo], bool], note: Callable[[str, str], None], safety: bool,
-             identities: list | None, force_older: bool, now: Callable[[], datetime],
+             identities: list | None, force_older: bool, with_globals: bool, now: Callable[[], datetime],
              guard: InterruptGuard) -> RestoreResult:
     started, t0 = now(), time.monotonic()
     timings: dict[str, float] = {}
@@ -889,13 +970,15 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
                                 temporary=temporary, phase="verify", backup=str(stored.path), database=database,
                                 work=[str(work), str(settings.backup_root / WORK_DIR / safety_run)])
         try:
-            timed("verify", lambda: verify_backup(stored.path, settings, checksums_only=True))
+            timed("verify", lambda: verify_backup(stored.path, settings, checksums_only=True,
+                                                  with_globals=with_globals))
             if stored.manifest.encryption:
                 entry = timed("decrypt", lambda: plaintext_of(settings, stored, identities, work))
             logline("SUCCESS: Backup íntegro (checksums, descompressão, dump completo)")
             with connect(target, MAINTENANCE_DB) as admin:
                 original = database_properties(admin, database)
                 check_rights(admin, database, original, f"restore into database {database!r}", where)
+                check_roles(admin, entry.manifest, with_globals, where)
                 client = loading_client(settings, target, admin, entry.manifest, force_older)
                 sessions = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
                                          "AND pid <> pg_backend_pid()", (database,)).fetchone()[0]
@@ -904,6 +987,11 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
             info = RestoreInfo.of(entry, target, database, exists, sessions)
             if exists and not confirm(info):
                 raise RestoreRefused("Restore cancelled: not confirmed", hint="type SIM to confirm, or pass --yes")
+            applied = None
+            if with_globals:
+                applied = timed("globals", lambda: restore_globals(client, target, stored, identities, work))
+                note("globals", globals_summary(applied))
+                logline(f"SUCCESS: Globals aplicados: {globals_summary(applied)}")
             retired = f"{RETIRED_PREFIX}{run_id}" if exists else None
             journal.write("safety", retired=retired)
             logline(f"Banco temporário: {temporary}; diário {journal.path}")
@@ -1024,7 +1112,7 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
                                log_file=str(log_file)))
     return RestoreResult(backup=stored.path, database=database, server=target.describe(), created=not exists,
                          safety_backup=safety_path, tables_checked=len(entry.manifest.tables), restore_s=restore_s,
-                         duration_s=duration, steps=timings)
+                         duration_s=duration, steps=timings, globals=applied)
 
 
 def prune_safety_backups(settings: Settings, target: str, logline: Callable[..., None]) -> None:

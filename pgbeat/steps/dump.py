@@ -5,6 +5,8 @@ the closing "dump complete" line must be there. The password reaches pg_dump thr
 memory (pgbeat.postgres.client), never through argv. The plain stream passes through Python once, which
 counts rows per table, computes the CRC-32 that verify later checks end to end, and writes the file.
 Run again with the same record, the step starts over: what an interrupted attempt wrote is removed first.
+Beside the dump, the step writes the globals of the server (roles, memberships, role settings,
+tablespaces: pgbeat.postgres.globals), which verify, upload, rotation and restore treat as part of it.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from pathlib import Path
 from isal import isal_zlib
 
 from pgbeat import faults
+from pgbeat.catalog.manifest import GlobalsInfo, new_globals_name
 from pgbeat.errors import CancelledError, DumpError, PgbeatError, TransientDumpError
 from pgbeat.fsutil import CHUNK, disk_error, open_private, private_dir, remove_path, tree_size
 from pgbeat.pipeline.record import DumpResult, Run, StepContext
-from pgbeat.postgres.client import client_env
+from pgbeat.postgres.client import client_env, connect
 from pgbeat.postgres.clients import ClientChoice, client_for_server
 from pgbeat.postgres.clock import SKEW_WARNING, PendingReading
+from pgbeat.postgres.globals import NO_PASSWORDS_WARNING, dump_globals, is_superuser, used_roles
 from pgbeat.postgres.lockwatch import DumpProgress, LockWatch
-from pgbeat.postgres.process import Supervised, last_error_line
+from pgbeat.postgres.process import CancelEvent, Supervised, last_error_line
 from pgbeat.postgres.sqlscan import DumpScanner
 from pgbeat.postgres.standby import backup_source
 from pgbeat.runlog import human_size
@@ -170,6 +174,29 @@ def dump_progress(scanner: DumpScanner | None, output: Path) -> str:
     return f"dump: {human_size(tree_size(output))} written so far"
 
 
+def dump_server_globals(target: Target, run: Run, client: ClientChoice, env: dict[str, str],
+                        cancel: CancelEvent | None) -> tuple[GlobalsInfo | None, str | None]:
+    """Dump the globals of `target`'s server into the run's work folder (pgbeat.postgres.globals); return
+    their record, or None and why they could not be dumped: the backup itself still restores onto a server
+    that has its roles, so that is a warning on it, not a failure of the run."""
+    path = run.work(new_globals_name(run.name, run.codec))
+    remove_path(path)  # a previous, interrupted attempt of this run
+    try:
+        with connect(target) as conn:
+            superuser, needed = is_superuser(conn), used_roles(conn)
+        info = dump_globals(client.program("pg_dumpall"), target, env, path, run.codec, run.level,
+                            passwords=superuser, used=needed, cancel=cancel)
+    except PgbeatError as exc:
+        remove_path(path)
+        if cancel is not None and cancel.is_set():  # pg_dumpall was stopped: the run is cancelled, not warned
+            raise CancelledError(f"Dump of {target.name} cancelled: {cancel.reason}", step="dump") from None
+        log.warning("%s: the server's globals could not be dumped: %s", target.name, exc.message)
+        return None, f"the server's globals could not be dumped: {exc.message}"
+    if not superuser:
+        log.warning("%s: %s", target.name, NO_PASSWORDS_WARNING)
+    return info, None
+
+
 def dump_step(ctx: StepContext, run: Run) -> Run:
     """Dump the run's target into its work folder; return the record with `steps.dump` filled in.
 
@@ -241,6 +268,8 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
                 compressor.finish()
             except OSError as exc:
                 raise disk_error(exc, output) from None
+        server_globals, globals_note = (dump_server_globals(target, run, client, env, ctx.cancel)
+                                        if run.keeps_globals else (None, None))
     except BaseException:
         # Includes Celery's SoftTimeLimitExceeded: stop pg_dump, then remove what it wrote.
         abandon(output, writer, proc, reading, compressor)
@@ -254,7 +283,7 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
     info = DumpResult(path=str(output), size=size, started_at=started, duration_s=round(time.monotonic() - t0, 3),
                       pg_dump_version=client.client.version, client_dir=str(client.client.bin_dir),
                       client_note=client.note, warnings=proc.stderr_text()[-8:], source=target.describe(),
-                      source_note=source.note)
+                      source_note=source.note, globals=server_globals, globals_note=globals_note)
     if clock is not None:
         info.clock, info.server_time, info.clock_skew_s = clock, clock.server_time, clock.skew_s
         if abs(clock.skew_s) > SKEW_WARNING.total_seconds():

@@ -131,9 +131,12 @@ def rotation_now(settings: Settings, target: str, reading: ServerReading | None 
 
 
 def remove_backup(entry: Entry) -> None:
-    """Remove a backup: data first, manifest last (the manifest is what marks the rest as pgbeat's)."""
+    """Remove a backup: data first, then its globals and `.sha256`, manifest last (the manifest is what marks
+    the rest as pgbeat's)."""
     remove_path(entry.path)
     faults.fault_point(ROTATE_REMOVED_DATA)
+    if entry.manifest.globals is not None:
+        remove_path(entry.path.with_name(entry.manifest.globals.file))
     remove_path(checksum_path(entry.path))
     remove_path(manifest_path(entry.path))
     remove_path(manifest_lock_path(manifest_path(entry.path)))

@@ -3,8 +3,9 @@
 1. With `encryption` configured, the verified `.sql.gz` is encrypted with age into `.sql.gz.age` before
    anything leaves the worker; the manifest keeps the plaintext's checksums (what restores) and records
    the encrypted file's (what is stored).
-2. The local shelf, `BACKUP_ROOT/<tier>/`: the sidecars (`.sha256`, then the manifest) are published first
-   and the data file last, so a backup under its final name always has its manifest.
+2. The local shelf, `BACKUP_ROOT/<tier>/`: the sidecars (`.sha256`, then the manifest, then the server's
+   globals file, encrypted too) are published first and the data file last, so a backup under its final
+   name always has its manifest and globals.
 3. Each off-site destination gets a checked copy (pgbeat.storage.destinations). One that keeps failing does not
    cost the local copy or the other destinations: the step fails naming it (so rotation waits and a
    failure notice goes out), and `pgbeat upload --retry` or the target's next run completes the copy.
@@ -32,9 +33,11 @@ from pgbeat.catalog.manifest import (
     MANIFEST_SUFFIX,
     STAMP_FORMAT,
     Entry,
+    GlobalsInfo,
     Manifest,
     backup_name,
     checksum_path,
+    is_globals_name,
     manifest_lock_path,
     manifest_path,
     parse_name,
@@ -43,6 +46,7 @@ from pgbeat.catalog.manifest import (
 )
 from pgbeat.errors import StorageError, VerifyError
 from pgbeat.fsutil import fsync_file, open_private, private_dir, publish, remove_path, tree_size, write_atomic
+from pgbeat.hashing import hash_file
 from pgbeat.pipeline.record import Run, StepContext, UploadResult
 from pgbeat.settings import Settings
 from pgbeat.storage import LocalStorage
@@ -58,8 +62,8 @@ UPLOAD_STAGED = faults.declare("upload.staged", "the final name is chosen and ke
                                                 "manifest; nothing is on the shelf yet")
 UPLOAD_CHECKSUM = faults.declare("upload.published-checksum", "the shelf has the .sha256 under the final name, "
                                                               "not the manifest nor the data")
-UPLOAD_SIDECARS = faults.declare("upload.published-sidecars", "the shelf has both sidecars under the final name, "
-                                                              "not the data file")
+UPLOAD_SIDECARS = faults.declare("upload.published-sidecars", "the shelf has both sidecars (and the globals file) "
+                                                              "under the final name, not the data file")
 UPLOAD_PUBLISHED = faults.declare("upload.published", "the backup is whole on the shelf; the work folder is "
                                                       "still there")
 
@@ -106,7 +110,7 @@ def shelf_name(backup_root: Path, tier: str, manifest: Manifest) -> str:
     while True:
         final = backup_root / tier / name
         stem = name.removesuffix(parse_name(name)["ext"])
-        others = any(data.startswith(stem + ".") and data != name for data in
+        others = any(data.startswith(stem + ".") and data != name and not is_globals_name(data) for data in
                      (entry.removesuffix(MANIFEST_SUFFIX).removesuffix(CHECKSUM_SUFFIX) for entry in present))
         taken = any(os.path.lexists(p) for p in (final, manifest_path(final), checksum_path(final)))
         if not others and (not taken or _ours_on_shelf(final, manifest)):
@@ -151,14 +155,31 @@ def seal(artifact: Path, manifest: Manifest, recipients: list[str]) -> tuple[Pat
     faults.fault_point(UPLOAD_ENCRYPTED)
     os.replace(partial, sealed)
     manifest = manifest.encrypted_as(sealed.name, stored["size"], stored["sha256"], stored["md5"], recipients)
+    if manifest.globals is not None:
+        manifest.globals = seal_globals(artifact.parent, manifest.globals, recipients)
     write_manifest(manifest_path(sealed), manifest)  # from here on, the sealed file is the backup
     faults.fault_point(UPLOAD_SEALED)
     _drop_plaintext(artifact)
     return sealed, manifest
 
 
+def seal_globals(work: Path, record: GlobalsInfo, recipients: list[str]) -> GlobalsInfo:
+    """Encrypt the globals file `record` in `work` for `recipients` into `<name>.age` (the plaintext stays
+    until the sealed manifest is written); return the encrypted file's record."""
+    plain = work / record.file
+    sealed = plain.with_name(plain.name + crypt.SUFFIX)
+    stored = crypt.encrypt_file(plain, sealed, recipients)  # truncates what a killed attempt left there
+    fsync_file(sealed)
+    return record.model_copy(update={"file": sealed.name, "size": stored["size"], "sha256": stored["sha256"],
+                                     "encrypted": True, "plaintext_sha256": record.sha256,
+                                     "plaintext_size": record.size})
+
+
 def _drop_plaintext(artifact: Path) -> None:
-    for old in (artifact, checksum_path(artifact), manifest_path(artifact)):
+    """Remove the plaintext backup in the work folder, its sidecars and its globals (once sealed)."""
+    plain_globals = [p for p in artifact.parent.iterdir() if is_globals_name(p.name)
+                     and not p.name.endswith(crypt.SUFFIX)] if artifact.parent.is_dir() else []
+    for old in (artifact, checksum_path(artifact), manifest_path(artifact), *plain_globals):
         remove_path(old)
 
 
@@ -197,6 +218,24 @@ def _publish_copy(final: Path, data: bytes, ours) -> None:
         remove_path(tmp)
 
 
+def _publish_globals(work: Path, shelved: Path, record: GlobalsInfo) -> None:
+    """Put the globals file of `record` on the shelf as `shelved` (0600, never over another file); one there
+    already with the recorded SHA-256 is this run's (an earlier attempt).
+
+    In the work folder it keeps the name the dump gave it (the final name may have moved on by a second),
+    so it is found there as the one file with its SHA-256: a name is never needed to survive a kill."""
+    def ours(path: Path) -> bool:
+        return hash_file(path, "sha256") == (record.sha256, record.size)
+
+    if os.path.lexists(shelved) and ours(shelved):
+        return
+    staged = next((p for p in sorted(work.iterdir()) if is_globals_name(p.name) and ours(p)), None)
+    if staged is None:
+        raise VerifyError(f"{record.file}: the verified globals file is not in the work folder {work}",
+                          step="upload")
+    _publish_copy(shelved, staged.read_bytes(), ours)
+
+
 def publish_local(ctx: StepContext, run: Run, artifact: Path, manifest: Manifest) -> Entry:
     """Give the staged backup its final name in its tier's folder on the shelf (see `shelve`)."""
     name = shelf_name(ctx.settings.backup_root, run.tier, manifest)
@@ -222,6 +261,8 @@ def shelve(settings: Settings, run_id: str, artifact: Path, manifest: Manifest, 
     faults.fault_point(UPLOAD_CHECKSUM)
     _publish_copy(manifest_path(final), manifest.model_dump_json(indent=2).encode() + b"\n",
                   lambda p: getattr(read_manifest(p), "run_id", None) == run_id)
+    if manifest.globals is not None:  # before the data file: a backup under its final name is whole
+        _publish_globals(artifact.parent, final.with_name(manifest.globals.file), manifest.globals)
     faults.fault_point(UPLOAD_SIDECARS)
     if not final.exists():
         local.put(artifact, key, sha256=None if manifest.files else manifest.sha256)  # moves it: no second read
@@ -241,7 +282,8 @@ def undo_partial_publish(settings: Settings, work: Path, run_id: str) -> list[st
         final = settings.backup_root / manifest.tier / manifest.file
         if os.path.lexists(final) or not _ours_on_shelf(final, manifest):
             continue
-        for sidecar in (checksum_path(final), manifest_path(final)):  # the manifest, the marker, last
+        globals_file = [final.with_name(manifest.globals.file)] if manifest.globals is not None else []
+        for sidecar in (*globals_file, checksum_path(final), manifest_path(final)):  # the manifest, the marker, last
             if os.path.lexists(sidecar):
                 remove_path(sidecar)
                 done.append(f"removed {sidecar}: its run {run_id} never published the data file")

@@ -28,6 +28,7 @@ from pgbeat import faults
 from pgbeat.catalog.manifest import (
     Entry,
     FileDigest,
+    GlobalsInfo,
     Manifest,
     checksum_path,
     find_backup,
@@ -48,7 +49,7 @@ from pgbeat.steps.tablefiles import COPY_END, list_archive, read_data_file, read
 log = logging.getLogger(__name__)
 # What the manifest keeps of each step's result: when it ran, how long it took, what it made.
 MANIFEST_STEP_FIELDS = {"started_at", "duration_s", "size", "ratio", "passthrough", "client_dir", "client_note",
-                        "source", "source_note"}
+                        "source", "source_note", "globals_note"}
 VERIFY_WROTE_MANIFEST = faults.declare("verify.wrote-manifest", "the manifest is in the work folder, not yet "
                                                                 "the .sha256")
 
@@ -250,6 +251,28 @@ def check_backup(path: Path, dump_format: str, codec: str, settings: Settings,
     return check_archive(path, pg_restore)
 
 
+def globals_problems(folder: Path, record: GlobalsInfo | None) -> list[str]:
+    """Check a backup's globals file (pgbeat.postgres.globals) in `folder` against its `record`: it is
+    there, of its size and SHA-256, and (unless encrypted) decompresses to pg_dumpall's whole output."""
+    from pgbeat.postgres.globals import read_globals
+
+    if record is None:
+        return []
+    path = folder / record.file
+    try:
+        sha256, size = hash_file(path, "sha256")
+    except FileNotFoundError:
+        return [f"{record.file} (the server's globals) is missing"]
+    if sha256 != record.sha256 or size != record.size:
+        return [f"{record.file} (the server's globals) does not match the manifest's size and SHA-256"]
+    if not record.encrypted:
+        try:
+            read_globals(path, codec_for_name(record.file))
+        except VerifyError as exc:
+            return [exc.message]
+    return []
+
+
 def verify_step(ctx: StepContext, run: Run) -> Run:
     """Verify the compressed artifact against what dump and compress recorded; write manifest + .sha256."""
     t0 = time.monotonic()
@@ -279,6 +302,7 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
 
         problems += physical_problems(result, dump.physical)
         physical = None if problems else physical_info(result, dump.physical)
+    problems += globals_problems(run.work(), dump.globals)
     if problems:
         raise VerifyError(f"Backup {run.name} failed verification", step="verify", details=problems)
 
@@ -297,7 +321,7 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
         duration_s=round((finished - run.started_at).total_seconds(), 3),
         steps={name: step_result.model_dump(mode="json", include=MANIFEST_STEP_FIELDS)
                for name, step_result in run.steps.items()},
-        node=run.node, slot=run.slot, physical=physical,
+        node=run.node, slot=run.slot, physical=physical, globals=dump.globals,
     )
     manifest.steps["verify"] = {"duration_s": round(time.monotonic() - t0, 3)}
     write_manifest(manifest_path(path), manifest)
@@ -369,7 +393,7 @@ def open_backup(path: Path) -> Entry:
 
 
 def verify_backup(path: Path, settings: Settings, identities: list | None = None,
-                  checksums_only: bool = False) -> tuple[Manifest, dict[str, Any]]:
+                  checksums_only: bool = False, with_globals: bool = True) -> tuple[Manifest, dict[str, Any]]:
     """Verify a backup on disk against its manifest and `.sha256`; raise VerifyError naming what is wrong.
 
     An encrypted backup is checked as stored (size, checksums); with `identities` it is also decrypted,
@@ -377,6 +401,8 @@ def verify_backup(path: Path, settings: Settings, identities: list | None = None
     `checksums_only` (restore's pre-check): the stored bytes must hash to what the manifest recorded when
     the backup was fully verified, which proves them identical to that verified file; the restore that
     follows decompresses everything again anyway.
+    The server's globals file beside it is checked too, unless not `with_globals`: a restore that does not
+    apply them (or a drill) needs only the backup itself, which may have been copied without them.
     """
     entry = open_backup(path)
     manifest = entry.manifest
@@ -409,6 +435,8 @@ def verify_backup(path: Path, settings: Settings, identities: list | None = None
             {manifest.file: result.get("sha256")}
         if any(sums.get(name) != digest for name, digest in listed.items()):
             problems.append(f"{sums_file.name} does not match the file's SHA-256")
+    if with_globals:
+        problems += globals_problems(entry.path.parent, manifest.globals)
     if problems:
         raise VerifyError(f"{path.name} failed verification", step="verify", details=problems,
                           hint="do not restore from this file; use an older backup or a remote copy")

@@ -194,6 +194,7 @@ def copy_backup(settings: Settings, storage: Storage, spec: DestinationSpec, ent
             storage.put(source, key, sha256=sha256)
         faults.fault_point(OFFSITE_DATA)
         storage.verify(key, stored.size, sha256)
+        stored = copy_globals(storage, entry, stored, bool(recipients))
         _put_text(storage, scratch, stored.checksum_lines(), key + CHECKSUM_SUFFIX)
         faults.fault_point(OFFSITE_CHECKSUM)
         record = Copy(status="ok", location=storage.describe(key), stored_at=now_iso(),
@@ -208,6 +209,23 @@ def copy_backup(settings: Settings, storage: Storage, spec: DestinationSpec, ent
         storage.put(manifest_file, key + MANIFEST_SUFFIX, replace=True)
         faults.fault_point(OFFSITE_COPIED)
     return record
+
+
+def copy_globals(storage: Storage, entry: Entry, stored: Manifest, encrypting: bool) -> Manifest:
+    """Copy the globals file of local backup `entry` beside its copy (`stored`: that copy's manifest) and check
+    it there; return the copy's manifest. A plaintext globals file never goes where the backup goes
+    encrypted (a backup of before `encryption` was configured): that copy goes without it, and says so."""
+    record = entry.manifest.globals
+    if record is None:
+        return stored
+    if encrypting and not record.encrypted:
+        log.warning("%s: its globals file is plaintext; not copied beside the encrypted copy", entry.path.name)
+        return stored.model_copy(update={"globals": None})
+    key = f"{stored.tier}/{record.file}"
+    if storage.stat(key) is None:
+        storage.put(entry.path.with_name(record.file), key, sha256=record.sha256)
+    storage.verify(key, record.size, record.sha256)
+    return stored
 
 
 def replicate(settings: Settings, target: Target, entry: Entry, only: str | None = None,
@@ -321,10 +339,12 @@ def remote_entries(settings: Settings, storage: Storage, destination: str, targe
 
 
 def remove_remote(storage: Storage, entry: RemoteEntry) -> None:
-    """Remove a backup at a destination: data first, its manifest last (a removal cut short leaves a
-    manifest without data, which the next rotation removes as an orphan)."""
+    """Remove a backup at a destination: data first, then its globals and `.sha256`, its manifest last (a
+    removal cut short leaves a manifest without data, which the next rotation removes as an orphan)."""
     storage.delete(entry.path)
     faults.fault_point(ROTATE_REMOTE_REMOVED_DATA)
+    if entry.manifest.globals is not None:
+        storage.delete(f"{entry.path.rsplit('/', 1)[0]}/{entry.manifest.globals.file}")
     storage.delete(entry.path + CHECKSUM_SUFFIX)
     storage.delete(entry.path + MANIFEST_SUFFIX)
 
@@ -370,7 +390,7 @@ def locate(settings: Settings, url: str) -> tuple[Target, DestinationSpec, str]:
 
 
 def fetch(settings: Settings, url: str, folder: Path) -> Entry:
-    """Download the backup at `url` with its manifest and `.sha256` into `folder`, checked; return it."""
+    """Download the backup at `url` with its manifest, `.sha256` and globals into `folder`, checked; return it."""
     target, spec, key = locate(settings, url)
     with open_storage(spec) as storage:
         return _fetch(storage, target, url, key, folder)
@@ -396,5 +416,7 @@ def _fetch(storage: Storage, target: Target, url: str, key: str, folder: Path) -
         raise VerifyError(f"{url}: its manifest is not a pgbeat manifest of this backup", step="verify",
                           hint="do not restore from this copy; use another copy or backup")
     storage.get(key + CHECKSUM_SUFFIX, folder / (name + CHECKSUM_SUFFIX))
+    if manifest.globals is not None:
+        storage.get(f"{key.rsplit('/', 1)[0]}/{manifest.globals.file}", folder / manifest.globals.file)
     storage.get(key, folder / name)
     return Entry(path=folder / name, manifest=manifest)

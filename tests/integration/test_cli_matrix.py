@@ -877,8 +877,10 @@ def fetch_good(scene: Scene):
     url, _bucket, _key = scene.copy_at_s3()
     into = scene.service.base / "fetched" / "new"
     result = scene.service.pgbeat("fetch", url, "--to", str(into), timeout=120)
+    server_globals = json.loads(scene.backup.with_name(scene.backup.name + ".manifest.json").read_text())["globals"]
     assert sorted(p.name for p in into.iterdir()) == sorted(
-        p.name for p in scene.backup.parent.glob(f"{scene.backup.name}*")), list(into.iterdir())
+        [p.name for p in scene.backup.parent.glob(f"{scene.backup.name}*")] + [server_globals["file"]]
+    ), list(into.iterdir())
     for folder in (into, into.parent):
         assert folder.stat().st_mode & 0o777 == 0o700, folder
     for file in into.iterdir():

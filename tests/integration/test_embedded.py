@@ -116,7 +116,7 @@ def test_failing_dump_leaves_older_backups_and_no_final_file(workdir, pg, make_d
                       reliability={"retries": 1, "retry_backoff": 1})
     assert service.pgbeat("backup", "daily").returncode == 0
     before = snapshot(service.backup_root / "daily")
-    assert len(before) == 3  # backup, manifest, .sha256
+    assert len(before) == 4  # backup, manifest, .sha256, the server's globals
 
     if failure == "wrong password":
         service.config["targets"][0]["password"] = "not-the-password"

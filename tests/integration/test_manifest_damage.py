@@ -223,7 +223,8 @@ def test_verify_restore_and_drills_agree_on_a_damaged_manifest(shelf, tmp_path, 
     service, watch, first, second = shelf
     folder = tmp_path / "daily"
     folder.mkdir()
-    for path in (first, manifest_path(first), checksum_path(first)):
+    server_globals = first.with_name(find_backup(first).manifest.globals.file)  # part of the backup
+    for path in (first, manifest_path(first), checksum_path(first), server_globals):
         shutil.copyfile(path, folder / path.name)
     backup = folder / first.name
     damage(case, folder, backup, second)

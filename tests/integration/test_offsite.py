@@ -110,9 +110,10 @@ def test_each_destination_rotates_on_its_own(workdir, pg, make_db, moto_s3, sshd
     def stored(where: str) -> list[str]:
         if where == "s3":
             objects = moto_s3.client().list_objects_v2(Bucket=bucket, Prefix="pgbeat/daily/").get("Contents", [])
-            return sorted(o["Key"].rsplit("/", 1)[1] for o in objects if o["Key"].endswith(".sql.gz"))
+            return sorted(o["Key"].rsplit("/", 1)[1] for o in objects
+                          if o["Key"].endswith(".sql.gz") and ".globals." not in o["Key"])
         return sorted(line for line in sshd.ssh(f"ls {sshd.root / folder / 'daily'}").stdout.split()
-                      if line.endswith(".sql.gz"))
+                      if line.endswith(".sql.gz") and ".globals." not in line)
 
     assert stored("s3") == stored("ssh") == names
     in_5_days = (datetime.now(UTC) + timedelta(days=5)).isoformat()

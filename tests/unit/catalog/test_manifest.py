@@ -68,6 +68,7 @@ def test_an_encrypted_manifest_with_copies_written_as_plain_json_keeps_its_seal(
                               "file": "x.age", "size": 9, "sha256": "2" * 64}}}
     data.pop("seal", None)
     data.pop("physical")  # written before base backups existed: no such key
+    data.pop("globals")  # nor globals files
     data["seal"] = old_seal(data)
     path = tmp_path / "m.json"
     path.write_text(json.dumps(data))
@@ -98,14 +99,36 @@ def test_copy_states_are_checked():
         Copy(status="done")
 
 
+def test_a_globals_record_is_sealed_and_follows_the_backups_name(tmp_path):
+    from pgbeat.catalog.manifest import GlobalsInfo, globals_name, is_globals_name, new_globals_name
+
+    name = new_globals_name(FIELDS["file"], "zstd")
+    assert name == FIELDS["file"].removesuffix(".sql.gz") + ".globals.sql.zst" and is_globals_name(name)
+    assert not is_globals_name(FIELDS["file"]) and not is_globals_name(FIELDS["file"] + ".age")
+    assert globals_name("x_backup_daily_20260101_020001.dump", name + ".age") == \
+        "x_backup_daily_20260101_020001.globals.sql.zst.age"
+    manifest = Manifest.model_validate({**FIELDS, "globals": GlobalsInfo(
+        file=new_globals_name(FIELDS["file"], "gzip"), size=3, sha256="3" * 64, passwords=True, roles=["a"])})
+    assert manifest.checksum_lines().splitlines()[1] == f"{'3' * 64}  {manifest.globals.file}"
+    manifest.publish_as(FIELDS["file"].replace("020000", "020001"), "/b", "now")
+    assert manifest.globals.file == FIELDS["file"].replace("020000", "020001").replace(".sql.gz", ".globals.sql.gz")
+    path = tmp_path / "m.json"
+    write_manifest(path, manifest)
+    edited = json.loads(path.read_text())
+    edited["globals"]["passwords"] = False
+    path.write_text(json.dumps(edited))
+    assert "does not match its seal" in read_manifest(path).seal_problem()
+
+
 def test_a_base_backups_wal_range_is_sealed_and_older_seals_hold_without_it(tmp_path):
     from pgbeat.catalog.manifest import PhysicalInfo
 
     plain = Manifest.model_validate(FIELDS)
     plain.seal = plain.computed_seal()
     data = plain.model_dump(mode="json")
-    assert data["physical"] is None
+    assert data["physical"] is None and data["globals"] is None
     data.pop("physical")
+    data.pop("globals")
     assert data["seal"] == old_seal({k: v for k, v in data.items() if k != "seal"})  # as before the field
     base = Manifest.model_validate({**FIELDS, "tier": "base", "format": "tar", "physical": PhysicalInfo(
         timeline=1, start_lsn="0/2000028", end_lsn="0/2000100", start_wal="000000010000000000000002")})
