@@ -71,7 +71,8 @@ def seed_manifest(pgbeat: Path, work: Path, pg: dict[str, str]) -> Path:
     env = {**os.environ, "DB_HOST": pg["host"], "DB_PORT": pg["port"], "DB_NAME": SEED_DB, "DB_USER": pg["user"],
            "BACKUP_ROOT": str(work / "seed"), "PGBEAT_CONFIG": ""}
     subprocess.run([str(pgbeat), "backup", "daily", "--local"], env=env, check=True, capture_output=True)
-    (data,) = [p for p in (work / "seed" / "daily").iterdir() if p.name.endswith(".sql.gz")]
+    (data,) = [p for p in (work / "seed" / "daily").iterdir()
+               if p.name.endswith(".sql.gz") and ".globals." not in p.name]  # not its server's globals
     return data
 
 

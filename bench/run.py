@@ -652,7 +652,8 @@ class Bench:
 def pgbeat_data_file(daily: Path | None) -> Path:
     """Return the backup file (or folder) pgbeat left in BACKUP_ROOT/daily (not its sidecars)."""
     assert daily is not None
-    found = [p for p in daily.iterdir() if not p.name.endswith((".manifest.json", ".sha256"))]
+    found = [p for p in daily.iterdir() if not p.name.endswith((".manifest.json", ".sha256"))
+             and not p.name.startswith(".") and ".globals." not in p.name]  # its server's globals: not the backup
     if len(found) != 1:
         raise RuntimeError(f"expected one backup in {daily}, found {[p.name for p in found]}")
     return found[0]
