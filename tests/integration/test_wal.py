@@ -782,6 +782,26 @@ def test_restore_pitr_standby_streams_from_the_primary(archiving, pitr_history):
         restored.destroy()
 
 
+def two_base_backups(pg: PgCluster, world: WalWorld, archived) -> tuple[Path, Path, str]:
+    """Two base backups of `world`'s target with WAL segments before, between and after them, each switched
+    segment waited for until `archived(name)`; return both backups, oldest first, and the newer's start segment."""
+    pg.sql("CREATE TABLE kept (id int)")
+
+    def switch() -> None:
+        pg.sql("INSERT INTO kept SELECT generate_series(1, 1000)")
+        last = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
+        wait_for(lambda: archived(last), 60, what=f"{last} archived")
+
+    for _ in range(2):
+        switch()
+    for _ in range(2):
+        assert world.pgbeat("backup", "base", "--target", "walpg").returncode == 0
+        switch()
+    first, second = sorted(p for p in world.backup_root.glob("base/*") if p.name.endswith((".tar.gz", ".tar")))
+    manifest = json.loads(second.with_name(second.name + ".manifest.json").read_text())
+    return first, second, manifest["physical"]["start_wal"]
+
+
 def test_rotating_base_backups_removes_exactly_the_wal_no_kept_one_needs(postgres_venv, workdir):
     """Two base backups with WAL between and after them; rotating the base tier 40 days later keeps the
     newest (min_keep) and removes the older with every WAL file before the kept one's start segment, no
@@ -793,22 +813,7 @@ def test_rotating_base_backups_removes_exactly_the_wal_no_kept_one_needs(postgre
     world.write_config()
     data = None
     try:
-        pg.sql("CREATE TABLE kept (id int)")
-
-        def switch() -> str:
-            pg.sql("INSERT INTO kept SELECT generate_series(1, 1000)")
-            last = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
-            wait_for(lambda: world.stored(last, "walpg"), 60, what=f"{last} in the archive")
-            return last
-
-        for _ in range(2):
-            switch()
-        assert world.pgbeat("backup", "base", "--target", "walpg").returncode == 0
-        switch()
-        assert world.pgbeat("backup", "base", "--target", "walpg").returncode == 0
-        switch()
-        first, second = sorted(p for p in world.backup_root.glob("base/*") if p.name.endswith((".tar.gz", ".tar")))
-        start = json.loads(second.with_name(second.name + ".manifest.json").read_text())["physical"]["start_wal"]
+        first, second, start = two_base_backups(pg, world, lambda last: world.stored(last, "walpg"))
         archive = world.archive("walpg")
 
         def stored_wal() -> list[str]:
@@ -881,21 +886,7 @@ def test_a_destination_keeps_the_wal_its_own_base_backups_need_and_no_more(postg
         return done
 
     try:
-        pg.sql("CREATE TABLE kept (id int)")
-
-        def switch() -> None:
-            pg.sql("INSERT INTO kept SELECT generate_series(1, 1000)")
-            last = pg.sql("SELECT pg_walfile_name(pg_switch_wal())")
-            wait_for(lambda: last in remote_wal(), 60, what=f"{last} at the destination")
-
-        for _ in range(2):
-            switch()
-        assert world.pgbeat("backup", "base", "--target", "walpg").returncode == 0
-        switch()
-        assert world.pgbeat("backup", "base", "--target", "walpg").returncode == 0
-        switch()
-        first, second = sorted(p for p in world.backup_root.glob("base/*") if p.name.endswith((".tar.gz", ".tar")))
-        start = json.loads(second.with_name(second.name + ".manifest.json").read_text())["physical"]["start_wal"]
+        first, second, start = two_base_backups(pg, world, lambda last: last in remote_wal())
         before = remote_wal()
         doomed = [n for n in before if not n.endswith(".history") and n[8:24] < start[8:24]]
         assert doomed and any(n[8:24] >= start[8:24] for n in before)
