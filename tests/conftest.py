@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -11,6 +12,12 @@ import pytest
 from tests.support import PgCluster, RedisServer, make_tempdir
 
 DATA = Path(__file__).parent / "data"
+
+# pytest-xdist's worker processes are started with COLUMNS=80 (execnet's popen), which every pgbeat the
+# tests run would inherit and wrap its output by; a test that wants a width passes COLUMNS itself.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
+    os.environ.pop("LINES", None)
 
 
 @pytest.fixture(scope="session")

@@ -84,6 +84,8 @@ def test_a_healthy_archive_is_at_most_one_segment_behind_and_not_failing(cluster
 
 
 def test_a_failing_archive_command_shows_the_failed_segment_failing_and_a_growing_lag(cluster, metrics):
+    segment = switch(cluster)  # one archived segment first, so the lag is a number however the tests are ordered
+    wait_for(lambda: cluster.world.stored(segment, TARGET), 60, what=f"{segment} in the archive")
     before = archiving(cluster)["lag_segments"]
     cluster.cluster.sql("ALTER SYSTEM SET archive_command = 'false'")
     cluster.cluster.sql("SELECT pg_reload_conf()")
