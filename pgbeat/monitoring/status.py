@@ -210,6 +210,8 @@ class StatusReport:
     orphans: dict[str, int] = field(default_factory=dict)  # backups per target no longer in the configuration
     wal: list[WalStatus] = field(default_factory=list)  # targets with the base tier
     runs: dict[str, Any] = field(default_factory=dict)
+    # Per whole-server target, its last discovery (pgbeat.discovery): when, which databases, which are gone.
+    servers: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         # Field by field rather than dataclasses.asdict, whose deep copy of every value is most of the cost
@@ -275,8 +277,20 @@ def tier_status(settings: Settings, target: str, tier: str, entries: list[Entry]
 
 
 def build_status(settings: Settings, now: datetime) -> StatusReport:
+    from pgbeat.discovery import last_discovery, shelf_members
+
     attempts = read_attempts(settings.backup_root)
     names = sorted(settings.targets)
+    servers: dict[str, Any] = {}
+    for server in sorted(settings.servers):
+        # A whole-server target's databases: those its last run backed up, and those with backups on the shelf.
+        last = last_discovery(settings, server)
+        members = {**(last.databases if last else {}), **shelf_members(settings, server)}
+        names += sorted(members)
+        servers[server] = ({"discovered_at": last.at, "databases": last.databases, "excluded": last.excluded,
+                            "refused": last.refused, "gone": last.gone, "warnings": last.warnings()}
+                           if last else {"discovered_at": None, "databases": {}, "excluded": [], "refused": {},
+                                         "gone": {}, "warnings": []})
     configured = first_configured(
         settings.backup_root,
         [f"{name}/{tier}" for name in names for tier in settings.target(name).enabled_tiers()]
@@ -309,5 +323,5 @@ def build_status(settings: Settings, now: datetime) -> StatusReport:
     return StatusReport(generated_at=now.isoformat(), backup_root=str(root), disk_total=usage.total,
                         disk_free=usage.free, used=folder_size(root) if root.exists() else 0, tiers=tiers,
                         drills=drills, drill_intervals=drill_intervals, never_drilled=never_drilled,
-                        orphans=orphan_census(root, settings.targets),
-                        wal=[wal_status(settings, name, readings[name]) for name in archived])
+                        orphans=orphan_census(root, settings.owns),
+                        wal=[wal_status(settings, name, readings[name]) for name in archived], servers=servers)
