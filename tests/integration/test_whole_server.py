@@ -1,0 +1,158 @@
+"""Whole-server targets (`databases: all`) over a cluster of their own: each run discovers the databases
+(templates, `datallowconn = false` and excluded ones left out; include patterns respected), backs each up
+as a target of its own, picks up a database created between two runs (and that backup restores), reports
+a database that is gone while its backups stay (never orphans, rotated by the tier's retention), and
+handles hostile database names."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pgbeat.settings.servers import database_part
+from tests.support import PgCluster, Service
+
+pytestmark = pytest.mark.integration
+
+HOSTILE = ['we"ird db.x', "it's", "café"]
+PLAIN = ["app_one", "app_two"]
+
+
+def execute(cluster: PgCluster, statement: sql.Composable, db: str = "postgres") -> None:
+    with psycopg.connect(host=cluster.host, port=cluster.port, user="postgres", dbname=db, autocommit=True) as conn:
+        conn.execute(statement)
+
+
+def create(cluster: PgCluster, name: str, options: str = "", rows: int = 0) -> None:
+    execute(cluster, sql.SQL("CREATE DATABASE {} " + options).format(sql.Identifier(name)))
+    if rows:
+        execute(cluster, sql.SQL("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS body "
+                                 "FROM generate_series(1, {}) g").format(sql.Literal(rows)), name)
+
+
+@pytest.fixture(scope="module")
+def cluster(session_dir):
+    """A cluster of its own (discovery sees every database of a server): plain and hostile names, one
+    excluded, a template and one that refuses connections."""
+    pg = PgCluster(session_dir, "whole-server")
+    for index, name in enumerate([*PLAIN, *HOSTILE]):
+        create(pg, name, rows=10 + index)
+    create(pg, "scratch_1")
+    create(pg, "tpl_x", "IS_TEMPLATE true")
+    create(pg, "noconn", "ALLOW_CONNECTIONS false")
+    yield pg
+    pg.destroy()
+
+
+def server_target(cluster: PgCluster, **extra) -> dict:
+    return {"name": "srv", "databases": "all", "host": cluster.host, "port": cluster.port, "user": "postgres",
+            "exclude": ["postgres", "scratch_*"], "drill": {"enabled": False}, **extra}
+
+
+def backed_up(service: Service) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for path in service.backups():
+        manifest = json.loads(path.with_name(path.name + ".manifest.json").read_text())
+        found.setdefault(manifest["target"], []).append(path)
+    return found
+
+
+def name_of(dbname: str) -> str:
+    return f"srv.{database_part(dbname)}"
+
+
+def test_discovery_runs_rotation_and_a_gone_database(workdir, cluster):
+    # keep_days 0: every rotation removes all but the newest backup of each database (min_keep 1).
+    service = Service(workdir / "svc", None, [server_target(cluster)],
+                      defaults={"tiers": {"daily": {"keep_days": 0, "min_keep": 1}}})
+    first = service.pgbeat("backup", "daily")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "srv (databases: all): 5 database(s)" in first.stdout and "excluded: postgres, scratch_1" in first.stdout
+    expected = {name_of(db) for db in [*PLAIN, *HOSTILE]}
+    assert set(backed_up(service)) == expected  # no template, no noconn, nothing excluded
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in service.backups())
+
+    # A database created between two runs is backed up by the second, and that backup restores.
+    create(cluster, "app_new", rows=42)
+    second = service.pgbeat("backup", "daily", "--target", "srv")
+    assert second.returncode == 0, second.stdout + second.stderr
+    [new] = backed_up(service)["srv.app_new"]
+    cluster.createdb("app_new_copy")
+    cluster.restore_plain_gz(new, "app_new_copy")
+    assert cluster.dump_text("app_new_copy") == cluster.dump_text("app_new")
+    cluster.dropdb("app_new_copy")
+    assert set(backed_up(service)) == expected | {"srv.app_new"}
+
+    # A database dropped from the server: reported by the run, by status and on the event log; its backup
+    # stays, through the run's rotation and `pgbeat rotate`, and is no orphan.
+    cluster.dropdb("app_two")
+    third = service.pgbeat("backup", "daily")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "database 'app_two' of srv is gone from the server" in third.stdout
+    assert any("app_two" in w for e in service.events() if e["kind"] == "warning" for w in e["warnings"])
+    rotated = service.pgbeat("rotate")
+    assert rotated.returncode == 0, rotated.stdout + rotated.stderr
+    shelf = backed_up(service)
+    assert len(shelf["srv.app_two"]) == 1 and all(len(files) == 1 for files in shelf.values())
+    status = json.loads(service.pgbeat("status", "--json").stdout)
+    assert status["orphans"] == {} and status["servers"]["srv"]["gone"] == {"srv.app_two": "app_two"}
+    assert "srv.app_two" in {t["target"] for t in status["tiers"]}
+    text = service.pgbeat("status").stdout
+    assert "srv (databases: all): 5 database(s)" in text and "'app_two' of srv is gone" in text
+    assert json.loads(service.pgbeat("list", "--orphans", "--json").stdout) == []
+
+
+def test_hostile_names_back_up_list_and_restore(workdir, cluster):
+    service = Service(workdir / "svc", None, [server_target(cluster, include=["*'*", "*.*", "caf?"])])
+    done = service.pgbeat("backup", "daily")
+    assert done.returncode == 0, done.stdout + done.stderr
+    shelf = backed_up(service)
+    assert set(shelf) == {name_of(db) for db in HOSTILE}
+    for dbname in HOSTILE:
+        [path] = shelf[name_of(dbname)]
+        assert path.name.startswith(f"{name_of(dbname)}_backup_daily_") and name_of(dbname).isascii()
+        manifest = json.loads(path.with_name(path.name + ".manifest.json").read_text())
+        assert manifest["target"] == name_of(dbname)
+        listed = json.loads(service.pgbeat("list", "--target", name_of(dbname), "--json").stdout)
+        assert [b["file"] for b in listed] == [path.name]
+    weird = HOSTILE[0]
+    execute(cluster, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(weird + "_copy")))
+    cluster.restore_plain_gz(shelf[name_of(weird)][0], weird + "_copy")
+    assert cluster.dump_text(weird + "_copy") == cluster.dump_text(weird)
+    execute(cluster, sql.SQL("DROP DATABASE {}").format(sql.Identifier(weird + "_copy")))
+
+
+def test_config_check_and_dry_run_show_what_a_run_would_back_up(workdir, cluster):
+    # include and exclude together: app_one only (scratch_1 is included, then excluded).
+    service = Service(workdir / "svc", None, [server_target(cluster, include=["app_one", "scratch_*"],
+                                                            exclude=["scratch_*"])])
+    planned = service.pgbeat("backup", "daily", "--dry-run")
+    assert planned.returncode == 0, planned.stdout + planned.stderr
+    assert "srv (databases: all): 1 database(s): app_one; excluded: " in planned.stdout
+    assert "scratch_1" in planned.stdout.splitlines()[0]
+    assert "srv.app_one daily:" in planned.stdout and service.backups() == []
+    checked = service.pgbeat("config", "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    flat = " ".join(checked.stdout.split())
+    assert "srv: databases: all: 1 found: 'app_one' as srv.app_one" in flat
+    assert "'scratch_1' (excluded)" in flat and "'tpl_x' (a template)" in flat and "'noconn' (does not allow" in flat
+    assert "srv.app_one: connection" in flat
+
+
+def test_a_user_without_connect_is_told_which_database_it_cannot_back_up(workdir, cluster):
+    for statement in ("CREATE ROLE limited LOGIN", "CREATE DATABASE locked_db",
+                      "REVOKE CONNECT ON DATABASE locked_db FROM PUBLIC"):
+        cluster.sql(statement)
+    try:
+        target = server_target(cluster, user="limited", host=str(cluster.dir), include=["app_one", "locked_db"])
+        service = Service(workdir / "svc", None, [target])
+        planned = service.pgbeat("backup", "daily", "--dry-run")
+        assert "database 'locked_db' of srv is not backed up: limited lacks CONNECT" in planned.stdout
+        assert "srv.app_one daily:" in planned.stdout
+    finally:
+        cluster.dropdb("locked_db")
+        cluster.sql("DROP ROLE limited")
