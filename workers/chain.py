@@ -97,8 +97,6 @@ def start_server_backups(app: Celery, settings: Settings, task_id: str, server: 
     """Discover the databases of whole-server target `server` and start one backup of `tier` for each,
     exactly as for a listed target (its own run, slot, chain, locks and caps). Each run's id is derived from
     this task's, so a redelivered message starts no second run of a database. Return a small summary."""
-    import uuid
-
     from pgbeat.discovery import announce, expand
 
     if tier not in settings.servers[server].tiers:
@@ -111,7 +109,19 @@ def start_server_backups(app: Celery, settings: Settings, task_id: str, server: 
         RunState(redis_client(settings)).update(task_id, status="failed", target=server, tier=tier,
                                                 reason=found.error)
         return {"run_id": task_id, "error": found.error}
-    runs = {name: start_backup(app, settings, uuid.uuid5(uuid.UUID(int=0), f"{task_id}/{name}").hex, name, tier,
-                               scheduled, now, priority=priority) for name in names}
+    runs = {name: start_backup(app, settings, database_run_id(task_id, name), name, tier, scheduled, now,
+                               priority=priority) for name in names}
+    # This task's own record says what it started (a state no reconciler or `pgbeat status` counts as a run).
+    state = RunState(redis_client(settings))
+    state.update(task_id, status="dispatched", target=server, tier=tier, databases=sorted(runs))
+    state.client.hincrby(state.key(task_id), "deliveries", 1)
     log.info("whole-server target %s/%s: %d database(s) discovered", server, tier, len(runs))
     return {"run_id": task_id, "databases": runs, "warnings": found.warnings()}
+
+
+def database_run_id(task_id: str, name: str) -> str:
+    """The run id of database target `name`'s backup started by whole-server task `task_id`: derived from
+    both, so that a message delivered again starts no second run."""
+    import uuid
+
+    return uuid.uuid5(uuid.UUID(int=0), f"{task_id}/{name}").hex

@@ -2,19 +2,25 @@
 (templates, `datallowconn = false` and excluded ones left out; include patterns respected), backs each up
 as a target of its own, picks up a database created between two runs (and that backup restores), reports
 a database that is gone while its backups stay (never orphans, rotated by the tier's retention), and
-handles hostile database names."""
+handles hostile database names; beat's task of a whole-server target runs each database on the workers
+within the fleet caps, once."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import stat
+import uuid
+from datetime import datetime, timedelta
 
 import psycopg
 import pytest
+from celery import Celery
 from psycopg import sql
 
 from pgbeat.settings.servers import database_part
-from tests.support import PgCluster, Service
+from tests.support import PgCluster, Service, Worker, run_state, wait_for, wait_run
+from workers.chain import database_run_id
 
 pytestmark = pytest.mark.integration
 
@@ -156,3 +162,38 @@ def test_a_user_without_connect_is_told_which_database_it_cannot_back_up(workdir
     finally:
         cluster.dropdb("locked_db")
         cluster.sql("DROP ROLE limited")
+
+
+def test_beat_s_task_backs_up_each_database_on_the_workers_within_the_fleet_caps(workdir, cluster, redis_server):
+    wanted = sorted(cluster.sql("SELECT datname FROM pg_database WHERE datname LIKE 'app\\_%'").split())
+    every_minute = {"daily": {"schedule": "* * * * *"}}  # with catch_up_window 1: never too late for its slot
+    service = Service(workdir / "svc", redis_server.url,
+                      [server_target(cluster, include=["app_*"], tiers=every_minute)],
+                      node=f"ws-{uuid.uuid4().hex[:6]}",
+                      reliability={"per_host_dumps": 1, "lock_ttl": 5, "catch_up_window": 1})
+    worker = Worker(service, concurrency=2)
+    app = Celery(broker=service.redis_url)
+    try:
+        task_id = uuid.uuid4().hex
+        # What beat sends for a whole-server target: its name; the worker discovers the databases.
+        app.send_task("tasks.backup", args=["srv", "daily"], kwargs={"scheduled": True}, task_id=task_id,
+                      queue="pgbeat")
+        run_ids = {name_of(db): database_run_id(task_id, name_of(db)) for db in wanted}
+        states = {name: wait_run(redis_server.client, run_id, 120) for name, run_id in run_ids.items()}
+        assert {s["status"] for s in states.values()} == {"succeeded"}, states
+        # The same message again (a redelivery): no second backup of any database.
+        app.send_task("tasks.backup", args=["srv", "daily"], kwargs={"scheduled": True}, task_id=task_id,
+                      queue="pgbeat")
+        wait_for(lambda: run_state(redis_server.client, task_id).get("deliveries") == "2", 30, what="the resend")
+        assert json.loads(run_state(redis_server.client, task_id)["databases"]) == sorted(run_ids)
+    finally:
+        worker.stop()
+    shelf = backed_up(service)
+    assert sorted(shelf) == sorted(run_ids) and all(len(files) == 1 for files in shelf.values())
+    spans = []
+    for [path] in shelf.values():
+        dump = json.loads(path.with_name(path.name + ".manifest.json").read_text())["steps"]["dump"]
+        start = datetime.fromisoformat(dump["started_at"])
+        spans.append((start, start + timedelta(seconds=dump["duration_s"])))
+    for before, after in itertools.pairwise(sorted(spans)):
+        assert before[1] <= after[0], "two dumps at once on one server despite per_host_dumps: 1"
