@@ -197,3 +197,16 @@ def test_beat_s_task_backs_up_each_database_on_the_workers_within_the_fleet_caps
         spans.append((start, start + timedelta(seconds=dump["duration_s"])))
     for before, after in itertools.pairwise(sorted(spans)):
         assert before[1] <= after[0], "two dumps at once on one server despite per_host_dumps: 1"
+
+
+def test_a_server_that_cannot_be_asked_fails_its_target_and_spares_the_others(workdir, cluster):
+    closed = {"name": "down", "databases": "all", "host": "127.0.0.1", "port": 1, "user": "postgres",
+              "connect_timeout": 2}
+    listed = {"name": "one", "dbname": "app_one", "host": cluster.host, "port": cluster.port, "user": "postgres"}
+    service = Service(workdir / "svc", None, [closed, listed])
+    done = service.pgbeat("backup", "daily")
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "down: cannot list its databases (databases: all)" in done.stderr
+    assert [p.name.split("_backup_")[0] for p in service.backups()] == ["one"]
+    [failure] = [e for e in service.events() if e["kind"] == "failure"]
+    assert failure["target"] == "down" and failure["step"] == "discover"
