@@ -283,6 +283,17 @@ def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float, lo
     sys.exit(backup_through_broker(settings, names, tier, no_wait, timeout) or code)
 
 
+def target_label(name: str) -> str:
+    """A target's name as tables show it: a whole-server target's database whose name had to be encoded
+    (`srv.x-nv4sazdc`) with that name beside it (`srv.x-nv4sazdc ('my db')`)."""
+    from pgbeat.settings.servers import ENCODED_PREFIX, split_derived
+
+    derived = split_derived(name)
+    if derived is None or not name.rpartition(".")[2].startswith(ENCODED_PREFIX):
+        return name
+    return f"{name} ({derived[1]!r})"
+
+
 def printable(name: str) -> str:
     """A database's name as printed: as it is, or quoted with escapes when it holds what a terminal would
     act on (control characters) or a comma."""
@@ -489,7 +500,8 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
     for e in entries:
         by_target.setdefault(e.manifest.target, []).append(e)
     for target, own in sorted(by_target.items()):
-        table = new_table(title=target, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        table = new_table(title=escape(target_label(target)), title_justify="left", title_style="bold",
+                          box=box.SIMPLE_HEAD, pad_edge=False)
         for column in (f"taken at ({zone})", "tier", "size", "checks", f"drill ({zone})"):
             table.add_column(column, overflow="fold")
         if wide:
@@ -1207,7 +1219,8 @@ def status(as_json: bool) -> None:
             attempt_text = f"[red]failed at {attempt.get('step')}[/red]"
         warning = " [yellow]⚠ size[/yellow]" if t.size_anomaly else ""
         warning += " [yellow]⚠ dated in the future[/yellow]" if t.future else ""
-        table.add_row(t.target, t.tier, f"[{color}]{success_text(settings, t)}[/{color}]{warning}",
+        table.add_row(escape(target_label(t.target)), t.tier,
+                      f"[{color}]{success_text(settings, t)}[/{color}]{warning}",
                       human_size(t.size) if t.size is not None else "-",
                       f"{t.duration_s:.1f}s" if t.duration_s else "-",
                       ", ".join(f"{d} ({n})" for d, n in sorted(t.kept.items())) or "-", attempt_text,

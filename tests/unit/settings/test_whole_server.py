@@ -88,3 +88,14 @@ def test_defaults_cannot_make_every_target_whole_server(clean_env, monkeypatch):
         load(clean_env, file_text="defaults: {databases: all}\ntargets: [{name: p, dbname: erp}]\n",
              monkeypatch=monkeypatch)
     assert any("defaults.databases" in line for line in caught.value.errors), caught.value.errors
+
+
+def test_beat_sends_a_whole_server_target_s_name_once_per_tier_and_drill(clean_env, monkeypatch):
+    from beat_schedule import build_beat_schedule
+
+    s = load(clean_env, file_text=SERVER, monkeypatch=monkeypatch)
+    schedule = build_beat_schedule(s)
+    backups = {key: entry["args"] for key, entry in schedule.items() if entry["task"] == "tasks.backup"}
+    assert backups == {f"backup prod {tier}": ("prod", tier) for tier in ("daily", "weekly", "monthly")}
+    assert schedule["drill prod"]["args"] == ("prod",) and "drill prod pitr" not in schedule
+    assert "reconcile runs" in schedule
