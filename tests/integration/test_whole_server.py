@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import stat
 import uuid
 from datetime import datetime, timedelta
@@ -16,8 +17,12 @@ from datetime import datetime, timedelta
 import psycopg
 import pytest
 from celery import Celery
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
+from pgbeat.monitoring.metrics import registry_for
+from pgbeat.settings import load_settings
 from pgbeat.settings.servers import database_part
 from tests.support import PgCluster, Service, Worker, run_state, wait_for, wait_run
 from workers.chain import database_run_id
@@ -71,7 +76,7 @@ def name_of(dbname: str) -> str:
     return f"srv.{database_part(dbname)}"
 
 
-def test_discovery_runs_rotation_and_a_gone_database(workdir, cluster):
+def test_discovery_runs_rotation_and_a_gone_database(workdir, cluster, monkeypatch):
     # keep_days 0: every rotation removes all but the newest backup of each database (min_keep 1).
     service = Service(workdir / "svc", None, [server_target(cluster)],
                       defaults={"tiers": {"daily": {"keep_days": 0, "min_keep": 1}}})
@@ -106,7 +111,17 @@ def test_discovery_runs_rotation_and_a_gone_database(workdir, cluster):
     assert len(shelf["srv.app_two"]) == 1 and all(len(files) == 1 for files in shelf.values())
     status = json.loads(service.pgbeat("status", "--json").stdout)
     assert status["orphans"] == {} and status["servers"]["srv"]["gone"] == {"srv.app_two": "app_two"}
-    assert "srv.app_two" in {t["target"] for t in status["tiers"]}
+    gone = [t for t in status["tiers"] if t["target"] == "srv.app_two"]
+    assert gone and all(t["gone"] and not t["overdue"] for t in gone)
+    assert not any(t["gone"] for t in status["tiers"] if t["target"] != "srv.app_two")
+    # No overdue alert for it: /metrics gives it no expected interval (the alert's rule compares with it).
+    for key in [k for k in os.environ if k.startswith(("DB_", "CELERY_", "PGBEAT_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PGBEAT_CONFIG", str(service.config_path))
+    text = generate_latest(registry_for(load_settings(env_file=None))).decode()
+    intervals = {s.labels["target"] for f in text_string_to_metric_families(text) for s in f.samples
+                 if s.name == "pgbeat_backup_expected_interval_seconds"}
+    assert "srv.app_one" in intervals and "srv.app_two" not in intervals
     text = service.pgbeat("status").stdout
     assert "srv (databases: all): 5 database(s)" in text and "'app_two' of srv is gone" in text
     assert json.loads(service.pgbeat("list", "--orphans", "--json").stdout) == []
