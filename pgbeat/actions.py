@@ -49,18 +49,20 @@ def selected_targets(settings: Settings, target: str | None) -> list[str]:
                                          for name in shelf_members(settings, server))]
 
 
-def backup_selection(settings: Settings, target: str | None) -> tuple[list[str], list[Discovery]]:
+def backup_selection(settings: Settings, target: str | None, *,
+                     dry_run: bool = False) -> tuple[list[str], list[Discovery]]:
     """Given `--target` (or None: every target), return the names of the targets to back up now, each
-    whole-server target replaced by the databases it discovers on its server, and those discoveries."""
+    whole-server target replaced by the databases it discovers on its server, and those discoveries
+    (recorded for `pgbeat status`, unless `dry_run`)."""
     from pgbeat.discovery import expand
 
     if target in settings.servers:
-        return expand(settings, [target])
+        return expand(settings, [target], keep=not dry_run)
     if target:
         return selected_targets(settings, target), []
     if not settings.targets and not settings.servers:
         raise errors.NoTargetsError
-    return expand(settings, [*sorted(settings.targets), *sorted(settings.servers)])
+    return expand(settings, [*sorted(settings.targets), *sorted(settings.servers)], keep=not dry_run)
 
 
 def run_exit_code(failure: dict | None) -> int:

@@ -268,7 +268,7 @@ def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float, lo
     if dry_run:
         if no_wait:
             fail(errors.UsageError("--no-wait sends a backup; --dry-run sends nothing", hint="pick one"))
-        names, found = actions.backup_selection(settings, target_name)
+        names, found = actions.backup_selection(settings, target_name, dry_run=True)
         code = print_discoveries(found, tier)
         sys.exit(backup_dry_run(settings, names, tier, local) or code)
     here = local or settings.embedded

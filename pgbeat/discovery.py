@@ -16,6 +16,7 @@ disappears never takes its backups with it.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,8 @@ from pgbeat.settings.servers import split_derived
 
 if TYPE_CHECKING:
     from pgbeat.settings import Settings, Target
+
+log = logging.getLogger(__name__)
 
 # Every database of the server with what decides whether a whole-server target may back it up.
 # datconnlimit -2 marks a database an interrupted DROP DATABASE left invalid (PostgreSQL 16, 15.4, ...).
@@ -120,14 +123,18 @@ def record_path(settings: Settings, server: str) -> Path:
 
 def record(settings: Settings, found: Discovery) -> None:
     """Keep `found` as the last discovery of its target (for `pgbeat status`); a server that could not be
-    asked leaves the last good one in place."""
+    asked leaves the last good one in place. Best effort: a BACKUP_ROOT this process may not write (the
+    CLI of a host that sends backups to the workers) is logged, and the backups go on."""
     from pgbeat.fsutil import private_dir, write_atomic
 
     if found.error is not None:
         return
     path = record_path(settings, found.server)
-    private_dir(path.parent)
-    write_atomic(path, json.dumps(found.as_json(), ensure_ascii=False, indent=1).encode())
+    try:
+        private_dir(path.parent)
+        write_atomic(path, json.dumps(found.as_json(), ensure_ascii=False, indent=1).encode())
+    except (OSError, PgbeatError) as exc:
+        log.warning("cannot record the discovery of %s in %s: %s", found.server, path, exc)
 
 
 def last_discovery(settings: Settings, server: str) -> Discovery | None:
@@ -139,10 +146,11 @@ def last_discovery(settings: Settings, server: str) -> Discovery | None:
         return None
 
 
-def expand(settings: Settings, names: list[str], now: datetime | None = None) -> tuple[list[str], list[Discovery]]:
+def expand(settings: Settings, names: list[str], now: datetime | None = None, *,
+           keep: bool = True) -> tuple[list[str], list[Discovery]]:
     """Given target names to back up, some of them whole-server targets, return the names with each
-    whole-server target replaced by the databases it discovers now, and each discovery (recorded for
-    `pgbeat status`)."""
+    whole-server target replaced by the databases it discovers now, and each discovery (with `keep`,
+    recorded for `pgbeat status`; a dry run keeps nothing)."""
     out: list[str] = []
     found: list[Discovery] = []
     for name in names:
@@ -150,7 +158,8 @@ def expand(settings: Settings, names: list[str], now: datetime | None = None) ->
             out.append(name)
             continue
         discovery = discover(settings, settings.servers[name], now)
-        record(settings, discovery)
+        if keep:
+            record(settings, discovery)
         found.append(discovery)
         out.extend(sorted(discovery.databases))
     return list(dict.fromkeys(out)), found
