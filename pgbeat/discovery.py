@@ -7,10 +7,10 @@ to, kept by the target's `include` and `exclude` glob patterns, becomes a target
 the path a listed target does: the same chain, locks, fleet caps, manifests and retention.
 
 A database whose backups are on the shelf under the whole-server target but which is no longer on the
-server is *gone*: each run says so (a warning of the run, on the event log and the channels), `pgbeat
-status` too (from the last discovery, kept in BACKUP_ROOT/logs/discovery/<target>.json), and its backups
-stay, rotated by the target's tier retention as before (min_keep keeps the newest ones): a database that
-disappears never takes its backups with it.
+server is *gone*: each run prints so, the first run that finds it gone tells the event log and the
+channels (a warning), `pgbeat status` says so too (from the last discovery, kept in
+BACKUP_ROOT/logs/discovery/<target>.json), and its backups stay, rotated by the target's tier retention as
+before (min_keep keeps the newest ones): a database that disappears never takes its backups with it.
 """
 
 from __future__ import annotations
@@ -53,12 +53,15 @@ class Discovery:
     refused: dict[str, str] = field(default_factory=dict)  # database -> why it cannot be backed up (a warning)
     gone: dict[str, str] = field(default_factory=dict)  # target name -> database: backups kept, database gone
     error: str | None = None  # the server could not be asked
+    newly_gone: list[str] = field(default_factory=list)  # target names gone since the last recorded discovery
 
-    def warnings(self) -> list[str]:
-        """What a run of the whole-server target warns about."""
+    def warnings(self, only_new: bool = False) -> list[str]:
+        """What a run of the whole-server target warns about; with `only_new`, of the gone databases only
+        those gone since the last recorded discovery (what the channels are told, once)."""
         lines = [f"database {db!r} of {self.server} is not backed up: {why}" for db, why in self.refused.items()]
         lines += [f"database {db!r} of {self.server} is gone from the server: its backups ({name}) are kept, "
-                  "rotated by the tier retention" for name, db in self.gone.items()]
+                  "rotated by the tier retention" for name, db in self.gone.items()
+                  if not only_new or name in self.newly_gone]
         return lines
 
     def as_json(self) -> dict:
@@ -158,6 +161,8 @@ def expand(settings: Settings, names: list[str], now: datetime | None = None, *,
             out.append(name)
             continue
         discovery = discover(settings, settings.servers[name], now)
+        last = last_discovery(settings, name)
+        discovery.newly_gone = sorted(set(discovery.gone) - set(last.gone if last else {}))
         if keep:
             record(settings, discovery)
         found.append(discovery)
@@ -166,8 +171,9 @@ def expand(settings: Settings, names: list[str], now: datetime | None = None, *,
 
 
 def announce(settings: Settings, found: Discovery, tier: str, run_id: str = "") -> None:
-    """Tell the event log and the target's channels what a run's discovery warns about (a database gone,
-    one refused), or that the server could not be asked (a failure: none of its databases is backed up)."""
+    """Tell the event log and the target's channels what a run's discovery warns about (a database refused,
+    at every run; one gone, at the first run that finds it gone: `pgbeat status` keeps saying so), or that
+    the server could not be asked (a failure: none of its databases is backed up)."""
     from pgbeat.notify import Event, send_event
 
     base = {"target": found.server, "tier": tier, "run_id": run_id, "node": settings.node,
@@ -176,5 +182,5 @@ def announce(settings: Settings, found: Discovery, tier: str, run_id: str = "") 
         send_event(settings, Event(kind="failure", step="discover", reason=f"cannot list the databases of "
                                    f"whole-server target {found.server}: {found.error}",
                                    hint="none of its databases was backed up", **base))
-    elif found.warnings():
-        send_event(settings, Event(kind="warning", warnings=found.warnings(), **base))
+    elif found.warnings(only_new=True):
+        send_event(settings, Event(kind="warning", warnings=found.warnings(only_new=True), **base))

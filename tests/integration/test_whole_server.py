@@ -104,7 +104,13 @@ def test_discovery_runs_rotation_and_a_gone_database(workdir, cluster, monkeypat
     third = service.pgbeat("backup", "daily")
     assert third.returncode == 0, third.stdout + third.stderr
     assert "database 'app_two' of srv is gone from the server" in third.stdout
-    assert any("app_two" in w for e in service.events() if e["kind"] == "warning" for w in e["warnings"])
+    told = [e for e in service.events() if e["kind"] == "warning" and any("app_two" in w for w in e["warnings"])]
+    assert len(told) == 1 and told[0]["target"] == "srv"
+    again = service.pgbeat("backup", "daily", "--target", "srv.app_one")  # a database of it, by its name
+    assert again.returncode == 0, again.stdout + again.stderr
+    fourth = service.pgbeat("backup", "daily")  # says it again, tells the channels once only
+    assert "database 'app_two' of srv is gone" in fourth.stdout
+    assert len([e for e in service.events() if any("app_two" in w for w in e.get("warnings") or [])]) == 1
     rotated = service.pgbeat("rotate")
     assert rotated.returncode == 0, rotated.stdout + rotated.stderr
     shelf = backed_up(service)
