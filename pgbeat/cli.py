@@ -481,6 +481,9 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
 
         entries = [e for name in orphan_census(settings.backup_root, settings.owns)
                    for e in list_backups(settings.backup_root, name, tier)]
+    elif target_name in settings.servers:  # a whole-server target: the backups of each of its databases
+        entries = [e for name in selected_targets(settings, target_name)
+                   for e in list_backups(settings.backup_root, name, tier, include_pre_restore=True)]
     else:
         entries = list_backups(settings.backup_root, target_name, tier, include_pre_restore=True)
     where = {id(e): backup_location(settings, e, destination) for e in entries}

@@ -148,6 +148,8 @@ def test_hostile_names_back_up_list_and_restore(workdir, cluster):
         assert [b["file"] for b in listed] == [path.name]
     shown = " ".join(service.pgbeat("status", COLUMNS="250").stdout.split())
     assert f"{name_of('café')} ('café')" in shown and f"{name_of(HOSTILE[0])} ('we\"ird db.x')" in shown
+    every = json.loads(service.pgbeat("list", "--target", "srv", "--json").stdout)
+    assert sorted(b["file"] for b in every) == sorted(p.name for [p] in shelf.values())
     weird = HOSTILE[0]
     execute(cluster, sql.SQL("CREATE DATABASE {}").format(sql.Identifier(weird + "_copy")))
     cluster.restore_plain_gz(shelf[name_of(weird)][0], weird + "_copy")
