@@ -29,7 +29,8 @@ def cron_schedule(expr: str) -> crontab:
 def build_beat_schedule(settings: Settings, now: datetime | None = None) -> dict[str, dict[str, Any]]:
     now = now or datetime.now(UTC)
     schedule = {}
-    for target in settings.targets.values():
+    # A whole-server target has one entry per tier: its task discovers the databases then (workers.chain).
+    for target in settings.configured():
         for tier in target.enabled_tiers():
             expr = target.tiers[tier].schedule
             schedule[f"backup {target.name} {tier}"] = {
@@ -40,7 +41,7 @@ def build_beat_schedule(settings: Settings, now: datetime | None = None) -> dict
                 "options": {"expires": expiry_seconds(expr, now, settings.tz), "priority": SCHEDULED_PRIORITY,
                             "shadow": task_label("backup", target.name, tier)},
             }
-        if target.drill.enabled:
+        if target.drill.enabled:  # a whole-server target's drills each of its databases (tasks.drill)
             schedule[f"drill {target.name}"] = {
                 "task": "tasks.drill",
                 "schedule": cron_schedule(target.drill.schedule),
@@ -57,7 +58,7 @@ def build_beat_schedule(settings: Settings, now: datetime | None = None) -> dict
                 "options": {"expires": expiry_seconds(target.drill.pitr_schedule, now, settings.tz),
                             "shadow": task_label("drill", target.name, "pitr")},
             }
-    if settings.targets:
+    if settings.targets or settings.servers:
         # Every minute: runs stranded on a host without a live worker are re-dispatched (workers.reconcile).
         schedule["reconcile runs"] = {"task": "tasks.reconcile", "schedule": crontab(), "options": {"expires": 50}}
     return schedule

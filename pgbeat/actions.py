@@ -24,6 +24,7 @@ from pgbeat.coordination import MANUAL_PRIORITY
 if TYPE_CHECKING:
     from pgbeat.catalog.manifest import Entry, Manifest
     from pgbeat.coordination.follow import RunEnd
+    from pgbeat.discovery import Discovery
     from pgbeat.pipeline.record import Run
     from pgbeat.restore.drill import DrillResult
     from pgbeat.settings import Settings, Target
@@ -32,13 +33,36 @@ if TYPE_CHECKING:
 
 def selected_targets(settings: Settings, target: str | None) -> list[str]:
     """Given `--target` (or None: every target), return the names of the targets to act on. Raise
-    UnknownTargetError for a target that is not configured, ConfigError when none is."""
+    UnknownTargetError for a target that is not configured, ConfigError when none is.
+    A whole-server target stands for the databases it has backups of on the shelf (what rotation, uploads
+    and drills act on; `backup_selection` asks the server which it backs up)."""
+    from pgbeat.discovery import shelf_members
+
+    if target in settings.servers:
+        return list(shelf_members(settings, target))
     if target:
         settings.target(target)  # raises UnknownTargetError with the list of known targets
         return [target]
-    if not settings.targets:
+    if not settings.targets and not settings.servers:
         raise errors.NoTargetsError
-    return sorted(settings.targets)
+    return [*sorted(settings.targets), *(name for server in sorted(settings.servers)
+                                         for name in shelf_members(settings, server))]
+
+
+def backup_selection(settings: Settings, target: str | None, *,
+                     dry_run: bool = False) -> tuple[list[str], list[Discovery]]:
+    """Given `--target` (or None: every target), return the names of the targets to back up now, each
+    whole-server target replaced by the databases it discovers on its server, and those discoveries
+    (recorded for `pgbeat status`, unless `dry_run`)."""
+    from pgbeat.discovery import expand
+
+    if target in settings.servers:
+        return expand(settings, [target], keep=not dry_run)
+    if target:
+        return selected_targets(settings, target), []
+    if not settings.targets and not settings.servers:
+        raise errors.NoTargetsError
+    return expand(settings, [*sorted(settings.targets), *sorted(settings.servers)], keep=not dry_run)
 
 
 def run_exit_code(failure: dict | None) -> int:
@@ -253,7 +277,7 @@ def rotate(settings: Settings, names: list[str], tier: str | None, *, now: datet
         yield with_safety_backups(name, when, [rotate_tier(settings, name, t, when, dry_run=dry_run) for t in tiers])
     if not orphans:
         return
-    for name in orphan_census(settings.backup_root, settings.targets):
+    for name in orphan_census(settings.backup_root, settings.owns):
         when = now or next((server_now(r) for r in readings.values() if server_now(r) is not None), None)
         if when is None:
             yield TargetRotation(name, skipped="not in the configuration, rotated by `defaults` at a configured "

@@ -104,6 +104,26 @@ def check_target(settings: Settings, target: Target) -> Iterator[Check]:
         yield from rights_check(target.drill_server(), target.name, "drill rights", like=False)
 
 
+def check_server(settings: Settings, server: Target) -> Iterator[Check]:
+    """A whole-server target: the databases a run would back up now (and those it leaves out, and why),
+    then the checks of a listed target for each of them."""
+    from pgbeat.discovery import discover
+
+    found = discover(settings, server)
+    if found.error is not None:
+        yield Check(server.name, "databases: all", f"cannot list the databases: {found.error}", unreachable=True)
+        return
+    left_out = [*(f"{db!r} (excluded)" for db in found.excluded),
+                *(f"{db!r} ({why})" for db, why in found.skipped.items())]
+    names = ", ".join(f"{db!r} as {name}" for name, db in found.databases.items()) or "none"
+    yield Check(server.name, "databases: all", detail=f"{len(found.databases)} found: {names}"
+                + (f"; left out: {', '.join(left_out)}" if left_out else ""))
+    for warning in found.warnings():
+        yield Check(server.name, "databases: all", warning, warning=True)
+    for dbname in found.databases.values():
+        yield from check_target(settings, server.for_database(dbname))
+
+
 def rights_check(server: Target, subject: str, what: str, *, like: bool) -> Iterator[Check]:
     """The rights a restore in place (`like`) or a drill (a new scratch database) needs on `server`."""
     from pgbeat.postgres.client import MAINTENANCE_DB, connect
@@ -171,8 +191,11 @@ def check_broker(settings: Settings) -> Iterator[Check]:
 def run_checks(settings: Settings) -> Iterator[Check]:
     """Every check of `pgbeat config check`, in the order they are printed."""
     yield check_backup_root(settings)
-    for target in settings.targets.values():
-        yield from check_target(settings, target)
+    for target in settings.configured():
+        if target.whole_server:
+            yield from check_server(settings, target)
+        else:
+            yield from check_target(settings, target)
         for spec in target.destinations:
             yield check_destination(spec, f"{target.name} -> {spec.name}")
     if not settings.embedded:

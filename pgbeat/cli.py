@@ -268,16 +268,58 @@ def backup(tier: str, target_name: str | None, no_wait: bool, timeout: float, lo
     if dry_run:
         if no_wait:
             fail(errors.UsageError("--no-wait sends a backup; --dry-run sends nothing", hint="pick one"))
-        sys.exit(backup_dry_run(settings, selected_targets(settings, target_name), tier, local))
+        names, found = actions.backup_selection(settings, target_name, dry_run=True)
+        code = print_discoveries(found, tier)
+        sys.exit(backup_dry_run(settings, names, tier, local) or code)
     here = local or settings.embedded
     if here and no_wait:
         fail(errors.UsageError("--no-wait is for a backup sent to the workers; in this process it runs to its end",
                                hint="leave out --no-wait (or --local)"))
     require_backup_root(settings, writes=here)  # through the broker, the workers write
-    names = selected_targets(settings, target_name)
+    names, found = actions.backup_selection(settings, target_name)
+    code = print_discoveries(found, tier, settings)
     if here:
-        sys.exit(backup_inprocess(settings, names, tier))
-    sys.exit(backup_through_broker(settings, names, tier, no_wait, timeout))
+        sys.exit(backup_inprocess(settings, names, tier) or code)
+    sys.exit(backup_through_broker(settings, names, tier, no_wait, timeout) or code)
+
+
+def target_label(name: str) -> str:
+    """A target's name as tables show it: a whole-server target's database whose name had to be encoded
+    (`srv.x-nv4sazdc`) with that name beside it (`srv.x-nv4sazdc ('my db')`)."""
+    from pgbeat.settings.servers import ENCODED_PREFIX, split_derived
+
+    derived = split_derived(name)
+    if derived is None or not name.rpartition(".")[2].startswith(ENCODED_PREFIX):
+        return name
+    return f"{name} ({derived[1]!r})"
+
+
+def printable(name: str) -> str:
+    """A database's name as printed: as it is, or quoted with escapes when it holds what a terminal would
+    act on (control characters) or a comma."""
+    return name if name.isprintable() and "," not in name else repr(name)
+
+
+def print_discoveries(found: list, tier: str, settings: Settings | None = None) -> int:
+    """Print what each whole-server target discovered (and, given `settings`, tell its channels what it
+    warns of); return EXIT_UNREACHABLE when a server could not be asked, else EXIT_OK."""
+    from pgbeat.discovery import announce
+
+    code = errors.EXIT_OK
+    for discovery in found:
+        if settings is not None:
+            announce(settings, discovery, tier)
+        if discovery.error is not None:
+            err.print(f"{discovery.server}: cannot list its databases (databases: all): {discovery.error}; none "
+                      "of them is backed up", markup=False)
+            code = errors.EXIT_UNREACHABLE
+            continue
+        shown = ", ".join(map(printable, discovery.databases.values())) or "none"
+        excluded = f"; excluded: {', '.join(map(printable, discovery.excluded))}" if discovery.excluded else ""
+        out.print(f"{discovery.server} (databases: all): {len(discovery.databases)} database(s): {shown}{excluded}",
+                  markup=False)
+        print_warnings(discovery.warnings())
+    return code
 
 
 def require_configured_tier(settings: Settings, tier: str) -> None:
@@ -437,8 +479,11 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
     elif orphans:
         from pgbeat.catalog.manifest import orphan_census
 
-        entries = [e for name in orphan_census(settings.backup_root, settings.targets)
+        entries = [e for name in orphan_census(settings.backup_root, settings.owns)
                    for e in list_backups(settings.backup_root, name, tier)]
+    elif target_name in settings.servers:  # a whole-server target: the backups of each of its databases
+        entries = [e for name in selected_targets(settings, target_name)
+                   for e in list_backups(settings.backup_root, name, tier, include_pre_restore=True)]
     else:
         entries = list_backups(settings.backup_root, target_name, tier, include_pre_restore=True)
     where = {id(e): backup_location(settings, e, destination) for e in entries}
@@ -458,7 +503,8 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
     for e in entries:
         by_target.setdefault(e.manifest.target, []).append(e)
     for target, own in sorted(by_target.items()):
-        table = new_table(title=target, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+        table = new_table(title=escape(target_label(target)), title_justify="left", title_style="bold",
+                          box=box.SIMPLE_HEAD, pad_edge=False)
         for column in (f"taken at ({zone})", "tier", "size", "checks", f"drill ({zone})"):
             table.add_column(column, overflow="fold")
         if wide:
@@ -1176,7 +1222,8 @@ def status(as_json: bool) -> None:
             attempt_text = f"[red]failed at {attempt.get('step')}[/red]"
         warning = " [yellow]⚠ size[/yellow]" if t.size_anomaly else ""
         warning += " [yellow]⚠ dated in the future[/yellow]" if t.future else ""
-        table.add_row(t.target, t.tier, f"[{color}]{success_text(settings, t)}[/{color}]{warning}",
+        table.add_row(escape(target_label(t.target)), t.tier,
+                      f"[{color}]{success_text(settings, t)}[/{color}]{warning}",
                       human_size(t.size) if t.size is not None else "-",
                       f"{t.duration_s:.1f}s" if t.duration_s else "-",
                       ", ".join(f"{d} ({n})" for d, n in sorted(t.kept.items())) or "-", attempt_text,
@@ -1213,6 +1260,11 @@ def status(as_json: bool) -> None:
         # A receiver streams the WAL: archive_mode is rightly off then, and pg_stat_archiver says nothing.
         if w.archiving is not None and not (settings.target(w.target).wal.receiver and w.archiving.reachable):
             out.print(f"archiving {escape(w.target)}: {archiving_text(settings, w.archiving)}", markup=True)
+    for server, seen in report.servers.items():
+        when = local_time(settings, datetime.fromisoformat(seen["discovered_at"])) if seen["discovered_at"] else None
+        out.print(f"{server} (databases: all): " + (f"{len(seen['databases'])} database(s) at its last run ({when})"
+                                                     if when else "no run yet"), markup=False)
+        print_warnings(seen["warnings"])
     if report.orphans:
         out.line("not in the configuration (rotated by `defaults` at `pgbeat rotate` unless pinned; "
                  "`pgbeat list --orphans`): "
@@ -1321,13 +1373,14 @@ def config_check(no_connect: bool) -> None:
 
     settings = settings_or_exit(writes=True)  # reports a BACKUP_ROOT that backups could not be written to
     now = datetime.now(UTC)
-    out.print(f"Configuration OK ({len(settings.targets)} target(s)); BACKUP_ROOT {settings.backup_root}; "
+    servers = f" and {len(settings.servers)} whole-server target(s)" if settings.servers else ""
+    out.print(f"Configuration OK ({len(settings.targets)} target(s){servers}); BACKUP_ROOT {settings.backup_root}; "
               f"time zone {settings.timezone}; "
               f"{'embedded (no broker)' if settings.embedded else 'Celery with a broker'}", markup=False)
     table = new_table()
     for column in ("target", "database", "format", "tier", "schedule", "keep", "next run"):
         table.add_column(column)
-    for target in settings.targets.values():
+    for target in settings.configured():
         for tier in target.enabled_tiers():
             policy = target.tiers[tier]
             upcoming = next_runs(policy.schedule, now, settings.tz)[0]

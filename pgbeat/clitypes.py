@@ -90,11 +90,11 @@ def configured_names(kind: str, incomplete: str) -> list:
     except Exception:
         return []
     if kind == "target":
-        names = set(settings.targets)
+        names = set(settings.targets) | set(settings.servers)
     elif kind == "tier":
         names = set(settings.tier_names())
     else:
-        names = {d.name for name in settings.targets for d in settings.target(name).destinations}
+        names = {d.name for target in settings.configured() for d in target.destinations}
     return [CompletionItem(name) for name in sorted(names) if name.startswith(incomplete)]
 
 

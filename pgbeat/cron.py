@@ -36,7 +36,7 @@ def cron_lines(settings: Settings, workdir: Path, pgbeat: str, env: dict[str, st
     who = f" {user}" if user else ""  # /etc/cron.d lines name the user
     lines = []
     for tier in settings.tier_names():
-        schedules = {t.name: t.tiers[tier].schedule for t in settings.targets.values() if t.runs_tier(tier)}
+        schedules = {t.name: t.tiers[tier].schedule for t in settings.configured() if t.runs_tier(tier)}
         if not schedules:
             continue
         if len(set(schedules.values())) == 1:

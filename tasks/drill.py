@@ -22,6 +22,13 @@ def drill(self, target: str, node: str | None = None, pitr: bool = False) -> dic
     """Drill `target`'s latest backup (pgbeat.restore.drill), or with `pitr` its newest base backup and the
     WAL archive (pgbeat.physical.drill); beat's message is first routed to the right host."""
     settings = get_settings()
+    if target in settings.servers:  # a whole-server target: a drill of each database with backups here
+        from pgbeat.discovery import shelf_members
+
+        names = list(shelf_members(settings, target))
+        for name in names:
+            drill.apply_async(args=[name], shadow=task_label("drill", name))
+        return {"drills": names}
     recover_host(settings, "drill")
     if node is None:
         holder = RunState(redis_client(settings)).latest_node(target) or settings.node

@@ -45,8 +45,11 @@ def start_backup(app: Celery, settings: Settings, task_id: str, target_name: str
                  priority: int | None = None) -> dict[str, Any]:
     """Claim the run (and, for beat runs, its slot), then dispatch its chain; return a small summary.
 
-    `replaces` names an abandoned run this one stands in for: it takes over that run's slot.
+    `replaces` names an abandoned run this one stands in for: it takes over that run's slot. A whole-server
+    target's run is one run of each database it discovers now (start_server_backups).
     """
+    if target_name in settings.servers:
+        return start_server_backups(app, settings, task_id, target_name, tier, scheduled, now, priority)
     target = settings.target(target_name)
     if tier not in target.tiers:
         raise ValueError(f"unknown tier {tier!r}; {target.name}'s tiers are {', '.join(target.tiers)}")
@@ -87,3 +90,38 @@ def start_backup(app: Celery, settings: Settings, task_id: str, target_name: str
     state.update(task_id, status="queued")
     log.info("dispatched %s/%s as run %s on %s", target.name, tier, task_id, run.node)
     return {"run_id": task_id, "node": run.node, "name": run.name, "slot": slot}
+
+
+def start_server_backups(app: Celery, settings: Settings, task_id: str, server: str, tier: str, scheduled: bool,
+                         now: datetime | None = None, priority: int | None = None) -> dict[str, Any]:
+    """Discover the databases of whole-server target `server` and start one backup of `tier` for each,
+    exactly as for a listed target (its own run, slot, chain, locks and caps). Each run's id is derived from
+    this task's, so a redelivered message starts no second run of a database. Return a small summary."""
+    from pgbeat.discovery import announce, expand
+
+    if tier not in settings.servers[server].tiers:
+        raise ValueError(f"unknown tier {tier!r}; {server}'s tiers are {', '.join(settings.servers[server].tiers)}")
+    if not settings.servers[server].runs_tier(tier):
+        return {"run_id": task_id, "skipped": f"tier {tier} is disabled"}
+    names, [found] = expand(settings, [server], now)
+    announce(settings, found, tier, task_id)
+    if found.error is not None:
+        RunState(redis_client(settings)).update(task_id, status="failed", target=server, tier=tier,
+                                                reason=found.error)
+        return {"run_id": task_id, "error": found.error}
+    runs = {name: start_backup(app, settings, database_run_id(task_id, name), name, tier, scheduled, now,
+                               priority=priority) for name in names}
+    # This task's own record says what it started (a state no reconciler or `pgbeat status` counts as a run).
+    state = RunState(redis_client(settings))
+    state.update(task_id, status="dispatched", target=server, tier=tier, databases=sorted(runs))
+    state.client.hincrby(state.key(task_id), "deliveries", 1)
+    log.info("whole-server target %s/%s: %d database(s) discovered", server, tier, len(runs))
+    return {"run_id": task_id, "databases": runs, "warnings": found.warnings()}
+
+
+def database_run_id(task_id: str, name: str) -> str:
+    """The run id of database target `name`'s backup started by whole-server task `task_id`: derived from
+    both, so that a message delivered again starts no second run."""
+    import uuid
+
+    return uuid.uuid5(uuid.UUID(int=0), f"{task_id}/{name}").hex

@@ -36,7 +36,8 @@ def reconcile(app: Celery, settings: Settings) -> dict:
     redispatched, given_up = [], []
     for run in state.active_runs():
         node, silent = run.get("node"), now - float(run.get("updated_at", now))
-        if node in alive or silent < settings.reliability.node_timeout or run.get("target") not in settings.targets:
+        if (node in alive or silent < settings.reliability.node_timeout
+                or settings.resolve(run.get("target") or "") is None):
             continue
         if not state.once(run["run_id"], "abandoned"):
             continue

@@ -35,7 +35,7 @@ STORAGE_LIBRARIES = {"s3": "boto3", "gcs": "google.cloud.storage", "ssh": "param
 def preload_storage_libraries(sender, instance, **kwargs):
     """Import the client libraries of the configured destinations before the pool forks: every pool process,
     also one started anew after another died, then has them instead of importing them for its first copy."""
-    kinds = {spec.kind for target in get_settings().targets.values() for spec in target.destinations}
+    kinds = {spec.kind for target in get_settings().configured() for spec in target.destinations}
     for kind in sorted(kinds):
         try:
             importlib.import_module(STORAGE_LIBRARIES[kind])

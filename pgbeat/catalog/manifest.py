@@ -682,11 +682,12 @@ def shelf_census(backup_root: Path) -> dict[str, int]:
     return counts
 
 
-def orphan_census(backup_root: Path, configured: Iterable[str]) -> dict[str, int]:
+def orphan_census(backup_root: Path, configured: Iterable[str] | Callable[[str], bool]) -> dict[str, int]:
     """The targets with backups on the shelf that are not `configured` (removed or renamed), with how many
-    backups each has, by name."""
-    known = set(configured)
-    return {name: count for name, count in sorted(shelf_census(backup_root).items()) if name not in known}
+    backups each has, by name. `configured` is the configured names, or says whether a name is configured
+    (`Settings.owns`: a database of a whole-server target is, also once it is gone from its server)."""
+    owns = configured if callable(configured) else set(configured).__contains__
+    return {name: count for name, count in sorted(shelf_census(backup_root).items()) if not owns(name)}
 
 
 def iter_manifests(backup_root: Path, tiers: tuple[str, ...] | None = None,

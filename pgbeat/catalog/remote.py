@@ -19,18 +19,23 @@ def destination_entries(settings: Settings, destination: str, target: str | None
     """Given a destination's name (and optionally one target and tier), return the backups stored there
     whose data is present, from their manifests, oldest first. Raise UnknownTargetError if no target
     has a destination of that name."""
+    from pgbeat.discovery import shelf_members
     from pgbeat.storage.destinations import open_storage, remote_entries
 
-    users = [t for t in settings.targets.values() if any(d.name == destination for d in t.destinations)]
+    users = [t for t in settings.configured() if any(d.name == destination for d in t.destinations)]
     if not users:
         raise errors.UnknownTargetError(f"No target has a destination named {destination!r}")
     entries: list[RemoteEntry] = []
     for config in users:
-        if target and config.name != target:
+        # A whole-server target's copies are its databases' (those with backups on the local shelf).
+        names = list(shelf_members(settings, config.name)) if config.whole_server else [config.name]
+        names = [name for name in names if not target or name == target]
+        if not names:
             continue
         with open_storage(config.destination(destination)) as storage:
             for t in [tier] if tier else config.tiers:
-                entries += [e for e in remote_entries(settings, storage, destination, config.name, t) if e.exists]
+                for name in names:
+                    entries += [e for e in remote_entries(settings, storage, destination, name, t) if e.exists]
     return sorted(entries, key=order_key)
 
 

@@ -6,7 +6,8 @@ Names (all gauges):
   pgbeat_backup_last_status{target,tier}                 1 = last attempt succeeded, 0 = failed
   pgbeat_backup_last_duration_seconds{target,tier}       of the newest verified backup
   pgbeat_backup_last_size_bytes{target,tier}
-  pgbeat_backup_expected_interval_seconds{target,tier}   the tier's schedule period
+  pgbeat_backup_expected_interval_seconds{target,tier}   the tier's schedule period (absent for a database
+                                                         gone from its whole-server target's server)
   pgbeat_backup_first_due_timestamp_seconds{target,tier} a tier that never succeeded: its first scheduled
                                                          time since it was configured (absent once it has)
   pgbeat_backup_size_anomaly{target,tier}                1 when the newest backup is suspiciously small
@@ -97,8 +98,9 @@ def families(report: StatusReport) -> Iterator[GaugeMetricFamily]:
                       "A tier that never succeeded: its first scheduled time since it was configured.", tl)
     for t in report.tiers:
         labels = [t.target, t.tier]
-        interval.add_metric(labels, t.interval_s)
-        if t.first_due_at:
+        if not t.gone:  # a database gone from its whole-server target's server: nothing is due
+            interval.add_metric(labels, t.interval_s)
+        if t.first_due_at and not t.gone:
             first_due.add_metric(labels, timestamp(t.first_due_at))
         anomaly.add_metric(labels, 1.0 if t.size_anomaly else 0.0)
         if t.last_success_at:

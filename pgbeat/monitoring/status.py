@@ -66,6 +66,9 @@ class TierStatus:
     future: list[str] = field(default_factory=list)  # backups dated after `now` (made under a wrong clock)
     clock_skew_s: float | None = None  # the newest backup's worker clock minus the server's
     first_due_at: str | None = None  # never succeeded: the first scheduled time since it was configured
+    # A database of a whole-server target that is gone from its server: never overdue (no backup is due),
+    # its backups kept; /metrics gives it no expected interval, so no overdue alert fires for it.
+    gone: bool = False
 
     @property
     def never(self) -> bool:
@@ -210,6 +213,8 @@ class StatusReport:
     orphans: dict[str, int] = field(default_factory=dict)  # backups per target no longer in the configuration
     wal: list[WalStatus] = field(default_factory=list)  # targets with the base tier
     runs: dict[str, Any] = field(default_factory=dict)
+    # Per whole-server target, its last discovery (pgbeat.discovery): when, which databases, which are gone.
+    servers: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         # Field by field rather than dataclasses.asdict, whose deep copy of every value is most of the cost
@@ -275,8 +280,22 @@ def tier_status(settings: Settings, target: str, tier: str, entries: list[Entry]
 
 
 def build_status(settings: Settings, now: datetime) -> StatusReport:
+    from pgbeat.discovery import last_discovery, shelf_members
+
     attempts = read_attempts(settings.backup_root)
     names = sorted(settings.targets)
+    servers: dict[str, Any] = {}
+    gone: set[str] = set()
+    for server in sorted(settings.servers):
+        # A whole-server target's databases: those its last run backed up, and those with backups on the shelf.
+        last = last_discovery(settings, server)
+        members = {**(last.databases if last else {}), **shelf_members(settings, server)}
+        names += sorted(members)
+        gone |= set(last.gone) if last else set()
+        servers[server] = ({"discovered_at": last.at, "databases": last.databases, "excluded": last.excluded,
+                            "refused": last.refused, "gone": last.gone, "warnings": last.warnings()}
+                           if last else {"discovered_at": None, "databases": {}, "excluded": [], "refused": {},
+                                         "gone": {}, "warnings": []})
     configured = first_configured(
         settings.backup_root,
         [f"{name}/{tier}" for name in names for tier in settings.target(name).enabled_tiers()]
@@ -288,13 +307,17 @@ def build_status(settings: Settings, now: datetime) -> StatusReport:
         for tier in target.enabled_tiers():
             tiers.append(tier_status(settings, name, tier, [e for e in entries if e.manifest.tier == tier], now,
                                      attempts, configured[f"{name}/{tier}"]))
+            if name in gone:
+                tiers[-1].gone, tiers[-1].overdue = True, False
+                tiers[-1].warnings.append("the database is gone from its server: no new backups; these are kept")
+                tiers[-1].warning_kinds.append("gone")
         drilled = [(d, e) for e in entries for d in e.manifest.drills]
         if drilled:
             last, entry = max(drilled, key=lambda pair: pair[0].at)
             drills.append(DrillStatus(target=name, backup=entry.path.name, at=last.at, status=last.status,
                                       duration_s=last.duration_s, restore_s=last.restore_s,
                                       warnings=list(last.warnings)))
-        if target.drill.enabled:
+        if target.drill.enabled and name not in gone:
             interval = min_interval(target.drill.schedule, now, settings.tz).total_seconds()
             drill_intervals[name] = interval
             if not drilled:
@@ -309,5 +332,5 @@ def build_status(settings: Settings, now: datetime) -> StatusReport:
     return StatusReport(generated_at=now.isoformat(), backup_root=str(root), disk_total=usage.total,
                         disk_free=usage.free, used=folder_size(root) if root.exists() else 0, tiers=tiers,
                         drills=drills, drill_intervals=drill_intervals, never_drilled=never_drilled,
-                        orphans=orphan_census(root, settings.targets),
-                        wal=[wal_status(settings, name, readings[name]) for name in archived])
+                        orphans=orphan_census(root, settings.owns),
+                        wal=[wal_status(settings, name, readings[name]) for name in archived], servers=servers)

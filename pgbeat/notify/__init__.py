@@ -25,7 +25,7 @@ __all__ = ["Event", "EventLogNotifier", "Notifier", "event_from_run", "notifiers
 
 def notifiers(settings: Settings, event: Event) -> list[Notifier]:
     """The event log, then every Apprise channel of the event's target that wants this kind of event."""
-    channels = settings.channels(event.target) if event.target in settings.targets else settings.notify
+    channels = settings.channels(event.target)
     return [EventLogNotifier(settings.backup_root),
             *(AppriseNotifier(c) for c in channels if c.wants(event.category))]
 

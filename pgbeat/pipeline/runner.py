@@ -131,7 +131,7 @@ def announce_start(ctx: StepContext, run: Run) -> None:
 
 def redact(text: str, settings: Settings) -> str:
     """Replace every configured secret that appears in `text` (belt and braces for foreign errors)."""
-    secrets = [t.password.get_secret_value() for t in settings.targets.values() if t.password]
+    secrets = [t.password.get_secret_value() for t in settings.configured() if t.password]
     for url in (settings.broker_url, settings.result_backend):
         if url is not None:
             secrets.append(url.get_secret_value())

@@ -181,11 +181,12 @@ def latest_backup(settings: Settings, target: str | None = None, tier: str | Non
     from pgbeat.postgres.clock import ask_server_time
 
     if target is None:
-        if not settings.targets:
+        if not settings.targets and not settings.servers:
             raise NoTargetsError
-        if len(settings.targets) != 1:
+        if len(settings.targets) != 1 or settings.servers:  # a whole-server target is many
+            known = [*sorted(settings.targets), *(f"{name}.<database>" for name in sorted(settings.servers))]
             raise UsageError("--latest needs --target when several targets are configured",
-                              hint=f"targets: {', '.join(sorted(settings.targets))}")
+                              hint=f"targets: {', '.join(known)}")
         target = next(iter(settings.targets))
     config = settings.target(target)
     if tier in PHYSICAL_TIERS:

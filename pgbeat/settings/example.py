@@ -22,9 +22,10 @@ from pgbeat.settings.schema import DESTINATION_KINDS, DestinationBase, FileConfi
 WIDTH = 110
 HEADER = """\
 pgbeat targets file: point PGBEAT_CONFIG at it. YAML (or the same keys in TOML).
-Every key is optional except each target's name and dbname; each value shown is the default, and a key
-commented out has no default (the comment says what leaving it out means). A target's keys are those of
-`defaults`, which it overrides (tiers, compression and drill key by key).
+Every key is optional except each target's name and dbname (or `databases: all`: every database of the
+server, each a target of its own); each value shown is the default, and a key commented out has no default
+(the comment says what leaving it out means). A target's keys are those of `defaults`, which it overrides
+(tiers, compression and drill key by key).
 Generated from the schema (pgbeat/settings/schema.py) by `pgbeat config example`: edit the schema, not this file.
 """
 
@@ -53,6 +54,8 @@ EXAMPLE: dict[str, Any] = {
          "passfile": "/etc/pgbeat/crm.pgpass", "pg_dump_options": ["--exclude-table-data=audit_log"],
          "tiers": {"monthly": {"enabled": False}},
          "destinations": [{"name": "gcs", "kind": "gcs", "bucket": "company-pg-backups-eu", "prefix": "crm"}]},
+        {"name": "db3", "databases": "all", "host": "db3.internal", "include": ["app_*", "billing"],
+         "exclude": ["*_scratch"]},
     ],
 }
 
@@ -139,7 +142,7 @@ def render_model(model: type[BaseModel], given: dict[str, Any], indent: int, com
     The key `first` comes first, its description after it (a list item starts with it)."""
     lines: list[str] = []
     fields = dict(model.model_fields)
-    leading = [name for name in (first, "name", "kind", "dbname") if name in fields]
+    leading = [name for name in (first, "name", "kind", "dbname", "databases") if name in fields]
     if issubclass(model, DestinationBase):  # a kind's own keys before those every destination has
         leading += [name for name in fields if name not in DestinationBase.model_fields]
     order = list(dict.fromkeys([*leading, *fields]))

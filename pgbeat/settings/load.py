@@ -197,6 +197,23 @@ def _target_problems(target: Target) -> list[tuple[str, str]]:
     names = [d.name for d in target.destinations]
     for name in {n for n in names if names.count(n) > 1}:
         problems.append(("destinations", f"two destinations are named {name!r}"))
+    if target.whole_server:
+        if target.dbname is not None:
+            problems.append(("dbname", "dbname and databases: all exclude each other (a target backs up one "
+                                       "database, or every database of its server)"))
+        if target.runs_tier("base"):
+            problems.append(("tiers.base", "a whole-server target dumps each database; a base backup (PITR) is "
+                                           "of the whole cluster already: give it a target of its own, with dbname"))
+        if target.wal.receiver:
+            problems.append(("wal.receiver", "the WAL is the whole cluster's: stream it for a target of its own, "
+                                             "with dbname"))
+    else:
+        if target.dbname is None:
+            problems.append(("dbname", "missing: name the target's database, or back up every database of the "
+                                       "server with databases: all"))
+        for key in ("include", "exclude"):
+            if getattr(target, key):
+                problems.append((key, "only with databases: all (it chooses among the server's databases)"))
     return problems
 
 
@@ -269,6 +286,13 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
             errors.append(f"{config_path}: At 'targets[{index}].name': duplicate target name {target.name!r}")
         seen_names.add(target.name)
         targets[target.name] = target
+    # The names `<server>.<database>` belong to a whole-server target: no other target may take one.
+    servers = {name: target for name, target in targets.items() if target.whole_server}
+    for index, name in enumerate(t.get("name") if isinstance(t, dict) else None for t in raw_targets):
+        owner = next((s for s in servers if isinstance(name, str) and name.startswith(f"{s}.")), None)
+        if owner is not None and name in targets:
+            errors.append(f"{config_path}: At 'targets[{index}].name': {name!r} is in the names of whole-server "
+                          f"target {owner!r} (its databases are backed up as {owner}.<database>): choose another")
     file_cfg: FileConfig | None = None
     try:
         # The targets are validated already (instances are not validated again): this checks the rest.
@@ -294,6 +318,10 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
             if target is not None:
                 errors.extend(f"{env_label}: the .env target's {field}: {msg}"
                               for field, msg in _target_problems(target))
+                owner = next((s for s in servers if name.startswith(f"{s}.")), None)
+                if owner is not None:
+                    errors.append(f"{key} in {names.get(key, 'the environment')}: {name!r} is in the names of "
+                                  f"whole-server target {owner!r}: choose another")
                 if name in targets:
                     errors.append(f"{key} in {names.get(key, 'the environment')}: target {name!r} is also defined "
                                   f"in {config_path}")
@@ -318,7 +346,8 @@ def load_settings(env_file: str | Path | None = ".env") -> Settings:
         pg_bin_dir=file_cfg.pg_bin_dir,
         pg_bin_dirs=file_cfg.pg_bin_dirs,
         reliability=file_cfg.reliability,
-        targets=targets,
+        targets={name: target for name, target in targets.items() if not target.whole_server},
+        servers=servers,
         defaults=file_cfg.defaults,
         notify=notify,
         monitoring=file_cfg.monitoring,

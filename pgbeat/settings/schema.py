@@ -390,8 +390,22 @@ class Target(TargetOptions):
     """A fully resolved target: its own keys over `defaults`, every field with its final value."""
 
     name: str = Field(description="letters, digits, . _ - (it is part of file names)")
-    dbname: DatabaseName
+    dbname: DatabaseName | None = Field(None, description="the database to back up; or `databases: all` instead",
+                                        examples=["erp"])
+    databases: Literal["all"] | None = Field(None, description="all: a whole-server target: each run backs up "
+                                                               "every database of the server that accepts "
+                                                               "connections (not templates), each as a target "
+                                                               "of its own named <name>.<database> (README); "
+                                                               "instead of dbname", examples=["all"])
+    include: list[Name] = Field(default_factory=list, description="with databases: all: only the databases whose "
+                                                                  "name matches one of these glob patterns "
+                                                                  "(fnmatch: * ? [...]; unset: every one)",
+                                examples=[["erp*", "crm"]])
+    exclude: list[Name] = Field(default_factory=list, description="with databases: all: leave out the databases "
+                                                                  "whose name matches one of these glob patterns",
+                                examples=[["postgres", "*_scratch"]])
     _source: str = PrivateAttr("")
+    _server: str | None = PrivateAttr(None)
 
     _name = field_validator("name")(lambda v: validate_target_name(v))
 
@@ -399,6 +413,36 @@ class Target(TargetOptions):
     def source(self) -> str:
         """Where the target was defined, for messages."""
         return self._source
+
+    @property
+    def whole_server(self) -> bool:
+        """True for a whole-server target (`databases: all`): a template of the targets it discovers."""
+        return self.databases == "all"
+
+    @property
+    def server_target(self) -> str | None:
+        """The whole-server target this target was discovered by, or None for a listed target."""
+        return self._server
+
+    def for_database(self, dbname: str) -> Target:
+        """Given one database this whole-server target discovered, return the database's own target: this
+        one's keys, named <name>.<database part> (pgbeat.settings.servers). Raise ValueError when the
+        derived name cannot be a target name."""
+        from pgbeat.settings.servers import derived_name
+
+        target = self.model_copy(update={"name": derived_name(self.name, dbname), "dbname": dbname,
+                                         "databases": None, "include": [], "exclude": []})
+        target._source = f"{self.source} (databases: all)"
+        target._server = self.name
+        return target
+
+    def selects(self, dbname: str) -> bool:
+        """True when a whole-server target's include and exclude patterns keep database `dbname`."""
+        from fnmatch import fnmatchcase
+
+        if self.include and not any(fnmatchcase(dbname, pattern) for pattern in self.include):
+            return False
+        return not any(fnmatchcase(dbname, pattern) for pattern in self.exclude)
 
     def conninfo(self) -> str:
         """Return a libpq connection string without the password (it travels through a passfile)."""
@@ -408,7 +452,8 @@ class Target(TargetOptions):
         return " ".join(f"{key}={quote_conninfo(value)}" for key, value in fields.items() if value)
 
     def describe(self) -> str:
-        return f"{self.user + '@' if self.user else ''}{self.host or 'local socket'}:{self.port}/{self.dbname}"
+        return (f"{self.user + '@' if self.user else ''}{self.host or 'local socket'}:{self.port}/"
+                f"{'* (databases: all)' if self.whole_server else self.dbname}")
 
     @model_validator(mode="after")
     def _configured_tiers(self) -> Target:
@@ -528,7 +573,8 @@ class Reliability(Strict):
 
 class FileConfig(Strict):
     """The targets file (YAML, or the same keys in TOML; path in PGBEAT_CONFIG). Every key is optional
-    except each target's name and dbname. The environment wins over the file for the global keys."""
+    except each target's name and dbname (or `databases: all`). The environment wins over the file for the
+    global keys."""
 
     backup_root: ConfigPath = Field(Path("./backups"), description="where backups are kept (the local "
                                                                    "shelf), relative to the working folder or "
@@ -580,6 +626,10 @@ class Settings(BaseModel):
     pg_bin_dirs: list[str]
     reliability: Reliability
     targets: dict[str, Target] = Field(description="by name: the file's targets and the .env target")
+    servers: dict[str, Target] = Field(default_factory=dict,
+                                       description="by name: the whole-server targets (databases: all); the "
+                                                   "databases each run discovers are targets of their own "
+                                                   "(resolve, pgbeat.discovery)")
     defaults: TargetOptions = Field(default_factory=lambda: TargetOptions(),
                                     description="the file's defaults: what rotates backups of targets no longer "
                                                 "configured")
@@ -589,8 +639,33 @@ class Settings(BaseModel):
 
     def channels(self, target: str) -> list[ChannelSpec]:
         """The notification channels of `target`: the global ones, then the target's own."""
-        own = self.targets[target].notify if target in self.targets else []
+        known = self.resolve(target) or self.servers.get(target)
+        own = known.notify if known is not None else []
         return [*self.notify, *own]
+
+    def resolve(self, name: str) -> Target | None:
+        """The target named `name`: a listed one, or a database of a whole-server target (`prod.erp`, see
+        pgbeat.settings.servers), whether or not that database still exists; None for any other name."""
+        from pgbeat.settings.servers import split_derived
+
+        if name in self.targets:
+            return self.targets[name]
+        derived = split_derived(name)
+        if derived is None or derived[0] not in self.servers:
+            return None
+        try:
+            return self.servers[derived[0]].for_database(derived[1])
+        except ValueError:
+            return None
+
+    def owns(self, name: str) -> bool:
+        """True when target `name` is configured: listed, or a database of a whole-server target (also one
+        gone from its server: its backups are the whole-server target's, never orphans)."""
+        return self.resolve(name) is not None
+
+    def configured(self) -> list[Target]:
+        """Every configured target: the listed ones, then the whole-server ones (templates, not runnable)."""
+        return [*self.targets.values(), *self.servers.values()]
 
     @property
     def embedded(self) -> bool:
@@ -621,16 +696,20 @@ class Settings(BaseModel):
     def retention_of(self, target: str, tier: str) -> TierPolicy | None:
         """The retention `target`'s backups of `tier` are rotated by: the target's own; for a target no
         longer configured, the tier's in `defaults` (None when neither has the tier: never rotated)."""
-        options = self.targets.get(target, self.defaults)
+        options = self.resolve(target) or self.defaults
         return options.tiers.get(tier)
 
     def tier_names(self) -> list[str]:
         """Every tier some target has: the built-in ones, then the extra ones in the order first configured."""
-        return list(dict.fromkeys([*TIERS, *(tier for target in self.targets.values() for tier in target.tiers)]))
+        return list(dict.fromkeys([*TIERS, *(tier for target in self.configured() for tier in target.tiers)]))
 
     def target(self, name: str) -> Target:
-        try:
-            return self.targets[name]
-        except KeyError:
+        """The target named `name` (see resolve); raise UnknownTargetError naming the configured ones. A
+        whole-server target's own name is not one: it stands for the databases a run discovers."""
+        found = self.resolve(name)
+        if found is None:
             known = ", ".join(sorted(self.targets)) or "none"
-            raise UnknownTargetError(f"Unknown target {name!r}", hint=f"configured targets: {known}") from None
+            servers = "".join(f"; {n}.<database> for the databases of {n} (databases: all)"
+                              for n in sorted(self.servers))
+            raise UnknownTargetError(f"Unknown target {name!r}", hint=f"configured targets: {known}{servers}")
+        return found

@@ -61,7 +61,7 @@ def notify_step(ctx: StepContext, run: Run) -> Run:
     faults.fault_point(NOTIFY_SENT)
     if event.warnings and event.kind == "success":
         send_event(settings, replace(event, kind="warning"), ctx.once)
-    target = settings.targets.get(run.target)
+    target = settings.resolve(run.target)
     if target is not None and once(f"notify:{event.kind}:healthcheck"):
         healthchecks.ping(target, "success" if event.kind == "success" else "fail", event.body())
     run.steps.notify = NotifyResult(event=event.kind, sent=sent, failed=failed, warnings=event.warnings,

@@ -171,7 +171,7 @@ def plan_safety_rotation(entries: list[Entry], keep: int, now: datetime, target:
 def rotate_safety_backups(settings: Settings, target: str, now: datetime, dry_run: bool = False) -> RotationPlan:
     """Remove `target`'s safety backups beyond its `safety_backups` newest (`dry_run`: decide only)."""
     entries = [e for e in iter_pre_restore(settings.backup_root) if e.manifest.target == target]
-    keep = settings.targets.get(target, settings.defaults).safety_backups  # a removed target's: the defaults'
+    keep = (settings.resolve(target) or settings.defaults).safety_backups  # a removed target's: the defaults'
     plan = plan_safety_rotation(entries, keep, now, target)
     if not dry_run:
         for entry in plan.remove:
@@ -237,12 +237,13 @@ def rotate_tier(settings: Settings, target: str, tier: str, now: datetime, dry_r
     A destination that fails is named in `failed` (rotated next time); the others go on."""
     plan = rotate_target(settings, target, tier, now, dry_run=dry_run)
     rotation = TierRotation(target=target, tier=tier, now=now, local=plan)
-    if tier in PHYSICAL_TIERS and target in settings.targets:  # a removed target's WAL is left alone
+    config = settings.resolve(target)
+    if tier in PHYSICAL_TIERS and config is not None:  # a removed target's WAL is left alone
         from pgbeat.wal.retention import remove_unneeded_wal
 
         plan.wal = remove_unneeded_wal(settings, target, plan.retained, dry_run=dry_run)
     pinned = pinned_names([*plan.keep, *plan.pinned, *plan.protected])
-    for spec in settings.targets[target].destinations if target in settings.targets else []:
+    for spec in config.destinations if config is not None else []:
         rotation.order.append(spec.name)
         try:
             rotation.destinations[spec.name] = rotate_destination(settings, target, tier, spec.name, now,

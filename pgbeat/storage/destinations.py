@@ -369,7 +369,7 @@ def locate(settings: Settings, url: str) -> tuple[Target, DestinationSpec, str]:
     if scheme is None:
         raise UsageError(f"{url}: not a backup address", hint="use s3://bucket/..., gs://bucket/... or "
                                                                "ssh://user@host:port/path/...")
-    for target in settings.targets.values():
+    for target in settings.configured():
         for spec in target.destinations:
             if spec.kind != scheme:
                 continue
