@@ -791,12 +791,6 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
             restoring.refuse_reserved(into)  # before anything is downloaded, asked or sent
         if bool(file) == latest:
             raise errors.UsageError("Give either a backup FILE or --latest", hint="see pgbeat restore --help")
-        if force_older and on_worker:
-            raise errors.UsageError("--force-older restores in this process only",
-                                    hint="leave out --on-worker, or restore into a server of the backup's major")
-        if with_globals and on_worker:
-            raise errors.UsageError("--with-globals restores in this process only",
-                                    hint="leave out --on-worker, or apply the globals with a restore here first")
         if node and not on_worker:
             raise errors.UsageError("--node names the worker of --on-worker",
                                     hint="add --on-worker, or leave out --node")
@@ -813,7 +807,8 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
             return
         target = restoring.restore_target(settings, entry, target_name)
         if on_worker:
-            sys.exit(restore_on_worker(settings, entry, target.name, into, jobs, yes, node, timeout))
+            sys.exit(restore_on_worker(settings, entry, target.name, into, jobs, yes, node, timeout,
+                                       with_globals=with_globals, force_older=force_older))
 
         def on_step(step: str, state: str) -> None:
             if state == "done":
@@ -893,12 +888,13 @@ def restore_pitr_cmd(target_name: str | None, file: str | None, latest: bool, in
 
 
 def restore_on_worker(settings: Settings, entry, target: str, into: str | None, jobs: int, yes: bool,
-                      node: str | None, timeout: float) -> int:
+                      node: str | None, timeout: float, with_globals: bool = False, force_older: bool = False) -> int:
     """Confirm here, have a worker restore (pgbeat.restore.on_worker), print how it ended; return the exit code."""
     from pgbeat.restore.on_worker import restore_on_worker as restore_there
 
     outcome = restore_there(settings, entry, target, into, jobs, node, timeout, confirm_restore(yes),
-                            show=lambda line: out.print(f"  {line}", markup=False))
+                            show=lambda line: out.print(f"  {line}", markup=False), with_globals=with_globals,
+                            force_older=force_older)
     for line in outcome.lines:
         (out if outcome.exit_code == 0 else err).print(line, markup=False)
     return outcome.exit_code
