@@ -837,12 +837,6 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
             restoring.refuse_reserved(into)  # before anything is downloaded, asked or sent
         if bool(file) == latest:
             raise errors.UsageError("Give either a backup FILE or --latest", hint="see pgbeat restore --help")
-        if force_older and on_worker:
-            raise errors.UsageError("--force-older restores in this process only",
-                                    hint="leave out --on-worker, or restore into a server of the backup's major")
-        if with_globals and on_worker:
-            raise errors.UsageError("--with-globals restores in this process only",
-                                    hint="leave out --on-worker, or apply the globals with a restore here first")
         if node and not on_worker:
             raise errors.UsageError("--node names the worker of --on-worker",
                                     hint="add --on-worker, or leave out --node")
@@ -859,7 +853,8 @@ def restore(file: str | None, latest: bool, target_name: str | None, tier: str |
             return
         target = restoring.restore_target(settings, entry, target_name)
         if on_worker:
-            sys.exit(restore_on_worker(settings, entry, target.name, into, jobs, yes, node, timeout))
+            sys.exit(restore_on_worker(settings, entry, target.name, into, jobs, yes, node, timeout,
+                                       with_globals=with_globals, force_older=force_older))
 
         def on_step(step: str, state: str) -> None:
             if state == "done":
@@ -939,15 +934,102 @@ def restore_pitr_cmd(target_name: str | None, file: str | None, latest: bool, in
 
 
 def restore_on_worker(settings: Settings, entry, target: str, into: str | None, jobs: int, yes: bool,
-                      node: str | None, timeout: float) -> int:
+                      node: str | None, timeout: float, with_globals: bool = False, force_older: bool = False) -> int:
     """Confirm here, have a worker restore (pgbeat.restore.on_worker), print how it ended; return the exit code."""
     from pgbeat.restore.on_worker import restore_on_worker as restore_there
 
     outcome = restore_there(settings, entry, target, into, jobs, node, timeout, confirm_restore(yes),
-                            show=lambda line: out.print(f"  {line}", markup=False))
+                            show=lambda line: out.print(f"  {line}", markup=False), with_globals=with_globals,
+                            force_older=force_older)
     for line in outcome.lines:
         (out if outcome.exit_code == 0 else err).print(line, markup=False)
     return outcome.exit_code
+
+
+@main.command()
+@click.argument("source", type=TargetName())
+@click.option("--onto", "onto_name", type=TargetName(), required=True,
+              help="The target whose server receives the databases (its connection; its dbname is not used).")
+@click.option("--tier", type=TierName(), help="Only this tier's backups (default: the newest of any logical tier).")
+@click.option("--dry-run", is_flag=True, help="Show which backup rebuilds each database; restore nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
+@click.option("--jobs", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="pg_restore -j for custom/directory backups.")
+@click.option("--identity", type=IdentityFile(), help="age identity file for encrypted backups.")
+@click.option("--force-older", is_flag=True,
+              help="Restore into a server older than the pg_dump that made the backups.")
+def rebuild(source: str, onto_name: str, tier: str | None, dry_run: bool, yes: bool, jobs: int,
+            identity: Path | None, force_older: bool) -> None:
+    """Rebuild the server of target SOURCE on the server of --onto, from the backups on this host: its
+    globals (roles, memberships, role settings, tablespaces), then each database it had, from its newest
+    verified logical backup, each restored as `pgbeat restore` does (checked, swapped in, safety backup)."""
+    from pgbeat.catalog.manifest import PHYSICAL_TIERS
+    from pgbeat.postgres.clock import ask_server_time
+    from pgbeat.restore import rebuild as rebuilding
+    from pgbeat.restore.restore import RestoreRefused, identities_for
+
+    settings = settings_or_exit(writes=not dry_run)
+    try:
+        if tier in PHYSICAL_TIERS:
+            raise errors.UsageError(f"--tier {tier} holds physical base backups: a rebuild restores logical ones",
+                                    hint="rebuild a cluster from a base backup with pgbeat restore --pitr")
+        server, onto = settings.target(source), settings.target(onto_name)
+        rebuilding.refuse_same_server(server, onto)
+        try:
+            now = ask_server_time(onto)
+        except PgbeatError:
+            now = datetime.now(UTC)
+        items = rebuilding.rebuild_plan(settings, server, tier, now)
+    except PgbeatError as exc:
+        fail(exc)
+    where = f"{server.host or 'local socket'}:{server.port}"
+    table = new_table(title=f"Rebuilding {where} onto {onto.describe()}")
+    for column in ("database", "backup", "taken", "size", "globals"):
+        table.add_column(column)
+    for item in items:
+        m = item.entry.manifest
+        table.add_row(escape(item.database), escape(item.entry.path.name) if item.skip is None else "skipped",
+                      local_time(settings, m.started_at), human_size(m.size),
+                      ("yes" if m.globals is not None else "no") if item.skip is None else escape(item.skip))
+    out.print(table)
+    todo = [item for item in items if item.skip is None]
+    if dry_run:
+        out.line(f"dry run: {len(todo)} database(s) would be restored onto {onto.describe()}; nothing was changed")
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            fail(RestoreRefused("Refusing to rebuild without confirmation: there is no terminal to ask on",
+                                hint="type SIM at the prompt in a terminal, or pass --yes in scripts"))
+        out.print(f"[bold red]ATENÇÃO / WARNING[/bold red]: this creates or OVERWRITES {len(todo)} database(s) on "
+                  f"{escape(onto.describe())} (a safety backup of each one it replaces is taken first).", markup=True)
+        answer = click.prompt("Digite SIM para confirmar / type SIM to confirm", default="", show_default=False)
+        if answer.strip() != "SIM":
+            fail(RestoreRefused("Rebuild cancelled: not confirmed", hint="type SIM to confirm, or pass --yes"))
+
+    def on_step(step: str, state: str) -> None:
+        if state not in ("done", "started"):
+            out.print(f"    {step}: {state}", markup=False)
+
+    report = rebuilding.rebuild(settings, items, onto, jobs=jobs, identities=identities_for(onto, identity),
+                                force_older=force_older, on_step=on_step,
+                                on_item=lambda item: out.print(f"  {item.database} from {item.entry.path.name}",
+                                                               markup=False))
+    for outcome in report.outcomes:
+        if outcome.error is None:
+            result = outcome.result
+            out.print(f"  [green]✓[/green] {escape(outcome.item.database)}: restored in {result.duration_s:.1f}s, "
+                      f"{result.tables_checked} table(s) match", markup=True)
+        else:
+            err.print(f"  ✗ {outcome.item.database}: {outcome.error.render()}", markup=False, soft_wrap=True)
+    done = len(report.outcomes) - len(report.failed)
+    summary = f"Rebuilt {done} of {len(todo)} database(s) onto {onto.describe()}"
+    if report.interrupted:
+        err.print(f"{summary}; interrupted, the rest were not begun", markup=False)
+        sys.exit(errors.EXIT_INTERRUPTED)
+    if report.failed:
+        err.print(f"{summary}; failed: {', '.join(o.item.database for o in report.failed)}", markup=False)
+        sys.exit(max(o.error.exit_code for o in report.failed))
+    out.print(summary, markup=False)
 
 
 @main.command("fetch")

@@ -34,8 +34,10 @@ def shown_as(task, args, kwargs, options):
 # not a broker, decides whether to run it again. Celery then marks it failed, which the command following
 # it sees at once.
 @shared_task(name="tasks.restore", bind=True, acks_late=False, retry_on_worker_lost=False, shadow_name=shown_as)
-def restore(self, path: str, target: str, into: str | None = None, jobs: int = 2) -> dict:
-    """Restore `path` into `target` (or database `into`), reporting each stage in the run state."""
+def restore(self, path: str, target: str, into: str | None = None, jobs: int = 2, with_globals: bool = False,
+            force_older: bool = False) -> dict:
+    """Restore `path` into `target` (or database `into`), reporting each stage in the run state; with
+    `with_globals`, apply the backup's globals first; `force_older` restores into an older major."""
     settings = get_settings()
     state = RunState(redis_client(settings))
     run_id = self.request.id
@@ -54,7 +56,8 @@ def restore(self, path: str, target: str, into: str | None = None, jobs: int = 2
     try:
         entry = open_backup(Path(path))
         result = restore_backup(settings, entry, settings.target(target), into=into, jobs=jobs,
-                                confirm=lambda info: True, on_step=progress)
+                                confirm=lambda info: True, on_step=progress, with_globals=with_globals,
+                                force_older=force_older)
     except BaseException as exc:  # whatever it is, the run ends as failed (restore() undid its work)
         failure = exc.to_json() if isinstance(exc, PgbeatError) else {
             "error": type(exc).__name__, "message": f"{type(exc).__name__}: {exc}", "details": []}

@@ -44,7 +44,7 @@ class Outcome:
 
 def restore_on_worker(settings: Settings, entry: Entry, target: str, into: str | None, jobs: int,
                       node: str | None, timeout: float, confirm: Callable[[RestoreInfo], bool],
-                      show: Callable[[str], None]) -> Outcome:
+                      show: Callable[[str], None], with_globals: bool = False, force_older: bool = False) -> Outcome:
     """Given a checked backup `entry`, ask `confirm` here, send tasks.restore to `node`'s worker (default:
     this host's) and follow it, passing each progress line to `show`; return how it ended.
 
@@ -64,7 +64,8 @@ def restore_on_worker(settings: Settings, entry: Entry, target: str, into: str |
     info = RestoreInfo.of(entry, config, into or config.dbname, exists=True)
     if not confirm(info):
         raise RestoreRefused("Restore cancelled: not confirmed", hint="type SIM to confirm, or pass --yes")
-    run_id = send_restore(settings, str(entry.path), target, into, jobs, node, timeout)
+    run_id = send_restore(settings, str(entry.path), target, into, jobs, node, timeout, with_globals=with_globals,
+                          force_older=force_older)
     try:
         with interruptible():
             return follow(settings, run_id, node, timeout, show)
@@ -76,11 +77,12 @@ def restore_on_worker(settings: Settings, entry: Entry, target: str, into: str |
 
 
 def send_restore(settings: Settings, path: str, target: str, into: str | None, jobs: int, node: str,
-                 timeout: float) -> str:
+                 timeout: float, with_globals: bool = False, force_older: bool = False) -> str:
     """Send tasks.restore of `path` into `target` (or `into`) to `node`'s queue; return its run id."""
     task_id = uuid.uuid4().hex
     # `expires`: a message still queued after this command gave up is dropped by the worker that gets it.
-    send_task(settings, "tasks.restore", [path, target, into, jobs], task_id, shadow=task_label("restore", target),
+    send_task(settings, "tasks.restore", [path, target, into, jobs, with_globals, force_older], task_id,
+              shadow=task_label("restore", target),
               queue=host_queue(node), priority=MANUAL_PRIORITY, expires=timeout)
     return task_id
 

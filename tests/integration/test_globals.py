@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import unique
 from tests.integration.test_offsite import s3_destination
 from tests.shelf import make_age_key
-from tests.support import SECRET_PASSWORD, PgCluster, Service
+from tests.support import SECRET_PASSWORD, PgCluster, Service, Worker
 
 pytestmark = pytest.mark.integration
 
@@ -226,3 +226,28 @@ def test_a_custom_archive_has_its_globals_too_a_safety_backup_none(workdir, sour
     assert restored.returncode == 0, restored.stdout + restored.stderr
     [safety] = service.backup_root.glob("pre_restore_app_*.sql.gz")
     assert manifest_of(safety)["globals"] is None and service.pgbeat("verify", str(safety)).returncode == 0
+
+
+def test_restore_on_a_worker_with_globals_onto_a_fresh_server(workdir, source, session_dir, redis_server):
+    """`--with-globals --on-worker`: the worker applies the globals, then restores; the CLI shows what the
+    globals did and the restored database's owner and grants are there."""
+    fresh = PgCluster(session_dir, unique("globals_w"))
+    try:
+        db = owned_db(source)
+        service = Service(workdir, redis_server.url, [source.target("app", db), fresh.target("fresh", "postgres")],
+                          node=f"gw-{unique('n')[-6:]}")
+        assert service.pgbeat("backup", "daily", "--target", "app", "--local").returncode == 0
+        [backup] = service.backups("daily")
+        worker = Worker(service, concurrency=1)
+        try:
+            into = unique("newdb")
+            restored = service.pgbeat("restore", str(backup), "--target", "fresh", "--into", into, "--yes",
+                                      "--with-globals", "--on-worker", "--timeout", "120")
+        finally:
+            worker.stop()
+        assert restored.returncode == 0, restored.stdout + restored.stderr + worker.log_text()[-3000:]
+        assert "roles created: app_owner, app_reader" in restored.stdout
+        assert fresh.sql("SELECT tableowner FROM pg_tables WHERE tablename = 'items'", into) == "app_owner"
+        assert fresh.sql("SELECT has_table_privilege('app_reader', 'app.items', 'SELECT')", into) == "t"
+    finally:
+        fresh.destroy()
