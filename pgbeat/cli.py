@@ -973,7 +973,8 @@ def rebuild(source: str, onto_name: str, tier: str | None, dry_run: bool, yes: b
         if tier in PHYSICAL_TIERS:
             raise errors.UsageError(f"--tier {tier} holds physical base backups: a rebuild restores logical ones",
                                     hint="rebuild a cluster from a base backup with pgbeat restore --pitr")
-        server, onto = settings.target(source), settings.target(onto_name)
+        # A whole-server target names its server as well as any of its databases' targets does.
+        server, onto = (settings.servers.get(name) or settings.target(name) for name in (source, onto_name))
         rebuilding.refuse_same_server(server, onto)
         try:
             now = ask_server_time(onto)

@@ -21,8 +21,8 @@ HOSTILE = 'rb "quoted" db'
 
 @pytest.fixture(scope="module")
 def world(session_dir, tmp_path_factory):
-    """A source server with roles and two databases owned by them (one with a hostile name) backed up by
-    two targets, plus one of `postgres`; a fresh cluster to rebuild onto."""
+    """A source server with roles and two databases owned by them (one with a hostile name), backed up by a
+    whole-server target (`databases: all`), and `postgres` by a listed one; a fresh cluster to rebuild onto."""
     source = PgCluster(session_dir, unique("rb_src"))
     fresh = PgCluster(session_dir, unique("rb_dst"))
     source.sql(ROLES_SQL)
@@ -31,14 +31,21 @@ def world(session_dir, tmp_path_factory):
         source.sql("SET ROLE rb_owner; CREATE TABLE items AS SELECT g AS id, md5(g::text) AS v "
                    "FROM generate_series(1, 50) g; GRANT SELECT ON items TO rb_reader", db)
     service = Service(tmp_path_factory.mktemp("rebuild"), None,
-                      [source.target("app", "rb_app"), source.target("hostile", HOSTILE),
+                      [whole_server(source, "srv", exclude=["postgres"]),
                        source.target("maint", "postgres"), fresh.target("fresh", "postgres")])
-    for target in ("app", "hostile", "maint"):
+    for target in ("srv", "maint"):
         done = service.pgbeat("backup", "daily", "--target", target)
         assert done.returncode == 0, done.stdout + done.stderr
     yield source, fresh, service
     source.destroy()
     fresh.destroy()
+
+
+def whole_server(cluster: PgCluster, name: str, **extra) -> dict:
+    """A `databases: all` target of `cluster`."""
+    target = cluster.target(name, "-")
+    del target["dbname"]
+    return {**target, "databases": "all", **extra}
 
 
 def databases(cluster: PgCluster) -> set[str]:
@@ -48,7 +55,7 @@ def databases(cluster: PgCluster) -> set[str]:
 def test_dry_run_plans_every_database_and_changes_nothing(world):
     _, fresh, service = world
     before = databases(fresh)
-    planned = service.pgbeat("rebuild", "app", "--onto", "fresh", "--dry-run")
+    planned = service.pgbeat("rebuild", "srv", "--onto", "fresh", "--dry-run")
     assert planned.returncode == 0, planned.stdout + planned.stderr
     text = planned.stdout
     assert "rb_app" in text and "rb \"quoted\" db" in text and "2 database(s) would be restored" in text, text
@@ -59,16 +66,16 @@ def test_dry_run_plans_every_database_and_changes_nothing(world):
 def test_without_a_terminal_or_yes_it_is_refused_and_nothing_changes(world):
     _, fresh, service = world
     before = databases(fresh)
-    refused = service.pgbeat("rebuild", "app", "--onto", "fresh")
+    refused = service.pgbeat("rebuild", "maint", "--onto", "fresh")
     assert refused.returncode != 0 and "confirmation" in refused.stderr, refused.stdout + refused.stderr
     assert databases(fresh) == before
 
 
 def test_onto_the_same_server_or_a_physical_tier_is_a_usage_error(world):
     _, _, service = world
-    same = service.pgbeat("rebuild", "app", "--onto", "hostile", "--yes")
+    same = service.pgbeat("rebuild", "srv", "--onto", "maint", "--yes")
     assert same.returncode == 2 and "the server being rebuilt" in same.stderr, same.stdout + same.stderr
-    base = service.pgbeat("rebuild", "app", "--onto", "fresh", "--tier", "base", "--yes")
+    base = service.pgbeat("rebuild", "maint", "--onto", "fresh", "--tier", "base", "--yes")
     assert base.returncode == 2 and "--tier base" in base.stderr, base.stdout + base.stderr
 
 
@@ -77,7 +84,7 @@ def test_a_server_rebuilt_on_a_fresh_cluster_twice_equals_the_source(world):
     data equal to the source's; a second run restores them again and still equals."""
     source, fresh, service = world
     for attempt in (1, 2):
-        rebuilt = service.pgbeat("rebuild", "app", "--onto", "fresh", "--yes")
+        rebuilt = service.pgbeat("rebuild", "srv" if attempt == 1 else "maint", "--onto", "fresh", "--yes")
         assert rebuilt.returncode == 0, f"run {attempt}:\n{rebuilt.stdout}{rebuilt.stderr}"
         assert "Rebuilt 2 of 2 database(s)" in rebuilt.stdout, rebuilt.stdout
         assert {"rb_app", HOSTILE} <= databases(fresh)
