@@ -239,6 +239,7 @@ def baselines(world: World) -> dict[tuple[str, ...], tuple[dict, dict]]:
         ("pin",): {"file": str(world.backup), "note": "year-end close"},
         ("rotate",): {},
         ("restore",): {"file": str(world.backup), "yes": True},
+        ("rebuild",): {"source": "erp", "onto_name": "down", "yes": True},  # onto a server that is down
         ("fetch",): {"url": world.url, "folder": str(world.sandbox / "fetched")},
         ("upload",): {"retry": True},
         ("drill",): {},
@@ -256,6 +257,7 @@ def baselines(world: World) -> dict[tuple[str, ...], tuple[dict, dict]]:
     }
     safe = {**armed, ("rotate",): {"dry_run": True}, ("pin",): {"file": str(world.sandbox / "none.sql.gz")},
             ("restore",): {"file": str(world.backup), "list_only": True},
+            ("rebuild",): {"source": "erp", "onto_name": "down", "dry_run": True},
             ("wal-push",): {"wal_file": str(world.sandbox / "pg_wal" / "not-a-wal-file"), "target_name": "erp"}}
     return {path: (armed[path], safe[path]) for path in armed}
 
