@@ -466,7 +466,7 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
                 table.add_column(column, overflow="fold")
         for e in own:
             m = e.manifest
-            row = [plain_time(settings, m.taken_at), m.tier, human_size(m.size), checks_summary(m, destination),
+            row = [plain_time(settings, m.taken_at), tier_cell(m), human_size(m.size), checks_summary(m, destination),
                    drill_summary(settings, m, zone=False)]
             if wide:
                 row += [f"{m.format}/{m.codec}{'+age' if m.encryption else ''}", m.sha256 or "", where[id(e)]]
@@ -495,6 +495,14 @@ def backup_location(settings: Settings, entry, destination: str | None) -> str:
     from pgbeat.storage.destinations import backup_url
 
     return backup_url(settings.target(entry.manifest.target).destination(destination), entry.path)
+
+
+def tier_cell(manifest: Manifest) -> str:
+    """The tier, and for a base backup of a chain whether it is full or incremental (and its depth)."""
+    chain = manifest.chain
+    if chain is None:
+        return manifest.tier
+    return f"{manifest.tier} incr {chain.depth}" if chain.incremental else f"{manifest.tier} full"
 
 
 def checks_summary(manifest: Manifest, destination: str | None) -> str:
@@ -627,6 +635,8 @@ def print_rotation(settings: Settings, r, verb: str) -> None:
     for entry in r.local.pinned:
         note = entry.manifest.pinned.note
         out.line(f"{name} {t}: kept {entry.path.name} (expired, but pinned{': ' + note if note else ''})")
+    for entry in r.local.parents:
+        out.line(f"{name} {t}: kept {entry.path.name} (expired, but a kept incremental base backup depends on it)")
     for line in future_warning(r.local):
         err.line(f"warning: {line}")
     for destination in r.order:

@@ -99,6 +99,13 @@ def standby_warnings(current: Entry) -> list[BackupWarning]:
     return [BackupWarning(kind="standby", text=note)] if note else []
 
 
+def incremental_warnings(current: Entry) -> list[BackupWarning]:
+    """Say when the base tier asks for incremental backups and this one had to be full for a reason the
+    schedule did not plan (an older server, summarize_wal off, a broken chain: pgbeat.physical.incremental)."""
+    note = current.manifest.steps.get("dump", {}).get("incremental_note")
+    return [BackupWarning(kind="incremental", text=note)] if note else []
+
+
 def globals_warnings(current: Entry) -> list[BackupWarning]:
     """Say when a logical backup's globals have no role passwords (a backup user that is not a superuser),
     or could not be dumped at all (pgbeat.postgres.globals)."""
@@ -121,4 +128,5 @@ def backup_warnings(settings: Settings, current: Entry) -> list[BackupWarning]:
     previous = [e for e in entries if order_key(e) < order_key(current)]
     return (empty_warnings(current) + comparison_warnings(current, previous, settings.monitoring)
             + clock_warnings(current) + standby_warnings(current) + globals_warnings(current)
+            + incremental_warnings(current)
             + disk_warnings(settings.backup_root, settings.monitoring))

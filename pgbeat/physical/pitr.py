@@ -2,7 +2,8 @@
 archive to the moment asked for.
 
 `restore_pitr` picks the base backup that can reach the target (the newest one consistent before it),
-checks it against its manifest, unpacks it (decrypting first if it is encrypted), writes the recovery
+checks it against its manifest, unpacks it (decrypting first if it is encrypted; an incremental one with
+every backup of its chain, combined by pg_combinebackup: pgbeat.physical.incremental), writes the recovery
 settings (`restore_command` running `pgbeat wal-fetch`, `recovery_target_*`, `recovery.signal`, or
 `standby.signal` and `primary_conninfo` for a standby) and, with `start`, starts the server and waits
 until recovery reached the target and the server was promoted, reporting the last transaction replayed.
@@ -31,6 +32,7 @@ from pgbeat.catalog.manifest import Entry, list_backups
 from pgbeat.errors import PgbeatError, UsageError
 from pgbeat.fsutil import private_dir
 from pgbeat.physical.basebackup import unpack_base, verifybackup
+from pgbeat.physical.incremental import chain_of, combine
 from pgbeat.postgres.clients import major_of, server_programs
 from pgbeat.settings import Settings, Target
 
@@ -120,7 +122,16 @@ def choose_base(settings: Settings, target: str, goal: RecoveryGoal) -> Entry:
     if not usable:
         raise UsageError(f"{goal.describe()} is before the restorable window of {target}: {window_text(entries)}",
                          hint="choose a later point, or a logical backup of that day")
-    return usable[-1]
+    broken = None
+    for entry in reversed(usable):  # an incremental whose chain is broken cannot be restored: an older one can
+        try:
+            chain_of(entries, entry)
+        except PgbeatError as exc:
+            log.warning("%s", exc.message)
+            broken = broken or exc
+            continue
+        return entry
+    raise broken
 
 
 def server_command(pgbeat: str, settings: Settings, target: str) -> str:
@@ -264,13 +275,25 @@ def restore_pitr(settings: Settings, target: Target, goal: RecoveryGoal, data_di
     on_step("choose", f"{entry.path.name} (consistent at {entry.manifest.physical.stop_time}, "
                       f"LSN {entry.manifest.physical.end_lsn})")
     t0 = time.monotonic()
+    chain = chain_of(base_backups(settings, target.name), entry)  # root first; [entry] for a full one
+    if len(chain) > 1:
+        on_step("chain", f"{len(chain) - 1} incremental(s) on {chain[0].path.name}, combined by pg_combinebackup")
     with scratch_folder(settings, "fetch") as scratch:
-        verify_backup(entry.path, settings, identities, checksums_only=True)
-        plain = plaintext_of(settings, entry, identities, scratch)
+        plains = []
+        for i, member in enumerate(chain):
+            verify_backup(member.path, settings, identities, checksums_only=True)
+            plains.append(plaintext_of(settings, member, identities, scratch / f"plain{i}"))
         result.steps["check"] = round(time.monotonic() - t0, 3)
         on_step("check", "done")
         t1 = time.monotonic()
-        unpack_base(plain.path, plain.manifest.codec, data)
+        if len(chain) == 1:
+            unpack_base(plains[0].path, plains[0].manifest.codec, data)
+        else:
+            unpacked = []
+            for i, plain in enumerate(plains):
+                unpacked.append(scratch / f"member{i}")
+                unpack_base(plain.path, plain.manifest.codec, unpacked[-1])
+            combine(settings, unpacked, major_of(entry.manifest.server_version or "0"), data)
     verifybackup(settings, data)  # what is in the data directory now is what the backup manifest lists
     result.steps["unpack"] = round(time.monotonic() - t1, 3)
     on_step("unpack", "done")

@@ -51,7 +51,8 @@ EXAMPLE: dict[str, Any] = {
          ]},
         {"name": "crm", "dbname": "crm", "host": "db2.internal", "format": "directory", "jobs": 2,
          "passfile": "/etc/pgbeat/crm.pgpass", "pg_dump_options": ["--exclude-table-data=audit_log"],
-         "tiers": {"monthly": {"enabled": False}},
+         "tiers": {"monthly": {"enabled": False},
+                   "base": {"full_every_days": 7}},
          "destinations": [{"name": "gcs", "kind": "gcs", "bucket": "company-pg-backups-eu", "prefix": "crm"}]},
     ],
 }
