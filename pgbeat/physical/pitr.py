@@ -296,7 +296,7 @@ def restore_pitr(settings: Settings, target: Target, goal: RecoveryGoal, data_di
             combine(settings, unpacked, major_of(entry.manifest.server_version or "0"), data)
     verifybackup(settings, data)  # what is in the data directory now is what the backup manifest lists
     result.steps["unpack"] = round(time.monotonic() - t1, 3)
-    on_step("unpack", "done")
+    on_step("unpack", "done" if len(chain) == 1 else f"{len(chain)} base backups combined, pg_verifybackup passed")
     command = server_command(pgbeat or str(Path(sys.executable).with_name("pgbeat")), settings, target.name)
     write_recovery(data, recovery_settings(goal, command, standby=standby, primary_conninfo=primary_conninfo,
                                            port=port, archive=archive), standby)
