@@ -146,7 +146,7 @@ def base_backup_step(ctx: StepContext, run: Run) -> Run:
             raise
         # An incremental the server refuses (its WAL summaries gone since, another cluster): a full one,
         # which restores alone, rather than no base backup at all.
-        note = f"pg_basebackup --incremental failed ({exc.message}): this base backup is full"
+        note = f"pg_basebackup --incremental failed ({exc.reason or exc.message}): this base backup is full"
         log.warning("%s: %s", run.target, note)
         return take_base_backup(ctx, run, source, target, work, output, ChainInfo(kind="full"), None, note)
     finally:

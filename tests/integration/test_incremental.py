@@ -204,6 +204,24 @@ def test_with_summarize_wal_off_the_next_base_backup_is_full_with_the_warning(ch
     assert "summarize_wal is off" in warning["text"] and "full" in warning["text"]
 
 
+def test_an_incremental_the_server_refuses_is_taken_full_with_the_warning(chain18):
+    """The WAL summaries an incremental needs are gone (removed here by hand, as wal_summary_keep_time
+    would): pg_basebackup --incremental fails, and the run takes a full base backup rather than none."""
+    pg = chain18.cluster
+    wait_for(lambda: pg.sql("SHOW summarize_wal") == "on", 10, what="summarize_wal on")
+    pg.sql("CHECKPOINT")  # the summarizer writes a summary up to each redo point
+    redo = pg.sql("SELECT redo_lsn FROM pg_control_checkpoint()")
+    wait_for(lambda: pg.sql(f"SELECT summarized_lsn >= '{redo}' FROM pg_get_wal_summarizer_state()") == "t", 30,
+             what="the WAL summarizer to catch up")  # else it writes again what is removed here
+    for summary in (chain18.cluster.data / "pg_wal" / "summaries").iterdir():
+        summary.unlink()
+    backup = chain18.backup()
+    manifest = manifest_of(backup)
+    assert manifest["chain"]["kind"] == "full" and manifest["status"] == "verified"
+    [warning] = [w for w in manifest["warnings"] if w["kind"] == "incremental"]
+    assert "pg_basebackup --incremental failed" in warning["text"] and "WAL summaries" in warning["text"], warning
+
+
 def test_on_postgresql_15_the_tier_takes_full_base_backups_with_the_warning(pg, workdir):
     world = ChainWorld(workdir, [{"name": "old", "dbname": "postgres", "host": pg.host, "port": pg.port,
                                   "user": "postgres",
