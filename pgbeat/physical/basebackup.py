@@ -39,7 +39,7 @@ from pgbeat.postgres.clock import PendingReading, ask_server_time
 from pgbeat.postgres.process import Supervised
 from pgbeat.postgres.standby import backup_source
 from pgbeat.settings import Settings, Target
-from pgbeat.steps.compress import BlockWriter, codec_for_name, decompressing_reader, write_block_index
+from pgbeat.steps.compress import BlockWriter, decompressing_reader, write_block_index
 from pgbeat.steps.dump import abandon, classify_failure, client_for_target, stream_blocks, widen_pipe
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def plan_chain(ctx: StepContext, run: Run, target: Target) -> tuple[ChainInfo | 
         return choice.chain, None, choice.note
     parent = choice.parent
     try:
-        manifest_file = extract_backup_manifest(parent.path, codec_for_name(parent.path.name),
+        manifest_file = extract_backup_manifest(parent.path, parent.manifest.codec,
                                                 run.work() / "parent.backup_manifest")
     except VerifyError as exc:
         return ChainInfo(kind="full"), None, f"{exc.message}: this base backup is full"

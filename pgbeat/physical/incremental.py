@@ -3,7 +3,7 @@
 With the base tier's `full_every_days` set, each base backup is full when the newest full one (the root
 of the newest chain) is older than that many days, when there is none, when the newest chain is broken
 (a member gone, unverified or not the one its child names), when the server's timeline or system
-identifier differs from the newest backup's, or when the server cannot take one (older than 17, or
+identifier or major differs from the newest backup's, or when the server cannot take one (older than 17, or
 `summarize_wal` off: then with a warning of kind "incremental"). Otherwise it is incremental against the
 newest verified base backup of the target: pg_basebackup reads that backup's `backup_manifest`, taken
 out of its stored tar as it streams through the decompressing reader (nothing else of it is written).
@@ -35,6 +35,7 @@ from isal import isal_zlib
 from pgbeat.catalog.manifest import ChainInfo, Dated, newest
 from pgbeat.errors import PgbeatError, VerifyError
 from pgbeat.fsutil import CHUNK, open_private
+from pgbeat.postgres.clients import recorded_major
 from pgbeat.settings import Settings, Target
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def chain_of(entries, entry: Dated) -> list:
         if parent is None:
             raise PgbeatError(f"{name} is an incremental base backup of {info.parent}, which is not there "
                               "(removed, or not verified)",
-                              hint="restore an older full base backup, or copy the missing one back")
+                              hint="bring it back from a destination (pgbeat list --destination NAME --wide, then "
+                                   "pgbeat fetch URL --to BACKUP_ROOT/base), or restore an older full base backup")
         if parent.manifest.sha256 != info.parent_sha256 and plain_sha256(parent) != info.parent_sha256:
             raise PgbeatError(f"{name} is an incremental base backup of {info.parent}, but the backup of that "
                               "name is another one (its SHA-256 differs)", hint="restore an older full base backup")
@@ -155,6 +157,11 @@ def choose_parent(entries: list, full_every_days: int, now: datetime, facts: Ser
         return ChainChoice(full, reason=f"the newest full base backup, {os.path.basename(root.path)}, is "
                                         f"{full_every_days} day(s) old or more")
     physical = latest.manifest.physical
+    made_by = recorded_major(latest.manifest.server_version)
+    if facts is not None and made_by and made_by != facts.major:
+        why = (f"the server is PostgreSQL {facts.major}, {name} a backup of PostgreSQL {made_by} (an upgrade "
+               "since): this base backup is full")
+        return ChainChoice(full, reason=why, note=why)
     if facts is not None and facts.timeline is not None and physical is not None and \
             physical.timeline != facts.timeline:
         why = (f"the server is on timeline {facts.timeline}, {name} on timeline {physical.timeline} (a promotion "

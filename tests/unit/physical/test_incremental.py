@@ -45,6 +45,7 @@ def base(day: int, parent: Shelved | None = None, timeline: int = 1) -> Shelved:
                           root=up.root if up.incremental else parent.path, depth=up.depth + 1)
     segment = f"{timeline:08X}00000000{100 - day:08X}"
     manifest = Manifest(run_id=name, target="erp", tier="base", file=name, format="tar", codec="gzip", size=1,
+                        server_version="18.1",
                         sha256=f"{day:064x}", complete=True, started_at=when, server_time=when, chain=chain,
                         physical=PhysicalInfo(timeline=timeline, start_lsn="0/1", end_lsn="0/2", start_wal=segment))
     return Shelved(name, manifest)
@@ -98,6 +99,10 @@ def test_a_broken_chain_a_new_timeline_or_encryption_take_a_full_one_with_a_warn
     assert promoted.parent is None and "timeline 2" in promoted.note
     encrypted = choose_parent(chain, 7, NOW, PG18, encrypted=True)
     assert encrypted.parent is None and "encrypted" in encrypted.note
+    for member in chain:
+        member.manifest.server_version = "17.6"
+    upgraded = choose_parent(chain, 7, NOW, PG18)
+    assert upgraded.parent is None and "PostgreSQL 17" in upgraded.note and "upgrade" in upgraded.note
 
 
 # --- what a restore combines ----------------------------------------------------------------------------
