@@ -106,6 +106,59 @@ def window_text(entries: list[Entry]) -> str:
             f"backup, {entries[0].path.name}, LSN {first.end_lsn})")
 
 
+def remote_members(settings: Settings, target: str) -> list:
+    """The base backups of `target` at its destinations (their copies checked where they landed), for the
+    members of a chain that the shelf lacks; a destination that cannot be read is passed over, said in the log."""
+    from pgbeat.settings import PHYSICAL_TIERS
+    from pgbeat.storage.destinations import open_storage, remote_entries
+
+    if target not in settings.targets:
+        return []
+    found = []
+    for spec in settings.targets[target].destinations:
+        try:
+            with open_storage(spec) as storage:
+                for tier in PHYSICAL_TIERS:
+                    found += [e for e in remote_entries(settings, storage, spec.name, target, tier)
+                              if e.exists and e.verified]
+        except PgbeatError as exc:
+            log.warning("the base backups of %s at %s cannot be listed: %s", target, spec.name, exc.message)
+    return found
+
+
+def chain_pool(settings: Settings, target: str, entries: list[Entry]) -> list:
+    """The backups a chain may be made of: the verified ones on the shelf, and, if a chain among them is
+    broken, the copies at the destinations of those the shelf lacks (`remote_members`)."""
+    from pgbeat.physical.incremental import plain_name
+
+    try:
+        for entry in entries:
+            chain_of(entries, entry)
+        return entries
+    except PgbeatError:
+        pass
+    have = {plain_name(e) for e in entries}
+    return [*entries, *(e for e in remote_members(settings, target) if plain_name(e) not in have)]
+
+
+def fetch_members(settings: Settings, target: Target, chain: list, scratch: Path, identities: list | None,
+                  on_step: Callable[[str, str], None]) -> list[Entry]:
+    """Given a chain whose members may be copies at destinations, download and verify those into `scratch`;
+    return the chain as local Entries."""
+    from pgbeat.actions import fetch_into
+    from pgbeat.storage.destinations import backup_url
+
+    local = []
+    for i, member in enumerate(chain):
+        if isinstance(member, Entry):
+            local.append(member)
+            continue
+        url = backup_url(target.destination(member.destination), member.path)
+        on_step("fetch", f"{os.path.basename(member.path)} from {member.destination} (not on the shelf)")
+        local.append(fetch_into(settings, url, scratch / f"fetched{i}", identities))
+    return local
+
+
 def choose_base(settings: Settings, target: str, goal: RecoveryGoal) -> Entry:
     """Return the base backup recovery to `goal` starts from: the newest one consistent before it.
     Raise PgbeatError if there is none, naming the restorable window."""
@@ -122,10 +175,11 @@ def choose_base(settings: Settings, target: str, goal: RecoveryGoal) -> Entry:
     if not usable:
         raise UsageError(f"{goal.describe()} is before the restorable window of {target}: {window_text(entries)}",
                          hint="choose a later point, or a logical backup of that day")
+    pool = chain_pool(settings, target, entries)
     broken = None
     for entry in reversed(usable):  # an incremental whose chain is broken cannot be restored: an older one can
         try:
-            chain_of(entries, entry)
+            chain_of(pool, entry)
         except PgbeatError as exc:
             log.warning("%s", exc.message)
             broken = broken or exc
@@ -275,10 +329,13 @@ def restore_pitr(settings: Settings, target: Target, goal: RecoveryGoal, data_di
     on_step("choose", f"{entry.path.name} (consistent at {entry.manifest.physical.stop_time}, "
                       f"LSN {entry.manifest.physical.end_lsn})")
     t0 = time.monotonic()
-    chain = chain_of(base_backups(settings, target.name), entry)  # root first; [entry] for a full one
+    entries = base_backups(settings, target.name)
+    chain = chain_of(chain_pool(settings, target.name, entries), entry)  # root first; [entry] for a full one
     if len(chain) > 1:
-        on_step("chain", f"{len(chain) - 1} incremental(s) on {chain[0].path.name}, combined by pg_combinebackup")
+        root = os.path.basename(chain[0].path)
+        on_step("chain", f"{len(chain) - 1} incremental(s) on {root}, combined by pg_combinebackup")
     with scratch_folder(settings, "fetch") as scratch:
+        chain = fetch_members(settings, target, chain, scratch, identities, on_step)
         plains = []
         for i, member in enumerate(chain):
             verify_backup(member.path, settings, identities, checksums_only=True)

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.integration.test_majors import PG18_BIN
-from tests.integration.test_wal import WalWorld, chown_postgres
+from tests.integration.test_wal import WalWorld, chown_postgres, s3_destination
 from tests.support import PG_BIN, PgCluster, free_port, make_tempdir, postgres_user_pgbeat, wait_for
 
 pytestmark = pytest.mark.integration
@@ -181,6 +181,41 @@ def test_restore_pitr_of_the_last_incremental_equals_the_source(chain18):
         assert copy.dump_text("shop") == chain18.cluster.dump_text("shop")
         assert copy.sql("SELECT count(*) FROM items WHERE label = 'changed'", db="shop") == "21"
     finally:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(PG18_BIN / "pg_ctl"), "-D", str(data), "-m",
+                        "immediate", "-w", "stop"], capture_output=True)
+        shutil.rmtree(data.parent, ignore_errors=True)
+
+
+def test_a_chain_member_the_shelf_lacks_is_fetched_from_a_destination(chain18, moto_s3):
+    """The middle incremental only at an S3 destination (`pgbeat upload --retry` copied the chain there,
+    then it was removed from the shelf): restore --pitr fetches it, checks it, and combines the chain."""
+    world = chain18.world
+    world.targets[0]["destinations"] = [s3_destination(moto_s3.url, moto_s3.new_bucket())]
+    world.write_config()
+    data = make_tempdir("pgbeat-incr-fetch-") / "data"
+    port = free_port()
+    middle = chain18.backups[1]
+    aside = chain18.base / "aside"
+    aside.mkdir()
+    try:
+        uploaded = world.pgbeat("upload", "--retry", "--target", "incr")
+        assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
+        for path in middle.parent.glob(middle.name + "*"):
+            path.rename(aside / path.name)
+        restored = world.pgbeat("restore", "--pitr", "--target", "incr", "--to", "immediate", "--data-dir", str(data),
+                                "--start", "--port", str(port), "--server-pgbeat", str(chain18.pgbeat_script),
+                                "--timeout", "120")
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert f"fetch {middle.name} from offsite" in " ".join(restored.stdout.split()), restored.stdout
+        copy = PgCluster.__new__(PgCluster)
+        copy.dir, copy.data, copy.port, copy.host, copy.bin = data.parent, data, port, "127.0.0.1", PG18_BIN
+        assert copy.sql(CONTENT, db="shop") == chain18.sql(CONTENT)
+        assert not middle.exists()  # fetched into a scratch folder for the restore, not onto the shelf
+    finally:
+        for path in aside.iterdir():
+            path.rename(middle.parent / path.name)
+        del world.targets[0]["destinations"]
+        world.write_config()
         subprocess.run(["runuser", "-u", "postgres", "--", str(PG18_BIN / "pg_ctl"), "-D", str(data), "-m",
                         "immediate", "-w", "stop"], capture_output=True)
         shutil.rmtree(data.parent, ignore_errors=True)
