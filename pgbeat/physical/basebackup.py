@@ -126,7 +126,9 @@ def wal_range(stderr: list[str]) -> tuple[str, int, str]:
 
 def base_backup_step(ctx: StepContext, run: Run) -> Run:
     """Take a physical base backup of the run's target's cluster into its work folder, compressed as it
-    streams; return the record with `steps.dump` filled in (its `physical` part: the WAL range).
+    streams; return the record with `steps.dump` filled in (its `physical` part: the WAL range). With the
+    tier's `full_every_days`, it is incremental when `plan_chain` says so (`steps.dump.chain`), and full,
+    with `incremental_note` saying why, if pg_basebackup refuses the incremental.
 
     Raise DumpError (TransientDumpError for a server that is down) if pg_basebackup fails, CancelledError
     if the run was cancelled; in every case no partial output is left behind.
