@@ -186,6 +186,15 @@ def test_restore_pitr_of_the_last_incremental_equals_the_source(chain18):
         shutil.rmtree(data.parent, ignore_errors=True)
 
 
+def test_a_pitr_drill_of_the_last_incremental_combines_its_chain_and_passes(chain18):
+    drilled = chain18.world.pgbeat("drill", "--pitr", "--target", "incr", "--server-pgbeat",
+                                   str(chain18.pgbeat_script), "--timeout", "120")
+    assert drilled.returncode == 0, drilled.stdout + drilled.stderr
+    [drill] = manifest_of(chain18.backups[-1])["drills"]
+    assert drill["status"] == "passed", drill
+    assert any("combined by pg_combinebackup" in check for check in drill["checks"]), drill["checks"]
+
+
 def test_a_chain_member_the_shelf_lacks_is_fetched_from_a_destination(chain18, moto_s3):
     """The middle incremental only at an S3 destination (`pgbeat upload --retry` copied the chain there,
     then it was removed from the shelf): restore --pitr fetches it, checks it, and combines the chain."""
