@@ -50,6 +50,9 @@ END_RE = re.compile(r"write-ahead log end point: (?P<lsn>[0-9A-F]+/[0-9A-F]+)")
 LABEL_START_RE = re.compile(r"^START WAL LOCATION: (?P<lsn>\S+) \(file (?P<file>[0-9A-F]{24})\)$", re.M)
 LABEL_TIMELINE_RE = re.compile(r"^START TIMELINE: (?P<tli>\d+)$", re.M)
 LABEL_TIME_RE = re.compile(r"^START TIME: (?P<time>.+)$", re.M)
+# What pg_basebackup and the server say when they refuse an incremental backup (WAL summaries missing or not
+# yet written, a manifest of another cluster or timeline): then a full base backup is taken instead.
+INCREMENTAL_REFUSED = ("incremental", "summar", "manifest", "system identifier", "timeline")
 
 
 def base_backup_argv(pg_basebackup: str, target: Target, label: str, incremental: Path | None = None) -> list[str]:
@@ -144,8 +147,10 @@ def base_backup_step(ctx: StepContext, run: Run) -> Run:
     try:
         return take_base_backup(ctx, run, source, target, work, output, chain, parent_manifest, chain_note)
     except DumpError as exc:
-        if parent_manifest is None or ctx.cancel.is_set() or exc.transient:
-            raise
+        said = " ".join([exc.message, *exc.details]).lower()
+        if parent_manifest is None or ctx.cancel.is_set() or exc.transient or \
+                not any(marker in said for marker in INCREMENTAL_REFUSED):
+            raise  # a failure of its own (a password, the disk): a full one would fail the same way
         # An incremental the server refuses (its WAL summaries gone since, another cluster): a full one,
         # which restores alone, rather than no base backup at all.
         note = f"pg_basebackup --incremental failed ({exc.reason or exc.message}): this base backup is full"
