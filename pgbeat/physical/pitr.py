@@ -126,19 +126,20 @@ def remote_members(settings: Settings, target: str) -> list:
     return found
 
 
-def chain_pool(settings: Settings, target: str, entries: list[Entry]) -> list:
-    """The backups a chain may be made of: the verified ones on the shelf, and, if a chain among them is
-    broken, the copies at the destinations of those the shelf lacks (`remote_members`)."""
+def resolve_chain(settings: Settings, target: str, entries: list[Entry], entry: Entry,
+                  pool: list | None = None) -> tuple[list, list | None]:
+    """Return the chain of `entry` (root first) from the verified base backups on the shelf (`entries`), or,
+    if a member is missing there, from those with the copies at the destinations of what the shelf lacks
+    (`pool`, listed here once if not given); and that pool. Raise PgbeatError if the chain is broken even so."""
     from pgbeat.physical.incremental import plain_name
 
     try:
-        for entry in entries:
-            chain_of(entries, entry)
-        return entries
+        return chain_of(entries, entry), pool
     except PgbeatError:
-        pass
-    have = {plain_name(e) for e in entries}
-    return [*entries, *(e for e in remote_members(settings, target) if plain_name(e) not in have)]
+        if pool is None:
+            have = {plain_name(e) for e in entries}
+            pool = [*entries, *(e for e in remote_members(settings, target) if plain_name(e) not in have)]
+        return chain_of(pool, entry), pool
 
 
 def fetch_members(settings: Settings, target: Target, chain: list, scratch: Path, identities: list | None,
@@ -175,11 +176,10 @@ def choose_base(settings: Settings, target: str, goal: RecoveryGoal) -> Entry:
     if not usable:
         raise UsageError(f"{goal.describe()} is before the restorable window of {target}: {window_text(entries)}",
                          hint="choose a later point, or a logical backup of that day")
-    pool = chain_pool(settings, target, entries)
-    broken = None
+    pool = broken = None
     for entry in reversed(usable):  # an incremental whose chain is broken cannot be restored: an older one can
         try:
-            chain_of(pool, entry)
+            _, pool = resolve_chain(settings, target, entries, entry, pool)
         except PgbeatError as exc:
             log.warning("%s", exc.message)
             broken = broken or exc
@@ -329,8 +329,7 @@ def restore_pitr(settings: Settings, target: Target, goal: RecoveryGoal, data_di
     on_step("choose", f"{entry.path.name} (consistent at {entry.manifest.physical.stop_time}, "
                       f"LSN {entry.manifest.physical.end_lsn})")
     t0 = time.monotonic()
-    entries = base_backups(settings, target.name)
-    chain = chain_of(chain_pool(settings, target.name, entries), entry)  # root first; [entry] for a full one
+    chain, _ = resolve_chain(settings, target.name, base_backups(settings, target.name), entry)  # [entry]: full
     if len(chain) > 1:
         root = os.path.basename(chain[0].path)
         on_step("chain", f"{len(chain) - 1} incremental(s) on {root}, combined by pg_combinebackup")
