@@ -132,6 +132,13 @@ def test_the_manifests_record_the_chain_full_then_two_incrementals(chain18):
     assert "base full" in listed.stdout and "base incr 1" in listed.stdout and "base incr 2" in listed.stdout
 
 
+def test_config_check_says_the_server_takes_incremental_base_backups(chain18):
+    checked = chain18.world.pgbeat("config", "check", COLUMNS="300")
+    said = " ".join(checked.stdout.split())
+    assert "incremental base backups" in said and "summarize_wal on: a full base backup every 7 day(s)" in said, \
+        checked.stdout + checked.stderr
+
+
 def test_the_incrementals_are_measurably_smaller_than_the_full(chain18):
     full, first, second = (p.stat().st_size for p in chain18.backups)
     print(f"full {full} bytes, incrementals {first} and {second}")

@@ -158,3 +158,56 @@ def test_rotation_keeps_the_parents_of_the_floor_and_of_a_pinned_incremental():
     result = plan_rotation([*older, *chain], POLICY, NOW, "erp", "base", pinned={older[1].path})
     assert names(result.pinned) == [older[1].path] and names(result.parents) == names([older[0], *chain[:-1]])
     assert names(result.remove) == [older[2].path]  # a pin keeps its parents, not its children
+
+
+# --- the parent's backup_manifest, and the setting --------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd", "none"])
+def test_the_parents_backup_manifest_is_taken_out_of_its_stored_tar_alone(tmp_path, codec):
+    import io
+    import tarfile
+
+    from pgbeat.physical.incremental import extract_backup_manifest
+    from pgbeat.steps.compress import compress_file
+
+    raw = tmp_path / "base.tar"
+    with tarfile.open(raw, "w") as tar:
+        for name, data in (("PG_VERSION", b"18\n"), ("base/1/1259", b"x" * 70000), ("backup_manifest", b'{"v": 2}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stored = tmp_path / f"base.tar{'' if codec == 'none' else '.c'}"
+    if codec != "none":
+        compress_file(raw, stored, codec, 3, 1)
+    got = extract_backup_manifest(stored, codec, tmp_path / "parent.backup_manifest")
+    assert got.read_bytes() == b'{"v": 2}' and got.stat().st_mode & 0o777 == 0o600
+    assert not (tmp_path / "PG_VERSION").exists() and not (tmp_path / "base").exists()  # nothing else unpacked
+
+
+def test_a_parent_without_a_backup_manifest_or_that_does_not_decompress_is_refused(tmp_path):
+    from pgbeat.errors import VerifyError
+    from pgbeat.physical.incremental import extract_backup_manifest
+
+    empty = tmp_path / "empty.tar"
+    import tarfile
+
+    with tarfile.open(empty, "w"):
+        pass
+    with pytest.raises(VerifyError, match="holds no backup_manifest"):
+        extract_backup_manifest(empty, "none", tmp_path / "m")
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"not gzip at all" * 100)
+    with pytest.raises(VerifyError, match="cannot be read"):
+        extract_backup_manifest(junk, "gzip", tmp_path / "m")
+
+
+def test_full_every_days_is_a_setting_of_the_base_tier_only():
+    from pydantic import ValidationError
+
+    from pgbeat.settings import Target
+
+    target = Target(name="erp", dbname="erp", tiers={"base": {"enabled": True, "full_every_days": 7}})
+    assert target.tiers["base"].full_every_days == 7 and target.tiers["daily"].full_every_days is None
+    with pytest.raises(ValidationError, match="incremental backups are base backups"):
+        Target(name="erp", dbname="erp", tiers={"daily": {"full_every_days": 7}})
