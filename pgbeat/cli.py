@@ -419,7 +419,8 @@ def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wa
 @click.option("--destination", type=DestinationName(),
               help="List what this destination holds (from its manifests) instead.")
 @click.option("--wide", is_flag=True, help="Also the format, SHA-256 and the full file name (at a destination: "
-                                           "the URL `pgbeat restore` takes), however narrow the terminal.")
+                                           "the URL `pgbeat restore` takes), and an incremental base backup's "
+                                           "parent, however narrow the terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per backup).")
 @click.option("--orphans", is_flag=True, help="Only the backups of targets no longer in the configuration.")
 def list_cmd(target_name: str | None, tier: str | None, destination: str | None, wide: bool, as_json: bool,
@@ -461,8 +462,9 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
         table = new_table(title=target, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
         for column in (f"taken at ({zone})", "tier", "size", "checks", f"drill ({zone})"):
             table.add_column(column, overflow="fold")
+        chained = wide and any(e.manifest.chain is not None and e.manifest.chain.incremental for e in own)
         if wide:
-            for column in ("format", "sha256", "url" if destination else "file"):
+            for column in ("format", "sha256", "url" if destination else "file", *(["parent"] if chained else [])):
                 table.add_column(column, overflow="fold")
         for e in own:
             m = e.manifest
@@ -470,6 +472,8 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
                    drill_summary(settings, m, zone=False)]
             if wide:
                 row += [f"{m.format}/{m.codec}{'+age' if m.encryption else ''}", m.sha256 or "", where[id(e)]]
+                if chained:  # the backup an incremental base backup restores only with
+                    row.append(m.chain.parent if m.chain is not None and m.chain.incremental else "")
             table.add_row(*(escape(cell) for cell in row))
         # --wide: as wide as the longest name needs, so a name or URL is whole on its line (copied whole
         # even where the terminal soft-wraps it), like `ls -l`.

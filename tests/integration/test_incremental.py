@@ -130,6 +130,9 @@ def test_the_manifests_record_the_chain_full_then_two_incrementals(chain18):
     listed = chain18.world.pgbeat("list", "--target", "incr", COLUMNS="200")
     assert listed.returncode == 0, listed.stderr
     assert "base full" in listed.stdout and "base incr 1" in listed.stdout and "base incr 2" in listed.stdout
+    wide = chain18.world.pgbeat("list", "--target", "incr", "--wide")
+    [last] = [line for line in wide.stdout.splitlines() if chain18.backups[2].name in line]
+    assert last.rstrip().endswith(chain18.backups[1].name), wide.stdout  # its parent, in the last column
 
 
 def test_config_check_says_the_server_takes_incremental_base_backups(chain18):
