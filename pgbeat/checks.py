@@ -99,6 +99,7 @@ def check_target(settings: Settings, target: Target) -> Iterator[Check]:
                                                     "or make it a member of pg_read_all_data)")
         else:
             yield Check(target.name, "dump rights", detail=f"{user} reads every table")
+        yield from incremental_check(target, conn)
     yield from rights_check(target, target.name, "restore rights", like=True)
     if target.drill.enabled:
         yield from rights_check(target.drill_server(), target.name, "drill rights", like=False)
@@ -122,6 +123,30 @@ def check_server(settings: Settings, server: Target) -> Iterator[Check]:
         yield Check(server.name, "databases: all", warning, warning=True)
     for dbname in found.databases.values():
         yield from check_target(settings, server.for_database(dbname))
+
+
+def incremental_check(target: Target, conn) -> Iterator[Check]:
+    """A base tier with `full_every_days`: whether the server takes incremental base backups (PostgreSQL 17
+    or later, summarize_wal on, a target without encryption); a warning saying why not, since the tier
+    then takes full ones (pgbeat.physical.incremental)."""
+    from pgbeat.physical.incremental import FIRST_MAJOR, ServerFacts, unsupported
+    from pgbeat.postgres.clients import server_major
+    from pgbeat.settings import PHYSICAL_TIERS
+
+    tiers = [t for t in PHYSICAL_TIERS if target.runs_tier(t) and target.tiers[t].full_every_days is not None]
+    if not tiers:
+        return
+    major = server_major(conn)
+    summarize = conn.execute("SHOW summarize_wal").fetchone()[0] == "on" if major >= FIRST_MAJOR else None
+    why = unsupported(ServerFacts(major=major, summarize_wal=summarize))
+    if why is None and target.encryption is not None:
+        why = "the target is encrypted: a backup worker cannot read its base backups, so every base backup is full"
+    every = target.tiers[tiers[0]].full_every_days
+    if why:
+        yield Check(target.name, "incremental base backups", why, warning=True)
+    else:
+        yield Check(target.name, "incremental base backups",
+                    detail=f"summarize_wal on: a full base backup every {every} day(s), incremental ones between")
 
 
 def rights_check(server: Target, subject: str, what: str, *, like: bool) -> Iterator[Check]:

@@ -461,7 +461,8 @@ def backup_through_broker(settings: Settings, names: list[str], tier: str, no_wa
 @click.option("--destination", type=DestinationName(),
               help="List what this destination holds (from its manifests) instead.")
 @click.option("--wide", is_flag=True, help="Also the format, SHA-256 and the full file name (at a destination: "
-                                           "the URL `pgbeat restore` takes), however narrow the terminal.")
+                                           "the URL `pgbeat restore` takes), and an incremental base backup's "
+                                           "parent, however narrow the terminal.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per backup).")
 @click.option("--orphans", is_flag=True, help="Only the backups of targets no longer in the configuration.")
 def list_cmd(target_name: str | None, tier: str | None, destination: str | None, wide: bool, as_json: bool,
@@ -507,15 +508,18 @@ def list_cmd(target_name: str | None, tier: str | None, destination: str | None,
                           box=box.SIMPLE_HEAD, pad_edge=False)
         for column in (f"taken at ({zone})", "tier", "size", "checks", f"drill ({zone})"):
             table.add_column(column, overflow="fold")
+        chained = wide and any(e.manifest.chain is not None and e.manifest.chain.incremental for e in own)
         if wide:
-            for column in ("format", "sha256", "url" if destination else "file"):
+            for column in ("format", "sha256", "url" if destination else "file", *(["parent"] if chained else [])):
                 table.add_column(column, overflow="fold")
         for e in own:
             m = e.manifest
-            row = [plain_time(settings, m.taken_at), m.tier, human_size(m.size), checks_summary(m, destination),
+            row = [plain_time(settings, m.taken_at), tier_cell(m), human_size(m.size), checks_summary(m, destination),
                    drill_summary(settings, m, zone=False)]
             if wide:
                 row += [f"{m.format}/{m.codec}{'+age' if m.encryption else ''}", m.sha256 or "", where[id(e)]]
+                if chained:  # the backup an incremental base backup restores only with
+                    row.append(m.chain.parent if m.chain is not None and m.chain.incremental else "")
             table.add_row(*(escape(cell) for cell in row))
         # --wide: as wide as the longest name needs, so a name or URL is whole on its line (copied whole
         # even where the terminal soft-wraps it), like `ls -l`.
@@ -541,6 +545,14 @@ def backup_location(settings: Settings, entry, destination: str | None) -> str:
     from pgbeat.storage.destinations import backup_url
 
     return backup_url(settings.target(entry.manifest.target).destination(destination), entry.path)
+
+
+def tier_cell(manifest: Manifest) -> str:
+    """The tier, and for a base backup of a chain whether it is full or incremental (and its depth)."""
+    chain = manifest.chain
+    if chain is None:
+        return manifest.tier
+    return f"{manifest.tier} incr {chain.depth}" if chain.incremental else f"{manifest.tier} full"
 
 
 def checks_summary(manifest: Manifest, destination: str | None) -> str:
@@ -673,6 +685,8 @@ def print_rotation(settings: Settings, r, verb: str) -> None:
     for entry in r.local.pinned:
         note = entry.manifest.pinned.note
         out.line(f"{name} {t}: kept {entry.path.name} (expired, but pinned{': ' + note if note else ''})")
+    for entry in r.local.parents:
+        out.line(f"{name} {t}: kept {entry.path.name} (expired, but a kept incremental base backup depends on it)")
     for line in future_warning(r.local):
         err.line(f"warning: {line}")
     for destination in r.order:

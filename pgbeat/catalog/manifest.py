@@ -50,7 +50,7 @@ UNSEALED = frozenset({"seal", "run_id", "level", "server_version", "pg_dump_vers
                       "duration_s", "steps", "node", "slot", "copies", "drills", "warnings", "pinned"})
 
 # Sealed fields added after version 2's seal: sealed only when set, so that older seals still hold.
-SEALED_WHEN_SET = ("physical", "globals")
+SEALED_WHEN_SET = ("physical", "globals", "chain")
 # The extension of a backup's globals file comes after this mark: `<stem>.globals.sql.gz[.age]`.
 GLOBALS_MARK = ".globals"
 
@@ -122,6 +122,7 @@ WARNING_KINDS = {
     "rotate": "what the rotate step reported (backups dated in the future, removals that failed)",
     "standby": "the standby it prefers could not be used: the backup was taken from the primary",
     "globals": "the server's globals were dumped without role passwords, or could not be dumped",
+    "incremental": "the base tier asks for incremental base backups, but this one had to be full",
     "other": "a warning of an older manifest, from before warnings had a kind",
 }
 # How a manifest of version 2 or older spelled the warnings that status tells apart (upgrade only).
@@ -159,6 +160,37 @@ class PhysicalInfo(BaseModel):
     start_time: datetime | None = Field(None, description="START TIME of backup_label (the server's clock)")
     stop_time: datetime | None = Field(None, description="when the backup was consistent (the server's clock)")
     client_version: str | None = Field(None, description="pg_basebackup's version")
+
+
+CHAIN_KINDS = ("full", "incremental")
+
+
+class ChainInfo(BaseModel):
+    """Where a base backup stands in a chain of incremental base backups (PostgreSQL 17 and later).
+
+    A full one (`kind` "full") restores alone and is the root of the incrementals taken after it; an
+    incremental one (`pg_basebackup --incremental`) holds only what changed since its `parent`, and restores
+    only with every backup from the chain's `root` down to it, combined by `pg_combinebackup`. The parent is
+    named by its file on the shelf and its stored SHA-256, so a restore takes exactly that parent, never
+    another backup of the same name.
+    """
+
+    kind: str = Field("full", description="full or incremental")
+    parent: str | None = Field(None, description="the file of the backup this one is incremental to")
+    parent_sha256: str | None = Field(None, description="the SHA-256 that parent's manifest records")
+    root: str | None = Field(None, description="the full base backup at the start of the chain")
+    depth: int = Field(0, ge=0, description="how many incrementals lead from the root to this one (0: full)")
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        if kind not in CHAIN_KINDS:
+            raise ValueError(f"unknown chain kind {kind!r}; one of {', '.join(CHAIN_KINDS)}")
+        return kind
+
+    @property
+    def incremental(self) -> bool:
+        return self.kind == "incremental"
 
 
 class GlobalsInfo(BaseModel):
@@ -316,6 +348,7 @@ class Manifest(BaseModel):
     encryption: EncryptionInfo | None = Field(None, description="age recipients and the plaintext's checksums")
     physical: PhysicalInfo | None = Field(None, description="a base backup (tier base): its WAL range")
     globals: GlobalsInfo | None = Field(None, description="the server's globals file beside a logical backup")
+    chain: ChainInfo | None = Field(None, description="a base backup: full, or incremental to which parent")
     seal: str | None = Field(None, description="SHA-256 of the sealed fields (all but UNSEALED)")
 
     @field_validator("pgbeat_manifest", mode="before")

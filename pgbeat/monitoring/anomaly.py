@@ -7,11 +7,12 @@
 - a database without tables (a wrong `dbname`, or a schema-only database): a backup of nothing;
 - the clock of the worker that made it far from the database server's (or the server's not read);
 - the standby the target prefers passed over: the backup read the primary;
-- the server's globals dumped without role passwords (the backup user is not a superuser), or not at all.
+- the server's globals dumped without role passwords (the backup user is not a superuser), or not at all;
+- a base tier asking for incremental backups that had to take a full one (pgbeat.physical.incremental).
 
 Each is a `BackupWarning` with a kind (catalog.manifest.WARNING_KINDS): status and metrics decide by
 the kind, the text is for people. "Previous" is by the one order of backups (`catalog.order_key`: the
-database server's clock).
+database server's clock), and of the same kind of base backup (full or incremental).
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ def standby_warnings(current: Entry) -> list[BackupWarning]:
     return [BackupWarning(kind="standby", text=note)] if note else []
 
 
+def incremental_warnings(current: Entry) -> list[BackupWarning]:
+    """Say when the base tier asks for incremental backups and this one had to be full for a reason the
+    schedule did not plan (an older server, summarize_wal off, a broken chain: pgbeat.physical.incremental)."""
+    note = current.manifest.steps.get("dump", {}).get("incremental_note")
+    return [BackupWarning(kind="incremental", text=note)] if note else []
+
+
 def globals_warnings(current: Entry) -> list[BackupWarning]:
     """Say when a logical backup's globals have no role passwords (a backup user that is not a superuser),
     or could not be dumped at all (pgbeat.postgres.globals)."""
@@ -107,6 +115,10 @@ def globals_warnings(current: Entry) -> list[BackupWarning]:
         return [] if m.globals.passwords else [BackupWarning(kind="globals", text=NO_PASSWORDS_WARNING)]
     note = m.steps.get("dump", {}).get("globals_note")
     return [BackupWarning(kind="globals", text=note)] if note else []
+
+
+def chain_kind(entry: Entry) -> str:
+    return entry.manifest.chain.kind if entry.manifest.chain is not None else "full"
 
 
 def human_duration(seconds: float) -> str:
@@ -118,7 +130,10 @@ def human_duration(seconds: float) -> str:
 
 def backup_warnings(settings: Settings, current: Entry) -> list[BackupWarning]:
     entries = list_backups(settings.backup_root, current.manifest.target, current.manifest.tier)
-    previous = [e for e in entries if order_key(e) < order_key(current)]
+    # An incremental base backup holds only what changed: it is compared with the incrementals, a full one
+    # with the full ones, never one kind with the other (an incremental is meant to be much smaller).
+    previous = [e for e in entries if order_key(e) < order_key(current) and chain_kind(e) == chain_kind(current)]
     return (empty_warnings(current) + comparison_warnings(current, previous, settings.monitoring)
             + clock_warnings(current) + standby_warnings(current) + globals_warnings(current)
+            + incremental_warnings(current)
             + disk_warnings(settings.backup_root, settings.monitoring))

@@ -29,7 +29,7 @@ import zstandard
 from isal import isal_zlib
 
 from pgbeat import faults
-from pgbeat.catalog.manifest import PhysicalInfo
+from pgbeat.catalog.manifest import ChainInfo, PhysicalInfo
 from pgbeat.errors import CancelledError, DumpError, PgbeatError, VerifyError
 from pgbeat.fsutil import CHUNK, disk_error, open_private, private_dir, remove_path, tree_size
 from pgbeat.pipeline.record import DumpResult, Run, StepContext, scratch_folder
@@ -50,12 +50,58 @@ END_RE = re.compile(r"write-ahead log end point: (?P<lsn>[0-9A-F]+/[0-9A-F]+)")
 LABEL_START_RE = re.compile(r"^START WAL LOCATION: (?P<lsn>\S+) \(file (?P<file>[0-9A-F]{24})\)$", re.M)
 LABEL_TIMELINE_RE = re.compile(r"^START TIMELINE: (?P<tli>\d+)$", re.M)
 LABEL_TIME_RE = re.compile(r"^START TIME: (?P<time>.+)$", re.M)
+# What pg_basebackup and the server say when they refuse an incremental backup (WAL summaries missing or not
+# yet written, a manifest of another cluster or timeline): then a full base backup is taken instead.
+INCREMENTAL_REFUSED = ("incremental", "summar", "manifest", "system identifier", "timeline")
 
 
-def base_backup_argv(pg_basebackup: str, target: Target, label: str) -> list[str]:
+def base_backup_argv(pg_basebackup: str, target: Target, label: str, incremental: Path | None = None) -> list[str]:
+    """pg_basebackup's command line; with `incremental`, the parent's backup_manifest, an incremental one."""
+    extra = [f"--incremental={incremental}"] if incremental is not None else []
     return [pg_basebackup, "--dbname", target.conninfo(), "--no-password",
             "--pgdata", "-", "--format", "tar", "--wal-method", "fetch", "--checkpoint", "fast",
-            "--manifest-checksums", "SHA256", "--label", label, "--verbose"]
+            "--manifest-checksums", "SHA256", "--label", label, "--verbose", *extra]
+
+
+def plan_chain(ctx: StepContext, run: Run, target: Target) -> tuple[ChainInfo | None, Path | None, str | None]:
+    """Decide whether this base backup is full or incremental (pgbeat.physical.incremental): return what its
+    manifest records of the chain (None: the tier takes full backups only), the parent's backup_manifest
+    taken out into the work folder (None: full), and why a tier asking for incrementals takes a full one."""
+    from pgbeat.physical.incremental import (
+        choose_parent,
+        extract_backup_manifest,
+        server_facts,
+        system_identifier_problem,
+    )
+    from pgbeat.physical.pitr import base_backups
+
+    policy = ctx.target(run).tiers.get(run.tier)
+    if policy is None or policy.full_every_days is None:
+        return None, None, None
+    try:
+        facts = server_facts(target)
+    except PgbeatError:
+        facts = None  # pg_basebackup says what is wrong with the server
+    try:
+        now = ask_server_time(target)
+    except PgbeatError:
+        now = ctx.now()
+    entries = [e for e in base_backups(ctx.settings, run.target) if e.manifest.tier == run.tier]
+    choice = choose_parent(entries, policy.full_every_days, now, facts, encrypted=target.encryption is not None)
+    log.info("%s: base backup %s: %s", run.target, run.name, choice.reason)
+    if choice.parent is None:
+        return choice.chain, None, choice.note
+    parent = choice.parent
+    try:
+        manifest_file = extract_backup_manifest(parent.path, parent.manifest.codec,
+                                                run.work() / "parent.backup_manifest")
+    except VerifyError as exc:
+        return ChainInfo(kind="full"), None, f"{exc.message}: this base backup is full"
+    if problem := system_identifier_problem(manifest_file, facts):
+        remove_path(manifest_file)
+        return ChainInfo(kind="full"), None, f"{parent.path.name} is not of this server ({problem}): this base " \
+                                             "backup is full"
+    return choice.chain, manifest_file, None
 
 
 def _stream_raw(pipe, out) -> str:
@@ -83,7 +129,9 @@ def wal_range(stderr: list[str]) -> tuple[str, int, str]:
 
 def base_backup_step(ctx: StepContext, run: Run) -> Run:
     """Take a physical base backup of the run's target's cluster into its work folder, compressed as it
-    streams; return the record with `steps.dump` filled in (its `physical` part: the WAL range).
+    streams; return the record with `steps.dump` filled in (its `physical` part: the WAL range). With the
+    tier's `full_every_days`, it is incremental when `plan_chain` says so (`steps.dump.chain`), and full,
+    with `incremental_note` saying why, if pg_basebackup refuses the incremental.
 
     Raise DumpError (TransientDumpError for a server that is down) if pg_basebackup fails, CancelledError
     if the run was cancelled; in every case no partial output is left behind.
@@ -95,6 +143,28 @@ def base_backup_step(ctx: StepContext, run: Run) -> Run:
     work = private_dir(run.work())
     output = run.work(run.name)
     remove_path(output)  # a previous, interrupted attempt of this run
+    chain, parent_manifest, chain_note = plan_chain(ctx, run, target)
+    try:
+        return take_base_backup(ctx, run, source, target, work, output, chain, parent_manifest, chain_note)
+    except DumpError as exc:
+        said = " ".join([exc.message, *exc.details]).lower()
+        if parent_manifest is None or ctx.cancel.is_set() or exc.transient or \
+                not any(marker in said for marker in INCREMENTAL_REFUSED):
+            raise  # a failure of its own (a password, the disk): a full one would fail the same way
+        # An incremental the server refuses (its WAL summaries gone since, another cluster): a full one,
+        # which restores alone, rather than no base backup at all.
+        note = f"pg_basebackup --incremental failed ({exc.reason or exc.message}): this base backup is full"
+        log.warning("%s: %s", run.target, note)
+        return take_base_backup(ctx, run, source, target, work, output, ChainInfo(kind="full"), None, note)
+    finally:
+        if parent_manifest is not None:
+            remove_path(parent_manifest)
+
+
+def take_base_backup(ctx: StepContext, run: Run, source, target: Target, work: Path, output: Path,
+                     chain: ChainInfo | None, parent_manifest: Path | None, chain_note: str | None) -> Run:
+    """Run pg_basebackup into `output` (incremental to `parent_manifest` if given); see base_backup_step."""
+    remove_path(output)
     env = client_env(target, work)
     started, t0 = ctx.now(), time.monotonic()
     proc = writer = reading = client = None
@@ -102,7 +172,7 @@ def base_backup_step(ctx: StepContext, run: Run) -> Run:
     try:
         # pg_basebackup, like pg_dump, must be of the server's major or newer.
         client = client_for_target(ctx.settings, target, "pg_basebackup")
-        argv = base_backup_argv(client.program("pg_basebackup"), target, f"pgbeat {run.name}")
+        argv = base_backup_argv(client.program("pg_basebackup"), target, f"pgbeat {run.name}", parent_manifest)
         proc = Supervised(argv, env=env, cancel=ctx.cancel, name="pg_basebackup", stdout=subprocess.PIPE)
         reading = PendingReading(target, env, ctx.now, argv[0])
         faults.fault_point(BASE_RUNNING)
@@ -145,7 +215,8 @@ def base_backup_step(ctx: StepContext, run: Run) -> Run:
                                             stop_time=stop_time,
                                             client_version=client.client.version),
                       client_dir=str(client.client.bin_dir), client_note=client.note,
-                      source=target.describe(), source_note=source.note)
+                      source=target.describe(), source_note=source.note, chain=chain,
+                      incremental_note=chain_note)
     if writer is not None:
         write_block_index(output, writer.sizes)
         info.blocks = len(writer.sizes)
@@ -153,8 +224,9 @@ def base_backup_step(ctx: StepContext, run: Run) -> Run:
         info.clock, info.server_time, info.clock_skew_s = clock, clock.server_time, clock.skew_s
     else:
         info.clock_error = reading.error
-    log.info("base backup of %s done: %d bytes in %.1fs (WAL %s to %s on timeline %d)", target.name, info.size,
-             duration, start_lsn, end_lsn, timeline)
+    kind = f"incremental to {chain.parent}" if chain is not None and chain.incremental else "full"
+    log.info("base backup of %s done (%s): %d bytes in %.1fs (WAL %s to %s on timeline %d)", target.name, kind,
+             info.size, duration, start_lsn, end_lsn, timeline)
     run.steps.dump = info
     return run
 

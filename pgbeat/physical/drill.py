@@ -64,7 +64,9 @@ def run_pitr_drill(settings: Settings, target_name: str, *, pgbeat: str | None =
                             identities=identities_for(target, None), pgbeat=pgbeat, timeout=timeout,
                             on_step=on_step)
         result.restore_s = round(sum(pitr.steps.values()), 3)  # the recovery time objective, as measured
-        result.checks.append("integrity: checksums, pg_verifybackup of the unpacked base backup")
+        chained = entry.manifest.chain is not None and entry.manifest.chain.incremental
+        result.checks.append("integrity: checksums, pg_verifybackup of the unpacked base backup"
+                             + (" (its chain combined by pg_combinebackup)" if chained else ""))
         result.checks.append(f"recovered to the end of the archive and promoted ({pitr.reached or 'no transaction'}"
                              " replayed last)")
         result.reached = pitr.reached

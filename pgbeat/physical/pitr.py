@@ -2,7 +2,8 @@
 archive to the moment asked for.
 
 `restore_pitr` picks the base backup that can reach the target (the newest one consistent before it),
-checks it against its manifest, unpacks it (decrypting first if it is encrypted), writes the recovery
+checks it against its manifest, unpacks it (decrypting first if it is encrypted; an incremental one with
+every backup of its chain, combined by pg_combinebackup: pgbeat.physical.incremental), writes the recovery
 settings (`restore_command` running `pgbeat wal-fetch`, `recovery_target_*`, `recovery.signal`, or
 `standby.signal` and `primary_conninfo` for a standby) and, with `start`, starts the server and waits
 until recovery reached the target and the server was promoted, reporting the last transaction replayed.
@@ -31,6 +32,7 @@ from pgbeat.catalog.manifest import Entry, list_backups
 from pgbeat.errors import PgbeatError, UsageError
 from pgbeat.fsutil import private_dir
 from pgbeat.physical.basebackup import unpack_base, verifybackup
+from pgbeat.physical.incremental import chain_of, combine
 from pgbeat.postgres.clients import major_of, server_programs
 from pgbeat.settings import Settings, Target
 
@@ -104,6 +106,60 @@ def window_text(entries: list[Entry]) -> str:
             f"backup, {entries[0].path.name}, LSN {first.end_lsn})")
 
 
+def remote_members(settings: Settings, target: str) -> list:
+    """The base backups of `target` at its destinations (their copies checked where they landed), for the
+    members of a chain that the shelf lacks; a destination that cannot be read is passed over, said in the log."""
+    from pgbeat.settings import PHYSICAL_TIERS
+    from pgbeat.storage.destinations import open_storage, remote_entries
+
+    if target not in settings.targets:
+        return []
+    found = []
+    for spec in settings.targets[target].destinations:
+        try:
+            with open_storage(spec) as storage:
+                for tier in PHYSICAL_TIERS:
+                    found += [e for e in remote_entries(settings, storage, spec.name, target, tier)
+                              if e.exists and e.verified]
+        except PgbeatError as exc:
+            log.warning("the base backups of %s at %s cannot be listed: %s", target, spec.name, exc.message)
+    return found
+
+
+def resolve_chain(settings: Settings, target: str, entries: list[Entry], entry: Entry,
+                  pool: list | None = None) -> tuple[list, list | None]:
+    """Return the chain of `entry` (root first) from the verified base backups on the shelf (`entries`), or,
+    if a member is missing there, from those with the copies at the destinations of what the shelf lacks
+    (`pool`, listed here once if not given); and that pool. Raise PgbeatError if the chain is broken even so."""
+    from pgbeat.physical.incremental import plain_name
+
+    try:
+        return chain_of(entries, entry), pool
+    except PgbeatError:
+        if pool is None:
+            have = {plain_name(e) for e in entries}
+            pool = [*entries, *(e for e in remote_members(settings, target) if plain_name(e) not in have)]
+        return chain_of(pool, entry), pool
+
+
+def fetch_members(settings: Settings, target: Target, chain: list, scratch: Path, identities: list | None,
+                  on_step: Callable[[str, str], None]) -> list[Entry]:
+    """Given a chain whose members may be copies at destinations, download and verify those into `scratch`;
+    return the chain as local Entries."""
+    from pgbeat.actions import fetch_into
+    from pgbeat.storage.destinations import backup_url
+
+    local = []
+    for i, member in enumerate(chain):
+        if isinstance(member, Entry):
+            local.append(member)
+            continue
+        url = backup_url(target.destination(member.destination), member.path)
+        on_step("fetch", f"{os.path.basename(member.path)} from {member.destination} (not on the shelf)")
+        local.append(fetch_into(settings, url, scratch / f"fetched{i}", identities))
+    return local
+
+
 def choose_base(settings: Settings, target: str, goal: RecoveryGoal) -> Entry:
     """Return the base backup recovery to `goal` starts from: the newest one consistent before it.
     Raise PgbeatError if there is none, naming the restorable window."""
@@ -120,7 +176,16 @@ def choose_base(settings: Settings, target: str, goal: RecoveryGoal) -> Entry:
     if not usable:
         raise UsageError(f"{goal.describe()} is before the restorable window of {target}: {window_text(entries)}",
                          hint="choose a later point, or a logical backup of that day")
-    return usable[-1]
+    pool = broken = None
+    for entry in reversed(usable):  # an incremental whose chain is broken cannot be restored: an older one can
+        try:
+            _, pool = resolve_chain(settings, target, entries, entry, pool)
+        except PgbeatError as exc:
+            log.warning("%s", exc.message)
+            broken = broken or exc
+            continue
+        return entry
+    raise broken
 
 
 def server_command(pgbeat: str, settings: Settings, target: str) -> str:
@@ -264,16 +329,30 @@ def restore_pitr(settings: Settings, target: Target, goal: RecoveryGoal, data_di
     on_step("choose", f"{entry.path.name} (consistent at {entry.manifest.physical.stop_time}, "
                       f"LSN {entry.manifest.physical.end_lsn})")
     t0 = time.monotonic()
+    chain, _ = resolve_chain(settings, target.name, base_backups(settings, target.name), entry)  # [entry]: full
+    if len(chain) > 1:
+        root = os.path.basename(chain[0].path)
+        on_step("chain", f"{len(chain) - 1} incremental(s) on {root}, combined by pg_combinebackup")
     with scratch_folder(settings, "fetch") as scratch:
-        verify_backup(entry.path, settings, identities, checksums_only=True)
-        plain = plaintext_of(settings, entry, identities, scratch)
+        chain = fetch_members(settings, target, chain, scratch, identities, on_step)
+        plains = []
+        for i, member in enumerate(chain):
+            verify_backup(member.path, settings, identities, checksums_only=True)
+            plains.append(plaintext_of(settings, member, identities, scratch / f"plain{i}"))
         result.steps["check"] = round(time.monotonic() - t0, 3)
         on_step("check", "done")
         t1 = time.monotonic()
-        unpack_base(plain.path, plain.manifest.codec, data)
+        if len(chain) == 1:
+            unpack_base(plains[0].path, plains[0].manifest.codec, data)
+        else:
+            unpacked = []
+            for i, plain in enumerate(plains):
+                unpacked.append(scratch / f"member{i}")
+                unpack_base(plain.path, plain.manifest.codec, unpacked[-1])
+            combine(settings, unpacked, major_of(entry.manifest.server_version or "0"), data)
     verifybackup(settings, data)  # what is in the data directory now is what the backup manifest lists
     result.steps["unpack"] = round(time.monotonic() - t1, 3)
-    on_step("unpack", "done")
+    on_step("unpack", "done" if len(chain) == 1 else f"{len(chain)} base backups combined, pg_verifybackup passed")
     command = server_command(pgbeat or str(Path(sys.executable).with_name("pgbeat")), settings, target.name)
     write_recovery(data, recovery_settings(goal, command, standby=standby, primary_conninfo=primary_conninfo,
                                            port=port, archive=archive), standby)

@@ -29,7 +29,15 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from pgbeat import faults
-from pgbeat.catalog.manifest import STAMP_FORMAT, GlobalsInfo, PhysicalInfo, backup_name, extension, parse_name
+from pgbeat.catalog.manifest import (
+    STAMP_FORMAT,
+    ChainInfo,
+    GlobalsInfo,
+    PhysicalInfo,
+    backup_name,
+    extension,
+    parse_name,
+)
 from pgbeat.postgres.clock import ServerReading
 from pgbeat.postgres.process import CancelEvent
 from pgbeat.settings import PHYSICAL_TIERS, Settings, Target
@@ -96,6 +104,9 @@ class DumpResult(ArtifactResult):
     blocks: int | None = None
     blocks_checked: bool = False
     physical: PhysicalInfo | None = Field(None, description="a base backup: its WAL range (pg_basebackup)")
+    chain: ChainInfo | None = Field(None, description="a base backup of a tier with incrementals: full, or "
+                                                      "incremental to which parent")
+    incremental_note: str | None = Field(None, description="why a tier asking for incrementals took a full one")
     # The server's globals (pgbeat.postgres.globals), in the work folder beside the dump, or why not.
     globals: GlobalsInfo | None = None
     globals_note: str | None = None

@@ -62,6 +62,15 @@ class TierPolicy(Strict):
     schedule: str = Field(description="cron expression in the configured time zone")
     keep_days: int = Field(ge=0, le=MAX_KEEP_DAYS, description="remove backups older than this many days")
     min_keep: int = Field(1, ge=1, le=MAX_KEEP_COUNT, description="never remove the newest N verified backups")
+    full_every_days: int | None = Field(None, ge=1, le=MAX_KEEP_DAYS,
+                                        description="base tier, PostgreSQL 17 and later with summarize_wal = on: "
+                                                    "take a full base backup when the newest full one is older "
+                                                    "than this many days (or there is none, or the chain is "
+                                                    "broken, or the timeline changed), else an incremental one "
+                                                    "(pg_basebackup --incremental) against the newest verified "
+                                                    "base backup; restore combines the chain (pg_combinebackup). "
+                                                    "Unset: every base backup is full",
+                                        examples=[7])
 
     _cron = field_validator("schedule")(lambda v: validate_cron(v))
 
@@ -464,6 +473,10 @@ class Target(TargetOptions):
         for where, tier in named:
             if tier not in self.tiers:
                 raise ValueError(f"{where}: {tier!r} is not one of this target's tiers ({', '.join(self.tiers)})")
+        for tier, policy in self.tiers.items():
+            if policy.full_every_days is not None and tier not in PHYSICAL_TIERS:
+                raise ValueError(f"tiers.{tier}.full_every_days: incremental backups are base backups; {tier!r} "
+                                 "holds logical dumps (set it on tiers.base)")
         return self
 
     def enabled_tiers(self) -> list[str]:

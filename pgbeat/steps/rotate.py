@@ -13,6 +13,10 @@ Rules (retention that deletes the last good backups is what users of backup tool
 - a clock moved backwards makes backups look younger, never older: nothing extra is removed;
 - a pinned backup (`pgbeat pin`, recorded in its local manifest) is kept, locally and at every destination,
   however old, until unpinned;
+- a base backup that a kept incremental one depends on (its parent, the parent's parent, up to the chain's
+  full root: `Manifest.chain`) is kept however old (`RotationPlan.parents`), so a chain is only ever
+  removed whole or from its tip; members are removed newest first, so an interrupted rotation leaves a
+  chain that still restores, and WAL retention counts the kept parents (the oldest kept base backup);
 - the backups of a target no longer in the configuration are rotated by `defaults` (its tiers and
   `safety_backups`) at `pgbeat rotate`, on the local shelf only (its destinations' keys went with it), at
   the clock of a configured target's server.
@@ -66,16 +70,22 @@ class RotationPlan:
     orphans: list[Entry] = field(default_factory=list, metadata={"doc": "sidecars whose data file is gone"})
     future: list[Entry] = field(default_factory=list, metadata={"doc": "dated after now: kept, flagged"})
     pinned: list[Entry] = field(default_factory=list, metadata={"doc": "expired but pinned (`pgbeat pin`)"})
+    parents: list[Entry] = field(default_factory=list, metadata={"doc": "expired, but a kept incremental base "
+                                                                        "backup depends on it"})
     wal: WalRemoval | None = None  # a physical tier: the archived WAL no base backup kept here needs
 
     @property
     def retained(self) -> list[Entry]:
         """Every backup this plan leaves in place."""
-        return [*self.keep, *self.protected, *self.future, *self.pinned]
+        return [*self.keep, *self.protected, *self.future, *self.pinned, *self.parents]
 
     @property
     def kept(self) -> int:
-        return len(self.keep) + len(self.protected) + len(self.future) + len(self.pinned)
+        return len(self.keep) + len(self.protected) + len(self.future) + len(self.pinned) + len(self.parents)
+
+    def removal_order(self) -> list:
+        """The backups to remove, newest first: a chain of incrementals loses its tip before its parents."""
+        return sorted(self.remove, key=order_key, reverse=True)
 
 
 def settled_and_future(entries: list, now: datetime) -> tuple[list, list]:
@@ -88,6 +98,29 @@ def settled_and_future(entries: list, now: datetime) -> tuple[list, list]:
 def pinned_names(entries: list[Entry]) -> set[str]:
     """The file names of the pinned backups among local `entries` (a destination's copies are kept by these)."""
     return {e.path.name for e in entries if e.manifest.pinned is not None}
+
+
+def chain_name(entry) -> str:
+    """The name a chain of incremental base backups knows a backup by (the plaintext's, for an encrypted copy)."""
+    encryption = entry.manifest.encryption
+    return encryption.plaintext.file if encryption is not None else Path(entry.path).name
+
+
+def chain_parents(entries: list, kept: list) -> set[str]:
+    """The names of the backups among `entries` that the `kept` incremental base backups depend on, however
+    far up their chains (`Manifest.chain`)."""
+    tips = [e for e in kept if getattr(e.manifest, "chain", None) is not None and e.manifest.chain.incremental]
+    if not tips:  # a logical tier, or full base backups only
+        return set()
+    by_name = {chain_name(e): e for e in entries}
+    needed: set[str] = set()
+    for entry in tips:
+        chain = entry.manifest.chain
+        while chain is not None and chain.incremental and chain.parent and chain.parent not in needed:
+            needed.add(chain.parent)
+            parent = by_name.get(chain.parent)
+            chain = parent.manifest.chain if parent is not None else None
+    return needed
 
 
 def plan_rotation(entries: list, policy: TierPolicy, now: datetime, target: str, tier: str,
@@ -109,6 +142,10 @@ def plan_rotation(entries: list, policy: TierPolicy, now: datetime, target: str,
             plan.protected.append(entry)
         else:
             plan.remove.append(entry)
+    needed = chain_parents(entries, plan.retained)
+    if needed:
+        plan.parents = [e for e in plan.remove if chain_name(e) in needed]
+        plan.remove = [e for e in plan.remove if chain_name(e) not in needed]
     plan.orphans = [e for e in entries if not e.exists and e.manifest.taken_at < cutoff]
     return plan
 
@@ -151,7 +188,7 @@ def rotate_target(settings: Settings, target: str, tier: str, now: datetime, dry
         return RotationPlan(target=target, tier=tier, keep=[e for e in entries if e.exists])
     plan = plan_rotation(entries, policy, now, target, tier, pinned_names(entries))
     if not dry_run:
-        for entry in [*plan.remove, *plan.orphans]:
+        for entry in [*plan.removal_order(), *plan.orphans]:
             remove_backup(entry)
             log.info("removed %s", entry.path)
     return plan
@@ -192,7 +229,7 @@ def rotate_destination(settings: Settings, target: str, tier: str, destination: 
         plan = plan_rotation(remote_entries(settings, storage, spec.name, target, tier),
                              retention(config, spec, tier), now, target, tier, pinned)
         if not dry_run:
-            for entry in [*plan.remove, *plan.orphans]:
+            for entry in [*plan.removal_order(), *plan.orphans]:
                 remove_remote(storage, entry)
                 log.info("removed %s from %s", entry.path, destination)
         if tier in PHYSICAL_TIERS:
@@ -270,7 +307,7 @@ def rotate_step(ctx: StepContext, run: Run) -> Run:
     removed.update({name: [Path(e.path).name for e in remote.remove] for name, remote in rotation.destinations.items()})
     run.steps.rotate = RotateResult(
         removed=removed["local"], removed_by_destination=removed, errors=rotation.warnings(), kept=plan.kept,
-        protected=[e.path.name for e in plan.protected], future=[e.path.name for e in plan.future],
+        protected=[e.path.name for e in [*plan.protected, *plan.parents]], future=[e.path.name for e in plan.future],
         server_now=now, duration_s=round(time.monotonic() - t0, 3),
     )
     return run

@@ -49,7 +49,7 @@ from pgbeat.steps.tablefiles import COPY_END, list_archive, read_data_file, read
 log = logging.getLogger(__name__)
 # What the manifest keeps of each step's result: when it ran, how long it took, what it made.
 MANIFEST_STEP_FIELDS = {"started_at", "duration_s", "size", "ratio", "passthrough", "client_dir", "client_note",
-                        "source", "source_note", "globals_note"}
+                        "source", "source_note", "globals_note", "incremental_note"}
 VERIFY_WROTE_MANIFEST = faults.declare("verify.wrote-manifest", "the manifest is in the work folder, not yet "
                                                                 "the .sha256")
 
@@ -321,7 +321,7 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
         duration_s=round((finished - run.started_at).total_seconds(), 3),
         steps={name: step_result.model_dump(mode="json", include=MANIFEST_STEP_FIELDS)
                for name, step_result in run.steps.items()},
-        node=run.node, slot=run.slot, physical=physical, globals=dump.globals,
+        node=run.node, slot=run.slot, physical=physical, globals=dump.globals, chain=dump.chain,
     )
     manifest.steps["verify"] = {"duration_s": round(time.monotonic() - t0, 3)}
     write_manifest(manifest_path(path), manifest)

@@ -69,6 +69,7 @@ def test_an_encrypted_manifest_with_copies_written_as_plain_json_keeps_its_seal(
     data.pop("seal", None)
     data.pop("physical")  # written before base backups existed: no such key
     data.pop("globals")  # nor globals files
+    data.pop("chain")  # nor chains of incremental base backups
     data["seal"] = old_seal(data)
     path = tmp_path / "m.json"
     path.write_text(json.dumps(data))
@@ -126,9 +127,10 @@ def test_a_base_backups_wal_range_is_sealed_and_older_seals_hold_without_it(tmp_
     plain = Manifest.model_validate(FIELDS)
     plain.seal = plain.computed_seal()
     data = plain.model_dump(mode="json")
-    assert data["physical"] is None and data["globals"] is None
+    assert data["physical"] is None and data["globals"] is None and data["chain"] is None
     data.pop("physical")
     data.pop("globals")
+    data.pop("chain")
     assert data["seal"] == old_seal({k: v for k, v in data.items() if k != "seal"})  # as before the field
     base = Manifest.model_validate({**FIELDS, "tier": "base", "format": "tar", "physical": PhysicalInfo(
         timeline=1, start_lsn="0/2000028", end_lsn="0/2000100", start_wal="000000010000000000000002")})
@@ -138,6 +140,22 @@ def test_a_base_backups_wal_range_is_sealed_and_older_seals_hold_without_it(tmp_
     assert read_manifest(path).seal_problem() is None
     edited = json.loads(path.read_text())
     edited["physical"]["start_lsn"] = "0/1000000"
+    path.write_text(json.dumps(edited))
+    assert "does not match its seal" in read_manifest(path).seal_problem()
+
+
+def test_a_base_backups_chain_is_sealed(tmp_path):
+    """Which parent an incremental base backup needs is sealed: a restore combines exactly that one."""
+    from pgbeat.catalog.manifest import ChainInfo
+
+    incremental = Manifest.model_validate({**FIELDS, "tier": "base", "format": "tar", "chain": ChainInfo(
+        kind="incremental", parent="erp_backup_base_20260101_010000.tar.gz", parent_sha256="3" * 64,
+        root="erp_backup_base_20260101_010000.tar.gz", depth=1)})
+    path = tmp_path / "m.json"
+    write_manifest(path, incremental)
+    assert read_manifest(path).seal_problem() is None and read_manifest(path).chain.incremental
+    edited = json.loads(path.read_text())
+    edited["chain"]["parent"] = "erp_backup_base_20251225_010000.tar.gz"
     path.write_text(json.dumps(edited))
     assert "does not match its seal" in read_manifest(path).seal_problem()
 
