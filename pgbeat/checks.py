@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pgbeat.errors import PgbeatError
 from pgbeat.runlog import human_size
-from pgbeat.settings import DestinationSpec, Settings, Target
+from pgbeat.settings import PHYSICAL_TIERS, DestinationSpec, Settings, Target
 
 PROBE_PREFIX = ".pgbeat-probe-"
 # Relations pg_dump reads (tables, partitioned tables, sequences, materialized views) that the user cannot.
@@ -84,6 +84,7 @@ def check_target(settings: Settings, target: Target) -> Iterator[Check]:
         try:
             choice = client_for_server(settings, target, conn)
         except PgbeatError as exc:
+            choice = None
             yield Check(target.name, "client programs", exc.message + (f" ({exc.hint})" if exc.hint else ""))
         else:
             used = f"pg_dump {choice.client.version} in {choice.client.bin_dir}"
@@ -100,6 +101,15 @@ def check_target(settings: Settings, target: Target) -> Iterator[Check]:
         else:
             yield Check(target.name, "dump rights", detail=f"{user} reads every table")
         yield from incremental_check(target, conn)
+        superuser, replication = conn.execute("SELECT rolsuper, rolsuper OR rolreplication FROM pg_roles "
+                                              "WHERE rolname = current_user").fetchone()
+    if any(tier not in PHYSICAL_TIERS for tier in target.enabled_tiers()):
+        yield globals_check(target, user, superuser)
+    needs = [what for what, needed in (("base backups", any(t in PHYSICAL_TIERS for t in target.enabled_tiers())),
+                                       ("the WAL receiver", target.wal.receiver)) if needed]
+    if needs:
+        yield replication_check(target, user, replication, " and ".join(needs),
+                                choice.program("psql") if choice is not None else None)
     yield from rights_check(target, target.name, "restore rights", like=True)
     if target.drill.enabled:
         yield from rights_check(target.drill_server(), target.name, "drill rights", like=False)
@@ -123,6 +133,45 @@ def check_server(settings: Settings, server: Target) -> Iterator[Check]:
         yield Check(server.name, "databases: all", warning, warning=True)
     for dbname in found.databases.values():
         yield from check_target(settings, server.for_database(dbname))
+
+
+def globals_check(target: Target, user: str, superuser: bool) -> Check:
+    """Whether the globals beside each logical backup will hold the roles' passwords (pgbeat.postgres.globals)."""
+    if superuser:
+        return Check(target.name, "globals", detail=f"{user} is a superuser: pg_dumpall --globals-only with the "
+                                                    "roles' password hashes")
+    return Check(target.name, "globals", f"{user} is not a superuser: the globals are dumped with "
+                                         "--no-role-passwords (roles restored from them have no password)",
+                 warning=True)
+
+
+def replication_check(target: Target, user: str, replication: bool, needs: str, psql: str | None) -> Check:
+    """Whether `target`'s user may open the replication connection `needs` (pg_basebackup, pg_receivewal):
+    the REPLICATION attribute, then a real replication connection (the server's pg_hba.conf must have a
+    `replication` line for it, which no SQL query can see)."""
+    import subprocess
+
+    from pgbeat.postgres.client import client_env
+    from pgbeat.postgres.process import last_error_line
+
+    if not replication:
+        return Check(target.name, "replication", f"{user} has neither REPLICATION nor SUPERUSER: {needs} will be "
+                                                 f"refused (ALTER ROLE {user} REPLICATION)")
+    if psql is None:
+        return Check(target.name, "replication", "no psql to try a replication connection with", warning=True)
+    with tempfile.TemporaryDirectory(prefix="pgbeat-check-") as folder:
+        try:
+            done = subprocess.run([psql, "--no-password", "-X", "-A", "-t", "-c", "IDENTIFY_SYSTEM", "-d",
+                                   f"{target.conninfo()} replication=true"], env=client_env(target, Path(folder)),
+                                  capture_output=True, text=True, timeout=max(30, target.connect_timeout * 2))
+        except subprocess.TimeoutExpired:
+            return Check(target.name, "replication", f"a replication connection for {needs} did not answer",
+                         unreachable=True)
+    if done.returncode != 0:
+        reason = last_error_line(done.stderr.splitlines()) or f"psql exited with {done.returncode}"
+        return Check(target.name, "replication", f"a replication connection for {needs} was refused: {reason} "
+                                                 "(pg_hba.conf needs a `host replication` line for this user)")
+    return Check(target.name, "replication", detail=f"{user} may open the replication connection of {needs}")
 
 
 def incremental_check(target: Target, conn) -> Iterator[Check]:
