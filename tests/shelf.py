@@ -11,10 +11,27 @@ import hashlib
 import json
 import os
 import subprocess
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pgbeat.catalog.manifest import Manifest
 from tests.support import PG_BIN, shlex_quote
+
+
+@dataclass
+class Shelved:
+    """A backup as the planners (plan_rotation, the incremental chain's) see one, a local Entry or a
+    RemoteEntry, without files."""
+
+    path: str
+    manifest: Manifest
+    exists: bool = True
+
+    @property
+    def verified(self) -> bool:
+        return self.manifest.status == "verified" and self.manifest.complete
+
 
 MANIFEST = ".manifest.json"
 SUMS = ".sha256"

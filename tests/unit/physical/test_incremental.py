@@ -3,7 +3,6 @@ is (full or incremental, and to which parent), what a restore combines, and what
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,23 +13,11 @@ from pgbeat.physical.incremental import ServerFacts, chain_of, choose_parent, un
 from pgbeat.settings import TierPolicy
 from pgbeat.steps.rotate import plan_rotation
 from pgbeat.wal.retention import oldest_start
+from tests.shelf import Shelved
 
 NOW = datetime(2026, 3, 15, 1, 0, 30, tzinfo=UTC)
 PG18 = ServerFacts(major=18, summarize_wal=True, timeline=1, system_identifier="7")
 POLICY = TierPolicy(enabled=True, schedule="0 1 * * *", keep_days=7, min_keep=1)
-
-
-@dataclass
-class Shelved:
-    """A base backup as the planners see one (a local Entry or a RemoteEntry), without files."""
-
-    path: str
-    manifest: Manifest
-    exists: bool = True
-
-    @property
-    def verified(self) -> bool:
-        return self.manifest.status == "verified" and self.manifest.complete
 
 
 def base(day: int, parent: Shelved | None = None, timeline: int = 1) -> Shelved:

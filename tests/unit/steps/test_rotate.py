@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from pgbeat.catalog.manifest import Manifest, backup_name, checksum_path, manifest_path, write_manifest
 from pgbeat.settings import TierPolicy, load_settings
 from pgbeat.steps.rotate import future_warning, plan_rotation, rotate_target
+from tests.shelf import Shelved
 
 NOW = datetime(2025, 11, 19, 2, 0, 30, tzinfo=UTC)
 
@@ -132,19 +132,6 @@ def test_orphan_sidecars_of_expired_backups_are_cleaned(settings):
 # --- skewed clocks (issue 11, promise 4): ages and the floor come from the database server's clock -----
 
 YEARS = timedelta(days=5 * 365)
-
-
-@dataclass
-class Shelved:
-    """A backup as plan_rotation sees one (a local Entry or a RemoteEntry), without files."""
-
-    path: str
-    manifest: Manifest
-    exists: bool = True
-
-    @property
-    def verified(self) -> bool:
-        return self.manifest.status == "verified" and self.manifest.complete
 
 
 def shelved(name: str, server: datetime | None, worker: datetime | None = None, status: str = "verified") -> Shelved:
