@@ -38,14 +38,18 @@ from pgbeat.restore.journal import (
 )
 from pgbeat.restore.restore import (
     check_rights,
+    check_roles,
     count_rows,
     first_line,
+    globals_summary,
     identities_for,
     latest_backup,
     load_archive,
     load_plain,
     loading_client,
+    missing_roles,
     plaintext_of,
+    restore_globals,
 )
 from pgbeat.settings import Settings
 from pgbeat.steps.verify import verify_backup
@@ -119,15 +123,24 @@ def run_drill(settings: Settings, target_name: str, entry: Entry | None = None,
             try:
                 entry = entry or latest_backup(settings, target.name, policy.tier)
                 result.backup = entry.path.name
-                verify_backup(entry.path, settings, with_globals=False)  # a drill restores onto a server with its roles
                 with connect(server, MAINTENANCE_DB) as admin:
                     check_rights(admin, None, None, "create a scratch database for the drill", result.server)
+                    # A drill server of its own may lack the roles that own the backup's objects: they are
+                    # created from its globals file first (with_globals), else the drill fails naming them.
+                    use_globals = policy.with_globals and bool(missing_roles(admin, entry.manifest))
+                    check_roles(admin, entry.manifest, use_globals, result.server)
+                verify_backup(entry.path, settings, with_globals=use_globals)
                 journal = Journal.begin(settings, run_id, kind="drill", target=target, server="drill",
                                         temporary=scratch, phase="verify", backup=str(entry.path), work=[str(work)])
                 private_dir(work)
                 plain = plaintext_of(settings, entry, identities_for(target, None), work)
                 result.checks.append("integrity: checksums, decompression and completeness"
                                      + (" (after decryption)" if plain is not entry else ""))
+                if use_globals:
+                    with connect(server, MAINTENANCE_DB) as admin:
+                        client = loading_client(settings, server, admin, plain.manifest)
+                    applied = restore_globals(client, server, entry, identities_for(target, None), work)
+                    result.checks.append(f"globals applied first: {globals_summary(applied)}")
                 journal.write("create")  # from here on the scratch database may exist
                 with connect(server, MAINTENANCE_DB) as admin:
                     client = loading_client(settings, server, admin, plain.manifest)

@@ -117,6 +117,10 @@ class DrillPolicy(Strict):
     assertions: list[str] = Field(default_factory=list, description="SQL returning one boolean, e.g. "
                                                                     "'SELECT count(*) > 0 FROM invoices'")
     statement_timeout: int = Field(300, ge=1, le=86_400, description="seconds per check query")
+    with_globals: bool = Field(True, description="when the drill server lacks roles the backup's objects need, "
+                                                 "create them first from the backup's globals file (roles it "
+                                                 "has are left as they are, nothing is dropped); off: such a "
+                                                 "drill fails naming the roles")
     pitr_schedule: str = Field("0 6 * * 0", description="cron expression of the PITR drill of a target with the "
                                                         "base tier: its newest base backup and the WAL archive "
                                                         "recovered in a scratch cluster, then checked; weekly, "

@@ -251,3 +251,29 @@ def test_restore_on_a_worker_with_globals_onto_a_fresh_server(workdir, source, s
         assert fresh.sql("SELECT has_table_privilege('app_reader', 'app.items', 'SELECT')", into) == "t"
     finally:
         fresh.destroy()
+
+
+def test_a_drill_on_a_fresh_drill_server_creates_the_roles_first(workdir, source, session_dir):
+    """A drill server of its own lacks the backup's roles: with drill.with_globals off the drill fails
+    naming them (nothing created); by default they are created from the globals file and the drill passes."""
+    drill_host = PgCluster(session_dir, unique("globals_drill"))
+    try:
+        db = owned_db(source)
+        drill = {"host": drill_host.host, "port": drill_host.port, "user": "postgres"}
+        strict = Service(workdir / "strict", None, [source.target("app", db, drill={**drill, "with_globals": False})])
+        assert strict.pgbeat("backup", "daily").returncode == 0
+        failed = strict.pgbeat("drill", "--target", "app")
+        assert failed.returncode != 0 and "app_owner" in failed.stdout + failed.stderr, failed.stdout + failed.stderr
+        assert "app_owner" not in roles_on(drill_host)
+
+        service = Service(workdir / "default", None, [source.target("app", db, drill=drill)])
+        assert service.pgbeat("backup", "daily").returncode == 0
+        drilled = service.pgbeat("drill", "--target", "app")
+        assert drilled.returncode == 0, drilled.stdout + drilled.stderr
+        [backup] = service.backups("daily")
+        [record] = manifest_of(backup)["drills"]
+        assert record["status"] == "passed", record
+        assert any("globals applied first: roles created: app_owner, app_reader" in c for c in record["checks"]), record
+        assert {"app_owner", "app_reader"} <= roles_on(drill_host)
+    finally:
+        drill_host.destroy()
