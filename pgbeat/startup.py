@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 
 from pgbeat.pipeline.record import sweep_work_folders
+from pgbeat.postgres.standby import resume_abandoned_pauses
 from pgbeat.restore.journal import recover_restores
 from pgbeat.settings import Settings
 
@@ -27,6 +28,7 @@ Recovery = Callable[[Settings], list[str]]
 RECOVERIES: list[Recovery] = [
     recover_restores,  # interrupted restores and drills (pgbeat.restore.journal), before the folders they name
     sweep_work_folders,  # work folders no live process holds (pgbeat.pipeline.record)
+    resume_abandoned_pauses,  # WAL replay a killed dump paused on a standby (pgbeat.postgres.standby)
 ]
 
 

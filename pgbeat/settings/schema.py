@@ -307,6 +307,12 @@ class StandbySpec(Strict):
     max_lag_bytes: int = Field(16 << 20, ge=0, le=MAX_BYTES, description="how far the standby's replay may be "
                                                                           "behind the primary's WAL; further "
                                                                           "behind, the primary is backed up")
+    pause_replay: bool = Field(False, description="pause the standby's WAL replay for the length of each dump "
+                                                  "(pg_wal_replay_pause, as pg_back does), so no recovery "
+                                                  "conflict can cancel it; resumed when the dump ends, or by the "
+                                                  "next pgbeat run on the host if the dump was killed. Needs a "
+                                                  "superuser or EXECUTE on pg_wal_replay_pause and "
+                                                  "pg_wal_replay_resume; the standby falls behind meanwhile")
 
     def connection(self) -> dict[str, Any]:
         """The connection fields that differ from the target's."""

@@ -33,7 +33,7 @@ from pgbeat.postgres.globals import NO_PASSWORDS_WARNING, dump_globals, is_super
 from pgbeat.postgres.lockwatch import DumpProgress, LockWatch
 from pgbeat.postgres.process import CancelEvent, Supervised, last_error_line
 from pgbeat.postgres.sqlscan import DumpScanner
-from pgbeat.postgres.standby import backup_source
+from pgbeat.postgres.standby import backup_source, replay_paused
 from pgbeat.runlog import human_size
 from pgbeat.settings import Settings, Target
 from pgbeat.steps.compress import BLOCK, BlockWriter, write_block_index
@@ -220,7 +220,9 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
     scanner = DumpScanner() if target.format == "plain" else None
     crc = 0
     proc = writer = reading = compressor = watch = progress = client = None
+    pause = contextlib.ExitStack()  # the standby's replay, paused while pg_dump and pg_dumpall read it
     try:
+        pause_note = pause.enter_context(replay_paused(ctx.settings.backup_root, ctx.target(run), source))
         client = client_for_target(ctx.settings, target)
         if client.note:
             log.info("%s: %s", target.name, client.note)
@@ -279,11 +281,15 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
             if thread is not None:
                 thread.stop()
         remove_path(work / ".pgpass")
+        pause.close()
+    if pause_note:
+        log.warning("%s: %s", run.target, pause_note)
     size = tree_size(output)
     info = DumpResult(path=str(output), size=size, started_at=started, duration_s=round(time.monotonic() - t0, 3),
                       pg_dump_version=client.client.version, client_dir=str(client.client.bin_dir),
                       client_note=client.note, warnings=proc.stderr_text()[-8:], source=target.describe(),
-                      source_note=source.note, globals=server_globals, globals_note=globals_note)
+                      source_note="; ".join(filter(None, [source.note, pause_note])) or None,
+                      globals=server_globals, globals_note=globals_note)
     if clock is not None:
         info.clock, info.server_time, info.clock_skew_s = clock, clock.server_time, clock.skew_s
         if abs(clock.skew_s) > SKEW_WARNING.total_seconds():

@@ -6,12 +6,24 @@ Against a real primary and a real standby built from it with pg_basebackup -R.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 
-from tests.support import PG_BIN, SECRET_PASSWORD, PgCluster, Service, free_port, make_tempdir, wait_for
+from tests.support import (
+    PG_BIN,
+    SECRET_PASSWORD,
+    VENV_BIN,
+    PgCluster,
+    Service,
+    free_port,
+    make_tempdir,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -152,3 +164,85 @@ def test_the_standbys_own_credentials_log_in_and_appear_nowhere(workdir, pair):
     logs = "".join(p.read_text() for p in (service.backup_root / "logs").glob("*") if p.is_file())
     for text in (manifest, logs, done.stdout + done.stderr):
         assert SECRET_PASSWORD not in text
+
+
+# --- pause_replay: the standby's replay paused for the length of the dump, never left paused -----------
+
+
+def replay_paused(standby: Standby) -> bool:
+    return standby.sql("SELECT pg_is_wal_replay_paused()") == "t"
+
+
+def pause_records(service: Service) -> list:
+    return sorted(p.name for p in (service.backup_root / ".work" / "replay").glob("*.paused"))
+
+
+def test_pause_replay_pauses_for_the_dump_and_a_killed_dump_is_resumed_by_the_next_run(workdir, pair):
+    """While pg_dump runs the standby replays nothing (a row written on the primary meanwhile is not on
+    it); killed there, the pause stays recorded, and the next pgbeat run on the host resumes replay.
+    Ended normally, replay runs again and nothing is recorded."""
+    primary, standby = pair
+    service = service_for(workdir, primary, standby, pause_replay=True)
+    marks = workdir / "marks"
+    marks.mkdir()
+    dump = subprocess.Popen([str(VENV_BIN / "pgbeat"), "backup", "daily", "--local"], cwd=service.cwd,
+                            env=service.env(PGBEAT_FAULTS="dump.running=pause", PGBEAT_FAULTS_DIR=str(marks)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: (marks / "dump.running.reached").exists(), 60, what="the dump to be running")
+        assert replay_paused(standby) and pause_records(service)
+        primary.sql("INSERT INTO invoices VALUES (1000, 'during the dump')", "erp")
+        primary.sql("SELECT pg_switch_wal()")
+        time.sleep(1)
+        assert standby.sql("SELECT count(*) FROM invoices WHERE id = 1000", "erp") == "0"
+        os.killpg(dump.pid, signal.SIGKILL)
+        dump.wait(30)
+        assert replay_paused(standby) and pause_records(service)  # the kill left it paused, and recorded
+
+        listed = service.pgbeat("list")  # any pgbeat run on this host settles it
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert "resumed WAL replay on the standby" in listed.stderr, listed.stderr
+        assert not replay_paused(standby) and not pause_records(service)
+        wait_for(lambda: standby.sql("SELECT count(*) FROM invoices WHERE id = 1000", "erp") == "1", 60,
+                 what="the standby to replay the row again")
+
+        done = service.pgbeat("backup", "daily")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "backed up from the primary" not in done.stdout + done.stderr and "paused" not in done.stdout
+        assert not replay_paused(standby) and not pause_records(service)
+        [backup] = service.backups()
+        assert manifest_of(backup)["steps"]["dump"]["source"].endswith(f":{standby.port}/erp")
+        assert manifest_of(backup)["tables"]["public.invoices"] == 301
+    finally:
+        if dump.poll() is None:
+            os.killpg(dump.pid, signal.SIGKILL)
+        standby.sql("SELECT pg_wal_replay_resume()")
+        primary.sql("DELETE FROM invoices WHERE id > 300", "erp")
+        wait_for(lambda: standby.sql("SELECT count(*) FROM invoices", "erp") == "300", 60, what="the catch-up")
+
+
+def test_pause_replay_leaves_a_dbas_pause_alone_and_says_when_it_may_not_pause(workdir, pair):
+    primary, standby = pair
+    service = service_for(workdir, primary, standby, pause_replay=True)
+    standby.sql("SELECT pg_wal_replay_pause()")
+    try:
+        done = service.pgbeat("backup", "daily")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "was already paused (not by pgbeat)" in done.stdout, done.stdout
+        assert replay_paused(standby)  # still the DBA's
+    finally:
+        standby.sql("SELECT pg_wal_replay_resume()")
+    primary.sql("CREATE ROLE weak_reader LOGIN PASSWORD 'weak-pw' IN ROLE pg_read_all_data")
+    try:
+        wait_for(lambda: standby.sql("SELECT count(*) FROM pg_roles WHERE rolname = 'weak_reader'") == "1", 60,
+                 what="the role on the standby")
+        weak = service_for(workdir / "weak", primary, standby, pause_replay=True, user="weak_reader",
+                           password="weak-pw")
+        done = weak.pgbeat("backup", "daily")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "could not be paused" in done.stdout and "dumped while it replays" in done.stdout, done.stdout
+        [backup] = weak.backups()
+        assert manifest_of(backup)["steps"]["dump"]["source"].endswith(f":{standby.port}/erp")
+        assert not replay_paused(standby) and not pause_records(weak)
+    finally:
+        primary.sql("DROP ROLE weak_reader")
