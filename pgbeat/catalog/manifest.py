@@ -50,7 +50,7 @@ UNSEALED = frozenset({"seal", "run_id", "level", "server_version", "pg_dump_vers
                       "duration_s", "steps", "node", "slot", "copies", "drills", "warnings", "pinned"})
 
 # Sealed fields added after version 2's seal: sealed only when set, so that older seals still hold.
-SEALED_WHEN_SET = ("physical", "globals", "chain")
+SEALED_WHEN_SET = ("physical", "globals", "chain", "properties")
 # The extension of a backup's globals file comes after this mark: `<stem>.globals.sql.gz[.age]`.
 GLOBALS_MARK = ".globals"
 
@@ -349,6 +349,10 @@ class Manifest(BaseModel):
     physical: PhysicalInfo | None = Field(None, description="a base backup (tier base): its WAL range")
     globals: GlobalsInfo | None = Field(None, description="the server's globals file beside a logical backup")
     chain: ChainInfo | None = Field(None, description="a base backup: full, or incremental to which parent")
+    properties: dict[str, Any] | None = Field(None, description="a logical backup: its database's own properties "
+                                                                "at the dump (owner, encoding, locale, settings, "
+                                                                "ACL, comment; pgbeat.postgres.database), given to "
+                                                                "a database a restore creates")
     seal: str | None = Field(None, description="SHA-256 of the sealed fields (all but UNSEALED)")
 
     @field_validator("pgbeat_manifest", mode="before")

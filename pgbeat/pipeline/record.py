@@ -110,6 +110,8 @@ class DumpResult(ArtifactResult):
     # The server's globals (pgbeat.postgres.globals), in the work folder beside the dump, or why not.
     globals: GlobalsInfo | None = None
     globals_note: str | None = None
+    # The database's own properties (pgbeat.postgres.database), for a restore that creates it.
+    properties: dict[str, Any] | None = None
 
 
 class CompressResult(ArtifactResult):

@@ -27,7 +27,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from pgbeat.pipeline.steps_table import Step, step
 from pgbeat.postgres import sqlscan
 from pgbeat.postgres.client import MAINTENANCE_DB, client_env, connect, ident
 from pgbeat.postgres.clients import ClientChoice, client_for_major, recorded_major, server_major
+from pgbeat.postgres.database import LOCALE_PROVIDERS, DatabaseProperties, database_properties
 from pgbeat.postgres.globals import GlobalsApplied
 from pgbeat.postgres.process import Supervised, last_error_line
 from pgbeat.restore.journal import (
@@ -306,92 +307,6 @@ def safety_backup(settings: Settings, target: Target, database: str, now: dateti
 # --- what a database is: its pg_database row and its settings -----------------------------------------
 
 
-LOCALE_PROVIDERS = {"c": "libc", "i": "icu", "b": "builtin"}
-
-
-@dataclass(frozen=True)
-class AclItem:
-    """One entry of a database's ACL, in the order PostgreSQL keeps them."""
-
-    grantor: str
-    grantee: str | None  # None: PUBLIC
-    privileges: tuple[tuple[str, bool], ...]  # (privilege, grantable)
-
-
-@dataclass(frozen=True)
-class DatabaseProperties:
-    """Everything that makes a database what it is besides its contents: its row in pg_database (minus
-    what no copy can share: oid, name, frozen transaction ids) and its rows in pg_db_role_setting.
-
-    Version-dependent columns are None where the server has no such column (PostgreSQL 13-18).
-    """
-
-    oid: int
-    owner: str
-    encoding: str
-    collate: str
-    ctype: str
-    locale_provider: str | None  # datlocprovider (15+): c, i, b
-    locale: str | None  # daticulocale (15-16), datlocale (17+)
-    icu_rules: str | None  # daticurules (16+)
-    collation_version: str | None  # datcollversion (15+)
-    tablespace: str
-    connection_limit: int
-    allow_connections: bool
-    is_template: bool
-    acl: tuple[AclItem, ...] | None  # None: the default ACL
-    comment: str | None
-    settings: tuple[tuple[str | None, tuple[str, ...]], ...]  # (role or None for all roles, name=value items)
-
-    # Set on the copy only in the swap transaction: a template or closed database could not be loaded or
-    # dropped, and a connection limit would throttle pg_restore -j.
-    AT_SWAP = ("connection_limit", "allow_connections", "is_template")
-    # The library that built the copy's indexes decides it (a fresh copy is built with today's library).
-    BUILT = ("collation_version",)
-
-    def differences(self, other: DatabaseProperties, skip: tuple[str, ...] = ()) -> list[str]:
-        """One line per property in which `other` differs from this database (except oid and `skip`)."""
-        return [f"{f.name}: {getattr(other, f.name)!r}, the original has {getattr(self, f.name)!r}"
-                for f in fields(self)
-                if f.name not in ("oid", *skip) and getattr(self, f.name) != getattr(other, f.name)]
-
-
-def _locale_columns(version: int) -> str:
-    if version >= 170000:
-        return "d.datlocprovider::text, d.datlocale, d.daticurules, d.datcollversion"
-    if version >= 160000:
-        return "d.datlocprovider::text, d.daticulocale, d.daticurules, d.datcollversion"
-    if version >= 150000:
-        return "d.datlocprovider::text, d.daticulocale, NULL::text, d.datcollversion"
-    return "NULL::text, NULL::text, NULL::text, NULL::text"
-
-
-def database_properties(conn: psycopg.Connection, name: str) -> DatabaseProperties | None:
-    """Given a connection to a server, return database `name`'s properties, or None if it does not exist."""
-    row = conn.execute(
-        "SELECT d.oid, pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding), d.datcollate, d.datctype, "
-        f"{_locale_columns(conn.info.server_version)}, t.spcname, d.datconnlimit, d.datallowconn, "
-        "d.datistemplate, d.datacl IS NULL, shobj_description(d.oid, 'pg_database') "
-        "FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace WHERE d.datname = %s", (name,)
-    ).fetchone()
-    if row is None:
-        return None
-    oid, *values, default_acl, comment = row
-    acl: dict[int, AclItem] = {}
-    for position, grantor, grantee, privilege, grantable in conn.execute(
-            "SELECT u.n, pg_get_userbyid(a.grantor), CASE WHEN a.grantee = 0 THEN NULL "
-            "ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable "
-            "FROM pg_database d, unnest(d.datacl) WITH ORDINALITY AS u(item, n), aclexplode(ARRAY[u.item]) AS a "
-            "WHERE d.oid = %s ORDER BY u.n", (oid,)):
-        item = acl.get(position) or AclItem(grantor, grantee, ())
-        acl[position] = AclItem(grantor, grantee, (*item.privileges, (privilege, grantable)))
-    settings = conn.execute(
-        "SELECT CASE WHEN s.setrole = 0 THEN NULL ELSE pg_get_userbyid(s.setrole) END, s.setconfig "
-        "FROM pg_db_role_setting s WHERE s.setdatabase = %s ORDER BY 1 NULLS FIRST", (oid,)).fetchall()
-    return DatabaseProperties(int(oid), *values, acl=None if default_acl else tuple(acl.values()), comment=comment,
-                              settings=tuple((role, tuple(config)) for role, config in settings))
-
-
 def split_guc_list(value: str) -> list[str]:
     """Split a stored GUC_LIST_QUOTE value (`"$user", public`) into its elements, as PostgreSQL's
     SplitGUCList does: separated by commas, double-quoted elements unquoted, bare ones kept as they are."""
@@ -456,6 +371,45 @@ def create_like(conn: psycopg.Connection, new: str, like: DatabaseProperties | N
         if like.tablespace != "pg_default":  # naming pg_default would need CREATE on it, which owners lack
             options.append(sql.SQL("TABLESPACE {}").format(ident(like.tablespace)))
     conn.execute(sql.SQL("CREATE DATABASE {} {}").format(ident(new), sql.SQL(" ").join(options)))
+
+
+def recorded_like(conn: psycopg.Connection, manifest: Manifest,
+                  note: Callable[[str], None]) -> DatabaseProperties | None:
+    """For a restore into a database that does not exist: the properties the backup's database had (the
+    manifest's record), or None (the server's defaults) when there is no record or a role they name is
+    not on this server (restore with --with-globals to create them); a tablespace this server lacks
+    becomes its default."""
+    if manifest.properties is None:
+        return None
+    like = DatabaseProperties.from_record(manifest.properties)
+    have = {row[0] for row in conn.execute("SELECT rolname FROM pg_roles")}
+    missing = sorted(like.roles() - have)
+    if missing:
+        note(f"NOTE: the new database is created with this server's defaults: the roles its properties name "
+             f"are not here ({', '.join(missing)}); restore with --with-globals to create them")
+        return None
+    if like.tablespace != "pg_default" and conn.execute("SELECT count(*) FROM pg_tablespace WHERE spcname = %s",
+                                                        (like.tablespace,)).fetchone()[0] == 0:
+        note(f"NOTE: tablespace {like.tablespace} is not on this server: the new database is in the default one")
+        like = replace(like, tablespace="pg_default")
+    return like
+
+
+def create_copy(conn: psycopg.Connection, new: str, like: DatabaseProperties | None, recorded: bool,
+                note: Callable[[str], None]) -> DatabaseProperties | None:
+    """Create database `new` like `like`; return the properties it got. A recorded database's encoding or
+    locale this server cannot give (a locale not installed here, say) falls back to the server's defaults,
+    said in a note; a database being replaced must be matched exactly (its failure is the restore's)."""
+    try:
+        create_like(conn, new, like)
+    except psycopg.Error as exc:
+        if not (recorded and like is not None):
+            raise
+        note(f"NOTE: could not create the database as the backup's was ({first_line(exc)}): created with this "
+             "server's defaults")
+        create_like(conn, new, None)
+        return None
+    return like
 
 
 def copy_properties(conn: psycopg.Connection, new: str, like: DatabaseProperties) -> None:
@@ -1014,12 +968,15 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
                                        "else while the restore ran; nothing was changed")
                 journal.write("create", database_oid=original and original.oid,
                               datallowconn=original and original.allow_connections)
+                # A database that is not there gets the one the backup was taken of (owner, locale,
+                # settings, ACL, comment) where this server can give them.
+                like = original if original is not None else recorded_like(admin, entry.manifest, logline)
                 fault_point(CREATE.start)
-                create_like(admin, temporary, original)
+                like = create_copy(admin, temporary, like, original is None, logline)
                 journal.write("create", temporary_oid=database_oid(admin, temporary))
                 fault_point(CREATE.middle)
-                if original is not None:
-                    copy_properties(admin, temporary, original)
+                if like is not None:
+                    copy_properties(admin, temporary, like)
             timings["create"] = round(time.monotonic() - t, 3)
             note("create", "done")
             fault_point(CREATE.end)
@@ -1063,6 +1020,8 @@ def _restore(settings: Settings, entry: Entry, target: Target, database: str, jo
             else:
                 with connect(target, MAINTENANCE_DB) as admin:
                     admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(temporary), ident(database)))
+                    if like is not None:
+                        properties_at_swap(admin, database, like)
             swapped = True
             fault_point(DROP.start)
             if retired is not None:

@@ -197,6 +197,24 @@ def dump_server_globals(target: Target, run: Run, client: ClientChoice, env: dic
     return info, None
 
 
+def database_record(target: Target) -> dict | None:
+    """The dumped database's properties (pgbeat.postgres.database) for the manifest, or None when the
+    server cannot be asked now (the backup is whole without them: a restore then creates the database
+    with the server's defaults)."""
+    import psycopg
+
+    from pgbeat.postgres.client import connect
+    from pgbeat.postgres.database import database_properties
+
+    try:
+        with connect(target) as conn:
+            found = database_properties(conn, target.dbname)
+    except (PgbeatError, psycopg.Error) as exc:  # only a restore into a new database needs them
+        log.warning("%s: could not read the database's properties (%s)", target.name, exc)
+        return None
+    return found.record() if found is not None else None
+
+
 def dump_step(ctx: StepContext, run: Run) -> Run:
     """Dump the run's target into its work folder; return the record with `steps.dump` filled in.
 
@@ -272,6 +290,7 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
                 raise disk_error(exc, output) from None
         server_globals, globals_note = (dump_server_globals(target, run, client, env, ctx.cancel)
                                         if run.keeps_globals else (None, None))
+        properties = database_record(target)
     except BaseException:
         # Includes Celery's SoftTimeLimitExceeded: stop pg_dump, then remove what it wrote.
         abandon(output, writer, proc, reading, compressor)
@@ -289,7 +308,7 @@ def dump_step(ctx: StepContext, run: Run) -> Run:
                       pg_dump_version=client.client.version, client_dir=str(client.client.bin_dir),
                       client_note=client.note, warnings=proc.stderr_text()[-8:], source=target.describe(),
                       source_note="; ".join(filter(None, [source.note, pause_note])) or None,
-                      globals=server_globals, globals_note=globals_note)
+                      globals=server_globals, globals_note=globals_note, properties=properties)
     if clock is not None:
         info.clock, info.server_time, info.clock_skew_s = clock, clock.server_time, clock.skew_s
         if abs(clock.skew_s) > SKEW_WARNING.total_seconds():

@@ -322,6 +322,7 @@ def verify_step(ctx: StepContext, run: Run) -> Run:
         steps={name: step_result.model_dump(mode="json", include=MANIFEST_STEP_FIELDS)
                for name, step_result in run.steps.items()},
         node=run.node, slot=run.slot, physical=physical, globals=dump.globals, chain=dump.chain,
+        properties=dump.properties,
     )
     manifest.steps["verify"] = {"duration_s": round(time.monotonic() - t0, 3)}
     write_manifest(manifest_path(path), manifest)

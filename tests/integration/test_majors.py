@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import pwd
+import shutil
 from pathlib import Path
 
 import pytest
 
+from pgbeat.postgres.clients import DEFAULT_PG_BIN_DIRS
 from tests.conftest import unique
-from tests.support import PG_BIN, PgCluster, Service
+from tests.support import PG_BIN, PgCluster, Service, Worker, make_tempdir
 
 pytestmark = pytest.mark.integration
 
@@ -140,3 +144,74 @@ def test_an_18_dump_into_a_pg15_server_is_refused_unless_forced(workdir, pg, pg1
     assert forced.returncode != 0
     assert "transaction_timeout" in forced.stdout + forced.stderr
     assert pg.sql(f"SELECT count(*) FROM pg_database WHERE datname = '{fresh}'") == "0"
+
+
+def test_a_15_and_an_18_served_by_one_worker_pool_each_by_its_own_client(workdir, pg, pg18, erp18, redis_server):
+    """One run through a real worker for both servers, nothing set per target (only the wheel's folder added
+    to the default pg_bin_dirs): each dumped by its own major's pg_dump, each backup restoring equal; the
+    15 backup restores into the 18 server too."""
+    db15 = seeded(pg)
+    service = Service(workdir, redis_server.url, [pg.target("erp15", db15), pg18.target("erp18", erp18)],
+                      pg_bin_dirs=[*DEFAULT_PG_BIN_DIRS, str(PG18_BIN)], node=unique("majors")[-12:])
+    worker = Worker(service, concurrency=2)
+    try:
+        done = service.pgbeat("backup", "daily", timeout=240)
+        assert done.returncode == 0, done.stdout + done.stderr + worker.log_text()[-3000:]
+    finally:
+        worker.stop()
+    try:
+        backups = {manifest_of(b)["target"]: b for b in service.backups()}
+        assert set(backups) == {"erp15", "erp18"}
+        for name, major, cluster, db in (("erp15", "15", pg, db15), ("erp18", "18", pg18, erp18)):
+            manifest = manifest_of(backups[name])
+            assert manifest["server_version"].startswith(major) and manifest["pg_dump_version"].startswith(major + ".")
+            assert manifest["steps"]["dump"]["client_note"] is None
+            fresh = unique("restored")
+            restored = service.pgbeat("restore", str(backups[name]), "--into", fresh, "--yes")
+            assert restored.returncode == 0, restored.stdout + restored.stderr
+            assert cluster.sql(CONTENT, fresh) == cluster.sql(CONTENT, db)
+            cluster.dropdb(fresh)
+        newer = unique("upgraded")
+        restored = service.pgbeat("restore", str(backups["erp15"]), "--target", "erp18", "--into", newer, "--yes")
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert pg18.sql(CONTENT, newer) == pg.sql(CONTENT, db15)
+        pg18.dropdb(newer)
+    finally:
+        pg.dropdb(db15)
+
+
+def test_a_15_server_rebuilt_on_a_fresh_18_with_its_roles_settings_and_tablespace(workdir, pg, session_dir):
+    """Roles with a membership and a per-role setting, and a tablespace holding a table, on a 15 server:
+    `pgbeat rebuild` puts them on a fresh 18 (a tablespace folder can serve two majors: each has its own
+    PG_<major>_* folder in it), then the database that needs them."""
+    source = PgCluster(session_dir, unique("ts_src"))
+    fresh = PgCluster(session_dir, unique("ts_18"), bin_dir=PG18_BIN)
+    location = make_tempdir("pgbeat-ts-")
+    postgres = pwd.getpwnam("postgres")
+    os.chown(location, postgres.pw_uid, postgres.pw_gid)
+    try:
+        source.sql("CREATE ROLE ledger_owner LOGIN PASSWORD 'x'; CREATE ROLE ledger_read; "
+                   "GRANT ledger_read TO ledger_owner; ALTER ROLE ledger_read SET statement_timeout = '5min'")
+        source.sql(f"CREATE TABLESPACE archive_ts OWNER ledger_owner LOCATION '{location}'")
+        source.sql("CREATE DATABASE ledger OWNER ledger_owner")
+        source.sql("SET ROLE ledger_owner; CREATE TABLE t (id int PRIMARY KEY, label text) TABLESPACE archive_ts; "
+                   "INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, 500) i; "
+                   "GRANT SELECT ON t TO ledger_read", "ledger")
+        service = Service(workdir, None, [source.target("ledger", "ledger"), fresh.target("new18", "postgres")],
+                          pg_bin_dirs=[*DEFAULT_PG_BIN_DIRS, str(PG18_BIN)])
+        assert service.pgbeat("backup", "daily", "--target", "ledger").returncode == 0
+        rebuilt = service.pgbeat("rebuild", "ledger", "--onto", "new18", "--yes")
+        assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+        assert fresh.sql(CONTENT, "ledger") == source.sql(CONTENT, "ledger")
+        assert fresh.sql("SELECT tablespace FROM pg_tables WHERE tablename = 't'", "ledger") == "archive_ts"
+        assert fresh.sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'archive_ts'") \
+            == str(location)
+        assert fresh.sql("SELECT pg_has_role('ledger_owner', 'ledger_read', 'MEMBER')") == "t"
+        assert fresh.sql("SELECT setconfig FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole "
+                         "WHERE r.rolname = 'ledger_read'") == "{statement_timeout=5min}"
+        assert fresh.sql("SELECT has_table_privilege('ledger_read', 't', 'SELECT')", "ledger") == "t"
+        assert fresh.sql("SELECT datdba::regrole FROM pg_database WHERE datname = 'ledger'") == "ledger_owner"
+    finally:
+        fresh.destroy()
+        source.destroy()
+        shutil.rmtree(location, ignore_errors=True)

@@ -70,6 +70,7 @@ def test_an_encrypted_manifest_with_copies_written_as_plain_json_keeps_its_seal(
     data.pop("physical")  # written before base backups existed: no such key
     data.pop("globals")  # nor globals files
     data.pop("chain")  # nor chains of incremental base backups
+    data.pop("properties")  # nor the database's properties
     data["seal"] = old_seal(data)
     path = tmp_path / "m.json"
     path.write_text(json.dumps(data))
@@ -128,9 +129,11 @@ def test_a_base_backups_wal_range_is_sealed_and_older_seals_hold_without_it(tmp_
     plain.seal = plain.computed_seal()
     data = plain.model_dump(mode="json")
     assert data["physical"] is None and data["globals"] is None and data["chain"] is None
+    assert data["properties"] is None
     data.pop("physical")
     data.pop("globals")
     data.pop("chain")
+    data.pop("properties")
     assert data["seal"] == old_seal({k: v for k, v in data.items() if k != "seal"})  # as before the field
     base = Manifest.model_validate({**FIELDS, "tier": "base", "format": "tar", "physical": PhysicalInfo(
         timeline=1, start_lsn="0/2000028", end_lsn="0/2000100", start_wal="000000010000000000000002")})
@@ -188,3 +191,27 @@ def test_a_manifest_is_read_only_with_a_written_readable_version(tmp_path, versi
     assert read_manifest(path) is None
     path.write_text(json.dumps({**fields, "pgbeat_manifest": 2}))
     assert read_manifest(path) is not None
+
+
+def test_a_databases_properties_round_trip_through_the_manifest_sealed(tmp_path):
+    """What a restore gives a database it creates is recorded whole and sealed: an edited owner is refused."""
+    from pgbeat.postgres.database import AclItem, DatabaseProperties
+
+    like = DatabaseProperties(oid=16384, owner="ledger owner", encoding="UTF8", collate="C.UTF-8", ctype="C.UTF-8",
+                              locale_provider="c", locale=None, icu_rules=None, collation_version=None,
+                              tablespace="archive", connection_limit=5, allow_connections=True, is_template=False,
+                              acl=(AclItem("ledger owner", None, (("CONNECT", False),)),
+                                   AclItem("ledger owner", "reader", (("CONNECT", True), ("TEMPORARY", False)))),
+                              comment="the books", settings=((None, ("work_mem=8MB",)), ("reader", ("search_path=a",))))
+    manifest = Manifest.model_validate({**FIELDS, "properties": like.record()})
+    manifest.seal = manifest.computed_seal()
+    path = tmp_path / "m.json"
+    write_manifest(path, manifest)
+    loaded = read_manifest(path)
+    assert loaded.seal_problem() is None
+    assert DatabaseProperties.from_record(loaded.properties) == DatabaseProperties(**{**like.__dict__, "oid": 0})
+    assert DatabaseProperties.from_record(loaded.properties).roles() == {"ledger owner", "reader"}
+    edited = json.loads(path.read_text())
+    edited["properties"]["owner"] = "postgres"
+    path.write_text(json.dumps(edited))
+    assert "does not match its seal" in read_manifest(path).seal_problem()
