@@ -969,7 +969,8 @@ def restore_on_worker(settings: Settings, entry, target: str, into: str | None, 
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts).")
 @click.option("--jobs", type=click.IntRange(1, 64), default=2, show_default=True,
               help="pg_restore -j for custom/directory backups.")
-@click.option("--identity", type=IdentityFile(), help="age identity file for encrypted backups.")
+@click.option("--identity", type=IdentityFile(),
+              help="age identity file for encrypted backups (default: SOURCE's encryption.identity_file).")
 @click.option("--force-older", is_flag=True,
               help="Restore into a server older than the pg_dump that made the backups.")
 def rebuild(source: str, onto_name: str, tier: str | None, dry_run: bool, yes: bool, jobs: int,
@@ -1025,7 +1026,7 @@ def rebuild(source: str, onto_name: str, tier: str | None, dry_run: bool, yes: b
         if state not in ("done", "started"):
             out.print(f"    {step}: {state}", markup=False)
 
-    report = rebuilding.rebuild(settings, items, onto, jobs=jobs, identities=identities_for(onto, identity),
+    report = rebuilding.rebuild(settings, items, onto, jobs=jobs, identities=identities_for(server, identity),
                                 force_older=force_older, on_step=on_step,
                                 on_item=lambda item: out.print(f"  {item.database} from {item.entry.path.name}",
                                                                markup=False))
