@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import unique
+from tests.shelf import make_age_key
 from tests.support import PgCluster, Service
 
 pytestmark = pytest.mark.integration
@@ -119,3 +120,28 @@ def test_a_damaged_backup_fails_its_database_only(world, session_dir):
         assert HOSTILE in databases(other) and "rb_app" not in databases(other)
     finally:
         other.destroy()
+
+
+def test_encrypted_backups_rebuild_with_the_sources_identity_file(workdir, session_dir):
+    """An encrypted target's backups (and globals) are decrypted with its encryption.identity_file: no
+    --identity needed, and the --onto target has no key of its own."""
+    source = PgCluster(session_dir, unique("rb_enc"))
+    fresh = PgCluster(session_dir, unique("rb_enc_dst"))
+    try:
+        source.sql("CREATE ROLE enc_owner LOGIN")
+        source.createdb("enc_app")
+        source.sql("ALTER DATABASE enc_app OWNER TO enc_owner")
+        source.sql("SET ROLE enc_owner; CREATE TABLE items AS SELECT generate_series(1, 20) AS id", "enc_app")
+        key_file, recipient = make_age_key(workdir)
+        service = Service(workdir, None, [
+            source.target("enc", "enc_app", encryption={"recipients": [recipient], "identity_file": str(key_file)}),
+            fresh.target("fresh", "postgres")])
+        assert service.pgbeat("backup", "daily").returncode == 0
+        assert service.backups("daily", ".sql.gz.age")
+        rebuilt = service.pgbeat("rebuild", "enc", "--onto", "fresh", "--yes")
+        assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+        assert fresh.dump_text("enc_app") == source.dump_text("enc_app")
+        assert fresh.sql("SELECT datdba::regrole FROM pg_database WHERE datname = 'enc_app'") == "enc_owner"
+    finally:
+        fresh.destroy()
+        source.destroy()
