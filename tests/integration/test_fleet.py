@@ -16,7 +16,17 @@ import pytest
 from celery import Celery
 
 from pgbeat.coordination.dispatch import task_label
-from tests.support import VENV_BIN, Service, Worker, pg_dump_processes, run_state, table_locked, wait_for, wait_run
+from tests.support import (
+    VENV_BIN,
+    RedisServer,
+    Service,
+    Worker,
+    pg_dump_processes,
+    run_state,
+    table_locked,
+    wait_for,
+    wait_run,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -111,8 +121,17 @@ def test_manual_backup_is_not_stuck_behind_scheduled_ones(workdir, pg, redis_ser
     assert order.index("manual") <= 1, order  # first, or second behind a chain that had already begun
 
 
-def test_runs_of_a_dead_host_are_redispatched(tmp_path_factory, pg, redis_server, make_db):
+@pytest.fixture
+def own_redis(tmp_path_factory):
+    """A Redis of this test's own: the session's holds whatever runs earlier tests left stuck."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+def test_runs_of_a_dead_host_are_redispatched(tmp_path_factory, pg, own_redis, make_db):
     """Host A dies for good mid-dump: its run is seen as stuck, abandoned and done again on host B."""
+    redis_server = own_redis
     db = make_db("dead")
     pg.sql("CREATE TABLE big AS SELECT generate_series(1, 1000) AS i", db)
     config = {"reliability": {"node_timeout": 10, "lock_ttl": 2, "visibility_timeout": 8, "restore_interval": 2,
