@@ -3,11 +3,14 @@ databases' backups, in one command; run twice; refused and planned without chang
 
 from __future__ import annotations
 
+import signal
+import subprocess
+
 import pytest
 
 from tests.conftest import unique
 from tests.shelf import make_age_key
-from tests.support import PgCluster, Service
+from tests.support import VENV_BIN, PgCluster, Service, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -142,6 +145,46 @@ def test_encrypted_backups_rebuild_with_the_sources_identity_file(workdir, sessi
         assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
         assert fresh.dump_text("enc_app") == source.dump_text("enc_app")
         assert fresh.sql("SELECT datdba::regrole FROM pg_database WHERE datname = 'enc_app'") == "enc_owner"
+    finally:
+        fresh.destroy()
+        source.destroy()
+
+
+def test_a_rebuild_stopped_midway_undoes_that_restore_stops_and_the_next_run_completes(workdir, session_dir):
+    """SIGTERM while the first database loads: that restore is undone (no temporary database, nothing
+    named like it), the rest are not begun, exit 130; run again, every database is rebuilt."""
+    source = PgCluster(session_dir, unique("rb_int"))
+    fresh = PgCluster(session_dir, unique("rb_int_dst"))
+    try:
+        for db in ("int_a", "int_b"):
+            source.createdb(db)
+            source.sql("CREATE TABLE items AS SELECT generate_series(1, 30) AS id", db)
+        service = Service(workdir, None, [source.target("a", "int_a"), source.target("b", "int_b"),
+                                          fresh.target("fresh", "postgres")])
+        for target in ("a", "b"):
+            assert service.pgbeat("backup", "daily", "--target", target).returncode == 0
+        before = databases(fresh)
+        marks = workdir / "marks"
+        marks.mkdir()
+        stopped = subprocess.Popen([str(VENV_BIN / "pgbeat"), "rebuild", "a", "--onto", "fresh", "--yes"],
+                                   cwd=service.cwd, env=service.env(PGBEAT_FAULTS="restore.load.middle=pause",
+                                                                    PGBEAT_FAULTS_DIR=str(marks)),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: (marks / "restore.load.middle.reached").exists(), 60, what="the first load")
+            stopped.send_signal(signal.SIGTERM)
+            out, err = stopped.communicate(timeout=60)
+        finally:
+            if stopped.poll() is None:
+                stopped.kill()
+        assert stopped.returncode == 130, out + err
+        assert "interrupted, the rest were not begun" in err and "Rebuilt 0 of 2" in err, out + err
+        assert databases(fresh) == before  # the interrupted restore left nothing, the other never began
+
+        again = service.pgbeat("rebuild", "a", "--onto", "fresh", "--yes")
+        assert again.returncode == 0, again.stdout + again.stderr
+        for db in ("int_a", "int_b"):
+            assert fresh.dump_text(db) == source.dump_text(db)
     finally:
         fresh.destroy()
         source.destroy()
